@@ -1,0 +1,1 @@
+"""The engine: GGUF MoE models, placement, graph, backend splits, scheduler."""

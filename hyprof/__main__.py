@@ -1,0 +1,3 @@
+from hyprof.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""One module per `hyprof` subcommand, each with `register(subparsers)`."""

@@ -1,0 +1,4 @@
+"""The event contract: schema, recorder, sinks and the benchmark runner.
+
+Imports nothing from `hybrid` or `analysis`; both of those import this.
+"""

@@ -1,0 +1,44 @@
+"""The timings file contract v1 (see DESIGN.md): names shared by writers and readers.
+
+Kept as plain constants so that the engine, the recorder, importers and the
+analyzer agree on spelling without importing each other.
+"""
+
+SCHEMA = "hyprof-timings/1"
+REPORT_SCHEMA = "hyprof-report/1"
+
+# Event types and the fields each may carry beyond the common ones.
+COMMON_FIELDS = ("type", "ts", "dur", "graph", "split", "backend", "tid")
+EVENT_FIELDS = {
+    "test": ("name", "kind", "n_prompt", "n_gen", "depth", "rep", "n_tokens"),
+    "graph": ("test", "n_tokens", "n_past"),
+    "phase": ("name",),
+    "split": ("n_nodes", "n_inputs"),
+    "op": ("op", "name", "layer", "bytes", "flops", "n_tokens"),
+    "copy": ("src", "dst", "bytes", "name"),
+    "wakeup": (),
+    "sync": (),
+}
+EVENT_TYPES = tuple(EVENT_FIELDS)
+
+# Host phases that count as graph build in the attribution.
+GRAPH_BUILD_PHASES = ("graph_build", "set_inputs")
+
+# Attribution categories, highest priority first (DESIGN.md, "Attribution").
+CATEGORIES = (
+    "cpu_expert_matmul",
+    "cpu_other",
+    "gpu_compute",
+    "thread_wakeup",
+    "copy",
+    "sync",
+    "sched",
+    "graph_build",
+    "other",
+)
+OVERHEAD_CATEGORIES = ("thread_wakeup", "copy", "sync", "sched", "graph_build", "other")
+
+# An op reads an expert tensor when its name contains this (blk.3.ffn_up_exps).
+EXPERT_TENSOR_MARK = "_exps"
+
+MAIN_LANE = "main"

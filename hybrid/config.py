@@ -35,7 +35,11 @@ class ModelConfig:
     rope_scaling_type: str = "none"          # "none" | "linear" | "yarn"
     rope_scaling_factor: float = 1.0
     rope_orig_ctx: int = 0                   # rope.scaling.original_context_length
-    rope_yarn_log_mul: float = 0.0           # rope.scaling.yarn_log_multiplier
+    rope_yarn_log_mul: float = 0.0           # rope.scaling.yarn_log_multiplier, as stored (DeepSeek
+                                             # converters store 0.1*mscale_all_dim; llama.cpp's deepseek2
+                                             # loader divides it by 0.1 before use)
+    rope_yarn_beta_fast: float = 32.0        # rope.scaling.yarn_beta_fast (llama.cpp's default when absent)
+    rope_yarn_beta_slow: float = 1.0         # rope.scaling.yarn_beta_slow
 
     # Feed-forward / MoE
     n_layer_dense_lead: int = 0    # leading_dense_block_count

@@ -37,7 +37,8 @@ def atomic_output(path: str | os.PathLike, mode: str = "w", force: bool = True,
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         encoding = None if "b" in mode else "utf-8"
-        with os.fdopen(fd, mode, encoding=encoding) as f:
+        os.close(fd)
+        with open(tmp, mode, encoding=encoding) as f:   # by path, so f.name names the temp file
             yield f
         os.replace(tmp, out)
     except BaseException:

@@ -16,89 +16,260 @@ API (stable; the internals may change):
     lane.phase(ts, dur, graph, name)
     lane.graph(ts, dur, graph, test, n_tokens, n_past)
     lane.test(ts, dur, fields)            # rare: one per test repetition
+    rec.next_graph() -> int               # a graph id unique over the recorder's life
     rec.drain() -> list[dict]
+
+Why it looks like this: recording must cost well under a microsecond per event
+(benchmarks/bench_recorder.py measures it), so each event type has its own
+preallocated columns (one Python list per contract field) and recording is a
+handful of list stores: no dict, no tuple, no allocation per event. The columns
+grow by doubling when full (an IndexError, which costs nothing until it
+happens). Turning the columns into dicts, sorting and JSON are paid at `drain()`,
+once per graph, off the timed ops.
+
+`drain()` must be called while the lanes are quiet (between graphs): lanes take
+no lock, one thread appends to each.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from itertools import count, repeat
+from operator import itemgetter
+
+# Per event type, the columns a lane stores, in the order the lane method takes them.
+# Names are the contract-v1 field names (profiler/schema.py), except `nbytes` -> `bytes`.
+COLUMNS = {
+    "op": ("ts", "dur", "graph", "split", "backend", "op", "name", "layer", "bytes", "flops",
+           "n_tokens"),
+    "copy": ("ts", "dur", "graph", "split", "src", "dst", "bytes", "name"),
+    "split": ("ts", "dur", "graph", "split", "backend", "n_nodes", "n_inputs"),
+    "wakeup": ("ts", "dur", "graph", "split", "backend"),
+    "sync": ("ts", "dur", "graph", "split", "backend"),
+    "phase": ("ts", "dur", "graph", "name"),
+    "graph": ("ts", "dur", "graph", "test", "n_tokens", "n_past"),
+    "test": ("ts", "dur", "fields"),
+}
+
+INITIAL_ROWS = 1024
+_OPTIONAL = ("graph", "split", "backend")     # common fields that may not apply
+
+
+class _Columns:
+    """One event type's preallocated columns on one lane; `n` rows are filled."""
+
+    __slots__ = ("names", "cols", "n")
+
+    def __init__(self, names: tuple[str, ...], rows: int = INITIAL_ROWS):
+        self.names = names
+        self.cols = [[None] * rows for _ in names]
+        self.n = 0
+
+    def grow(self) -> None:
+        for col in self.cols:
+            col.extend([None] * len(col))
+
+    def take(self) -> list[list]:
+        """The filled part of every column; the buffers are reused from row 0."""
+        n, self.n = self.n, 0
+        return [col[:n] for col in self.cols]
 
 
 class Lane:
-    __slots__ = ("tid", "_rows")
+    """One thread's event buffers. Each method stores one completed event."""
+
+    __slots__ = ("tid", "tables", "_op", "_copy", "_split", "_wakeup", "_sync", "_phase",
+                 "_graph", "_test")
 
     def __init__(self, tid: str):
         self.tid = tid
-        self._rows: list[tuple] = []
+        self.tables = {kind: _Columns(names) for kind, names in COLUMNS.items()}
+        (self._op, self._copy, self._split, self._wakeup, self._sync, self._phase,
+         self._graph, self._test) = self.tables.values()
 
     def op(self, ts, dur, graph, split, backend, op, name, layer, nbytes, flops, n_tokens):
-        self._rows.append(("op", ts, dur, graph, split, backend,
-                           {"op": op, "name": name, "layer": layer, "bytes": nbytes,
-                            "flops": flops, "n_tokens": n_tokens}))
+        t = self._op
+        i = t.n
+        c = t.cols
+        try:
+            c[10][i] = n_tokens
+        except IndexError:
+            t.grow()
+            c[10][i] = n_tokens
+        c[0][i] = ts; c[1][i] = dur; c[2][i] = graph; c[3][i] = split; c[4][i] = backend
+        c[5][i] = op; c[6][i] = name; c[7][i] = layer; c[8][i] = nbytes; c[9][i] = flops
+        t.n = i + 1
 
     def copy(self, ts, dur, graph, split, src, dst, nbytes, name):
-        self._rows.append(("copy", ts, dur, graph, split, None,
-                           {"src": src, "dst": dst, "bytes": nbytes, "name": name}))
+        t = self._copy
+        i = t.n
+        c = t.cols
+        try:
+            c[7][i] = name
+        except IndexError:
+            t.grow()
+            c[7][i] = name
+        c[0][i] = ts; c[1][i] = dur; c[2][i] = graph; c[3][i] = split
+        c[4][i] = src; c[5][i] = dst; c[6][i] = nbytes
+        t.n = i + 1
 
     def split(self, ts, dur, graph, split, backend, n_nodes, n_inputs):
-        self._rows.append(("split", ts, dur, graph, split, backend,
-                           {"n_nodes": n_nodes, "n_inputs": n_inputs}))
+        t = self._split
+        i = t.n
+        c = t.cols
+        try:
+            c[6][i] = n_inputs
+        except IndexError:
+            t.grow()
+            c[6][i] = n_inputs
+        c[0][i] = ts; c[1][i] = dur; c[2][i] = graph; c[3][i] = split
+        c[4][i] = backend; c[5][i] = n_nodes
+        t.n = i + 1
 
     def wakeup(self, ts, dur, graph, split, backend):
-        self._rows.append(("wakeup", ts, dur, graph, split, backend, None))
+        self._store5(self._wakeup, ts, dur, graph, split, backend)
 
     def sync(self, ts, dur, graph, split, backend):
-        self._rows.append(("sync", ts, dur, graph, split, backend, None))
+        self._store5(self._sync, ts, dur, graph, split, backend)
+
+    @staticmethod
+    def _store5(t, ts, dur, graph, split, backend):
+        i = t.n
+        c = t.cols
+        try:
+            c[4][i] = backend
+        except IndexError:
+            t.grow()
+            c[4][i] = backend
+        c[0][i] = ts; c[1][i] = dur; c[2][i] = graph; c[3][i] = split
+        t.n = i + 1
 
     def phase(self, ts, dur, graph, name):
-        self._rows.append(("phase", ts, dur, graph, None, None, {"name": name}))
+        t = self._phase
+        i = t.n
+        c = t.cols
+        try:
+            c[3][i] = name
+        except IndexError:
+            t.grow()
+            c[3][i] = name
+        c[0][i] = ts; c[1][i] = dur; c[2][i] = graph
+        t.n = i + 1
 
     def graph(self, ts, dur, graph, test, n_tokens, n_past):
-        self._rows.append(("graph", ts, dur, graph, None, None,
-                           {"test": test, "n_tokens": n_tokens, "n_past": n_past}))
+        t = self._graph
+        i = t.n
+        c = t.cols
+        try:
+            c[5][i] = n_past
+        except IndexError:
+            t.grow()
+            c[5][i] = n_past
+        c[0][i] = ts; c[1][i] = dur; c[2][i] = graph; c[3][i] = test; c[4][i] = n_tokens
+        t.n = i + 1
 
     def test(self, ts, dur, fields: dict):
-        self._rows.append(("test", ts, dur, None, None, None, dict(fields)))
+        t = self._test
+        i = t.n
+        c = t.cols
+        try:
+            c[2][i] = dict(fields)
+        except IndexError:
+            t.grow()
+            c[2][i] = dict(fields)
+        c[0][i] = ts; c[1][i] = dur
+        t.n = i + 1
 
-    def take(self) -> list[tuple]:
-        rows, self._rows = self._rows, []
-        return rows
+    def take(self) -> list[dict]:
+        """This lane's events since the last take, as contract-v1 dicts (unsorted)."""
+        out: list[dict] = []
+        for kind, table in self.tables.items():
+            n = table.n
+            if n == 0:
+                continue
+            cols = table.take()
+            cols[0] = list(map(int, cols[0]))
+            cols[1] = list(map(int, cols[1]))
+            if min(cols[1]) < 0:
+                cols[1] = [d if d > 0 else 0 for d in cols[1]]
+            if kind == "test":
+                out += [{"type": kind, "ts": t, "dur": d, "tid": self.tid, **f}
+                        for t, d, f in zip(*cols)]
+                continue
+            # graph, split or backend that does not apply (None: a phase outside a
+            # graph) is left out of the event.
+            names, kept, partly_none = ["type"], [repeat(kind, n)], []
+            for name, col in zip(table.names, cols):
+                n_none = col.count(None) if name in _OPTIONAL else 0
+                if n_none < n:
+                    names.append(name)
+                    kept.append(col)
+                if 0 < n_none < n:
+                    partly_none.append(name)
+            names.append("tid")
+            kept.append(repeat(self.tid, n))
+            events = [dict(zip(names, row)) for row in zip(*kept)]
+            for name in partly_none:
+                for ev in events:
+                    if ev[name] is None:
+                        del ev[name]
+            out += events
+        return out
 
 
 class Recorder:
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    """Owns the lanes and the run's clock; `drain()` merges what the lanes hold.
+
+    `print_timing` (default: the HYPROF_PRINT_TIMING=1 environment variable) also
+    prints every event on stderr as it is recorded, and turns recording on.
+    """
+
+    def __init__(self, enabled: bool = True, print_timing: bool | None = None):
+        if print_timing is None:
+            print_timing = os.environ.get("HYPROF_PRINT_TIMING", "0") not in ("", "0")
+        self.print_timing = print_timing
+        self.enabled = enabled or print_timing
         self.t0 = time.perf_counter_ns()
         self._lanes: dict[str, Lane] = {}
         self._lock = threading.Lock()
+        self._graph_ids = count()
 
     def now(self) -> int:
         return time.perf_counter_ns() - self.t0
+
+    def next_graph(self) -> int:
+        """The id of the next graph. Every engine of a run shares the recorder, so ids
+        taken here stay unique in the timings file across a sweep."""
+        return next(self._graph_ids)
 
     def lane(self, tid: str) -> Lane:
         with self._lock:
             lane = self._lanes.get(tid)
             if lane is None:
-                lane = self._lanes[tid] = Lane(tid)
+                if self.print_timing:
+                    from profiler.sinks import PrintingLane
+                    lane = PrintingLane(tid)
+                else:
+                    lane = Lane(tid)
+                self._lanes[tid] = lane
             return lane
 
     def drain(self) -> list[dict]:
-        """Every event recorded since the last drain, as contract-v1 dicts in time order."""
-        out = []
+        """Every event recorded since the last drain, as contract-v1 dicts in time order
+        (outer events before the events they contain)."""
+        with self._lock:
+            lanes = list(self._lanes.values())
+        out = [ev for lane in lanes for ev in lane.take()]
+        out.sort(key=itemgetter("dur"), reverse=True)    # stable: by ts, then longest first
+        out.sort(key=itemgetter("ts"))
+        return out
+
+    def discard(self) -> None:
+        """Forget every event recorded since the last drain (warm-up runs)."""
         with self._lock:
             lanes = list(self._lanes.values())
         for lane in lanes:
-            for type_, ts, dur, graph, split, backend, extra in lane.take():
-                ev = {"type": type_, "ts": int(ts), "dur": int(max(dur, 0)), "tid": lane.tid}
-                if graph is not None:
-                    ev["graph"] = graph
-                if split is not None:
-                    ev["split"] = split
-                if backend is not None:
-                    ev["backend"] = backend
-                if extra:
-                    ev.update(extra)
-                out.append(ev)
-        out.sort(key=lambda e: (e["ts"], -e["dur"]))
-        return out
+            for table in lane.tables.values():
+                table.n = 0

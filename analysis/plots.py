@@ -1,0 +1,410 @@
+"""Bottleneck plots: where a token's time goes, at a glance (matplotlib, no pyplot state).
+
+Public API (stable):
+
+    write_plots(timings, report, attribution, out_dir, fmt="png", force=True) -> list[Path]
+        breakdown, timeline, ops, bandwidth and (when the run has depth tests) depth,
+        each written atomically as out_dir/<name>.<fmt>.
+    plot_breakdown(groups, subtitle, per_token=False) -> Figure
+        groups: [(title, [(bar label, TestReport), ...]), ...], one panel per group;
+        bar lengths in % of wall time, or in ms/token with per_token (for comparing runs).
+    plot_timeline(token_timeline, subtitle) -> Figure
+    plot_ops(tests, subtitle, top=10) -> Figure
+    plot_bandwidth(tests, peak_GBps, subtitle) -> Figure
+    plot_depth(series, subtitle) -> Figure
+    subtitle(header, emulated) -> str
+    CATEGORY_COLOURS {category: colour}
+
+Each plot function takes results (TestReport, TokenTimeline, DepthSeries) and
+only lays them out. Every drawn bar carries a gid, `category:<name>` or
+`backend:<name>`, so that tests can ask a figure what it shows.
+
+Colours are the Okabe-Ito palette (safe for the common colour-vision
+deficiencies), fixed per category so that every plot and every run reads alike:
+the CPU experts are always vermillion, the GPU always green.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from analysis.attribution import Attribution
+from analysis.depth import DepthSeries, depth_series
+from analysis.report import COMPUTE_CATEGORIES, Report, TestReport
+from analysis.timeline import TokenTimeline, token_timeline
+from analysis.timings import Timings
+from profiler.files import atomic_output, check_output_path
+from profiler.schema import CATEGORIES
+
+FORMATS = ("png", "svg", "pdf")
+PLOT_NAMES = ("breakdown", "timeline", "ops", "bandwidth", "depth")
+CATEGORY_COLOURS = {
+    "cpu_expert_matmul": "#D55E00",  # vermillion
+    "cpu_other": "#E69F00",          # orange
+    "gpu_compute": "#009E73",        # bluish green
+    "thread_wakeup": "#CC79A7",      # reddish purple
+    "copy": "#56B4E9",               # sky blue
+    "sync": "#0072B2",               # blue
+    "sched": "#F0E442",              # yellow
+    "graph_build": "#666666",        # dark grey
+    "other": "#C8C8C8",              # light grey
+}
+HOST_COLOUR, DEVICE_COLOUR = CATEGORY_COLOURS["cpu_other"], CATEGORY_COLOURS["gpu_compute"]
+LABEL_MIN_FRACTION = 0.07   # a segment narrower than this share of the axis gets its label outside
+SMALL_TEXT_WIDTH = 170      # characters per line of the list of segments too small to label
+SLIVER_FRACTION = 0.0015    # the narrowest a timeline bar is drawn, so that short ops stay visible
+DPI = 150
+
+
+# ---------------------------------------------------------------- shared layout helpers
+
+def _text_colour(colour: str) -> str:
+    r, g, b = (int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "white"
+
+
+def _ms(x: float) -> str:
+    """Milliseconds with about three significant digits."""
+    for limit, digits in ((100, 0), (10, 1), (1, 2), (0.1, 3)):
+        if abs(x) >= limit:
+            return f"{x:.{digits}f}"
+    return f"{x:.4f}" if x else "0"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 1e5 else f"{n / 1e3:,.1f} kB"
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(int(n))
+
+
+def subtitle(header: dict, emulated: bool) -> str:
+    """Model, placement, threads and machine: what a reader needs to trust or compare a plot."""
+    model, config, machine = header.get("model") or {}, header.get("config") or {}, header.get("machine") or {}
+    parts = []
+    if model:
+        desc = ", ".join(str(x) for x in (model.get("arch"), model.get("ftype")) if x)
+        if model.get("n_params"):
+            desc += f", {_si(model['n_params'])} params"
+        parts.append(f"model {os.path.basename(str(model.get('path', '?')))} ({desc})")
+    placement = []
+    if config.get("n_gpu_layers") is not None:
+        placement.append(f"-ngl {config['n_gpu_layers']}")
+    placement += [f"-ot {rule}" for rule in config.get("overrides") or ()]
+    if placement:
+        parts.append("placement " + " ".join(placement))
+    line2 = []
+    if config.get("threads") is not None:
+        line2.append(f"{config['threads']} threads")
+    accel = str(config.get("accel") or "")
+    if accel:
+        line2.append(f"accel {accel}" + (" — device times are NOT GPU times" if emulated else ""))
+    elif emulated:
+        line2.append("accelerator EMULATED — device times are NOT GPU times")
+    flags = [f"{k}={config[k]}" for k in ("mla", "fmoe", "rtr") if config.get(k) is not None]
+    if flags:
+        line2.append(" ".join(flags))
+    if machine:
+        desc = [str(machine["cpu"])] if machine.get("cpu") else []
+        if machine.get("cores"):
+            desc.append(f"{machine['cores']} cores")
+        if machine.get("mem_bytes"):
+            desc.append(f"{machine['mem_bytes'] / 2**30:.0f} GiB")
+        desc.append(f"GPU {machine['gpu']}" if machine.get("gpu") else "no GPU")
+        line2.append("machine " + ", ".join(desc))
+    return "\n".join(" · ".join(p) for p in (parts, line2) if p)
+
+
+def _new_figure(width: float, height: float, title: str, sub: str) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    fig.suptitle(title, fontsize=13, fontweight="bold")
+    fig.supxlabel(sub, fontsize=8, color="#444444")
+    fig._supxlabel.set_gid("subtitle")
+    return fig
+
+
+def _legend(fig: Figure, categories: Sequence[str], ncol: int = 5) -> None:
+    handles = [Patch(facecolor=CATEGORY_COLOURS[c], label=c) for c in CATEGORIES if c in categories]
+    if handles:
+        fig.legend(handles=handles, loc="outside upper center", ncol=min(ncol, len(handles)), fontsize=8,
+                   frameon=False)
+
+
+def save(fig: Figure, path: Path, fmt: str, force: bool) -> Path:
+    with atomic_output(path, "wb", force=force, flag="--plots") as f:
+        fig.savefig(f, format=fmt, dpi=DPI)
+    return path
+
+
+# ---------------------------------------------------------------- breakdown
+
+def plot_breakdown(groups: Sequence[tuple[str, Sequence[tuple[str, TestReport]]]], subtitle: str,
+                   per_token: bool = False) -> Figure:
+    n_bars = sum(len(bars) for _, bars in groups)
+    single = len(groups) == 1
+    title = "Where a token's time goes"
+    if single and len(groups[0][1]) <= 4:
+        title += ": " + " · ".join(f"{label} {r.tps:,.1f} t/s" for label, r in groups[0][1])
+    fig = _new_figure(12, 1.6 + 0.95 * n_bars + 0.5 * len(groups), title, subtitle)
+    axes = fig.subplots(len(groups), 1, squeeze=False,
+                        height_ratios=[max(len(bars), 1) for _, bars in groups])[:, 0]
+    shown = set()
+    for ax, (group_title, bars) in zip(axes, groups):
+        shown |= _breakdown_panel(ax, bars, per_token)
+        if group_title:
+            ax.set_title(group_title, fontsize=10, loc="left")
+    _legend(fig, shown)
+    return fig
+
+
+def _breakdown_panel(ax, bars: Sequence[tuple[str, TestReport]], per_token: bool) -> set:
+    shown = set()
+    span = max((r.wall_ns / 1e6 / max(r.n_tokens, 1) for _, r in bars), default=1.0) if per_token else 100.0
+    for y, (label, r) in enumerate(bars):
+        left, small = 0.0, []
+        for c in CATEGORIES:
+            ns = r.categories_ns[c]
+            if ns <= 0:
+                continue
+            pct = 100.0 * ns / r.wall_ns
+            per_tok = ns / 1e6 / max(r.n_tokens, 1)
+            width = per_tok if per_token else pct
+            colour = CATEGORY_COLOURS[c]
+            ax.barh(y, width, left=left, height=0.55, color=colour, edgecolor="white", linewidth=0.5,
+                    gid=f"category:{c}")
+            shown.add(c)
+            text = f"{pct:.1f}%\n{_ms(per_tok)} ms/tok"
+            if width >= LABEL_MIN_FRACTION * span:
+                ax.text(left + width / 2, y, text, ha="center", va="center", fontsize=7.5,
+                        color=_text_colour(colour))
+            else:
+                small.append(f"{c} {pct:.1f}% ({_ms(per_tok)} ms)")
+            left += width
+        if small:
+            lines = textwrap.wrap("smaller: " + " · ".join(small), width=SMALL_TEXT_WIDTH)
+            ax.text(0, y + 0.31, "\n".join(lines), ha="left", va="top", fontsize=7, color="#333333")
+    ax.set_yticks(range(len(bars)),
+                  [f"{label}\n{r.tps:,.1f} t/s\n{r.wall_ns / 1e6 / max(r.n_tokens, 1):.3g} ms/token"
+                   for label, r in bars], fontsize=8.5)
+    ax.set_ylim(len(bars) - 0.35, -0.45)
+    ax.set_xlim(0, span * 1.01)
+    ax.set_xlabel("ms per token" if per_token else "share of wall time (%)", fontsize=9)
+    ax.spines[["top", "right"]].set_visible(False)
+    return shown
+
+
+# ---------------------------------------------------------------- timeline
+
+def plot_timeline(tl: TokenTimeline, subtitle: str) -> Figure:
+    unit = "token" if tl.n_tokens == 1 else f"batch of {tl.n_tokens} tokens"
+    title = (f"One {unit} of {tl.test}: graph {tl.graph}, {tl.wall_ns / 1e6:.3g} ms "
+             f"(median wall of {tl.n_candidates} graphs), KV depth {tl.n_past}")
+    n_lanes = len(tl.lanes) + 1                # + the splits band on top
+    fig = _new_figure(13, 2.0 + 0.42 * n_lanes, title, subtitle)
+    ax = fig.subplots()
+    wall_ms = tl.wall_ns / 1e6
+    sliver = SLIVER_FRACTION * wall_ms
+    shown = set()
+    for lane in range(len(tl.lanes)):
+        y = lane + 1
+        mine = tl.bars[tl.bars["lane"] == lane]
+        for c, name in enumerate(CATEGORIES):
+            sel = mine[mine["category"] == c]
+            if not len(sel):
+                continue
+            spans = [(s / 1e6, max(d / 1e6, sliver)) for s, d in zip(sel["start_ns"], sel["dur_ns"])]
+            ax.broken_barh(spans, (y - 0.36, 0.72), facecolors=CATEGORY_COLOURS[name], edgecolor="white",
+                           linewidth=0.3, gid=f"category:{name}")
+            shown.add(name)
+            for s, d, label in zip(sel["start_ns"], sel["dur_ns"], sel["label"]):
+                if d / 1e6 >= 0.06 * wall_ms and label:
+                    ax.text((s + d / 2) / 1e6, y, label, ha="center", va="center", fontsize=6.5,
+                            color=_text_colour(CATEGORY_COLOURS[name]), clip_on=True)
+    for s, d, split, backend in tl.splits:
+        on_device = not (backend.upper().startswith("CPU") or not backend)
+        colour = DEVICE_COLOUR if on_device else HOST_COLOUR
+        ax.broken_barh([(s / 1e6, d / 1e6)], (-0.3, 0.6), facecolors=colour, alpha=0.35, edgecolor=colour,
+                       linewidth=0.8, gid=f"backend:{backend}")
+        if d / 1e6 >= 0.04 * wall_ms:
+            ax.text((s + d / 2) / 1e6, 0, f"split {split}: {backend}", ha="center", va="center", fontsize=7)
+        ax.axvline(s / 1e6, color="#555555", linestyle=":", linewidth=0.7, zorder=0)
+    if len(tl.splits):
+        ax.axvline((tl.splits["start_ns"] + tl.splits["dur_ns"]).max() / 1e6, color="#555555", linestyle=":",
+                   linewidth=0.7, zorder=0)
+    labels = ["splits"] + [f"{lane}\n(device)" if dev else lane for lane, dev in zip(tl.lanes, tl.is_device)]
+    ax.set_yticks(range(n_lanes), labels, fontsize=8.5)
+    ax.set_ylim(n_lanes - 0.5, -0.5)
+    ax.set_xlim(0, wall_ms)
+    ax.set_xlabel("ms from the start of the graph (dotted: split boundaries)", fontsize=9)
+    ax.spines[["top", "right"]].set_visible(False)
+    _legend(fig, shown)
+    return fig
+
+
+# ---------------------------------------------------------------- ops
+
+def _backends(tests: Sequence[TestReport]) -> list[str]:
+    names = {str(b) for r in tests for b in r.ops["backend"]}
+    return sorted(names, key=lambda b: (not b.upper().startswith("CPU"), b))
+
+
+def plot_ops(tests: Sequence[TestReport], subtitle: str, top: int = 10) -> Figure:
+    backends = _backends(tests) or ["-"]
+    rows = max(len(tests), 1)
+    fig = _new_figure(6.5 * len(backends), 1.4 + rows * (0.75 + 0.3 * top), "Top ops by time, per backend", subtitle)
+    axes = fig.subplots(rows, len(backends), squeeze=False)
+    for row, r in enumerate(tests):
+        for col, backend in enumerate(backends):
+            _ops_panel(axes[row, col], r, backend, top)
+    return fig
+
+
+def _ops_panel(ax, r: TestReport, backend: str, top: int) -> None:
+    ops = r.ops[r.ops["backend"] == backend]          # sorted by total time, longest first
+    per_token = ops["total_ns"] / 1e6 / max(r.n_tokens, 1)
+    backend_total = per_token.sum()
+    ax.set_title(f"{r.name} · {backend}: {_ms(backend_total)} ms/token in ops", fontsize=9.5, loc="left")
+    ax.spines[["top", "right"]].set_visible(False)
+    if not len(ops):
+        ax.text(0.5, 0.5, "no ops on this backend", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+        ax.set_yticks([])
+        return
+    shown, rest = ops[:top], per_token[top:]
+    values = list(per_token[:top]) + ([rest.sum()] if rest.size else [])
+    labels = [f"{o['op']} ×{o['count']:,}" for o in shown]
+    labels += [f"{rest.size} more op type{'s' if rest.size > 1 else ''}"] if rest.size else []
+    colour = HOST_COLOUR if backend.upper().startswith("CPU") else DEVICE_COLOUR
+    ax.barh(range(len(values)), values, color=[colour] * len(shown) + ["#C8C8C8"] * bool(rest.size),
+            height=0.7, gid=f"backend:{backend}")
+    cumulative = np.cumsum(values) / backend_total * 100 if backend_total else np.zeros(len(values))
+    for y, (v, cum) in enumerate(zip(values, cumulative)):
+        share = 100 * v / backend_total if backend_total else 0
+        ax.text(v, y, f" {_ms(v)} ms  {share:.1f}%  (Σ {cum:.0f}%)", va="center", fontsize=7.5)
+    ax.set_yticks(range(len(values)), labels, fontsize=8)
+    ax.set_ylim(len(values) - 0.5, -0.6)
+    ax.set_xlim(0, max(values) * 1.55 if max(values) > 0 else 1)
+    ax.set_xlabel("ms per token (summed over lanes; ×: calls); %: share of this backend's op time", fontsize=8)
+
+
+# ---------------------------------------------------------------- bandwidth
+
+def plot_bandwidth(tests: Sequence[TestReport], peak_GBps: dict, subtitle: str) -> Figure:
+    items = [_bandwidth_items(r) for r in tests]
+    n_items = max((len(i) for i in items), default=1)
+    fig = _new_figure(6.5 * max(len(tests), 1), 2.2 + 0.5 * n_items,
+                      "Achieved read bandwidth against the measured peak", subtitle)
+    axes = fig.subplots(1, max(len(tests), 1), squeeze=False, sharex=True)[0]
+    x_max = max([v for it in items for _, v, _, _ in it] + list(peak_GBps.values()) + [1e-9]) * 1.45
+    for ax, r, it in zip(axes, tests, items):
+        _bandwidth_panel(ax, r, it, peak_GBps, x_max)
+    return fig
+
+
+def _bandwidth_items(r: TestReport) -> list[tuple[str, float, float, str]]:
+    """(label, GB/s, bytes per token, gid) for each backend and compute category that read bytes."""
+    per = max(r.n_tokens, 1)
+    items = [(f"all ops on {b['backend']}", float(b["GBps"]), b["bytes"] / per, f"backend:{b['backend']}")
+             for b in r.backends if b["bytes"] > 0 and b["busy_ns"] > 0]
+    items += [(c, float(r.category_bw[c]["GBps"]), r.category_bw[c]["bytes"] / per, f"category:{c}")
+              for c in COMPUTE_CATEGORIES if r.category_bw[c]["bytes"] > 0 and r.category_bw[c]["GBps"]]
+    return items
+
+
+def _bandwidth_panel(ax, r: TestReport, items, peak_GBps: dict, x_max: float) -> None:
+    ax.set_title(r.name, fontsize=10, loc="left")
+    ax.spines[["top", "right"]].set_visible(False)
+    if not items:
+        ax.text(0.5, 0.5, "no op of this test reports the bytes it read", ha="center", va="center",
+                transform=ax.transAxes, fontsize=9)
+        ax.set_yticks([])
+        return
+    for y, (label, gbps, per_token, gid) in enumerate(items):
+        kind, name = gid.split(":", 1)
+        colour = CATEGORY_COLOURS[name] if kind == "category" else "#8C8C8C"
+        ax.barh(y, gbps, height=0.6, color=colour, hatch="//" if kind == "backend" else None,
+                edgecolor="white", gid=gid)
+        ax.text(gbps, y, f" {gbps:,.2f} GB/s\n {_mb(per_token)}/token", va="center", fontsize=7.5)
+    for i, (backend, peak) in enumerate(sorted(peak_GBps.items())):
+        ax.axvline(peak, color="black", linestyle="--", linewidth=1, gid=f"peak:{backend}")
+        ax.text(peak, len(items) - 0.45 + 0.3 * i, f" {backend} peak {peak:,.1f} GB/s", fontsize=7.5,
+                va="top", ha="left")
+    ax.set_yticks(range(len(items)), [label for label, *_ in items], fontsize=8.5)
+    ax.set_ylim(len(items) - 0.4 + 0.3 * len(peak_GBps), -0.6)
+    ax.set_xlim(0, x_max)
+    ax.set_xlabel("GB/s: bytes read over the union of busy time", fontsize=8.5)
+
+
+# ---------------------------------------------------------------- depth
+
+def plot_depth(series: Sequence[DepthSeries], subtitle: str) -> Figure:
+    fig = _new_figure(6 * len(series) + 1, 7, "Token rate and time shares against context depth", subtitle)
+    axes = fig.subplots(2, len(series), squeeze=False, sharex="col", height_ratios=[1, 1.4])
+    shown = set()
+    for col, s in enumerate(series):
+        top, bottom = axes[0, col], axes[1, col]
+        x = np.arange(len(s.depths))
+        tps = [r.tps for r in s.tests]
+        top.errorbar(x, tps, yerr=[r.tps_std for r in s.tests], marker="o", color="#0072B2", capsize=3,
+                     gid=f"series:{s.base}")
+        for xi, v in zip(x, tps):
+            top.annotate(f"{v:,.1f}", (xi, v), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+        top.set_ylim(0, max(tps) * 1.25 if max(tps) > 0 else 1)
+        top.set_ylabel("t/s", fontsize=9)
+        top.set_title(f"{s.base} at depth (KV cache tokens)", fontsize=10, loc="left")
+        bottom_edge = np.zeros(len(s.tests))
+        for c in CATEGORIES:
+            share = np.array([100.0 * r.categories_ns[c] / r.wall_ns if r.wall_ns else 0.0 for r in s.tests])
+            if not share.any():
+                continue
+            bottom.bar(x, share, bottom=bottom_edge, color=CATEGORY_COLOURS[c], width=0.6, edgecolor="white",
+                       linewidth=0.5, gid=f"category:{c}")
+            for xi, b, v in zip(x, bottom_edge, share):
+                if v >= 6:
+                    bottom.text(xi, b + v / 2, f"{v:.0f}%", ha="center", va="center", fontsize=7.5,
+                                color=_text_colour(CATEGORY_COLOURS[c]))
+            bottom_edge += share
+            shown.add(c)
+        bottom.set_ylim(0, 100)
+        bottom.set_ylabel("share of wall time (%)", fontsize=9)
+        bottom.set_xticks(x, [str(d) for d in s.depths], fontsize=8.5)
+        bottom.set_xlabel("context depth (tokens already in the KV cache)", fontsize=9)
+        for ax in (top, bottom):
+            ax.spines[["top", "right"]].set_visible(False)
+    _legend(fig, shown)
+    return fig
+
+
+# ---------------------------------------------------------------- all plots of a report
+
+def plot_paths(out_dir: str | os.PathLike, fmt: str) -> dict[str, Path]:
+    return {name: Path(out_dir) / f"{name}.{fmt}" for name in PLOT_NAMES}
+
+
+def write_plots(t: Timings, report: Report, a: Attribution, out_dir: str | os.PathLike, fmt: str = "png",
+                force: bool = True) -> list[Path]:
+    """Render every plot that the run has data for; check all outputs before drawing any."""
+    paths = plot_paths(out_dir, fmt)
+    for path in paths.values():
+        check_output_path(path, force=force, flag="--plots")
+    sub = subtitle(report.header, report.emulated)
+    figures = {"breakdown": plot_breakdown([("", [(r.name, r) for r in report.tests])], sub),
+               "ops": plot_ops(report.tests, sub),
+               "bandwidth": plot_bandwidth(report.tests, report.peak_GBps, sub)}
+    tl = token_timeline(t, a)
+    if tl is not None:
+        figures["timeline"] = plot_timeline(tl, sub)
+    series = depth_series(report, t)
+    if series:
+        figures["depth"] = plot_depth(series, sub)
+    return [save(figures[name], paths[name], fmt, force) for name in PLOT_NAMES if name in figures]

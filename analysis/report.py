@@ -1,0 +1,184 @@
+"""The report: everything `hyprof report` shows, as data (the renderers only draw it).
+
+Public API (stable):
+
+    build_report(timings, peak_bw=None, attribution=None) -> Report
+        peak_bw: the CPU's peak bandwidth in GB/s, overriding the header's measured one.
+    Report (frozen): source, header, emulated, peak_GBps {backend: GB/s}, tests (TestReport, ...),
+        graphs, reps (Attribution.graphs, .reps), warnings; .to_json() -> dict in the `hyprof-report/1` contract.
+    TestReport (frozen): one test (pp512, tg128, ...) over its repetitions:
+        name, kind, reps, n_tokens, wall_ns, tps, tps_std, rep_tps,
+        categories_ns {category: ns} (sums to wall_ns), overhead_ns, copy_ns {direction: ns},
+        hidden [(category, under, ns)], bandwidth {...} (the DESIGN.md keys, GB/s),
+        category_bw {category: {"bytes", "busy_ns", "GBps"}}, whatif_tps {...},
+        ops, copies, layers, backends, splits: structured arrays (bandwidth.py GROUP rows with
+        symbol ids replaced by names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from analysis import bandwidth
+from analysis.attribution import COPY_DIRECTIONS, Attribution, attribute
+from analysis.timings import Timings
+from analysis.whatif import whatif_tps
+from profiler.schema import CATEGORIES, OVERHEAD_CATEGORIES, REPORT_SCHEMA
+
+COMPUTE_CATEGORIES = tuple(c for c in CATEGORIES if c not in OVERHEAD_CATEGORIES)
+# hidden overlap worth telling: `sched` and `other` fill whatever is left, they hide under everything
+HIDDEN_REPORTED = tuple(c for c in CATEGORIES if c not in ("sched", "other"))
+NAMED_COLUMNS = ("op", "backend", "src", "dst")
+
+
+@dataclass(frozen=True)
+class TestReport:
+    name: str
+    kind: str
+    reps: int
+    n_tokens: int
+    wall_ns: int
+    tps: float
+    tps_std: float
+    rep_tps: tuple
+    categories_ns: dict
+    overhead_ns: int
+    copy_ns: dict
+    hidden: tuple
+    bandwidth: dict
+    category_bw: dict
+    whatif_tps: dict
+    ops: np.ndarray
+    copies: np.ndarray
+    layers: np.ndarray
+    backends: np.ndarray
+    splits: np.ndarray
+
+
+@dataclass(frozen=True)
+class Report:
+    source: str
+    header: dict
+    emulated: bool
+    peak_GBps: dict
+    tests: tuple
+    graphs: np.ndarray
+    reps: np.ndarray
+    warnings: tuple
+
+    def to_json(self) -> dict:
+        return {"schema": REPORT_SCHEMA, "source": self.source, "emulated": self.emulated,
+                "peak_GBps": self.peak_GBps, "warnings": list(self.warnings),
+                "tests": [_test_json(r) for r in self.tests]}
+
+
+def peak_bandwidths(header: dict, cpu_peak: float | None) -> dict:
+    """{backend: GB/s} from the header's measured peaks, the CPU's overridden by --peak-bw."""
+    peaks = {}
+    for backend, entry in (header.get("peak_bw") or {}).items():
+        gbps = entry.get("GBps") if isinstance(entry, dict) else entry
+        if isinstance(gbps, (int, float)) and gbps > 0:
+            peaks[backend] = float(gbps)
+    if cpu_peak is not None:
+        peaks["CPU"] = float(cpu_peak)
+    return peaks
+
+
+def build_report(t: Timings, peak_bw: float | None = None, attribution: Attribution | None = None) -> Report:
+    a = attribution if attribution is not None else attribute(t)
+    peaks = peak_bandwidths(t.header, peak_bw)
+    test_of_event, names = bandwidth.event_test(t, a)
+    tables = {"ops": bandwidth.op_table(t, test_of_event), "copies": bandwidth.copy_table(t, test_of_event),
+              "layers": bandwidth.layer_table(t, test_of_event), "backends": bandwidth.backend_table(t, test_of_event),
+              "splits": bandwidth.split_table(t, test_of_event)}
+    tables = {k: _named(v, t) for k, v in tables.items()}
+    claimed = (a.event_category >= 0) & (test_of_event >= 0)
+    category_bytes = np.bincount(test_of_event[claimed] * len(CATEGORIES) + a.event_category[claimed],
+                                 weights=t.events["bytes"][claimed].astype(np.float64),
+                                 minlength=len(names) * len(CATEGORIES)).reshape(len(names), len(CATEGORIES))
+    tests = tuple(_test_report(i, name, a, tables, category_bytes[i], peaks) for i, name in enumerate(names))
+    accel = str((t.header.get("config") or {}).get("accel", ""))
+    emulated = "emulated" in accel or any(b.startswith("ACC") for b in t.symbols)
+    return Report(source=t.source, header=t.header, emulated=emulated, peak_GBps=peaks, tests=tests,
+                  graphs=a.graphs, reps=a.reps, warnings=t.warnings)
+
+
+def _named(table: np.ndarray, t: Timings) -> np.ndarray:
+    """The table with symbol-id columns turned into strings, and the copy direction named."""
+    fields = []
+    for name in table.dtype.names:
+        if name in NAMED_COLUMNS or name == "direction":
+            fields.append((name, "U64"))
+        else:
+            fields.append((name, table.dtype[name]))
+    out = np.zeros(len(table), fields)
+    for name in table.dtype.names:
+        if name in NAMED_COLUMNS:
+            out[name] = [t.sym(int(i)) for i in table[name]]
+        elif name == "direction":
+            out[name] = [COPY_DIRECTIONS[int(i)] for i in table[name]]
+        else:
+            out[name] = table[name]
+    return out
+
+
+def _test_report(i: int, name: str, a: Attribution, tables: dict, cat_bytes: np.ndarray, peaks: dict) -> TestReport:
+    mine = a.reps["name"] == name
+    reps = a.reps[mine]
+    wall_ns = int(reps["wall_ns"].sum())
+    n_tokens = int(reps["n_tokens"].sum())
+    categories_ns = {c: int(reps[f"{c}_ns"].sum()) for c in CATEGORIES}
+    rep_tps = tuple(float(n / (w / 1e9)) if w > 0 else 0.0 for n, w in zip(reps["n_tokens"], reps["wall_ns"]))
+    hidden_ns = a.hidden_ns[mine].sum(axis=0)
+    hidden = tuple((c, w, int(hidden_ns[ci, wi])) for ci, c in enumerate(CATEGORIES) if c in HIDDEN_REPORTED
+                   for wi, w in enumerate(CATEGORIES) if hidden_ns[ci, wi] > 0)
+    category_bw = {}
+    for c in COMPUTE_CATEGORIES:
+        busy, nbytes = int(reps[f"{c}_busy_ns"].sum()), int(round(cat_bytes[CATEGORIES.index(c)]))
+        category_bw[c] = {"bytes": nbytes, "busy_ns": busy, "GBps": nbytes / busy if busy else None}
+    mine_tables = {k: v[v["test"] == i] for k, v in tables.items()}
+    expert = category_bw["cpu_expert_matmul"]
+    cpu_peak = peaks.get("CPU")
+    bw = {"cpu_expert_GBps": expert["GBps"],
+          "cpu_expert_bytes_per_token": expert["bytes"] / n_tokens if n_tokens else None,
+          "cpu_peak_GBps": cpu_peak,
+          "cpu_expert_fraction_of_peak": expert["GBps"] / cpu_peak if cpu_peak and expert["GBps"] else None}
+    backend_bytes = {str(r["backend"]): int(r["bytes"]) for r in mine_tables["backends"]}
+    return TestReport(
+        name=name, kind=str(reps["kind"][0]), reps=len(reps), n_tokens=n_tokens, wall_ns=wall_ns,
+        tps=n_tokens / (wall_ns / 1e9) if wall_ns else 0.0,
+        tps_std=float(np.std(rep_tps, ddof=1)) if len(rep_tps) > 1 else 0.0, rep_tps=rep_tps,
+        categories_ns=categories_ns, overhead_ns=sum(categories_ns[c] for c in OVERHEAD_CATEGORIES),
+        copy_ns={d: int(a.copy_ns[d][mine].sum()) for d in COPY_DIRECTIONS}, hidden=hidden,
+        bandwidth=bw, category_bw=category_bw,
+        whatif_tps=whatif_tps(n_tokens, categories_ns, expert["bytes"], cpu_peak, backend_bytes, peaks),
+        **mine_tables)
+
+
+def _rows(table: np.ndarray) -> list[dict]:
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in zip(table.dtype.names, row) if k != "test"}
+            for row in table]
+
+
+def _s(ns: int) -> float:
+    return ns / 1e9
+
+
+def _test_json(r: TestReport) -> dict:
+    return {
+        "name": r.name, "kind": r.kind, "reps": r.reps, "n_tokens": r.n_tokens,
+        "wall_s": _s(r.wall_ns), "tps": r.tps, "tps_std": r.tps_std, "rep_tps": list(r.rep_tps),
+        "categories_s": {c: _s(v) for c, v in r.categories_ns.items()},
+        "overhead_s": _s(r.overhead_ns),
+        "ms_per_token": {c: v / 1e6 / r.n_tokens if r.n_tokens else None for c, v in r.categories_ns.items()},
+        "copy_s": {d: _s(v) for d, v in r.copy_ns.items()},
+        "hidden_s": [{"category": c, "under": w, "s": _s(ns)} for c, w, ns in r.hidden],
+        "bandwidth": r.bandwidth,
+        "category_bandwidth": {c: {"bytes": v["bytes"], "busy_s": _s(v["busy_ns"]), "GBps": v["GBps"]}
+                               for c, v in r.category_bw.items()},
+        "whatif_tps": r.whatif_tps,
+        "backends": _rows(r.backends), "ops": _rows(r.ops), "copies": _rows(r.copies),
+        "layers": _rows(r.layers), "splits": _rows(r.splits),
+    }

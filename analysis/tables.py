@@ -1,0 +1,153 @@
+"""The report laid out as titled tables of display strings, shared by the terminal and markdown renderers.
+
+Public API (stable):
+
+    report_tables(report, layers=False, splits=False, graphs=False) -> list[Table]
+    Table (frozen): title, columns, rows (tuples of strings), notes (lines under the table)
+
+Only formatting happens here (units, rounding, order of rows); every figure
+comes from the Report. Both renderers draw these tables, so the terminal and
+the markdown report always say the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from analysis.report import COMPUTE_CATEGORIES, Report, TestReport
+from profiler.schema import CATEGORIES, OVERHEAD_CATEGORIES
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    columns: tuple
+    rows: tuple
+    notes: tuple = ()
+
+
+def _f(x, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def _ms(ns) -> str:
+    return _f(ns / 1e6, 2)
+
+
+def _mb(n) -> str:
+    return _f(n / 1e6, 1)
+
+
+def report_tables(report: Report, layers: bool = False, splits: bool = False, graphs: bool = False) -> list[Table]:
+    tables = [_run_table(report)]
+    for test in report.tests:
+        tables += [_time_table(test), _backend_table(test, report.peak_GBps), _op_table(test)]
+        if len(test.copies):
+            tables.append(_copy_table(test))
+        if layers:
+            tables.append(_layer_table(test))
+        if splits:
+            tables.append(_split_table(test))
+    if graphs:
+        tables.append(_graph_table(report))
+    return tables
+
+
+def _run_table(report: Report) -> Table:
+    h = report.header
+    model, config, machine = h.get("model") or {}, h.get("config") or {}, h.get("machine") or {}
+    rows = [("source", report.source)]
+    if model:
+        rows.append(("model", f"{model.get('path', '?')} ({model.get('arch', '?')}, {model.get('ftype', '?')})"))
+    if config:
+        rows.append(("config", ", ".join(f"{k}={v}" for k, v in config.items())))
+    if machine:
+        rows.append(("machine", ", ".join(f"{k}={v}" for k, v in machine.items() if v is not None)))
+    peaks = ", ".join(f"{b} {_f(v, 1)} GB/s" for b, v in report.peak_GBps.items()) or "unknown (use --peak-bw)"
+    rows.append(("peak bandwidth", peaks))
+    notes = list(report.warnings)
+    if report.emulated:
+        notes.insert(0, "The accelerator was EMULATED (ACC0: torch on the CPU); its times are not GPU times.")
+    return Table("hyprof report", ("", ""), tuple(rows), tuple(notes))
+
+
+def _time_table(r: TestReport) -> Table:
+    def row(label, ns):
+        pct = 100.0 * ns / r.wall_ns if r.wall_ns else 0.0
+        per_token = ns / 1e6 / r.n_tokens if r.n_tokens else None
+        return (label, _f(ns / 1e9, 3), _f(pct, 1), _f(per_token, 3))
+
+    rows = [row(c, r.categories_ns[c]) for c in COMPUTE_CATEGORIES]
+    rows.append(row("overhead", r.overhead_ns))
+    for c in OVERHEAD_CATEGORIES:
+        rows.append(row(f"  {c}", r.categories_ns[c]))
+        if c == "copy":
+            rows += [row(f"    {d}", ns) for d, ns in r.copy_ns.items() if ns]
+    rows.append(row("wall", r.wall_ns))
+    title = (f"{r.name}: {_f(r.tps)} ± {_f(r.tps_std)} t/s — {r.n_tokens} tokens in {_f(r.wall_ns / 1e9, 3)} s"
+             f" ({r.reps} rep{'s' if r.reps != 1 else ''})")
+    return Table(title, ("category", "s", "%", "ms/token"), tuple(rows), _notes(r))
+
+
+def _notes(r: TestReport) -> tuple:
+    bw, w = r.bandwidth, r.whatif_tps
+    notes = []
+    if bw["cpu_expert_GBps"] is not None:
+        line = f"CPU experts: {_f(bw['cpu_expert_GBps'], 1)} GB/s"
+        if bw["cpu_expert_fraction_of_peak"] is not None:
+            line += f" = {_f(100 * bw['cpu_expert_fraction_of_peak'], 1)} % of the {_f(bw['cpu_peak_GBps'], 1)} GB/s peak"
+        line += f", {_mb(bw['cpu_expert_bytes_per_token'])} MB read per token"
+        notes.append(line)
+    notes.append(f"what-if: {_f(w['no_overhead'], 1)} t/s with the overhead removed, "
+                 f"{_f(w['cpu_expert_at_peak'], 1)} t/s with the CPU experts at peak bandwidth, "
+                 f"{_f(w['bound'], 1)} t/s hardware bound")
+    for c, under, ns in r.hidden:
+        notes.append(f"hidden overlap: {c} {_f(ns / 1e9, 3)} s ran under {under}")
+    return tuple(notes)
+
+
+def _backend_table(r: TestReport, peaks: dict) -> Table:
+    rows = []
+    for b in r.backends:
+        peak = peaks.get(str(b["backend"]))
+        rows.append((str(b["backend"]) or "?", str(b["count"]), _ms(b["total_ns"]), _ms(b["busy_ns"]),
+                     _mb(b["bytes"] / r.n_tokens) if r.n_tokens else "-", _f(b["GBps"], 1),
+                     _f(100 * b["GBps"] / peak, 1) if peak else "-"))
+    return Table(f"{r.name}: ops by backend", ("backend", "ops", "total ms", "busy ms", "MB/token", "GB/s",
+                                               "% of peak"), tuple(rows))
+
+
+def _op_table(r: TestReport) -> Table:
+    rows = tuple((str(o["op"]) or "?", str(o["backend"]) or "?", str(o["count"]), _ms(o["total_ns"]),
+                  _f(o["pct"], 1), _f(o["mean_ns"] / 1e3, 1), _f(o["GBps"], 1) if o["bytes"] else "-")
+                 for o in r.ops)
+    return Table(f"{r.name}: op timing breakdown", ("op", "backend", "count", "total ms", "%", "mean µs", "GB/s"),
+                 rows)
+
+
+def _copy_table(r: TestReport) -> Table:
+    rows = tuple((str(c["direction"]), f"{c['src'] or '?'} → {c['dst'] or '?'}", str(c["count"]), _mb(c["bytes"]),
+                  _ms(c["total_ns"]), _f(c["GBps"], 2)) for c in r.copies)
+    return Table(f"{r.name}: copies", ("direction", "backends", "count", "MB", "total ms", "GB/s"), rows)
+
+
+def _layer_table(r: TestReport) -> Table:
+    rows = tuple((str(x["layer"]) if x["layer"] >= 0 else "-", str(x["backend"]) or "?", str(x["count"]),
+                  _ms(x["total_ns"]), _ms(x["busy_ns"]), _mb(x["bytes"]), _f(x["GBps"], 1)) for x in r.layers)
+    return Table(f"{r.name}: per layer", ("layer", "backend", "ops", "total ms", "busy ms", "MB", "GB/s"), rows)
+
+
+def _split_table(r: TestReport) -> Table:
+    rows = tuple((str(s["split"]), str(s["backend"]) or "?", str(s["count"]), _f(s["mean_ns"] / 1e3, 1),
+                  _ms(s["total_ns"]), _f(s["n_nodes_mean"], 1), _f(s["n_inputs_mean"], 1), _ms(s["op_total_ns"]),
+                  _mb(s["op_bytes"]), _mb(s["copy_bytes"])) for s in r.splits)
+    return Table(f"{r.name}: per split", ("split", "backend", "count", "mean µs", "total ms", "nodes", "inputs",
+                                          "op ms", "op MB", "copy MB"), rows)
+
+
+def _graph_table(report: Report) -> Table:
+    names = report.reps["name"]
+    rows = tuple((str(g["graph"]), str(names[g["rep"]]) if g["rep"] >= 0 else "-", str(g["n_tokens"]),
+                  str(g["n_past"]), _ms(g["wall_ns"])) + tuple(_ms(g[f"{c}_ns"]) for c in CATEGORIES)
+                 for g in report.graphs)
+    return Table("graphs (ms)", ("graph", "test", "tokens", "n_past", "wall") + CATEGORIES, rows)

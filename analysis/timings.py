@@ -1,0 +1,412 @@
+"""Loading a timings file (contract v1, DESIGN.md) into NumPy columns.
+
+Public API (stable; everything else in the analyzer builds on it):
+
+    load_timings(path) -> Timings
+        Read a `timings.jsonl`. A file that does not start with a JSON object is
+        handed to `analysis.ik_log` (the ik_llama.cpp log importer) when that module
+        exists and recognises it.
+    load_lines(lines, source) -> Timings
+        The same from an iterable of lines (bytes or str, one JSON object each);
+        `source` names the input in messages. Importers of other engines' logs
+        convert to v1 lines and call this.
+
+    Timings (frozen):
+        source          the file name, for messages and reports
+        header          the meta line (line 1) as a dict
+        events          NumPy structured array, EVENT_DTYPE, one row per event, sorted by ts
+        tests           NumPy structured array, TEST_DTYPE, one row per `test` event
+        symbols         tuple of strings; every string field is an integer id into it (-1: absent)
+        skipped_types   {unknown event type: count}
+        skipped_fields  {unknown field: count}
+        warnings        tuple of one-line messages for the user (truncated last line, skips)
+        .sym(i) -> str, .id(s) -> int, .ids(pred) -> array of ids whose string satisfies pred,
+        .type_code(name) -> int (index in EVENT_TYPES, the value of events["type"])
+
+Why columns: a run has millions of events; per-event Python objects would make
+the report slower than the run. Strings are stored once, HTA style, as ids.
+Absent integer fields are -1, absent `bytes`/`flops` are 0.
+
+Readers must accept unknown fields and event types (skip and count), and a
+truncated last line (a crashed run leaves a readable prefix); anything else
+that is not contract v1 is a `UserError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import orjson
+
+from analysis.flatjson import FlatColumns, parse_flat_lines
+from profiler.errors import UserError
+from profiler.schema import COMMON_FIELDS, EVENT_FIELDS, EVENT_TYPES, SCHEMA
+
+# Event columns. String fields hold symbol ids.
+EVENT_DTYPE = np.dtype([
+    ("type", np.int8), ("ts", np.int64), ("dur", np.int64),
+    ("tid", np.int32), ("backend", np.int32), ("graph", np.int32), ("split", np.int32),
+    ("op", np.int32), ("name", np.int32), ("layer", np.int32),
+    ("bytes", np.int64), ("flops", np.int64), ("n_tokens", np.int32),
+    ("src", np.int32), ("dst", np.int32),
+    ("n_past", np.int32), ("n_nodes", np.int32), ("n_inputs", np.int32),
+])
+# One row per test repetition (the few fields only `test` events carry).
+TEST_DTYPE = np.dtype([
+    ("ts", np.int64), ("dur", np.int64), ("name", np.int32), ("kind", np.int32),
+    ("n_prompt", np.int32), ("n_gen", np.int32), ("depth", np.int32), ("rep", np.int32),
+    ("n_tokens", np.int32),
+])
+STRING_FIELDS = frozenset({"tid", "backend", "op", "name", "src", "dst", "kind"})
+ZERO_WHEN_ABSENT = frozenset({"bytes", "flops"})
+REQUIRED_FIELDS = ("ts", "dur")
+TYPE_CODES = {t: i for i, t in enumerate(EVENT_TYPES)}
+# Fields each type may carry (beyond `type`); a field outside its type's list is unknown.
+TYPE_FIELDS = {t: tuple(f for f in COMMON_FIELDS if f != "type") + EVENT_FIELDS[t] for t in EVENT_TYPES}
+
+# The fields read into columns, for the vectorised reader (analysis.flatjson).
+STR_FIELDS = ("type",) + tuple(sorted(STRING_FIELDS))
+INT_FIELDS = tuple(f for f in dict.fromkeys(COMMON_FIELDS + sum(EVENT_FIELDS.values(), ()))
+                   if f not in STR_FIELDS and f != "test")
+# ALLOWED[type code, i]: may an event of that type carry field (INT_FIELDS + STR_FIELDS)[i]?
+ALLOWED = np.array([[f in TYPE_FIELDS[t] or f == "type" for f in INT_FIELDS + STR_FIELDS] for t in EVENT_TYPES])
+
+LINES_PER_CHUNK = 1 << 15
+BLOCK_BYTES = 1 << 22
+
+
+@dataclass(frozen=True)
+class Timings:
+    source: str
+    header: dict
+    events: np.ndarray
+    tests: np.ndarray
+    symbols: tuple[str, ...]
+    skipped_types: dict = field(default_factory=dict)
+    skipped_fields: dict = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+    def sym(self, i: int) -> str:
+        return self.symbols[i] if i >= 0 else ""
+
+    def id(self, s: str) -> int:
+        try:
+            return self.symbols.index(s)
+        except ValueError:
+            return -1
+
+    def ids(self, pred: Callable[[str], bool]) -> np.ndarray:
+        return np.array([i for i, s in enumerate(self.symbols) if pred(s)], dtype=np.int32)
+
+    @staticmethod
+    def type_code(name: str) -> int:
+        return TYPE_CODES[name]
+
+
+def load_timings(path: str | os.PathLike) -> Timings:
+    source = os.fspath(path)
+    if not os.path.exists(source):
+        raise UserError(f"{source}: no such file")
+    if os.path.isdir(source):
+        raise UserError(f"{source}: is a directory, not a timings file")
+    with open(source, "rb") as f:
+        head = f.read(4096).lstrip()
+    if not head:
+        raise UserError(f"{source}: empty file, not a hyprof timings file")
+    if not head.startswith(b"{"):
+        ik_log = _ik_log_importer()
+        if ik_log is not None and ik_log.looks_like_ik_log(source):
+            return load_lines(ik_log.convert(source), source)
+        raise UserError(f"{source}: not a hyprof timings file (line 1 is not a JSON object)")
+    return _load(_file_blocks(source), source)
+
+
+def load_lines(lines: Iterable[bytes | str], source: str) -> Timings:
+    return _load(_line_blocks(lines), source)
+
+
+def _ik_log_importer():
+    """The ik_llama.cpp log importer, if this checkout has it (written separately)."""
+    if importlib.util.find_spec("analysis.ik_log") is None:
+        return None
+    from analysis import ik_log
+    return ik_log
+
+
+# ---------------------------------------------------------------- reading blocks of lines
+# A block is (bytes of whole lines each ending in b"\n", False) or, last, (the final line, True).
+# The final line is kept apart: it alone may be cut short by a crash.
+
+def _file_blocks(path: str) -> Iterator[tuple[bytes, bool]]:
+    with open(path, "rb") as f:
+        rest = b""
+        while block := f.read(BLOCK_BYTES):
+            data = rest + block
+            cut = data.rfind(b"\n") + 1
+            if cut:
+                yield data[:cut], False
+            rest = data[cut:]
+        if rest:
+            yield rest, True
+
+
+def _line_blocks(lines: Iterable[bytes | str]) -> Iterator[tuple[bytes, bool]]:
+    chunk: list[bytes] = []
+    prev = None
+    for line in lines:
+        if prev is not None:
+            chunk.append(prev)
+            if len(chunk) == LINES_PER_CHUNK:
+                yield b"\n".join(chunk) + b"\n", False
+                chunk = []
+        prev = (line.encode() if isinstance(line, str) else line).rstrip(b"\r\n")
+    if chunk:
+        yield b"\n".join(chunk) + b"\n", False
+    if prev is not None:
+        yield prev, True
+
+
+# ---------------------------------------------------------------- parsing
+
+class _Symbols:
+    """String -> id, growing as chunks arrive; absent (None) is -1."""
+
+    def __init__(self):
+        self.ids: dict = {None: -1}
+        self.names: list[str] = []
+
+    def intern(self, values: list, field_name: str, where: Callable[[int], str]) -> np.ndarray:
+        new = set(values) - self.ids.keys()
+        for v in new:
+            if not isinstance(v, str):
+                i = next(i for i, x in enumerate(values) if x is v or x == v)
+                raise UserError(f"{where(i)}: field '{field_name}' must be a string, got {v!r}")
+        for v in sorted(new):
+            self.ids[v] = len(self.names)
+            self.names.append(v)
+        return np.fromiter(map(self.ids.__getitem__, values), dtype=np.int32, count=len(values))
+
+
+@dataclass
+class _Accumulator:
+    source: str
+    symbols: _Symbols = field(default_factory=_Symbols)
+    events: list = field(default_factory=list)
+    tests: list = field(default_factory=list)
+    skipped_types: Counter = field(default_factory=Counter)
+    skipped_fields: Counter = field(default_factory=Counter)
+    warnings: list = field(default_factory=list)
+
+
+def _load(blocks: Iterator[tuple[bytes, bool]], source: str) -> Timings:
+    acc = _Accumulator(source)
+    header, line_no = None, 1
+    for data, final in blocks:
+        while header is None and data:
+            cut = data.find(b"\n") + 1 if not final else len(data)
+            first, data = data[:cut or len(data)], data[cut or len(data):]
+            if first.strip():
+                header = _check_header(_header_object(first, line_no, source), line_no, source)
+            line_no += 1
+        if not data:
+            continue
+        n_lines = 1 if final else data.count(b"\n")
+        flat = None if final else parse_flat_lines(data, n_lines, INT_FIELDS, STR_FIELDS)
+        if flat is None or not _add_flat(flat, acc):
+            lines = [data] if final else data.split(b"\n")[:-1]
+            objs, numbers = _parse_lines(lines, line_no, final, acc)
+            if objs:
+                _add_objects(objs, numbers, acc)
+        line_no += n_lines
+    if header is None:
+        raise UserError(f"{source}: empty file, not a hyprof timings file")
+    events = np.concatenate(acc.events) if acc.events else np.empty(0, EVENT_DTYPE)
+    events = events[np.argsort(events["ts"], kind="stable")]
+    tests = np.concatenate(acc.tests) if acc.tests else np.empty(0, TEST_DTYPE)
+    tests = tests[np.argsort(tests["ts"], kind="stable")]
+    if acc.skipped_types:
+        acc.warnings.append(f"{source}: skipped unknown event types: "
+                            + ", ".join(f"{k} ({v})" for k, v in sorted(acc.skipped_types.items())))
+    if acc.skipped_fields:
+        acc.warnings.append(f"{source}: skipped unknown fields: "
+                            + ", ".join(f"{k} ({v})" for k, v in sorted(acc.skipped_fields.items())))
+    return Timings(source=source, header=header, events=events, tests=tests,
+                   symbols=tuple(acc.symbols.names), skipped_types=dict(acc.skipped_types),
+                   skipped_fields=dict(acc.skipped_fields), warnings=tuple(acc.warnings))
+
+
+def _header_object(line: bytes, line_no: int, source: str):
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        raise UserError(f"{source}:{line_no}: not a hyprof timings file (line {line_no} is not JSON)") from None
+
+
+def _check_header(obj, line_no: int, source: str) -> dict:
+    if not isinstance(obj, dict) or obj.get("type") != "meta":
+        raise UserError(f"{source}:{line_no}: not a hyprof timings file (line 1 is not the "
+                        f'{{"type": "meta", "schema": "{SCHEMA}"}} header)')
+    if obj.get("schema") != SCHEMA:
+        raise UserError(f"{source}:{line_no}: schema {obj.get('schema')!r} is not {SCHEMA!r}")
+    return obj
+
+
+def _parse_lines(lines: list[bytes], first_line: int, final: bool, acc: _Accumulator):
+    """JSON objects and their line numbers; blank lines skipped, a broken last line dropped."""
+    objs, numbers = [], []
+    loads = orjson.loads
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            obj = loads(line)
+        except orjson.JSONDecodeError as e:
+            if final and i == len(lines) - 1:
+                acc.warnings.append(f"{acc.source}:{first_line + i}: truncated last line ignored")
+                continue
+            raise UserError(f"{acc.source}:{first_line + i}: not JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{acc.source}:{first_line + i}: not a JSON object")
+        objs.append(obj)
+        numbers.append(first_line + i)
+    return objs, numbers
+
+
+def _add_objects(objs: list[dict], numbers: list[int], acc: _Accumulator) -> None:
+    """Columns for one chunk of event objects, extracted one field at a time per event type."""
+    try:
+        types = list(map(itemgetter("type"), objs))
+    except KeyError:
+        i = next(i for i, o in enumerate(objs) if "type" not in o)
+        raise UserError(f"{acc.source}:{numbers[i]}: event has no 'type'") from None
+    codes = np.fromiter(map(TYPE_CODES.get, types, [-1] * len(types)), dtype=np.int8, count=len(types))
+    unknown = np.flatnonzero(codes < 0)
+    if unknown.size:
+        acc.skipped_types.update(str(types[i]) for i in unknown)
+    out = np.empty(len(objs), EVENT_DTYPE)
+    for name in EVENT_DTYPE.names:
+        out[name] = 0 if name in ZERO_WHEN_ABSENT else -1
+    out["type"] = codes
+    for code in np.unique(codes[codes >= 0]):
+        rows = np.flatnonzero(codes == code)
+        sub = [objs[i] for i in rows]
+        type_name = EVENT_TYPES[code]
+
+        def where(j, rows=rows):
+            return f"{acc.source}:{numbers[rows[j]]}"
+
+        known = 1  # `type`
+        values = {}
+        for f in TYPE_FIELDS[type_name]:
+            col, present = _field(sub, f, where)
+            known += present
+            values[f] = col
+        unknown_fields = sum(map(len, sub)) - known
+        if unknown_fields:
+            allowed = set(TYPE_FIELDS[type_name]) | {"type"}
+            acc.skipped_fields.update(k for o in sub for k in o if k not in allowed)
+        for f, col in values.items():
+            if f in EVENT_DTYPE.names and col is not None:
+                out[f][rows] = col if f not in STRING_FIELDS else acc.symbols.intern(col, f, where)
+        if type_name == "test":
+            acc.tests.append(_test_rows(values, out[rows], acc, where))
+        if (out["dur"][rows] < 0).any():
+            j = int(np.flatnonzero(out["dur"][rows] < 0)[0])
+            raise UserError(f"{where(j)}: 'dur' is negative")
+    acc.events.append(out[codes >= 0])
+
+
+def _field(sub: list[dict], f: str, where) -> tuple:
+    """(values, how many events carry the field): ints as an array, strings as a list."""
+    vals = [o.get(f) for o in sub]
+    present = len(vals) - vals.count(None)
+    if present == 0:
+        if f in REQUIRED_FIELDS:
+            raise UserError(f"{where(0)}: event has no '{f}'")
+        return None, sum(1 for o in sub if f in o)
+    if present < len(vals):
+        if f in REQUIRED_FIELDS:
+            j = vals.index(None)
+            raise UserError(f"{where(j)}: event has no '{f}'")
+        keyed = sum(1 for o in sub if f in o)
+        if f not in STRING_FIELDS:
+            fill = 0 if f in ZERO_WHEN_ABSENT else -1
+            vals = [fill if v is None else v for v in vals]
+        present = keyed
+    if f in STRING_FIELDS:
+        return vals, present
+    if f == "test":  # the graph's test, known but found by time instead
+        return None, present
+    arr = np.array(vals)
+    if arr.dtype.kind not in "iub" or arr.ndim != 1:
+        j = next(j for j, v in enumerate(vals) if type(v) not in (int, bool))
+        raise UserError(f"{where(j)}: field '{f}' must be an integer, got {vals[j]!r}")
+    return arr.astype(np.int64), present
+
+
+def _test_rows(values: dict, rows: np.ndarray, acc: _Accumulator, where) -> np.ndarray:
+    out = np.empty(len(rows), TEST_DTYPE)
+    for name in TEST_DTYPE.names:
+        col = values.get(name)
+        if name in ("ts", "dur", "name", "n_tokens"):
+            out[name] = rows[name]
+        elif col is None:
+            out[name] = -1
+        else:
+            out[name] = acc.symbols.intern(col, name, where) if name in STRING_FIELDS else col
+    return out
+
+
+def _add_flat(flat: FlatColumns, acc: _Accumulator) -> bool:
+    """Columns from the vectorised reader; False (add nothing) where the JSON parser must word an error."""
+    try:
+        strings = [b.decode() for b in flat.strings]
+    except UnicodeDecodeError:
+        return False
+    type_of = np.array([TYPE_CODES.get(s, -1) for s in strings] + [-2], dtype=np.int64)
+    type_id = flat.strs["type"]
+    codes = type_of[type_id]                                 # -1 unknown type, -2 no type
+    kept = codes >= 0
+    (ts, has_ts), (dur, has_dur) = flat.ints["ts"], flat.ints["dur"]
+    if (codes == -2).any() or not (has_ts | ~kept).all() or not (has_dur | ~kept).all() or (dur[kept] < 0).any():
+        return False
+    symbol_of = np.append(acc.symbols.intern(strings, "", str), -1).astype(np.int64)
+
+    unknown = np.flatnonzero(codes == -1)
+    for i, n in zip(*np.unique(type_id[unknown], return_counts=True)):
+        acc.skipped_types[strings[i]] += int(n)
+    allowed = ALLOWED[np.maximum(codes, 0)] & kept[:, None]
+    columns = {}
+    for i, f in enumerate(INT_FIELDS + STR_FIELDS):
+        value, keyed = flat.ints[f] if f in flat.ints else (flat.strs[f], flat.strs[f] >= 0)
+        stray = int((keyed & kept & ~allowed[:, i]).sum())
+        if stray:
+            acc.skipped_fields[f] += stray
+        use = keyed & allowed[:, i]
+        fill = 0 if f in ZERO_WHEN_ABSENT else -1
+        columns[f] = np.where(use, symbol_of[value] if f in flat.strs else value, fill)
+    line, name_id, names = flat.other_keys
+    for j in np.unique(name_id):
+        rows = line[name_id == j]
+        known = np.isin(codes[rows], [TYPE_CODES[t] for t in EVENT_TYPES if names[j].decode() in TYPE_FIELDS[t]])
+        stray = int((kept[rows] & ~known).sum())
+        if stray:
+            acc.skipped_fields[names[j].decode(errors="replace")] += stray
+
+    out = np.empty(int(kept.sum()), EVENT_DTYPE)
+    for name in EVENT_DTYPE.names:
+        out[name] = codes[kept] if name == "type" else columns[name][kept]
+    acc.events.append(out)
+    is_test = codes == TYPE_CODES["test"]
+    if is_test.any():
+        tests = np.empty(int(is_test.sum()), TEST_DTYPE)
+        for name in TEST_DTYPE.names:
+            tests[name] = columns[name][is_test]
+        acc.tests.append(tests)
+    return True

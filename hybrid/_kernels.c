@@ -1,0 +1,612 @@
+/* CPU matmuls on GGUF Q4_0 / Q8_0 blocks as stored, at memory speed.
+ *
+ * Why native code: a generated token reads every selected expert's weights
+ * once, so the expert matmul is bound by memory bandwidth only if the kernel
+ * consumes 4-bit blocks faster than DRAM delivers them. torch has no kernel
+ * for GGUF block layouts, and dequantising first multiplies the bytes moved.
+ * As in ggml, the activation is quantised once to 8-bit blocks, and every dot
+ * product is an int8 one (AVX-512 VNNI `vpdpbusd`, AVX2 `vpmaddubsw`), scaled
+ * per 32-weight block in float.
+ *
+ * Activation layout ("q8 rows"): each row of n_in floats becomes groups of
+ * four 32-value blocks, 256 bytes per group, laid out for the SIMD kernels:
+ *   [  0.. 63] int8: values 0..15 of block 0, of block 1, of block 2, of block 3
+ *   [ 64..127] int8: values 16..31 of blocks 0..3 (the Q4_0 high nibbles' partners)
+ *   [128..191] float32[16]: block scale d_j repeated 4 times (one 128-bit lane per block)
+ *   [192..255] int32[16]: lane 4j holds -8 * sum(values of block j), the rest 0
+ * so one 512-bit register holds the low halves of four blocks, and the Q4_0
+ * weights (nibble - 8) need no per-weight subtraction: the -8 enters as that
+ * precomputed sum. A row with a block count not divisible by 4 is padded with
+ * zero blocks. Every path (scalar, AVX2, AVX-512) reads this same layout and
+ * computes the same integer block sums; only the float summation order differs.
+ *
+ * Buffers come in through the buffer protocol (NumPy arrays, memoryviews, the
+ * np.memmap of a GGUF file), so sizes are checked here and a wrong size is a
+ * ValueError, never a stray read. The GIL is released around all compute, so
+ * Python worker threads each running a row range run in parallel.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_X86_SIMD 1
+#include <immintrin.h>
+#else
+#define HAVE_X86_SIMD 0
+#endif
+
+#define QK 32                 /* weights per block, Q4_0 and Q8_0 */
+#define GROUP_BLOCKS 4        /* blocks per q8 activation group */
+#define GROUP_BYTES 256
+#define TILE 4                /* tokens computed together per weight row */
+
+enum { TYPE_Q4_0 = 2, TYPE_Q8_0 = 8 };                 /* ggml type ids */
+enum { PATH_SCALAR = 0, PATH_AVX2 = 1, PATH_AVX512VNNI = 2, N_PATHS = 3 };
+static const char *const path_names[N_PATHS] = {"scalar", "avx2", "avx512vnni"};
+static int best_path = PATH_SCALAR;                     /* what this CPU supports */
+static int default_path = PATH_SCALAR;                  /* best_path unless HYPROF_KERNELS says less */
+
+static size_t weight_row_bytes(int type, int64_t n_in) {
+    return (size_t)(n_in / QK) * (type == TYPE_Q4_0 ? 18 : 34);
+}
+
+static size_t q8_row_bytes(int64_t n_in) {
+    return (size_t)((n_in / QK + GROUP_BLOCKS - 1) / GROUP_BLOCKS) * GROUP_BYTES;
+}
+
+static float fp16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (mant << 13);
+    } else if (mant == 0) {
+        bits = sign;
+    } else {                                            /* subnormal: renormalise */
+        exp = 113;
+        while (!(mant & 0x400)) { mant <<= 1; exp--; }
+        bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static uint16_t load_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+
+/* ---- activation quantisation (one portable version, so all paths see the same bits) ---- */
+
+static void quantize_row_q8(const float *x, int64_t n_in, uint8_t *out) {
+    int64_t nb = n_in / QK;
+    memset(out, 0, q8_row_bytes(n_in));
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = x + b * QK;
+        uint8_t *g = out + (b / GROUP_BLOCKS) * GROUP_BYTES;
+        int j = (int)(b % GROUP_BLOCKS);
+        float amax = 0.0f;
+        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        int32_t sum = 0;
+        int8_t q[QK];
+        for (int i = 0; i < QK; i++) {
+            float v = nearbyintf(xb[i] * id);
+            v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+            q[i] = (int8_t)v;
+            sum += q[i];
+        }
+        memcpy(g + 16 * j, q, 16);
+        memcpy(g + 64 + 16 * j, q + 16, 16);
+        for (int l = 0; l < 4; l++) memcpy(g + 128 + 16 * j + 4 * l, &d, 4);
+        int32_t init = -8 * sum;
+        memcpy(g + 192 + 16 * j, &init, 4);
+    }
+}
+
+/* ---- scalar block dots: the reference every SIMD path must agree with ---- */
+
+/* Integer dot of weight block `wb` with block j of q8 group `g`, times both scales. */
+static float block_dot_scalar(int type, const uint8_t *wb, const uint8_t *g, int j) {
+    const int8_t *lo = (const int8_t *)(g + 16 * j), *hi = (const int8_t *)(g + 64 + 16 * j);
+    float dx, dw = fp16_to_f32(load_u16(wb));
+    memcpy(&dx, g + 128 + 16 * j, 4);
+    int32_t s = 0;
+    if (type == TYPE_Q4_0) {
+        const uint8_t *qs = wb + 2;
+        memcpy(&s, g + 192 + 16 * j, 4);                /* -8 * sum(x) */
+        for (int i = 0; i < 16; i++) s += (qs[i] & 15) * lo[i] + (qs[i] >> 4) * hi[i];
+    } else {
+        const int8_t *qs = (const int8_t *)(wb + 2);
+        for (int i = 0; i < 16; i++) s += qs[i] * lo[i] + qs[16 + i] * hi[i];
+    }
+    return dw * dx * (float)s;
+}
+
+/* Blocks [b0, nb) of one weight row against nt q8 rows, added into res[0..nt). */
+static void row_dot_scalar(int type, const uint8_t *w, int64_t b0, int64_t nb,
+                           const uint8_t *const *x, int nt, float *res) {
+    size_t bb = type == TYPE_Q4_0 ? 18 : 34;
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.0f;
+        for (int64_t b = b0; b < nb; b++)
+            acc += block_dot_scalar(type, w + b * bb, x[t] + (b / GROUP_BLOCKS) * GROUP_BYTES, (int)(b % GROUP_BLOCKS));
+        res[t] += acc;
+    }
+}
+
+#if HAVE_X86_SIMD
+/* ---- AVX-512 VNNI + VBMI: one group of 4 blocks per 512-bit register ---- */
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,fma")))
+
+/* Byte-permute indices that unpack a group of 4 weight blocks, read as 64-byte
+ * windows, into the activation layout: (lo, hi) = values 0..15 / 16..31 of
+ * each block in its 128-bit lane, and the fp16 scales repeated 4 times per
+ * lane. Index i < 64 picks byte i of the first window, 64 + i byte i of the
+ * second (vpermt2b). Built once at import, from the block layout. */
+static uint8_t perm_q4_qs[64], perm_q4_d[64], perm_q8_lo[64], perm_q8_hi[64], perm_q8_d[64];
+
+static void build_permutes(void) {
+    for (int j = 0; j < 4; j++) {
+        for (int i = 0; i < 16; i++) {
+            int q4 = 18 * j + 2 + i;                    /* windows [0, 64) and [8, 72) */
+            perm_q4_qs[16 * j + i] = (uint8_t)(q4 < 64 ? q4 : 64 + q4 - 8);
+            int lo = 34 * j + 2 + i, hi = 34 * j + 18 + i;
+            perm_q8_lo[16 * j + i] = (uint8_t)lo;        /* windows [0, 64) and [64, 128) */
+            perm_q8_hi[16 * j + i] = (uint8_t)(hi < 72 ? hi - 8 : 64 + hi - 72); /* [8, 72), [72, 136) */
+        }
+        for (int l = 0; l < 4; l++) {
+            for (int k = 0; k < 2; k++) {
+                perm_q4_d[2 * (4 * j + l) + k] = (uint8_t)(18 * j + k);
+                perm_q8_d[2 * (4 * j + l) + k] = (uint8_t)(34 * j + k);   /* < 128: either window */
+            }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) T512 __m512i loadu_512(const uint8_t *p) {
+    return _mm512_loadu_si512((const void *)p);
+}
+
+/* The same rounding as quantize_row_q8 (x * (1/d) in float, then round-to-nearest-even,
+ * the default MXCSR mode nearbyintf also uses), so both give identical bytes. */
+static T512 void quantize_row_q8_avx512(const float *x, int64_t n_in, uint8_t *out) {
+    int64_t nb = n_in / QK;
+    memset(out, 0, q8_row_bytes(n_in));
+    for (int64_t b = 0; b < nb; b++) {
+        uint8_t *g = out + (b / GROUP_BLOCKS) * GROUP_BYTES;
+        int j = (int)(b % GROUP_BLOCKS);
+        __m512 v0 = _mm512_loadu_ps(x + b * QK), v1 = _mm512_loadu_ps(x + b * QK + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
+        __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+        _mm_storeu_si128((__m128i *)(g + 16 * j), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(g + 64 + 16 * j), _mm512_cvtsepi32_epi8(q1));
+        _mm_storeu_ps((float *)(g + 128 + 16 * j), _mm_set1_ps(d));
+        int32_t init = -8 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        memcpy(g + 192 + 16 * j, &init, 4);
+    }
+}
+
+/* Weight group at wg (4 blocks) -> unsigned (Q4_0) or signed (Q8_0) lo/hi values and scales. */
+static inline __attribute__((always_inline)) T512 void
+unpack_group_512(int type, const uint8_t *wg, __m512i *lo, __m512i *hi, __m512 *dw) {
+    __m512i a = loadu_512(wg), d;
+    if (type == TYPE_Q4_0) {
+        const __m512i m4 = _mm512_set1_epi8(15);
+        __m512i q = _mm512_permutex2var_epi8(a, loadu_512(perm_q4_qs), loadu_512(wg + 8));
+        *lo = _mm512_and_si512(q, m4);
+        *hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+        d = _mm512_permutexvar_epi8(loadu_512(perm_q4_d), a);
+    } else {
+        __m512i b = loadu_512(wg + 64);
+        *lo = _mm512_permutex2var_epi8(a, loadu_512(perm_q8_lo), b);
+        *hi = _mm512_permutex2var_epi8(loadu_512(wg + 8), loadu_512(perm_q8_hi), loadu_512(wg + 72));
+        d = _mm512_permutex2var_epi8(a, loadu_512(perm_q8_d), b);
+    }
+    *dw = _mm512_cvtph_ps(_mm512_castsi512_si256(d));
+}
+
+/* NR rows (1 or 2, sharing each activation load) x NT tokens (1..4); NR and NT
+ * are constants after inlining. res[r * TILE + t]. */
+static inline __attribute__((always_inline)) T512 void
+rows_dot_512(int type, const uint8_t *w, size_t rb, const int NR, int64_t nb, const uint8_t *const *x,
+             const int NT, float *res) {
+    const size_t bb = type == TYPE_Q4_0 ? 18 : 34;
+    const int64_t ng = nb / GROUP_BLOCKS;
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 acc[2][TILE];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        const size_t xo = (size_t)g * GROUP_BYTES;
+        __m512i lo[2], hi[2];
+        __m512 dw[2];
+        __mmask64 nlo[2], nhi[2];
+        for (int r = 0; r < NR; r++) {
+            /* two rows ahead: the next pair's stream starts before the prefetcher sees it */
+            _mm_prefetch((const char *)(w + (r + 2) * rb + g * GROUP_BLOCKS * bb), _MM_HINT_T0);
+            unpack_group_512(type, w + r * rb + g * GROUP_BLOCKS * bb, &lo[r], &hi[r], &dw[r]);
+            if (type == TYPE_Q8_0) {
+                /* signed x signed: |w| as the unsigned operand, x with w's sign as the signed one */
+                nlo[r] = _mm512_movepi8_mask(lo[r]);
+                nhi[r] = _mm512_movepi8_mask(hi[r]);
+                lo[r] = _mm512_abs_epi8(lo[r]);
+                hi[r] = _mm512_abs_epi8(hi[r]);
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            __m512i xl = loadu_512(x[t] + xo), xh = loadu_512(x[t] + xo + 64);
+            __m512 dx = _mm512_loadu_ps((const float *)(x[t] + xo + 128));
+            __m512i init = type == TYPE_Q4_0 ? loadu_512(x[t] + xo + 192) : zero;
+            for (int r = 0; r < NR; r++) {
+                __m512i s;
+                if (type == TYPE_Q4_0) {
+                    s = _mm512_dpbusd_epi32(init, lo[r], xl);
+                    s = _mm512_dpbusd_epi32(s, hi[r], xh);
+                } else {
+                    s = _mm512_dpbusd_epi32(zero, lo[r], _mm512_mask_sub_epi8(xl, nlo[r], zero, xl));
+                    s = _mm512_dpbusd_epi32(s, hi[r], _mm512_mask_sub_epi8(xh, nhi[r], zero, xh));
+                }
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw[r], dx), acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        for (int t = 0; t < NT; t++) res[r * TILE + t] = _mm512_reduce_add_ps(acc[r][t]);
+        row_dot_scalar(type, w + r * rb, ng * GROUP_BLOCKS, nb, x, NT, res + r * TILE);
+    }
+}
+
+static T512 void rows_dot_avx512(int type, const uint8_t *w, size_t rb, int nr, int64_t nb,
+                                 const uint8_t *const *x, int nt, float *res) {
+#define CASE(NR, NT) case 4 * (NR - 1) + NT - 1: rows_dot_512(type, w, rb, NR, nb, x, NT, res); break;
+    switch (4 * (nr - 1) + nt - 1) {
+    CASE(1, 1) CASE(1, 2) CASE(1, 3) CASE(1, 4) CASE(2, 1) CASE(2, 2) CASE(2, 3) CASE(2, 4)
+    }
+#undef CASE
+}
+
+/* ---- AVX2: a group as two 256-bit halves of 2 blocks each ---- */
+#define T256 __attribute__((target("avx2,fma,f16c")))
+
+static inline __attribute__((always_inline)) T256 __m256i dot_u8s8_256(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+static inline __attribute__((always_inline)) T256 void
+row_dot_256(int type, const uint8_t *w, int64_t nb, const uint8_t *const *x, const int NT, float *res) {
+    const size_t bb = type == TYPE_Q4_0 ? 18 : 34;
+    const int64_t nh = nb / GROUP_BLOCKS * 2;           /* pairs of blocks in whole groups */
+    const __m256i m4 = _mm256_set1_epi8(15);
+    __m256 acc[TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t h = 0; h < nh; h++) {
+        const uint8_t *wp = w + h * 2 * bb;
+        const size_t xo = (size_t)(h / 2) * GROUP_BYTES + (size_t)(h % 2) * 32;
+        __m256 dw = _mm256_set_m128(_mm_set1_ps(_cvtsh_ss(load_u16(wp + bb))), _mm_set1_ps(_cvtsh_ss(load_u16(wp))));
+        __m256i lo, hi;
+        if (type == TYPE_Q4_0) {
+            __m256i q = _mm256_loadu2_m128i((const __m128i *)(wp + bb + 2), (const __m128i *)(wp + 2));
+            lo = _mm256_and_si256(q, m4);
+            hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        } else {
+            lo = _mm256_loadu2_m128i((const __m128i *)(wp + bb + 2), (const __m128i *)(wp + 2));
+            hi = _mm256_loadu2_m128i((const __m128i *)(wp + bb + 18), (const __m128i *)(wp + 18));
+        }
+        for (int t = 0; t < NT; t++) {
+            __m256i xl = _mm256_loadu_si256((const __m256i *)(x[t] + xo));
+            __m256i xh = _mm256_loadu_si256((const __m256i *)(x[t] + xo + 64));
+            __m256i s;
+            if (type == TYPE_Q4_0) {
+                s = _mm256_add_epi32(dot_u8s8_256(lo, xl), dot_u8s8_256(hi, xh));
+                s = _mm256_add_epi32(s, _mm256_loadu_si256((const __m256i *)(x[t] + xo + 192)));
+            } else {
+                s = _mm256_add_epi32(dot_u8s8_256(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(xl, lo)),
+                                     dot_u8s8_256(_mm256_sign_epi8(hi, hi), _mm256_sign_epi8(xh, hi)));
+            }
+            __m256 d = _mm256_mul_ps(dw, _mm256_loadu_ps((const float *)(x[t] + xo + 128)));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
+        v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        v = _mm_add_ss(v, _mm_movehdup_ps(v));
+        res[t] = _mm_cvtss_f32(v);
+    }
+    row_dot_scalar(type, w, nh * 2, nb, x, NT, res);
+}
+
+static T256 void row_dot_avx2(int type, const uint8_t *w, int64_t nb, const uint8_t *const *x, int nt, float *res) {
+    switch (nt) {
+    case 1: row_dot_256(type, w, nb, x, 1, res); break;
+    case 2: row_dot_256(type, w, nb, x, 2, res); break;
+    case 3: row_dot_256(type, w, nb, x, 3, res); break;
+    default: row_dot_256(type, w, nb, x, 4, res); break;
+    }
+}
+#endif
+
+/* res[r * TILE + t] = dot(weight row r of the nr (<= 2) at w, q8 row x[t]) for t < nt <= TILE. */
+static void rows_dot(int path, int type, const uint8_t *w, size_t rb, int nr, int64_t nb,
+                     const uint8_t *const *x, int nt, float *res) {
+#if HAVE_X86_SIMD
+    if (path == PATH_AVX512VNNI) { rows_dot_avx512(type, w, rb, nr, nb, x, nt, res); return; }
+#endif
+    for (int r = 0; r < nr; r++) {
+        float *rr = res + r * TILE;
+#if HAVE_X86_SIMD
+        if (path == PATH_AVX2) { row_dot_avx2(type, w + r * rb, nb, x, nt, rr); continue; }
+#endif
+        for (int t = 0; t < nt; t++) rr[t] = 0.0f;
+        row_dot_scalar(type, w + r * rb, 0, nb, x, nt, rr);
+    }
+}
+
+static float silu(float v) { return v / (1.0f + expf(-v)); }
+
+/* One matrix (or two, fused: silu(w·x) * (w_up·x)) against n_slots q8 rows:
+ * out[slot_out[s] * out_stride + r] for rows [r0, r1). Rows outermost, so each
+ * weight row is read from memory once and reused, from L1, by every token. */
+static void matmul_rows(int path, int type, const uint8_t *w, const uint8_t *w_up, int64_t n_in,
+                        int64_t r0, int64_t r1, const uint8_t *const *x, const int64_t *slot_out,
+                        int64_t n_slots, float *out, int64_t out_stride) {
+    const size_t rb = weight_row_bytes(type, n_in);
+    const int64_t nb = n_in / QK;
+    for (int64_t r = r0; r < r1; r += 2) {
+        int nr = r + 1 < r1 ? 2 : 1;
+        for (int64_t s0 = 0; s0 < n_slots; s0 += TILE) {
+            int nt = (int)(n_slots - s0 < TILE ? n_slots - s0 : TILE);
+            float res[2 * TILE], up[2 * TILE];
+            rows_dot(path, type, w + r * rb, rb, nr, nb, x + s0, nt, res);
+            if (w_up) {
+                rows_dot(path, type, w_up + r * rb, rb, nr, nb, x + s0, nt, up);
+                for (int i = 0; i < 2 * TILE; i++) res[i] = silu(res[i]) * up[i];
+            }
+            for (int i = 0; i < nr; i++)
+                for (int t = 0; t < nt; t++) out[slot_out[s0 + t] * out_stride + r + i] = res[i * TILE + t];
+        }
+    }
+}
+
+/* ---- Python bindings ---- */
+
+static int parse_path(int path) {
+    if (path < 0) return default_path;
+    if (path >= N_PATHS || path > best_path) {
+        PyErr_Format(PyExc_ValueError, "kernel path %d is not available on this CPU (best: %s)", path, path_names[best_path]);
+        return -1;
+    }
+    return path;
+}
+
+static int check_type_and_n_in(int type, Py_ssize_t n_in) {
+    if (type != TYPE_Q4_0 && type != TYPE_Q8_0) {
+        PyErr_Format(PyExc_ValueError, "ggml type %d not supported (only Q4_0=2 and Q8_0=8)", type);
+        return -1;
+    }
+    if (n_in <= 0 || n_in % QK) {
+        PyErr_Format(PyExc_ValueError, "n_in must be a positive multiple of %d, got %zd", QK, n_in);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_size(const Py_buffer *b, Py_ssize_t want, const char *name) {
+    if (b->len != want) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd bytes, got %zd", name, want, b->len);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_quantize_q8(PyObject *self, PyObject *args) {
+    Py_buffer x, out;
+    Py_ssize_t n_in;
+    int path;
+    if (!PyArg_ParseTuple(args, "y*nw*i", &x, &n_in, &out, &path)) return NULL;
+    PyObject *ret = NULL;
+    if (n_in <= 0 || n_in % QK) {
+        PyErr_Format(PyExc_ValueError, "n_in must be a positive multiple of %d, got %zd", QK, n_in);
+        goto done;
+    }
+    Py_ssize_t n_rows = x.len / (Py_ssize_t)sizeof(float) / n_in;
+    if ((path = parse_path(path)) < 0) goto done;
+    if (x.len != n_rows * n_in * (Py_ssize_t)sizeof(float)) {
+        PyErr_Format(PyExc_ValueError, "x: %zd bytes is not a whole number of float32 rows of %zd", x.len, n_in);
+        goto done;
+    }
+    if (check_size(&out, n_rows * (Py_ssize_t)q8_row_bytes(n_in), "out")) goto done;
+    void (*quantize_row)(const float *, int64_t, uint8_t *) = quantize_row_q8;
+#if HAVE_X86_SIMD
+    if (path == PATH_AVX512VNNI) quantize_row = quantize_row_q8_avx512;
+#endif
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < n_rows; r++)
+        quantize_row((const float *)x.buf + r * n_in, n_in, (uint8_t *)out.buf + r * q8_row_bytes(n_in));
+    Py_END_ALLOW_THREADS
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    return ret;
+}
+
+static PyObject *py_mul_mat(PyObject *self, PyObject *args) {
+    Py_buffer w, x, out;
+    int type, path;
+    Py_ssize_t n_in, r0, r1;
+    if (!PyArg_ParseTuple(args, "y*iny*w*nni", &w, &type, &n_in, &x, &out, &r0, &r1, &path)) return NULL;
+    PyObject *ret = NULL;
+    const uint8_t **xs = NULL;
+    int64_t *slot_out = NULL;
+    if (check_type_and_n_in(type, n_in) || (path = parse_path(path)) < 0) goto done;
+    Py_ssize_t rb = (Py_ssize_t)weight_row_bytes(type, n_in), xb = (Py_ssize_t)q8_row_bytes(n_in);
+    Py_ssize_t n_out = w.len / rb, n_tok = x.len / xb;
+    if (w.len != n_out * rb || x.len != n_tok * xb) {
+        PyErr_Format(PyExc_ValueError, "weight (%zd bytes) or q8 activations (%zd bytes) are not whole rows of n_in=%zd", w.len, x.len, n_in);
+        goto done;
+    }
+    if (check_size(&out, n_tok * n_out * (Py_ssize_t)sizeof(float), "out")) goto done;
+    if (r0 < 0 || r1 > n_out || r0 > r1) {
+        PyErr_Format(PyExc_ValueError, "row range [%zd, %zd) outside [0, %zd)", r0, r1, n_out);
+        goto done;
+    }
+    xs = malloc(sizeof(*xs) * (n_tok + 1));
+    slot_out = malloc(sizeof(*slot_out) * (n_tok + 1));
+    if (!xs || !slot_out) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t t = 0; t < n_tok; t++) { xs[t] = (const uint8_t *)x.buf + t * xb; slot_out[t] = t; }
+    Py_BEGIN_ALLOW_THREADS
+    matmul_rows(path, type, w.buf, NULL, n_in, r0, r1, xs, slot_out, n_tok, out.buf, n_out);
+    Py_END_ALLOW_THREADS
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    free(xs);
+    free(slot_out);
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    return ret;
+}
+
+/* MUL_MAT_ID: slot (t, k) multiplies expert ids[t, k] by q8 row t (x broadcast over
+ * the used experts, as for gate/up) or row t*n_used+k (one row per slot, as for
+ * down), into out[t, k, :]. Slots are grouped by expert (a counting sort), and
+ * only experts whose rank among the distinct used ids is in [a0, a1) are done,
+ * so workers can split by rows, by experts, or both. */
+static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
+    Py_buffer w, w_up, x, ids, out;
+    int type, path;
+    Py_ssize_t n_expert, n_in, n_used, r0, r1, a0, a1;
+    if (!PyArg_ParseTuple(args, "y*y*inny*y*nw*nnnni", &w, &w_up, &type, &n_expert, &n_in, &x, &ids, &n_used,
+                          &out, &r0, &r1, &a0, &a1, &path))
+        return NULL;
+    PyObject *ret = NULL;
+    const uint8_t **xs = NULL;
+    int64_t *slot_out = NULL, *start = NULL;
+    if (check_type_and_n_in(type, n_in) || (path = parse_path(path)) < 0) goto done;
+    Py_ssize_t rb = (Py_ssize_t)weight_row_bytes(type, n_in), xb = (Py_ssize_t)q8_row_bytes(n_in);
+    if (n_expert <= 0 || n_used <= 0 || w.len % (n_expert * rb)) {
+        PyErr_Format(PyExc_ValueError, "weight: %zd bytes is not %zd experts of whole rows of n_in=%zd", w.len, n_expert, n_in);
+        goto done;
+    }
+    Py_ssize_t n_out = w.len / (n_expert * rb), n_slots = ids.len / (Py_ssize_t)sizeof(int32_t);
+    Py_ssize_t n_tok = n_slots / n_used, n_x = x.len / xb;
+    int fused = w_up.len > 0;
+    if (fused && check_size(&w_up, w.len, "w_up")) goto done;
+    if (n_slots * (Py_ssize_t)sizeof(int32_t) != ids.len || n_tok * n_used != n_slots) {
+        PyErr_Format(PyExc_ValueError, "ids: %zd bytes is not int32 [n_tokens, n_used=%zd]", ids.len, n_used);
+        goto done;
+    }
+    if (x.len != n_x * xb || (n_x != n_tok && n_x != n_slots)) {
+        PyErr_Format(PyExc_ValueError, "x: %zd q8 bytes is neither %zd nor %zd rows of n_in=%zd", x.len, n_tok, n_slots, n_in);
+        goto done;
+    }
+    if (check_size(&out, n_slots * n_out * (Py_ssize_t)sizeof(float), "out")) goto done;
+    if (r0 < 0 || r1 > n_out || r0 > r1) {
+        PyErr_Format(PyExc_ValueError, "row range [%zd, %zd) outside [0, %zd)", r0, r1, n_out);
+        goto done;
+    }
+    const int32_t *id = ids.buf;
+    for (Py_ssize_t s = 0; s < n_slots; s++) {
+        if (id[s] < 0 || id[s] >= n_expert) {
+            PyErr_Format(PyExc_ValueError, "ids[%zd] = %d outside [0, %zd)", s, id[s], n_expert);
+            goto done;
+        }
+    }
+    xs = malloc(sizeof(*xs) * (n_slots + 1));
+    slot_out = malloc(sizeof(*slot_out) * (n_slots + 1));
+    start = calloc(n_expert + 1, sizeof(*start));
+    if (!xs || !slot_out || !start) { PyErr_NoMemory(); goto done; }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t s = 0; s < n_slots; s++) start[id[s] + 1]++;
+    for (Py_ssize_t e = 0; e < n_expert; e++) start[e + 1] += start[e];
+    for (Py_ssize_t s = 0; s < n_slots; s++) {            /* start[e] walks to the end of e's run */
+        int64_t at = start[id[s]]++;
+        xs[at] = (const uint8_t *)x.buf + (n_x == n_slots ? s : s / n_used) * xb;
+        slot_out[at] = s;
+    }
+    int64_t rank = 0, begin = 0;                          /* start[e] is now e's end */
+    for (Py_ssize_t e = 0; e < n_expert; e++) {
+        int64_t end = start[e];
+        if (end > begin) {
+            if (rank >= a0 && rank < a1)
+                matmul_rows(path, type, (const uint8_t *)w.buf + e * n_out * rb,
+                            fused ? (const uint8_t *)w_up.buf + e * n_out * rb : NULL, n_in, r0, r1,
+                            xs + begin, slot_out + begin, end - begin, out.buf, n_out);
+            rank++;
+        }
+        begin = end;
+    }
+    Py_END_ALLOW_THREADS
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    free(xs);
+    free(slot_out);
+    free(start);
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&w_up);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&ids);
+    PyBuffer_Release(&out);
+    return ret;
+}
+
+static PyObject *py_q8_row_bytes(PyObject *self, PyObject *arg) {
+    Py_ssize_t n_in = PyLong_AsSsize_t(arg);
+    if (n_in == -1 && PyErr_Occurred()) return NULL;
+    return PyLong_FromSize_t(q8_row_bytes(n_in));
+}
+
+static PyMethodDef methods[] = {
+    {"quantize_q8", py_quantize_q8, METH_VARARGS, "quantize_q8(x_f32, n_in, out_u8, path): rows of x -> q8 rows"},
+    {"mul_mat", py_mul_mat, METH_VARARGS, "mul_mat(w, type, n_in, xq, out, r0, r1, path)"},
+    {"mul_mat_id", py_mul_mat_id, METH_VARARGS,
+     "mul_mat_id(w, w_up, type, n_expert, n_in, xq, ids, n_used, out, r0, r1, a0, a1, path)"},
+    {"q8_row_bytes", py_q8_row_bytes, METH_O, "q8_row_bytes(n_in): bytes of one quantised activation row"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "GGUF Q4_0/Q8_0 CPU matmul kernels", -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) {
+#if HAVE_X86_SIMD
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        best_path = PATH_AVX2;
+    if (best_path == PATH_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+        __builtin_cpu_supports("avx512vbmi"))
+        best_path = PATH_AVX512VNNI;
+#endif
+    build_permutes();
+    default_path = best_path;
+    const char *want = getenv("HYPROF_KERNELS");
+    if (want && *want) {
+        int p = 0;
+        while (p < N_PATHS && strcmp(want, path_names[p])) p++;
+        if (p == N_PATHS || p > best_path) {
+            PyErr_Format(PyExc_ImportError, "HYPROF_KERNELS=%s: not one of the paths this CPU runs (scalar..%s)", want,
+                         path_names[best_path]);
+            return NULL;
+        }
+        default_path = p;
+    }
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    PyObject *names = PyTuple_New(best_path + 1);
+    for (int p = 0; p <= best_path && names; p++) PyTuple_SET_ITEM(names, p, PyUnicode_FromString(path_names[p]));
+    if (!names || PyModule_AddObject(m, "PATHS", names) < 0 || PyModule_AddIntConstant(m, "DEFAULT_PATH", default_path) < 0) {
+        Py_XDECREF(names);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,105 @@
+"""ACC0: an emulated accelerator, so that the whole hybrid path runs without a GPU.
+
+It behaves like a CUDA device to the scheduler: it holds its own copy of the
+weights it was given (separate memory, never shared with the CPU backend), it
+runs each split asynchronously on its own execution thread (the "stream": splits
+run in the order queued), values cross to and from it only by copies, and the
+host must synchronize before reading what it computed. It computes with torch on
+the CPU, so its figures say nothing about GPUs; every output that used it says
+"emulated". Its ops are recorded on its own lane, `ACC0`.
+
+It never spins: a GPU waiting for work, and a host waiting for a GPU, leave the
+CPU cores to others, and here the cores it would spin on are the ones the
+emulated device and the CPU workers compute on. (`--poll` is a CPU thread-pool
+setting, as in llama.cpp.) So its launch latency is a thread wakeup, a few
+microseconds to tens, shown as `sync` time with no device op running.
+"""
+
+from __future__ import annotations
+
+import threading
+from queue import SimpleQueue
+from typing import Any, Mapping
+
+import torch
+
+from hybrid.sched import map_values
+from profiler.recorder import Recorder
+
+
+class Fence:
+    """The completion of one queued split, like a CUDA event: signalled once by the
+    device thread, waited for by the host blocking on a lock (Ctrl-C interrupts it)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def signal(self) -> None:
+        self._lock.release()
+
+    def wait(self) -> None:
+        self._lock.acquire()
+
+
+def _clone(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+class AccBackend:
+    is_device = True
+    emulated = True
+
+    def __init__(self, buffers: Mapping[str, Any], recorder: Recorder, name: str = "ACC0"):
+        self.name = name
+        self.buffers = buffers
+        self.recorder = recorder
+        self._queue: SimpleQueue = SimpleQueue()
+        self._last: Fence | None = None
+        self._error: BaseException | None = None   # the first error on the device thread
+        self._thread = threading.Thread(target=self._run, name=f"hyprof-{name}", daemon=True)
+        self._thread.start()
+
+    def compute(self, split, values: dict, graph_id: int, i_split: int) -> None:
+        """Queue the split on the device thread and return at once."""
+        fence = Fence()
+        self._queue.put((split, values, graph_id, i_split, fence))
+        self._last = fence
+
+    def synchronize(self) -> None:
+        if self._last is not None:
+            fence, self._last = self._last, None
+            fence.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def to_device(self, value: Any) -> Any:
+        return map_values(_clone, value)
+
+    def to_host(self, value: Any) -> Any:
+        return map_values(_clone, value)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5.0)
+
+    def _run(self) -> None:
+        rec = self.recorder
+        lane = rec.lane(self.name)
+        name, buffers = self.name, self.buffers
+        while (item := self._queue.get()) is not None:
+            split, values, graph_id, i_split, fence = item
+            try:
+                for node in split.nodes:
+                    t = rec.now() if rec.enabled else 0
+                    buf = buffers[node.buffer] if node.buffer is not None else None
+                    values[node] = node.fn(buf, *[values[s] for s in node.srcs])
+                    if rec.enabled:
+                        lane.op(t, rec.now() - t, graph_id, i_split, name, node.op, node.name,
+                                node.layer, node.n_bytes, node.flops, node.n_tokens)
+            except BaseException as e:  # raised on the host at its next synchronize
+                self._error = self._error or e
+            fence.signal()

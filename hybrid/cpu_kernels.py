@@ -1,0 +1,119 @@
+"""CPU matmuls on Q4_0 / Q8_0 weights as stored in the GGUF file (native, `hybrid._kernels`).
+
+The CPU expert matmuls of a hybrid MoE run are bound by memory bandwidth: a
+generated token reads each selected expert once. These kernels read the GGUF
+blocks directly (no dequantised copy), quantise the activation once to 8-bit
+blocks, and use int8 dot products, as ggml does, so 4-bit weights stream at
+memory speed. Each call does a row range [r0, r1) of the weight and releases
+the GIL, so the engine's worker threads split one matmul by rows (or, for
+`mul_mat_id`, by experts) and run in parallel.
+
+Calling pattern for one matmul y = x @ W.T on n workers:
+    xq = quantize_activations(x)                 # once per input, by one thread
+    out = np.empty((n_tokens, n_out), np.float32)
+    worker i: mul_mat(W, ggml_type, xq, out, r0_i, r1_i)   # disjoint row ranges
+Arrays are NumPy (a CPU torch tensor is viewed with `.numpy()`, no copy);
+weights are the uint8 arrays `gguf.GGUFReader` gives for quantised tensors.
+Precision: the activation is rounded to 8 bits per 32-value block (scale
+amax/127), so results differ from a float matmul by at most
+sum_i |W_ji| * d_block(i) / 2; the weights themselves are used exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hybrid import _kernels
+
+Q4_0, Q8_0 = 2, 8                                  # ggml type ids the kernels take
+BLOCK_BYTES = {Q4_0: 18, Q8_0: 34}                 # bytes per 32 weights
+
+
+def available() -> str:
+    """The SIMD path calls use by default: 'avx512vnni', 'avx2' or 'scalar'
+    (HYPROF_KERNELS=<path> at import forces a lower one)."""
+    return _kernels.PATHS[_kernels.DEFAULT_PATH]
+
+
+def paths() -> tuple[str, ...]:
+    """Every path this CPU can run, scalar first; tests compare them."""
+    return _kernels.PATHS
+
+
+def supports(ggml_type: int) -> bool:
+    return ggml_type in BLOCK_BYTES
+
+
+def _array(a) -> np.ndarray:
+    return a if isinstance(a, np.ndarray) else a.numpy()
+
+
+def _weights(w) -> np.ndarray:
+    w = _array(w)
+    if w.dtype != np.uint8:
+        raise ValueError(f"weights must be the uint8 GGUF blocks, got {w.dtype}")
+    return w
+
+
+def _outputs(out) -> np.ndarray:
+    out = _array(out)
+    if out.dtype != np.float32:
+        raise ValueError(f"out must be float32, got {out.dtype}")
+    return out
+
+
+def _path(path: str | None) -> int:
+    return -1 if path is None else _kernels.PATHS.index(path) if path in _kernels.PATHS else len(_kernels.PATHS)
+
+
+def _n_in(w: np.ndarray, ggml_type: int) -> int:
+    if ggml_type not in BLOCK_BYTES:
+        raise ValueError(f"ggml type {ggml_type} has no CPU kernel (Q4_0={Q4_0}, Q8_0={Q8_0})")
+    return w.shape[-1] // BLOCK_BYTES[ggml_type] * 32
+
+
+def q8_row_bytes(n_in: int) -> int:
+    """Bytes of one quantised activation row of n_in values."""
+    return _kernels.q8_row_bytes(n_in)
+
+
+def quantize_activations(x, out: np.ndarray | None = None, path: str | None = None) -> np.ndarray:
+    """float32 [n_rows, n_in] (n_in a multiple of 32) -> q8 rows, uint8 [n_rows, q8_row_bytes(n_in)].
+
+    One quantised input serves every matmul that reads the same x (gate and up
+    of all experts); `out` may be a preallocated buffer reused per token."""
+    x = np.ascontiguousarray(_array(x), dtype=np.float32)
+    n_in = x.shape[-1]
+    if out is None:
+        out = np.empty((x.size // max(n_in, 1), q8_row_bytes(n_in)), np.uint8)
+    _kernels.quantize_q8(x, n_in, out, _path(path))
+    return out
+
+
+def mul_mat(w, ggml_type: int, xq: np.ndarray, out, r0: int = 0, r1: int | None = None,
+            path: str | None = None) -> None:
+    """out[t, r0:r1] = (W x_t)[r0:r1] for every q8 row t of xq.
+
+    w: uint8 [n_out, row_bytes], the tensor's GGUF blocks; out: float32 [n_tokens, n_out]."""
+    w = _weights(w)
+    _kernels.mul_mat(w, ggml_type, _n_in(w, ggml_type), xq, _outputs(out), r0,
+                     w.shape[0] if r1 is None else r1, _path(path))
+
+
+def mul_mat_id(w, ggml_type: int, xq: np.ndarray, ids, out, r0: int = 0, r1: int | None = None,
+               a0: int = 0, a1: int | None = None, w_up=None, path: str | None = None) -> None:
+    """MUL_MAT_ID: out[t, k, r0:r1] = (W[ids[t, k]] x)[r0:r1] over a 3-D expert tensor.
+
+    w: uint8 [n_expert, n_out, row_bytes]; ids: int32 [n_tokens, n_used];
+    xq: q8 rows, either n_tokens (one input per token, shared by its experts:
+    gate/up) or n_tokens*n_used (one per slot, in (t, k) order: down);
+    out: float32 [n_tokens, n_used, n_out].
+    Workers split by rows ([r0, r1) of every expert) and/or by experts: only the
+    experts whose rank among the distinct used ids is in [a0, a1) are computed.
+    With w_up (same shape as w, the up tensor; w is then gate) it is the fused
+    gate+up of `-fmoe`: out = silu(W_gate x) * (W_up x)."""
+    w, ids = _weights(w), np.ascontiguousarray(_array(ids), dtype=np.int32)
+    n_expert = w.shape[0]
+    _kernels.mul_mat_id(w, b"" if w_up is None else _weights(w_up), ggml_type, n_expert, _n_in(w, ggml_type),
+                        xq, ids, ids.shape[-1], _outputs(out), r0, w.shape[1] if r1 is None else r1,
+                        a0, n_expert if a1 is None else a1, _path(path))

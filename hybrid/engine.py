@@ -1,0 +1,225 @@
+"""The hybrid engine: a model placed across backends, evaluated split by split.
+
+`Engine` ties the parts together: it loads a GGUF model (hybrid/gguf_model.py),
+places each tensor on a backend (`-ngl`, `-ot`, `--accel`; hybrid/placement.py),
+gives each device its own copy of the weights it holds and the KV cache of every
+layer whose attention it runs, builds the graph of each evaluation
+(hybrid/model.py), cuts it into splits and runs them (hybrid/sched.py) on the CPU
+worker pool and the accelerator (hybrid/backends/). It implements the runner's
+`BenchEngine` (profiler/bench.py), so `hyprof run` and `hyprof generate` drive it.
+
+Each evaluation is one `graph` event holding its phases (`graph_build`: the model
+graph and its splits; `set_inputs`; `sample`) and the scheduler's events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Sequence
+
+import torch
+
+from hybrid.backends.acc import AccBackend
+from hybrid.backends.cpu import CpuBackend
+from hybrid.gguf_model import load_model
+from hybrid.model import Model
+from hybrid.placement import CPU, available_backends, parse_override_rules, place
+from hybrid.sched import Scheduler, SplitPlan, split_graph
+from profiler.errors import UserError
+from profiler.recorder import Recorder
+from profiler.schema import MAIN_LANE
+
+_LAYER_BUFFER = re.compile(r"^blk\.(\d+)\.")
+_CACHE_BUFFER = re.compile(r"^cache_[kv]_l(\d+)$")
+
+
+def copy_buffer(buf: Any, move: Callable[[torch.Tensor], torch.Tensor],
+                memo: dict[int, Any]) -> Any:
+    """A copy of a weight (or cache) object with every tensor in it passed through
+    `move`; objects met before (the gate and up experts a fused buffer refers
+    to) are copied once, through `memo`."""
+    key = id(buf)
+    if key in memo:
+        return memo[key]
+    if isinstance(buf, torch.Tensor):
+        out = move(buf)
+    elif isinstance(buf, tuple):
+        out = tuple(copy_buffer(b, move, memo) for b in buf)
+    elif dataclasses.is_dataclass(buf) and not isinstance(buf, type):
+        out = dataclasses.replace(buf, **{f.name: copy_buffer(getattr(buf, f.name), move, memo)
+                                          for f in dataclasses.fields(buf) if f.init})
+    else:
+        out = buf
+    memo[key] = out
+    return out
+
+
+class Engine:
+    """A GGUF model placed on CPU + accelerator, evaluated through the scheduler."""
+
+    def __init__(self, model_path: str, *, threads: int = 1, n_gpu_layers: int = 0,
+                 overrides: Sequence[str] = (), accel: str = "auto", mla: int = 0,
+                 fmoe: int = 0, rtr: int = 0, poll: int = 0, recorder: Recorder | None = None,
+                 n_ctx: int | None = None):
+        if threads < 1:
+            raise UserError(f"-t {threads}: the thread count must be >= 1")
+        self.recorder = recorder if recorder is not None else Recorder(enabled=False)
+        self.lane = self.recorder.lane(MAIN_LANE)
+        self.gguf = load_model(model_path)
+        backends, self.accel = available_backends(accel)
+        rules = parse_override_rules(overrides, backends)
+        c = self.gguf.config
+        self.placement = place(self.gguf.tensors, rules, n_gpu_layers, c.n_layer, backends,
+                               self.accel)
+        self.model = Model(self.gguf, n_ctx=n_ctx, mla=bool(mla), fmoe=bool(fmoe), rtr=bool(rtr))
+        self.n_vocab = c.n_vocab
+        self.options = dict(threads=threads, n_gpu_layers=n_gpu_layers, overrides=list(overrides),
+                            mla=mla, fmoe=fmoe, rtr=rtr, poll=poll)
+        self._buffer_backend = {name: self._backend_of(name) for name in self.model.buffer_names()}
+        spin = poll > 0
+        self.backends: dict[str, Any] = {}
+        try:
+            self.backends[CPU] = CpuBackend(self._buffers_on(CPU, None), threads, spin,
+                                            self.recorder)
+            for name in sorted(set(self._buffer_backend.values()) - {CPU}):
+                self.backends[name] = self._make_device(name)
+        except BaseException:
+            self.close()
+            raise
+        self.scheduler = Scheduler(self.backends, self.recorder)
+        self.graph_id = 0
+        self.last_plan: SplitPlan | None = None
+
+    # -- placement -------------------------------------------------------------
+
+    def _backend_of(self, buffer: str) -> str:
+        """The backend holding a buffer: a stored tensor's placement; a fused expert
+        pair where its gate experts are; a layer's KV cache where its attention is."""
+        backend = self.placement.backend
+        if buffer in backend:
+            return backend[buffer]
+        m = _CACHE_BUFFER.match(buffer)
+        if m:
+            return backend[self._attention_weight(int(m.group(1)))]
+        if buffer.endswith("ffn_gate_up_exps.weight"):
+            return backend[buffer.replace("ffn_gate_up_exps", "ffn_gate_exps")]
+        raise KeyError(f"buffer {buffer!r} has no placement")
+
+    def _attention_weight(self, il: int) -> str:
+        """The tensor that decides where layer il's attention (and its cache) runs."""
+        name = f"blk.{il}.attn_kv_a_mqa.weight"
+        if name not in self.placement.backend:
+            raise UserError(f"{self.gguf.path}: layer {il} has no {name}")
+        return name
+
+    def _buffers_on(self, backend: str, device: torch.device | None) -> dict[str, Any]:
+        """The buffers a backend holds. A device (`device`: where its tensors live)
+        gets its own copy of its weights, and its KV caches are allocated there and
+        replace the host's in the model, which never reads them."""
+        memo: dict[int, Any] = {}
+        out = {}
+        caches = self.model.cache.buffers
+        for name, b in self._buffer_backend.items():
+            if b != backend:
+                continue
+            buf = self.model.buffer(name)
+            if device is None:
+                out[name] = buf
+            elif name in caches:
+                out[name] = caches[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+            else:   # clone() also gives the emulated device memory of its own
+                out[name] = copy_buffer(buf, lambda t: t.to(device, copy=True), memo)
+        return out
+
+    def _make_device(self, name: str):
+        if name.startswith("CUDA"):
+            from hybrid.backends.cuda import CudaBackend
+            device = torch.device("cuda", int(name[4:]))
+            return CudaBackend(self._buffers_on(name, device), self.recorder, index=device.index)
+        return AccBackend(self._buffers_on(name, torch.device("cpu")), self.recorder, name)
+
+    # -- evaluation ------------------------------------------------------------
+
+    def forward(self, tokens: Sequence[int], test: str = "") -> torch.Tensor:
+        """Evaluate `tokens` after the cached ones as one graph; the logits [1, n_vocab]
+        of the last token, on the host."""
+        return self._evaluate(tokens, test, sample=False)
+
+    def eval(self, tokens: Sequence[int], test: str) -> int:
+        """BenchEngine: evaluate one batch, return the greedy next token."""
+        return self._evaluate(tokens, test, sample=True)
+
+    def _evaluate(self, tokens: Sequence[int], test: str, sample: bool):
+        """One `graph` event: build and split the graph, set its inputs, run the
+        splits, and (`sample`) pick the greedy token, all inside the interval."""
+        rec, lane = self.recorder, self.lane
+        model = self.model
+        n_past = model.cache.n_past
+        if n_past + len(tokens) > model.n_ctx:
+            raise UserError(f"{n_past + len(tokens)} tokens exceed the context of {model.n_ctx}")
+        graph_id = self.graph_id
+        self.graph_id += 1
+        t_graph = rec.now()
+        graph = model.graph(len(tokens))
+        plan = self.last_plan = split_graph(graph, self._buffer_backend.__getitem__)
+        t = rec.now()
+        inputs = model.inputs(list(tokens))
+        if rec.enabled:
+            lane.phase(t_graph, t - t_graph, graph_id, "graph_build")
+            lane.phase(t, rec.now() - t, graph_id, "set_inputs")
+        result = self.scheduler.compute(graph, plan, inputs, graph_id)
+        model.cache.n_past += len(tokens)
+        if sample:
+            t = rec.now()
+            result = int(torch.argmax(result[-1]))
+            if rec.enabled:
+                lane.phase(t, rec.now() - t, graph_id, "sample")
+        if rec.enabled:
+            lane.graph(t_graph, rec.now() - t_graph, graph_id, test, len(tokens), n_past)
+        return result
+
+    def reset(self) -> None:
+        self.model.reset()
+
+    def close(self) -> None:
+        for backend in self.backends.values():
+            backend.close()
+        self.backends.clear()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- what the timings header says ---------------------------------------------
+
+    @property
+    def accel_label(self) -> str:
+        if self.accel is None:
+            return "none"
+        return f"{self.accel} (emulated)" if self.accel.startswith("ACC") else self.accel
+
+    def header(self) -> dict:
+        g = self.gguf
+        placement: dict[str, dict] = {}
+        for name, backend in self.placement.backend.items():
+            p = placement.setdefault(backend, {"bytes": 0, "tensors": 0})
+            p["bytes"] += g.tensors[name].n_bytes
+            p["tensors"] += 1
+        gpu = None
+        if self.accel is not None and self.accel.startswith("CUDA"):
+            gpu = torch.cuda.get_device_name(int(self.accel[4:]))
+        return {"model": {"path": str(g.path), "arch": g.config.arch, "size_bytes": g.size_bytes,
+                          "n_params": g.n_params, "ftype": g.ftype},
+                "config": {**self.options, "accel": self.accel_label},
+                "placement": placement, "machine": {"gpu": gpu}}
+
+
+def make_engine(model_path: str, *, threads: int, n_gpu_layers: int, overrides: Sequence[str],
+                accel: str, mla: int, fmoe: int, rtr: int, poll: int,
+                recorder: Recorder) -> Engine:
+    """The runner's `MakeEngine` (profiler/bench.py)."""
+    return Engine(model_path, threads=threads, n_gpu_layers=n_gpu_layers, overrides=overrides,
+                  accel=accel, mla=mla, fmoe=fmoe, rtr=rtr, poll=poll, recorder=recorder)

@@ -1,0 +1,483 @@
+"""The DeepSeek2 forward pass, built as a graph of named ggml-style ops.
+
+One readable file in the manner of gpt-fast's model.py, except that the model
+is not run directly: `build_graph` returns a `hybrid.graph.Graph` whose nodes
+(GET_ROWS, RMS_NORM, MUL_MAT, ROPE, SOFT_MAX, MUL_MAT_ID, ...) each name the
+buffer they read (a GGUF weight or a KV-cache buffer), so the scheduler can
+place, split and time them. Activations are float32 torch tensors with shapes
+in trailing comments: T tokens, H heads, E experts, U experts used per token.
+
+The op sequence follows llama.cpp's deepseek2 graph (src/models/deepseek2.cpp,
+build_moe_ffn in src/llama-graph.cpp): q or q-LoRA, the compressed KV
+projection with its norm, RoPE on the rope part (consecutive pairs, YaRN as
+llama.cpp sets it up), then either standard attention over decompressed
+per-head K/V (`mla=False`), or absorbed MLA (`mla=True`) over a cache of the
+compressed kv_lora + rope vector per token; the router (softmax or sigmoid,
+selection bias, group-limited top-k, weight norm and scale), the routed and
+shared experts, residuals, output norm and head. tests/reference_deepseek2.py
+checks it against an independent float64 NumPy pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from hybrid.config import ModelConfig
+from hybrid.graph import Graph, Node, compute
+from hybrid.quants import dequantize
+from hybrid.weights import GateUpExperts, ModelWeights, mul_mat
+
+
+# --- RoPE ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rope:
+    freq: torch.Tensor      # [n_rot/2] angle per position of each rotated pair
+    mag: float              # magnitude llama.cpp's rope multiplies cos/sin by (YaRN mscale)
+    kq_scale: float         # softmax scale: mscale^2 / sqrt(head_k)
+
+
+def rope_setup(c: ModelConfig, attn_factor: float = 1.0) -> Rope:
+    """RoPE angles and scales exactly as llama.cpp computes them for deepseek2.
+
+    llama-context.cpp sets attn_factor = get_mscale(f, m)/get_mscale(f, log_mul)
+    (m = log_mul unless it is 1), then cancels ggml's own YaRN factor
+    (1 + 0.1 ln f); ggml_rope multiplies it back, so the rotated parts carry the
+    ratio alone. deepseek2.cpp undoes the cancel and scales the softmax by
+    mscale^2 with mscale = that * (1 + 0.1 log_mul ln f). The file stores
+    log_mul as 0.1 * mscale_all_dim, which llama.cpp divides by 0.1.
+    """
+    pairs = torch.arange(c.n_rot // 2, dtype=torch.float64)
+    freq = c.rope_freq_base ** (-2.0 * pairs / c.n_rot)
+    scaled = c.rope_scaling_type in ("yarn", "linear")
+    factor = c.rope_scaling_factor if scaled else 1.0
+    log_mul = c.rope_yarn_log_mul / 0.1
+
+    def get_mscale(scale: float, m: float) -> float:
+        return 1.0 if scale <= 1.0 else 0.1 * m * math.log(scale) + 1.0
+
+    if c.rope_scaling_type == "yarn":
+        n_ctx_orig = c.rope_orig_ctx or c.n_ctx_train
+
+        def corr_dim(beta: float) -> float:
+            return c.n_rot * math.log(n_ctx_orig / (beta * 2 * math.pi)) / (2 * math.log(c.rope_freq_base))
+
+        lo = max(0.0, math.floor(corr_dim(c.rope_yarn_beta_fast)))
+        hi = min(c.n_rot - 1.0, math.ceil(corr_dim(c.rope_yarn_beta_slow)))
+        ramp_mix = 1.0 - ((pairs - lo) / max(0.001, hi - lo)).clamp(0.0, 1.0)
+        freq = freq / factor * (1 - ramp_mix) + freq * ramp_mix
+        if log_mul != 0.0:
+            ratio = get_mscale(factor, log_mul if log_mul != 1.0 else 1.0) / get_mscale(factor, log_mul)
+        else:
+            ratio = get_mscale(factor, 1.0)
+        mag = ratio * attn_factor
+        mag_org = mag
+    else:
+        freq = freq / factor
+        mag = attn_factor
+        mag_org = attn_factor * (1 + 0.1 * math.log(factor))
+    mscale = mag_org * (1 + 0.1 * log_mul * math.log(factor))
+    return Rope(freq.float(), mag, mscale * mscale / math.sqrt(c.n_embd_head_k))
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """x [T, ..., n_rot] rotated in consecutive pairs (ggml's NORM mode) at positions pos [T]."""
+    ang = pos.to(torch.float64)[:, None] * rope.freq.to(torch.float64)[None, :]          # [T, n_rot/2]
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (ang.shape[1],)
+    cos = (torch.cos(ang) * rope.mag).float().reshape(shape)
+    sin = (torch.sin(ang) * rope.mag).float().reshape(shape)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+
+# --- KV cache ------------------------------------------------------------------
+
+class KVCache:
+    """Per-layer cache buffers, named `cache_k_l{il}` / `cache_v_l{il}` like llama.cpp's.
+
+    Standard attention caches decompressed per-head K [n_ctx, H, head_k] and V
+    [n_ctx, H, head_v]; MLA caches only the compressed kv_lora + rope vector per
+    token [n_ctx, kv_lora + n_rot] in `cache_k_l{il}` (V is its first kv_lora
+    columns), which is MLA's point: 576 floats a token instead of H * 320.
+    """
+
+    def __init__(self, c: ModelConfig, n_ctx: int, mla: bool):
+        self.n_ctx, self.mla, self.n_past = n_ctx, mla, 0
+        self.buffers: dict[str, torch.Tensor] = {}
+        for il in range(c.n_layer):
+            if mla:
+                self.buffers[f"cache_k_l{il}"] = torch.zeros(n_ctx, c.kv_lora_rank + c.n_rot)
+            else:
+                self.buffers[f"cache_k_l{il}"] = torch.zeros(n_ctx, c.n_head, c.n_embd_head_k)
+                self.buffers[f"cache_v_l{il}"] = torch.zeros(n_ctx, c.n_head, c.n_embd_head_v)
+
+    @staticmethod
+    def bytes_needed(c: ModelConfig, n_ctx: int, mla: bool) -> int:
+        per_token = c.kv_lora_rank + c.n_rot if mla else c.n_head * (c.n_embd_head_k + c.n_embd_head_v)
+        return 4 * n_ctx * per_token * c.n_layer
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(b.numel() * 4 for b in self.buffers.values())
+
+
+# --- the graph builder ---------------------------------------------------------
+
+def _tensor_label(buffer: str) -> str:
+    """blk.3.ffn_up_exps.weight -> blk.3.ffn_up_exps (the op name the profiler shows)."""
+    return buffer.removesuffix(".weight")
+
+
+class _Builder:
+    """Appends nodes in topological order; each helper below adds one op."""
+
+    def __init__(self, model: "Model", n_tokens: int, n_past: int):
+        self.m, self.c = model, model.config
+        self.n_tokens, self.n_past = n_tokens, n_past
+        self.nodes: list[Node] = []
+        self.inputs: dict[str, Node] = {}
+
+    def input(self, name: str) -> Node:
+        node = Node("INPUT", name, (), None, n_tokens=self.n_tokens)
+        self.nodes.append(node)
+        self.inputs[name] = node
+        return node
+
+    def op(self, op: str, name: str, fn: Callable, *srcs: Node, layer: int = -1, buffer: str | None = None,
+           n_bytes: int = 0, flops: int = 0, parallel: Callable | None = None) -> Node:
+        node = Node(op, name, tuple(srcs), fn, buffer, layer, n_bytes, flops, self.n_tokens, parallel)
+        self.nodes.append(node)
+        return node
+
+    def weight(self, name: str):
+        return self.m.weights[name]
+
+    def mul_mat(self, wname: str, x: Node, layer: int) -> Node:
+        """x [T, K] @ W^T -> [T, N]; workers split it by rows of W."""
+        w = self.weight(wname)
+        n, k = w.shape[-2], w.shape[-1]
+        return self.op("MUL_MAT", _tensor_label(wname), _mul_mat, x, layer=layer, buffer=wname,
+                       n_bytes=w.n_bytes, flops=2 * self.n_tokens * n * k, parallel=_mul_mat_parallel)
+
+    def rms_norm(self, wname: str, x: Node, layer: int, name: str, cols: slice = slice(None)) -> Node:
+        eps = self.c.rms_eps
+
+        def fn(w, x):
+            x = x[..., cols]
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.dequantize()
+        return self.op("RMS_NORM", name, fn, x, layer=layer, buffer=wname, n_bytes=self.weight(wname).n_bytes,
+                       flops=4 * self.n_tokens * self.weight(wname).shape[0])
+
+    def add(self, name: str, a: Node, b: Node, layer: int) -> Node:
+        return self.op("ADD", name, lambda _, a, b: a + b, a, b, layer=layer, flops=self.n_tokens * self.c.n_embd)
+
+    def swiglu(self, name: str, gate: Node, up: Node, layer: int, width: int) -> Node:
+        return self.op("GLU", name, lambda _, g, u: F.silu(g) * u, gate, up, layer=layer,
+                       flops=5 * self.n_tokens * width)
+
+    def per_head(self, wname: str, x: Node, layer: int, name: str, part: str = "all",
+                 transposed: bool = False) -> Node:
+        """A batched per-head matmul with a 3-D attention weight (ggml MUL_MAT on 3-D tensors).
+
+        W is [H, N, K] and out[t, h] = W[h] @ x[t, h] (x [T, K] is shared by all
+        heads); `transposed` uses W[h]^T. `part` takes the k or v rows of the old
+        single attn_kv_b [H * (nope + v), kv_lora] so both layouts feed one code path.
+        """
+        c, w = self.c, self.weight(wname)
+        nope, hv = c.n_embd_head_qk_nope, c.n_embd_head_v
+        rows = {"all": slice(None), "k": slice(0, nope), "v": slice(nope, nope + hv)}[part]
+
+        def fn(w, x):
+            full = w.dequantize()
+            if part != "all":
+                full = full.reshape(c.n_head, nope + hv, c.kv_lora_rank)[:, rows]
+            if x.dim() == 2:
+                x = x[:, None, :].expand(-1, c.n_head, -1)
+            return torch.einsum("hkn,thk->thn" if transposed else "hnk,thk->thn", full, x)
+        share = {"all": 1.0, "k": nope / (nope + hv), "v": hv / (nope + hv)}[part]
+        n_weights = math.prod(w.shape) * share
+        return self.op("MUL_MAT", name, fn, x, layer=layer, buffer=wname, n_bytes=int(w.n_bytes * share),
+                       flops=int(2 * self.n_tokens * n_weights))
+
+    def mul_mat_id(self, wname: str, x: Node, ids: Node, layer: int, fused: bool = False) -> Node:
+        """Expert matmuls: out[t, u] = W[ids[t, u]] @ x[t] (or x[t, u]) -> [T, U, N].
+
+        `n_bytes` starts as the bound for min(E, T*U) distinct experts and the op
+        corrects it to the experts actually selected when it runs (known only then).
+        With `fused`, W is the gate+up pair and the op also applies SiLU(gate) * up.
+        """
+        c, w = self.c, self.weight(wname)
+        per_expert = w.n_bytes // c.n_expert
+        n_used = min(c.n_expert, self.n_tokens * c.n_expert_used)
+        n, k = w.shape[-2], w.shape[-1]
+        flops = 2 * self.n_tokens * c.n_expert_used * n * k * (2 if fused else 1)
+        node = self.op("MOE_FUSED_UP_GATE" if fused else "MUL_MAT_ID", _tensor_label(wname), None, x, ids,
+                       layer=layer, buffer=wname, n_bytes=per_expert * n_used, flops=flops)
+        expert_fn = _fused_expert if fused else _expert
+
+        def tasks_for(w, x, ids, n_tasks):
+            experts = torch.unique(ids).tolist()
+            node.n_bytes = per_expert * len(experts)
+            dst = x.new_zeros(ids.shape[0], ids.shape[1], n)
+            groups = [experts[i::n_tasks] for i in range(n_tasks)]
+            return dst, [lambda g=g: [expert_fn(w, x, ids, e, dst) for e in g] for g in groups if g]
+
+        def fn(w, x, ids):
+            dst, tasks = tasks_for(w, x, ids, 1)
+            for task in tasks:
+                task()
+            return dst
+        node.fn, node.parallel = fn, tasks_for
+        return node
+
+
+def _mul_mat(w, x: torch.Tensor) -> torch.Tensor:
+    return mul_mat(w, x)
+
+
+def _mul_mat_parallel(w, x: torch.Tensor, n_tasks: int):
+    splits = w.row_splits(n_tasks)
+    dst = x.new_empty(x.shape[0], w.shape[-2])
+
+    def task(r0: int, r1: int) -> None:
+        dst[:, r0:r1] = mul_mat(w.rows(r0, r1), x)
+    return dst, [lambda r0=r0, r1=r1: task(r0, r1) for r0, r1 in zip(splits, splits[1:]) if r1 > r0]
+
+
+def _expert_rows(x: torch.Tensor, ids: torch.Tensor, e: int):
+    t, u = (ids == e).nonzero(as_tuple=True)
+    return t, u, (x[t] if x.dim() == 2 else x[t, u])
+
+
+def _expert(w, x: torch.Tensor, ids: torch.Tensor, e: int, dst: torch.Tensor) -> None:
+    t, u, xs = _expert_rows(x, ids, e)
+    dst[t, u] = mul_mat(w.expert(e), xs)
+
+
+def _fused_expert(w: GateUpExperts, x: torch.Tensor, ids: torch.Tensor, e: int, dst: torch.Tensor) -> None:
+    t, u, xs = _expert_rows(x, ids, e)
+    dst[t, u] = F.silu(mul_mat(w.gate.expert(e), xs)) * mul_mat(w.up.expert(e), xs)
+
+
+# --- the layers ----------------------------------------------------------------
+
+def attention(b: _Builder, il: int, h: Node, pos: Node) -> Node:
+    """Self-attention of layer il on normed input h [T, n_embd] -> [T, n_embd]."""
+    c, m, p = b.c, b.m, f"blk.{il}."
+    H, L, R, nope = c.n_head, c.kv_lora_rank, c.n_rot, c.n_embd_head_qk_nope
+    T, n_past = b.n_tokens, b.n_past
+    n_kv = n_past + T
+    if c.q_lora_rank:
+        q = b.mul_mat(p + "attn_q_a.weight", h, il)                                    # [T, q_lora]
+        q = b.rms_norm(p + "attn_q_a_norm.weight", q, il, f"q_a_norm-{il}")
+        q = b.mul_mat(p + "attn_q_b.weight", q, il)                                    # [T, H*head_k]
+    else:
+        q = b.mul_mat(p + "attn_q.weight", h, il)
+    rope = m.rope
+
+    def rope_q(_, q, pos):
+        q = q.reshape(T, H, c.n_embd_head_k)
+        return torch.cat([q[..., :nope], apply_rope(q[..., nope:], pos, rope)], dim=-1)   # [T, H, head_k]
+    q = b.op("ROPE", f"q_pe-{il}", rope_q, q, pos, layer=il, flops=6 * T * H * R)
+    kv = b.mul_mat(p + "attn_kv_a_mqa.weight", h, il)                                  # [T, L + R]
+    kv_c = b.rms_norm(p + "attn_kv_a_norm.weight", kv, il, f"kv_cmpr-{il}", cols=slice(0, L))   # [T, L]
+    k_pe = b.op("ROPE", f"k_pe-{il}", lambda _, kv, pos: apply_rope(kv[:, L:], pos, rope), kv, pos,
+                layer=il, flops=6 * T * R)                                             # [T, R]
+    split_kv = c.kv_layout == "kv_b"
+    kv_b = p + ("attn_kv_b.weight" if split_kv else "attn_k_b.weight")
+    v_b = p + ("attn_kv_b.weight" if split_kv else "attn_v_b.weight")
+    ck, cv = f"cache_k_l{il}", f"cache_v_l{il}"
+
+    def causal_softmax(_, kq):                                                          # kq [H, T, n_kv]
+        allowed = torch.arange(n_kv)[None, :] <= (n_past + torch.arange(T))[:, None]
+        return torch.softmax((kq * rope.kq_scale).masked_fill(~allowed, float("-inf")), dim=-1)
+
+    if m.mla:
+        q_abs = b.op("VIEW", f"q_nope-{il}", lambda _, q: q[..., :nope], q, layer=il)
+        # q_nope absorbed into the latent space: k_b [H, L, nope] (or kv_b's k rows, transposed)
+        q_abs = b.per_head(kv_b, q_abs, il, f"q_nope_absorbed-{il}", part="k" if split_kv else "all",
+                           transposed=split_kv)                                        # [T, H, L]
+
+        def store(cache, kv_c, k_pe):
+            cache[n_past:n_kv] = torch.cat([kv_c, k_pe], dim=-1)
+            return cache[:n_kv]                                                        # [n_kv, L + R]
+        kv_all = b.op("CPY", ck, store, kv_c, k_pe, layer=il, buffer=ck, n_bytes=4 * T * (L + R))
+
+        def kq_fn(_, q_abs, q, kv_all):
+            q_cat = torch.cat([q_abs, q[..., nope:]], dim=-1)                          # [T, H, L + R]
+            return torch.einsum("thd,sd->hts", q_cat, kv_all)
+        kq = b.op("MUL_MAT", f"kq-{il}", kq_fn, q_abs, q, kv_all, layer=il, buffer=ck,
+                  n_bytes=4 * n_kv * (L + R), flops=2 * H * T * n_kv * (L + R))
+        kq = b.op("SOFT_MAX", f"kq_soft_max-{il}", causal_softmax, kq, layer=il, flops=5 * H * T * n_kv)
+        kqv = b.op("MUL_MAT", f"kqv-{il}", lambda _, pr, kv_all: torch.einsum("hts,sl->thl", pr, kv_all[:, :L]),
+                   kq, kv_all, layer=il, buffer=ck, n_bytes=4 * n_kv * L, flops=2 * H * T * n_kv * L)
+        out = b.per_head(v_b, kqv, il, f"wv_b-{il}", part="v" if split_kv else "all")  # [T, H, head_v]
+    else:
+        if split_kv:
+            k_nope = b.per_head(kv_b, kv_c, il, f"k_nope-{il}", part="k")             # [T, H, nope]
+            v = b.per_head(v_b, kv_c, il, f"v-{il}", part="v")                         # [T, H, head_v]
+        else:
+            k_nope = b.per_head(kv_b, kv_c, il, f"k_nope-{il}", transposed=True)
+            v = b.per_head(v_b, kv_c, il, f"v-{il}")
+
+        def store_k(cache, k_nope, k_pe):
+            cache[n_past:n_kv] = torch.cat([k_nope, k_pe[:, None, :].expand(-1, H, -1)], dim=-1)
+            return cache[:n_kv]                                                        # [n_kv, H, head_k]
+
+        def store_v(cache, v):
+            cache[n_past:n_kv] = v
+            return cache[:n_kv]                                                        # [n_kv, H, head_v]
+        k_all = b.op("CPY", ck, store_k, k_nope, k_pe, layer=il, buffer=ck, n_bytes=4 * T * H * c.n_embd_head_k)
+        v_all = b.op("CPY", cv, store_v, v, layer=il, buffer=cv, n_bytes=4 * T * H * c.n_embd_head_v)
+        kq = b.op("MUL_MAT", f"kq-{il}", lambda _, q, k: torch.einsum("thd,shd->hts", q, k), q, k_all,
+                  layer=il, buffer=ck, n_bytes=4 * n_kv * H * c.n_embd_head_k,
+                  flops=2 * H * T * n_kv * c.n_embd_head_k)
+        kq = b.op("SOFT_MAX", f"kq_soft_max-{il}", causal_softmax, kq, layer=il, flops=5 * H * T * n_kv)
+        out = b.op("MUL_MAT", f"kqv-{il}", lambda _, pr, v: torch.einsum("hts,shd->thd", pr, v), kq, v_all,
+                   layer=il, buffer=cv, n_bytes=4 * n_kv * H * c.n_embd_head_v,
+                   flops=2 * H * T * n_kv * c.n_embd_head_v)
+    out = b.op("VIEW", f"kqv_out-{il}", lambda _, o: o.reshape(T, H * c.n_embd_head_v), out, layer=il)
+    return b.mul_mat(p + "attn_output.weight", out, il)
+
+
+def feed_forward(b: _Builder, il: int, h: Node, suffix: str = "") -> Node:
+    """The SwiGLU MLP: the dense layers' ffn (suffix "") and the shared experts ("_shexp")."""
+    p = f"blk.{il}."
+    gate = b.mul_mat(f"{p}ffn_gate{suffix}.weight", h, il)
+    up = b.mul_mat(f"{p}ffn_up{suffix}.weight", h, il)
+    act = b.swiglu(f"ffn_swiglu{suffix}-{il}", gate, up, il, b.weight(f"{p}ffn_up{suffix}.weight").shape[0])
+    return b.mul_mat(f"{p}ffn_down{suffix}.weight", act, il)
+
+
+def select_experts(sel: torch.Tensor, c: ModelConfig) -> torch.Tensor:
+    """Top-k experts per token from selection scores [T, E] -> ids [T, U].
+
+    Group-limited routing (DeepSeek-V3): score each group by the sum of its two
+    best experts, keep the best n_group_used groups, pick top-k among them.
+    """
+    if c.n_expert_groups > 1:
+        groups = sel.reshape(sel.shape[0], c.n_expert_groups, -1)                      # [T, G, E/G]
+        score = groups.topk(2, dim=-1).values.sum(-1)                                   # [T, G]
+        keep = torch.zeros_like(score, dtype=torch.bool).scatter(1, score.topk(c.n_group_used, dim=-1).indices, True)
+        sel = groups.masked_fill(~keep[..., None], float("-inf")).reshape(sel.shape)
+    return sel.topk(c.n_expert_used, dim=-1).indices
+
+
+def moe(b: _Builder, il: int, h: Node) -> Node:
+    """Routed experts plus shared experts of layer il on normed input h [T, n_embd]."""
+    c, p = b.c, f"blk.{il}."
+    logits = b.mul_mat(p + "ffn_gate_inp.weight", h, il)                                # [T, E]
+    if c.expert_gating_func == 2:
+        probs = b.op("SIGMOID", f"ffn_moe_probs-{il}", lambda _, x: torch.sigmoid(x), logits, layer=il)
+    else:
+        probs = b.op("SOFT_MAX", f"ffn_moe_probs-{il}", lambda _, x: torch.softmax(x, -1), logits, layer=il)
+    sel = probs
+    bias = p + "exp_probs_b.bias"
+    if bias in b.m.weights:
+        sel = b.op("ADD", f"ffn_moe_probs_biased-{il}", lambda w, x: x + w.dequantize(), probs, layer=il,
+                   buffer=bias, n_bytes=b.weight(bias).n_bytes)
+    ids = b.op("TOP_K", f"ffn_moe_topk-{il}", lambda _, s: select_experts(s, c), sel, layer=il)   # [T, U]
+
+    def expert_weights(_, probs, ids):
+        w = probs.gather(1, ids)                                                        # [T, U]
+        if c.expert_weights_norm:
+            w = w / w.sum(-1, keepdim=True)
+        return w * c.expert_weights_scale if c.expert_weights_scale != 0.0 else w
+    weights = b.op("GET_ROWS", f"ffn_moe_weights-{il}", expert_weights, probs, ids, layer=il)
+    if b.m.fmoe:
+        act = b.mul_mat_id(p + "ffn_gate_up_exps.weight", h, ids, il, fused=True)      # [T, U, n_ff_exp]
+    else:
+        gate = b.mul_mat_id(p + "ffn_gate_exps.weight", h, ids, il)
+        up = b.mul_mat_id(p + "ffn_up_exps.weight", h, ids, il)
+        act = b.swiglu(f"ffn_moe_swiglu-{il}", gate, up, il, c.n_expert_used * c.n_ff_exp)
+    down = b.mul_mat_id(p + "ffn_down_exps.weight", act, ids, il)                       # [T, U, n_embd]
+    weighted = b.op("MUL", f"ffn_moe_weighted-{il}", lambda _, d, w: d * w[..., None], down, weights, layer=il,
+                    flops=b.n_tokens * c.n_expert_used * c.n_embd)
+    moe_out = b.op("ADD", f"ffn_moe_out-{il}", lambda _, x: x.sum(1), weighted, layer=il,
+                   flops=b.n_tokens * c.n_expert_used * c.n_embd)
+    return b.add(f"ffn_out-{il}", moe_out, feed_forward(b, il, h, "_shexp"), il)
+
+
+def build_graph(model: "Model", n_tokens: int, n_past: int, all_logits: bool = False) -> Graph:
+    """The graph of one evaluation: n_tokens new tokens after n_past cached ones.
+
+    Inputs `inp_tokens` and `inp_pos` (int64 [T]); the output is the logits
+    [T, n_vocab] with `all_logits`, else of the last token only [1, n_vocab].
+    """
+    c = model.config
+    b = _Builder(model, n_tokens, n_past)
+    tokens, pos = b.input("inp_tokens"), b.input("inp_pos")
+    emb = b.weight("token_embd.weight")
+    x = b.op("GET_ROWS", "token_embd", lambda w, t: dequantize(w.data[t], w.ggml_type), tokens,
+             buffer="token_embd.weight", n_bytes=n_tokens * emb.n_bytes // c.n_vocab)   # [T, n_embd]
+    for il in range(c.n_layer):
+        h = b.rms_norm(f"blk.{il}.attn_norm.weight", x, il, f"attn_norm-{il}")
+        x = b.add(f"ffn_inp-{il}", attention(b, il, h, pos), x, il)
+        h = b.rms_norm(f"blk.{il}.ffn_norm.weight", x, il, f"ffn_norm-{il}")
+        ffn = moe(b, il, h) if c.is_moe_layer(il) else feed_forward(b, il, h)
+        x = b.add(f"l_out-{il}", ffn, x, il)
+    if not all_logits:
+        x = b.op("GET_ROWS", "inp_out_ids", lambda _, x: x[-1:], x)
+    x = b.rms_norm("output_norm.weight", x, -1, "result_norm")
+    logits = b.mul_mat("output.weight", x, -1)
+    return Graph(b.nodes, b.inputs, logits, n_tokens=n_tokens, n_past=n_past)
+
+
+# --- the model -----------------------------------------------------------------
+
+DEFAULT_N_CTX = 4096     # as llama.cpp's default context; the cache is allocated for all of it
+
+class Model:
+    """A loaded DeepSeek2 GGUF with its weights, KV cache and options, ready to build graphs.
+
+    `mla`: absorbed attention over the compressed cache (-mla 1); `fmoe`: fused
+    gate+up expert op (-fmoe 1); `rtr`: 4-bit weights repacked at load (-rtr 1).
+    """
+
+    def __init__(self, gguf, n_ctx: int | None = None, mla: bool = False, fmoe: bool = False,
+                 rtr: bool = False, progress: Callable[[str], None] | None = None):
+        self.gguf, self.config = gguf, gguf.config
+        self.mla, self.fmoe, self.rtr = mla, fmoe, rtr
+        self.n_ctx = min(n_ctx or DEFAULT_N_CTX, self.config.n_ctx_train)
+        arch = self.config.arch
+        self.rope = rope_setup(self.config, float(gguf.metadata.get(f"{arch}.rope.scaling.attn_factor", 1.0)))
+        self.weights = ModelWeights(gguf, rtr=rtr, fmoe=fmoe, progress=progress)
+        self.cache = KVCache(self.config, self.n_ctx, mla)
+
+    def buffer(self, name: str):
+        """The buffer a node reads: a KV-cache tensor or a weight."""
+        return self.cache.buffers[name] if name.startswith("cache_") else self.weights[name]
+
+    def buffer_names(self) -> list[str]:
+        return list(self.weights.buffers) + list(self.cache.buffers)
+
+    def graph(self, n_tokens: int, all_logits: bool = False) -> Graph:
+        """The graph evaluating the next n_tokens after what the cache holds."""
+        return build_graph(self, n_tokens, self.cache.n_past, all_logits)
+
+    def inputs(self, tokens: list[int]) -> dict[str, torch.Tensor]:
+        n_past = self.cache.n_past
+        return {"inp_tokens": torch.tensor(tokens, dtype=torch.long),
+                "inp_pos": torch.arange(n_past, n_past + len(tokens), dtype=torch.long)}
+
+    def forward(self, tokens: list[int], all_logits: bool = False,
+                run: Callable[[Graph, dict, Callable], torch.Tensor] = compute) -> torch.Tensor:
+        """Evaluate tokens after the cached ones, advance the cache, return logits.
+
+        `run` executes the graph: the sequential `hybrid.graph.compute` by
+        default, or the scheduler's.
+        """
+        if self.cache.n_past + len(tokens) > self.n_ctx:
+            raise ValueError(f"{self.cache.n_past + len(tokens)} tokens exceed the context of {self.n_ctx}")
+        graph = self.graph(len(tokens), all_logits)
+        logits = run(graph, self.inputs(tokens), self.buffer)
+        self.cache.n_past += len(tokens)
+        return logits
+
+    def reset(self) -> None:
+        self.cache.n_past = 0

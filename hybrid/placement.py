@@ -1,0 +1,196 @@
+"""Which backend holds each weight: llama.cpp's `-ngl N` and `-ot REGEX=BACKEND`, in one function.
+
+The rule (`place`), as llama.cpp's loader has it (src/llama-model.cpp, load_tensors):
+- the input layer (`token_embd`) stays on the CPU: offloading it gains little;
+- `-ngl N` offloads the last N of the n_layer + 1 "layers", where the output layer
+  (`output_norm`, `output`) counts as the last one: `-ngl 1` offloads only the output,
+  `-ngl n_layer + 1` (or 99, or -1) offloads everything;
+- each `-ot REGEX=BACKEND` rule is tried in order with `re.search` on the tensor name,
+  and the first match wins over everything above.
+Every tensor gets its backend and the cause, so `model info` can say why.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+from hybrid.config import ModelConfig
+from profiler.errors import UserError
+
+CPU = "CPU"
+EMULATED = "ACC0"
+
+
+@dataclass(frozen=True)
+class OverrideRule:
+    """One `-ot` rule: tensors whose name `re.search`es `pattern` go to `backend`."""
+    pattern: str
+    backend: str
+    regex: re.Pattern
+
+    def __str__(self) -> str:
+        return f"{self.pattern}={self.backend}"
+
+
+@dataclass(frozen=True)
+class Placement:
+    backend: dict[str, str]         # tensor name -> backend, in the order the names came
+    cause: dict[str, str]           # tensor name -> why: "-ot rule 1", "-ngl", "below -ngl", "input layer", ...
+    accel: str | None               # the accelerator -ngl offloads to (None: CPU only)
+    warnings: tuple[str, ...]       # e.g. a rule that matches nothing; the CLI prints them
+
+    def names_on(self, backend: str) -> list[str]:
+        return [n for n, b in self.backend.items() if b == backend]
+
+
+def parse_override_rules(specs: Iterable[str], backends: Sequence[str] | None = None) -> list[OverrideRule]:
+    """`-ot` arguments (each may hold several comma-separated rules) -> rules in order.
+
+    A comma inside a regex quantifier (`blk\\.\\d{1,2}\\.`) does not split: a piece
+    without '=' is joined to the next one. Backend names are matched case-insensitively
+    against `backends` when given (else `place` checks them).
+    """
+    rules = []
+    for spec in specs:
+        pending = ""
+        for piece in spec.split(","):
+            pending = f"{pending},{piece}" if pending else piece
+            if "=" in pending:
+                rules.append(_parse_rule(pending, backends))
+                pending = ""
+        if pending:
+            raise UserError(f"-ot '{pending}': expected REGEX=BACKEND (missing '=')")
+    return rules
+
+
+def _parse_rule(text: str, backends: Sequence[str] | None) -> OverrideRule:
+    pattern, backend = text.rsplit("=", 1)
+    if not pattern:
+        raise UserError(f"-ot '{text}': empty regex before '='")
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"-ot '{text}': invalid regex '{pattern}': {e}") from None
+    if backends is not None:
+        backend = _backend_name(backend, backends, f"-ot '{text}'")
+    return OverrideRule(pattern, backend, regex)
+
+
+def _backend_name(name: str, backends: Sequence[str], what: str) -> str:
+    for b in backends:
+        if b.lower() == name.strip().lower():
+            return b
+    raise UserError(f"{what}: unknown backend {name!r} (available: {', '.join(backends)})")
+
+
+def layer_of(name: str, n_layer: int) -> int | None:
+    """llama.cpp's layer of a tensor: blk.N -> N, output tensors -> n_layer, token_embd -> None (input)."""
+    if name.startswith("blk."):
+        return int(name.split(".", 2)[1])
+    if name.startswith("token_embd"):
+        return None
+    return n_layer
+
+
+def place(tensor_names: Iterable[str], rules: Sequence[OverrideRule], n_gpu_layers: int, n_layer: int,
+          backends: Sequence[str], accel: str | None) -> Placement:
+    """The backend of every tensor (the placement rule; see the module docstring).
+
+    `accel` is the backend -ngl offloads to ("CUDA0", "ACC0") or None for CPU only;
+    `n_gpu_layers` < 0 means all layers, as in llama.cpp.
+    """
+    if accel is not None and accel not in backends:
+        raise UserError(f"accelerator {accel!r} is not available (backends: {', '.join(backends)})")
+    rules = [OverrideRule(r.pattern, _backend_name(r.backend, backends, f"-ot '{r}'"), r.regex) for r in rules]
+    n_offload = n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, n_layer + 1)
+    i_gpu_start = n_layer + 1 - n_offload
+    warnings = []
+    if accel is None and n_gpu_layers != 0:
+        warnings.append(f"-ngl {n_gpu_layers} ignored: no accelerator (--accel none), every layer stays on CPU")
+
+    backend: dict[str, str] = {}
+    cause: dict[str, str] = {}
+    hits = [0] * len(rules)
+    for name in tensor_names:
+        rule = next((i for i, r in enumerate(rules) if r.regex.search(name)), None)
+        il = layer_of(name, n_layer)
+        if rule is not None:
+            hits[rule] += 1
+            backend[name], cause[name] = rules[rule].backend, f"-ot rule {rule + 1}"
+        elif il is None:
+            backend[name], cause[name] = CPU, "input layer"
+        elif accel is None:
+            backend[name], cause[name] = CPU, "no accelerator"
+        elif il >= i_gpu_start:
+            backend[name], cause[name] = accel, "-ngl"
+        else:
+            backend[name], cause[name] = CPU, "below -ngl"
+    for i, (r, n) in enumerate(zip(rules, hits)):
+        if n == 0:
+            warnings.append(f"-ot rule {i + 1} '{r}' matches no tensor")
+    return Placement(backend, cause, accel, tuple(warnings))
+
+
+# ---- what each backend holds and reads per token ----------------------------------------------
+
+@dataclass(frozen=True)
+class BackendLoad:
+    backend: str
+    n_tensors: int
+    n_bytes: int                    # weight bytes held, as stored
+    expert_bytes: int               # of which routed-expert tensors (*_exps)
+    expert_bytes_per_token: int     # expert bytes one token reads: n_expert_used of n_expert per MoE layer
+    bytes_per_token: int            # all weight bytes one token reads (one token_embd row, all dense
+                                    # weights, the used experts' share of the expert tensors)
+
+
+def is_expert_tensor(name: str) -> bool:
+    """Routed experts (ffn_gate/up/down_exps), not the shared expert (_shexp)."""
+    return "_exps." in name
+
+
+def backend_loads(tensor_bytes: Mapping[str, int], config: ModelConfig, placement: Placement) -> list[BackendLoad]:
+    """Per backend (in order of first appearance): tensors, bytes held and bytes read per token.
+
+    The byte totals add up to the tensors' data size; a token reads each used expert
+    whole, so `expert_bytes_per_token` = n_expert_used x per-expert bytes x MoE layers.
+    """
+    acc: dict[str, list[int]] = {}
+    for name, n_bytes in tensor_bytes.items():
+        a = acc.setdefault(placement.backend[name], [0, 0, 0, 0, 0])
+        expert = is_expert_tensor(name)
+        expert_read = n_bytes // config.n_expert * config.n_expert_used if expert else 0
+        if expert:
+            read = expert_read
+        elif name.startswith("token_embd"):
+            read = n_bytes // config.n_vocab
+        else:
+            read = n_bytes
+        for i, v in enumerate((1, n_bytes, n_bytes if expert else 0, expert_read, read)):
+            a[i] += v
+    return [BackendLoad(b, *v) for b, v in acc.items()]
+
+
+def available_backends(accel: str = "auto") -> tuple[tuple[str, ...], str | None]:
+    """(backends, the accelerator -ngl uses) for `--accel auto|cuda|emulated|none`.
+
+    CPU always; CUDA0..n when torch sees GPUs; ACC0, the emulated accelerator, always.
+    `auto` picks CUDA0 when there is one, else ACC0.
+    """
+    import torch
+
+    cuda = tuple(f"CUDA{i}" for i in range(torch.cuda.device_count())) if torch.cuda.is_available() else ()
+    backends = (CPU, *cuda, EMULATED)
+    if accel == "auto":
+        return backends, cuda[0] if cuda else EMULATED
+    if accel == "cuda":
+        if not cuda:
+            raise UserError("--accel cuda: torch sees no CUDA GPU (use --accel emulated or auto)")
+        return backends, cuda[0]
+    if accel == "emulated":
+        return backends, EMULATED
+    if accel == "none":
+        return backends, None
+    raise UserError(f"--accel {accel}: expected auto, cuda, emulated or none")

@@ -1,0 +1,263 @@
+"""The backend scheduler: cut a graph into backend splits, then run them.
+
+This is ggml's `ggml_backend_sched` in small. `split_graph` holds the split rule,
+as ggml's numbered passes, each a small function over one assignment list
+parallel to `graph.nodes` (`None`: not yet assigned) that records why each node
+landed where it did (its cause, shown by `hyprof model info`):
+
+  1. `1.inp`: graph inputs are set on the host, so they live on the CPU.
+     `1.buf`: an op that reads a buffer (a weight or a KV cache) runs on the
+     backend holding that buffer, so weights never move.
+  2. Weightless ops follow their neighbours along the graph, devices first:
+     `2.dev_down` / `2.dev_up` spread device placements down and then up the
+     node list (through no CPU node), then `2.rest_down` / `2.rest_up` spread
+     whatever is left. Devices first keeps the glue ops (norms, adds, routing)
+     on the accelerator and the CPU splits as short as their weights allow.
+  3. `3.src`: a node still unassigned (a graph without any buffer) takes its
+     first source's backend, else the CPU.
+  4. Maximal runs of same-backend nodes become splits; each split's inputs are
+     the values it reads that were computed on another backend. A value is
+     copied to a backend once per graph, by the first split there that needs it.
+
+With DeepSeek2, `-ngl 99 -ot "\\.ffn_.*_exps\\.=CPU"` gives two splits per MoE
+layer: [device: attention, router, shared expert, ...] [CPU: routed experts].
+
+`Scheduler.compute` then runs each split as ggml's `compute_splits` does: set up,
+copy its inputs to its backend, dispatch and compute (CPU: on the worker pool;
+devices: queued on their stream, run by the device while the host waits on it),
+and the split computing the graph's output reads it back to the host.
+Every step goes to the recorder on the main lane; ops go to the lane that ran them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from hybrid.graph import Graph, Node
+from profiler.recorder import Recorder
+from profiler.schema import MAIN_LANE
+
+CPU = "CPU"
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """One run of consecutive nodes on one backend (ggml's `ggml_backend_sched_split`)."""
+    backend: str
+    i_start: int                  # index of its first node in graph.nodes
+    i_end: int                    # one past its last node
+    nodes: tuple[Node, ...]       # the ops it runs, in order (graph inputs belong to no split)
+    inputs: tuple[Node, ...]      # values computed on another backend, copied here first
+
+
+@dataclass(frozen=True, eq=False)
+class SplitPlan:
+    splits: tuple[Split, ...]
+    node_backends: tuple[str, ...]    # parallel to graph.nodes
+    causes: tuple[str, ...]           # why each node landed there (1.buf, 2.dev_down, ...)
+    backend_of: Mapping[Node, str]    # the same assignment, by node
+
+    @property
+    def n_splits(self) -> int:
+        return len(self.splits)
+
+    @property
+    def n_copies(self) -> int:
+        return sum(len(s.inputs) for s in self.splits)
+
+
+def split_graph(graph: Graph, buffer_backend: Callable[[str], str]) -> SplitPlan:
+    """The split rule: assign every node a backend and cut the graph into splits.
+
+    `buffer_backend(name)` is the backend holding a weight or KV-cache buffer (from
+    the placement). The passes are described in the module docstring.
+    """
+    nodes = graph.nodes
+    backends: list[str | None] = [None] * len(nodes)
+    causes: list[str] = [""] * len(nodes)
+    _assign_by_buffer(nodes, backends, causes, buffer_backend)
+    _expand(nodes, backends, causes, "2.dev_down", reverse=False, devices_only=True)
+    _expand(nodes, backends, causes, "2.dev_up", reverse=True, devices_only=True)
+    _expand(nodes, backends, causes, "2.rest_down", reverse=False, devices_only=False)
+    _expand(nodes, backends, causes, "2.rest_up", reverse=True, devices_only=False)
+    backend_of = _assign_leftovers(nodes, backends, causes)
+    return SplitPlan(splits=_cut_splits(nodes, backends, backend_of),
+                     node_backends=tuple(backends), causes=tuple(causes),
+                     backend_of=backend_of)
+
+
+def _assign_by_buffer(nodes, backends, causes, buffer_backend) -> None:
+    """Pass 1: inputs on the host; ops that read a buffer where the buffer is."""
+    for i, node in enumerate(nodes):
+        if node.is_input:
+            backends[i], causes[i] = CPU, "1.inp"
+        elif node.buffer is not None:
+            backends[i], causes[i] = buffer_backend(node.buffer), "1.buf"
+
+
+def _expand(nodes, backends, causes, cause: str, *, reverse: bool, devices_only: bool) -> None:
+    """Pass 2: give unassigned ops the backend of the nearest assigned op before them
+    (after them when `reverse`); with `devices_only`, a CPU op stops the spreading."""
+    current = None
+    order = range(len(nodes) - 1, -1, -1) if reverse else range(len(nodes))
+    for i in order:
+        if nodes[i].is_input:
+            continue
+        b = backends[i]
+        if b is not None:
+            current = None if devices_only and b == CPU else b
+        elif current is not None:
+            backends[i], causes[i] = current, cause
+
+
+def _assign_leftovers(nodes, backends, causes) -> dict[Node, str]:
+    """Pass 3: what is still unassigned follows its first source, else the CPU."""
+    backend_of: dict[Node, str] = {}
+    for i, node in enumerate(nodes):
+        if backends[i] is None:
+            src = next((backend_of[s] for s in node.srcs if s in backend_of), CPU)
+            backends[i], causes[i] = src, "3.src"
+        backend_of[node] = backends[i]
+    return backend_of
+
+
+def _cut_splits(nodes, backends, backend_of) -> tuple[Split, ...]:
+    """Pass 4: maximal same-backend runs, each with the inputs it must copy in."""
+    splits: list[Split] = []
+    copied: set[tuple[Node, str]] = set()   # (value, backend) already copied this graph
+    run: list[Node] = []
+    inputs: list[Node] = []
+    i_start = -1
+
+    def close(i_end: int) -> None:
+        if run:
+            splits.append(Split(backends[i_start], i_start, i_end, tuple(run), tuple(inputs)))
+
+    for i, node in enumerate(nodes):
+        if node.is_input:
+            continue
+        b = backends[i]
+        if not run or b != backends[i_start]:
+            close(i)
+            run, inputs, i_start = [], [], i
+        run.append(node)
+        for src in node.srcs:
+            if backend_of[src] != b and (src, b) not in copied:
+                copied.add((src, b))
+                inputs.append(src)
+    close(len(nodes))
+    return tuple(splits)
+
+
+class Scheduler:
+    """Runs split plans on a set of backends (`hybrid/backends/`), recording every step.
+
+    A backend has `name`, `is_device`, `compute(split, values, graph_id, i_split)`,
+    `to_device(value)` (host -> backend), `to_host(value)` and `synchronize()`.
+    Each backend keeps its own values: `values[backend][node]` is a node's value
+    in that backend's memory, the node's own output or a copy of it.
+
+    A split is: set-up, copy its inputs in, dispatch and compute, and for a device
+    wait (`sync`) until its queue has run, since the next split reads its results;
+    so every op of a split, on whichever lane, lies inside the split's interval.
+    The host's time in that wait is what the report splits into device compute
+    and pure synchronisation.
+    """
+
+    def __init__(self, backends: Mapping[str, Any], recorder: Recorder):
+        self.backends = dict(backends)
+        self.recorder = recorder
+        self.lane = recorder.lane(MAIN_LANE)
+
+    def compute(self, graph: Graph, plan: SplitPlan, inputs: Mapping[str, Any],
+                graph_id: int) -> Any:
+        """Evaluate one graph; returns the output's value on the host."""
+        values = {name: {} for name in self.backends}
+        host = values[CPU]
+        for name, node in graph.inputs.items():
+            host[node] = inputs[name]
+        try:
+            for i_split, split in enumerate(plan.splits):
+                self._run_split(split, i_split, plan, values, graph_id, graph.output)
+        except BaseException:   # Ctrl-C or an op's error: leave no device work behind
+            self._abandon()
+            raise
+        return host[graph.output]
+
+    def _run_split(self, split: Split, i_split: int, plan: SplitPlan,
+                   values: dict[str, dict], graph_id: int, output: Node) -> None:
+        rec, lane = self.recorder, self.lane
+        on = rec.enabled
+        t_split = rec.now() if on else 0
+        backend = self.backends[split.backend]
+        dst_values = values[split.backend]
+        if on:
+            lane.phase(t_split, rec.now() - t_split, graph_id, "split_setup")
+        for src in split.inputs:
+            src_backend = plan.backend_of[src]
+            dst_values[src] = self._copy(src, values[src_backend][src], src_backend,
+                                         split.backend, graph_id, i_split)
+        backend.compute(split, dst_values, graph_id, i_split)
+        if backend.is_device:
+            t = rec.now() if on else 0
+            backend.synchronize()
+            if on:
+                lane.sync(t, rec.now() - t, graph_id, i_split, split.backend)
+            if output in dst_values:   # the graph's result goes back to the host
+                values[CPU][output] = self._copy(output, dst_values[output], split.backend, CPU,
+                                                 graph_id, i_split)
+        if on:
+            lane.split(t_split, rec.now() - t_split, graph_id, i_split, split.backend,
+                       len(split.nodes), len(split.inputs))
+
+    def _copy(self, node: Node, value: Any, src: str, dst: str, graph_id: int,
+              i_split: int) -> Any:
+        """Copy one node's value between backends (device to device through the
+        host, as one copy event)."""
+        rec = self.recorder
+        t = rec.now() if rec.enabled else 0
+        src_backend, dst_backend = self.backends[src], self.backends[dst]
+        if src_backend.is_device:
+            value = src_backend.to_host(value)
+        if dst_backend.is_device:
+            value = dst_backend.to_device(value)
+        if rec.enabled:
+            self.lane.copy(t, rec.now() - t, graph_id, i_split, src, dst, nbytes(value),
+                           node.name)
+        return value
+
+    def _abandon(self) -> None:
+        """Wait for every device to finish what was queued, ignoring its errors."""
+        for backend in self.backends.values():
+            if backend.is_device:
+                try:
+                    backend.synchronize()
+                except Exception:
+                    pass
+
+
+def nbytes(value: Any) -> int:
+    """Bytes of a value: a tensor or array, or a tuple/list of them."""
+    if isinstance(value, (tuple, list)):
+        return sum(nbytes(v) for v in value)
+    n = getattr(value, "nbytes", None)
+    return int(n) if n is not None else 0
+
+
+def map_values(fn: Callable[[Any], Any], value: Any) -> Any:
+    """Apply `fn` to a tensor value, or to each tensor of a tuple/list value."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_values(fn, v) for v in value)
+    return fn(value)
+
+
+def describe(plan: SplitPlan) -> list[dict]:
+    """The plan as plain rows, one per split (for `hyprof model info` and tests)."""
+    return [{"split": i, "backend": s.backend, "n_nodes": len(s.nodes),
+             "nodes": [n.name for n in s.nodes], "inputs": [n.name for n in s.inputs]}
+            for i, s in enumerate(plan.splits)]
+
+
+__all__: Sequence[str] = ("CPU", "Split", "SplitPlan", "split_graph", "Scheduler", "nbytes",
+                          "map_values", "describe")

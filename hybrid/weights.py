@@ -1,0 +1,239 @@
+"""How the engine holds a weight, and the one matmul entry point, `mul_mat`.
+
+A weight stays in the form the GGUF file stores it: a torch view of the file's
+memory map (quantised blocks as uint8 rows, floats as themselves). A matmul
+dequantises a bounded chunk of rows at a time, so a Q4 model's resident memory
+is the file's pages it touches plus a few MiB of scratch, never an f32 copy.
+
+`-rtr 1` ("run-time repack", as in ik_llama.cpp) converts 4-bit weights at load
+into torch's int4 weight-only pack (`_weight_int4pack_mm_for_cpu`, groups of 32),
+where the matmul runs in bfloat16 from packed nibbles instead of unpacking in
+Python; the pack is about the size of the file's blocks, held in RAM.
+
+Native kernels (issue 8: GEMV on raw Q4_0/Q8_0 blocks) plug in through
+`MATMUL_KERNELS`: a kernel for a ggml type takes over `mul_mat` for stored
+weights of that type.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from gguf.constants import GGMLQuantizationType as T
+
+from hybrid import quants
+
+CHUNK_ELEMENTS = 1 << 21          # dequantise at most this many weights (8 MiB f32) at once
+INT4_GROUP = 32
+INT4_ROWS_PER_PACK = 256          # the pack cannot be sliced by rows, so pack row blocks separately
+
+# ggml type -> kernel(weight, x [T, K] f32) -> [T, N] f32, for stored (not repacked) weights.
+MATMUL_KERNELS: dict[int, Callable[["Weight", torch.Tensor], torch.Tensor]] = {}
+
+
+def _torch_view(data: np.ndarray) -> torch.Tensor:
+    """A zero-copy torch view of a (read-only) memory-mapped array."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)       # torch warns that the memmap is read-only
+        return torch.from_numpy(data)
+
+
+@dataclass(frozen=True, eq=False)
+class Weight:
+    """One tensor as stored. `shape` is the logical NumPy-order shape (n_out, n_in), or
+    (n_expert, n_out, n_in) for expert tensors; `data` is uint8 [..., row_bytes] for
+    quantised types, or float32 / float16 / bfloat16 values of `shape`."""
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]
+    data: torch.Tensor
+
+    @classmethod
+    def from_tensor(cls, info) -> "Weight":
+        """From a `hybrid.gguf_model.TensorInfo` (its memory-mapped `data`)."""
+        data = _torch_view(info.data)
+        if info.ggml_type == T.BF16:
+            data = data.view(torch.bfloat16)
+        return cls(info.name, int(info.ggml_type), tuple(info.shape), data)
+
+    @property
+    def n_bytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    @property
+    def type_name(self) -> str:
+        return T(self.ggml_type).name
+
+    def expert(self, e: int) -> "Weight":
+        return Weight(self.name, self.ggml_type, self.shape[1:], self.data[e])
+
+    def rows(self, r0: int, r1: int) -> "Weight":
+        return Weight(self.name, self.ggml_type, (r1 - r0,) + self.shape[1:], self.data[r0:r1])
+
+    def row_splits(self, n: int) -> list[int]:
+        """Boundaries cutting the output rows into `n` near-equal slices."""
+        return np.linspace(0, self.shape[-2], n + 1).astype(int).tolist()
+
+    def dequantize(self) -> torch.Tensor:
+        return quants.dequantize(self.data, self.ggml_type)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] @ W^T -> [T, N], dequantising at most CHUNK_ELEMENTS weights at a time."""
+        if self.data.dtype == torch.float32:
+            return x @ self.data.T
+        n_rows, n_cols = self.shape[-2], self.shape[-1]
+        step = max(1, CHUNK_ELEMENTS // n_cols)
+        if step >= n_rows:
+            return x @ self.dequantize().T
+        out = x.new_empty(x.shape[0], n_rows)
+        for r0 in range(0, n_rows, step):
+            r1 = min(n_rows, r0 + step)
+            out[:, r0:r1] = x @ quants.dequantize(self.data[r0:r1], self.ggml_type).T
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class Int4Weight:
+    """A 4-bit weight repacked (-rtr 1) into torch's CPU int4 pack, per block of rows.
+
+    Each block holds the packed nibbles and bf16 (scale, zero) per group of 32, with
+    `w = (q - 8) * scale + zero`; for experts, one list of blocks per expert.
+    """
+    name: str
+    ggml_type: int                 # the stored type it came from
+    shape: tuple[int, ...]
+    blocks: tuple                  # ((r0, r1, packed, scales_zeros), ...) or, 3-D: one such tuple per expert
+    n_bytes: int
+
+    @classmethod
+    def from_weight(cls, w: Weight) -> "Int4Weight":
+        if len(w.shape) == 3:
+            per_expert = tuple(_pack_rows(w.expert(e)) for e in range(w.shape[0]))
+            nb = sum(_pack_bytes(b) for blocks in per_expert for b in blocks)
+            return cls(w.name, w.ggml_type, w.shape, per_expert, nb)
+        blocks = _pack_rows(w)
+        return cls(w.name, w.ggml_type, w.shape, blocks, sum(_pack_bytes(b) for b in blocks))
+
+    @property
+    def type_name(self) -> str:
+        return f"{T(self.ggml_type).name}->int4pack"
+
+    def expert(self, e: int) -> "Int4Weight":
+        return Int4Weight(self.name, self.ggml_type, self.shape[1:], self.blocks[e],
+                          sum(_pack_bytes(b) for b in self.blocks[e]))
+
+    def rows(self, r0: int, r1: int) -> "Int4Weight":
+        blocks = tuple(b for b in self.blocks if b[0] >= r0 and b[1] <= r1)
+        assert blocks and blocks[0][0] == r0 and blocks[-1][1] == r1, "rows() must follow row_splits()"
+        shifted = tuple((b0 - r0, b1 - r0, p, sz) for b0, b1, p, sz in blocks)
+        return Int4Weight(self.name, self.ggml_type, (r1 - r0,) + self.shape[1:], shifted,
+                          sum(_pack_bytes(b) for b in shifted))
+
+    def row_splits(self, n: int) -> list[int]:
+        """Boundaries on whole packed blocks, near-equal in rows."""
+        edges = [b[0] for b in self.blocks] + [self.blocks[-1][1]]
+        idx = np.linspace(0, len(self.blocks), min(n, len(self.blocks)) + 1).astype(int)
+        return [edges[i] for i in idx]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.to(torch.bfloat16)
+        out = x.new_empty(x.shape[0], self.shape[-2])
+        for r0, r1, packed, sz in self.blocks:
+            out[:, r0:r1] = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, INT4_GROUP, sz).float()
+        return out
+
+
+def _pack_rows(w: Weight) -> tuple:
+    q, scale, zero = quants.q4_groups(w.data, w.ggml_type)
+    n_rows = w.shape[-2]
+    blocks = []
+    for r0 in range(0, n_rows, INT4_ROWS_PER_PACK):
+        r1 = min(n_rows, r0 + INT4_ROWS_PER_PACK)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[r0:r1].to(torch.int32), 1)
+        sz = torch.stack([scale[r0:r1].T, zero[r0:r1].T], dim=-1).to(torch.bfloat16).contiguous()
+        blocks.append((r0, r1, packed, sz))
+    return tuple(blocks)
+
+
+def _pack_bytes(block) -> int:
+    _, _, packed, sz = block
+    return packed.numel() * packed.element_size() + sz.numel() * sz.element_size()
+
+
+# Weights read other than through `mul_mat` (embedding rows, per-head attention
+# up-projections) stay as stored.
+_NOT_REPACKED = re.compile(r"token_embd|attn_kv_b|attn_k_b|attn_v_b")
+
+
+def can_repack(w: Weight) -> bool:
+    """torch's int4 pack needs 4-bit groups of 32 and a row count divisible by 16."""
+    return (w.ggml_type in (T.Q4_0, T.Q4_1, T.Q4_K) and len(w.shape) >= 2 and w.shape[-1] % INT4_GROUP == 0
+            and w.shape[-2] % 16 == 0 and not _NOT_REPACKED.search(w.name))
+
+
+def mul_mat(w: "Weight | Int4Weight", x: torch.Tensor) -> torch.Tensor:
+    """x [T, K] f32 @ w^T -> [T, N] f32: the one matmul every weight op goes through."""
+    if isinstance(w, Weight):
+        kernel = MATMUL_KERNELS.get(w.ggml_type)
+        if kernel is not None:
+            return kernel(w, x)
+    return w.matmul(x)
+
+
+@dataclass(frozen=True, eq=False)
+class GateUpExperts:
+    """The buffer of the fused (-fmoe 1) expert op: gate and up experts read together.
+
+    No copy: it refers to the two stored (or repacked) tensors.
+    """
+    name: str
+    gate: "Weight | Int4Weight"
+    up: "Weight | Int4Weight"
+
+    @property
+    def n_bytes(self) -> int:
+        return self.gate.n_bytes + self.up.n_bytes
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.gate.shape
+
+
+class ModelWeights:
+    """Every weight buffer the graph reads, by GGUF name, plus derived ones.
+
+    Derived buffers exist only as views over stored tensors: with `fmoe`,
+    `blk.N.ffn_gate_up_exps.weight` pairs the gate and up experts for the fused op.
+    """
+
+    def __init__(self, model, rtr: bool = False, fmoe: bool = False, progress: Callable[[str], None] | None = None):
+        self.rtr, self.fmoe = rtr, fmoe
+        self.buffers: dict[str, object] = {}
+        for name, info in model.tensors.items():
+            w = Weight.from_tensor(info)
+            if rtr and can_repack(w):
+                if progress:
+                    progress(name)
+                w = Int4Weight.from_weight(w)
+            self.buffers[name] = w
+        if fmoe:
+            for il in range(model.config.n_layer):
+                gate = self.buffers.get(f"blk.{il}.ffn_gate_exps.weight")
+                if gate is not None:
+                    name = f"blk.{il}.ffn_gate_up_exps.weight"
+                    self.buffers[name] = GateUpExperts(name, gate, self.buffers[f"blk.{il}.ffn_up_exps.weight"])
+
+    def __getitem__(self, name: str):
+        return self.buffers[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.buffers
+
+    def resident_bytes(self) -> int:
+        """Bytes held in process memory beyond the file's page cache (repacked weights)."""
+        return sum(w.n_bytes for w in self.buffers.values() if isinstance(w, Int4Weight))

@@ -1,0 +1,194 @@
+"""`hyprof model make` and `hyprof model info`: write test models, and see what goes where."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+MAKE_EPILOG = """\
+presets:
+  tiny                   3 layers (1 dense + 2 MoE), 8 experts (2 used, 1 shared),
+                         q-LoRA attention, n_embd 64: a few hundred KB, for tests
+  deepseek-v2-lite-mini  DeepSeek-V2-Lite shapes (n_embd 2048, 64 experts x 1408,
+                         6 used, 2 shared), 4 layers: ~1.4 GiB at q4_0
+  deepseek-v2-lite       all 27 layers, 15.7 B parameters: ~8.8 GiB at q4_0
+Weights are seeded noise scaled to keep activations finite and logits spread;
+norms and the router stay F32, as llama.cpp quantizes. llama.cpp loads the files.
+
+examples:
+  hyprof model make --preset tiny -o tiny.gguf
+  hyprof model make --preset deepseek-v2-lite --layers 8 --type q8_0 -o lite8.gguf
+"""
+
+INFO_EPILOG = """\
+placement (as llama.cpp):
+  token_embd stays on the CPU. -ngl N puts the last N of the n_layer + 1 layers on
+  the accelerator, the output layer counting as the last (-ngl 99: everything).
+  Each -ot REGEX=BACKEND rule (comma-separated or repeated) is tried in order with
+  re.search on the tensor name; the first match wins over -ngl.
+
+examples:
+  hyprof model info tiny.gguf -ngl 99 -ot "\\.ffn_.*_exps\\.=CPU"
+  hyprof model info tiny.gguf -ngl 2 --accel emulated --tensors
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("model", help="make test models; show a model and its placement",
+                              description="Write DeepSeek-shaped GGUF models with random weights, "
+                              "and show a model's hyperparameters and where its tensors go.")
+    sub = p.add_subparsers(dest="model_command", metavar="make|info")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+    mk = sub.add_parser("make", help="write a DeepSeek-shaped GGUF with seeded random weights",
+                        description="Write a DeepSeek2 GGUF model with seeded random weights, "
+                        "streaming tensor by tensor (the full preset needs ~1 GiB of memory).",
+                        epilog=MAKE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mk.add_argument("--preset", required=True, metavar="NAME",
+                    help="tiny | deepseek-v2-lite-mini | deepseek-v2-lite")
+    mk.add_argument("--layers", type=int, metavar="N", help="layer count instead of the preset's")
+    mk.add_argument("--type", default="q4_0", metavar="T", dest="qtype",
+                    help="q4_0 | q8_0 | f16 | bf16 | f32 (default: q4_0)")
+    mk.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    mk.add_argument("-o", "--output", required=True, metavar="FILE.gguf", help="output file")
+    mk.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    mk.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    mk.set_defaults(func=make)
+
+    info = sub.add_parser("info", help="hyperparameters, type mix and placement of a GGUF model",
+                          description="Show a GGUF model (architecture, parameters, size, type mix, "
+                          "hyperparameters) and where -ngl / -ot put its tensors: bytes per backend "
+                          "and the expert bytes each backend must read per token.",
+                          epilog=INFO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    info.add_argument("model", metavar="FILE.gguf")
+    info.add_argument("-ngl", "--n-gpu-layers", type=int, default=99, metavar="N",
+                      help="last N layers (output counting as the last) on the accelerator (default: 99)")
+    info.add_argument("-ot", "--override-tensor", action="append", default=[], metavar="REGEX=BACKEND[,...]",
+                      help="placement rule overriding -ngl; repeatable, first match wins")
+    info.add_argument("--accel", choices=("auto", "cuda", "emulated", "none"), default="auto",
+                      help="accelerator -ngl offloads to (default: auto, CUDA0 if present else ACC0)")
+    info.add_argument("--tensors", action="store_true", help="also list every tensor with its backend and cause")
+    info.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    info.set_defaults(func=show_info)
+
+
+def make(args: argparse.Namespace) -> int:
+    from hybrid.make_model import make_model
+    from profiler.progress import progress_bar
+
+    with progress_bar(0, f"making {args.output}", not args.no_progress, "MiB") as advance:
+        config = make_model(args.output, args.preset, args.qtype, n_layers=args.layers, seed=args.seed,
+                            force=args.force, progress=lambda done, total: advance(
+                                completed=done >> 20, total=max(total >> 20, 1)))
+    print(f"wrote {args.output}: {args.preset}, {config.n_layer} layers, {args.qtype.upper()}", file=sys.stderr)
+    return 0
+
+
+def show_info(args: argparse.Namespace) -> int:
+    from hybrid.gguf_model import load_model
+    from hybrid.placement import available_backends, backend_loads, parse_override_rules, place
+
+    model = load_model(args.model)
+    backends, accel = available_backends(args.accel)
+    rules = parse_override_rules(args.override_tensor, backends)
+    placement = place(model.tensors, rules, args.n_gpu_layers, model.config.n_layer, backends, accel)
+    for w in placement.warnings:
+        print(f"hyprof: warning: {w}", file=sys.stderr)
+    loads = backend_loads({n: t.n_bytes for n, t in model.tensors.items()}, model.config, placement)
+    result = info_result(model, placement, loads, args.n_gpu_layers, [str(r) for r in rules], args.tensors)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        render_info(result)
+    return 0
+
+
+def info_result(model, placement, loads, n_gpu_layers: int, overrides: list[str], with_tensors: bool) -> dict:
+    """Everything `model info` shows, as plain data (the --json output)."""
+    out = {
+        "model": {"path": str(model.path), "arch": model.config.arch, "size_bytes": model.size_bytes,
+                  "n_params": model.n_params, "ftype": model.ftype,
+                  "tensor_data_bytes": model.tensor_data_bytes, "type_bytes": model.type_bytes(),
+                  "n_vocab_tokens": len(model.vocab) if model.vocab else 0},
+        "config": dataclasses.asdict(model.config),
+        "placement": {"accel": placement.accel, "n_gpu_layers": n_gpu_layers, "overrides": overrides,
+                      "backends": {ld.backend: {"tensors": ld.n_tensors, "bytes": ld.n_bytes,
+                                                "expert_bytes": ld.expert_bytes,
+                                                "expert_bytes_per_token": ld.expert_bytes_per_token,
+                                                "bytes_per_token": ld.bytes_per_token} for ld in loads},
+                      "warnings": list(placement.warnings)},
+    }
+    if with_tensors:
+        out["tensors"] = [{"name": t.name, "type": t.type_name, "shape": list(t.shape), "bytes": t.n_bytes,
+                           "backend": placement.backend[t.name], "cause": placement.cause[t.name]}
+                          for t in model.tensors.values()]
+    return out
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
+def render_info(r: dict) -> None:
+    """Draw `info_result` as rich tables on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    m = r["model"]
+    head = Table(title=m["path"], show_header=False, title_justify="left")
+    head.add_row("architecture", m["arch"])
+    head.add_row("parameters", _count(m["n_params"]))
+    head.add_row("file size", f"{_size(m['size_bytes'])}  ({m['size_bytes']:,} bytes)")
+    head.add_row("tensor data", f"{_size(m['tensor_data_bytes'])}  ({m['tensor_data_bytes']:,} bytes)")
+    head.add_row("type", m["ftype"])
+    head.add_row("type mix", ", ".join(f"{t} {_size(b)} ({100 * b / m['tensor_data_bytes']:.1f}%)"
+                                       for t, b in m["type_bytes"].items()))
+    head.add_row("vocabulary", f"{m['n_vocab_tokens']} tokens")
+    console.print(head)
+
+    hp = Table(title="hyperparameters", show_header=False, title_justify="left")
+    items = list(r["config"].items())
+    half = (len(items) + 1) // 2
+    for (k1, v1), right in zip(items[:half], items[half:] + [("", "")]):
+        hp.add_row(k1, str(v1), right[0], str(right[1]))
+    console.print(hp)
+
+    p = r["placement"]
+    accel = p["accel"] or "none"
+    if accel == "ACC0":
+        accel += " (emulated)"
+    rules = "; ".join(p["overrides"]) or "none"
+    t = Table(title=f"placement: -ngl {p['n_gpu_layers']}, -ot {rules}, accelerator {accel}",
+              title_justify="left")
+    for col in ("backend", "tensors", "bytes", "share", "expert bytes", "expert bytes/token", "bytes/token"):
+        t.add_column(col, justify="left" if col == "backend" else "right")
+    total = m["tensor_data_bytes"]
+    for name, b in p["backends"].items():
+        t.add_row(name, str(b["tensors"]), _size(b["bytes"]), f"{100 * b['bytes'] / total:.1f}%",
+                  _size(b["expert_bytes"]), _size(b["expert_bytes_per_token"]), _size(b["bytes_per_token"]))
+    sums = [sum(b[k] for b in p["backends"].values())
+            for k in ("tensors", "bytes", "expert_bytes", "expert_bytes_per_token", "bytes_per_token")]
+    t.add_row("total", str(sums[0]), _size(sums[1]), "100.0%", *map(_size, sums[2:]), style="bold")
+    console.print(t)
+
+    if "tensors" in r:
+        tt = Table(title="tensors", title_justify="left")
+        for col in ("name", "type", "shape", "bytes", "backend", "cause"):
+            tt.add_column(col, justify="right" if col == "bytes" else "left")
+        for x in r["tensors"]:
+            tt.add_row(x["name"], x["type"], "x".join(map(str, x["shape"])), _size(x["bytes"]),
+                       x["backend"], x["cause"])
+        console.print(tt)

@@ -1,0 +1,185 @@
+"""`hyprof run`: a llama-bench run of the hybrid engine that also records every event."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from profiler.errors import UserError
+
+DEFAULT_PRESET = "deepseek-v2-lite-mini"
+DEFAULT_QTYPE = "q4_0"
+
+EPILOG = """\
+tests (as llama-bench):
+  pp<N>        prompt processing: N tokens in one batch            (-p N)
+  tg<N>        text generation: N evaluations of one token         (-n N)
+  pp<P>+tg<G>  a prompt then generation, timed together            (-pg P,G)
+  X@pp<D>      test X after an untimed prompt of D tokens (depth)  (-d D)
+Each test runs once to warm up, then -r times from an empty KV cache; t/s is
+the mean ± standard deviation over those repetitions.
+
+sweeps: -t, -p, -n, -d, -ngl, -mla, -fmoe, -rtr take comma lists (or repeat the
+flag); every combination of the engine flags is one table row per test.
+-ot follows llama-bench: `;` separates the rules of one set, `,` (or another
+-ot) starts another set to sweep:
+  -ot "\\.ffn_.*_exps\\.=CPU"                     one set, one rule
+  -ot "exps=CPU;blk\\.0\\.=CPU"                     one set, two rules
+  -ot "exps=CPU" -ot ""                           two sets: experts on CPU, none
+
+timings: -o FILE writes the header (model, config, machine, placement, the
+CPU's peak bandwidth from `hyprof membw`, cached) and every event of every
+measured repetition, flushed after each graph; Ctrl-C keeps every completed
+graph. Read it with `hyprof report FILE`. HYPROF_PRINT_TIMING=1 prints each
+op, copy, wakeup, split, sync and phase on stderr as it completes.
+
+examples:
+  hyprof run -p 64 -n 16 -r 3 --accel emulated -ot "\\.ffn_.*_exps\\.=CPU" -o t.jsonl
+  hyprof run -m model.gguf -t 1,2 -n 32 -p 0 --output csv
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="benchmark a model like llama-bench and record every event",
+        description="Benchmark hybrid CPU+accelerator inference of a MoE model with "
+        "llama-bench's tests and flags, print the t/s table, and (with -o) record the "
+        "timings file that `hyprof report` attributes.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", metavar="FILE.gguf",
+                   help=f"model file (default: {DEFAULT_PRESET} at {DEFAULT_QTYPE.upper()}, "
+                   "made once and cached)")
+    p.add_argument("-p", "--n-prompt", type=_ints, action="append", metavar="N[,N]",
+                   help="prompt tokens per pp test (default: 512)")
+    p.add_argument("-n", "--n-gen", type=_ints, action="append", metavar="N[,N]",
+                   help="generated tokens per tg test (default: 128)")
+    p.add_argument("-pg", type=_pair, action="append", default=[], metavar="PP,TG",
+                   help="a prompt+generation test (repeatable)")
+    p.add_argument("-d", "--n-depth", type=_ints, action="append", metavar="N[,N]",
+                   help="KV cache depth before each test (default: 0)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, metavar="N",
+                   help="measured repetitions per test (default: 5)")
+    p.add_argument("-t", "--threads", type=_ints, action="append", metavar="N[,N]",
+                   help=f"CPU threads (default: {os.cpu_count()})")
+    p.add_argument("-ngl", "--n-gpu-layers", type=_ints, action="append", metavar="N[,N]",
+                   help="last N repeating layers (and output) on the accelerator (default: 99)")
+    p.add_argument("-ot", "--override-tensor", action="append", default=[],
+                   metavar="REGEX=BACKEND[;...][,...]",
+                   help="placement rules overriding -ngl, first match wins (see below)")
+    p.add_argument("--accel", choices=("auto", "cuda", "emulated", "none"), default="auto",
+                   help="accelerator: a CUDA GPU, the emulated ACC0, or none (default: auto, "
+                   "CUDA if present else emulated)")
+    p.add_argument("-mla", type=_ints, action="append", metavar="0|1",
+                   help="multi-head latent attention (default: 0)")
+    p.add_argument("-fmoe", type=_ints, action="append", metavar="0|1",
+                   help="fused MoE up/gate (default: 1)")
+    p.add_argument("-rtr", type=_ints, action="append", metavar="0|1",
+                   help="repack weights at load time (default: 1)")
+    p.add_argument("--poll", type=_ints, action="append", metavar="0..100",
+                   help="worker polling level before sleeping, as ggml's --poll (default: 50)")
+    p.add_argument("-o", dest="timings", metavar="TIMINGS.jsonl",
+                   help="write every event of every measured repetition here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing timings file")
+    p.add_argument("--output", choices=("md", "json", "csv"), default="md",
+                   help="result table format on stdout (default: md)")
+    p.add_argument("--peak-bw", type=float, metavar="GBPS",
+                   help="CPU peak memory bandwidth for the header, instead of measuring it")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt tokens")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from profiler.bench import run_bench, sweep, plan_tests
+    from profiler.bench_output import RENDERERS
+    from profiler.files import check_output_path
+
+    tests = plan_tests(n_prompt=_flat(args.n_prompt, [512]), n_gen=_flat(args.n_gen, [128]),
+                      pg=args.pg, depths=_flat(args.n_depth, [0]))
+    configs = sweep(threads=_flat(args.threads, [os.cpu_count() or 1]),
+                    n_gpu_layers=_flat(args.n_gpu_layers, [99]),
+                    override_sets=override_sets(args.override_tensor), accel=args.accel,
+                    mla=_flat(args.mla, [0]), fmoe=_flat(args.fmoe, [1]),
+                    rtr=_flat(args.rtr, [1]), poll=_flat(args.poll, [50]))
+    if any(c.threads < 1 for c in configs):
+        raise UserError("-t: thread counts must be >= 1")
+    if args.timings is not None:
+        check_output_path(args.timings, args.force)
+    model = args.model or default_model(progress=not args.no_progress)
+    if not os.path.isfile(model):
+        raise UserError(f"-m {model}: no such file")
+
+    from hybrid.engine import make_engine
+
+    try:
+        results = run_bench(make_engine, model, configs, tests, args.repetitions,
+                            timings=args.timings, force=args.force,
+                            peak_bw=_peak_bw(args.peak_bw, not args.no_progress),
+                            seed=args.seed, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        if args.timings and os.path.exists(args.timings):
+            print(f"hyprof: {args.timings} keeps every graph that completed", file=sys.stderr)
+        raise
+    sys.stdout.write(RENDERERS[args.output](results))
+    if args.timings:
+        print(f"timings: {args.timings}", file=sys.stderr)
+    return 0
+
+
+def override_sets(values: list[str]) -> list[list[str]]:
+    """llama-bench's -ot: each flag and each `,`-part is one set of `;`-separated rules."""
+    sets = [[rule for rule in group.split(";") if rule]
+            for value in values for group in value.split(",")]
+    for rule in (rule for rules in sets for rule in rules):
+        regex, _, backend = rule.rpartition("=")
+        if not regex or not backend:
+            raise UserError(f"-ot {rule!r}: expected REGEX=BACKEND")
+    return sets
+
+
+def default_model(progress: bool) -> str:
+    """The default model's path, made on first use (a few minutes) and cached."""
+    from profiler.machine import cache_dir
+
+    path = cache_dir() / "models" / f"{DEFAULT_PRESET}-{DEFAULT_QTYPE}.gguf"
+    if path.exists():
+        return str(path)
+    from hybrid.make_model import make_model
+    from profiler.progress import progress_bar
+
+    print(f"hyprof: making the default model {DEFAULT_PRESET} ({DEFAULT_QTYPE.upper()}) "
+          f"once, cached as {path}", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with progress_bar(0, f"making {path.name}", progress, "MiB") as advance:
+        make_model(path, DEFAULT_PRESET, DEFAULT_QTYPE, progress=lambda done, total: advance(
+            completed=done >> 20, total=total >> 20))
+    return str(path)
+
+
+def _peak_bw(given: float | None, progress: bool):
+    """The header's peak_bw for a thread count: --peak-bw, else `hyprof membw`'s (cached)."""
+    from profiler.membw import cached_stream, given_peak_bw, peak_bw_header
+
+    if given is not None:
+        header = given_peak_bw(given)
+        return lambda threads: header
+    return lambda threads: peak_bw_header(cached_stream(threads, progress=progress)[0])
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by commas")
+
+
+def _pair(text: str) -> tuple[int, int]:
+    values = _ints(text)
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected PP,TG")
+    return values[0], values[1]
+
+
+def _flat(lists: list[list[int]] | None, default: list[int]) -> list[int]:
+    return [v for values in lists for v in values] if lists else default

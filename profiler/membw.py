@@ -1,0 +1,147 @@
+"""The machine's peak memory bandwidth, measured the STREAM way, cached per machine.
+
+The report states the CPU expert matmul bandwidth as a fraction of this peak,
+so it must be what the memory system delivers to this many threads, not a
+datasheet figure: STREAM's copy (c = a) and triad (a = b + s*c) over arrays at
+least 4x the last-level cache (this machine's L3 is 260 MB effective; 1 GiB
+arrays by default), counting bytes as STREAM does (copy 2, triad 3 arrays per
+pass; write-allocate traffic not counted), median of several runs. Triad is
+the headline: like a matmul over weights it mostly reads.
+
+torch runs the kernels (its elementwise ops are vectorised and use
+`torch.set_num_threads` threads); it is imported inside the measurement so
+that `analysis` never pulls it in through here.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from profiler.errors import UserError
+from profiler.files import atomic_output
+from profiler.machine import cache_dir, host_machine
+from profiler.progress import progress_bar
+
+DEFAULT_ARRAY_BYTES = 1 << 30
+DEFAULT_RUNS = 5
+N_ARRAYS = 3
+CACHE_FILE = "membw.json"
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    cpu: str
+    cores: int
+    threads: int
+    array_bytes: int               # each of the three arrays
+    copy_GBps: float               # medians over the runs
+    triad_GBps: float
+    copy_samples_GBps: tuple[float, ...]
+    triad_samples_GBps: tuple[float, ...]
+
+    @property
+    def method(self) -> str:
+        return (f"measured: stream triad, {N_ARRAYS} x {self.array_bytes / 2**20:.0f} MiB "
+                f"arrays, {self.threads} threads, median of {len(self.triad_samples_GBps)}")
+
+
+def measure_stream(threads: int, array_bytes: int = DEFAULT_ARRAY_BYTES,
+                   runs: int = DEFAULT_RUNS,
+                   advance: Callable[[], None] = lambda: None) -> StreamResult:
+    """Run STREAM copy and triad `runs` times each with `threads` threads; `advance()`
+    is called after each kernel run (a progress bar)."""
+    import torch
+
+    if threads < 1 or runs < 1:
+        raise UserError(f"membw: need threads >= 1 and runs >= 1, got {threads} and {runs}")
+    _check_memory(array_bytes)
+    n = array_bytes // 4
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # fill_ touches every page now, so page faults are not timed.
+        a = torch.empty(n, dtype=torch.float32).fill_(1.0)
+        b = torch.empty(n, dtype=torch.float32).fill_(2.0)
+        c = torch.empty(n, dtype=torch.float32).fill_(0.0)
+        copy, triad = [], []
+        for _ in range(runs):
+            copy.append(2 * array_bytes / _seconds(lambda: c.copy_(a)) / 1e9)
+            advance()
+            triad.append(3 * array_bytes / _seconds(lambda: torch.add(b, c, alpha=3.0, out=a))
+                         / 1e9)
+            advance()
+        del a, b, c
+    finally:
+        torch.set_num_threads(previous)
+    machine = host_machine()
+    return StreamResult(cpu=machine["cpu"], cores=machine["cores"], threads=threads,
+                        array_bytes=array_bytes, copy_GBps=statistics.median(copy),
+                        triad_GBps=statistics.median(triad),
+                        copy_samples_GBps=tuple(copy), triad_samples_GBps=tuple(triad))
+
+
+def _seconds(kernel: Callable[[], object]) -> float:
+    t0 = time.perf_counter_ns()
+    kernel()
+    return (time.perf_counter_ns() - t0) / 1e9
+
+
+def _check_memory(array_bytes: int) -> None:
+    """Refuse to start when the arrays would not fit in available memory."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            info = dict(line.split(":", 1) for line in f)
+        available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return
+    need = N_ARRAYS * array_bytes
+    if need > 0.8 * available:
+        raise UserError(f"membw: {N_ARRAYS} arrays of {array_bytes / 2**20:.0f} MiB need "
+                        f"{need / 2**30:.1f} GiB, only {available / 2**30:.1f} GiB available "
+                        "(use --array-mib)")
+
+
+def _cache_key(threads: int) -> str:
+    machine = host_machine()
+    return f"{machine['cpu']}|{machine['cores']} cores|{threads} threads"
+
+
+def cached_stream(threads: int, *, array_bytes: int = DEFAULT_ARRAY_BYTES,
+                  runs: int = DEFAULT_RUNS, refresh: bool = False,
+                  progress: bool = True) -> tuple[StreamResult, bool]:
+    """The STREAM result for this machine and thread count, measured once and kept in
+    the cache (keyed by CPU model, cores and threads). Returns it and whether it came
+    from the cache."""
+    path = cache_dir() / CACHE_FILE
+    key = _cache_key(threads)
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(key)
+    if entry and not refresh and entry.get("array_bytes") == array_bytes:
+        entry = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}
+        return StreamResult(**entry), True
+    with progress_bar(2 * runs, f"membw: STREAM copy + triad, {threads} threads",
+                      progress) as advance:
+        result = measure_stream(threads, array_bytes, runs, advance)
+    cache[key] = asdict(result)
+    with atomic_output(path, force=True, flag="cache") as f:
+        json.dump(cache, f, indent=1)
+    return result, False
+
+
+def peak_bw_header(result: StreamResult) -> dict:
+    """The timings header's `peak_bw` from a measurement."""
+    return {"CPU": {"GBps": round(result.triad_GBps, 3), "method": result.method}}
+
+
+def given_peak_bw(gbps: float) -> dict:
+    """The timings header's `peak_bw` when the user states it (`--peak-bw`)."""
+    if not gbps > 0:
+        raise UserError(f"--peak-bw {gbps}: must be a bandwidth in GB/s > 0")
+    return {"CPU": {"GBps": float(gbps), "method": "given: --peak-bw"}}

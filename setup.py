@@ -1,0 +1,21 @@
+"""Build of the one native extension, hybrid._kernels; everything else is in pyproject.toml.
+
+No -march flags: the kernels pick their SIMD path (AVX-512 VNNI, AVX2, scalar)
+at run time, so a wheel built here runs on any x86-64 or other CPU.
+"""
+
+import sys
+
+from setuptools import Extension, setup
+
+unix = sys.platform != "win32"
+setup(
+    ext_modules=[
+        Extension(
+            "hybrid._kernels",
+            sources=["hybrid/_kernels.c"],
+            extra_compile_args=["-O3", "-std=c11", "-Wall"] if unix else [],
+            libraries=["m"] if unix else [],
+        )
+    ]
+)

@@ -1,0 +1,179 @@
+"""Loading timings files: columns, symbols, skips, truncation, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import orjson
+import pytest
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import analysis.timings as timings_module
+from analysis.timings import STRING_FIELDS, load_lines, load_timings
+from profiler.errors import UserError
+
+HEADER = b'{"type": "meta", "schema": "hyprof-timings/1", "config": {"threads": 2}}'
+OP = {"type": "op", "ts": 5, "dur": 7, "tid": "cpu1", "backend": "CPU", "graph": 0, "split": 1,
+      "op": "MUL_MAT_ID", "name": "blk.2.ffn_up_exps", "layer": 2, "bytes": 1000, "flops": 9, "n_tokens": 1}
+
+
+def write(tmp_path, lines, name="t.jsonl", end=b"\n"):
+    path = tmp_path / name
+    path.write_bytes(b"\n".join(x if isinstance(x, bytes) else orjson.dumps(x) for x in lines) + end)
+    return path
+
+
+def decoded(t):
+    """Events and tests with symbol ids replaced by their strings (ids depend on the reading order)."""
+    def rows(table):
+        return [tuple(t.sym(int(v)) if f in STRING_FIELDS else int(v) for f, v in zip(table.dtype.names, row))
+                for row in table]
+    return rows(t.events), rows(t.tests), t.skipped_types, t.skipped_fields
+
+
+def test_columns_symbols_and_time_order(tmp_path):
+    t = load_timings(write(tmp_path, [HEADER, OP, {"type": "copy", "ts": 1, "dur": 2, "src": "CPU", "dst": "CUDA0",
+                                                  "bytes": 64, "name": "inp"}]))
+    assert t.header["config"] == {"threads": 2}
+    ev = t.events
+    assert list(ev["ts"]) == [1, 5]                      # sorted by start
+    copy, o = ev
+    assert t.sym(o["op"]) == "MUL_MAT_ID" and t.sym(o["name"]) == "blk.2.ffn_up_exps"
+    assert (o["layer"], o["bytes"], o["flops"], o["graph"], o["split"]) == (2, 1000, 9, 0, 1)
+    assert t.sym(copy["src"]) == "CPU" and t.sym(copy["dst"]) == "CUDA0"
+    assert (copy["graph"], copy["layer"], copy["flops"]) == (-1, -1, 0)   # absent: -1, absent bytes/flops: 0
+    assert t.id("CPU") == o["backend"] == copy["src"] and t.id("nope") == -1
+    assert t.warnings == ()
+
+
+def test_tests_table(tmp_path):
+    t = load_timings(write(tmp_path, [HEADER, {"type": "test", "ts": 0, "dur": 9, "name": "tg64@pp512", "kind": "tg",
+                                               "n_prompt": 0, "n_gen": 64, "depth": 512, "rep": 3, "n_tokens": 64}]))
+    (row,) = t.tests
+    assert t.sym(row["name"]) == "tg64@pp512" and t.sym(row["kind"]) == "tg"
+    assert (row["n_gen"], row["depth"], row["rep"], row["n_tokens"], row["dur"]) == (64, 512, 3, 64, 9)
+
+
+def test_unknown_types_and_fields_are_skipped_and_counted(tmp_path):
+    t = load_timings(write(tmp_path, [HEADER, {**OP, "color": "red", "extra": [1, {"a": 2}]}, {**OP, "color": "x"},
+                                      {"type": "power", "ts": 0, "dur": 1, "watts": 3}, {"type": "power", "ts": 1}]))
+    assert len(t.events) == 2
+    assert t.skipped_types == {"power": 2}
+    assert t.skipped_fields == {"color": 2, "extra": 1}
+    assert any("power (2)" in w for w in t.warnings) and any("color (2)" in w for w in t.warnings)
+
+
+def test_truncated_last_line_is_ignored_with_a_warning(tmp_path):
+    path = write(tmp_path, [HEADER, OP, b'{"type": "op", "ts": 9, "du'], end=b"")
+    t = load_timings(path)
+    assert len(t.events) == 1
+    assert t.warnings == (f"{path}:3: truncated last line ignored",)
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([HEADER, b"{not json", OP], r"t.jsonl:2: not JSON"),
+    ([HEADER, b"[1, 2]"], r"t.jsonl:2: not a JSON object"),
+    ([HEADER, {"ts": 1, "dur": 1}], r"t.jsonl:2: event has no 'type'"),
+    ([HEADER, OP, {"type": "op", "dur": 1}], r"t.jsonl:3: event has no 'ts'"),
+    ([HEADER, {**OP, "dur": -1}], r"t.jsonl:2: 'dur' is negative"),
+    ([HEADER, OP, {**OP, "ts": "soon"}], r"t.jsonl:3: field 'ts' must be an integer, got 'soon'"),
+    ([HEADER, {**OP, "bytes": 1.5}], r"t.jsonl:2: field 'bytes' must be an integer"),
+    ([HEADER, {**OP, "backend": 3}], r"t.jsonl:2: field 'backend' must be a string, got 3"),
+    ([b'{"type": "meta", "schema": "hyprof-timings/2"}', OP], r"t.jsonl:1: schema 'hyprof-timings/2' is not"),
+    ([OP], r"t.jsonl:1: not a hyprof timings file \(line 1 is not the"),
+    ([b"model loaded in 3 s", b"bye"], r"t.jsonl: not a hyprof timings file \(line 1 is not a JSON object\)"),
+])
+def test_bad_input_is_one_clear_error_naming_file_and_line(tmp_path, lines, message):
+    with pytest.raises(UserError, match=message):
+        load_timings(write(tmp_path, lines))
+
+
+def test_missing_empty_and_directory(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        load_timings(tmp_path / "absent.jsonl")
+    with pytest.raises(UserError, match="empty file"):
+        load_timings(write(tmp_path, [], end=b"\n\n"))
+    with pytest.raises(UserError, match="is a directory"):
+        load_timings(tmp_path)
+
+
+def test_load_lines_matches_load_timings_and_accepts_str_and_blank_lines(tmp_path):
+    lines = [HEADER, OP, {**OP, "ts": 2, "tid": "cpu2"}, {"type": "sync", "ts": 3, "dur": 1, "backend": "CUDA0"}]
+    from_file = load_timings(write(tmp_path, lines))
+    from_lines = load_lines([x.decode() if isinstance(x, bytes) else orjson.dumps(x).decode() + "\n"
+                             for x in lines[:2]] + ["", "  "] + [orjson.dumps(x) for x in lines[2:]], "mem")
+    assert from_lines.source == "mem"
+    assert decoded(from_file) == decoded(from_lines)
+
+
+def test_many_chunks_keep_line_numbers(tmp_path, monkeypatch):
+    import analysis.timings as timings
+    monkeypatch.setattr(timings, "LINES_PER_CHUNK", 3)
+    monkeypatch.setattr(timings, "BLOCK_BYTES", 50)
+    lines = [HEADER] + [{**OP, "ts": i} for i in range(10)] + [b"oops"] + [OP]
+    with pytest.raises(UserError, match=r"t.jsonl:12: not JSON"):
+        load_timings(write(tmp_path, lines))
+    t = load_timings(write(tmp_path, lines[:-2], name="ok.jsonl"))
+    assert list(t.events["ts"]) == list(range(10))
+
+
+def test_analysis_imports_without_torch_or_hybrid():
+    code = textwrap.dedent("""
+        import sys
+        sys.modules['torch'] = None      # importing torch now fails
+        sys.modules['hybrid'] = None
+        import analysis.timings, analysis.attribution, analysis.bandwidth, analysis.whatif
+        import analysis.report, analysis.tables, analysis.render_console, analysis.render_markdown
+        import hyprof.commands.report
+        from hyprof.cli import build_parser
+        print('ok')
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_writer_output_takes_the_vectorised_route(tmp_path, monkeypatch):
+    monkeypatch.setattr(timings_module, "_parse_lines", None)      # the per-line JSON route would fail
+    t = load_timings(write(tmp_path, [HEADER] + [{**OP, "ts": i, "zz": 1.5} for i in range(50)]
+                           + [{"type": "graph", "ts": 0, "dur": 9, "test": "tg1", "n_past": 3}]))
+    assert len(t.events) == 51 and t.skipped_fields == {"zz": 50}
+    assert t.sym(t.events["name"][-1]) == "blk.2.ffn_up_exps"
+
+
+# Both routes must give the same columns: random events, written compact or spaced, with unknown
+# types and fields, odd strings (commas, colons, braces, quotes, unicode), nulls and big numbers.
+texts = st.sampled_from(["CPU", "cpu1", "blk.0.ffn_up_exps", "a,b", "k:v", "{x}", 'q"q', "é", "", "x" * 70,
+                         "MUL_MAT_ID", "CUDA0"])
+ints = st.one_of(st.integers(0, 10**12), st.integers(-5, 5))
+unknown_values = st.one_of(st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+                           st.none(), texts)
+
+
+@st.composite
+def event_objects(draw):
+    type_ = draw(st.sampled_from(["op", "copy", "graph", "test", "split", "sync", "wakeup", "phase", "gpu_power"]))
+    ev = {"type": type_, "ts": draw(st.integers(0, 10**15)), "dur": draw(st.integers(0, 10**9))}
+    for f in draw(st.lists(st.sampled_from(["graph", "split", "layer", "bytes", "flops", "n_tokens", "n_past",
+                                            "n_nodes", "rep", "depth", "n_gen"]), max_size=5)):
+        ev[f] = draw(ints)
+    for f in draw(st.lists(st.sampled_from(["tid", "backend", "op", "name", "src", "dst", "kind"]), max_size=4)):
+        ev[f] = draw(texts)
+    if draw(st.booleans()):
+        ev[draw(st.sampled_from(["zz", "tps", "a_long_field_name", "test"]))] = draw(unknown_values)
+    return ev
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(event_objects(), max_size=12), st.booleans())
+def test_vectorised_and_json_routes_agree(events, spaced):
+    import json
+    dump = (lambda e: json.dumps(e, ensure_ascii=False)) if spaced else (lambda e: orjson.dumps(e).decode())
+    lines = [HEADER.decode()] + [dump(e) for e in events] + ['{"type": "sync", "ts": 0, "dur": 0}']
+    fast = load_lines(lines, "x")
+    slow = load_lines(lines[:1] + [""] + lines[1:], "x")               # a blank line: the JSON route
+    assert decoded(fast) == decoded(slow)

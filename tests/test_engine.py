@@ -1,0 +1,164 @@
+"""The hybrid engine: placement never changes results, and Ctrl-C stops it cleanly.
+
+The tiny model (1 dense + 2 MoE layers, Q4_0) runs 32 greedy steps all on the
+CPU, all on the emulated accelerator ACC0 (-ngl 99), and with the routed experts
+on the CPU and the rest on ACC0 (the hybrid case), with 1 and 2 threads and both
+wait modes. Every run must give the same tokens and logits within tolerance, and
+the first logits must match the independent float64 NumPy reference.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from hybrid.engine import Engine
+from profiler.errors import UserError
+from profiler.recorder import Recorder
+from reference_deepseek2 import Deepseek2Reference
+
+EXPERTS_ON_CPU = r"\.ffn_.*_exps\.=CPU"
+PROMPT = [1, 17, 42, 99, 7]
+N_STEPS = 32
+
+PLACEMENTS = {
+    "all-cpu": dict(accel="none", n_gpu_layers=0, overrides=()),
+    "all-acc": dict(accel="emulated", n_gpu_layers=99, overrides=()),
+    "experts-cpu": dict(accel="emulated", n_gpu_layers=99, overrides=(EXPERTS_ON_CPU,)),
+}
+
+
+def greedy(engine: Engine, n_steps: int = N_STEPS) -> tuple[list[int], torch.Tensor]:
+    """Prompt, then n_steps single-token evaluations; the tokens and every step's logits."""
+    logits = [engine.forward(PROMPT, "pp")[-1]]
+    tokens = []
+    for _ in range(n_steps):
+        tokens.append(int(torch.argmax(logits[-1])))
+        logits.append(engine.forward(tokens[-1:], "tg")[-1])
+    return tokens, torch.stack(logits)
+
+
+@pytest.fixture(scope="module")
+def cpu_baseline(tiny_gguf):
+    with Engine(str(tiny_gguf), threads=1, **PLACEMENTS["all-cpu"]) as engine:
+        return greedy(engine)
+
+
+def test_baseline_matches_float64_reference(tiny_gguf, cpu_baseline):
+    ref = Deepseek2Reference(tiny_gguf).forward(PROMPT)
+    np.testing.assert_allclose(cpu_baseline[1][0].numpy(), np.asarray(ref)[-1], rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("placement", ["all-acc", "experts-cpu"])
+@pytest.mark.parametrize("threads,poll", [(1, 0), (2, 0), (2, 1)])
+def test_placement_never_changes_results(tiny_gguf, cpu_baseline, placement, threads, poll):
+    with Engine(str(tiny_gguf), threads=threads, poll=poll, **PLACEMENTS[placement]) as engine:
+        tokens, logits = greedy(engine)
+    assert tokens == cpu_baseline[0]
+    torch.testing.assert_close(logits, cpu_baseline[1], rtol=0, atol=1e-4)
+
+
+def test_all_cpu_with_workers_matches(tiny_gguf, cpu_baseline):
+    with Engine(str(tiny_gguf), threads=2, poll=1, **PLACEMENTS["all-cpu"]) as engine:
+        tokens, logits = greedy(engine)
+    assert tokens == cpu_baseline[0]
+    torch.testing.assert_close(logits, cpu_baseline[1], rtol=0, atol=1e-4)
+
+
+def test_hybrid_run_records_every_step(tiny_gguf):
+    rec = Recorder(enabled=True)
+    with Engine(str(tiny_gguf), threads=2, recorder=rec, **PLACEMENTS["experts-cpu"]) as engine:
+        assert engine.eval(PROMPT, "pp5") in range(engine.n_vocab)
+        engine.eval([3], "tg1")
+        header = engine.header()
+        plan = engine.last_plan
+    events = rec.drain()
+    assert header["config"]["accel"] == "ACC0 (emulated)"
+    assert set(header["placement"]) == {"CPU", "ACC0"}
+    # 1 dense + 2 MoE layers: [CPU get_rows] [ACC ...] then [CPU experts] [ACC ...] per MoE layer
+    assert [s.backend for s in plan.splits] == ["CPU", "ACC0", "CPU", "ACC0", "CPU", "ACC0"]
+    by_type = {}
+    for e in events:
+        by_type.setdefault(e["type"], []).append(e)
+    assert {"graph", "phase", "split", "op", "copy", "wakeup", "sync"} <= set(by_type)
+    assert {e["name"] for e in by_type["phase"]} >= {"graph_build", "set_inputs", "split_setup",
+                                                      "sample"}
+    assert [e["test"] for e in by_type["graph"]] == ["pp5", "tg1"]
+    expert_ops = [e for e in by_type["op"] if "_exps" in e["name"]]
+    assert expert_ops and all(e["backend"] == "CPU" and e["tid"] in ("main", "cpu1")
+                              for e in expert_ops)
+    assert {e["tid"] for e in by_type["op"] if e["backend"] == "ACC0"} == {"ACC0"}
+    copies = by_type["copy"]
+    assert {(e["src"], e["dst"]) for e in copies} == {("CPU", "ACC0"), ("ACC0", "CPU")}
+    assert all(e["bytes"] > 0 for e in copies)
+    graphs = {e["graph"]: e for e in by_type["graph"]}
+    splits = {(e["graph"], e["split"]): e for e in by_type["split"]}
+    for e in events:
+        if e["type"] == "graph":
+            continue
+        outer = [graphs[e["graph"]]] + ([splits[e["graph"], e["split"]]]
+                                        if e.get("split") is not None and e["type"] != "split"
+                                        else [])
+        for o in outer:
+            assert o["ts"] <= e["ts"] and e["ts"] + e["dur"] <= o["ts"] + o["dur"], (e, o)
+
+
+def test_recording_off_records_nothing(tiny_gguf):
+    rec = Recorder(enabled=False)
+    with Engine(str(tiny_gguf), threads=2, recorder=rec, **PLACEMENTS["experts-cpu"]) as engine:
+        engine.eval(PROMPT, "pp5")
+    assert rec.drain() == []
+
+
+def test_cuda_without_gpu_is_a_user_error(tiny_gguf):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(UserError, match="--accel cuda"):
+        Engine(str(tiny_gguf), accel="cuda")
+
+
+def test_bad_thread_count_is_a_user_error(tiny_gguf):
+    with pytest.raises(UserError, match="-t 0"):
+        Engine(str(tiny_gguf), threads=0)
+
+
+@pytest.mark.parametrize("poll", [0, 1])
+def test_ctrl_c_stops_workers_cleanly(tiny_gguf, poll):
+    """SIGINT in the middle of a long hybrid run: the process exits promptly."""
+    script = textwrap.dedent(f"""
+        import sys
+        from hybrid.engine import Engine
+        engine = Engine({str(tiny_gguf)!r}, threads=2, poll={poll}, accel="emulated",
+                        n_gpu_layers=99, overrides=[{EXPERTS_ON_CPU!r}])
+        try:
+            print("ready", flush=True)
+            while True:
+                engine.reset()
+                for step in range(200):
+                    engine.eval([step % 100], "tg")
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        finally:
+            engine.close()
+        print("closed", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=os.getcwd())
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert out.split() == ["interrupted", "closed"], (out, err)

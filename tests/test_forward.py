@@ -1,0 +1,153 @@
+"""The engine's logits against the independent float64 NumPy reference.
+
+Every case runs a 6-token prompt batch and then 3 single-token steps through
+the KV cache, with -mla 0 and 1 and -fmoe 0 and 1. Tolerance: the largest
+logit error is below 1e-4 of the largest logit (float32 arithmetic on the same
+dequantised weights gives ~5e-7); with -rtr 1, where 4-bit weights are
+repacked into torch's int4 pack and multiplied in bfloat16 (~3e-3 per matmul),
+below 3e-2. bfloat16 rounding can flip a near-tied expert choice, and then the
+logits move further: it does on the plain-q tiny model (token 3, layer 2: expert
+7 instead of 4, error 7e-2), so the -rtr case runs on the q-LoRA one, which has
+no such tie.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf.constants import GGMLQuantizationType as T
+
+from gguf_retype import retype_gguf
+from hybrid.gguf_model import load_model
+from hybrid.model import Model, build_graph
+from hybrid.graph import compute
+from reference_deepseek2 import Deepseek2Reference
+
+PROMPT = [1, 5, 77, 300, 12, 9]
+STEPS = [3, 100, 42]
+TOL, TOL_RTR = 1e-4, 3e-2
+
+YARN = dict(rope_scaling_type="yarn", rope_scaling_factor=40.0, rope_orig_ctx=64, rope_yarn_log_mul=0.0707)
+CASES = {
+    "f32": ("f32", {}),
+    "f32-plain-q": ("f32", dict(q_lora_rank=0)),
+    "f32-k_b_v_b": ("f32", dict(kv_layout="k_b_v_b")),
+    "f32-plain-q-k_b_v_b": ("f32", dict(q_lora_rank=0, kv_layout="k_b_v_b")),
+    "f32-sigmoid-bias-norm-scale": ("f32", dict(expert_gating_func=2, expert_weights_norm=True,
+                                                expert_weights_scale=2.5)),
+    "f32-groups": ("f32", dict(n_expert_groups=4, n_group_used=2, expert_gating_func=2)),
+    "f32-yarn": ("f32", YARN),
+    "f32-yarn-no-log-mul": ("f32", dict(YARN, rope_yarn_log_mul=0.0, rope_scaling_factor=4.0)),
+    "q4_0": ("q4_0", {}),
+    "q4_0-plain-q": ("q4_0", dict(q_lora_rank=0)),
+    "q8_0": ("q8_0", {}),
+    "f16": ("f16", {}),
+    "bf16-k_b_v_b": ("bf16", dict(kv_layout="k_b_v_b")),
+}
+
+_references: dict = {}
+
+
+def reference_logits(path) -> tuple[np.ndarray, list[np.ndarray]]:
+    if path not in _references:
+        ref = Deepseek2Reference(path)
+        _references[path] = (ref.forward(PROMPT), [ref.forward([t]) for t in STEPS])
+    return _references[path]
+
+
+def rel_err(got: torch.Tensor, want: np.ndarray) -> float:
+    return float(np.abs(got.double().numpy() - want).max() / np.abs(want).max())
+
+
+def check_against_reference(path, tol: float, **options) -> None:
+    want_prompt, want_steps = reference_logits(path)
+    model = Model(load_model(path), n_ctx=32, **options)
+    assert rel_err(model.forward(PROMPT, all_logits=True), want_prompt) < tol
+    for tok, want in zip(STEPS, want_steps):
+        assert rel_err(model.forward([tok]), want) < tol
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("mla,fmoe", [(0, 0), (0, 1), (1, 0), (1, 1)])
+def test_logits_match_reference(make_gguf, case, mla, fmoe):
+    qtype, overrides = CASES[case]
+    check_against_reference(make_gguf("tiny", qtype, **overrides), TOL, mla=bool(mla), fmoe=bool(fmoe))
+
+
+@pytest.mark.parametrize("mla,fmoe", [(0, 0), (0, 1), (1, 0), (1, 1)])
+def test_repacked_weights_match_reference(make_gguf, mla, fmoe):
+    path = make_gguf("tiny", "q4_0")
+    model = Model(load_model(path), n_ctx=8, rtr=True)
+    assert model.weights.resident_bytes() > 0, "-rtr 1 repacked nothing"
+    check_against_reference(path, TOL_RTR, mla=bool(mla), fmoe=bool(fmoe), rtr=True)
+
+
+def test_last_token_logits_equal_all_logits_row(tiny_gguf):
+    """Without all_logits the head runs on the last token only, with the same result."""
+    g = load_model(tiny_gguf)
+    full = Model(g, n_ctx=16).forward(PROMPT, all_logits=True)
+    last = Model(g, n_ctx=16).forward(PROMPT)
+    assert last.shape == (1, g.config.n_vocab)
+    torch.testing.assert_close(last[0], full[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_graph_nodes_name_their_buffers(tiny_gguf):
+    """Weight ops carry the GGUF tensor they read; expert ops are MUL_MAT_ID on *_exps."""
+    model = Model(load_model(tiny_gguf), n_ctx=16)
+    graph = build_graph(model, n_tokens=4, n_past=0)
+    names = set(model.buffer_names())
+    for node in graph.nodes:
+        if node.buffer is not None:
+            assert node.buffer in names, node.buffer
+    by_name = {n.name: n for n in graph.nodes}
+    up = by_name["blk.1.ffn_up_exps"]
+    assert up.op == "MUL_MAT_ID" and up.layer == 1 and up.buffer == "blk.1.ffn_up_exps.weight"
+    assert by_name["blk.0.ffn_up"].op == "MUL_MAT" and by_name["blk.0.ffn_up"].n_bytes > 0
+    assert by_name["kq-2"].buffer == "cache_k_l2" and by_name["kqv-2"].buffer == "cache_v_l2"
+    assert all(n.flops > 0 for n in graph.nodes if n.op in ("MUL_MAT", "MUL_MAT_ID"))
+
+
+def test_expert_bytes_are_the_selected_experts(tiny_gguf):
+    """MUL_MAT_ID reports the bytes of the experts it actually read once it has run."""
+    model = Model(load_model(tiny_gguf), n_ctx=16)
+    graph = model.graph(1)
+    compute(graph, model.inputs([7]), model.buffer)
+    c = model.config
+    up = next(n for n in graph.nodes if n.name == "blk.1.ffn_up_exps")
+    assert up.n_bytes == model.weights["blk.1.ffn_up_exps.weight"].n_bytes // c.n_expert * c.n_expert_used
+
+
+@pytest.mark.parametrize("rtr", [False, True])
+@pytest.mark.parametrize("fmoe", [False, True])
+def test_parallel_tasks_equal_fn(tiny_gguf, rtr, fmoe):
+    """Every op with `parallel` gives, task by task, what its `fn` gives (up to the float
+    rounding of differently shaped matmuls: row slices change the reduction blocking)."""
+    model = Model(load_model(tiny_gguf), n_ctx=16, rtr=rtr, fmoe=fmoe)
+    graph = model.graph(5)
+    values: dict[int, object] = {}
+    inputs = model.inputs([4, 8, 15, 16, 23])
+    n_checked = 0
+    for node in graph.nodes:
+        buf = model.buffer(node.buffer) if node.buffer is not None else None
+        args = [values[id(s)] for s in node.srcs]
+        values[id(node)] = inputs[node.name] if node.is_input else node.fn(buf, *args)
+        if node.parallel is not None:
+            for n_tasks in (1, 3):
+                dst, tasks = node.parallel(buf, *args, n_tasks)
+                for task in reversed(tasks):
+                    task()
+                torch.testing.assert_close(dst, values[id(node)], rtol=1e-4, atol=1e-6)
+            n_checked += 1
+    assert n_checked > 10
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+def test_other_quant_types_match_reference(make_gguf, tmp_path_factory, qtype):
+    """Q4_1 and the K-quants (256-weight blocks: a tiny variant with n_embd and n_ff_exp 256)."""
+    src = make_gguf("tiny", "f32", n_embd=256, n_ff=256, n_ff_exp=256)
+    path = retype_gguf(src, tmp_path_factory.mktemp("retype") / f"tiny-{qtype.name}.gguf", qtype)
+    types = {t.ggml_type for t in load_model(path).tensors.values()}
+    assert qtype in types
+    check_against_reference(path, TOL, mla=True, fmoe=True)
+    check_against_reference(path, TOL, mla=False, fmoe=False)

@@ -1,0 +1,215 @@
+"""The native Q4_0/Q8_0 kernels against a float64 NumPy reference.
+
+The weights are random raw GGUF blocks (every nibble / int8 value, including
+Q8_0's -128, negative and subnormal fp16 scales), dequantised by gguf-py, the
+independent reference. The kernels quantise the activation to 8 bits per
+32-value block, so two references are used:
+- the exact one: the activation as the kernel rounded it (decoded from the q8
+  rows), where only float32 summation error remains (bounded by 1e-5 of
+  sum |w x|, since at most ~100 float32 partial sums of 2^-24 error each);
+- the honest one: the true float activation, where the error is bounded by
+  rounding: |x - x_q| <= d/2 per value, d = amax(block)/127, so
+  |y - W x| <= sum_i |W_ji| d_i / 2 (plus the float32 term).
+Every SIMD path is compared with the scalar one, which is always correct.
+"""
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from gguf.constants import GGMLQuantizationType as T
+from gguf.quants import dequantize
+
+from hybrid import cpu_kernels as ck
+
+TYPES = {ck.Q4_0: T.Q4_0, ck.Q8_0: T.Q8_0}
+SCALES = np.array([0.01, -0.02, 0.5, 3e-6, -1e-7, 1.0], np.float16)  # incl. subnormal fp16
+
+
+def raw_weights(rng, shape, ggml_type):
+    """Random GGUF blocks: uniform quant bytes, fp16 scales drawn from SCALES."""
+    *lead, n_in = shape
+    bb = ck.BLOCK_BYTES[ggml_type]
+    raw = rng.integers(0, 256, size=(*lead, n_in // 32, bb), dtype=np.uint8)
+    raw[..., :2] = rng.choice(SCALES, size=(*lead, n_in // 32)).view(np.uint8).reshape(*lead, n_in // 32, 2)
+    return raw.reshape(*lead, n_in // 32 * bb)
+
+
+def dequant(raw, ggml_type):
+    return dequantize(raw, TYPES[ggml_type]).astype(np.float64)
+
+
+def activations(rng, n, n_in):
+    x = rng.standard_normal((n, n_in)).astype(np.float32) * rng.choice([1e-3, 1.0, 30.0], size=(n, 1))
+    x[:, 32:64] = 0.0 if n_in >= 64 else x[:, 32:64]          # an all-zero block: scale 0
+    return x.astype(np.float32)
+
+
+def decode_q8(xq, n_in):
+    """q8 rows -> the float64 activation the kernels multiply by (layout in _kernels.c)."""
+    g = xq.reshape(xq.shape[0], -1, 256)
+    lo = g[:, :, :64].view(np.int8).reshape(len(g), -1, 4, 16)
+    hi = g[:, :, 64:128].view(np.int8).reshape(len(g), -1, 4, 16)
+    d = g[:, :, 128:192].copy().view(np.float32).reshape(len(g), -1, 4, 4)[..., :1]
+    q = np.concatenate([lo, hi], axis=-1).astype(np.float64)        # [n, groups, 4, 32]
+    return (q * d).reshape(len(g), -1)[:, :n_in]
+
+
+def exact_tolerance(w, x):
+    return 1e-5 * (np.abs(x) @ np.abs(w).T) + 1e-30
+
+
+@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("n_out,n_in,n_tok", [(1, 32, 1), (37, 96, 5), (8, 160, 4), (19, 2048 + 96, 9), (3, 1408, 2)])
+def test_mul_mat_matches_float64_reference(ggml_type, n_out, n_in, n_tok):
+    rng = np.random.default_rng(n_out * n_in + n_tok)
+    raw, x = raw_weights(rng, (n_out, n_in), ggml_type), activations(rng, n_tok, n_in)
+    w = dequant(raw, ggml_type)
+    xq = ck.quantize_activations(x)
+    for path in ck.paths():
+        out = np.full((n_tok, n_out), np.nan, np.float32)
+        ck.mul_mat(raw, ggml_type, xq, out, path=path)
+        xr = decode_q8(xq, n_in)
+        assert np.all(np.abs(out - xr @ w.T) <= exact_tolerance(w, xr)), path
+        d = np.repeat(np.abs(x.reshape(n_tok, -1, 32)).max(-1) / 127, 32, axis=-1)
+        bound = (d / 2) @ np.abs(w).T * (1 + 1e-5) + exact_tolerance(w, x)
+        assert np.all(np.abs(out - x.astype(np.float64) @ w.T) <= bound), path
+
+
+@pytest.mark.parametrize("path", ck.paths())
+def test_quantize_activations_rounds_each_block_to_nearest(path):
+    rng = np.random.default_rng(1)
+    x = activations(rng, 3, 224)                                      # 7 blocks: a padded group
+    x[0, :32] = np.arange(32) - 15.5                                  # ties: x * (1/d) at .5 steps? round half even
+    xq = ck.quantize_activations(x, path=path)
+    assert xq.shape == (3, 2 * 256)
+    blocks = x.reshape(3, -1, 32)
+    d = (np.abs(blocks).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
+    q = np.clip(np.rint(blocks * inv), -127, 127)
+    np.testing.assert_array_equal(decode_q8(xq, 224), (q * d.astype(np.float64)).reshape(3, -1))
+    sums = xq.reshape(3, -1, 256)[:, :, 192:].copy().view(np.int32).reshape(3, -1, 4, 4)[..., 0]
+    np.testing.assert_array_equal(sums.reshape(3, -1)[:, :7], -8 * q.sum(-1))
+    assert not xq.reshape(3, -1, 256)[:, 1, 3 * 16:64].any()          # the pad block is zero
+
+
+@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+def test_simd_paths_agree_with_scalar(ggml_type):
+    rng = np.random.default_rng(2)
+    raw, x = raw_weights(rng, (64, 2048 + 160), ggml_type), activations(rng, 7, 2048 + 160)
+    xq = ck.quantize_activations(x)
+    ref = np.zeros((7, 64), np.float32)
+    ck.mul_mat(raw, ggml_type, xq, ref, path="scalar")
+    tol = exact_tolerance(dequant(raw, ggml_type), decode_q8(xq, 2048 + 160))
+    for path in ck.paths()[1:]:
+        out = np.zeros_like(ref)
+        ck.mul_mat(raw, ggml_type, xq, out, path=path)
+        assert np.all(np.abs(out - ref) <= 2 * tol), path
+
+
+def test_row_ranges_write_only_their_rows_and_compose():
+    rng = np.random.default_rng(3)
+    raw, x = raw_weights(rng, (41, 288), ck.Q4_0), activations(rng, 6, 288)
+    xq = ck.quantize_activations(x)
+    full = np.zeros((6, 41), np.float32)
+    ck.mul_mat(raw, ck.Q4_0, xq, full)
+    part = np.full_like(full, np.nan)
+    ck.mul_mat(raw, ck.Q4_0, xq, part, 7, 20)
+    assert np.isnan(part[:, :7]).all() and np.isnan(part[:, 20:]).all()
+    np.testing.assert_array_equal(part[:, 7:20], full[:, 7:20])
+    threads = [threading.Thread(target=ck.mul_mat, args=(raw, ck.Q4_0, xq, part, r0, r1)) for r0, r1 in [(0, 7), (20, 41)]]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    np.testing.assert_array_equal(part, full)
+
+
+def moe_case(rng, ggml_type, n_expert=9, n_out=21, n_in=160, n_tok=7, n_used=3):
+    raw = raw_weights(rng, (n_expert, n_out, n_in), ggml_type)
+    ids = np.stack([rng.choice(n_expert, n_used, replace=False) for _ in range(n_tok)]).astype(np.int32)
+    return raw, ids, activations(rng, n_tok, n_in)
+
+
+@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+def test_mul_mat_id_matches_per_slot_reference(ggml_type):
+    rng = np.random.default_rng(4)
+    raw, ids, x = moe_case(rng, ggml_type)
+    w = dequant(raw, ggml_type)                                        # [n_expert, n_out, n_in]
+    n_tok, n_used = ids.shape
+    per_slot = activations(rng, n_tok * n_used, x.shape[1])            # the down form: one input per slot
+    for xs, rows in [(x, lambda t, k: t), (per_slot, lambda t, k: t * n_used + k)]:
+        xq = ck.quantize_activations(xs)
+        xr = decode_q8(xq, xs.shape[1])
+        for path in ck.paths():
+            out = np.full((n_tok, n_used, w.shape[1]), np.nan, np.float32)
+            ck.mul_mat_id(raw, ggml_type, xq, ids, out, path=path)
+            for t in range(n_tok):
+                for k in range(n_used):
+                    we, xv = w[ids[t, k]], xr[rows(t, k)][None]
+                    ref = (xv @ we.T)[0]
+                    assert np.all(np.abs(out[t, k] - ref) <= exact_tolerance(we, xv)[0]), (path, t, k)
+
+
+def test_mul_mat_id_splits_by_rows_and_experts_compose():
+    rng = np.random.default_rng(5)
+    raw, ids, x = moe_case(rng, ck.Q4_0)
+    xq = ck.quantize_activations(x)
+    full = np.zeros((*ids.shape, raw.shape[1]), np.float32)
+    ck.mul_mat_id(raw, ck.Q4_0, xq, ids, full)
+    n_active = len(np.unique(ids))
+    split = np.full_like(full, np.nan)
+    for a0, a1 in [(0, 2), (2, n_active)]:                             # by experts ...
+        for r0, r1 in [(0, 10), (10, raw.shape[1])]:                   # ... and by rows
+            ck.mul_mat_id(raw, ck.Q4_0, xq, ids, split, r0, r1, a0, a1)
+    np.testing.assert_array_equal(split, full)
+    only = np.full_like(full, np.nan)
+    ck.mul_mat_id(raw, ck.Q4_0, xq, ids, only, a0=0, a1=1)             # the lowest used expert alone
+    np.testing.assert_array_equal(np.isnan(only).all(-1), ids != ids.min())
+
+
+def test_fused_gate_up_is_silu_gate_times_up():
+    rng = np.random.default_rng(6)
+    gate, ids, x = moe_case(rng, ck.Q8_0)
+    up = raw_weights(rng, gate.shape[:2] + (160,), ck.Q8_0)
+    xq = ck.quantize_activations(x)
+    g, u, h = (np.zeros((*ids.shape, gate.shape[1]), np.float32) for _ in range(3))
+    ck.mul_mat_id(gate, ck.Q8_0, xq, ids, g)
+    ck.mul_mat_id(up, ck.Q8_0, xq, ids, u)
+    ck.mul_mat_id(gate, ck.Q8_0, xq, ids, h, w_up=up)
+    g64 = g.astype(np.float64)
+    np.testing.assert_allclose(h, g64 * 0.5 * (1 + np.tanh(g64 / 2)) * u, rtol=1e-5, atol=1e-6 * np.abs(h).max())
+
+
+def test_bad_arguments_raise_value_errors():
+    rng = np.random.default_rng(7)
+    raw, ids, x = moe_case(rng, ck.Q4_0)
+    xq = ck.quantize_activations(x)
+    out = np.zeros((*ids.shape, raw.shape[1]), np.float32)
+    with pytest.raises(ValueError, match="row range"):
+        ck.mul_mat_id(raw, ck.Q4_0, xq, ids, out, 0, raw.shape[1] + 1)
+    with pytest.raises(ValueError, match="outside"):
+        ck.mul_mat_id(raw, ck.Q4_0, xq, np.full_like(ids, 9), out)
+    with pytest.raises(ValueError, match="out: expected"):
+        ck.mul_mat_id(raw, ck.Q4_0, xq, ids, out[:, :1].copy())
+    with pytest.raises(ValueError, match="no CPU kernel"):
+        ck.mul_mat(raw[0], 12, xq, out)
+    with pytest.raises(ValueError, match="float32"):
+        ck.mul_mat(raw[0], ck.Q4_0, xq, out.astype(np.float64))
+    with pytest.raises(ValueError, match="whole rows"):
+        ck.mul_mat(np.ascontiguousarray(raw[0][:, :-1]), ck.Q4_0, xq, out)
+    with pytest.raises(ValueError, match="not available"):
+        ck.mul_mat(raw[0], ck.Q4_0, xq, np.zeros((7, 21), np.float32), path="neon")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ck.quantize_activations(np.zeros((2, 40), np.float32))
+
+
+def test_env_var_forces_the_scalar_path():
+    code = "from hybrid import cpu_kernels as ck; print(ck.available())"
+    env = dict(os.environ, HYPROF_KERNELS="scalar")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "scalar"
+    env["HYPROF_KERNELS"] = "sve"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "HYPROF_KERNELS=sve" in run.stderr

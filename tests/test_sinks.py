@@ -1,0 +1,114 @@
+"""The timings writer leaves only valid files; the printer speaks IK_PRINT_TIMING."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from profiler.errors import UserError
+from profiler.recorder import Recorder
+from profiler.schema import SCHEMA
+from profiler.sinks import TimingsWriter, timings_header
+
+HEADER = timings_header(model={"path": "m.gguf"}, config={"threads": 2}, machine={"cpu": "x"},
+                        peak_bw={"CPU": {"GBps": 30.0, "method": "given"}}, placement={})
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def leftovers(directory) -> list[str]:
+    return [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_header_then_one_event_per_line_under_the_final_name_only_at_the_end(tmp_path):
+    out = tmp_path / "t.jsonl"
+    with TimingsWriter(out, HEADER) as w:
+        w.write([{"type": "graph", "ts": 1, "dur": 2, "graph": 0}])
+        w.write([{"type": "op", "ts": 1, "dur": 1, "bytes": np.int64(7), "layer": np.int32(3)}])
+        assert not out.exists() and len(leftovers(tmp_path)) == 1
+        # Each batch reached the OS: a crash now leaves a readable prefix.
+        tmp = tmp_path / leftovers(tmp_path)[0]
+        assert [e["type"] for e in lines(tmp)] == ["meta", "graph", "op"]
+    got = lines(out)
+    assert got[0]["type"] == "meta" and got[0]["schema"] == SCHEMA
+    assert got[0]["tool"].startswith("hyprof ") and got[0]["created"].endswith("Z")
+    assert got[2] == {"type": "op", "ts": 1, "dur": 1, "bytes": 7, "layer": 3}
+    assert w.n_events == 2 and leftovers(tmp_path) == []
+
+
+def test_an_existing_file_needs_force(tmp_path):
+    out = tmp_path / "t.jsonl"
+    out.write_text("keep me\n")
+    with pytest.raises(UserError, match="exists.*--force"):
+        TimingsWriter(out, HEADER)
+    assert out.read_text() == "keep me\n"
+    with TimingsWriter(out, HEADER, force=True):
+        pass
+    assert lines(out)[0]["type"] == "meta"
+
+
+@pytest.mark.parametrize("where", ["file/t.jsonl", "/proc/no/such/t.jsonl"])
+def test_unwritable_places_are_one_line_errors(tmp_path, where):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="t.jsonl"):
+        TimingsWriter(tmp_path / where, HEADER)
+
+
+def test_ctrl_c_keeps_whole_batches_and_drops_a_batch_cut_short(tmp_path):
+    out = tmp_path / "t.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        with TimingsWriter(out, HEADER) as w:
+            w.write([{"type": "graph", "ts": 0, "dur": 5, "graph": 0}])
+            w._file.write(b'{"type":"op","ts":1,')        # interrupted inside a write
+            raise KeyboardInterrupt
+    assert [e["type"] for e in lines(out)] == ["meta", "graph"]
+    assert leftovers(tmp_path) == []
+
+
+def test_an_error_leaves_nothing(tmp_path):
+    out = tmp_path / "t.jsonl"
+    with pytest.raises(ZeroDivisionError):
+        with TimingsWriter(out, HEADER) as w:
+            w.write([{"type": "graph", "ts": 0, "dur": 5, "graph": 0}])
+            1 / 0
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_print_timing_lines(capsys):
+    rec = Recorder(print_timing=True)
+    main, worker, acc = rec.lane("main"), rec.lane("cpu1"), rec.lane("ACC0")
+    main.phase(0, 35_000, 4, "graph_build")
+    main.copy(0, 12_000, 4, 0, "CPU", "ACC0", 64, "inp_embd")
+    main.split(0, 41_000, 4, 1, "CPU", 8, 1)
+    worker.wakeup(0, 1_499, 4, 1, "CPU")
+    worker.op(0, 812_000, 4, 1, "CPU", "MUL_MAT_ID", "blk.3.ffn_up_exps", 3, 1, 1, 1)
+    acc.op(0, 9_000, 4, 0, "ACC0", "ROPE", "q_rope-3", 3, 0, 1, 1)
+    main.sync(0, 500, 4, 0, "ACC0")
+    main.graph(0, 2_000_000, 4, "tg128", 1, 17)
+    assert capsys.readouterr().err.splitlines() == [
+        "graph_build(...) [host/main]: 35 us",
+        "copy(inp_embd) [CPU->ACC0/main]: 12 us",
+        "split(.1.) [CPU/main]: 41 us",
+        "wakeup(.1.) [CPU/cpu1]: 1 us",
+        "MUL_MAT_ID(blk.3.ffn_up_exps) [CPU/cpu1]: 812 us",
+        "ROPE(q_rope-3) [ACC0/ACC0]: 9 us",
+        "sync(.0.) [ACC0/main]: 1 us",
+        "graph(tg128 #4, 1 tokens @ 17) [host/main]: 2000 us",
+    ]
+    assert len(rec.drain()) == 8
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_the_umask_decides_the_mode_not_mkstemp(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        with TimingsWriter(tmp_path / "t.jsonl", HEADER):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "t.jsonl").stat().st_mode & 0o777 == mode

@@ -138,8 +138,10 @@ def attribute(t: Timings) -> Attribution:
 
     unions = [merge(c_start[c_cat == c], c_end[c_cat == c]) for c in range(OTHER)]
     copy_unions = _copy_unions(t)
-    points = np.unique(np.concatenate([g_start, g_end, r_start, r_end]
-                                      + [a for u in unions + copy_unions for a in u]))
+    # every array here is sorted: a stable sort (timsort) merges the runs
+    points = np.sort(np.concatenate([g_start, g_end, r_start, r_end] + [a for u in unions + copy_unions for a in u]),
+                     kind="stable")
+    points = points[np.r_[True, points[1:] != points[:-1]]] if points.size else points
     seg_start, seg_len = points[:-1], np.diff(points)
     mask = np.zeros(seg_start.size, dtype=np.int16)
     active = []

@@ -36,15 +36,29 @@ def event_test(t: Timings, a: Attribution) -> tuple[np.ndarray, tuple[str, ...]]
     return np.where(rep >= 0, rep_test[np.maximum(rep, 0)] if len(rep_test) else -1, -1), names
 
 
+def groups(columns: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(group index of each row, the distinct key rows in order): a dense index when the keys allow."""
+    if not columns[0].size:
+        return np.zeros(0, dtype=np.int64), np.empty((0, len(columns)), dtype=np.int64)
+    lows = [int(c.min()) for c in columns]
+    dims = tuple(int(c.max()) - lo + 1 for c, lo in zip(columns, lows))
+    shifted = [c.astype(np.int64) - lo for c, lo in zip(columns, lows)]
+    if np.prod(dims, dtype=np.float64) > 1 << 24:
+        uniq, inverse = np.unique(np.stack(shifted, axis=1), axis=0, return_inverse=True)
+        return inverse.reshape(-1), uniq + lows
+    flat = np.ravel_multi_index(shifted, dims)
+    present = np.flatnonzero(np.bincount(flat, minlength=int(np.prod(dims))))
+    index = np.full(int(np.prod(dims)), -1, dtype=np.int64)
+    index[present] = np.arange(present.size)
+    return index[flat], np.stack(np.unravel_index(present, dims), axis=1) + lows
+
+
 def _group(t: Timings, sel: np.ndarray, test: np.ndarray, keys: list[tuple[str, np.ndarray]],
            extra: list[tuple[str, object]] = ()) -> np.ndarray:
     """Group the selected events by (test, *keys); keys are integer columns (symbol ids or numbers)."""
-    sel = sel & (test >= 0)
-    ev = t.events[sel]
-    cols = [test[sel]] + [k[sel] for _, k in keys]
-    stacked = np.stack([c.astype(np.int64) for c in cols], axis=1) if len(ev) else np.empty((0, len(cols)), np.int64)
-    uniq, inverse = np.unique(stacked, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
+    sel = np.flatnonzero(sel & (test >= 0))
+    ts, dur, nbytes = (t.events[f][sel] for f in ("ts", "dur", "bytes"))   # the columns, not whole rows
+    inverse, uniq = groups([test[sel]] + [k[sel] for _, k in keys])
     n = len(uniq)
     dtype = [("test", np.int32)] + [(name, np.int64) for name, _ in keys] + list(extra) + _GROUP_COLUMNS
     out = np.zeros(n, dtype)
@@ -52,9 +66,9 @@ def _group(t: Timings, sel: np.ndarray, test: np.ndarray, keys: list[tuple[str, 
     for j, (name, _) in enumerate(keys):
         out[name] = uniq[:, j + 1]
     out["count"] = np.bincount(inverse, minlength=n)
-    out["total_ns"] = np.bincount(inverse, weights=ev["dur"].astype(np.float64), minlength=n).round()
-    out["bytes"] = np.bincount(inverse, weights=ev["bytes"].astype(np.float64), minlength=n).round()
-    out["busy_ns"] = busy_ns(ev["ts"], ev["ts"] + ev["dur"], inverse, n)
+    out["total_ns"] = np.bincount(inverse, weights=dur.astype(np.float64), minlength=n).round()
+    out["bytes"] = np.bincount(inverse, weights=nbytes.astype(np.float64), minlength=n).round()
+    out["busy_ns"] = busy_ns(ts, ts + dur, inverse, n)
     out["mean_ns"] = out["total_ns"] / np.maximum(out["count"], 1)
     out["GBps"] = np.where(out["busy_ns"] > 0, out["bytes"] / np.maximum(out["busy_ns"], 1), 0.0)
     test_total = np.bincount(out["test"], weights=out["total_ns"].astype(np.float64))
@@ -98,25 +112,18 @@ def split_table(t: Timings, test: np.ndarray) -> np.ndarray:
     table = _group(t, _of_type(t, "split"), test, [("split", ev["split"]), ("backend", ev["backend"])],
                    extra=[("n_nodes_mean", np.float64), ("n_inputs_mean", np.float64),
                           ("op_total_ns", np.int64), ("op_bytes", np.int64), ("copy_bytes", np.int64)])
-    rows = _split_key(table["test"], table["split"])
     for column, type_name, value in (("n_nodes_mean", "split", ev["n_nodes"]),
                                      ("n_inputs_mean", "split", ev["n_inputs"]),
                                      ("op_total_ns", "op", ev["dur"]), ("op_bytes", "op", ev["bytes"]),
                                      ("copy_bytes", "copy", ev["bytes"])):
         sel = _of_type(t, type_name) & (test >= 0) & (ev["split"] >= 0)
-        sums = _sum_by(rows, _split_key(test[sel], ev["split"][sel]), np.maximum(value[sel], 0))
+        sums = _sums_per_row(table, test[sel], ev["split"][sel], np.maximum(value[sel], 0))
         table[column] = sums / np.maximum(table["count"], 1) if column.endswith("_mean") else sums.round()
     return table[np.lexsort((table["backend"], table["split"], table["test"]))]
 
 
-def _split_key(test: np.ndarray, split: np.ndarray) -> np.ndarray:
-    return test.astype(np.int64) * (1 << 32) + split.astype(np.int64)
-
-
-def _sum_by(rows: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """For each row key, the sum of the values whose key equals it (0 where none)."""
-    uniq, inverse = np.unique(keys, return_inverse=True)
-    sums = np.bincount(inverse.reshape(-1), weights=values.astype(np.float64), minlength=len(uniq))
-    pos = np.minimum(np.searchsorted(uniq, rows), max(len(uniq) - 1, 0))
-    hit = (uniq[pos] == rows) if len(uniq) else np.zeros(len(rows), dtype=bool)
-    return np.where(hit, sums[pos] if len(uniq) else 0.0, 0.0)
+def _sums_per_row(table: np.ndarray, test: np.ndarray, split: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """For each (test, split) row of the table, the sum of the values of the events with that key."""
+    index, uniq = groups([np.concatenate([table["test"], test]), np.concatenate([table["split"], split])])
+    sums = np.bincount(index[len(table):], weights=values.astype(np.float64), minlength=len(uniq))
+    return sums[index[:len(table)]]

@@ -1,23 +1,27 @@
 """A vectorised reader for JSON lines that are flat objects, the shape every timings writer produces.
 
-    parse_flat_lines(buf, n_lines, int_fields, str_fields) -> FlatColumns | None
+    reader = FlatReader(int_fields, str_fields)
+    reader.parse(buf, n_lines) -> FlatColumns | None
+    reader.strings              every string value seen so far; FlatColumns.strs hold ids into it
 
 `buf` is `n_lines` lines, each ending in b"\\n", each one JSON object whose values
 are strings or numbers (`{"type":"op","ts":5,"name":"blk.0.ffn_up_exps"}`).
-Instead of building a dict per line (a microsecond each, more than the whole
-report may spend), the bytes are scanned with NumPy: quote positions give the
-strings, the byte after a closing quote says key (`:`) or value, and keys and
-values are paired by their order. Whitespace outside strings is removed first.
+Instead of building a dict per line (about a microsecond each: more than the
+whole report may spend per event), the bytes are scanned with NumPy. The quote
+positions give the strings; the byte after a closing quote says key (`:`) or
+value; each key's value runs to the separator in front of the next key (`,`,
+or `}\\n{` at a line break), and the chain of separators is checked from the
+first byte to the last. Whitespace outside strings is removed first. Bytes are
+read eight at a time through an unaligned uint64 view, so keys, digits and
+string hashes cost a few array operations per field, not per byte.
 
 Anything outside that shape (escapes, nesting, arrays, null, booleans or
-fractions in the wanted fields, commas or colons inside strings, keys longer
-than 8 bytes for wanted fields, strings over 64 bytes) returns None, and the
-caller parses those lines with a real JSON parser, which also words the
-errors. So this is only ever a faster route to the same columns.
-
-String values of the wanted fields are returned as ids into a list of unique
-byte strings, found through a 64-bit hash of their bytes and length (a
-collision between two distinct names, about 2**-64 per pair, is not checked).
+fractions in the wanted fields, wanted integers over 16 digits, wanted strings
+over 64 bytes) returns None, and the caller parses those lines with a real JSON
+parser, which also words the errors: this is only a faster route to the same
+columns. Two liberties: the values of unwanted fields are skipped unread, and
+string values are told apart by a 64-bit hash of their bytes and length (two
+distinct names colliding, about 2**-64 per pair, is not checked).
 """
 
 from __future__ import annotations
@@ -26,170 +30,191 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_QUOTE, _COLON, _COMMA, _OPEN, _CLOSE, _NL = b'"', b":", b",", b"{", b"}", b"\n"
-_MAX_INT_DIGITS = 18
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_MAX_DIGITS = 16
 _MAX_STRING = 64
+_PAD = bytes(32)
 _WHITESPACE = np.zeros(256, dtype=bool)
 _WHITESPACE[[32, 9, 13]] = True
+# MASK[n]: the low n bytes of a word
+_MASK = np.array([(1 << (8 * n)) - 1 for n in range(9)], dtype=np.uint64)
+_ZEROS = np.uint64(0x3030303030303030)
+_LEADING_ZEROS = _ZEROS & _MASK[::-1]          # [n]: ASCII "0" in the low 8-n bytes
+_CACHE_BITS = 18
 
 
 @dataclass(frozen=True)
 class FlatColumns:
     ints: dict          # field -> (values int64 per line, 0 where absent; keyed bool per line)
-    strs: dict          # field -> (id per line into `strings`, -1 where absent)
-    strings: list       # unique byte strings
-    other_keys: tuple   # (line index per other key, name id per other key, names: list[bytes])
+    strs: dict          # field -> id per line into FlatReader.strings, -1 where absent
+    other_keys: tuple   # (line of each other key, name id, names: list of bytes)
 
 
-def _pack(names: tuple) -> np.ndarray:
-    return np.array([int.from_bytes(n.encode(), "little") for n in names], dtype=np.uint64)
+def _words(a: np.ndarray) -> np.ndarray:
+    """w[i] = the 8 bytes a[i:i+8] as a little-endian integer (a must end in 8 spare bytes)."""
+    return np.ndarray(shape=(a.size - 8,), dtype="<u8", buffer=a, strides=(1,))
 
 
-def _gather(a: np.ndarray, start: np.ndarray, length: np.ndarray, width: int) -> np.ndarray:
-    """Rows of `width` bytes from each start, zero past each length."""
-    cols = np.arange(width)
-    rows = a[np.minimum(start[:, None] + cols, a.size - 1)]
-    rows[cols >= length[:, None]] = 0
-    return rows
+def _mix(h: np.ndarray) -> np.ndarray:
+    h = h * _MIX
+    return h ^ (h >> np.uint64(29))
+
+
+class FlatReader:
+    def __init__(self, int_fields: tuple, str_fields: tuple):
+        self.int_fields, self.str_fields = int_fields, str_fields
+        names = int_fields + str_fields
+        assert all(len(n.encode()) <= 8 for n in names)
+        self._key_pack = np.array([int.from_bytes(n.encode(), "little") for n in names], dtype=np.uint64)
+        slots = (_mix(self._key_pack) >> np.uint64(52)).astype(np.int64)
+        assert len(set(slots.tolist())) == len(names), "field names share a slot"
+        self._key_slot_pack = np.zeros(4096, dtype=np.uint64)
+        self._key_slot_field = np.full(4096, -1, dtype=np.int64)
+        self._key_slot_pack[slots], self._key_slot_field[slots] = self._key_pack, np.arange(len(names))
+        self.strings: list[bytes] = []
+        self._cache_hash = np.zeros(1 << _CACHE_BITS, dtype=np.uint64)
+        self._cache_id = np.full(1 << _CACHE_BITS, -1, dtype=np.int64)
+        self._ids: dict[int, int] = {}
+
+    def parse(self, buf: bytes, n_lines: int) -> FlatColumns | None:
+        if n_lines == 0 or b"\\" in buf or b"[" in buf:
+            return None
+        a = np.frombuffer(buf + _PAD, dtype=np.uint8)
+        if b" " in buf or b"\t" in buf or b"\r" in buf:
+            a = _without_whitespace(a)
+        n = a.size - len(_PAD)
+        w = _words(a)
+        q = np.flatnonzero(a[:n] == 34)
+        if q.size % 2 or n < 2 or a[0] != 123 or a[n - 2] != 125 or a[n - 1] != 10:
+            return None
+        o, c = q[0::2], q[1::2]                     # string i is a[o[i]+1 : c[i]]
+        n_str = o.size
+        keys = np.flatnonzero(a[c + 1] == 58)       # strings followed by ":"
+        ko, kc = o[keys], c[keys]
+        first = a[ko - 1] == 123                    # the first key of a line
+        if int(first.sum()) != n_lines or o[0] != 1:
+            return None
+        key_line = np.cumsum(first) - 1
+        n_keys = keys.size
+        v0 = kc + 2
+        v_str = a[v0] == 34
+        scalar = ~v_str
+        s_val = keys[v_str] + 1                     # index of each string value
+        if s_val.size + n_keys != n_str or (s_val.size and (s_val[-1] >= n_str or (o[s_val] != v0[v_str]).any())):
+            return None                             # (then no value is a key: the counts would not add up)
+        # each value ends at the separator before the next key: "," or "}\n{" at a line break
+        next_first = np.append(first[1:], True)
+        sep = np.append(ko[1:] - np.where(first[1:], 3, 1), n - 2)
+        if (a[sep] != np.where(next_first, 125, 44)).any():
+            return None
+        breaks = sep[next_first]
+        if (a[breaks + 1] != 10).any() or (a[breaks[:-1] + 2] != 123).any():
+            return None
+        if (c[s_val] + 1 != sep[v_str]).any():
+            return None
+        scalar_start = v0[scalar]
+        scalar_len = sep[scalar] - scalar_start
+        if (scalar_len < 1).any():
+            return None
+
+        key_len = kc - ko - 1
+        key_pack = w[ko + 1] & _MASK[np.minimum(key_len, 8)]
+        slot = (_mix(key_pack) >> np.uint64(52)).astype(np.int64)
+        field = np.where((self._key_slot_pack[slot] == key_pack) & (key_len <= 8), self._key_slot_field[slot], -1)
+        n_int = len(self.int_fields)
+
+        scalar_field, string_field = field[scalar], field[v_str]
+        if (scalar_field >= n_int).any() or ((string_field >= 0) & (string_field < n_int)).any():
+            return None                             # a wanted field of the wrong kind: let JSON word it
+        # every wanted integer at once, scattered into one row per field
+        sel = scalar_field >= 0
+        parsed = _parse_ints(a, w, scalar_start[sel], scalar_len[sel])
+        if parsed is None:
+            return None
+        at = scalar_field[sel] * n_lines + key_line[scalar][sel]
+        values = np.zeros((n_int, n_lines), dtype=np.int64)
+        keyed = np.zeros((n_int, n_lines), dtype=bool)
+        values.ravel()[at], keyed.ravel()[at] = parsed, True
+        ints = {name: (values[f], keyed[f]) for f, name in enumerate(self.int_fields)}
+
+        wanted = string_field >= n_int
+        idx = s_val[wanted]
+        ids = self._intern(a, w, o[idx] + 1, c[idx] - o[idx] - 1)
+        if ids is None:
+            return None
+        rows, fields = key_line[v_str][wanted], string_field[wanted]
+        strs = {}
+        for f, name in enumerate(self.str_fields, start=n_int):
+            col = np.full(n_lines, -1, dtype=np.int64)
+            mine = fields == f
+            col[rows[mine]] = ids[mine]
+            strs[name] = col
+
+        other = field < 0
+        names: dict[bytes, int] = {}
+        other_ids = np.array([names.setdefault(a[s:e].tobytes(), len(names))
+                              for s, e in zip((ko[other] + 1).tolist(), kc[other].tolist())], dtype=np.int64)
+        return FlatColumns(ints, strs, (key_line[other], other_ids, list(names)))
+
+    def _intern(self, a: np.ndarray, w: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray | None:
+        """Ids of the byte strings: a direct-mapped cache of hashes answers most, a dict the rest."""
+        if length.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        if length.max() > _MAX_STRING:
+            return None
+        h = length.astype(np.uint64)
+        for k in range(0, int(length.max()), 8):
+            h = _mix(h ^ (w[start + k] & _MASK[np.clip(length - k, 0, 8)]))
+        slot = (h >> np.uint64(64 - _CACHE_BITS)).astype(np.int64)
+        ids = np.where(self._cache_hash[slot] == h, self._cache_id[slot], -1)
+        miss = np.flatnonzero(ids < 0)
+        if miss.size:
+            uniq, first, inverse = np.unique(h[miss], return_index=True, return_inverse=True)
+            new_ids = np.empty(uniq.size, dtype=np.int64)
+            for j, (hash_, i) in enumerate(zip(uniq.tolist(), miss[first].tolist())):
+                sid = self._ids.get(hash_)
+                if sid is None:
+                    sid = self._ids[hash_] = len(self.strings)
+                    self.strings.append(a[start[i]:start[i] + length[i]].tobytes())
+                new_ids[j] = sid
+            ids[miss] = new_ids[inverse.reshape(-1)]
+            self._cache_hash[slot[miss]] = h[miss]
+            self._cache_id[slot[miss]] = ids[miss]
+        return ids
 
 
 def _without_whitespace(a: np.ndarray) -> np.ndarray:
-    """Drop spaces, tabs and CRs outside strings (a quote's parity says inside or out)."""
-    inside = (np.cumsum(a == 34) & 1).astype(bool)
+    """Drop spaces, tabs and CRs outside strings (a quote count's parity says inside or out)."""
+    inside = (np.cumsum(a == 34, dtype=np.uint8) & 1).astype(bool)
     return a[~(_WHITESPACE[a] & ~inside)]
 
 
-def parse_flat_lines(buf: bytes, n_lines: int, int_fields: tuple, str_fields: tuple) -> FlatColumns | None:
-    if n_lines == 0 or b"\\" in buf or b"[" in buf or buf.count(_OPEN) != n_lines or buf.count(_CLOSE) != n_lines:
-        return None
-    a = np.frombuffer(buf, dtype=np.uint8)
-    if b" " in buf or b"\t" in buf or b"\r" in buf:
-        a = _without_whitespace(a)
-    q = np.flatnonzero(a == 34)
-    nl = np.flatnonzero(a == 10)
-    if q.size % 2 or nl.size != n_lines or a[-1] != 10:
-        return None
-    line_start = np.r_[0, nl[:-1] + 1]
-    if (a[line_start] != 123).any() or (a[nl - 1] != 125).any():
-        return None
-    o, c = q[0::2], q[1::2]                       # string i spans o[i]+1 .. c[i]
-    n_str = o.size
-    after = a[c + 1]
-    is_key = after == 58
-    if not (is_key | (after == 44) | (after == 125)).all():
-        return None
-    first = a[o - 1] == 123
-    if int(first.sum()) != n_lines or not is_key[first].all():
-        return None
-    line = np.cumsum(first) - 1                   # line of each string
-    keys = np.flatnonzero(is_key)
-    n_keys = keys.size
-    # one colon per key, a comma between keys: no stray ones inside strings or numbers
-    if buf.count(_COLON) != n_keys or buf.count(_COMMA) != n_keys - n_lines:
-        return None
-    if (a[o[keys] - 1] != np.where(first[keys], 123, 44)).any():
-        return None
-    v0 = c[keys] + 2
-    v_str = a[v0] == 34
-    s_keys = keys[v_str]
-    if s_keys.size and (s_keys[-1] + 1 >= n_str or (o[s_keys + 1] != v0[v_str]).any() or is_key[s_keys + 1].any()):
-        return None
-    if s_keys.size + n_keys != n_str:
-        return None                               # every string is a key or the value of one
-    n_keys_ = keys[~v_str]
-    nxt = np.minimum(n_keys_ + 1, n_str - 1)
-    last = (n_keys_ + 1 >= n_str) | (line[nxt] != line[n_keys_])
-    tok_end = np.where(last, nl[line[n_keys_]] - 1, o[nxt] - 1)
-    tok_start = v0[~v_str]
-
-    # keys: names of up to 8 bytes packed into an integer; longer ones are none of ours
-    key_len = c[keys] - o[keys] - 1
-    key_pack = _gather(a, o[keys] + 1, key_len, 8).view("<u8").reshape(-1)
-    key_pack[key_len > 8] = 0
-    wanted = int_fields + str_fields
-    packs = _pack(wanted)
-    order = np.argsort(packs)
-    pos = np.minimum(np.searchsorted(packs[order], key_pack), len(wanted) - 1)
-    field = np.where(packs[order][pos] == key_pack, order[pos], -1)
-    key_line = line[keys]
-
-    out_ints, out_strs = {}, {}
-    scalar_field, string_field = field[~v_str], field[v_str]
-    for f, name in enumerate(int_fields):
-        sel = scalar_field == f
-        if (string_field == f).any():
-            return None
-        values = np.zeros(n_lines, dtype=np.int64)
-        keyed = np.zeros(n_lines, dtype=bool)
-        if sel.any():
-            parsed = _parse_ints(a, tok_start[sel], tok_end[sel] - tok_start[sel])
-            if parsed is None:
-                return None
-            rows = key_line[~v_str][sel]
-            values[rows], keyed[rows] = parsed, True
-        out_ints[name] = (values, keyed)
-
-    str_sel = (string_field >= len(int_fields))
-    if (scalar_field >= len(int_fields)).any():
-        return None
-    val_idx = s_keys[str_sel] + 1
-    ids, strings = _intern(a, o[val_idx] + 1, c[val_idx] - o[val_idx] - 1)
-    if ids is None:
-        return None
-    rows, fields = key_line[v_str][str_sel], string_field[str_sel]
-    for f, name in enumerate(str_fields, start=len(int_fields)):
-        col = np.full(n_lines, -1, dtype=np.int64)
-        mine = fields == f
-        col[rows[mine]] = ids[mine]
-        out_strs[name] = col
-
-    other = field < 0
-    other_names, other_ids = [], np.empty(0, dtype=np.int64)
-    if other.any():
-        starts, ends = o[keys][other] + 1, c[keys][other]
-        raw = [a[s:e].tobytes() for s, e in zip(starts, ends)]
-        table = {}
-        other_ids = np.array([table.setdefault(r, len(table)) for r in raw], dtype=np.int64)
-        other_names = list(table)
-    return FlatColumns(out_ints, out_strs, strings, (key_line[other], other_ids, other_names))
-
-
-def _parse_ints(a: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray | None:
-    """Decimal integers (optional minus sign), or None if any token is something else."""
+def _parse_ints(a: np.ndarray, w: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray | None:
+    """Decimal integers with an optional minus sign, eight digits at a time; None if any is not one."""
+    negative = a[start] == 45
+    start, length = start + negative, length - negative
     if length.size == 0:
         return np.zeros(0, dtype=np.int64)
-    if length.min() < 1 or length.max() > _MAX_INT_DIGITS:
+    if length.min() < 1 or length.max() > _MAX_DIGITS:
         return None
-    width = int(length.max())
-    rows = _gather(a, start, length, width)
-    negative = rows[:, 0] == 45
-    value = np.zeros(start.size, dtype=np.int64)
-    for j in range(width):
-        digit = rows[:, j].astype(np.int64) - 48
-        used = (j < length) & ~((j == 0) & negative)
-        if ((digit < 0) | (digit > 9))[used].any():
+    value = _digits8(w[start + np.maximum(length - 8, 0)], np.minimum(length, 8))
+    big = np.flatnonzero(length > 8)
+    if value is None:
+        return None
+    value = value.astype(np.int64)
+    if big.size:
+        high = _digits8(w[start[big]], length[big] - 8)
+        if high is None:
             return None
-        value = np.where(used, value * 10 + digit, value)
-    if (negative & (length < 2)).any():
+        value[big] += high.astype(np.int64) * 100_000_000
+    return np.where(negative, -value, value) if negative.any() else value
+
+
+def _digits8(word: np.ndarray, n: np.ndarray) -> np.ndarray | None:
+    """The value of the first n (1..8) ASCII digits of each word, or None if one is not a digit."""
+    x = ((word & _MASK[n]) << ((8 - n) * 8).astype(np.uint64)) | _LEADING_ZEROS[n]
+    if (((x + np.uint64(0x4646464646464646)) | (x - _ZEROS)) & np.uint64(0x8080808080808080)).any():
         return None
-    return np.where(negative, -value, value)
-
-
-_MIX = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _intern(a: np.ndarray, start: np.ndarray, length: np.ndarray) -> tuple[np.ndarray | None, list]:
-    """Ids of equal byte strings, and the unique strings in id order."""
-    if length.size == 0:
-        return np.zeros(0, dtype=np.int64), []
-    if length.max() > _MAX_STRING:
-        return None, []
-    width = max(8, -(-int(length.max()) // 8) * 8)
-    words = _gather(a, start, length, width).view("<u8")
-    h = length.astype(np.uint64) * _MIX
-    for k in range(words.shape[1]):
-        h = (h ^ words[:, k]) * _MIX
-        h ^= h >> np.uint64(29)
-    uniq, first, inverse = np.unique(h, return_index=True, return_inverse=True)
-    strings = [a[s:s + n].tobytes() for s, n in zip(start[first], length[first])]
-    return inverse.reshape(-1), strings
+    x = ((x & np.uint64(0x0F0F0F0F0F0F0F0F)) * np.uint64(2561)) >> np.uint64(8)        # simdjson's
+    x = ((x & np.uint64(0x00FF00FF00FF00FF)) * np.uint64(6553601)) >> np.uint64(16)    # eight digits
+    return ((x & np.uint64(0x0000FFFF0000FFFF)) * np.uint64(42949672960001)) >> np.uint64(32)

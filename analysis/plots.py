@@ -5,19 +5,21 @@ Public API (stable):
     write_plots(timings, report, attribution, out_dir, fmt="png", force=True) -> list[Path]
         breakdown, timeline, ops, bandwidth and (when the run has depth tests) depth,
         each written atomically as out_dir/<name>.<fmt>.
-    plot_breakdown(groups, subtitle, per_token=False) -> Figure
+    write_diff_plot(diff, out_dir, fmt="png", force=True) -> Path
+        out_dir/breakdown-diff.<fmt>: per test, run A's bar over run B's, in ms/token.
+    plot_breakdown(groups, subtitle, per_token=False, title=...) -> Figure
         groups: [(title, [(bar label, TestReport), ...]), ...], one panel per group;
         bar lengths in % of wall time, or in ms/token with per_token (for comparing runs).
     plot_timeline(token_timeline, subtitle) -> Figure
     plot_ops(tests, subtitle, top=10) -> Figure
     plot_bandwidth(tests, peak_GBps, subtitle) -> Figure
     plot_depth(series, subtitle) -> Figure
-    subtitle(header, emulated) -> str
     CATEGORY_COLOURS {category: colour}
 
 Each plot function takes results (TestReport, TokenTimeline, DepthSeries) and
-only lays them out. Every drawn bar carries a gid, `category:<name>` or
-`backend:<name>`, so that tests can ask a figure what it shows.
+only lays them out. Every drawn bar or line carries a gid (`category:<name>`,
+`backend:<name>`, `peak:<backend>`, `series:<test>`), so that tests can ask a
+figure what it shows; figures are plain `Figure`s (no pyplot), saved with Agg.
 
 Colours are the Okabe-Ito palette (safe for the common colour-vision
 deficiencies), fixed per category so that every plot and every run reads alike:
@@ -37,13 +39,15 @@ from matplotlib.patches import Patch
 
 from analysis.attribution import Attribution
 from analysis.depth import DepthSeries, depth_series
+from analysis.diff import Diff
 from analysis.report import COMPUTE_CATEGORIES, Report, TestReport
+from analysis.run_info import describe_run
 from analysis.timeline import TokenTimeline, token_timeline
 from analysis.timings import Timings
+from profiler.errors import UserError
 from profiler.files import atomic_output, check_output_path
 from profiler.schema import CATEGORIES
 
-FORMATS = ("png", "svg", "pdf")
 PLOT_NAMES = ("breakdown", "timeline", "ops", "bandwidth", "depth")
 CATEGORY_COLOURS = {
     "cpu_expert_matmul": "#D55E00",  # vermillion
@@ -57,9 +61,11 @@ CATEGORY_COLOURS = {
     "other": "#C8C8C8",              # light grey
 }
 HOST_COLOUR, DEVICE_COLOUR = CATEGORY_COLOURS["cpu_other"], CATEGORY_COLOURS["gpu_compute"]
-LABEL_MIN_FRACTION = 0.07   # a segment narrower than this share of the axis gets its label outside
+LABEL_MIN_FRACTION = 0.09   # a segment narrower than this share of the axis gets its label outside
 SMALL_TEXT_WIDTH = 170      # characters per line of the list of segments too small to label
+LOG_BELOW = 0.05            # a bandwidth axis turns logarithmic when a bar is below this share of it
 SLIVER_FRACTION = 0.0015    # the narrowest a timeline bar is drawn, so that short ops stay visible
+SUBTITLE_CHARS_PER_INCH = 14
 DPI = 150
 
 
@@ -79,66 +85,25 @@ def _ms(x: float) -> str:
 
 
 def _mb(n: float) -> str:
-    return f"{n / 1e6:,.1f} MB" if n >= 1e5 else f"{n / 1e3:,.1f} kB"
-
-
-def _si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(int(n))
-
-
-def subtitle(header: dict, emulated: bool) -> str:
-    """Model, placement, threads and machine: what a reader needs to trust or compare a plot."""
-    model, config, machine = header.get("model") or {}, header.get("config") or {}, header.get("machine") or {}
-    parts = []
-    if model:
-        desc = ", ".join(str(x) for x in (model.get("arch"), model.get("ftype")) if x)
-        if model.get("n_params"):
-            desc += f", {_si(model['n_params'])} params"
-        parts.append(f"model {os.path.basename(str(model.get('path', '?')))} ({desc})")
-    placement = []
-    if config.get("n_gpu_layers") is not None:
-        placement.append(f"-ngl {config['n_gpu_layers']}")
-    placement += [f"-ot {rule}" for rule in config.get("overrides") or ()]
-    if placement:
-        parts.append("placement " + " ".join(placement))
-    line2 = []
-    if config.get("threads") is not None:
-        line2.append(f"{config['threads']} threads")
-    accel = str(config.get("accel") or "")
-    if accel:
-        line2.append(f"accel {accel}" + (" — device times are NOT GPU times" if emulated else ""))
-    elif emulated:
-        line2.append("accelerator EMULATED — device times are NOT GPU times")
-    flags = [f"{k}={config[k]}" for k in ("mla", "fmoe", "rtr") if config.get(k) is not None]
-    if flags:
-        line2.append(" ".join(flags))
-    if machine:
-        desc = [str(machine["cpu"])] if machine.get("cpu") else []
-        if machine.get("cores"):
-            desc.append(f"{machine['cores']} cores")
-        if machine.get("mem_bytes"):
-            desc.append(f"{machine['mem_bytes'] / 2**30:.0f} GiB")
-        desc.append(f"GPU {machine['gpu']}" if machine.get("gpu") else "no GPU")
-        line2.append("machine " + ", ".join(desc))
-    return "\n".join(" · ".join(p) for p in (parts, line2) if p)
+            return f"{n / scale:,.3g} {unit}"
+    return f"{n:.3g} B"
 
 
 def _new_figure(width: float, height: float, title: str, sub: str) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     fig.suptitle(title, fontsize=13, fontweight="bold")
-    fig.supxlabel(sub, fontsize=8, color="#444444")
-    fig._supxlabel.set_gid("subtitle")
+    sub = "\n".join(textwrap.fill(line, width=int(width * SUBTITLE_CHARS_PER_INCH)) for line in sub.split("\n"))
+    fig.supxlabel(sub, fontsize=8, color="#444444").set_gid("subtitle")   # at the bottom, clear of the legend
     return fig
 
 
-def _legend(fig: Figure, categories: Sequence[str], ncol: int = 5) -> None:
+def _legend(fig: Figure, categories: Sequence[str]) -> None:
+    """The categories shown, in the fixed order, to the right (the title and subtitle hold top and bottom)."""
     handles = [Patch(facecolor=CATEGORY_COLOURS[c], label=c) for c in CATEGORIES if c in categories]
     if handles:
-        fig.legend(handles=handles, loc="outside upper center", ncol=min(ncol, len(handles)), fontsize=8,
-                   frameon=False)
+        fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
 
 
 def save(fig: Figure, path: Path, fmt: str, force: bool) -> Path:
@@ -150,10 +115,9 @@ def save(fig: Figure, path: Path, fmt: str, force: bool) -> Path:
 # ---------------------------------------------------------------- breakdown
 
 def plot_breakdown(groups: Sequence[tuple[str, Sequence[tuple[str, TestReport]]]], subtitle: str,
-                   per_token: bool = False) -> Figure:
+                   per_token: bool = False, title: str = "Where a token's time goes") -> Figure:
     n_bars = sum(len(bars) for _, bars in groups)
     single = len(groups) == 1
-    title = "Where a token's time goes"
     if single and len(groups[0][1]) <= 4:
         title += ": " + " · ".join(f"{label} {r.tps:,.1f} t/s" for label, r in groups[0][1])
     fig = _new_figure(12, 1.6 + 0.95 * n_bars + 0.5 * len(groups), title, subtitle)
@@ -189,7 +153,7 @@ def _breakdown_panel(ax, bars: Sequence[tuple[str, TestReport]], per_token: bool
                 ax.text(left + width / 2, y, text, ha="center", va="center", fontsize=7.5,
                         color=_text_colour(colour))
             else:
-                small.append(f"{c} {pct:.1f}% ({_ms(per_tok)} ms)")
+                small.append(f"{c} {pct:.1f}% ({_ms(per_tok)} ms/tok)")
             left += width
         if small:
             lines = textwrap.wrap("smaller: " + " · ".join(small), width=SMALL_TEXT_WIDTH)
@@ -209,7 +173,7 @@ def _breakdown_panel(ax, bars: Sequence[tuple[str, TestReport]], per_token: bool
 def plot_timeline(tl: TokenTimeline, subtitle: str) -> Figure:
     unit = "token" if tl.n_tokens == 1 else f"batch of {tl.n_tokens} tokens"
     title = (f"One {unit} of {tl.test}: graph {tl.graph}, {tl.wall_ns / 1e6:.3g} ms "
-             f"(median wall of {tl.n_candidates} graphs), KV depth {tl.n_past}")
+             f"(median wall of {tl.n_candidates} graph{'s' if tl.n_candidates != 1 else ''}), KV depth {tl.n_past}")
     n_lanes = len(tl.lanes) + 1                # + the splits band on top
     fig = _new_figure(13, 2.0 + 0.42 * n_lanes, title, subtitle)
     ax = fig.subplots()
@@ -236,8 +200,11 @@ def plot_timeline(tl: TokenTimeline, subtitle: str) -> Figure:
         colour = DEVICE_COLOUR if on_device else HOST_COLOUR
         ax.broken_barh([(s / 1e6, d / 1e6)], (-0.3, 0.6), facecolors=colour, alpha=0.35, edgecolor=colour,
                        linewidth=0.8, gid=f"backend:{backend}")
-        if d / 1e6 >= 0.04 * wall_ms:
-            ax.text((s + d / 2) / 1e6, 0, f"split {split}: {backend}", ha="center", va="center", fontsize=7)
+        # the full label where it fits, the split index where only that fits (the colour tells the backend)
+        label = f"split {split}: {backend}" if d / 1e6 >= 0.09 * wall_ms else str(split) if d / 1e6 >= 0.012 * wall_ms \
+            else ""
+        if label:
+            ax.text((s + d / 2) / 1e6, 0, label, ha="center", va="center", fontsize=7)
         ax.axvline(s / 1e6, color="#555555", linestyle=":", linewidth=0.7, zorder=0)
     if len(tl.splits):
         ax.axvline((tl.splits["start_ns"] + tl.splits["dur_ns"]).max() / 1e6, color="#555555", linestyle=":",
@@ -262,15 +229,19 @@ def _backends(tests: Sequence[TestReport]) -> list[str]:
 def plot_ops(tests: Sequence[TestReport], subtitle: str, top: int = 10) -> Figure:
     backends = _backends(tests) or ["-"]
     rows = max(len(tests), 1)
-    fig = _new_figure(6.5 * len(backends), 1.4 + rows * (0.75 + 0.3 * top), "Top ops by time, per backend", subtitle)
+    # bar slots per panel: the most any panel shows, so that bars are equally thick everywhere
+    counts = [int((r.ops["backend"] == b).sum()) for r in tests for b in backends]
+    slots = max([min(n, top) + (n > top) for n in counts] + [1])
+    fig = _new_figure(6.5 * len(backends), 1.4 + rows * (0.9 + 0.3 * slots), "Top ops by time, per backend",
+                      subtitle)
     axes = fig.subplots(rows, len(backends), squeeze=False)
     for row, r in enumerate(tests):
         for col, backend in enumerate(backends):
-            _ops_panel(axes[row, col], r, backend, top)
+            _ops_panel(axes[row, col], r, backend, top, slots)
     return fig
 
 
-def _ops_panel(ax, r: TestReport, backend: str, top: int) -> None:
+def _ops_panel(ax, r: TestReport, backend: str, top: int, slots: int) -> None:
     ops = r.ops[r.ops["backend"] == backend]          # sorted by total time, longest first
     per_token = ops["total_ns"] / 1e6 / max(r.n_tokens, 1)
     backend_total = per_token.sum()
@@ -292,7 +263,7 @@ def _ops_panel(ax, r: TestReport, backend: str, top: int) -> None:
         share = 100 * v / backend_total if backend_total else 0
         ax.text(v, y, f" {_ms(v)} ms  {share:.1f}%  (Σ {cum:.0f}%)", va="center", fontsize=7.5)
     ax.set_yticks(range(len(values)), labels, fontsize=8)
-    ax.set_ylim(len(values) - 0.5, -0.6)
+    ax.set_ylim(slots - 0.5, -0.6)
     ax.set_xlim(0, max(values) * 1.55 if max(values) > 0 else 1)
     ax.set_xlabel("ms per token (summed over lanes; ×: calls); %: share of this backend's op time", fontsize=8)
 
@@ -301,27 +272,41 @@ def _ops_panel(ax, r: TestReport, backend: str, top: int) -> None:
 
 def plot_bandwidth(tests: Sequence[TestReport], peak_GBps: dict, subtitle: str) -> Figure:
     items = [_bandwidth_items(r) for r in tests]
-    n_items = max((len(i) for i in items), default=1)
-    fig = _new_figure(6.5 * max(len(tests), 1), 2.2 + 0.5 * n_items,
-                      "Achieved read bandwidth against the measured peak", subtitle)
-    axes = fig.subplots(1, max(len(tests), 1), squeeze=False, sharex=True)[0]
-    x_max = max([v for it in items for _, v, _, _ in it] + list(peak_GBps.values()) + [1e-9]) * 1.45
+    heights = [max(len(i), 1) + 0.8 for i in items] or [1]
+    fig = _new_figure(11, 1.6 + 0.42 * sum(heights), "Achieved read bandwidth against the measured peak", subtitle)
+    axes = fig.subplots(max(len(tests), 1), 1, squeeze=False, sharex=True, height_ratios=heights)[:, 0]
+    values = [v for it in items for _, v, _, _ in it if v > 0] + list(peak_GBps.values())
+    x_max = max(values + [1e-9]) * 1.3
+    # bars far below the peak (a tiny model, a test bound elsewhere) vanish on a linear axis
+    log = bool(values) and min(values) < LOG_BELOW * x_max
     for ax, r, it in zip(axes, tests, items):
-        _bandwidth_panel(ax, r, it, peak_GBps, x_max)
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlim(*((min(values) / 3, x_max * 2) if log else (0, x_max)))
+        _bandwidth_panel(ax, r, it, peak_GBps)
+    axes[-1].set_xlabel("GB/s: bytes read over the union of busy time (dashed: the backend's measured peak)",
+                        fontsize=8.5)
     return fig
 
 
 def _bandwidth_items(r: TestReport) -> list[tuple[str, float, float, str]]:
-    """(label, GB/s, bytes per token, gid) for each backend and compute category that read bytes."""
+    """(label, GB/s, bytes per token, gid) for each backend and compute category that read bytes,
+    each backend followed by its categories (so that its peak line spans them)."""
     per = max(r.n_tokens, 1)
-    items = [(f"all ops on {b['backend']}", float(b["GBps"]), b["bytes"] / per, f"backend:{b['backend']}")
-             for b in r.backends if b["bytes"] > 0 and b["busy_ns"] > 0]
-    items += [(c, float(r.category_bw[c]["GBps"]), r.category_bw[c]["bytes"] / per, f"category:{c}")
-              for c in COMPUTE_CATEGORIES if r.category_bw[c]["bytes"] > 0 and r.category_bw[c]["GBps"]]
+    items = []
+    for b in r.backends:
+        if b["bytes"] <= 0 or b["busy_ns"] <= 0:
+            continue
+        backend = str(b["backend"])
+        items.append((f"all ops on {backend}", float(b["GBps"]), b["bytes"] / per, f"backend:{backend}"))
+        on_cpu = backend.upper().startswith("CPU")
+        items += [(c, float(r.category_bw[c]["GBps"]), r.category_bw[c]["bytes"] / per, f"category:{c}")
+                  for c in COMPUTE_CATEGORIES if c.startswith("cpu") == on_cpu
+                  and r.category_bw[c]["bytes"] > 0 and r.category_bw[c]["GBps"]]
     return items
 
 
-def _bandwidth_panel(ax, r: TestReport, items, peak_GBps: dict, x_max: float) -> None:
+def _bandwidth_panel(ax, r: TestReport, items, peak_GBps: dict) -> None:
     ax.set_title(r.name, fontsize=10, loc="left")
     ax.spines[["top", "right"]].set_visible(False)
     if not items:
@@ -329,20 +314,31 @@ def _bandwidth_panel(ax, r: TestReport, items, peak_GBps: dict, x_max: float) ->
                 transform=ax.transAxes, fontsize=9)
         ax.set_yticks([])
         return
+    ax.set_ylim(len(items) - 0.4, -0.6)
+    to_axes = ax.transData + ax.transAxes.inverted()
+    group_start, backend = 0, None
     for y, (label, gbps, per_token, gid) in enumerate(items):
         kind, name = gid.split(":", 1)
         colour = CATEGORY_COLOURS[name] if kind == "category" else "#8C8C8C"
         ax.barh(y, gbps, height=0.6, color=colour, hatch="//" if kind == "backend" else None,
                 edgecolor="white", gid=gid)
-        ax.text(gbps, y, f" {gbps:,.2f} GB/s\n {_mb(per_token)}/token", va="center", fontsize=7.5)
-    for i, (backend, peak) in enumerate(sorted(peak_GBps.items())):
-        ax.axvline(peak, color="black", linestyle="--", linewidth=1, gid=f"peak:{backend}")
-        ax.text(peak, len(items) - 0.45 + 0.3 * i, f" {backend} peak {peak:,.1f} GB/s", fontsize=7.5,
-                va="top", ha="left")
+        if kind == "backend":
+            backend, group_start = name, y
+        peak = peak_GBps.get(backend)
+        text = f"{gbps:,.3g} GB/s" + (f" ({100 * gbps / peak:.0f}% of peak)" if peak else "")
+        text += f" · {_mb(per_token)}/token"
+        inside = to_axes.transform((gbps, y))[0] > 0.45   # long bars carry their label, clear of the peak line
+        ax.text(gbps, y, f"{text} " if inside else f" {text}", va="center", ha="right" if inside else "left",
+                fontsize=7.5, color=_text_colour(colour) if inside else "black",
+                bbox=None if inside else {"facecolor": "white", "edgecolor": "none", "pad": 0.5})
+        last_of_group = y + 1 == len(items) or items[y + 1][3].startswith("backend:")
+        if last_of_group and backend in peak_GBps:
+            peak = peak_GBps[backend]
+            ax.vlines(peak, group_start - 0.45, y + 0.45, color="black", linestyle="--", linewidth=1,
+                      gid=f"peak:{backend}")
+            ax.text(peak, group_start - 0.45, f" {backend} peak {peak:,.1f} GB/s", fontsize=7.5, va="bottom",
+                    ha="left")
     ax.set_yticks(range(len(items)), [label for label, *_ in items], fontsize=8.5)
-    ax.set_ylim(len(items) - 0.4 + 0.3 * len(peak_GBps), -0.6)
-    ax.set_xlim(0, x_max)
-    ax.set_xlabel("GB/s: bytes read over the union of busy time", fontsize=8.5)
 
 
 # ---------------------------------------------------------------- depth
@@ -397,7 +393,7 @@ def write_plots(t: Timings, report: Report, a: Attribution, out_dir: str | os.Pa
     paths = plot_paths(out_dir, fmt)
     for path in paths.values():
         check_output_path(path, force=force, flag="--plots")
-    sub = subtitle(report.header, report.emulated)
+    sub = describe_run(report.header, report.emulated)
     figures = {"breakdown": plot_breakdown([("", [(r.name, r) for r in report.tests])], sub),
                "ops": plot_ops(report.tests, sub),
                "bandwidth": plot_bandwidth(report.tests, report.peak_GBps, sub)}
@@ -408,3 +404,18 @@ def write_plots(t: Timings, report: Report, a: Attribution, out_dir: str | os.Pa
     if series:
         figures["depth"] = plot_depth(series, sub)
     return [save(figures[name], paths[name], fmt, force) for name in PLOT_NAMES if name in figures]
+
+
+def write_diff_plot(diff: Diff, out_dir: str | os.PathLike, fmt: str = "png", force: bool = True) -> Path:
+    path = Path(out_dir) / f"breakdown-diff.{fmt}"
+    check_output_path(path, force=force, flag="--plots")
+    if not diff.tests:
+        raise UserError(f"--plots: {diff.a.source} and {diff.b.source} have no test name in common; nothing to draw")
+    a_label, b_label = f"A: {Path(diff.a.source).stem}", f"B: {Path(diff.b.source).stem}"
+    groups = [(f"{t.name}: {t.a.tps:,.1f} → {t.b.tps:,.1f} t/s"
+               + (f" ({t.tps_change_pct:+.1f} %)" if t.tps_change_pct is not None else ""),
+               [(a_label, t.a), (b_label, t.b)]) for t in diff.tests]
+    sub = "\n".join(f"{side}: " + describe_run(r.header, r.emulated).replace("\n", " · ")
+                    for side, r in (("A", diff.a), ("B", diff.b)))
+    fig = plot_breakdown(groups, sub, per_token=True, title="Where a token's time goes: A against B")
+    return save(fig, path, fmt, force)

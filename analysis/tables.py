@@ -44,11 +44,11 @@ def report_tables(report: Report, layers: bool = False, splits: bool = False, gr
         tables += [_time_table(test), _backend_table(test, report.peak_GBps), _op_table(test)]
         if len(test.copies):
             tables.append(_copy_table(test))
-        if layers:
+        if layers and len(test.layers):
             tables.append(_layer_table(test))
-        if splits:
+        if splits and len(test.splits):
             tables.append(_split_table(test))
-    if graphs:
+    if graphs and len(report.graphs):
         tables.append(_graph_table(report))
     return tables
 
@@ -66,6 +66,8 @@ def _run_table(report: Report) -> Table:
     peaks = ", ".join(f"{b} {_f(v, 1)} GB/s" for b, v in report.peak_GBps.items()) or "unknown (use --peak-bw)"
     rows.append(("peak bandwidth", peaks))
     notes = list(report.warnings)
+    if not report.tests:
+        notes.append("No graph events in this file: there is no wall time to attribute.")
     if report.emulated:
         notes.insert(0, "The accelerator was EMULATED (ACC0: torch on the CPU); its times are not GPU times.")
     return Table("hyprof report", ("", ""), tuple(rows), tuple(notes))

@@ -2,8 +2,9 @@
 
 Public API (stable; everything else in the analyzer builds on it):
 
-    load_timings(path) -> Timings
-        Read a `timings.jsonl`. A file that does not start with a JSON object is
+    load_timings(path, progress=None) -> Timings
+        Read a `timings.jsonl` (`progress(bytes_read)` is called after each block,
+        for a progress bar). A file that does not start with a JSON object is
         handed to `analysis.ik_log` (the ik_llama.cpp log importer) when that module
         exists and recognises it.
     load_lines(lines, source) -> Timings
@@ -44,7 +45,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import orjson
 
-from analysis.flatjson import FlatColumns, parse_flat_lines
+from analysis.flatjson import FlatColumns, FlatReader
 from profiler.errors import UserError
 from profiler.schema import COMMON_FIELDS, EVENT_FIELDS, EVENT_TYPES, SCHEMA
 
@@ -109,7 +110,7 @@ class Timings:
         return TYPE_CODES[name]
 
 
-def load_timings(path: str | os.PathLike) -> Timings:
+def load_timings(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> Timings:
     source = os.fspath(path)
     if not os.path.exists(source):
         raise UserError(f"{source}: no such file")
@@ -124,7 +125,7 @@ def load_timings(path: str | os.PathLike) -> Timings:
         if ik_log is not None and ik_log.looks_like_ik_log(source):
             return load_lines(ik_log.convert(source), source)
         raise UserError(f"{source}: not a hyprof timings file (line 1 is not a JSON object)")
-    return _load(_file_blocks(source), source)
+    return _load(_file_blocks(source, progress), source, capacity=os.path.getsize(source) // 64)
 
 
 def load_lines(lines: Iterable[bytes | str], source: str) -> Timings:
@@ -143,10 +144,12 @@ def _ik_log_importer():
 # A block is (bytes of whole lines each ending in b"\n", False) or, last, (the final line, True).
 # The final line is kept apart: it alone may be cut short by a crash.
 
-def _file_blocks(path: str) -> Iterator[tuple[bytes, bool]]:
+def _file_blocks(path: str, progress: Callable[[int], None] | None) -> Iterator[tuple[bytes, bool]]:
     with open(path, "rb") as f:
         rest = b""
         while block := f.read(BLOCK_BYTES):
+            if progress is not None:
+                progress(f.tell())
             data = rest + block
             cut = data.rfind(b"\n") + 1
             if cut:
@@ -193,19 +196,42 @@ class _Symbols:
         return np.fromiter(map(self.ids.__getitem__, values), dtype=np.int32, count=len(values))
 
 
+class _Rows:
+    """A growing event table: rows are written in place, so the columns are never copied to be joined.
+
+    Room is reserved generously (for a file, a row per 64 bytes; event lines are longer):
+    pages never written are never backed by memory.
+    """
+
+    def __init__(self, capacity: int):
+        self.data = np.empty(max(capacity, 1024), EVENT_DTYPE)
+        self.n = 0
+
+    def take(self, n: int) -> np.ndarray:
+        if self.n + n > len(self.data):
+            grown = np.empty(max(2 * len(self.data), self.n + n), EVENT_DTYPE)
+            grown[:self.n] = self.data[:self.n]
+            self.data = grown
+        self.n += n
+        return self.data[self.n - n:self.n]
+
+
 @dataclass
 class _Accumulator:
     source: str
+    events: _Rows
     symbols: _Symbols = field(default_factory=_Symbols)
-    events: list = field(default_factory=list)
     tests: list = field(default_factory=list)
     skipped_types: Counter = field(default_factory=Counter)
     skipped_fields: Counter = field(default_factory=Counter)
     warnings: list = field(default_factory=list)
+    reader: FlatReader = field(default_factory=lambda: FlatReader(INT_FIELDS, STR_FIELDS))
+    reader_symbols: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    reader_types: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
-def _load(blocks: Iterator[tuple[bytes, bool]], source: str) -> Timings:
-    acc = _Accumulator(source)
+def _load(blocks: Iterator[tuple[bytes, bool]], source: str, capacity: int = 1 << 16) -> Timings:
+    acc = _Accumulator(source, _Rows(capacity))
     header, line_no = None, 1
     for data, final in blocks:
         while header is None and data:
@@ -217,7 +243,7 @@ def _load(blocks: Iterator[tuple[bytes, bool]], source: str) -> Timings:
         if not data:
             continue
         n_lines = 1 if final else data.count(b"\n")
-        flat = None if final else parse_flat_lines(data, n_lines, INT_FIELDS, STR_FIELDS)
+        flat = None if final else acc.reader.parse(data, n_lines)
         if flat is None or not _add_flat(flat, acc):
             lines = [data] if final else data.split(b"\n")[:-1]
             objs, numbers = _parse_lines(lines, line_no, final, acc)
@@ -226,8 +252,9 @@ def _load(blocks: Iterator[tuple[bytes, bool]], source: str) -> Timings:
         line_no += n_lines
     if header is None:
         raise UserError(f"{source}: empty file, not a hyprof timings file")
-    events = np.concatenate(acc.events) if acc.events else np.empty(0, EVENT_DTYPE)
-    events = events[np.argsort(events["ts"], kind="stable")]
+    events = acc.events.data[:acc.events.n]
+    if (events["ts"][1:] < events["ts"][:-1]).any():    # writers write in time order; others get sorted
+        events = events[np.argsort(events["ts"], kind="stable")]
     tests = np.concatenate(acc.tests) if acc.tests else np.empty(0, TEST_DTYPE)
     tests = tests[np.argsort(tests["ts"], kind="stable")]
     if acc.skipped_types:
@@ -319,7 +346,8 @@ def _add_objects(objs: list[dict], numbers: list[int], acc: _Accumulator) -> Non
         if (out["dur"][rows] < 0).any():
             j = int(np.flatnonzero(out["dur"][rows] < 0)[0])
             raise UserError(f"{where(j)}: 'dur' is negative")
-    acc.events.append(out[codes >= 0])
+    kept = out[codes >= 0]
+    acc.events.take(len(kept))[:] = kept
 
 
 def _field(sub: list[dict], f: str, where) -> tuple:
@@ -365,22 +393,25 @@ def _test_rows(values: dict, rows: np.ndarray, acc: _Accumulator, where) -> np.n
 
 def _add_flat(flat: FlatColumns, acc: _Accumulator) -> bool:
     """Columns from the vectorised reader; False (add nothing) where the JSON parser must word an error."""
-    try:
-        strings = [b.decode() for b in flat.strings]
-    except UnicodeDecodeError:
-        return False
-    type_of = np.array([TYPE_CODES.get(s, -1) for s in strings] + [-2], dtype=np.int64)
+    new = acc.reader.strings[len(acc.reader_symbols):]
+    if new:
+        try:
+            decoded = [b.decode() for b in new]
+        except UnicodeDecodeError:
+            return False
+        acc.reader_symbols = np.append(acc.reader_symbols, acc.symbols.intern(decoded, "", str))
+        acc.reader_types = np.append(acc.reader_types, [TYPE_CODES.get(s, -1) for s in decoded])
     type_id = flat.strs["type"]
-    codes = type_of[type_id]                                 # -1 unknown type, -2 no type
+    codes = np.append(acc.reader_types, -2)[type_id]          # -1 unknown type, -2 no type
     kept = codes >= 0
     (ts, has_ts), (dur, has_dur) = flat.ints["ts"], flat.ints["dur"]
     if (codes == -2).any() or not (has_ts | ~kept).all() or not (has_dur | ~kept).all() or (dur[kept] < 0).any():
         return False
-    symbol_of = np.append(acc.symbols.intern(strings, "", str), -1).astype(np.int64)
+    symbol_of = np.append(acc.reader_symbols, -1)
 
     unknown = np.flatnonzero(codes == -1)
     for i, n in zip(*np.unique(type_id[unknown], return_counts=True)):
-        acc.skipped_types[strings[i]] += int(n)
+        acc.skipped_types[acc.symbols.names[acc.reader_symbols[i]]] += int(n)
     allowed = ALLOWED[np.maximum(codes, 0)] & kept[:, None]
     columns = {}
     for i, f in enumerate(INT_FIELDS + STR_FIELDS):
@@ -399,10 +430,11 @@ def _add_flat(flat: FlatColumns, acc: _Accumulator) -> bool:
         if stray:
             acc.skipped_fields[names[j].decode(errors="replace")] += stray
 
-    out = np.empty(int(kept.sum()), EVENT_DTYPE)
+    out = acc.events.take(int(kept.sum()))
+    everything = kept.all()
     for name in EVENT_DTYPE.names:
-        out[name] = codes[kept] if name == "type" else columns[name][kept]
-    acc.events.append(out)
+        column = codes if name == "type" else columns[name]
+        out[name] = column if everything else column[kept]
     is_test = codes == TYPE_CODES["test"]
     if is_test.any():
         tests = np.empty(int(is_test.sum()), TEST_DTYPE)

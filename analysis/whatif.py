@@ -10,7 +10,7 @@ Public API (stable):
 - bound: every backend reads its bytes at its peak, one after the other (a token's
   CPU experts wait on the GPU's attention and back); backends without a known peak
   count as free, so this is an upper limit.
-Rates are None where a peak is unknown or the time would be zero.
+Rates are None where a peak is unknown, or there are no tokens or no time.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ NS = 1e9
 
 
 def _rate(n_tokens: int, seconds: float) -> float | None:
-    return n_tokens / seconds if seconds > 0 else None
+    return n_tokens / seconds if seconds > 0 and n_tokens > 0 else None
 
 
 def whatif_tps(n_tokens: int, categories_ns: dict, cpu_expert_bytes: int, cpu_peak_GBps: float | None,

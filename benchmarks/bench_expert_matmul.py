@@ -14,8 +14,11 @@ expert's rows (torch paths: on half of the experts, torch at 1 thread each).
 The previous path (torch): dequantise-then-matmul (hybrid.quants.dequantize
 of the used experts, then F.linear), bf16 weights with torch matmul, and
 torch's int4 weight-only kernel (_weight_int4pack_mm_for_cpu, group 32); their
-GB/s count the bytes of their own weight format. The machine is shared, so
-figures are noisy; read the ratios, taken in the same run.
+GB/s count the bytes of their own weight format. Each figure is the best of
+several rounds, each round a STREAM triad then the measurement, as STREAM
+itself reports the best of its trials: on a shared machine that is the least
+disturbed run, and the ratio to the triad of the same rounds is the figure to
+read. Medians are printed beside.
 
     .venv/bin/python benchmarks/bench_expert_matmul.py [--quick]
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -78,8 +82,9 @@ def halves(n, i, n_threads):
     return n * i // n_threads, n * (i + 1) // n_threads
 
 
-def native_steps(layers, ggml_type, ids, n_threads):
-    """Seconds for all steps: per step, fused gate+up then down, rows split across threads."""
+def native_steps(layers, ggml_type, ids, n_threads, split="rows"):
+    """Seconds for all steps: per step, fused gate+up then down, each thread doing its
+    share of every used expert's rows (split="rows") or of the used experts ("experts")."""
     n_tokens = ids.shape[1]
     x = np.random.default_rng(0).standard_normal((n_tokens, N_EMBD)).astype(np.float32)
     xq = ck.quantize_activations(x)
@@ -87,15 +92,43 @@ def native_steps(layers, ggml_type, ids, n_threads):
     h = np.empty((n_tokens, N_USED, N_FF), np.float32)
     y = np.empty((n_tokens, N_USED, N_EMBD), np.float32)
 
+    n_active = [len(np.unique(i)) for i in ids]
+
     def work(i):
-        f0, f1 = halves(N_FF, i, n_threads)
-        e0, e1 = halves(N_EMBD, i, n_threads)
+        f0, f1 = halves(N_FF, i, n_threads) if split == "rows" else (0, N_FF)
+        e0, e1 = halves(N_EMBD, i, n_threads) if split == "rows" else (0, N_EMBD)
         for s, step_ids in enumerate(ids):
             layer = layers[s % len(layers)]
-            ck.mul_mat_id(layer["gate"], ggml_type, xq, step_ids, h, f0, f1, w_up=layer["up"])
-            ck.mul_mat_id(layer["down"], ggml_type, hq, step_ids, y, e0, e1)
+            a0, a1 = halves(n_active[s], i, n_threads) if split == "experts" else (0, N_EXPERT)
+            ck.mul_mat_id(layer["gate"], ggml_type, xq, step_ids, h, f0, f1, a0, a1, w_up=layer["up"])
+            ck.mul_mat_id(layer["down"], ggml_type, hq, step_ids, y, e0, e1, a0, a1)
 
     return run_workers(n_threads, work)
+
+
+@contextmanager
+def torch_threads(n):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class Triad:
+    """STREAM triad a = b + 3 c on persistent arrays, taken beside every measurement round
+    (profiler.membw gives the headline figure; this one avoids re-allocating per round)."""
+
+    def __init__(self, array_bytes=256 << 20):
+        self.a, self.b, self.c = (torch.full((array_bytes // 4,), v) for v in (1.0, 2.0, 0.0))
+        self.n_bytes = 3 * array_bytes
+
+    def gbps(self, n_threads):
+        with torch_threads(n_threads):
+            t0 = time.perf_counter()
+            torch.add(self.b, self.c, alpha=3.0, out=self.a)
+            return self.n_bytes / (time.perf_counter() - t0) / 1e9
 
 
 def torch_steps(layers, ids, n_threads, matmul):
@@ -114,12 +147,8 @@ def torch_steps(layers, ids, n_threads, matmul):
                 h = F.silu(matmul(layer, "gate", e, xe)) * matmul(layer, "up", e, xe)
                 matmul(layer, "down", e, h)
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return run_workers(n_threads, work)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def dequant_matmul(ggml_type):
@@ -154,38 +183,39 @@ def int4_matmul(layer, name, e, x):
 
 def gemm_gmacs(n_threads, dtype, n=2048):
     """The machine's dense matmul throughput through torch (oneDNN/MKL), for scale of pp."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n_threads)
-    try:
-        a = torch.randn(n, n).to(getattr(torch, {"f32": "float32"}.get(dtype, "bfloat16")))
+    with torch_threads(n_threads):
+        a = torch.randn(n, n).to(torch.float32 if dtype == "f32" else torch.bfloat16)
         torch.mm(a, a)
         t0 = time.perf_counter()
         for _ in range(3):
             torch.mm(a, a)
         return 3 * n**3 / (time.perf_counter() - t0) / 1e9
-    finally:
-        torch.set_num_threads(previous)
 
 
-def n_steps_for(n_tokens, quick):
-    """Enough layer-steps for ~0.3 s per measurement."""
-    return {1: 60 if quick else 120, 64: 4 if quick else 8}.get(n_tokens, 1 if quick else 2)
+def plan(n_tokens, quick):
+    """(layer-steps per round, rounds): short rounds, many of them, for tg."""
+    steps, rounds = {1: (8, 15), 64: (1, 6)}.get(n_tokens, (1, 3))
+    return steps, max(2, rounds // 2) if quick else rounds
 
 
 def test_name(n_tokens):
     return "tg" if n_tokens == 1 else f"pp{n_tokens}"
 
 
-def side_by_side(run, n_threads, nbytes, n_macs, rounds):
-    """Median over rounds of (seconds, GB/s, fraction of a STREAM triad taken just before).
-    Pairing each run with its own triad keeps the ratio honest on a shared machine."""
-    seconds, ratios = [], []
-    for _ in range(rounds):
-        triad = measure_stream(n_threads, array_bytes=256 << 20, runs=2).triad_GBps
-        seconds.append(run())
-        ratios.append(nbytes / seconds[-1] / 1e9 / triad)
-    t = float(np.median(seconds))
-    return t, nbytes / t / 1e9, float(np.median(ratios)), n_macs / t / 1e9
+def side_by_side(run, ids, expert_bytes, n_threads, triad):
+    """Run `run(ids[r])` for each round r, each beside a STREAM triad (best of 2) taken just
+    before. Figures of the best round (STREAM's convention: on a shared machine, the least
+    disturbed), its ratio to the best triad of the same rounds, and the median round.
+    -> (ms per layer-step, GB/s, median GB/s, fraction of triad, GMAC/s)."""
+    gbps, ms, gmacs, triads = [], [], [], []
+    for ids_r in ids:
+        triads.append(max(triad.gbps(n_threads) for _ in range(2)))
+        t = run(ids_r)
+        gbps.append(sum(touched_bytes(expert_bytes, i) for i in ids_r) / t / 1e9)
+        ms.append(t / len(ids_r) * 1e3)
+        gmacs.append(ids_r.size * 3 * N_FF * N_EMBD / t / 1e9)
+    best = int(np.argmax(gbps))
+    return ms[best], gbps[best], float(np.median(gbps)), gbps[best] / max(triads), gmacs[best]
 
 
 def main():
@@ -194,24 +224,23 @@ def main():
     ap.add_argument("--tokens", default="1,64,512", help="batch sizes: 1 = tg, others pp")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--types", default="q4_0,q8_0")
-    ap.add_argument("--rounds", type=int, default=3, help="measurements per row (median reported)")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch paths (the previous path)")
-    ap.add_argument("--quick", action="store_true", help="fewer steps per measurement")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds")
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     thread_counts = [int(t) for t in args.threads.split(",")]
     rng = np.random.default_rng(0)
     print(f"kernel path: {ck.available()} (of {', '.join(ck.paths())})")
-    rows = [(f"STREAM triad (256 MiB arrays)", "torch", n, "-", "-",
-             f"{measure_stream(n, array_bytes=256 << 20, runs=5).triad_GBps:.1f}", "100%", "-") for n in thread_counts]
-    rows += [(f"{dt} dense", f"torch GEMM 2048^3", n, "-", "-", "-", "-", f"{gemm_gmacs(n, dt):.0f}")
+    stream = {n: measure_stream(n, array_bytes=256 << 20, runs=5).triad_samples_GBps for n in thread_counts}
+    rows = [("STREAM triad (profiler.membw), 3 x 256 MiB", "torch", n, "-", "-", f"{max(stream[n]):.1f}",
+             f"{np.median(stream[n]):.1f}", "100%", "-") for n in thread_counts]
+    rows += [(f"{dt} dense", "torch GEMM 2048^3", n, "-", "-", "-", "-", "-", f"{gemm_gmacs(n, dt):.0f}")
              for dt in ("f32", "bf16") for n in thread_counts]
+    triad = Triad()
 
-    def measure(kind, path, n, ids, expert_bytes, run, rounds=args.rounds):
-        nbytes = sum(touched_bytes(expert_bytes, i) for i in ids)
-        n_macs = ids.size * 3 * N_FF * N_EMBD
-        t, gbps, frac, gmacs = side_by_side(run, n, nbytes, n_macs, rounds)
-        rows.append((kind, path, n, test_name(ids.shape[1]), f"{t / len(ids) * 1e3:.2f}", f"{gbps:.1f}",
+    def measure(kind, path, n, ids, expert_bytes, run):
+        ms, gbps, median, frac, gmacs = side_by_side(run, ids, expert_bytes, n, triad)
+        rows.append((kind, path, n, test_name(ids.shape[2]), f"{ms:.2f}", f"{gbps:.1f}", f"{median:.1f}",
                      f"{frac:.0%}", f"{gmacs:.0f}"))
         print("  " + " | ".join(map(str, rows[-1])), flush=True)
 
@@ -222,15 +251,18 @@ def main():
         layers = make_layers(rng, n_layers, ggml_type)
         print(f"{tname}: {n_layers} layers, {n_layers * N_EXPERT * expert_bytes / 1e9:.2f} GB of experts")
         for n_tokens in tokens:
-            ids = routing(rng, n_steps_for(n_tokens, args.quick), n_tokens)
+            steps, rounds = plan(n_tokens, args.quick)
+            ids = routing(rng, rounds * steps, n_tokens).reshape(rounds, steps, n_tokens, N_USED)
             for n in thread_counts:
-                native_steps(layers, ggml_type, ids[:1], n)                  # warm-up
-                measure(tname, f"native {ck.available()}", n, ids, expert_bytes,
-                        lambda: native_steps(layers, ggml_type, ids, n))
+                native_steps(layers, ggml_type, ids[0, :1], n)                  # warm-up
+                measure(tname, f"native {ck.available()}, rows split", n, ids, expert_bytes,
+                        lambda i: native_steps(layers, ggml_type, i, n))
+                if n > 1:
+                    measure(tname, f"native {ck.available()}, experts split", n, ids, expert_bytes,
+                            lambda i: native_steps(layers, ggml_type, i, n, "experts"))
                 if not args.no_torch and n_tokens <= 64:
-                    few = ids[: max(1, len(ids) // 8)]
-                    measure(tname, "torch dequant + f32", n, few, expert_bytes,
-                            lambda: torch_steps(layers, few, n, dequant_matmul(ggml_type)), rounds=1)
+                    measure(tname, "torch dequant + f32", n, ids[:2, :1], expert_bytes,
+                            lambda i: torch_steps(layers, i, n, dequant_matmul(ggml_type)))
         del layers
 
     if not args.no_torch:
@@ -242,14 +274,16 @@ def main():
             layers = make(n_layers)
             print(f"torch {name}: {n_layers} layers, {n_layers * N_EXPERT * eb / 1e9:.2f} GB of experts")
             for n_tokens in [t for t in tokens if t <= 64]:
-                ids = routing(rng, max(2, n_steps_for(n_tokens, args.quick) // 2), n_tokens)
+                steps, rounds = plan(n_tokens, True)
+                ids = routing(rng, rounds * steps, n_tokens).reshape(rounds, steps, n_tokens, N_USED)
                 for n in thread_counts:
-                    torch_steps(layers, ids[:1], n, matmul)
-                    measure(name, f"torch {name} weights", n, ids, eb, lambda: torch_steps(layers, ids, n, matmul))
+                    torch_steps(layers, ids[0, :1], n, matmul)
+                    measure(name, f"torch {name} weights", n, ids, eb, lambda i: torch_steps(layers, i, n, matmul))
             del layers
 
-    print("\n| weights | path | threads | test | ms per layer | GB/s (as stored) | of triad (paired) | GMAC/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| weights | path | threads | test | ms per layer | GB/s (as stored), best round | median round | "
+          "best / best triad of the same rounds | GMAC/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print("| " + " | ".join(map(str, row)) + " |")
 

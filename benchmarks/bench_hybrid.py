@@ -41,11 +41,12 @@ def percentile_us(values_ns: list[int], q: float) -> float:
     return float(np.percentile(np.asarray(values_ns), q)) / 1e3 if values_ns else float("nan")
 
 
-def tg_run(model: str, threads: int, poll: int, n_gen: int, n_prompt: int) -> dict:
+def tg_run(model: str, threads: int, poll: int, n_gen: int, n_prompt: int, rtr: int,
+           fmoe: int) -> dict:
     """n_gen recorded tg steps after an unrecorded prompt; the figures of one wait mode."""
     rec = Recorder(enabled=False)
     with Engine(model, threads=threads, poll=poll, accel="emulated", n_gpu_layers=99,
-                overrides=[EXPERTS_ON_CPU], recorder=rec) as engine:
+                overrides=[EXPERTS_ON_CPU], rtr=rtr, fmoe=fmoe, recorder=rec) as engine:
         header = engine.header()
         token = engine.eval(list(range(1, n_prompt + 1)), f"pp{n_prompt}")
         for _ in range(2):                      # warm-up steps, not recorded
@@ -113,16 +114,20 @@ def main() -> None:
     p.add_argument("-t", "--threads", type=int, default=2)
     p.add_argument("-n", "--n-gen", type=int, default=32)
     p.add_argument("-p", "--n-prompt", type=int, default=8)
+    p.add_argument("-rtr", type=int, default=1, help="repack 4-bit weights at load (as hyprof run)")
+    p.add_argument("-fmoe", type=int, default=1, help="fused gate+up expert op (as hyprof run)")
     args = p.parse_args()
     model = args.model
     if model is None:
         from hyprof.commands.run import default_model
         model = default_model(progress=True)
 
-    print(f"model {model}, {args.threads} threads, experts on CPU, the rest on ACC0 (emulated)")
+    print(f"model {model}, {args.threads} threads, -rtr {args.rtr} -fmoe {args.fmoe}, "
+          f"experts on CPU, the rest on ACC0 (emulated)")
     print(f"{'poll':>4} {'tg t/s':>7} {'splits/tok':>10} {'cpu splits':>10} {'wakeup med us':>13} "
           f"{'p99 us':>7} {'copies/tok':>10} {'KiB/tok':>8} {'overhead':>8}")
-    results = [tg_run(model, args.threads, poll, args.n_gen, args.n_prompt) for poll in (0, 1)]
+    results = [tg_run(model, args.threads, poll, args.n_gen, args.n_prompt, args.rtr, args.fmoe)
+               for poll in (0, 1)]
     for r in results:
         print(f"{r['poll']:>4} {r['tps']:>7.2f} {r['splits_per_token']:>10.1f} "
               f"{r['cpu_splits_per_token']:>10.1f} {r['wakeup_median_us']:>13.1f} "

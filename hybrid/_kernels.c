@@ -6,7 +6,10 @@
  * for GGUF block layouts, and dequantising first multiplies the bytes moved.
  * As in ggml, the activation is quantised once to 8-bit blocks, and every dot
  * product is an int8 one (AVX-512 VNNI `vpdpbusd`, AVX2 `vpmaddubsw`), scaled
- * per 32-weight block in float.
+ * per 32-weight block in float. The SIMD path is picked at import from what the
+ * CPU reports (AVX-512 needs F, BW, VL, VNNI and VBMI: Ice Lake, Zen 4 and later),
+ * so the module is built without -march flags and runs anywhere; the scalar
+ * path is portable C and the reference the others are tested against.
  *
  * Activation layout ("q8 rows"): each row of n_in floats becomes groups of
  * four 32-value blocks, 256 bytes per group, laid out for the SIMD kernels:
@@ -78,7 +81,7 @@ static float fp16_to_f32(uint16_t h) {
 
 static uint16_t load_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
-/* ---- activation quantisation (one portable version, so all paths see the same bits) ---- */
+/* ---- activation quantisation: the portable reference (the SIMD ones give the same bytes) ---- */
 
 static void quantize_row_q8(const float *x, int64_t n_in, uint8_t *out) {
     int64_t nb = n_in / QK;
@@ -225,7 +228,7 @@ rows_dot_512(int type, const uint8_t *w, size_t rb, const int NR, int64_t nb, co
         const size_t xo = (size_t)g * GROUP_BYTES;
         __m512i lo[2], hi[2];
         __m512 dw[2];
-        __mmask64 nlo[2], nhi[2];
+        __mmask64 nlo[2] = {0, 0}, nhi[2] = {0, 0};
         for (int r = 0; r < NR; r++) {
             /* two rows ahead: the next pair's stream starts before the prefetcher sees it */
             _mm_prefetch((const char *)(w + (r + 2) * rb + g * GROUP_BLOCKS * bb), _MM_HINT_T0);
@@ -272,6 +275,39 @@ static T512 void rows_dot_avx512(int type, const uint8_t *w, size_t rb, int nr, 
 
 /* ---- AVX2: a group as two 256-bit halves of 2 blocks each ---- */
 #define T256 __attribute__((target("avx2,fma,f16c")))
+
+/* Same bytes as quantize_row_q8 (see quantize_row_q8_avx512). */
+static T256 void quantize_row_q8_avx2(const float *x, int64_t n_in, uint8_t *out) {
+    int64_t nb = n_in / QK;
+    memset(out, 0, q8_row_bytes(n_in));
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t b = 0; b < nb; b++) {
+        uint8_t *g = out + (b / GROUP_BLOCKS) * GROUP_BYTES;
+        int j = (int)(b % GROUP_BLOCKS);
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(x + b * QK + 8 * i);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+        __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        bytes = _mm256_permutevar8x32_epi32(bytes, order);             /* undo the per-lane packing */
+        _mm_storeu_si128((__m128i *)(g + 16 * j), _mm256_castsi256_si128(bytes));
+        _mm_storeu_si128((__m128i *)(g + 64 + 16 * j), _mm256_extracti128_si256(bytes, 1));
+        _mm_storeu_ps((float *)(g + 128 + 16 * j), _mm_set1_ps(d));
+        __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        int32_t init = -8 * _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1)));
+        memcpy(g + 192 + 16 * j, &init, 4);
+    }
+}
 
 static inline __attribute__((always_inline)) T256 __m256i dot_u8s8_256(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
@@ -350,25 +386,32 @@ static void rows_dot(int path, int type, const uint8_t *w, size_t rb, int nr, in
 static float silu(float v) { return v / (1.0f + expf(-v)); }
 
 /* One matrix (or two, fused: silu(w·x) * (w_up·x)) against n_slots q8 rows:
- * out[slot_out[s] * out_stride + r] for rows [r0, r1). Rows outermost, so each
- * weight row is read from memory once and reused, from L1, by every token. */
+ * out[slot_out[s] * out_stride + r] for rows [r0, r1). Each weight row is read
+ * from memory once. For many tokens the loops are blocked so that a block of
+ * ROW_BLOCK weight rows (L2) meets one tile of TILE tokens' activations (L1)
+ * at a time, instead of every row re-reading all tokens from L2. */
+#define ROW_BLOCK 16
 static void matmul_rows(int path, int type, const uint8_t *w, const uint8_t *w_up, int64_t n_in,
                         int64_t r0, int64_t r1, const uint8_t *const *x, const int64_t *slot_out,
                         int64_t n_slots, float *out, int64_t out_stride) {
     const size_t rb = weight_row_bytes(type, n_in);
     const int64_t nb = n_in / QK;
-    for (int64_t r = r0; r < r1; r += 2) {
-        int nr = r + 1 < r1 ? 2 : 1;
+    for (int64_t b0 = r0; b0 < r1; b0 += ROW_BLOCK) {
+        int64_t b1 = b0 + ROW_BLOCK < r1 ? b0 + ROW_BLOCK : r1;
         for (int64_t s0 = 0; s0 < n_slots; s0 += TILE) {
             int nt = (int)(n_slots - s0 < TILE ? n_slots - s0 : TILE);
-            float res[2 * TILE], up[2 * TILE];
-            rows_dot(path, type, w + r * rb, rb, nr, nb, x + s0, nt, res);
-            if (w_up) {
-                rows_dot(path, type, w_up + r * rb, rb, nr, nb, x + s0, nt, up);
-                for (int i = 0; i < 2 * TILE; i++) res[i] = silu(res[i]) * up[i];
+            for (int64_t r = b0; r < b1; r += 2) {
+                int nr = r + 1 < b1 ? 2 : 1;
+                float res[2 * TILE], up[2 * TILE];
+                rows_dot(path, type, w + r * rb, rb, nr, nb, x + s0, nt, res);
+                if (w_up) rows_dot(path, type, w_up + r * rb, rb, nr, nb, x + s0, nt, up);
+                for (int i = 0; i < nr; i++) {
+                    for (int t = 0; t < nt; t++) {
+                        float v = res[i * TILE + t];
+                        out[slot_out[s0 + t] * out_stride + r + i] = w_up ? silu(v) * up[i * TILE + t] : v;
+                    }
+                }
             }
-            for (int i = 0; i < nr; i++)
-                for (int t = 0; t < nt; t++) out[slot_out[s0 + t] * out_stride + r + i] = res[i * TILE + t];
         }
     }
 }
@@ -424,6 +467,7 @@ static PyObject *py_quantize_q8(PyObject *self, PyObject *args) {
     void (*quantize_row)(const float *, int64_t, uint8_t *) = quantize_row_q8;
 #if HAVE_X86_SIMD
     if (path == PATH_AVX512VNNI) quantize_row = quantize_row_q8_avx512;
+    if (path == PATH_AVX2) quantize_row = quantize_row_q8_avx2;
 #endif
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t r = 0; r < n_rows; r++)
@@ -437,49 +481,12 @@ done:
     return ret;
 }
 
-static PyObject *py_mul_mat(PyObject *self, PyObject *args) {
-    Py_buffer w, x, out;
-    int type, path;
-    Py_ssize_t n_in, r0, r1;
-    if (!PyArg_ParseTuple(args, "y*iny*w*nni", &w, &type, &n_in, &x, &out, &r0, &r1, &path)) return NULL;
-    PyObject *ret = NULL;
-    const uint8_t **xs = NULL;
-    int64_t *slot_out = NULL;
-    if (check_type_and_n_in(type, n_in) || (path = parse_path(path)) < 0) goto done;
-    Py_ssize_t rb = (Py_ssize_t)weight_row_bytes(type, n_in), xb = (Py_ssize_t)q8_row_bytes(n_in);
-    Py_ssize_t n_out = w.len / rb, n_tok = x.len / xb;
-    if (w.len != n_out * rb || x.len != n_tok * xb) {
-        PyErr_Format(PyExc_ValueError, "weight (%zd bytes) or q8 activations (%zd bytes) are not whole rows of n_in=%zd", w.len, x.len, n_in);
-        goto done;
-    }
-    if (check_size(&out, n_tok * n_out * (Py_ssize_t)sizeof(float), "out")) goto done;
-    if (r0 < 0 || r1 > n_out || r0 > r1) {
-        PyErr_Format(PyExc_ValueError, "row range [%zd, %zd) outside [0, %zd)", r0, r1, n_out);
-        goto done;
-    }
-    xs = malloc(sizeof(*xs) * (n_tok + 1));
-    slot_out = malloc(sizeof(*slot_out) * (n_tok + 1));
-    if (!xs || !slot_out) { PyErr_NoMemory(); goto done; }
-    for (Py_ssize_t t = 0; t < n_tok; t++) { xs[t] = (const uint8_t *)x.buf + t * xb; slot_out[t] = t; }
-    Py_BEGIN_ALLOW_THREADS
-    matmul_rows(path, type, w.buf, NULL, n_in, r0, r1, xs, slot_out, n_tok, out.buf, n_out);
-    Py_END_ALLOW_THREADS
-    ret = Py_None;
-    Py_INCREF(ret);
-done:
-    free(xs);
-    free(slot_out);
-    PyBuffer_Release(&w);
-    PyBuffer_Release(&x);
-    PyBuffer_Release(&out);
-    return ret;
-}
-
 /* MUL_MAT_ID: slot (t, k) multiplies expert ids[t, k] by q8 row t (x broadcast over
  * the used experts, as for gate/up) or row t*n_used+k (one row per slot, as for
  * down), into out[t, k, :]. Slots are grouped by expert (a counting sort), and
  * only experts whose rank among the distinct used ids is in [a0, a1) are done,
- * so workers can split by rows, by experts, or both. */
+ * so workers can split by rows, by experts, or both. A plain MUL_MAT is the
+ * case of one expert and one slot per token. */
 static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
     Py_buffer w, w_up, x, ids, out;
     int type, path;
@@ -567,7 +574,6 @@ static PyObject *py_q8_row_bytes(PyObject *self, PyObject *arg) {
 
 static PyMethodDef methods[] = {
     {"quantize_q8", py_quantize_q8, METH_VARARGS, "quantize_q8(x_f32, n_in, out_u8, path): rows of x -> q8 rows"},
-    {"mul_mat", py_mul_mat, METH_VARARGS, "mul_mat(w, type, n_in, xq, out, r0, r1, path)"},
     {"mul_mat_id", py_mul_mat_id, METH_VARARGS,
      "mul_mat_id(w, w_up, type, n_expert, n_in, xq, ids, n_used, out, r0, r1, a0, a1, path)"},
     {"q8_row_bytes", py_q8_row_bytes, METH_O, "q8_row_bytes(n_in): bytes of one quantised activation row"},

@@ -1,7 +1,7 @@
 """Model hyperparameters, read from GGUF metadata into one frozen dataclass.
 
 Field names follow llama.cpp's `llama_hparams`. Another MoE architecture
-(qwen3moe, mixtral) is one more entry in the key mapping of `hybrid/gguf_model.py`,
+(qwen3moe, mixtral) is one more entry in the key mapping of `hybrid/arch.py`,
 not a new dataclass: fields an architecture lacks keep their defaults.
 """
 

@@ -57,8 +57,8 @@ def _weights(w) -> np.ndarray:
 
 def _outputs(out) -> np.ndarray:
     out = _array(out)
-    if out.dtype != np.float32:
-        raise ValueError(f"out must be float32, got {out.dtype}")
+    if out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array, got {out.dtype}")
     return out
 
 
@@ -96,8 +96,9 @@ def mul_mat(w, ggml_type: int, xq: np.ndarray, out, r0: int = 0, r1: int | None 
 
     w: uint8 [n_out, row_bytes], the tensor's GGUF blocks; out: float32 [n_tokens, n_out]."""
     w = _weights(w)
-    _kernels.mul_mat(w, ggml_type, _n_in(w, ggml_type), xq, _outputs(out), r0,
-                     w.shape[0] if r1 is None else r1, _path(path))
+    out = _outputs(out)
+    mul_mat_id(w[None], ggml_type, xq, np.zeros((out.shape[0], 1), np.int32), out.reshape(out.shape[0], 1, -1),
+               r0, r1, path=path)
 
 
 def mul_mat_id(w, ggml_type: int, xq: np.ndarray, ids, out, r0: int = 0, r1: int | None = None,
@@ -117,3 +118,45 @@ def mul_mat_id(w, ggml_type: int, xq: np.ndarray, ids, out, r0: int = 0, r1: int
     _kernels.mul_mat_id(w, b"" if w_up is None else _weights(w_up), ggml_type, n_expert, _n_in(w, ggml_type),
                         xq, ids, ids.shape[-1], _outputs(out), r0, w.shape[1] if r1 is None else r1,
                         a0, n_expert if a1 is None else a1, _path(path))
+
+
+# --- the engine's two forms: a whole matmul, and a matmul cut into worker tasks -------------
+
+def matmul(w_data, ggml_type: int, x):
+    """x [T, K] float32 torch tensor @ W^T -> [T, N]: the `hybrid.weights.MATMUL_KERNELS` form,
+    for weight data uint8 [N, row_bytes] (a whole tensor, one expert, or a slice of rows)."""
+    import torch
+
+    w = _weights(w_data)
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    mul_mat(w, ggml_type, quantize_activations(x.detach().float()), out)
+    return torch.from_numpy(out)
+
+
+def row_splits(n_rows: int, n_tasks: int) -> list[int]:
+    """Boundaries cutting rows into n_tasks near-equal ranges, even so each task keeps row pairs."""
+    return [min(n_rows, 2 * round(n_rows * i / n_tasks / 2)) if i < n_tasks else n_rows for i in range(n_tasks + 1)]
+
+
+def mul_mat_id_tasks(w_data, ggml_type: int, x, ids, n_tasks: int, w_up_data=None):
+    """MUL_MAT_ID in the worker pool's `parallel` form -> (dst, tasks).
+
+    x: float32 torch [T, K] (gate/up: one input per token) or [T, U, K] (down: one per
+    slot); ids: [T, U] expert ids. The calling thread quantises x once; each task
+    then does every used expert's rows [r0, r1), so the tasks are balanced whatever
+    the routing. dst: float32 torch [T, U, N], filled by the tasks; with w_up_data it
+    is silu(gate x) * (up x) (-fmoe)."""
+    import torch
+
+    w = _weights(w_data)
+    n_out, k = w.shape[1], x.shape[-1]
+    xq = quantize_activations(x.detach().float().reshape(-1, k))
+    ids = np.ascontiguousarray(ids.numpy() if hasattr(ids, "numpy") else ids, dtype=np.int32)
+    out = np.empty((*ids.shape, n_out), np.float32)
+    w_up = None if w_up_data is None else _weights(w_up_data)
+    bounds = row_splits(n_out, n_tasks)
+
+    def task(r0: int, r1: int) -> None:
+        mul_mat_id(w, ggml_type, xq, ids, out, r0, r1, w_up=w_up)
+    return torch.from_numpy(out), [lambda r0=r0, r1=r1: task(r0, r1)
+                                   for r0, r1 in zip(bounds, bounds[1:]) if r1 > r0]

@@ -68,6 +68,8 @@ class Engine:
         self.lane = self.recorder.lane(MAIN_LANE)
         self.gguf = load_model(model_path)
         backends, self.accel = available_backends(accel)
+        if accel == "auto" and self.accel is not None and not self.accel.startswith("CUDA"):
+            self.accel = None     # auto means a real GPU or none: never the emulation
         rules = parse_override_rules(overrides, backends)
         c = self.gguf.config
         self.placement = place(self.gguf.tensors, rules, n_gpu_layers, c.n_layer, backends,
@@ -88,7 +90,6 @@ class Engine:
             self.close()
             raise
         self.scheduler = Scheduler(self.backends, self.recorder)
-        self.graph_id = 0
         self.last_plan: SplitPlan | None = None
 
     # -- placement -------------------------------------------------------------
@@ -158,8 +159,7 @@ class Engine:
         n_past = model.cache.n_past
         if n_past + len(tokens) > model.n_ctx:
             raise UserError(f"{n_past + len(tokens)} tokens exceed the context of {model.n_ctx}")
-        graph_id = self.graph_id
-        self.graph_id += 1
+        graph_id = rec.next_graph()         # unique across the engines of a sweep
         t_graph = rec.now()
         graph = model.graph(len(tokens))
         plan = self.last_plan = split_graph(graph, self._buffer_backend.__getitem__)

@@ -24,9 +24,8 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
 def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
     """Packed 4-bit quants -> values: per `group` bytes, low nibbles first, then high."""
     n = qs.shape[0]
-    qs = qs.reshape(n, -1, 1, group)
-    shifts = torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)
-    return ((qs >> shifts) & 0x0F).reshape(n, -1)
+    qs = qs.reshape(n, -1, group)
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(n, -1)
 
 
 def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +40,7 @@ def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b[:, :2])
-    return d * (_nibbles(b[:, 2:], 16).float() - 8.0)
+    return (_nibbles(b[:, 2:], 16).to(torch.int8) - 8).float() * d
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:

@@ -247,9 +247,9 @@ def _run_test(engine: BenchEngine, test: BenchTest, reps: int, config_index: int
     lane = recorder.lane(MAIN_LANE)
 
     def flush() -> None:
-        events = recorder.drain()
+        tables = recorder.drain_tables()
         if writer is not None:
-            writer.write(events)
+            writer.write_tables(tables)
 
     def evaluate(n_prompt: int, n_gen: int, rep: int) -> None:
         if n_prompt:

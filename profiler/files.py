@@ -24,6 +24,12 @@ def check_output_path(path: str | os.PathLike, force: bool, flag: str = "-o") ->
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, mode: str = "w", force: bool = True,
                   flag: str = "-o") -> Iterator[IO]:
@@ -40,6 +46,7 @@ def atomic_output(path: str | os.PathLike, mode: str = "w", force: bool = True,
         os.close(fd)
         with open(tmp, mode, encoding=encoding) as f:   # by path, so f.name names the temp file
             yield f
+        os.chmod(tmp, 0o666 & ~_umask())                # mkstemp makes 0600; outputs are ordinary files
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -26,7 +26,7 @@ import orjson
 
 from profiler.errors import UserError
 from profiler.files import check_output_path
-from profiler.recorder import Lane
+from profiler.recorder import EventTable, Lane
 from profiler.schema import SCHEMA
 
 _json_line = functools.partial(orjson.dumps,
@@ -70,12 +70,27 @@ class TimingsWriter:
 
     def write(self, events: Sequence[dict]) -> None:
         """Append events, one JSON object per line, and flush them to the OS."""
+        self._append(list(map(_json_line, events)))
+
+    def write_tables(self, tables: Sequence[EventTable]) -> None:
+        """Append a drain's events (`Recorder.drain_tables()`) in time order, outer
+        events first, and flush them: what the runner does after each graph."""
+        lines, ts, durs = [], [], []
+        for table in tables:
+            lines += table_lines(table)
+            ts += table.columns[0]
+            durs += table.columns[1]
+        order = sorted(range(len(lines)), key=durs.__getitem__, reverse=True)
+        order.sort(key=ts.__getitem__)
+        self._append([lines[i] for i in order])
+
+    def _append(self, lines: list[bytes]) -> None:
         # Line by line into the file's buffer: joining a graph's lines first costs
         # several times more (one large allocation per graph).
-        self._file.writelines(map(_json_line, events))
+        self._file.writelines(lines)
         self._file.flush()
         self._good = self._file.tell()
-        self.n_events += len(events)
+        self.n_events += len(lines)
 
     def commit(self) -> Path:
         """Close and move the file to its final name, dropping a batch cut short."""
@@ -97,6 +112,57 @@ class TimingsWriter:
             self.commit()
         else:
             self.abort()
+
+
+# Fields written as JSON strings; every other field of a table is an integer.
+_STRING_FIELDS = frozenset({"backend", "op", "name", "src", "dst", "test"})
+
+
+class _JsonStrings(dict):
+    """The JSON text of each string met (op and tensor names recur every graph)."""
+
+    def __missing__(self, value) -> bytes:
+        if len(self) > 100_000:
+            self.clear()
+        text = self[value] = orjson.dumps(value)
+        return text
+
+
+_json_strings = _JsonStrings()
+_templates: dict[tuple, bytes] = {}
+
+
+def table_lines(table: EventTable) -> list[bytes]:
+    """One JSON line per event of the table, as `_json_line` writes its dicts, except
+    that every field not in _STRING_FIELDS is written as an integer (they all count
+    something: ns, bytes, flops, tokens, ids).
+
+    Formatted from the columns with one `%`-template per kind of table, so that no
+    dict is made per event; a table that this cannot write (a test, a field None in
+    some rows, a value of an unexpected type) goes through its dicts.
+    """
+    if table.kind == "test" or table.partly_none:
+        return list(map(_json_line, table.to_dicts()))
+    key = (table.kind, table.tid, table.names)
+    template = _templates.get(key)
+    if template is None:
+        template = _templates[key] = _template(*key)
+    cols = [list(map(_json_strings.__getitem__, col)) if name in _STRING_FIELDS else col
+            for name, col in zip(table.names, table.columns)]
+    try:
+        return [template % row for row in zip(*cols)]
+    except (TypeError, ValueError):
+        return list(map(_json_line, table.to_dicts()))
+
+
+def _template(kind: str, tid: str, names: tuple[str, ...]) -> bytes:
+    def constant(value) -> bytes:
+        return orjson.dumps(value).replace(b"%", b"%%")
+
+    fields = [b'"type":' + constant(kind)]
+    fields += [constant(n) + (b":%b" if n in _STRING_FIELDS else b":%d") for n in names]
+    fields += [b'"tid":' + constant(tid)]
+    return b"{" + b",".join(fields) + b"}\n"
 
 
 def _us(dur: int) -> int:

@@ -150,7 +150,7 @@ def test_writer_output_takes_the_vectorised_route(tmp_path, monkeypatch):
 texts = st.sampled_from(["CPU", "cpu1", "blk.0.ffn_up_exps", "a,b", "k:v", "{x}", 'q"q', "é", "", "x" * 70,
                          "MUL_MAT_ID", "CUDA0"])
 ints = st.one_of(st.integers(0, 10**12), st.integers(-5, 5))
-unknown_values = st.one_of(st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+unknown_values = st.one_of(st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
                            st.none(), texts)
 
 
@@ -177,3 +177,32 @@ def test_vectorised_and_json_routes_agree(events, spaced):
     fast = load_lines(lines, "x")
     slow = load_lines(lines[:1] + [""] + lines[1:], "x")               # a blank line: the JSON route
     assert decoded(fast) == decoded(slow)
+
+
+@pytest.mark.parametrize("text", [
+    b'{"type":"op","ts":1,"dur":2,"name":"a\\"b"}\n',        # an escape
+    b'{"type":"op","ts":1,"dur":2,"x":{"a":1}}\n',           # nesting
+    b'{"type":"op","ts":1,"dur":2,"x":[1]}\n',               # an array
+    b'{"type":"op","ts":1.5,"dur":2}\n',                     # a fraction in a wanted integer
+    b'{"type":"op","ts":null,"dur":2}\n',                    # null in a wanted field
+    b'{"type":"op","ts":"1","dur":2}\n',                     # a string where an integer belongs
+    b'{"type":"op","ts":12345678901234567,"dur":2}\n',       # more digits than the fast route reads
+    b'{"type":"op","ts":1,"dur":2,}\n',                      # a trailing comma
+    b'{"type":"op","ts":1 "dur":2}\n',                       # a missing comma
+    b'{"type":"op","ts":,"dur":2}\n',                        # a missing value
+    b'{"type":"op","ts":1}{"dur":2}\n',                      # two objects on a line
+])
+def test_vectorised_reader_declines_what_it_does_not_read(text):
+    from analysis.flatjson import FlatReader
+    from analysis.timings import INT_FIELDS, STR_FIELDS
+    assert FlatReader(INT_FIELDS, STR_FIELDS).parse(text, text.count(b"\n")) is None
+
+
+def test_vectorised_reader_reads_spaced_json_and_negative_numbers():
+    from analysis.flatjson import FlatReader
+    reader = FlatReader(("ts", "dur", "layer"), ("type", "name"))
+    text = b'{"type": "op", "ts": 12345678901, "dur": 0, "layer": -1, "name": "blk 3, x"}\r\n{"ts":7,"dur":9,"type":"sync"}\n'
+    flat = reader.parse(text, 2)
+    assert list(flat.ints["ts"][0]) == [12345678901, 7] and list(flat.ints["layer"][0]) == [-1, 0]
+    assert list(flat.ints["layer"][1]) == [True, False]
+    assert [reader.strings[i] if i >= 0 else None for i in flat.strs["name"]] == [b"blk 3, x", None]

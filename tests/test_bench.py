@@ -256,3 +256,31 @@ def test_done_when_command_on_the_real_engine(tmp_path, tiny_gguf, capsys):
     assert rc == 0, capsys.readouterr().err
     summary = check_timings_file(out, require_types=EVENT_TYPES)
     assert {"main", "ACC0"} <= summary.lanes
+
+
+@pytest.mark.slow
+def test_sigint_on_the_real_engine_keeps_a_valid_file(tmp_path, tiny_gguf):
+    """Ctrl-C as a user gives it: SIGINT to a `hyprof run` process in mid-run."""
+    pytest.importorskip("hybrid.engine")
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "t.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hyprof", "run", "-m", str(tiny_gguf), "-p", "0", "-n", "500",
+         "-r", "3", "--accel", "emulated", "-ot", r"\.ffn_.*_exps\.=CPU", "-o", str(out),
+         "--peak-bw", "30", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+        time.sleep(0.1)
+    time.sleep(2)                                    # some graphs into the first repetition
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    assert "keeps every graph" in err.decode() and "Traceback" not in err.decode()
+    summary = check_timings_file(out, partial_tail=True, require_types=("graph", "op"))
+    assert summary.counts["graph"] > 0
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]

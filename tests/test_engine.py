@@ -162,3 +162,52 @@ def test_ctrl_c_stops_workers_cleanly(tiny_gguf, poll):
             proc.kill()
     assert proc.returncode == 0, err
     assert out.split() == ["interrupted", "closed"], (out, err)
+
+
+def test_device_holds_its_own_copy_of_its_weights(tiny_gguf):
+    with Engine(str(tiny_gguf), threads=1, **PLACEMENTS["experts-cpu"]) as engine:
+        acc, cpu = engine.backends["ACC0"].buffers, engine.backends["CPU"].buffers
+        assert not any("_exps" in name for name in acc)
+        assert all("_exps" in name or name.startswith("token_embd") for name in cpu)
+        for name, buf in acc.items():
+            if name.startswith("cache_"):
+                assert engine.model.cache.buffers[name] is buf      # allocated there, not on the host
+                continue
+            host = engine.model.weights[name]
+            tensors = [(buf.data, host.data)] if hasattr(buf, "data") else \
+                [(b[2], h[2]) for b, h in zip(buf.blocks, host.blocks)]
+            for dev, h in tensors:
+                assert dev.data_ptr() != h.data_ptr() and torch.equal(dev, h)
+
+
+def test_generate_command_takes_placement_flags(tiny_gguf, cpu_baseline):
+    from hyprof.cli import main
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        rc = main(["generate", "-m", str(tiny_gguf), "--prompt-ids", ",".join(map(str, PROMPT)),
+                   "-n", "8", "--ids", "-t", "2", "--accel", "emulated", "-ngl", "99",
+                   "-ot", EXPERTS_ON_CPU, "--poll", "1"])
+    assert rc == 0
+    assert out.getvalue().strip().splitlines()[-1] == ",".join(map(str, cpu_baseline[0][:8]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("placement", ["all-gpu", "experts-cpu"])
+def test_cuda_placement_matches_cpu(tiny_gguf, cpu_baseline, placement):
+    overrides = () if placement == "all-gpu" else (EXPERTS_ON_CPU,)
+    rec = Recorder(enabled=True)
+    with Engine(str(tiny_gguf), threads=2, accel="cuda", n_gpu_layers=99, overrides=overrides,
+                recorder=rec) as engine:
+        tokens, logits = greedy(engine)
+    assert tokens == cpu_baseline[0]
+    torch.testing.assert_close(logits, cpu_baseline[1], rtol=0, atol=1e-3)
+    events = rec.drain()
+    gpu_ops = [e for e in events if e["type"] == "op" and e["tid"] == "CUDA0"]
+    assert gpu_ops and all(e["dur"] >= 0 for e in gpu_ops)
+    splits = {(e["graph"], e["split"]): e for e in events if e["type"] == "split"}
+    for e in gpu_ops:      # device times mapped onto the host clock land inside their split
+        s = splits[e["graph"], e["split"]]
+        assert s["ts"] - 50_000 <= e["ts"] and e["ts"] + e["dur"] <= s["ts"] + s["dur"] + 50_000

@@ -83,7 +83,7 @@ def test_mul_mat_matches_float64_reference(ggml_type, n_out, n_in, n_tok):
 def test_quantize_activations_rounds_each_block_to_nearest(path):
     rng = np.random.default_rng(1)
     x = activations(rng, 3, 224)                                      # 7 blocks: a padded group
-    x[0, :32] = np.arange(32) - 15.5                                  # ties: x * (1/d) at .5 steps? round half even
+    x[0, :32] = np.r_[127.0, np.arange(31) - 15.5]                   # d = 1: exact .5 ties, rounded half to even
     xq = ck.quantize_activations(x, path=path)
     assert xq.shape == (3, 2 * 256)
     blocks = x.reshape(3, -1, 32)
@@ -213,3 +213,30 @@ def test_env_var_forces_the_scalar_path():
     env["HYPROF_KERNELS"] = "sve"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode != 0 and "HYPROF_KERNELS=sve" in run.stderr
+
+
+def test_engine_forms_match_the_direct_calls():
+    import torch
+
+    rng = np.random.default_rng(8)
+    gate, ids, x = moe_case(rng, ck.Q4_0, n_out=22)
+    up = raw_weights(rng, gate.shape[:2] + (160,), ck.Q4_0)
+    w = dequant(gate[3], ck.Q4_0)
+    y = ck.matmul(torch.from_numpy(gate[3]), ck.Q4_0, torch.from_numpy(x))
+    xr = decode_q8(ck.quantize_activations(x), 160)
+    assert np.all(np.abs(y.numpy() - xr @ w.T) <= exact_tolerance(w, xr))
+    for w_up in (None, up):
+        want = np.zeros((*ids.shape, 22), np.float32)
+        ck.mul_mat_id(gate, ck.Q4_0, ck.quantize_activations(x), ids, want, w_up=w_up)
+        dst, tasks = ck.mul_mat_id_tasks(gate, ck.Q4_0, torch.from_numpy(x), torch.from_numpy(ids).long(), 3,
+                                         None if w_up is None else torch.from_numpy(w_up))
+        assert len(tasks) == 3
+        for task in reversed(tasks):
+            task()
+        np.testing.assert_array_equal(dst.numpy(), want)
+    per_slot = activations(rng, ids.size, 160)                          # the down form: x [T, U, K]
+    want = np.zeros((*ids.shape, 22), np.float32)
+    ck.mul_mat_id(gate, ck.Q4_0, ck.quantize_activations(per_slot), ids, want)
+    dst, tasks = ck.mul_mat_id_tasks(gate, ck.Q4_0, torch.from_numpy(per_slot.reshape(*ids.shape, 160)), ids, 2)
+    [task() for task in tasks]
+    np.testing.assert_array_equal(dst.numpy(), want)

@@ -253,3 +253,51 @@ def test_device_error_is_raised_at_sync():
             sched.compute(graph, split_graph(graph, lambda _: "ACC0"), {"a": torch.ones(1)}, 0)
     finally:
         acc.close()
+
+
+def test_split_rule_on_the_tiny_model(tiny_gguf):
+    """DeepSeek2 (1 dense + 2 MoE layers), -ngl 99 -ot exps=CPU: the embedding lookup
+    on the CPU, then per MoE layer one device split and one CPU split holding just
+    the routed experts, with what each split copies in written out by hand."""
+    from hybrid.engine import Engine
+
+    with Engine(str(tiny_gguf), accel="emulated", n_gpu_layers=99,
+                overrides=[r"\.ffn_.*_exps\.=CPU"]) as engine:
+        engine.forward([1, 2])
+        plan = engine.last_plan
+    rows = describe(plan)
+    assert [r["backend"] for r in rows] == ["CPU", "ACC0", "CPU", "ACC0", "CPU", "ACC0"]
+    assert rows[0]["nodes"] == ["token_embd"] and rows[0]["inputs"] == []
+    # the dense layer 0 and layer 1's attention and router all run on the device
+    assert rows[1]["nodes"][:2] == ["attn_norm-0", "blk.0.attn_q_a"]
+    assert "blk.0.ffn_down" in rows[1]["nodes"] and "cache_k_l0" in rows[1]["nodes"]
+    assert rows[1]["nodes"][-3:] == ["ffn_moe_probs-1", "ffn_moe_topk-1", "ffn_moe_weights-1"]
+    assert rows[1]["inputs"] == ["token_embd", "inp_pos"]
+    for il, cpu, acc in ((1, rows[2], rows[3]), (2, rows[4], rows[5])):
+        assert cpu["nodes"] == [f"blk.{il}.ffn_gate_exps", f"blk.{il}.ffn_up_exps",
+                                f"ffn_moe_swiglu-{il}", f"blk.{il}.ffn_down_exps"]
+        assert cpu["inputs"] == [f"ffn_norm-{il}", f"ffn_moe_topk-{il}"]
+        # weighting and summing the experts' outputs is pulled up onto the device
+        assert acc["nodes"][:3] == [f"ffn_moe_weighted-{il}", f"ffn_moe_out-{il}",
+                                    f"blk.{il}.ffn_gate_shexp"]
+        assert acc["inputs"] == [f"blk.{il}.ffn_down_exps"]
+    assert "inp_pos" not in rows[3]["inputs"]          # copied once per graph and backend
+    assert rows[5]["nodes"][-3:] == ["inp_out_ids", "result_norm", "output"]
+    assert set(plan.causes) == {"1.inp", "1.buf", "2.dev_down", "2.dev_up", "2.rest_down"}
+
+
+def test_native_wait_change():
+    import threading
+    import time
+
+    import numpy as np
+
+    from hybrid._spin import wait_change
+    counters = np.zeros(2, dtype=np.int64)
+    t = time.perf_counter()
+    assert wait_change(counters, 1, 0, 2_000_000) == 0          # times out, value unchanged
+    assert time.perf_counter() - t >= 0.0019
+    threading.Timer(0.01, lambda: counters.__setitem__(1, 5)).start()
+    assert wait_change(counters, 1, 0, 5_000_000_000) == 5       # the GIL is free meanwhile
+    with pytest.raises(IndexError):
+        wait_change(counters, 2, 0, 0)

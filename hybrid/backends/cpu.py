@@ -12,20 +12,23 @@ the same time. A split's ops run in order on the main thread; an op with a
 (a `deque.popleft` is atomic), and the main thread joins them before the next op.
 
 Waiting (`--poll`): between splits a worker blocks on its own lock (`poll 0`,
-the OS wakes it) or spins on a generation counter with `os.sched_yield()`,
-which releases the GIL (`poll 1`). Inside a split, between ops, workers always
-spin, as ggml's barrier does.
+the OS wakes it: cheap, slow to wake) or spins (`poll 1`: one core busy, fast
+to wake). Inside a split, between ops, workers always spin, as ggml's barrier
+does, and so does the main thread joining them. Spinning is native and holds no
+GIL (hybrid/_spin.c): a Python loop would hold it between checks and stall the
+threads doing real work by up to the interpreter's 5 ms switch interval.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import deque
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 
+from hybrid._spin import wait_change
 from hybrid.graph import Node
 from profiler.recorder import Recorder
 from profiler.schema import MAIN_LANE
@@ -33,8 +36,21 @@ from profiler.schema import MAIN_LANE
 CPU = "CPU"
 
 
+# How long one native spin lasts before the thread looks up (for Ctrl-C on the main
+# thread, shutdown on the workers); a change of the counter ends it at once.
+SPIN_SLICE_NS = 2_000_000
+
+
 class WorkerPool:
-    """`n_threads - 1` worker threads plus the calling (main) thread as worker 0."""
+    """`n_threads - 1` worker threads plus the calling (main) thread as worker 0.
+
+    The main thread changes the shared state (a split dispatched, an op's tasks
+    handed out, the split ended, shutdown), then bumps `_seq`; workers wait for
+    `_seq` to move and then look at the state. `_seq` and each worker's `done`
+    counter live in one NumPy int64 array so that `_spin.wait_change` can spin on
+    them without the GIL. Every field has one writer: the main thread, except
+    `done[i]` (worker i) and `_error` (any worker, read after the join).
+    """
 
     def __init__(self, n_threads: int, spin: bool, recorder: Recorder):
         if n_threads < 1:
@@ -43,8 +59,8 @@ class WorkerPool:
         self.spin = spin
         self.recorder = recorder
         self.main_lane = recorder.lane(MAIN_LANE)
-        # Shared state. Each field has one writer: the main thread, except `_done[i]`
-        # (worker i) and `_error` (any worker, read after the join).
+        self._counters = np.zeros(1 + n_threads, dtype=np.int64)   # [seq, done[1], ...]
+        self._seq = 0
         self._tasks: deque[Callable[[], None]] = deque()
         self._op: tuple[Node, int, int] | None = None    # node, graph id, split index
         self._op_gen = 0            # +1 per parallel op handed out
@@ -52,7 +68,6 @@ class WorkerPool:
         self._split_open = False
         self._dispatch = (0, 0, 0)  # ts, graph id, split index of the last dispatch
         self._stopping = False
-        self._done = [0] * n_threads
         self._error: BaseException | None = None
         self._wake_locks = [threading.Lock() for _ in range(n_threads)]
         self._threads = []
@@ -69,12 +84,13 @@ class WorkerPool:
             t_start: int) -> None:
         """Run one op's tasks on every worker and join them. `t_start` is when the
         main thread began the op (before cutting it into tasks)."""
-        if self.n_threads > 1 and not self._split_open:
+        if not self._split_open:
             self._dispatch_split(graph_id, i_split)
         self._tasks = deque(tasks)
         self._op = (node, graph_id, i_split)
         self._op_gen += 1
         gen = self._op_gen
+        self._bump()
         try:
             ran = self._take_tasks()
         except BaseException as e:  # join first: the workers must not run on alone
@@ -83,25 +99,33 @@ class WorkerPool:
         if ran and rec.enabled:
             self.main_lane.op(t_start, rec.now() - t_start, graph_id, i_split, CPU, node.op,
                               node.name, node.layer, node.n_bytes, node.flops, node.n_tokens)
-        done, yield_ = self._done, os.sched_yield
+        counters = self._counters
         for i in range(1, self.n_threads):
-            while done[i] != gen:
-                yield_()
+            seen = int(counters[i])
+            while seen != gen:
+                seen = wait_change(counters, i, seen, SPIN_SLICE_NS)
         if self._error is not None:
             error, self._error = self._error, None
             raise error
 
     def end_split(self) -> None:
         """The split's last op is done: workers go back to waiting between splits."""
-        self._split_open = False
+        if self._split_open:
+            self._split_open = False
+            self._bump()
+
+    def _bump(self) -> None:
+        self._seq += 1
+        self._counters[0] = self._seq
 
     def _dispatch_split(self, graph_id: int, i_split: int) -> None:
         self._dispatch = (self.recorder.now(), graph_id, i_split)
         self._split_open = True
         self._wake_gen += 1
+        self._bump()
         if not self.spin:
             for lock in self._wake_locks[1:]:
-                if lock.locked():   # else the last wake is still pending: it serves
+                if lock.locked():   # else a wake is still pending, which serves
                     lock.release()
 
     def _take_tasks(self) -> bool:
@@ -117,6 +141,7 @@ class WorkerPool:
     def close(self) -> None:
         """Stop and join the workers (also after Ctrl-C, mid-split)."""
         self._stopping = True
+        self._bump()
         for lock in self._wake_locks[1:]:
             if lock.locked():
                 try:
@@ -130,34 +155,30 @@ class WorkerPool:
     # -- worker threads ----------------------------------------------------
 
     def _worker(self, i: int) -> None:
+        """Look at the state after each move of `_seq`: record the wakeup of a new
+        split, run an op's tasks, else wait: spinning natively inside a split or
+        with `--poll 1`, blocked on the worker's lock between splits otherwise."""
         rec = self.recorder
         lane = rec.lane(f"cpu{i}")
-        lock, yield_ = self._wake_locks[i], os.sched_yield
+        lock, counters = self._wake_locks[i], self._counters
         seen_wake = seen_op = 0
         while True:
-            # Between splits: block or spin until a split is dispatched.
-            if self.spin:
-                while self._wake_gen == seen_wake and not self._stopping:
-                    yield_()
-            else:
-                lock.acquire()
+            seq = int(counters[0])      # read before the state: no wake can be lost
             if self._stopping:
                 return
-            seen_wake = self._wake_gen
-            if rec.enabled:
-                ts, graph_id, i_split = self._dispatch
-                lane.wakeup(ts, rec.now() - ts, graph_id, i_split, CPU)
-            # Inside the split: spin from op to op until it ends (or a new one starts).
-            while True:
-                while (self._op_gen == seen_op and self._split_open
-                       and self._wake_gen == seen_wake and not self._stopping):
-                    yield_()
-                if self._op_gen != seen_op:
-                    seen_op = self._op_gen
-                    self._work(lane)
-                    self._done[i] = seen_op
-                else:
-                    break
+            if self._wake_gen != seen_wake:
+                seen_wake = self._wake_gen
+                if rec.enabled:
+                    ts, graph_id, i_split = self._dispatch
+                    lane.wakeup(ts, rec.now() - ts, graph_id, i_split, CPU)
+            if self._op_gen != seen_op:
+                seen_op = self._op_gen
+                self._work(lane)
+                counters[i] = seen_op
+            elif self._split_open or self.spin:
+                wait_change(counters, 0, seq, SPIN_SLICE_NS)
+            else:
+                lock.acquire()
 
     def _work(self, lane) -> None:
         rec = self.recorder

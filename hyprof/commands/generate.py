@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from profiler.errors import UserError
@@ -11,9 +12,17 @@ EPILOG = """\
 The prompt is evaluated in one batch (prefill), then one token per step with the
 KV cache (decode); tokens are chosen greedily (argmax). Speeds go to stderr.
 
+Placement follows llama.cpp: -ngl N offloads the last N layers (and the output)
+to the accelerator, each -ot REGEX=BACKEND rule overrides it for the tensors it
+matches; --accel picks the accelerator (auto: CUDA0 when torch sees a GPU, else
+none; emulated: ACC0, torch on the CPU, which runs the whole hybrid path without
+a GPU). The CPU backend runs on -t threads; --poll 1 keeps them spinning
+between splits (fast wakeups, busy cores).
+
 examples:
   hyprof generate -m tiny.gguf --prompt-ids 1,5,77 -n 16 --ids
   hyprof generate -m lite.gguf --prompt "the cat" -n 32 -mla 1 -fmoe 1 -t 2
+  hyprof generate -m lite.gguf --prompt-ids 1,2 -n 32 --accel emulated -ngl 99 -ot "\\.ffn_.*_exps\\.=CPU"
 """
 
 
@@ -28,7 +37,18 @@ def register(subparsers) -> None:
     p.add_argument("-n", "--n-predict", type=int, default=16, metavar="N", help="tokens to generate (default: 16)")
     p.add_argument("-c", "--ctx-size", type=int, default=4096, metavar="N",
                    help="context size, the KV cache's length (default: 4096, at most the model's)")
-    p.add_argument("-t", "--threads", type=int, default=None, metavar="N", help="CPU threads (default: torch's)")
+    p.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="CPU threads, the main thread included (default: all cores)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
+                   help="offload the last N layers and the output to the accelerator (99: all; default: 0)")
+    p.add_argument("-ot", "--override-tensor", action="append", default=[], metavar="REGEX=BACKEND",
+                   help="tensors whose name matches REGEX go to BACKEND (CPU, CUDA0, ACC0); repeatable, "
+                        "or comma-separated; the first matching rule wins")
+    p.add_argument("--accel", choices=("auto", "cuda", "emulated", "none"), default="auto",
+                   help="the accelerator: CUDA when present (auto), CUDA or an error, the emulated ACC0, "
+                        "or none (default: auto)")
+    p.add_argument("--poll", type=int, choices=(0, 1), default=0,
+                   help="1: CPU workers spin between splits instead of sleeping (default: 0)")
     p.add_argument("-mla", type=int, choices=(0, 1), default=0,
                    help="1: absorbed MLA attention over the compressed KV cache (default: 0)")
     p.add_argument("-fmoe", type=int, choices=(0, 1), default=0,
@@ -47,19 +67,15 @@ def _ids(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from hybrid.engine import Engine
     from hybrid.generate import check_prompt, check_ram, generate
     from hybrid.gguf_model import load_model
-    from hybrid.model import Model
     from hybrid.tokenizer import Tokenizer
 
     if args.n_predict < 1:
         raise UserError(f"-n {args.n_predict}: generate at least 1 token")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"-t {args.threads}: at least 1 thread")
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        raise UserError(f"-t {args.threads}: at least 1 thread")
     gguf = load_model(args.model)
     tokenizer = Tokenizer.from_gguf(gguf)
     if args.prompt is not None:
@@ -71,7 +87,11 @@ def run(args: argparse.Namespace) -> int:
     n_ctx = min(args.ctx_size, gguf.config.n_ctx_train)
     check_prompt(prompt, args.n_predict, gguf.config.n_vocab, n_ctx)
     check_ram(gguf, n_ctx, bool(args.mla))
-    model = Model(gguf, n_ctx=n_ctx, mla=bool(args.mla), fmoe=bool(args.fmoe), rtr=bool(args.rtr))
+    engine = Engine(args.model, threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                    overrides=args.override_tensor, accel=args.accel, mla=args.mla, fmoe=args.fmoe,
+                    rtr=args.rtr, poll=args.poll, n_ctx=n_ctx)
+    for warning in engine.placement.warnings:
+        print(f"hyprof: warning: {warning}", file=sys.stderr)
 
     def show(token: int) -> None:
         if tokenizer is not None:
@@ -80,11 +100,13 @@ def run(args: argparse.Namespace) -> int:
 
     if tokenizer is not None and args.prompt is not None:
         sys.stdout.write(args.prompt)
-    result = generate(model.forward, prompt, args.n_predict, on_token=show)
+    with engine:
+        result = generate(engine.forward, prompt, args.n_predict, on_token=show)
     if tokenizer is not None:
         sys.stdout.write("\n")
     print(f"prompt: {len(prompt)} tokens in {result.prompt_s:.3f} s ({result.prompt_tps:.2f} t/s); "
-          f"generated: {len(result.tokens)} tokens, decode {result.decode_tps:.2f} t/s", file=sys.stderr)
+          f"generated: {len(result.tokens)} tokens, decode {result.decode_tps:.2f} t/s "
+          f"[{engine.accel_label}, {args.threads} threads]", file=sys.stderr)
     if args.ids:
         print(",".join(map(str, result.tokens)))
     return 0

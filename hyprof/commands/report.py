@@ -29,6 +29,7 @@ examples:
   hyprof report timings.jsonl --layers --splits --peak-bw 64
   hyprof report timings.jsonl --json > report.json
   hyprof report timings.jsonl --md            (writes reports/timings.md)
+  hyprof report timings.jsonl --plots         (writes reports/timings/*.png)
 """
 
 
@@ -44,7 +45,11 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the hyprof-report/1 JSON instead of tables")
     p.add_argument("--md", nargs="?", const="", metavar="FILE",
                    help="also write a markdown report (default: reports/<TIMINGS name>.md)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --md FILE")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --md FILE or --plots files")
+    p.add_argument("--plots", nargs="?", const="", metavar="DIR",
+                   help="also draw the breakdown, timeline, ops, bandwidth and depth plots "
+                   "(default DIR: reports/<TIMINGS name>/)")
+    p.add_argument("--plot-format", choices=("png", "svg", "pdf"), default="png", help="plot file format (default: png)")
     p.add_argument("--peak-bw", type=float, metavar="GBPS",
                    help="the CPU's peak memory bandwidth in GB/s (default: the one measured in the header)")
     p.add_argument("--layers", action="store_true", help="also show ops per layer and backend")
@@ -56,7 +61,6 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from analysis.report import build_report
     from analysis.tables import report_tables
-    from analysis.timings import load_timings
     from profiler.errors import UserError
     from profiler.files import atomic_output, check_output_path
 
@@ -67,8 +71,17 @@ def run(args: argparse.Namespace) -> int:
         md_path = Path(args.md) if args.md else Path("reports") / (Path(args.timings).stem + ".md")
         check_output_path(md_path, force=args.force or not args.md, flag="--md")
 
-    timings = load_timings(args.timings)
-    report = build_report(timings, peak_bw=args.peak_bw)
+    plots_dir = None
+    if args.plots is not None:
+        from analysis.plots import plot_paths
+        plots_dir = Path(args.plots) if args.plots else Path("reports") / Path(args.timings).stem
+        for path in plot_paths(plots_dir, args.plot_format).values():
+            check_output_path(path, force=args.force or not args.plots, flag="--plots")
+
+    timings = _load_with_progress(args.timings)
+    from analysis.attribution import attribute
+    attribution = attribute(timings)
+    report = build_report(timings, peak_bw=args.peak_bw, attribution=attribution)
 
     if args.json:  # the tables carry the warnings; JSON keeps stdout clean, so they go to stderr
         import orjson
@@ -77,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE))
     else:
         from analysis import render_console
-        render_console.render(report_tables(report, layers=args.layers, splits=args.splits, graphs=args.graphs))
+        from rich.console import Console
+        console = Console() if sys.stdout.isatty() else Console(width=160)   # piped: wide rather than cut
+        render_console.render(report_tables(report, layers=args.layers, splits=args.splits, graphs=args.graphs),
+                              console)
     if md_path is not None:
         from analysis import render_markdown
         text = render_markdown.render(report_tables(report, layers=args.layers, splits=args.splits,
@@ -85,4 +101,23 @@ def run(args: argparse.Namespace) -> int:
         with atomic_output(md_path, force=args.force or not args.md, flag="--md") as f:
             f.write(text)
         print(f"hyprof: wrote {md_path}", file=sys.stderr)
+    if plots_dir is not None:
+        from analysis.plots import write_plots
+        paths = write_plots(timings, report, attribution, plots_dir, args.plot_format,
+                            force=args.force or not args.plots)
+        print(f"hyprof: wrote {len(paths)} plots to {plots_dir}/: " + ", ".join(p.name for p in paths),
+              file=sys.stderr)
     return 0
+
+
+def _load_with_progress(path: str):
+    """Load the timings, with a progress bar on stderr for files that take a while."""
+    import os
+
+    from analysis.timings import load_timings
+    from profiler.progress import progress_bar
+
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    with progress_bar(max(size >> 20, 1), f"reading {Path(path).name}", unit="MiB",
+                      enabled=size > 64 << 20 and sys.stderr.isatty()) as advance:
+        return load_timings(path, progress=lambda done: advance(completed=done >> 20))

@@ -1,0 +1,294 @@
+"""hyprof's engine side by side with llama.cpp: pp and tg t/s on one GGUF file, same threads.
+
+Both engines are driven by the same runner (`profiler.bench.run_bench`, the one
+behind `hyprof run`): the same llama-bench tests (pp<N>: N random prompt tokens in
+one batch; tg<N>: N single-token evaluations from an empty cache), the same
+random tokens (same seed), one warm-up run, then -r repetitions each from an
+empty KV cache, t/s as mean ± sample standard deviation over the repetitions.
+llama.cpp runs through llama-cpp-python (`Llama.eval`, n_batch = n_ubatch >= the
+largest prompt, `Llama.reset()` before each repetition, logging off); each
+evaluation of either engine ends with the greedy next token (argmax of the last
+logits), so both do the same work per step. Rows:
+
+  llama.cpp                  every tensor on the CPU
+  hyprof CPU                 every tensor on the CPU (`--accel none`)
+  hyprof ACC0+CPU (emul.)    routed experts on the CPU, the rest on the emulated
+                             accelerator (`-ngl 99 -ot "\\.ffn_.*_exps\\.=CPU"`);
+                             ACC0 computes on the same cores, so this row shows the
+                             hybrid path's cost, not a GPU's speed
+
+The weight bytes per token are computed from the file: every dense weight once per
+batch, one token_embd row per token, and of the routed experts n_expert_used of
+n_expert per token (exact for tg; for a pp batch the expected share if routing were
+uniform, nearly all experts from a few dozen tokens on). GB/s = bytes/token x t/s.
+
+    .venv/bin/python benchmarks/bench_vs_llamacpp.py [--model F.gguf] [--threads 2]
+        [-p 64,128] [-n 32] [-r 3] [--json] [--no-emulated]
+
+Without --model it uses `hyprof run`'s default model (deepseek-v2-lite-mini at
+Q4_0, made once and cached). On a shared machine the figures are noisy: the load
+average before and after is printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from profiler.bench import BenchResult, EngineConfig, plan_tests, run_bench
+from profiler.errors import UserError
+from profiler.recorder import Recorder
+from profiler.schema import MAIN_LANE
+
+EXPERTS_ON_CPU = r"\.ffn_.*_exps\.=CPU"
+SCHEMA = "hyprof-bench-vs-llamacpp/1"
+
+
+# ---------------------------------------------------------------------------
+# llama.cpp as a BenchEngine
+
+class LlamaCppEngine:
+    """llama.cpp (llama-cpp-python) behind the runner's `BenchEngine` interface.
+
+    Every tensor on the CPU; the batch sizes are fixed at load (`n_batch`), so they
+    must cover the largest prompt for a pp test to be one batch as in hyprof. Records
+    only `graph` events (llama.cpp's ops are not visible from Python).
+    """
+
+    def __init__(self, model_path: str, *, threads: int, n_batch: int, n_ctx: int,
+                 recorder: Recorder):
+        import llama_cpp
+
+        self.recorder = recorder
+        self.lane = recorder.lane(MAIN_LANE)
+        self.path = model_path
+        self.threads = threads
+        self.llm = llama_cpp.Llama(model_path=model_path, n_gpu_layers=0, n_threads=threads,
+                                   n_threads_batch=threads, n_batch=n_batch, n_ubatch=n_batch,
+                                   n_ctx=n_ctx, logits_all=False, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+        self._ctx = self.llm.ctx
+        self._logits_ith = llama_cpp.llama_get_logits_ith
+
+    def eval(self, tokens: Sequence[int], test: str) -> int:
+        rec = self.recorder
+        graph_id = rec.next_graph()
+        t0 = rec.now()
+        n_past = self.llm.n_tokens
+        self.llm.eval(list(tokens))
+        logits = np.ctypeslib.as_array(self._logits_ith(self._ctx, -1), shape=(self.n_vocab,))
+        token = int(logits.argmax())
+        if rec.enabled:
+            self.lane.graph(t0, rec.now() - t0, graph_id, test, len(tokens), n_past)
+        return token
+
+    def reset(self) -> None:
+        """n_tokens = 0: the next `eval` removes every cached position first."""
+        self.llm.reset()
+
+    def header(self) -> dict:
+        return {"model": {"path": self.path, "size_bytes": os.path.getsize(self.path)},
+                "config": {"threads": self.threads, "accel": "none",
+                           "engine": f"llama.cpp {llama_cpp_build()['version']}"},
+                "machine": {"gpu": None}}
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def llama_cpp_build() -> dict:
+    """llama-cpp-python's version and the CPU features compiled into its ggml.
+
+    `llama_print_system_info` reports ggml-cpu's compile-time ISA macros, so AVX512
+    and friends set there mean the library was built for this CPU: GGML_NATIVE
+    (llama.cpp's default for a source build, -march=native) or explicit GGML_* flags.
+    """
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()
+    flags = [part.split("=")[0].strip() for part in info.replace("CPU :", "").split("|")
+             if part.strip().endswith("= 1")]
+    return {"version": llama_cpp.__version__, "system_info": info.strip(), "cpu_flags": flags,
+            "native": "AVX512" in flags or "AVX2" in flags}
+
+
+def make_llama_cpp(n_batch: int, n_ctx: int):
+    """A `MakeEngine` for llama.cpp: only `threads` of the sweep flags apply to it."""
+    def make(model_path: str, *, threads: int, recorder: Recorder, **_ignored) -> LlamaCppEngine:
+        return LlamaCppEngine(model_path, threads=threads, n_batch=n_batch, n_ctx=n_ctx,
+                              recorder=recorder)
+    return make
+
+
+# ---------------------------------------------------------------------------
+# Bytes per token
+
+def weight_bytes_per_token(model_path: str, n_tokens: int) -> float:
+    """Weight bytes one evaluation of `n_tokens` tokens reads, per token (see the module
+    docstring: dense weights once per batch, one token_embd row per token, the routed
+    experts' expected share under uniform routing, exact for one token)."""
+    from hybrid.gguf_model import load_model
+    from hybrid.placement import is_expert_tensor
+
+    gguf = load_model(model_path)
+    c = gguf.config
+    expert_share = 1 - (1 - c.n_expert_used / c.n_expert) ** n_tokens if c.n_expert else 0.0
+    total = 0.0
+    for name, t in gguf.tensors.items():
+        if is_expert_tensor(name):
+            total += t.n_bytes * expert_share
+        elif name.startswith("token_embd"):
+            total += t.n_bytes // c.n_vocab * n_tokens
+        else:
+            total += t.n_bytes
+    return total / n_tokens
+
+
+# ---------------------------------------------------------------------------
+# The side-by-side
+
+@dataclass(frozen=True)
+class Row:
+    engine: str
+    test: str
+    kind: str
+    tps: float
+    tps_std: float
+    samples_tps: tuple[float, ...]
+    ratio: float | None              # this row's t/s over llama.cpp's for the same test
+    bytes_per_token: float
+    GBps: float
+
+
+def hyprof_configs(threads: int, emulated: bool) -> list[tuple[str, EngineConfig]]:
+    """hyprof's rows: `hyprof run`'s defaults (-fmoe 1 -rtr 1 --poll 50), all on the
+    CPU, and (`emulated`) experts on the CPU with the rest on ACC0."""
+    configs = [("hyprof CPU", EngineConfig(threads, 0, (), "none"))]
+    if emulated:
+        configs.append(("hyprof ACC0+CPU (emul.)",
+                        EngineConfig(threads, 99, (EXPERTS_ON_CPU,), "emulated")))
+    return configs
+
+
+def compare(model: str, *, threads: int = 2, n_prompt: Sequence[int] = (64, 128),
+            n_gen: Sequence[int] = (32,), reps: int = 3, emulated: bool = True,
+            progress: bool = True) -> dict:
+    """Run llama.cpp and hyprof on `model` and return every row, the llama.cpp build,
+    the load average before and after, and why hyprof did not run, if it did not."""
+    if not os.path.isfile(model):
+        raise UserError(f"--model {model}: no such file")
+    if threads < 1:
+        raise UserError(f"--threads {threads}: must be >= 1")
+    tests = plan_tests(n_prompt=n_prompt, n_gen=n_gen)
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"llama-cpp-python is not installed ({e}): pip install -e '.[oracle]'")
+    bytes_per_token = {t.name: weight_bytes_per_token(model, t.n_prompt or 1) for t in tests}
+    longest = max(t.n_tokens for t in tests)
+    load_before = os.getloadavg()
+
+    def rows(label: str, results: list[BenchResult], base: dict[str, float]) -> list[Row]:
+        return [Row(label, r.test.name, r.test.kind, r.avg_ts, r.stddev_ts, r.samples_ts,
+                    r.avg_ts / base[r.test.name] if base else None,
+                    bytes_per_token[r.test.name], bytes_per_token[r.test.name] * r.avg_ts / 1e9)
+                for r in results]
+
+    t0 = time.monotonic()
+    llama_results = run_bench(make_llama_cpp(n_batch=max(max(n_prompt, default=1), 1),
+                                             n_ctx=max(256, -(-(longest + 8) // 256) * 256)),
+                              model, [EngineConfig(threads, 0, (), "none")], tests, reps,
+                              progress=progress)
+    out = rows("llama.cpp", llama_results, {})
+    base = {r.test: r.tps for r in out}
+    unavailable = None
+    try:
+        from hybrid.engine import make_engine
+    except ImportError as e:
+        unavailable = f"hybrid.engine does not import: {e}"
+    else:
+        for label, config in hyprof_configs(threads, emulated):
+            out += rows(label, run_bench(make_engine, model, [config], tests, reps,
+                                         progress=progress), base)
+    return {"schema": SCHEMA, "model": os.path.abspath(model),
+            "model_bytes": os.path.getsize(model), "threads": threads, "reps": reps,
+            "cores": os.cpu_count(), "llama_cpp": llama_cpp_build(),
+            "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
+            "wall_s": time.monotonic() - t0, "hyprof_unavailable": unavailable,
+            "rows": [vars(r) | {"samples_tps": list(r.samples_tps)} for r in out]}
+
+
+# ---------------------------------------------------------------------------
+# Rendering
+
+def render(result: dict) -> str:
+    """The side-by-side as a markdown table, with the facts that qualify it."""
+    b = result["llama_cpp"]
+    lines = [f"model: {result['model']} ({result['model_bytes'] / 1e9:.2f} GB), "
+             f"{result['threads']} threads, {result['reps']} reps",
+             f"llama.cpp: llama-cpp-python {b['version']}, built with "
+             f"{' '.join(b['cpu_flags'])}" + (" (native build)" if b["native"] else ""),
+             "", "| engine | test | t/s | hyprof/llama.cpp | MB/token | GB/s |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {r['engine']} | {r['test']} | {r['tps']:.2f} ± {r['tps_std']:.2f} | "
+                     f"{ratio} | {r['bytes_per_token'] / 1e6:.1f} | {r['GBps']:.2f} |")
+    if result["hyprof_unavailable"]:
+        lines.append(f"\nhyprof engine not available: {result['hyprof_unavailable']}")
+    before, after = (", ".join(f"{v:.2f}" for v in result[k])
+                     for k in ("loadavg_before", "loadavg_after"))
+    lines.append(f"\nload average before {before}, after {after} on {result['cores']} cores: "
+                 "figures on a shared machine are noisy")
+    return "\n".join(lines) + "\n"
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by commas")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", metavar="FILE.gguf",
+                   help="GGUF file (default: hyprof run's default model, made once and cached)")
+    p.add_argument("-t", "--threads", type=int, default=2, help="CPU threads (default: 2)")
+    p.add_argument("-p", "--n-prompt", type=_ints, default=[64, 128], metavar="N[,N]",
+                   help="prompt tokens per pp test (default: 64,128; 0: none)")
+    p.add_argument("-n", "--n-gen", type=_ints, default=[32], metavar="N[,N]",
+                   help="generated tokens per tg test (default: 32; 0: none)")
+    p.add_argument("-r", "--repetitions", type=int, default=3, metavar="N",
+                   help="measured repetitions per test (default: 3)")
+    p.add_argument("--no-emulated", action="store_true",
+                   help="skip the experts-on-CPU, rest-on-ACC0 row")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    args = p.parse_args(argv)
+    try:
+        model = args.model
+        if model is None:
+            from hyprof.commands.run import default_model
+            model = default_model(progress=not args.no_progress)
+        result = compare(model, threads=args.threads, n_prompt=args.n_prompt,
+                         n_gen=args.n_gen, reps=args.repetitions,
+                         emulated=not args.no_emulated, progress=not args.no_progress)
+    except UserError as e:
+        print(f"bench_vs_llamacpp: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(json.dumps(result, indent=1) + "\n" if args.json else render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -58,11 +58,11 @@ def _run_table(report: Report) -> Table:
     model, config, machine = h.get("model") or {}, h.get("config") or {}, h.get("machine") or {}
     rows = [("source", report.source)]
     if model:
-        rows.append(("model", f"{model.get('path', '?')} ({model.get('arch', '?')}, {model.get('ftype', '?')})"))
-    if config:
-        rows.append(("config", ", ".join(f"{k}={v}" for k, v in config.items())))
-    if machine:
-        rows.append(("machine", ", ".join(f"{k}={v}" for k, v in machine.items() if v is not None)))
+        rows.append(("model", f"{model.get('path') or '?'} ({model.get('arch') or '?'}, {model.get('ftype') or '?'})"))
+    for label, fields in (("config", config), ("machine", machine)):
+        text = ", ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        if text:
+            rows.append((label, text))
     peaks = ", ".join(f"{b} {_f(v, 1)} GB/s" for b, v in report.peak_GBps.items()) or "unknown (use --peak-bw)"
     rows.append(("peak bandwidth", peaks))
     notes = list(report.warnings)

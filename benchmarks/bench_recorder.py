@@ -5,13 +5,15 @@
 1. Recorder, per event (targets: <= 1 us to record one event):
    - `record`: one `lane.op(...)` call, as an engine's worker makes it;
    - `clock`: one `rec.now()` (an engine reads it about twice per event);
-   - `drain+write`: `rec.drain()` plus the timings writer (orjson, flush), paid
-     once per graph for all of its events.
-2. Overhead on a real run (target: ratio >= 0.98): the same engine generates
-   -n tokens with the recorder on and the timings file written after each graph,
-   then with it off, alternating for --rounds rounds; the ratio is the median of
-   the per-round t/s ratios. Needs hybrid.engine; without -m it uses the default
-   model that `hyprof run` makes and caches.
+   - `drain+write`: `rec.drain_tables()` plus `TimingsWriter.write_tables` (lines
+     from the columns, one flush), paid once per graph for all of its events.
+2. Overhead on a real run (target: ratio >= 0.98): one engine generates tokens,
+   graphs alternating between recorded (and written to a timings file, as the
+   runner does) and not; tg t/s of each is one over its median graph time, and
+   the ratio is recorded / not recorded. Also the CPU time per graph of all
+   threads, which other processes on a shared machine disturb less. Needs
+   hybrid.engine; without -m it uses the default model that `hyprof run` makes
+   and caches.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def read_clock(rec: Recorder):
 
 
 def drain_and_write(directory: str):
-    """fn(n): `rec.drain()` plus the writer for n events recorded just before (a graph's
+    """fn(n): the drain plus the writer for n events recorded just before (a graph's
     worth, as the runner does it); only the drain and the write are timed."""
     rec = Recorder(print_timing=False)
     lane = rec.lane("cpu1")
@@ -140,7 +142,7 @@ def bench_overhead(model: str | None, n_gen: int, rounds: int, threads: int) -> 
                 rec.enabled = recording
                 t0, c0 = time.perf_counter_ns(), time.process_time_ns()
                 token = engine.eval([token], f"tg{n_gen}")
-                writer.write_tables(rec.drain_tables())           # as the runner does after each graph
+                writer.write_tables(rec.drain_tables())   # as the runner does after each graph
                 if i_round:
                     graph_ns[recording].append(time.perf_counter_ns() - t0)
                     cpu_ns[recording].append(time.process_time_ns() - c0)

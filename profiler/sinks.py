@@ -43,7 +43,8 @@ def timings_header(*, model: dict, config: dict, machine: dict, peak_bw: dict,
 
 
 class TimingsWriter:
-    """A timings.jsonl file being written: `write(events)` once per graph, then `commit()`.
+    """A timings.jsonl file being written: after each graph `write_tables(rec.drain_tables())`
+    (or `write(rec.drain())`, the same lines made through dicts), then `commit()`.
 
     As a context manager: commits on success and on KeyboardInterrupt (the file
     keeps every batch written before the interrupt), removes the temporary file
@@ -122,9 +123,11 @@ class _JsonStrings(dict):
     """The JSON text of each string met (op and tensor names recur every graph)."""
 
     def __missing__(self, value) -> bytes:
-        if len(self) > 100_000:
-            self.clear()
-        text = self[value] = orjson.dumps(value)
+        text = orjson.dumps(value)
+        if type(value) is str:          # not 1 or True: they would answer for each other
+            if len(self) > 100_000:
+                self.clear()
+            self[value] = text
         return text
 
 

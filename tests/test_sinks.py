@@ -7,11 +7,13 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from profiler.errors import UserError
 from profiler.recorder import Recorder
 from profiler.schema import SCHEMA
-from profiler.sinks import TimingsWriter, timings_header
+from profiler.sinks import TimingsWriter, table_lines, timings_header
 
 HEADER = timings_header(model={"path": "m.gguf"}, config={"threads": 2}, machine={"cpu": "x"},
                         peak_bw={"CPU": {"GBps": 30.0, "method": "given"}}, placement={})
@@ -112,3 +114,47 @@ def test_the_umask_decides_the_mode_not_mkstemp(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert (tmp_path / "t.jsonl").stat().st_mode & 0o777 == mode
+
+
+names = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
+ints = st.integers(-2**40, 2**62)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(
+    st.tuples(st.just("op"), ints, ints, st.none() | ints, st.none() | ints,
+              st.none() | st.sampled_from(["CPU", "ACC0"]), names, names, ints, ints, ints, ints),
+    st.tuples(st.just("copy"), ints, ints, ints, ints, names, names, ints, names),
+    st.tuples(st.just("phase"), ints, ints, st.none() | ints, names),
+    st.tuples(st.just("graph"), ints, ints, ints, names, ints, ints),
+    st.tuples(st.just("wakeup"), ints, ints, ints, ints, st.just("CPU")),
+    st.tuples(st.just("test"), ints, ints, st.fixed_dictionaries({"name": names, "rep": ints})),
+), max_size=60), st.sampled_from(["main", "cpu1", 'odd"%lane']))
+def test_lines_from_columns_are_the_events_drain_gives(events, tid):
+    """The writer's fast path (templates over columns) writes exactly drain()'s dicts."""
+    rec = Recorder(print_timing=False)
+    lane = rec.lane(tid)
+    for kind, *args in events:
+        getattr(lane, kind)(*args)
+    tables = rec.drain_tables()
+    got = sorted((json.loads(line) for t in tables for line in table_lines(t)),
+                 key=lambda e: json.dumps(e, sort_keys=True))
+    for kind, *args in events:
+        getattr(lane, kind)(*args)
+    want = sorted(rec.drain(), key=lambda e: json.dumps(e, sort_keys=True))
+    assert got == want
+    assert all(list(e) == list(w) for e, w in zip(got, want))      # same key order
+
+
+def test_write_tables_is_in_time_order_outer_first(tmp_path):
+    rec = Recorder(print_timing=False)
+    main, worker = rec.lane("main"), rec.lane("cpu1")
+    worker.op(50, 10, 0, 0, "CPU", "ADD", "x", 0, 0, 0, 1)
+    main.split(50, 100, 0, 0, "CPU", 1, 0)
+    main.graph(0, 200, 0, "tg1", 1, 0)
+    main.phase(0, 20, 0, "graph_build")
+    with TimingsWriter(tmp_path / "t.jsonl", HEADER) as w:
+        w.write_tables(rec.drain_tables())
+    assert [e["type"] for e in lines(tmp_path / "t.jsonl")] == ["meta", "graph", "phase",
+                                                                "split", "op"]
+    assert w.n_events == 4

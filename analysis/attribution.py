@@ -50,7 +50,7 @@ _WINNER = np.array([OTHER] + [(m & -m).bit_length() - 1 for m in range(1, 1 << O
 _CAT_COLUMNS = [(f"{c}_ns", np.int64) for c in CATEGORIES] + [(f"{c}_busy_ns", np.int64) for c in CATEGORIES]
 GRAPH_DTYPE = np.dtype([("graph", np.int32), ("rep", np.int32), ("ts_ns", np.int64), ("wall_ns", np.int64),
                         ("n_tokens", np.int64), ("n_past", np.int64)] + _CAT_COLUMNS)
-REP_DTYPE = np.dtype([("name", "U64"), ("kind", "U8"), ("rep", np.int32), ("n_tokens", np.int64),
+REP_DTYPE = np.dtype([("name", "U128"), ("kind", "U8"), ("rep", np.int32), ("n_tokens", np.int64),
                       ("n_graphs", np.int64), ("ts_ns", np.int64), ("wall_ns", np.int64)] + _CAT_COLUMNS)
 
 
@@ -219,7 +219,8 @@ def _repetitions(t: Timings, graph_rows: np.ndarray) -> np.ndarray:
             reps[0] = ("run", "", 0, -1, 0, start, end - start) + (0,) * (2 * N_CAT)
     else:
         reps = np.zeros(len(tests), REP_DTYPE)
-        reps["name"] = [t.sym(i) for i in tests["name"]]
+        labels = sweep_labels(t.header, tests["config"])
+        reps["name"] = [t.sym(i) + labels.get(int(c), "") for i, c in zip(tests["name"], tests["config"])]
         reps["kind"] = [t.sym(i) for i in tests["kind"]]
         reps["rep"], reps["ts_ns"], reps["wall_ns"] = tests["rep"], tests["ts"], tests["dur"]
         reps["n_tokens"] = tests["n_tokens"]
@@ -230,6 +231,29 @@ def _repetitions(t: Timings, graph_rows: np.ndarray) -> np.ndarray:
                                minlength=len(reps))[:len(reps)].astype(np.int64)
     reps["n_tokens"] = np.where(reps["n_tokens"] >= 0, reps["n_tokens"], graph_tokens)
     return reps
+
+
+# The sweep flags, as llama-bench names its columns.
+SWEEP_FLAGS = {"threads": "t", "n_gpu_layers": "ngl", "overrides": "ot", "accel": "accel", "mla": "mla",
+               "fmoe": "fmoe", "rtr": "rtr", "poll": "poll"}
+
+
+def sweep_labels(header: dict, configs: np.ndarray) -> dict:
+    """{config index: " [t=2 ngl=99]"}: the flags that tell a sweep's combinations apart, so that
+    the same test under two combinations is two tests. Empty when the tests used one combination."""
+    used = sorted(set(int(c) for c in configs if c >= 0))
+    sweep = header.get("sweep") or []
+    if len(used) < 2:
+        return {}
+    entries = {c: sweep[c] if c < len(sweep) and isinstance(sweep[c], dict) else {} for c in used}
+    varying = [k for k in dict.fromkeys(k for e in entries.values() for k in e)
+               if len({repr(e.get(k)) for e in entries.values()}) > 1]
+    labels = {}
+    for c, e in entries.items():
+        flags = [f"{SWEEP_FLAGS.get(k, k)}={';'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in
+                 ((k, e.get(k)) for k in varying)]
+        labels[c] = f" [{' '.join(flags) or f'config {c}'}]"
+    return labels
 
 
 def copy_direction(t: Timings, src: np.ndarray, dst: np.ndarray) -> np.ndarray:

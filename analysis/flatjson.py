@@ -1,6 +1,6 @@
 """A vectorised reader for JSON lines that are flat objects, the shape every timings writer produces.
 
-    reader = FlatReader(int_fields, str_fields)
+    reader = FlatReader(int_fields, str_fields, float_fields=())
     reader.parse(buf, n_lines) -> FlatColumns | None
     reader.strings              every string value seen so far; FlatColumns.strs hold ids into it
 
@@ -16,16 +16,18 @@ read eight at a time through an unaligned uint64 view, so keys, digits and
 string hashes cost a few array operations per field, not per byte.
 
 Anything outside that shape (escapes, nesting, arrays, null, booleans or
-fractions in the wanted fields, wanted integers over 16 digits, wanted strings
-over 64 bytes) returns None, and the caller parses those lines with a real JSON
+fractions in the wanted integer fields, wanted integers over 16 digits, wanted
+strings over 64 bytes) returns None, and the caller parses those lines with a real JSON
 parser, which also words the errors: this is only a faster route to the same
-columns. Two liberties: the values of unwanted fields are skipped unread, and
+columns. Float fields are meant for rare values (a test's reported t/s): each
+is converted on its own with `float`. Two liberties: the values of unwanted fields are skipped unread, and
 string values are told apart by a 64-bit hash of their bytes and length (two
 distinct names colliding, about 2**-64 per pair, is not checked).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,12 +43,14 @@ _MASK = np.array([(1 << (8 * n)) - 1 for n in range(9)], dtype=np.uint64)
 _ZEROS = np.uint64(0x3030303030303030)
 _LEADING_ZEROS = _ZEROS & _MASK[::-1]          # [n]: ASCII "0" in the low 8-n bytes
 _CACHE_BITS = 18
+_NUMBER = re.compile(rb"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 
 
 @dataclass(frozen=True)
 class FlatColumns:
     ints: dict          # field -> (values int64 per line, 0 where absent; keyed bool per line)
     strs: dict          # field -> id per line into FlatReader.strings, -1 where absent
+    floats: dict        # field -> (values float64 per line, NaN where absent; keyed bool per line)
     other_keys: tuple   # (line of each other key, name id, names: list of bytes)
 
 
@@ -61,9 +65,9 @@ def _mix(h: np.ndarray) -> np.ndarray:
 
 
 class FlatReader:
-    def __init__(self, int_fields: tuple, str_fields: tuple):
-        self.int_fields, self.str_fields = int_fields, str_fields
-        names = int_fields + str_fields
+    def __init__(self, int_fields: tuple, str_fields: tuple, float_fields: tuple = ()):
+        self.int_fields, self.str_fields, self.float_fields = int_fields, str_fields, float_fields
+        names = int_fields + str_fields + float_fields
         assert all(len(n.encode()) <= 8 for n in names)
         self._key_pack = np.array([int.from_bytes(n.encode(), "little") for n in names], dtype=np.uint64)
         slots = (_mix(self._key_pack) >> np.uint64(52)).astype(np.int64)
@@ -121,13 +125,17 @@ class FlatReader:
         key_pack = w[ko + 1] & _MASK[np.minimum(key_len, 8)]
         slot = (_mix(key_pack) >> np.uint64(52)).astype(np.int64)
         field = np.where((self._key_slot_pack[slot] == key_pack) & (key_len <= 8), self._key_slot_field[slot], -1)
-        n_int = len(self.int_fields)
+        n_int, n_str = len(self.int_fields), len(self.str_fields)
 
         scalar_field, string_field = field[scalar], field[v_str]
-        if (scalar_field >= n_int).any() or ((string_field >= 0) & (string_field < n_int)).any():
+        if (((scalar_field >= n_int) & (scalar_field < n_int + n_str)).any()
+                or ((string_field >= 0) & ((string_field < n_int) | (string_field >= n_int + n_str))).any()):
             return None                             # a wanted field of the wrong kind: let JSON word it
+        floats = self._floats(a, scalar_field, key_line[scalar], scalar_start, scalar_len, n_lines)
+        if floats is None:
+            return None
         # every wanted integer at once, scattered into one row per field
-        sel = scalar_field >= 0
+        sel = (scalar_field >= 0) & (scalar_field < n_int)
         parsed = _parse_ints(a, w, scalar_start[sel], scalar_len[sel])
         if parsed is None:
             return None
@@ -154,7 +162,20 @@ class FlatReader:
         names: dict[bytes, int] = {}
         other_ids = np.array([names.setdefault(a[s:e].tobytes(), len(names))
                               for s, e in zip((ko[other] + 1).tolist(), kc[other].tolist())], dtype=np.int64)
-        return FlatColumns(ints, strs, (key_line[other], other_ids, list(names)))
+        return FlatColumns(ints, strs, floats, (key_line[other], other_ids, list(names)))
+
+    def _floats(self, a, scalar_field, line, start, length, n_lines) -> dict | None:
+        """The float fields, one value at a time (they are rare); None if one is not a JSON number."""
+        out = {}
+        for f, name in enumerate(self.float_fields, start=len(self.int_fields) + len(self.str_fields)):
+            values, keyed = np.full(n_lines, np.nan), np.zeros(n_lines, dtype=bool)
+            for i in np.flatnonzero(scalar_field == f).tolist():
+                text = a[start[i]:start[i] + length[i]].tobytes()
+                if not _NUMBER.fullmatch(text):
+                    return None
+                values[line[i]], keyed[line[i]] = float(text), True
+            out[name] = (values, keyed)
+        return out
 
     def _intern(self, a: np.ndarray, w: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray | None:
         """Ids of the byte strings: a direct-mapped cache of hashes answers most, a dict the rest."""

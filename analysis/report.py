@@ -5,9 +5,12 @@ Public API (stable):
     build_report(timings, peak_bw=None, attribution=None) -> Report
         peak_bw: the CPU's peak bandwidth in GB/s, overriding the header's measured one.
     Report (frozen): source, header, emulated, peak_GBps {backend: GB/s}, tests (TestReport, ...),
-        graphs, reps (Attribution.graphs, .reps), warnings; .to_json() -> dict in the `hyprof-report/1` contract.
+        graphs, reps (Attribution.graphs, .reps), warnings, skipped {"event_types"|"fields": {name: count}}
+        (what contract v1 let the loader pass over), model_name; .to_json() -> dict in the
+        `hyprof-report/1` contract.
     TestReport (frozen): one test (pp512, tg128, ...) over its repetitions:
         name, kind, reps, n_tokens, wall_ns, tps, tps_std, rep_tps,
+        reported_tps, reported_tps_std (the source engine's own figure, e.g. llama-bench's, or None),
         categories_ns {category: ns} (sums to wall_ns), overhead_ns, copy_ns {direction: ns},
         hidden [(category, under, ns)], bandwidth {...} (the DESIGN.md keys, GB/s),
         category_bw {category: {"bytes", "busy_ns", "GBps"}}, whatif_tps {...},
@@ -17,6 +20,7 @@ Public API (stable):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +47,8 @@ class TestReport:
     tps: float
     tps_std: float
     rep_tps: tuple
+    reported_tps: float | None
+    reported_tps_std: float | None
     categories_ns: dict
     overhead_ns: int
     copy_ns: dict
@@ -67,11 +73,22 @@ class Report:
     graphs: np.ndarray
     reps: np.ndarray
     warnings: tuple
+    skipped: dict
+    model_name: str | None
 
     def to_json(self) -> dict:
-        return {"schema": REPORT_SCHEMA, "source": self.source, "emulated": self.emulated,
-                "peak_GBps": self.peak_GBps, "warnings": list(self.warnings),
+        return {"schema": REPORT_SCHEMA, "source": self.source, "model": self.model_name, "emulated": self.emulated,
+                "peak_GBps": self.peak_GBps, "warnings": list(self.warnings), "skipped": self.skipped,
                 "tests": [_test_json(r) for r in self.tests]}
+
+
+def model_name(header: dict) -> str | None:
+    """The model as a reader knows it: its file name, else the description the source printed
+    (an imported llama-bench row has no path: `deepseek2 16B Q4_0`)."""
+    model = header.get("model") or {}
+    if model.get("path"):
+        return os.path.basename(str(model["path"]))
+    return model.get("name") or model.get("desc") or None
 
 
 def peak_bandwidths(header: dict, cpu_peak: float | None) -> dict:
@@ -98,11 +115,22 @@ def build_report(t: Timings, peak_bw: float | None = None, attribution: Attribut
     category_bytes = np.bincount(test_of_event[claimed] * len(CATEGORIES) + a.event_category[claimed],
                                  weights=t.events["bytes"][claimed].astype(np.float64),
                                  minlength=len(names) * len(CATEGORIES)).reshape(len(names), len(CATEGORIES))
-    tests = tuple(_test_report(i, name, a, tables, category_bytes[i], peaks) for i, name in enumerate(names))
+    tests = tuple(_test_report(i, name, a, tables, category_bytes[i], peaks, _reported_tps(t, a, name))
+                  for i, name in enumerate(names))
     accel = str((t.header.get("config") or {}).get("accel", ""))
     emulated = "emulated" in accel or any(b.startswith("ACC") for b in t.symbols)
     return Report(source=t.source, header=t.header, emulated=emulated, peak_GBps=peaks, tests=tests,
-                  graphs=a.graphs, reps=a.reps, warnings=t.warnings)
+                  graphs=a.graphs, reps=a.reps, warnings=t.warnings,
+                  skipped={"event_types": dict(t.skipped_types), "fields": dict(t.skipped_fields)},
+                  model_name=model_name(t.header))
+
+
+def _reported_tps(t: Timings, a: Attribution, name: str) -> tuple[float | None, float | None]:
+    """The t/s the source engine printed for this test (the same on each repetition's event: one
+    llama-bench row covers them all), or (None, None)."""
+    mine = t.tests[a.reps["name"] == name] if len(t.tests) == len(a.reps) else t.tests[:0]
+    tps, std = mine["tps"][~np.isnan(mine["tps"])], mine["tps_std"][~np.isnan(mine["tps_std"])]
+    return (float(tps.mean()) if tps.size else None, float(std.mean()) if std.size else None)
 
 
 def _named(table: np.ndarray, t: Timings) -> np.ndarray:
@@ -124,7 +152,8 @@ def _named(table: np.ndarray, t: Timings) -> np.ndarray:
     return out
 
 
-def _test_report(i: int, name: str, a: Attribution, tables: dict, cat_bytes: np.ndarray, peaks: dict) -> TestReport:
+def _test_report(i: int, name: str, a: Attribution, tables: dict, cat_bytes: np.ndarray, peaks: dict,
+                 reported: tuple) -> TestReport:
     mine = a.reps["name"] == name
     reps = a.reps[mine]
     wall_ns = int(reps["wall_ns"].sum())
@@ -137,7 +166,7 @@ def _test_report(i: int, name: str, a: Attribution, tables: dict, cat_bytes: np.
     category_bw = {}
     for c in COMPUTE_CATEGORIES:
         busy, nbytes = int(reps[f"{c}_busy_ns"].sum()), int(round(cat_bytes[CATEGORIES.index(c)]))
-        category_bw[c] = {"bytes": nbytes, "busy_ns": busy, "GBps": nbytes / busy if busy else None}
+        category_bw[c] = {"bytes": nbytes, "busy_ns": busy, "GBps": nbytes / busy if busy and nbytes else None}
     mine_tables = {k: v[v["test"] == i] for k, v in tables.items()}
     expert = category_bw["cpu_expert_matmul"]
     cpu_peak = peaks.get("CPU")
@@ -150,6 +179,7 @@ def _test_report(i: int, name: str, a: Attribution, tables: dict, cat_bytes: np.
         name=name, kind=str(reps["kind"][0]), reps=len(reps), n_tokens=n_tokens, wall_ns=wall_ns,
         tps=n_tokens / (wall_ns / 1e9) if wall_ns else 0.0,
         tps_std=float(np.std(rep_tps, ddof=1)) if len(rep_tps) > 1 else 0.0, rep_tps=rep_tps,
+        reported_tps=reported[0], reported_tps_std=reported[1],
         categories_ns=categories_ns, overhead_ns=sum(categories_ns[c] for c in OVERHEAD_CATEGORIES),
         copy_ns={d: int(a.copy_ns[d][mine].sum()) for d in COPY_DIRECTIONS}, hidden=hidden,
         bandwidth=bw, category_bw=category_bw,
@@ -170,6 +200,7 @@ def _test_json(r: TestReport) -> dict:
     return {
         "name": r.name, "kind": r.kind, "reps": r.reps, "n_tokens": r.n_tokens,
         "wall_s": _s(r.wall_ns), "tps": r.tps, "tps_std": r.tps_std, "rep_tps": list(r.rep_tps),
+        "reported_tps": r.reported_tps, "reported_tps_std": r.reported_tps_std,
         "categories_s": {c: _s(v) for c, v in r.categories_ns.items()},
         "overhead_s": _s(r.overhead_ns),
         "ms_per_token": {c: v / 1e6 / r.n_tokens if r.n_tokens else None for c, v in r.categories_ns.items()},

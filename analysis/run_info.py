@@ -26,7 +26,8 @@ def describe_run(header: dict, emulated: bool) -> str:
         desc = ", ".join(str(x) for x in (model.get("arch"), model.get("ftype")) if x)
         if model.get("n_params"):
             desc += f", {_si(model['n_params'])} params"
-        name = os.path.basename(str(model["path"])) if model.get("path") else "model"
+        name = (os.path.basename(str(model["path"])) if model.get("path")
+                else model.get("name") or model.get("desc") or "model")
         parts.append(f"model {name} ({desc})")
     placement = []
     if config.get("n_gpu_layers") is not None:

@@ -41,7 +41,7 @@ def _mb(n) -> str:
 def report_tables(report: Report, layers: bool = False, splits: bool = False, graphs: bool = False) -> list[Table]:
     tables = [_run_table(report)]
     for test in report.tests:
-        tables += [_time_table(test), _backend_table(test, report.peak_GBps), _op_table(test)]
+        tables += [_time_table(test, _reporter(report.header)), _backend_table(test, report.peak_GBps), _op_table(test)]
         if len(test.copies):
             tables.append(_copy_table(test))
         if layers and len(test.layers):
@@ -53,18 +53,27 @@ def report_tables(report: Report, layers: bool = False, splits: bool = False, gr
     return tables
 
 
+def _reporter(header: dict) -> str:
+    """Who printed the t/s an imported log carries (llama-bench, for an ik_llama.cpp log)."""
+    return "llama-bench" if (header.get("source") or {}).get("bench_rows") else str(header.get("tool") or "the source")
+
+
 def _run_table(report: Report) -> Table:
     h = report.header
     model, config, machine = h.get("model") or {}, h.get("config") or {}, h.get("machine") or {}
     rows = [("source", report.source)]
     if model:
-        rows.append(("model", f"{model.get('path') or '?'} ({model.get('arch') or '?'}, {model.get('ftype') or '?'})"))
+        rows.append(("model", f"{report.model_name or '?'} ({model.get('arch') or '?'}, {model.get('ftype') or '?'})"))
     for label, fields in (("config", config), ("machine", machine)):
         text = ", ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
         if text:
             rows.append((label, text))
     peaks = ", ".join(f"{b} {_f(v, 1)} GB/s" for b, v in report.peak_GBps.items()) or "unknown (use --peak-bw)"
     rows.append(("peak bandwidth", peaks))
+    skipped = "; ".join(f"{what.replace('_', ' ')} " + ", ".join(f"{k} ({v:,})" for k, v in sorted(counts.items()))
+                        for what, counts in report.skipped.items() if counts)
+    if skipped:     # allowed by contract v1: said once, in passing
+        rows.append(("not read", skipped))
     notes = list(report.warnings)
     if not report.tests:
         notes.append("No graph events in this file: there is no wall time to attribute.")
@@ -73,7 +82,7 @@ def _run_table(report: Report) -> Table:
     return Table("hyprof report", ("", ""), tuple(rows), tuple(notes))
 
 
-def _time_table(r: TestReport) -> Table:
+def _time_table(r: TestReport, source: str) -> Table:
     def row(label, ns):
         pct = 100.0 * ns / r.wall_ns if r.wall_ns else 0.0
         per_token = ns / 1e6 / r.n_tokens if r.n_tokens else None
@@ -86,8 +95,9 @@ def _time_table(r: TestReport) -> Table:
         if c == "copy":
             rows += [row(f"    {d}", ns) for d, ns in r.copy_ns.items() if ns]
     rows.append(row("wall", r.wall_ns))
-    title = (f"{r.name}: {_f(r.tps)} ± {_f(r.tps_std)} t/s — {r.n_tokens} tokens in {_f(r.wall_ns / 1e9, 3)} s"
-             f" ({r.reps} rep{'s' if r.reps != 1 else ''})")
+    reported = "" if r.reported_tps is None else f" (reported by {source}: {_f(r.reported_tps)} ± {_f(r.reported_tps_std)})"
+    title = (f"{r.name}: {_f(r.tps)} ± {_f(r.tps_std)} t/s{reported} — {r.n_tokens} tokens in "
+             f"{_f(r.wall_ns / 1e9, 3)} s ({r.reps} rep{'s' if r.reps != 1 else ''})")
     return Table(title, ("category", "s", "%", "ms/token"), tuple(rows), _notes(r))
 
 

@@ -15,12 +15,13 @@ Public API (stable; everything else in the analyzer builds on it):
     Timings (frozen):
         source          the file name, for messages and reports
         header          the meta line (line 1) as a dict
-        events          NumPy structured array, EVENT_DTYPE, one row per event, sorted by ts
+        events          EventColumns: one array per EVENT_DTYPE field, one row per event, sorted by ts;
+                        read like a structured array (events["ts"], events[mask] -> rows)
         tests           NumPy structured array, TEST_DTYPE, one row per `test` event
         symbols         tuple of strings; every string field is an integer id into it (-1: absent)
         skipped_types   {unknown event type: count}
-        skipped_fields  {unknown field: count}
-        warnings        tuple of one-line messages for the user (truncated last line, skips)
+        skipped_fields  {unknown field: count}  (contract v1 allows both: the report notes them once)
+        warnings        tuple of one-line messages for the user (a truncated last line)
         .sym(i) -> str, .id(s) -> int, .ids(pred) -> array of ids whose string satisfies pred,
         .type_code(name) -> int (index in EVENT_TYPES, the value of events["type"])
 
@@ -47,7 +48,7 @@ import orjson
 
 from analysis.flatjson import FlatColumns, FlatReader
 from profiler.errors import UserError
-from profiler.schema import COMMON_FIELDS, EVENT_FIELDS, EVENT_TYPES, SCHEMA
+from profiler.schema import COMMON_FIELDS, EVENT_FIELDS, EVENT_TYPES, OPTIONAL_FIELDS, SCHEMA
 
 # Event columns. String fields hold symbol ids.
 EVENT_DTYPE = np.dtype([
@@ -58,35 +59,74 @@ EVENT_DTYPE = np.dtype([
     ("src", np.int32), ("dst", np.int32),
     ("n_past", np.int32), ("n_nodes", np.int32), ("n_inputs", np.int32),
 ])
-# One row per test repetition (the few fields only `test` events carry).
+# One row per test repetition (the few fields only `test` events carry); `tps`/`tps_std` are
+# the source engine's own figures (NaN: none), `config` the sweep index (-1: none).
 TEST_DTYPE = np.dtype([
     ("ts", np.int64), ("dur", np.int64), ("name", np.int32), ("kind", np.int32),
     ("n_prompt", np.int32), ("n_gen", np.int32), ("depth", np.int32), ("rep", np.int32),
-    ("n_tokens", np.int32),
+    ("n_tokens", np.int32), ("config", np.int32), ("tps", np.float64), ("tps_std", np.float64),
 ])
 STRING_FIELDS = frozenset({"tid", "backend", "op", "name", "src", "dst", "kind"})
 ZERO_WHEN_ABSENT = frozenset({"bytes", "flops"})
 REQUIRED_FIELDS = ("ts", "dur")
 TYPE_CODES = {t: i for i, t in enumerate(EVENT_TYPES)}
 # Fields each type may carry (beyond `type`); a field outside its type's list is unknown.
-TYPE_FIELDS = {t: tuple(f for f in COMMON_FIELDS if f != "type") + EVENT_FIELDS[t] for t in EVENT_TYPES}
+TYPE_FIELDS = {t: tuple(f for f in COMMON_FIELDS if f != "type") + EVENT_FIELDS[t] + OPTIONAL_FIELDS.get(t, ())
+               for t in EVENT_TYPES}
+FLOAT_FIELDS = ("tps", "tps_std")
+# Known fields not read: the graph's test (found by time instead) and the source's own names.
+UNREAD_FIELDS = frozenset({"test", "role", "incomplete", "label", "node"})
 
 # The fields read into columns, for the vectorised reader (analysis.flatjson).
 STR_FIELDS = ("type",) + tuple(sorted(STRING_FIELDS))
-INT_FIELDS = tuple(f for f in dict.fromkeys(COMMON_FIELDS + sum(EVENT_FIELDS.values(), ()))
-                   if f not in STR_FIELDS and f != "test")
-# ALLOWED[type code, i]: may an event of that type carry field (INT_FIELDS + STR_FIELDS)[i]?
-ALLOWED = np.array([[f in TYPE_FIELDS[t] or f == "type" for f in INT_FIELDS + STR_FIELDS] for t in EVENT_TYPES])
+INT_FIELDS = tuple(f for f in dict.fromkeys(COMMON_FIELDS + sum(EVENT_FIELDS.values(), ()) + ("config",))
+                   if f not in STR_FIELDS and f not in UNREAD_FIELDS)
+READ_FIELDS = INT_FIELDS + STR_FIELDS + FLOAT_FIELDS
+# ALLOWED[type code, i]: may an event of that type carry field READ_FIELDS[i]?
+ALLOWED = np.array([[f in TYPE_FIELDS[t] or f == "type" for f in READ_FIELDS] for t in EVENT_TYPES])
 
 LINES_PER_CHUNK = 1 << 15
 BLOCK_BYTES = 1 << 22
+
+
+class EventColumns:
+    """The events, one contiguous array per field of EVENT_DTYPE, read like a structured array:
+    `ev["ts"]` is a column, `ev[mask]` (or an index, a slice) the selected rows as an EVENT_DTYPE
+    array, built when asked. Analyses pass over whole fields; in a table of rows each such pass
+    would drag every row's other fields through the cache too."""
+
+    dtype = EVENT_DTYPE
+
+    def __init__(self, columns: dict):
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(self.columns["ts"])
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self.columns[key]
+        if np.ndim(key) == 0 and not isinstance(key, slice):
+            return self[np.array([key])][0]
+        rows = self.columns["ts"][key]
+        out = np.empty(len(rows), EVENT_DTYPE)
+        for f, col in self.columns.items():
+            out[f] = col[key]
+        return out
+
+    def __iter__(self):
+        return iter(self[:])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(col.nbytes for col in self.columns.values())
 
 
 @dataclass(frozen=True)
 class Timings:
     source: str
     header: dict
-    events: np.ndarray
+    events: EventColumns
     tests: np.ndarray
     symbols: tuple[str, ...]
     skipped_types: dict = field(default_factory=dict)
@@ -197,23 +237,25 @@ class _Symbols:
 
 
 class _Rows:
-    """A growing event table: rows are written in place, so the columns are never copied to be joined.
+    """A growing event table, one array per field: rows are written in place, so the columns are
+    never copied to be joined.
 
     Room is reserved generously (for a file, a row per 64 bytes; event lines are longer):
     pages never written are never backed by memory.
     """
 
     def __init__(self, capacity: int):
-        self.data = np.empty(max(capacity, 1024), EVENT_DTYPE)
+        self.data = {f: np.empty(max(capacity, 1024), EVENT_DTYPE[f]) for f in EVENT_DTYPE.names}
         self.n = 0
 
-    def take(self, n: int) -> np.ndarray:
-        if self.n + n > len(self.data):
-            grown = np.empty(max(2 * len(self.data), self.n + n), EVENT_DTYPE)
-            grown[:self.n] = self.data[:self.n]
-            self.data = grown
+    def take(self, n: int) -> dict:
+        if self.n + n > len(self.data["ts"]):
+            size = max(2 * len(self.data["ts"]), self.n + n)
+            for f, col in self.data.items():
+                self.data[f] = np.empty(size, col.dtype)
+                self.data[f][:self.n] = col[:self.n]
         self.n += n
-        return self.data[self.n - n:self.n]
+        return {f: col[self.n - n:self.n] for f, col in self.data.items()}
 
 
 @dataclass
@@ -225,7 +267,7 @@ class _Accumulator:
     skipped_types: Counter = field(default_factory=Counter)
     skipped_fields: Counter = field(default_factory=Counter)
     warnings: list = field(default_factory=list)
-    reader: FlatReader = field(default_factory=lambda: FlatReader(INT_FIELDS, STR_FIELDS))
+    reader: FlatReader = field(default_factory=lambda: FlatReader(INT_FIELDS, STR_FIELDS, FLOAT_FIELDS))
     reader_symbols: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     reader_types: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
@@ -252,17 +294,14 @@ def _load(blocks: Iterator[tuple[bytes, bool]], source: str, capacity: int = 1 <
         line_no += n_lines
     if header is None:
         raise UserError(f"{source}: empty file, not a hyprof timings file")
-    events = acc.events.data[:acc.events.n]
-    if (events["ts"][1:] < events["ts"][:-1]).any():    # writers write in time order; others get sorted
-        events = events[np.argsort(events["ts"], kind="stable")]
+    columns = {f: col[:acc.events.n] for f, col in acc.events.data.items()}
+    ts = columns["ts"]
+    if (ts[1:] < ts[:-1]).any():    # writers write in time order; others get sorted
+        order = np.argsort(ts, kind="stable")
+        columns = {f: col[order] for f, col in columns.items()}
+    events = EventColumns(columns)
     tests = np.concatenate(acc.tests) if acc.tests else np.empty(0, TEST_DTYPE)
     tests = tests[np.argsort(tests["ts"], kind="stable")]
-    if acc.skipped_types:
-        acc.warnings.append(f"{source}: skipped unknown event types: "
-                            + ", ".join(f"{k} ({v})" for k, v in sorted(acc.skipped_types.items())))
-    if acc.skipped_fields:
-        acc.warnings.append(f"{source}: skipped unknown fields: "
-                            + ", ".join(f"{k} ({v})" for k, v in sorted(acc.skipped_fields.items())))
     return Timings(source=source, header=header, events=events, tests=tests,
                    symbols=tuple(acc.symbols.names), skipped_types=dict(acc.skipped_types),
                    skipped_fields=dict(acc.skipped_fields), warnings=tuple(acc.warnings))
@@ -347,7 +386,8 @@ def _add_objects(objs: list[dict], numbers: list[int], acc: _Accumulator) -> Non
             j = int(np.flatnonzero(out["dur"][rows] < 0)[0])
             raise UserError(f"{where(j)}: 'dur' is negative")
     kept = out[codes >= 0]
-    acc.events.take(len(kept))[:] = kept
+    for name, column in acc.events.take(len(kept)).items():
+        column[:] = kept[name]
 
 
 def _field(sub: list[dict], f: str, where) -> tuple:
@@ -369,13 +409,17 @@ def _field(sub: list[dict], f: str, where) -> tuple:
         present = keyed
     if f in STRING_FIELDS:
         return vals, present
-    if f == "test":  # the graph's test, known but found by time instead
+    if f in UNREAD_FIELDS:
         return None, present
+    if f in FLOAT_FIELDS:
+        vals = [np.nan if v == -1 and f not in o else v for v, o in zip(vals, sub)]
     arr = np.array(vals)
-    if arr.dtype.kind not in "iub" or arr.ndim != 1:
-        j = next(j for j, v in enumerate(vals) if type(v) not in (int, bool))
-        raise UserError(f"{where(j)}: field '{f}' must be an integer, got {vals[j]!r}")
-    return arr.astype(np.int64), present
+    kinds = "iubf" if f in FLOAT_FIELDS else "iub"
+    if arr.dtype.kind not in kinds or arr.ndim != 1:
+        j = next(j for j, v in enumerate(vals) if type(v) not in ((int, bool, float) if f in FLOAT_FIELDS else (int, bool)))
+        raise UserError(f"{where(j)}: field '{f}' must be {'a number' if f in FLOAT_FIELDS else 'an integer'}, "
+                        f"got {vals[j]!r}")
+    return arr.astype(np.float64 if f in FLOAT_FIELDS else np.int64), present
 
 
 def _test_rows(values: dict, rows: np.ndarray, acc: _Accumulator, where) -> np.ndarray:
@@ -385,7 +429,7 @@ def _test_rows(values: dict, rows: np.ndarray, acc: _Accumulator, where) -> np.n
         if name in ("ts", "dur", "name", "n_tokens"):
             out[name] = rows[name]
         elif col is None:
-            out[name] = -1
+            out[name] = np.nan if name in FLOAT_FIELDS else -1
         else:
             out[name] = acc.symbols.intern(col, name, where) if name in STRING_FIELDS else col
     return out
@@ -414,13 +458,13 @@ def _add_flat(flat: FlatColumns, acc: _Accumulator) -> bool:
         acc.skipped_types[acc.symbols.names[acc.reader_symbols[i]]] += int(n)
     allowed = ALLOWED[np.maximum(codes, 0)] & kept[:, None]
     columns = {}
-    for i, f in enumerate(INT_FIELDS + STR_FIELDS):
-        value, keyed = flat.ints[f] if f in flat.ints else (flat.strs[f], flat.strs[f] >= 0)
+    for i, f in enumerate(READ_FIELDS):
+        value, keyed = flat.ints.get(f) or flat.floats.get(f) or (flat.strs[f], flat.strs[f] >= 0)
         stray = int((keyed & kept & ~allowed[:, i]).sum())
         if stray:
             acc.skipped_fields[f] += stray
         use = keyed & allowed[:, i]
-        fill = 0 if f in ZERO_WHEN_ABSENT else -1
+        fill = 0 if f in ZERO_WHEN_ABSENT else np.nan if f in FLOAT_FIELDS else -1
         columns[f] = np.where(use, symbol_of[value] if f in flat.strs else value, fill)
     line, name_id, names = flat.other_keys
     for j in np.unique(name_id):
@@ -434,7 +478,7 @@ def _add_flat(flat: FlatColumns, acc: _Accumulator) -> bool:
     everything = kept.all()
     for name in EVENT_DTYPE.names:
         column = codes if name == "type" else columns[name]
-        out[name] = column if everything else column[kept]
+        out[name][:] = column if everything else column[kept]
     is_test = codes == TYPE_CODES["test"]
     if is_test.any():
         tests = np.empty(int(is_test.sum()), TEST_DTYPE)

@@ -17,6 +17,7 @@ ACC0 computes on the same CPU cores as the workers: its times are not GPU times.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -123,7 +124,8 @@ def main() -> None:
         model = default_model(progress=True)
 
     print(f"model {model}, {args.threads} threads, -rtr {args.rtr} -fmoe {args.fmoe}, "
-          f"experts on CPU, the rest on ACC0 (emulated)")
+          f"experts on CPU, the rest on ACC0 (emulated); load average before: "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'poll':>4} {'tg t/s':>7} {'splits/tok':>10} {'cpu splits':>10} {'wakeup med us':>13} "
           f"{'p99 us':>7} {'copies/tok':>10} {'KiB/tok':>8} {'overhead':>8}")
     results = [tg_run(model, args.threads, poll, args.n_gen, args.n_prompt, args.rtr, args.fmoe)
@@ -142,6 +144,7 @@ def main() -> None:
         w = pool_wakeups(args.threads, poll)
         print(f"  poll {poll}: median {percentile_us(w, 50):6.1f} us   p99 {percentile_us(w, 99):7.1f} us"
               f"   ({len(w)} wakeups; mean {statistics.fmean(w) / 1e3:.1f} us)")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -30,85 +30,82 @@ from profiler.sinks import TimingsWriter
 
 # CPU time of this thread: on a shared machine it leaves out the time spent descheduled.
 CLOCK = time.thread_time_ns
-N_EVENTS = 20_000
-N_REPEATS = 25
+N_EVENTS = 1000            # a graph's worth: the lanes are drained after each graph
+N_REPEATS = 100
 
 
-def per_event_ns(fn, n: int) -> tuple[float, float]:
-    """Best and median of N_REPEATS runs of fn(n), in ns per event, after as many
-    untimed runs (the first batches of dicts are slower, until the allocator has its
-    arenas). The machine is shared: the best run is the one least disturbed, the
-    median says how disturbed."""
+def per_event_ns(fn, n: int = N_EVENTS) -> tuple[float, float]:
+    """Best and median over N_REPEATS calls of fn(n) -> the ns it timed, per event,
+    after as many untimed calls (the first batches are slower, until the allocator
+    has its arenas). The machine is shared: the best run is the one least disturbed,
+    the median says how disturbed."""
     for _ in range(N_REPEATS):
         fn(n)
-    runs = []
-    for _ in range(N_REPEATS):
-        t0 = CLOCK()
-        fn(n)
-        runs.append((CLOCK() - t0) / n)
+    runs = [fn(n) / n for _ in range(N_REPEATS)]
     return min(runs), statistics.median(runs)
 
 
 def record_ops(rec: Recorder):
     lane = rec.lane("cpu1")
 
-    def run(n: int) -> None:
+    def run(n: int) -> int:
         op = lane.op
+        t0 = CLOCK()
         for i in range(n):
             op(i, 1000, 3, 1, "CPU", "MUL_MAT_ID", "blk.3.ffn_up_exps", 3, 123456, 789012, 1)
+        timed = CLOCK() - t0
         rec.discard()
+        return timed
 
     return run
 
 
-def empty_loop(n: int) -> None:
+def empty_loop(n: int) -> int:
+    t0 = CLOCK()
     for i in range(n):
         pass
+    return CLOCK() - t0
 
 
 def read_clock(rec: Recorder):
-    def run(n: int) -> None:
+    def run(n: int) -> int:
         now = rec.now
+        t0 = CLOCK()
         for _ in range(n):
             now()
+        return CLOCK() - t0
 
     return run
 
 
-def drain_and_write(directory: str):
-    """fn(n): the drain plus the writer for n events recorded just before (a graph's
-    worth, as the runner does it); only the drain and the write are timed."""
-    rec = Recorder(print_timing=False)
+def drain_and_write(rec: Recorder, writer: TimingsWriter):
+    """The drain plus the writer for n events recorded just before, as the runner
+    does after each graph; only the drain and the write are timed."""
     lane = rec.lane("cpu1")
-    writer = TimingsWriter(Path(directory) / "t.jsonl", {"type": "meta"}, force=True)
-    timed = []
 
-    def run(n: int) -> None:
+    def run(n: int) -> int:
         for i in range(n):
             lane.op(i, 1000, 3, 1, "CPU", "MUL_MAT_ID", "blk.3.ffn_up_exps", 3, 123456, 789012, 1)
         t0 = CLOCK()
         writer.write_tables(rec.drain_tables())
-        timed.append((CLOCK() - t0) / n)
+        return CLOCK() - t0
 
-    return run, timed, writer
+    return run
 
 
 def bench_recorder() -> None:
-    with tempfile.TemporaryDirectory() as d:
-        run, timed, writer = drain_and_write(d)
-        with writer:
-            per_event_ns(run, 1000)
-        drain = min(timed[N_REPEATS:]), statistics.median(timed[N_REPEATS:])
-        del run, timed, writer
-    record = per_event_ns(record_ops(Recorder(print_timing=False)), N_EVENTS)
-    clock = per_event_ns(read_clock(Recorder(print_timing=False)), N_EVENTS)
-    loop = per_event_ns(empty_loop, N_EVENTS)
-    print(f"recorder, ns per event, best / median of {N_REPEATS} runs (shared machine: the best "
-          "is the least disturbed):")
+    with tempfile.TemporaryDirectory() as d, \
+            TimingsWriter(Path(d) / "t.jsonl", {"type": "meta"}) as writer:
+        drain = per_event_ns(drain_and_write(Recorder(print_timing=False), writer))
+    record = per_event_ns(record_ops(Recorder(print_timing=False)))
+    clock = per_event_ns(read_clock(Recorder(print_timing=False)))
+    loop = per_event_ns(empty_loop)
+    print(f"recorder, ns of CPU time per event, best / median of {N_REPEATS} batches of "
+          f"{N_EVENTS} (shared machine: the best is the least disturbed):")
     for what, (best, median), note in (
             ("record (lane.op call)", record, "target <= 1000"),
             ("clock (rec.now())", clock, "an engine reads it ~2x per event"),
-            ("drain+write", drain, "once per graph; batches of 1000 events"),
+            ("drain+write", drain, "once per graph, for all its events"),
             ("empty loop", loop, "included in the figures above")):
         print(f"  {what:22s} {best:7.0f} / {median:7.0f}   {note}")
 

@@ -4,7 +4,8 @@ Both engines are driven by the same runner (`profiler.bench.run_bench`, the one
 behind `hyprof run`): the same llama-bench tests (pp<N>: N random prompt tokens in
 one batch; tg<N>: N single-token evaluations from an empty cache), the same
 random tokens (same seed), one warm-up run, then -r repetitions each from an
-empty KV cache, t/s as mean ± sample standard deviation over the repetitions.
+empty KV cache, t/s as mean ± sample standard deviation over the repetitions,
+and beside it the fastest repetition (on a loaded machine, the least disturbed).
 llama.cpp runs through llama-cpp-python (`Llama.eval`, n_batch = n_ubatch >= the
 largest prompt, `Llama.reset()` before each repetition, logging off); each
 evaluation of either engine ends with the greedy next token (argmax of the last
@@ -33,12 +34,13 @@ average before and after is printed with them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -70,9 +72,10 @@ class LlamaCppEngine:
         self.lane = recorder.lane(MAIN_LANE)
         self.path = model_path
         self.threads = threads
-        self.llm = llama_cpp.Llama(model_path=model_path, n_gpu_layers=0, n_threads=threads,
-                                   n_threads_batch=threads, n_batch=n_batch, n_ubatch=n_batch,
-                                   n_ctx=n_ctx, logits_all=False, verbose=False)
+        with _stderr_to_devnull():      # verbose=False still lets context set-up notes through
+            self.llm = llama_cpp.Llama(model_path=model_path, n_gpu_layers=0, n_threads=threads,
+                                       n_threads_batch=threads, n_batch=n_batch, n_ubatch=n_batch,
+                                       n_ctx=n_ctx, logits_all=False, verbose=False)
         self.n_vocab = self.llm.n_vocab()
         self._ctx = self.llm.ctx
         self._logits_ith = llama_cpp.llama_get_logits_ith
@@ -103,20 +106,53 @@ class LlamaCppEngine:
         self.llm.close()
 
 
+@contextlib.contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+    """File descriptor 2 to /dev/null: llama.cpp writes to it from C."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+# ggml's system-info names of the x86 extensions that a native build picks up, and
+# their /proc/cpuinfo flags.
+_ISA_CPUINFO = {"AVX2": "avx2", "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi",
+                "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16"}
+
+
 def llama_cpp_build() -> dict:
     """llama-cpp-python's version and the CPU features compiled into its ggml.
 
-    `llama_print_system_info` reports ggml-cpu's compile-time ISA macros, so AVX512
-    and friends set there mean the library was built for this CPU: GGML_NATIVE
-    (llama.cpp's default for a source build, -march=native) or explicit GGML_* flags.
+    `llama_print_system_info` reports ggml-cpu's compile-time ISA macros. `native` says
+    whether they include every extension of `_ISA_CPUINFO` this CPU has, as a
+    GGML_NATIVE build (llama.cpp's default from source, -march=native) does; a portable
+    build (GGML_NATIVE=OFF) stops at AVX2.
     """
     import llama_cpp
 
     info = llama_cpp.llama_print_system_info().decode()
     flags = [part.split("=")[0].strip() for part in info.replace("CPU :", "").split("|")
              if part.strip().endswith("= 1")]
+    has = _cpuinfo_flags()
+    missing = [isa for isa, flag in _ISA_CPUINFO.items() if flag in has and isa not in flags]
     return {"version": llama_cpp.__version__, "system_info": info.strip(), "cpu_flags": flags,
-            "native": "AVX512" in flags or "AVX2" in flags}
+            "native": not missing if has else None, "isa_missing": missing}
+
+
+def _cpuinfo_flags() -> set[str]:
+    """This CPU's feature flags (empty where /proc/cpuinfo is not there)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f
+                         if line.startswith("flags")), set())
+    except OSError:
+        return set()
 
 
 def make_llama_cpp(n_batch: int, n_ctx: int):
@@ -162,7 +198,9 @@ class Row:
     tps: float
     tps_std: float
     samples_tps: tuple[float, ...]
-    ratio: float | None              # this row's t/s over llama.cpp's for the same test
+    best_tps: float                  # the fastest repetition: the least disturbed by other load
+    ratio: float | None              # this row's mean t/s over llama.cpp's, same test
+    ratio_best: float | None         # the same for the fastest repetitions
     bytes_per_token: float
     GBps: float
 
@@ -195,11 +233,15 @@ def compare(model: str, *, threads: int = 2, n_prompt: Sequence[int] = (64, 128)
     longest = max(t.n_tokens for t in tests)
     load_before = os.getloadavg()
 
-    def rows(label: str, results: list[BenchResult], base: dict[str, float]) -> list[Row]:
-        return [Row(label, r.test.name, r.test.kind, r.avg_ts, r.stddev_ts, r.samples_ts,
-                    r.avg_ts / base[r.test.name] if base else None,
-                    bytes_per_token[r.test.name], bytes_per_token[r.test.name] * r.avg_ts / 1e9)
-                for r in results]
+    def rows(label: str, results: list[BenchResult], base: dict[str, Row]) -> list[Row]:
+        out = []
+        for r in results:
+            name, best = r.test.name, max(r.samples_ts)
+            out.append(Row(label, name, r.test.kind, r.avg_ts, r.stddev_ts, r.samples_ts, best,
+                           r.avg_ts / base[name].tps if base else None,
+                           best / base[name].best_tps if base else None,
+                           bytes_per_token[name], bytes_per_token[name] * r.avg_ts / 1e9))
+        return out
 
     t0 = time.monotonic()
     llama_results = run_bench(make_llama_cpp(n_batch=max(max(n_prompt, default=1), 1),
@@ -207,7 +249,7 @@ def compare(model: str, *, threads: int = 2, n_prompt: Sequence[int] = (64, 128)
                               model, [EngineConfig(threads, 0, (), "none")], tests, reps,
                               progress=progress)
     out = rows("llama.cpp", llama_results, {})
-    base = {r.test: r.tps for r in out}
+    base = {r.test: r for r in out}
     unavailable = None
     try:
         from hybrid.engine import make_engine
@@ -234,13 +276,17 @@ def render(result: dict) -> str:
     lines = [f"model: {result['model']} ({result['model_bytes'] / 1e9:.2f} GB), "
              f"{result['threads']} threads, {result['reps']} reps",
              f"llama.cpp: llama-cpp-python {b['version']}, built with "
-             f"{' '.join(b['cpu_flags'])}" + (" (native build)" if b["native"] else ""),
-             "", "| engine | test | t/s | hyprof/llama.cpp | MB/token | GB/s |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+             f"{' '.join(b['cpu_flags'])}" + {True: " (native: every AVX2/AVX-512 extension "
+                                                     "of this CPU)",
+                                              False: f" (not native: no {b['isa_missing']})",
+                                              None: ""}[b["native"]],
+             "", "| engine | test | t/s | best t/s | hyprof/llama.cpp | best/best | MB/token "
+             "| GB/s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        ratios = ["" if v is None else f"{v:.2f}" for v in (r["ratio"], r["ratio_best"])]
         lines.append(f"| {r['engine']} | {r['test']} | {r['tps']:.2f} ± {r['tps_std']:.2f} | "
-                     f"{ratio} | {r['bytes_per_token'] / 1e6:.1f} | {r['GBps']:.2f} |")
+                     f"{r['best_tps']:.2f} | {ratios[0]} | {ratios[1]} | "
+                     f"{r['bytes_per_token'] / 1e6:.1f} | {r['GBps']:.2f} |")
     if result["hyprof_unavailable"]:
         lines.append(f"\nhyprof engine not available: {result['hyprof_unavailable']}")
     before, after = (", ".join(f"{v:.2f}" for v in result[k])

@@ -7,7 +7,7 @@
  * As in ggml, the activation is quantised once to 8-bit blocks, and every dot
  * product is an int8 one (AVX-512 VNNI `vpdpbusd`, AVX2 `vpmaddubsw`), scaled
  * per 32-weight block in float. The SIMD path is picked at import from what the
- * CPU reports (AVX-512 needs F, BW, VL, VNNI and VBMI: Ice Lake, Zen 4 and later),
+ * CPU reports (AVX-512 needs F, BW, VL, VNNI, VBMI and GFNI: Ice Lake, Zen 4 and later),
  * so the module is built without -march flags and runs anywhere; the scalar
  * path is portable C and the reference the others are tested against.
  *
@@ -141,8 +141,8 @@ static void row_dot_scalar(int type, const uint8_t *w, int64_t b0, int64_t nb,
 }
 
 #if HAVE_X86_SIMD
-/* ---- AVX-512 VNNI + VBMI: one group of 4 blocks per 512-bit register ---- */
-#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,fma")))
+/* ---- AVX-512 VNNI + VBMI + GFNI: one group of 4 blocks per 512-bit register ---- */
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")))
 
 /* Byte-permute indices that unpack a group of 4 weight blocks, read as 64-byte
  * windows, into the activation layout: (lo, hi) = values 0..15 / 16..31 of
@@ -202,7 +202,7 @@ unpack_group_512(int type, const uint8_t *wg, __m512i *lo, __m512i *hi, __m512 *
         const __m512i m4 = _mm512_set1_epi8(15);
         __m512i q = _mm512_permutex2var_epi8(a, loadu_512(perm_q4_qs), loadu_512(wg + 8));
         *lo = _mm512_and_si512(q, m4);
-        *hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+        *hi = _mm512_gf2p8affine_epi64_epi8(q, _mm512_set1_epi64(0x1020408000000000LL), 0);  /* bytes >> 4 */
         d = _mm512_permutexvar_epi8(loadu_512(perm_q4_d), a);
     } else {
         __m512i b = loadu_512(wg + 64);
@@ -589,7 +589,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
         best_path = PATH_AVX2;
     if (best_path == PATH_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-        __builtin_cpu_supports("avx512vbmi"))
+        __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("gfni"))
         best_path = PATH_AVX512VNNI;
 #endif
     build_permutes();

@@ -22,7 +22,7 @@
 #include <stdint.h>
 #include <time.h>
 
-#define PURE_SPIN_NS 50000
+#define PURE_SPIN_NS 2000
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>

@@ -116,11 +116,12 @@ class Engine:
 
     def _buffers_on(self, backend: str, device: torch.device | None) -> dict[str, Any]:
         """The buffers a backend holds. A device (`device`: where its tensors live)
-        gets its own copy of its weights, and its KV caches are allocated there and
-        replace the host's in the model, which never reads them."""
+        gets its own copy of its weights and its KV caches are allocated there; they
+        replace the host's in the model (whose graph builder reads only their shapes),
+        so no host copy is kept alive for a device."""
         memo: dict[int, Any] = {}
         out = {}
-        caches = self.model.cache.buffers
+        caches, weights = self.model.cache.buffers, self.model.weights.buffers
         for name, b in self._buffer_backend.items():
             if b != backend:
                 continue
@@ -129,8 +130,9 @@ class Engine:
                 out[name] = buf
             elif name in caches:
                 out[name] = caches[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
-            else:   # clone() also gives the emulated device memory of its own
-                out[name] = copy_buffer(buf, lambda t: t.to(device, copy=True), memo)
+            else:   # a copy even on the CPU: the emulated device has memory of its own
+                out[name] = weights[name] = copy_buffer(buf, lambda t: t.to(device, copy=True),
+                                                        memo)
         return out
 
     def _make_device(self, name: str):

@@ -161,7 +161,7 @@ class _Builder:
         """x [T, K] @ W^T -> [T, N]; workers split it by rows of W."""
         w = self.weight(wname)
         n, k = w.shape[-2], w.shape[-1]
-        return self.op("MUL_MAT", _tensor_label(wname), _mul_mat, x, layer=layer, buffer=wname,
+        return self.op("MUL_MAT", _tensor_label(wname), mul_mat, x, layer=layer, buffer=wname,
                        n_bytes=w.n_bytes, flops=2 * self.n_tokens * n * k, parallel=_mul_mat_parallel)
 
     def rms_norm(self, wname: str, x: Node, layer: int, name: str, cols: slice = slice(None)) -> Node:
@@ -234,10 +234,6 @@ class _Builder:
             return dst
         node.fn, node.parallel = fn, tasks_for
         return node
-
-
-def _mul_mat(w, x: torch.Tensor) -> torch.Tensor:
-    return mul_mat(w, x)
 
 
 def _mul_mat_parallel(w, x: torch.Tensor, n_tasks: int):

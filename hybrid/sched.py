@@ -3,14 +3,14 @@
 This is ggml's `ggml_backend_sched` in small. `split_graph` holds the split rule,
 as ggml's numbered passes, each a small function over one assignment list
 parallel to `graph.nodes` (`None`: not yet assigned) that records why each node
-landed where it did (its cause, shown by `hyprof model info`):
+landed where it did (its cause, for `describe` and `hyprof model info`):
 
   1. `1.inp`: graph inputs are set on the host, so they live on the CPU.
      `1.buf`: an op that reads a buffer (a weight or a KV cache) runs on the
      backend holding that buffer, so weights never move.
   2. Weightless ops follow their neighbours along the graph, devices first:
      `2.dev_down` / `2.dev_up` spread device placements down and then up the
-     node list (through no CPU node), then `2.rest_down` / `2.rest_up` spread
+     node list, stopping at CPU nodes, then `2.rest_down` / `2.rest_up` spread
      whatever is left. Devices first keeps the glue ops (norms, adds, routing)
      on the accelerator and the CPU splits as short as their weights allow.
   3. `3.src`: a node still unassigned (a graph without any buffer) takes its
@@ -32,7 +32,7 @@ Every step goes to the recorder on the main lane; ops go to the lane that ran th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 from hybrid.graph import Graph, Node
 from profiler.recorder import Recorder
@@ -253,11 +253,8 @@ def map_values(fn: Callable[[Any], Any], value: Any) -> Any:
 
 
 def describe(plan: SplitPlan) -> list[dict]:
-    """The plan as plain rows, one per split (for `hyprof model info` and tests)."""
+    """The plan as plain rows, one per split: what it runs and what it copies in."""
     return [{"split": i, "backend": s.backend, "n_nodes": len(s.nodes),
              "nodes": [n.name for n in s.nodes], "inputs": [n.name for n in s.inputs]}
             for i, s in enumerate(plan.splits)]
 
-
-__all__: Sequence[str] = ("CPU", "Split", "SplitPlan", "split_graph", "Scheduler", "nbytes",
-                          "map_values", "describe")

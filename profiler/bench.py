@@ -209,6 +209,8 @@ def run_bench(make_engine: MakeEngine, model_path: str, configs: Sequence[Engine
     results: list[BenchResult] = []
     n_graphs = len(configs) * sum(_graphs_per_warmup(t) + reps * _graphs_per_run(t)
                                   for t in tests)
+    # Measured before any engine exists: its workers would share the memory bus.
+    peak = peak_bw(configs[0].threads) if peak_bw and timings is not None else {}
     with contextlib.ExitStack() as stack:
         advance = stack.enter_context(progress_bar(n_graphs, "run", progress, "graphs"))
         writer: TimingsWriter | None = None
@@ -224,7 +226,7 @@ def run_bench(make_engine: MakeEngine, model_path: str, configs: Sequence[Engine
                     writer = stack.enter_context(TimingsWriter(timings, timings_header(
                         model=header.get("model", {}),
                         config=header.get("config", config.as_dict()), machine=machine,
-                        peak_bw=peak_bw(config.threads) if peak_bw else {},
+                        peak_bw=peak,
                         placement=header.get("placement", {}),
                         sweep=[c.as_dict() for c in configs]), force=force))
                 for test in tests:

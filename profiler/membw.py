@@ -110,12 +110,13 @@ def _cache_key(threads: int) -> str:
     return f"{machine['cpu']}|{machine['cores']} cores|{threads} threads"
 
 
-def cached_stream(threads: int, *, array_bytes: int = DEFAULT_ARRAY_BYTES,
+def cached_stream(threads: int, *, array_bytes: int | None = None,
                   runs: int = DEFAULT_RUNS, refresh: bool = False,
                   progress: bool = True) -> tuple[StreamResult, bool]:
     """The STREAM result for this machine and thread count, measured once and kept in
     the cache (keyed by CPU model, cores and threads). Returns it and whether it came
-    from the cache."""
+    from the cache. `array_bytes`: each array's size, DEFAULT_ARRAY_BYTES if None."""
+    array_bytes = array_bytes or DEFAULT_ARRAY_BYTES
     path = cache_dir() / CACHE_FILE
     key = _cache_key(threads)
     try:

@@ -20,6 +20,18 @@ EVENT_FIELDS = {
     "sync": (),
 }
 EVENT_TYPES = tuple(EVENT_FIELDS)
+# Fields some writers add and readers know, beyond the ones above (optional: v1 readers skip
+# unknown fields, so adding them needed no new schema). The numbers are read; the names only
+# echo what the source printed, for people and traces.
+OPTIONAL_FIELDS = {
+    "test": ("config",      # index of the test's flag combination in the header's `sweep`
+             "tps",         # t/s as the source engine reported it (llama-bench's mean) ...
+             "tps_std"),    # ... and its spread, beside the t/s hyprof measures
+    "graph": ("role",       # why an untimed graph ran: "warmup", "depth" (imported logs)
+              "incomplete"),  # true: the log ended inside this graph
+    "phase": ("label",),    # the source's own name for the phase (e.g. `sched_alloc_graph`)
+    "op": ("node",),        # the node name the source printed, when `name` is the weight's
+}
 
 # Host phases that count as graph build in the attribution.
 GRAPH_BUILD_PHASES = ("graph_build", "set_inputs")

@@ -30,8 +30,11 @@ def write(tmp_path, lines, name="t.jsonl", end=b"\n"):
 def decoded(t):
     """Events and tests with symbol ids replaced by their strings (ids depend on the reading order)."""
     def rows(table):
-        return [tuple(t.sym(int(v)) if f in STRING_FIELDS else int(v) for f, v in zip(table.dtype.names, row))
-                for row in table]
+        def value(f, v):
+            if f in STRING_FIELDS:
+                return t.sym(int(v))
+            return int(v) if table.dtype[f].kind == "i" else repr(float(v))    # repr: NaN equals NaN
+        return [tuple(value(f, v) for f, v in zip(table.dtype.names, row)) for row in table]
     return rows(t.events), rows(t.tests), t.skipped_types, t.skipped_fields
 
 
@@ -64,7 +67,7 @@ def test_unknown_types_and_fields_are_skipped_and_counted(tmp_path):
     assert len(t.events) == 2
     assert t.skipped_types == {"power": 2}
     assert t.skipped_fields == {"color": 2, "extra": 1}
-    assert any("power (2)" in w for w in t.warnings) and any("color (2)" in w for w in t.warnings)
+    assert t.warnings == ()                 # allowed by the contract: counted, and noted once by the report
 
 
 def test_truncated_last_line_is_ignored_with_a_warning(tmp_path):
@@ -159,12 +162,15 @@ def event_objects(draw):
     type_ = draw(st.sampled_from(["op", "copy", "graph", "test", "split", "sync", "wakeup", "phase", "gpu_power"]))
     ev = {"type": type_, "ts": draw(st.integers(0, 10**15)), "dur": draw(st.integers(0, 10**9))}
     for f in draw(st.lists(st.sampled_from(["graph", "split", "layer", "bytes", "flops", "n_tokens", "n_past",
-                                            "n_nodes", "rep", "depth", "n_gen"]), max_size=5)):
+                                            "n_nodes", "rep", "depth", "n_gen", "config"]), max_size=5)):
         ev[f] = draw(ints)
     for f in draw(st.lists(st.sampled_from(["tid", "backend", "op", "name", "src", "dst", "kind"]), max_size=4)):
         ev[f] = draw(texts)
     if draw(st.booleans()):
-        ev[draw(st.sampled_from(["zz", "tps", "a_long_field_name", "test"]))] = draw(unknown_values)
+        ev[draw(st.sampled_from(["tps", "tps_std"]))] = draw(st.one_of(
+            ints, st.floats(allow_nan=False, allow_infinity=False)))
+    if draw(st.booleans()):     # unknown fields, and known ones that are not read (node, role)
+        ev[draw(st.sampled_from(["zz", "a_long_field_name", "test", "node", "role"]))] = draw(unknown_values)
     return ev
 
 

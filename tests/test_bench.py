@@ -284,3 +284,19 @@ def test_sigint_on_the_real_engine_keeps_a_valid_file(tmp_path, tiny_gguf):
     summary = check_timings_file(out, partial_tail=True, require_types=("graph", "op"))
     assert summary.counts["graph"] > 0
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_cli_measures_peak_bandwidth_once_and_caches_it(tmp_path, model, fake_hybrid_engine,
+                                                        monkeypatch, capsys):
+    from profiler import membw
+
+    monkeypatch.setenv("HYPROF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(membw, "DEFAULT_ARRAY_BYTES", 4 << 20)
+    for out in (tmp_path / "a.jsonl", tmp_path / "b.jsonl"):
+        assert main(["run", "-m", model, "-p", "0", "-n", "1", "-r", "1", "-t", "1",
+                     "-o", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    a, b = (check_timings_file(tmp_path / f"{x}.jsonl").header["peak_bw"]["CPU"]
+            for x in "ab")
+    assert a == b and a["GBps"] > 0 and "1 threads" in a["method"]
+    assert (tmp_path / "cache" / membw.CACHE_FILE).exists()

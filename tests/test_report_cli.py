@@ -89,3 +89,43 @@ def test_warnings_go_to_stderr_with_json(tmp_path, capsys):
     captured = capsys.readouterr()
     assert json.loads(captured.out)["warnings"] == [f"{path}:3: truncated last line ignored"]
     assert "truncated last line ignored" in captured.err
+
+
+def test_imported_log_shows_llama_bench_tps_and_model_and_per_decode_breakdown(tmp_path, capsys):
+    log = "tests/data/ik_cuda_pp.log"      # its llama-bench row: pp4, 2962.96 ± 0.00 t/s
+    assert main(["report", log, "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert captured.err == ""                                   # no warning about the importer's own fields
+    assert report["model"] == "deepseek2 16B Q4_0" and report["skipped"] == {"event_types": {}, "fields": {}}
+    (test,) = report["tests"]
+    assert (test["reported_tps"], test["reported_tps_std"]) == (2962.96, 0.0)
+    assert test["tps"] > 0 and test["bandwidth"]["cpu_expert_GBps"] is None      # the log has no bytes
+    md = tmp_path / "ik.md"
+    assert main(["report", log, "--graphs", "--md", str(md)]) == 0
+    out = capsys.readouterr().out
+    assert "t/s (reported by llama-bench: 2,962.96 ± 0.00) — 4 tokens" in out and "deepseek2 16B Q4_0" in out
+    assert "graphs (ms)" in out and "(reported by llama-bench: 2,962.96" in md.read_text()
+    assert "CPU experts:" not in out                            # no bytes, no bandwidth line
+
+
+def test_unknown_fields_are_noted_once_not_warned(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in [HEADER, *[{**e, "color": "red"} for e in EVENTS]]))
+    assert main(["report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("color (6)") == 1 and "warning" not in out.lower()
+    assert main(["report", str(path), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and json.loads(captured.out)["skipped"]["fields"] == {"color": 6}
+
+
+def test_sweep_combinations_are_separate_tests(tmp_path, capsys):
+    header = {**HEADER, "sweep": [{"threads": 1, "n_gpu_layers": 99}, {"threads": 2, "n_gpu_layers": 99}]}
+    second = [{**e, "ts": e["ts"] + 5000, **({"graph": e["graph"] + 2} if "graph" in e else {})} for e in EVENTS]
+    events = [{**EVENTS[0], "config": 0}, *EVENTS[1:], {**second[0], "config": 1}, *second[1:]]
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in [header, *events]))
+    assert main(["report", str(path), "--json"]) == 0
+    names = [t["name"] for t in json.loads(capsys.readouterr().out)["tests"]]
+    assert names == ["tg2 [t=1]", "tg2 [t=2]"]

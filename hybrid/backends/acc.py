@@ -70,8 +70,8 @@ class AccBackend:
 
     def synchronize(self) -> None:
         if self._last is not None:
-            fence, self._last = self._last, None
-            fence.wait()
+            self._last.wait()       # if Ctrl-C interrupts it, a later call waits again
+            self._last = None
         if self._error is not None:
             error, self._error = self._error, None
             raise error

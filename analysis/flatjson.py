@@ -51,6 +51,8 @@ class FlatColumns:
     ints: dict          # field -> (values int64 per line, 0 where absent; keyed bool per line)
     strs: dict          # field -> id per line into FlatReader.strings, -1 where absent
     floats: dict        # field -> (values float64 per line, NaN where absent; keyed bool per line)
+    int_table: tuple    # the ints as two [field, line] arrays (values, keyed): ints holds their rows
+    str_table: np.ndarray   # the strs as one [field, line] array: strs holds its rows
     other_keys: tuple   # (line of each other key, name id, names: list of bytes)
 
 
@@ -151,18 +153,16 @@ class FlatReader:
         if ids is None:
             return None
         rows, fields = key_line[v_str][wanted], string_field[wanted]
-        strs = {}
-        for f, name in enumerate(self.str_fields, start=n_int):
-            col = np.full(n_lines, -1, dtype=np.int64)
-            mine = fields == f
-            col[rows[mine]] = ids[mine]
-            strs[name] = col
+        table = np.full((n_str, n_lines), -1, dtype=np.int64)
+        table.ravel()[(fields - n_int) * n_lines + rows] = ids
+        strs = dict(zip(self.str_fields, table))
 
         other = field < 0
         names: dict[bytes, int] = {}
         other_ids = np.array([names.setdefault(a[s:e].tobytes(), len(names))
                               for s, e in zip((ko[other] + 1).tolist(), kc[other].tolist())], dtype=np.int64)
-        return FlatColumns(ints, strs, floats, (key_line[other], other_ids, list(names)))
+        return FlatColumns(ints, strs, floats, int_table=(values, keyed), str_table=table,
+                           other_keys=(key_line[other], other_ids, list(names)))
 
     def _floats(self, a, scalar_field, line, start, length, n_lines) -> dict | None:
         """The float fields, one value at a time (they are rare); None if one is not a JSON number."""

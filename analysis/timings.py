@@ -37,6 +37,7 @@ that is not contract v1 is a `UserError` naming the file and line.
 from __future__ import annotations
 
 import importlib.util
+import mmap
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ STR_FIELDS = ("type",) + tuple(sorted(STRING_FIELDS))
 INT_FIELDS = tuple(f for f in dict.fromkeys(COMMON_FIELDS + sum(EVENT_FIELDS.values(), ()) + ("config",))
                    if f not in STR_FIELDS and f not in UNREAD_FIELDS)
 READ_FIELDS = INT_FIELDS + STR_FIELDS + FLOAT_FIELDS
+_INT_FILL = np.array([0 if f in ZERO_WHEN_ABSENT else -1 for f in INT_FIELDS])
 # ALLOWED[type code, i]: may an event of that type carry field READ_FIELDS[i]?
 ALLOWED = np.array([[f in TYPE_FIELDS[t] or f == "type" for f in READ_FIELDS] for t in EVENT_TYPES])
 
@@ -165,7 +167,13 @@ def load_timings(path: str | os.PathLike, progress: Callable[[int], None] | None
         if ik_log is not None and ik_log.looks_like_ik_log(source):
             return load_lines(ik_log.convert(source), source)
         raise UserError(f"{source}: not a hyprof timings file (line 1 is not a JSON object)")
-    return _load(_file_blocks(source, progress), source, capacity=os.path.getsize(source) // 64)
+    size = os.path.getsize(source)
+    cores = _cores()
+    if size >= PARALLEL_MIN_BYTES and cores > 1:
+        timings = _load_parallel(source, progress, min(cores, MAX_PROCESSES))
+        if timings is not None:
+            return timings
+    return _load(_file_blocks(source, progress), source, capacity=size // 64)
 
 
 def load_lines(lines: Iterable[bytes | str], source: str) -> Timings:
@@ -184,12 +192,16 @@ def _ik_log_importer():
 # A block is (bytes of whole lines each ending in b"\n", False) or, last, (the final line, True).
 # The final line is kept apart: it alone may be cut short by a crash.
 
-def _file_blocks(path: str, progress: Callable[[int], None] | None) -> Iterator[tuple[bytes, bool]]:
+def _file_blocks(path: str, progress: Callable[[int], None] | None, start: int = 0,
+                 end: int | None = None) -> Iterator[tuple[bytes, bool]]:
+    """Blocks of the bytes [start, end) of the file (to its end by default); progress(bytes read)."""
     with open(path, "rb") as f:
-        rest = b""
-        while block := f.read(BLOCK_BYTES):
+        f.seek(start)
+        rest, left = b"", end - start if end is not None else -1
+        while left and (block := f.read(BLOCK_BYTES if left < 0 else min(BLOCK_BYTES, left))):
+            left -= len(block) if left > 0 else 0
             if progress is not None:
-                progress(f.tell())
+                progress(f.tell() - start)
             data = rest + block
             cut = data.rfind(b"\n") + 1
             if cut:
@@ -244,12 +256,15 @@ class _Rows:
     pages never written are never backed by memory.
     """
 
-    def __init__(self, capacity: int):
-        self.data = {f: np.empty(max(capacity, 1024), EVENT_DTYPE[f]) for f in EVENT_DTYPE.names}
+    def __init__(self, capacity: int, data: dict | None = None):
+        self.data = data or _shared_rows(max(capacity, 1024))
+        self.fixed = data is not None     # given arrays (shared with a parent process): never replaced
         self.n = 0
 
     def take(self, n: int) -> dict:
         if self.n + n > len(self.data["ts"]):
+            if self.fixed:
+                raise RuntimeError("more events than a shared table's room for them")
             size = max(2 * len(self.data["ts"]), self.n + n)
             for f, col in self.data.items():
                 self.data[f] = np.empty(size, col.dtype)
@@ -274,7 +289,13 @@ class _Accumulator:
 
 def _load(blocks: Iterator[tuple[bytes, bool]], source: str, capacity: int = 1 << 16) -> Timings:
     acc = _Accumulator(source, _Rows(capacity))
-    header, line_no = None, 1
+    header, _ = _read(blocks, acc, None, 1)
+    return _finish(acc, header)
+
+
+def _read(blocks: Iterator[tuple[bytes, bool]], acc: _Accumulator, header: dict | None, line_no: int):
+    """Add the events of the blocks to `acc`, reading the header first unless given: (header, next line)."""
+    source = acc.source
     for data, final in blocks:
         while header is None and data:
             cut = data.find(b"\n") + 1 if not final else len(data)
@@ -292,6 +313,11 @@ def _load(blocks: Iterator[tuple[bytes, bool]], source: str, capacity: int = 1 <
             if objs:
                 _add_objects(objs, numbers, acc)
         line_no += n_lines
+    return header, line_no
+
+
+def _finish(acc: _Accumulator, header: dict | None) -> Timings:
+    source = acc.source
     if header is None:
         raise UserError(f"{source}: empty file, not a hyprof timings file")
     columns = {f: col[:acc.events.n] for f, col in acc.events.data.items()}
@@ -456,16 +482,23 @@ def _add_flat(flat: FlatColumns, acc: _Accumulator) -> bool:
     unknown = np.flatnonzero(codes == -1)
     for i, n in zip(*np.unique(type_id[unknown], return_counts=True)):
         acc.skipped_types[acc.symbols.names[acc.reader_symbols[i]]] += int(n)
-    allowed = ALLOWED[np.maximum(codes, 0)] & kept[:, None]
-    columns = {}
-    for i, f in enumerate(READ_FIELDS):
-        value, keyed = flat.ints.get(f) or flat.floats.get(f) or (flat.strs[f], flat.strs[f] >= 0)
-        stray = int((keyed & kept & ~allowed[:, i]).sum())
-        if stray:
-            acc.skipped_fields[f] += stray
-        use = keyed & allowed[:, i]
-        fill = 0 if f in ZERO_WHEN_ABSENT else np.nan if f in FLOAT_FIELDS else -1
-        columns[f] = np.where(use, symbol_of[value] if f in flat.strs else value, fill)
+    # all the fields of a kind at once, as [field, line] tables
+    allowed = ALLOWED.T[:, np.maximum(codes, 0)] & kept
+    values, keyed = flat.int_table
+    strs = flat.str_table
+    fields = (INT_FIELDS, values, keyed, _INT_FILL), (STR_FIELDS, symbol_of[strs], strs >= 0, -1)
+    for i, f in enumerate(FLOAT_FIELDS):
+        value, has = flat.floats[f]
+        fields += ((f,), value[None], has[None], np.nan),
+    columns, first = {}, 0
+    for names, value, has, fill in fields:
+        rows = slice(first, first + len(names))
+        first += len(names)
+        stray = (has & kept & ~allowed[rows]).sum(axis=1)
+        for f in np.flatnonzero(stray):
+            acc.skipped_fields[names[f]] += int(stray[f])
+        table = np.where(has & allowed[rows], value, fill if np.ndim(fill) == 0 else fill[:, None])
+        columns.update(zip(names, table))
     line, name_id, names = flat.other_keys
     for j in np.unique(name_id):
         rows = line[name_id == j]
@@ -486,3 +519,121 @@ def _add_flat(flat: FlatColumns, acc: _Accumulator) -> bool:
             tests[name] = columns[name][is_test]
         acc.tests.append(tests)
     return True
+
+
+# ---------------------------------------------------------------- several cores
+# A large file is cut at line breaks into ranges read at once: one by this process, the others
+# by forked children that write their columns into shared memory. Strings are numbered per
+# process and renumbered when the ranges are joined. Anything unusual (no header on line 1, an
+# error, which must name its line) falls back to the one-pass reader.
+
+PARALLEL_MIN_BYTES = 64 << 20   # below this, starting a process costs more than it saves
+MAX_PROCESSES = 4
+MIN_EVENT_BYTES = 24            # no event line is shorter: {"type":"op","ts":0,"dur":0} and its newline
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:      # not Linux
+        return os.cpu_count() or 1
+
+
+def _shared_rows(n_rows: int) -> dict:
+    """Empty event columns in memory that forked children share (pages are backed when written)."""
+    n_rows = max(n_rows, 1)
+    buf = mmap.mmap(-1, sum(EVENT_DTYPE[f].itemsize for f in EVENT_DTYPE.names) * n_rows)
+    columns, offset = {}, 0
+    for f in EVENT_DTYPE.names:
+        columns[f] = np.frombuffer(buf, EVENT_DTYPE[f], n_rows, offset)
+        offset += EVENT_DTYPE[f].itemsize * n_rows
+    return columns
+
+
+def _line_cuts(source: str, n: int) -> tuple[bytes, list[int], int] | None:
+    """(the header line, the range bounds, where the last line without a newline starts), or None."""
+    size = os.path.getsize(source)
+    with open(source, "rb") as f:
+        first = f.readline()
+        if not first.endswith(b"\n") or not first.strip():
+            return None
+        f.seek(max(size - BLOCK_BYTES, len(first)))
+        tail = f.read()
+        body_end = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else len(first)
+        cuts = [len(first)]
+        for k in range(1, n):
+            f.seek(max(cuts[-1], len(first) + (body_end - len(first)) * k // n))
+            f.readline()
+            cuts.append(min(f.tell(), body_end))
+    return first, cuts + [body_end], size
+
+
+def _read_range(acc: _Accumulator, header: dict, start: int, end: int, line_no: int, progress) -> int:
+    _, next_line = _read(_file_blocks(acc.source, progress, start, end), acc, header, line_no)
+    return next_line - line_no
+
+
+def _load_parallel(source: str, progress: Callable[[int], None] | None, n: int) -> Timings | None:
+    import multiprocessing
+
+    cut = _line_cuts(source, n)
+    if cut is None:
+        return None
+    first, bounds, size = cut
+    header = _check_header(_header_object(first, 1, source), 1, source)
+    ranges = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    done = np.frombuffer(mmap.mmap(-1, 8 * len(ranges)), np.int64)   # bytes read per range
+    own = _Accumulator(source, _Rows(0, _shared_rows((size - bounds[0]) // MIN_EVENT_BYTES + 2)))
+    children = []
+    context = multiprocessing.get_context("fork")
+    for k, (start, end) in enumerate(ranges[1:], start=1):
+        receive, send = context.Pipe(duplex=False)
+        rows = _shared_rows((end - start) // MIN_EVENT_BYTES + 1)
+
+        def child(k=k, start=start, end=end, rows=rows, send=send):
+            acc = _Accumulator(source, _Rows(0, rows))
+            try:
+                lines = _read_range(acc, header, start, end, 1, lambda b: done.__setitem__(k, b))
+                tests = np.concatenate(acc.tests) if acc.tests else np.empty(0, TEST_DTYPE)
+                send.send((acc.events.n, lines, acc.symbols.names, tests, acc.skipped_types, acc.skipped_fields))
+            except BaseException:       # the one-pass reader will say what and where
+                send.send(None)
+
+        process = context.Process(target=child, daemon=True)
+        process.start()
+        children.append((process, receive, rows))
+    try:
+        def advance(b):
+            done[0] = b
+            if progress is not None:
+                progress(int(done.sum()))
+        lines = _read_range(own, header, *ranges[0], 2, advance)
+        results = []
+        for process, receive, rows in children:
+            while not receive.poll(0.2):
+                advance(int(done[0]))
+                if not process.is_alive() and not receive.poll(0):
+                    return None
+            results.append((receive.recv(), rows))
+            process.join()
+    finally:
+        for process, _, _ in children:
+            if process.is_alive():
+                process.kill()
+    if any(r is None for r, _ in results):
+        return None
+    line_no = 2 + lines
+    for (n_rows, n_lines, names, tests, skipped_types, skipped_fields), rows in results:
+        renumber = np.append(own.symbols.intern(names, "", str), -1)     # index -1: absent stays -1
+        out = own.events.take(n_rows)
+        for f, column in out.items():
+            column[:] = renumber[rows[f][:n_rows]] if f in STRING_FIELDS else rows[f][:n_rows]
+        for f in ("name", "kind"):
+            tests[f] = renumber[tests[f]]
+        own.tests.append(tests)
+        own.skipped_types.update(skipped_types)
+        own.skipped_fields.update(skipped_fields)
+        line_no += n_lines
+    if bounds[-1] < size:       # the last line has no newline: perhaps cut short by a crash
+        _read(_file_blocks(source, None, bounds[-1]), own, header, line_no)
+    return _finish(own, header)

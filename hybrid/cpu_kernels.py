@@ -14,6 +14,9 @@ Calling pattern for one matmul y = x @ W.T on n workers:
     worker i: mul_mat(W, ggml_type, xq, out, r0_i, r1_i)   # disjoint row ranges
 Arrays are NumPy (a CPU torch tensor is viewed with `.numpy()`, no copy);
 weights are the uint8 arrays `gguf.GGUFReader` gives for quantised tensors.
+The engine's two entry points, at the end of this module: `matmul` (a whole
+matmul, torch in and out) and `mul_mat_id_tasks` (MUL_MAT_ID cut into worker
+tasks, the graph node's `parallel` form).
 Precision: the activation is rounded to 8 bits per 32-value block (scale
 amax/127), so results differ from a float matmul by at most
 sum_i |W_ji| * d_block(i) / 2; the weights themselves are used exactly.

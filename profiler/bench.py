@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 from profiler.errors import UserError
-from profiler.files import check_output_path
 from profiler.machine import host_machine
 from profiler.progress import progress_bar
 from profiler.recorder import Recorder
 from profiler.schema import MAIN_LANE
-from profiler.sinks import TimingsWriter, timings_header
+from profiler.sinks import TimingsWriter, check_timings_path, timings_header
 
 
 class BenchEngine(Protocol):
@@ -203,7 +202,7 @@ def run_bench(make_engine: MakeEngine, model_path: str, configs: Sequence[Engine
     if reps < 1:
         raise UserError(f"-r {reps}: need at least one repetition")
     if timings is not None:
-        check_output_path(timings, force)
+        check_timings_path(timings, force)
     recorder = Recorder(enabled=timings is not None)
     rng = random.Random(seed)
     results: list[BenchResult] = []
@@ -212,7 +211,10 @@ def run_bench(make_engine: MakeEngine, model_path: str, configs: Sequence[Engine
     # Measured before any engine exists: its workers would share the memory bus.
     peak = peak_bw(configs[0].threads) if peak_bw and timings is not None else {}
     with contextlib.ExitStack() as stack:
-        advance = stack.enter_context(progress_bar(n_graphs, "run", progress, "graphs"))
+        # HYPROF_PRINT_TIMING's lines would scroll the bar away: one or the other.
+        advance = stack.enter_context(progress_bar(n_graphs, "run",
+                                                   progress and not recorder.print_timing,
+                                                   "graphs"))
         writer: TimingsWriter | None = None
         for i_config, config in enumerate(configs):
             engine = make_engine(model_path, threads=config.threads,

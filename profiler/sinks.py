@@ -42,6 +42,13 @@ def timings_header(*, model: dict, config: dict, machine: dict, peak_bw: dict,
             "peak_bw": peak_bw, "placement": placement, **extra}
 
 
+def check_timings_path(path: str | os.PathLike, force: bool, flag: str = "-o") -> Path:
+    """Refuse a timings path that cannot be written, before any work is done."""
+    if Path(path).is_dir():
+        raise UserError(f"{flag} {path}: is a directory, not a file")
+    return check_output_path(path, force, flag)
+
+
 class TimingsWriter:
     """A timings.jsonl file being written: after each graph `write_tables(rec.drain_tables())`
     (or `write(rec.drain())`, the same lines made through dicts), then `commit()`.
@@ -53,7 +60,7 @@ class TimingsWriter:
 
     def __init__(self, path: str | os.PathLike, header: dict, force: bool = False,
                  flag: str = "-o"):
-        self.path = check_output_path(path, force, flag)
+        self.path = check_timings_path(path, force, flag)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",

@@ -212,3 +212,41 @@ def test_vectorised_reader_reads_spaced_json_and_negative_numbers():
     assert list(flat.ints["ts"][0]) == [12345678901, 7] and list(flat.ints["layer"][0]) == [-1, 0]
     assert list(flat.ints["layer"][1]) == [True, False]
     assert [reader.strings[i] if i >= 0 else None for i in flat.strs["name"]] == [b"blk 3, x", None]
+
+
+@pytest.fixture
+def parallel(monkeypatch):
+    """Every file read on three processes, in blocks of about three lines."""
+    monkeypatch.setattr(timings_module, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(timings_module, "BLOCK_BYTES", 400)
+    monkeypatch.setattr(timings_module, "_cores", lambda: 3)
+
+
+def parallel_and_serial(path, monkeypatch):
+    fast = load_timings(path)
+    monkeypatch.setattr(timings_module, "PARALLEL_MIN_BYTES", 1 << 60)
+    return fast, load_timings(path)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(event_objects(), min_size=1, max_size=40), st.booleans())
+def test_parallel_reading_gives_the_same_columns(tmp_path_factory, events, truncated):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(timings_module, "PARALLEL_MIN_BYTES", 0)
+        monkeypatch.setattr(timings_module, "BLOCK_BYTES", 256)
+        monkeypatch.setattr(timings_module, "_cores", lambda: 3)
+        lines = [HEADER] + [orjson.dumps(e) for e in events]
+        path = write(tmp_path_factory.mktemp("p"), lines + ([b'{"type": "op", "ts'] if truncated else []),
+                     end=b"" if truncated else b"\n")
+        fast, slow = parallel_and_serial(path, monkeypatch)
+    assert decoded(fast) == decoded(slow) and fast.warnings == slow.warnings
+    assert [fast.sym(int(i)) for i in fast.tests["name"]] == [slow.sym(int(i)) for i in slow.tests["name"]]
+
+
+def test_parallel_reading_errors_name_the_right_line(tmp_path, parallel):
+    path = write(tmp_path, [HEADER] + [OP] * 30 + [{**OP, "ts": "soon"}] + [OP] * 5)
+    with pytest.raises(UserError, match=r"t.jsonl:32: field 'ts' must be an integer, got 'soon'"):
+        load_timings(path)
+    path = write(tmp_path, [HEADER] + [OP] * 30 + [b'{"type": "op", "ts": 9, "du'], name="cut.jsonl", end=b"")
+    t = load_timings(path)
+    assert len(t.events) == 30 and t.warnings == (f"{path}:32: truncated last line ignored",)

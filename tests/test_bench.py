@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sys
 import types
 
@@ -211,6 +212,7 @@ def test_cli_sweeps_override_sets_as_llama_bench(tmp_path, model, fake_hybrid_en
     (["-p", "0", "-n", "0"], "nothing to run"),
     (["-o", "{existing}"], "exists"),
     (["-o", "{file}/t.jsonl"], "not a directory"),
+    (["-o", "{dir}", "--force"], "is a directory"),
     (["-m", "/no/such.gguf"], "no such file"),
     (["-ot", "exps"], "REGEX=BACKEND"),
     (["-r", "0"], "-r 0"),
@@ -220,7 +222,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, model, fake_hybrid_engin
                                               argv, message):
     existing = tmp_path / "existing.jsonl"
     existing.write_text("x")
-    argv = [a.format(existing=existing, file=existing) for a in argv]
+    argv = [a.format(existing=existing, file=existing, dir=tmp_path) for a in argv]
     defaults = [] if "-p" in argv else ["-p", "1", "-n", "1"]
     defaults += [] if "-m" in argv else ["-m", model]
     assert cli(*defaults, *argv) == 2
@@ -272,17 +274,20 @@ def test_sigint_on_the_real_engine_keeps_a_valid_file(tmp_path, tiny_gguf):
         [sys.executable, "-m", "hyprof", "run", "-m", str(tiny_gguf), "-p", "0", "-n", "500",
          "-r", "3", "--accel", "emulated", "-ot", r"\.ffn_.*_exps\.=CPU", "-o", str(out),
          "--peak-bw", "30", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
+    def graphs_written() -> int:
+        return sum(p.read_bytes().count(b'"type":"graph"') for p in tmp_path.iterdir()
+                   if p.name.endswith(".tmp"))
+
+    deadline = time.monotonic() + 300
+    while graphs_written() < 3:                      # a few graphs into the first repetition
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
         time.sleep(0.1)
-    time.sleep(2)                                    # some graphs into the first repetition
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()
     assert "keeps every graph" in err.decode() and "Traceback" not in err.decode()
     summary = check_timings_file(out, partial_tail=True, require_types=("graph", "op"))
-    assert summary.counts["graph"] > 0
+    assert summary.counts["graph"] >= 3
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
@@ -300,3 +305,15 @@ def test_cli_measures_peak_bandwidth_once_and_caches_it(tmp_path, model, fake_hy
             for x in "ab")
     assert a == b and a["GBps"] > 0 and "1 threads" in a["method"]
     assert (tmp_path / "cache" / membw.CACHE_FILE).exists()
+
+
+def test_cli_print_timing_lines_come_from_the_environment(model, fake_hybrid_engine,
+                                                          monkeypatch, capsys):
+    monkeypatch.setenv("HYPROF_PRINT_TIMING", "1")
+    assert cli("-m", model, "-p", "0", "-n", "2", "-r", "1", "-t", "1") == 0
+    err = capsys.readouterr().err.splitlines()
+    # Measured repetition only (2 graphs), no warm-up, each event one line.
+    assert sum(line.startswith("graph(tg2 ") for line in err) == 2
+    assert any(re.fullmatch(r"MUL_MAT_ID\(blk\.0\.ffn_up_exps\) \[CPU/cpu1\]: \d+ us", line)
+               for line in err)
+    assert any(line.startswith("split(.1.) [CPU/main]: ") for line in err)

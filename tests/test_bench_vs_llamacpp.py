@@ -109,3 +109,14 @@ def test_compare_gives_one_row_per_engine_and_test(bench, tiny_gguf):
     table = bench.render(result)
     assert sum(line.startswith("| hyprof") for line in table.splitlines()) == 4
     assert "load average" in table
+
+
+@pytest.mark.oracle
+def test_without_the_engine_llama_cpp_runs_alone_and_says_why(bench, tiny_gguf, monkeypatch):
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setitem(sys.modules, "hybrid.engine", None)      # import fails
+    result = bench.compare(str(tiny_gguf), threads=1, n_prompt=[4], n_gen=[0], reps=1,
+                           progress=False)
+    assert [r["engine"] for r in result["rows"]] == ["llama.cpp"]
+    assert "hybrid.engine" in result["hyprof_unavailable"]
+    assert "hyprof engine not available: " in bench.render(result)

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import torch
 
+from hybrid.backends import keep_signals_off_this_thread
 from hybrid.sched import map_values
 from profiler.recorder import Recorder
 
@@ -41,7 +42,8 @@ class Fence:
         self._lock.release()
 
     def wait(self) -> None:
-        self._lock.acquire()
+        while not self._lock.acquire(timeout=0.05):   # wakes now and then for Ctrl-C
+            pass
 
 
 def _clone(value: Any) -> Any:
@@ -87,6 +89,7 @@ class AccBackend:
         self._thread.join(timeout=5.0)
 
     def _run(self) -> None:
+        keep_signals_off_this_thread()
         rec = self.recorder
         lane = rec.lane(self.name)
         name, buffers = self.name, self.buffers

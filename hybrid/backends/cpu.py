@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from hybrid._spin import wait_change
+from hybrid.backends import keep_signals_off_this_thread
 from hybrid.graph import Node
 from profiler.recorder import Recorder
 from profiler.schema import MAIN_LANE
@@ -158,6 +159,7 @@ class WorkerPool:
         """Look at the state after each move of `_seq`: record the wakeup of a new
         split, run an op's tasks, else wait: spinning natively inside a split or
         with `--poll 1`, blocked on the worker's lock between splits otherwise."""
+        keep_signals_off_this_thread()
         rec = self.recorder
         lane = rec.lane(f"cpu{i}")
         lock, counters = self._wake_locks[i], self._counters

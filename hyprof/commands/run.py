@@ -24,9 +24,9 @@ sweeps: -t, -p, -n, -d, -ngl, -mla, -fmoe, -rtr take comma lists (or repeat the
 flag); every combination of the engine flags is one table row per test.
 -ot follows llama-bench: `;` separates the rules of one set, `,` (or another
 -ot) starts another set to sweep:
-  -ot "\\.ffn_.*_exps\\.=CPU"                     one set, one rule
-  -ot "exps=CPU;blk\\.0\\.=CPU"                     one set, two rules
-  -ot "exps=CPU" -ot ""                           two sets: experts on CPU, none
+  -ot "\\.ffn_.*_exps\\.=CPU"         one set, one rule
+  -ot "exps=CPU;blk\\.0\\.=CPU"       one set, two rules
+  -ot "exps=CPU" -ot ""             two sets: experts on CPU, then none
 
 timings: -o FILE writes the header (model, config, machine, placement, the
 CPU's peak bandwidth from `hyprof membw`, cached) and every event of every
@@ -93,7 +93,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from profiler.bench import run_bench, sweep, plan_tests
     from profiler.bench_output import RENDERERS
-    from profiler.files import check_output_path
+    from profiler.sinks import check_timings_path
 
     tests = plan_tests(n_prompt=_flat(args.n_prompt, [512]), n_gen=_flat(args.n_gen, [128]),
                       pg=args.pg, depths=_flat(args.n_depth, [0]))
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if any(c.threads < 1 for c in configs):
         raise UserError("-t: thread counts must be >= 1")
     if args.timings is not None:
-        check_output_path(args.timings, args.force)
+        check_timings_path(args.timings, args.force)
     model = args.model or default_model(progress=not args.no_progress)
     if not os.path.isfile(model):
         raise UserError(f"-m {model}: no such file")

@@ -140,8 +140,9 @@ def main() -> None:
     for stage, wall, cpu in stages:
         print(f"  {stage:<30} {wall:7.2f} {n / wall / 1e6:7.2f}   {cpu:7.2f} {n / max(cpu, 1e-9) / 1e6:10.2f}")
     columns = timings.events.nbytes + attribution.event_category.nbytes
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"memory: columns {columns / 1e6:,.0f} MB, peak RSS {peak / 1e6:,.0f} MB")
+    peak, child = (resource.getrusage(who).ru_maxrss * 1024 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    print(f"memory: columns {columns / 1e6:,.0f} MB, peak RSS {peak / 1e6:,.0f} MB"
+          + (f" (a loader child: {child / 1e6:,.0f} MB, in part the same shared pages)" if child else ""))
 
 
 if __name__ == "__main__":

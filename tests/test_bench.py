@@ -271,7 +271,7 @@ def test_sigint_on_the_real_engine_keeps_a_valid_file(tmp_path, tiny_gguf):
 
     out = tmp_path / "t.jsonl"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hyprof", "run", "-m", str(tiny_gguf), "-p", "0", "-n", "500",
+        [sys.executable, "-X", "faulthandler", "-m", "hyprof", "run", "-m", str(tiny_gguf), "-p", "0", "-n", "500",
          "-r", "3", "--accel", "emulated", "-ot", r"\.ffn_.*_exps\.=CPU", "-o", str(out),
          "--peak-bw", "30", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     def graphs_written() -> int:
@@ -283,7 +283,11 @@ def test_sigint_on_the_real_engine_keeps_a_valid_file(tmp_path, tiny_gguf):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)             # faulthandler: every thread's stack
+        pytest.fail("no exit 120 s after SIGINT:\n" + proc.communicate()[1].decode()[-8000:])
     assert proc.returncode == 130, err.decode()
     assert "keeps every graph" in err.decode() and "Traceback" not in err.decode()
     summary = check_timings_file(out, partial_tail=True, require_types=("graph", "op"))

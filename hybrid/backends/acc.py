@@ -30,20 +30,24 @@ from profiler.recorder import Recorder
 
 class Fence:
     """The completion of one queued split, like a CUDA event: signalled once by the
-    device thread, waited for by the host blocking on a lock (Ctrl-C interrupts it)."""
+    device thread, waited for by the host blocking on a lock. The `done` flag makes
+    waiting again harmless (after Ctrl-C interrupted a wait, say), and the wait
+    wakes every 50 ms so that Ctrl-C is seen however the signal was delivered."""
 
-    __slots__ = ("_lock",)
+    __slots__ = ("_lock", "done")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
+        self.done = False
 
     def signal(self) -> None:
+        self.done = True
         self._lock.release()
 
     def wait(self) -> None:
-        while not self._lock.acquire(timeout=0.05):   # wakes now and then for Ctrl-C
-            pass
+        while not self.done:
+            self._lock.acquire(timeout=0.05)
 
 
 def _clone(value: Any) -> Any:
@@ -72,7 +76,7 @@ class AccBackend:
 
     def synchronize(self) -> None:
         if self._last is not None:
-            self._last.wait()       # if Ctrl-C interrupts it, a later call waits again
+            self._last.wait()
             self._last = None
         if self._error is not None:
             error, self._error = self._error, None

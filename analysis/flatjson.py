@@ -166,16 +166,15 @@ class FlatReader:
 
     def _floats(self, a, scalar_field, line, start, length, n_lines) -> dict | None:
         """The float fields, one value at a time (they are rare); None if one is not a JSON number."""
-        out = {}
-        for f, name in enumerate(self.float_fields, start=len(self.int_fields) + len(self.str_fields)):
-            values, keyed = np.full(n_lines, np.nan), np.zeros(n_lines, dtype=bool)
-            for i in np.flatnonzero(scalar_field == f).tolist():
-                text = a[start[i]:start[i] + length[i]].tobytes()
-                if not _NUMBER.fullmatch(text):
-                    return None
-                values[line[i]], keyed[line[i]] = float(text), True
-            out[name] = (values, keyed)
-        return out
+        first = len(self.int_fields) + len(self.str_fields)
+        values = np.full((len(self.float_fields), n_lines), np.nan)
+        keyed = np.zeros(values.shape, dtype=bool)
+        for i in np.flatnonzero(scalar_field >= first).tolist():
+            text = a[start[i]:start[i] + length[i]].tobytes()
+            if not _NUMBER.fullmatch(text):
+                return None
+            values[scalar_field[i] - first, line[i]], keyed[scalar_field[i] - first, line[i]] = float(text), True
+        return {name: (values[f], keyed[f]) for f, name in enumerate(self.float_fields)}
 
     def _intern(self, a: np.ndarray, w: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray | None:
         """Ids of the byte strings: a direct-mapped cache of hashes answers most, a dict the rest."""
@@ -183,9 +182,11 @@ class FlatReader:
             return np.zeros(0, dtype=np.int64)
         if length.max() > _MAX_STRING:
             return None
-        h = length.astype(np.uint64)
-        for k in range(0, int(length.max()), 8):
-            h = _mix(h ^ (w[start + k] & _MASK[np.clip(length - k, 0, 8)]))
+        h = _mix(length.astype(np.uint64) ^ (w[start] & _MASK[np.minimum(length, 8)]))
+        longer = np.flatnonzero(length > 8)
+        for k in range(8, int(length.max()), 8):     # the next 8 bytes of the strings that have them
+            longer = longer[length[longer] > k]
+            h[longer] = _mix(h[longer] ^ (w[start[longer] + k] & _MASK[np.minimum(length[longer] - k, 8)]))
         slot = (h >> np.uint64(64 - _CACHE_BITS)).astype(np.int64)
         ids = np.where(self._cache_hash[slot] == h, self._cache_id[slot], -1)
         miss = np.flatnonzero(ids < 0)

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from analysis import render_console, render_markdown
 from analysis.attribution import attribute
+from analysis.heap import keep_freed_memory
 from analysis.report import build_report
 from analysis.tables import report_tables
 from analysis.timings import load_timings
@@ -125,6 +126,7 @@ def main() -> None:
         render_console.render(tables, Console(file=io.StringIO(), width=160))
         return render_markdown.render(tables)
 
+    keep_freed_memory()      # as `hyprof report` does
     stages, wall0, cpu0 = [], time.perf_counter(), _cpu_s()
     timings = _timed(stages, "load", load_timings, args.file)
     attribution = _timed(stages, "attribute", attribute, timings)

@@ -30,7 +30,6 @@ from profiler.errors import UserError
 from profiler.recorder import Recorder
 from profiler.schema import MAIN_LANE
 
-_LAYER_BUFFER = re.compile(r"^blk\.(\d+)\.")
 _CACHE_BUFFER = re.compile(r"^cache_[kv]_l(\d+)$")
 
 

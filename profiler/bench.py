@@ -221,7 +221,7 @@ def run_bench(make_engine: MakeEngine, model_path: str, configs: Sequence[Engine
                                  n_gpu_layers=config.n_gpu_layers, overrides=config.overrides,
                                  accel=config.accel, mla=config.mla, fmoe=config.fmoe,
                                  rtr=config.rtr, poll=config.poll, recorder=recorder)
-            with contextlib.closing(engine):
+            try:
                 header = engine.header()
                 machine = _machine(header)
                 if timings is not None and writer is None:
@@ -240,6 +240,12 @@ def run_bench(make_engine: MakeEngine, model_path: str, configs: Sequence[Engine
                     results.append(BenchResult(config, i_config, test, tuple(samples),
                                                header.get("model", {}),
                                                header.get("config", {}), machine))
+            except BaseException as e:
+                if writer is not None:      # the file first: closing an engine may block
+                    writer.finish(e)
+                raise
+            finally:
+                engine.close()
     return results
 
 

@@ -53,9 +53,9 @@ class TimingsWriter:
     """A timings.jsonl file being written: after each graph `write_tables(rec.drain_tables())`
     (or `write(rec.drain())`, the same lines made through dicts), then `commit()`.
 
-    As a context manager: commits on success and on KeyboardInterrupt (the file
-    keeps every batch written before the interrupt), removes the temporary file
-    on any other error.
+    As a context manager (or through `finish(exc)`): commits on success and on
+    KeyboardInterrupt (the file keeps every batch written before the interrupt),
+    removes the temporary file on any other error.
     """
 
     def __init__(self, path: str | os.PathLike, header: dict, force: bool = False,
@@ -116,7 +116,13 @@ class TimingsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
+        self.finish(exc)
+
+    def finish(self, exc: BaseException | None = None) -> None:
+        """Commit after success or Ctrl-C, abort after any other error; once."""
+        if self._file.closed:
+            return
+        if exc is None or isinstance(exc, KeyboardInterrupt):
             self.commit()
         else:
             self.abort()

@@ -204,6 +204,7 @@ class CpuBackend:
 
     def __init__(self, buffers: Mapping[str, Any], n_threads: int, spin: bool,
                  recorder: Recorder):
+        self._torch_threads = torch.get_num_threads()   # given back at close()
         torch.set_num_threads(1)
         self.buffers = buffers
         self.recorder = recorder
@@ -240,3 +241,4 @@ class CpuBackend:
 
     def close(self) -> None:
         self.pool.close()
+        torch.set_num_threads(self._torch_threads)

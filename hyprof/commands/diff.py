@@ -38,6 +38,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from analysis.diff import diff_reports, diff_tables
+    from analysis.heap import keep_freed_memory
     from analysis.report import build_report
     from analysis.timings import load_timings
     from profiler.errors import UserError
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
             Path("reports") / f"diff-{Path(args.a).stem}-vs-{Path(args.b).stem}"
         check_output_path(plots_dir / f"breakdown-diff.{args.plot_format}", force=args.force or not args.plots,
                           flag="--plots")
+    keep_freed_memory()
     reports = []
     for path in (args.a, args.b):
         timings = load_timings(path)

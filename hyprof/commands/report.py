@@ -61,6 +61,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from analysis.report import build_report
     from analysis.tables import report_tables
+    from analysis.heap import keep_freed_memory
     from profiler.errors import UserError
     from profiler.files import atomic_output, check_output_path
 
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         for path in plot_paths(plots_dir, args.plot_format).values():
             check_output_path(path, force=args.force or not args.plots, flag="--plots")
 
+    keep_freed_memory()
     timings = _load_with_progress(args.timings)
     from analysis.attribution import attribute
     attribution = attribute(timings)

@@ -38,12 +38,14 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from analysis.attribution import attribute
+    from analysis.heap import keep_freed_memory
     from analysis.timings import load_timings
     from analysis.trace import parse_graphs, write_trace
     from profiler.files import check_output_path
 
     graphs = parse_graphs(args.graphs) if args.graphs is not None else None
     check_output_path(args.output, force=args.force)
+    keep_freed_memory()
     timings = load_timings(args.timings)
     for warning in timings.warnings:
         print(f"hyprof: warning: {warning}", file=sys.stderr)

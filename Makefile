@@ -15,10 +15,13 @@ $(STAMP): pyproject.toml constraints.txt setup.py $(wildcard hybrid/*.c)
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# A hybrid run on the default model (made and cached on first use), then its report and plots.
+# A hybrid run on the default model (deepseek-v2-lite-mini, made and cached on first use):
+# experts on the CPU, the rest on the emulated accelerator; then its report, plots and trace.
 demo: $(STAMP)
-	$(HYPROF) model make --preset tiny -o reports/tiny.gguf --force
-	$(HYPROF) model info reports/tiny.gguf -ngl 99 -ot '\.ffn_.*_exps\.=CPU'
+	$(HYPROF) run -p 64 -n 16 -r 3 --accel emulated -ot '\.ffn_.*_exps\.=CPU' -o reports/demo.jsonl --force
+	$(HYPROF) report reports/demo.jsonl --md reports/demo.md --force --plots reports/demo
+	$(HYPROF) trace reports/demo.jsonl -o reports/demo.trace.json --force
+	@echo "report: reports/demo.md, plots: reports/demo/, trace (Perfetto): reports/demo.trace.json"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

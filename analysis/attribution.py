@@ -143,12 +143,9 @@ def attribute(t: Timings) -> Attribution:
                      kind="stable")
     points = points[np.r_[True, points[1:] != points[:-1]]] if points.size else points
     seg_start, seg_len = points[:-1], np.diff(points)
-    mask = np.zeros(seg_start.size, dtype=np.int16)
-    active = []
-    for c, union in enumerate(unions):
-        on = _covered(points, *union)
-        active.append(on)
-        mask |= on.astype(np.int16) << c
+    state = _covered(points, unions + copy_unions)
+    mask = state & ((1 << OTHER) - 1)
+    active = [(mask & (1 << c)) != 0 for c in range(OTHER)]
     winner = _WINNER[mask].astype(np.int64)
 
     in_graph = window_index(seg_start, g_start, g_end)
@@ -170,20 +167,24 @@ def attribute(t: Timings) -> Attribution:
                                 ).reshape(len(reps), N_CAT)
     copy_ns = {}
     unclaimed = (winner == CAT["copy"]) & (in_graph >= 0) & (in_rep >= 0)
-    for direction, union in zip(COPY_DIRECTIONS, copy_unions):
-        sel = unclaimed & _covered(points, *union)
+    for d, direction in enumerate(COPY_DIRECTIONS):
+        sel = unclaimed & ((state & (1 << (OTHER + d))) != 0)
         copy_ns[direction] = _sums(in_rep[sel], length[sel], len(reps))
         unclaimed &= ~sel
     return Attribution(categories=CATEGORIES, event_category=cat, graphs=graphs, reps=reps,
                        hidden_ns=hidden, copy_ns=copy_ns)
 
 
-def _covered(points: np.ndarray, union_start: np.ndarray, union_end: np.ndarray) -> np.ndarray:
-    """Per segment [points[k], points[k+1]): inside the union? (its bounds are among the points)"""
-    step = np.zeros(points.size, dtype=np.int32)
-    step[np.searchsorted(points, union_start)] += 1
-    step[np.searchsorted(points, union_end)] -= 1
-    return np.cumsum(step)[:-1] > 0
+def _covered(points: np.ndarray, unions: list) -> np.ndarray:
+    """Per segment [points[k], points[k+1]): a bit mask, bit i set when inside unions[i] (whose bounds
+    are among the points). A union's intervals neither overlap nor touch, so each of its bounds is
+    a distinct point: its bit flips there, and a running XOR gives every segment its state."""
+    flips = np.zeros(points.size, dtype=np.int16)
+    for i, (start, end) in enumerate(unions):
+        bit = np.int16(1 << i)
+        flips[np.searchsorted(points, start)] ^= bit
+        flips[np.searchsorted(points, end)] ^= bit
+    return np.bitwise_xor.accumulate(flips)[:-1]
 
 
 def _fill(table: np.ndarray, window: np.ndarray, winner: np.ndarray, active: list, length: np.ndarray) -> None:
@@ -238,7 +239,7 @@ SWEEP_FLAGS = {"threads": "t", "n_gpu_layers": "ngl", "overrides": "ot", "accel"
                "fmoe": "fmoe", "rtr": "rtr", "poll": "poll"}
 
 
-def sweep_labels(header: dict, configs: np.ndarray) -> dict:
+def sweep_labels(header: dict, configs) -> dict:
     """{config index: " [t=2 ngl=99]"}: the flags that tell a sweep's combinations apart, so that
     the same test under two combinations is two tests. Empty when the tests used one combination."""
     used = sorted(set(int(c) for c in configs if c >= 0))

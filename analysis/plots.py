@@ -160,6 +160,7 @@ def _breakdown_panel(ax, bars: Sequence[tuple[str, TestReport]], per_token: bool
             ax.text(0, y + 0.31, "\n".join(lines), ha="left", va="top", fontsize=7, color="#333333")
     ax.set_yticks(range(len(bars)),
                   [f"{label}\n{r.tps:,.1f} t/s\n{r.wall_ns / 1e6 / max(r.n_tokens, 1):.3g} ms/token"
+                   + (f"\nreported {r.reported_tps:,.1f} t/s" if r.reported_tps is not None else "")
                    for label, r in bars], fontsize=8.5)
     ax.set_ylim(len(bars) - 0.35, -0.45)
     ax.set_xlim(0, span * 1.01)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from analysis.attribution import sweep_labels
 from analysis.report import COMPUTE_CATEGORIES, Report, TestReport
 from profiler.schema import CATEGORIES, OVERHEAD_CATEGORIES
 
@@ -68,6 +69,9 @@ def _run_table(report: Report) -> Table:
         text = ", ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
         if text:
             rows.append((label, text))
+    labels = sweep_labels(h, range(len(h.get("sweep") or [])))
+    if labels:      # the config above is the first combination's
+        rows.append(("sweep", ", ".join(label.strip(" []") for label in labels.values())))
     peaks = ", ".join(f"{b} {_f(v, 1)} GB/s" for b, v in report.peak_GBps.items()) or "unknown (use --peak-bw)"
     rows.append(("peak bandwidth", peaks))
     skipped = "; ".join(f"{what.replace('_', ' ')} " + ", ".join(f"{k} ({v:,})" for k, v in sorted(counts.items()))

@@ -4,7 +4,8 @@ Public API (stable; everything else in the analyzer builds on it):
 
     load_timings(path, progress=None) -> Timings
         Read a `timings.jsonl` (`progress(bytes_read)` is called after each block,
-        for a progress bar). A file that does not start with a JSON object is
+        for a progress bar); files of PARALLEL_MIN_BYTES or more are read on every
+        core, in forked processes (Linux). A file that does not start with a JSON object is
         handed to `analysis.ik_log` (the ik_llama.cpp log importer) when that module
         exists and recognises it.
     load_lines(lines, source) -> Timings
@@ -27,7 +28,9 @@ Public API (stable; everything else in the analyzer builds on it):
 
 Why columns: a run has millions of events; per-event Python objects would make
 the report slower than the run. Strings are stored once, HTA style, as ids.
-Absent integer fields are -1, absent `bytes`/`flops` are 0.
+Absent integer fields are -1, absent `bytes`/`flops` are 0, absent `tps`/`tps_std`
+NaN. Known optional fields that only echo a source's own names (`role`, `label`,
+`node`, `incomplete`: profiler.schema.OPTIONAL_FIELDS) are accepted and not read.
 
 Readers must accept unknown fields and event types (skip and count), and a
 truncated last line (a crashed run leaves a readable prefix); anything else
@@ -88,7 +91,7 @@ _INT_FILL = np.array([0 if f in ZERO_WHEN_ABSENT else -1 for f in INT_FIELDS])
 ALLOWED = np.array([[f in TYPE_FIELDS[t] or f == "type" for f in READ_FIELDS] for t in EVENT_TYPES])
 
 LINES_PER_CHUNK = 1 << 15
-BLOCK_BYTES = 1 << 22
+BLOCK_BYTES = 1 << 21
 
 
 class EventColumns:
@@ -529,7 +532,8 @@ def _add_flat(flat: FlatColumns, acc: _Accumulator) -> bool:
 
 PARALLEL_MIN_BYTES = 64 << 20   # below this, starting a process costs more than it saves
 MAX_PROCESSES = 4
-MIN_EVENT_BYTES = 24            # no event line is shorter: {"type":"op","ts":0,"dur":0} and its newline
+CHILD_ROOM_BYTES = 48           # a child has room for a row per this many bytes (a child that runs out
+                                # of room hands over to the one-pass reader; our writer's lines are longer)
 
 
 def _cores() -> int:
@@ -551,7 +555,8 @@ def _shared_rows(n_rows: int) -> dict:
 
 
 def _line_cuts(source: str, n: int) -> tuple[bytes, list[int], int] | None:
-    """(the header line, the range bounds, where the last line without a newline starts), or None."""
+    """(the header line, the bounds of n ranges of whole lines, the file size), or None when line 1 is
+    not a header line. Bytes after the last bound are a last line without its newline."""
     size = os.path.getsize(source)
     with open(source, "rb") as f:
         first = f.readline()
@@ -576,19 +581,22 @@ def _read_range(acc: _Accumulator, header: dict, start: int, end: int, line_no: 
 def _load_parallel(source: str, progress: Callable[[int], None] | None, n: int) -> Timings | None:
     import multiprocessing
 
-    cut = _line_cuts(source, n)
+    cut = _line_cuts(source, n) if "fork" in multiprocessing.get_all_start_methods() else None
     if cut is None:
         return None
     first, bounds, size = cut
     header = _check_header(_header_object(first, 1, source), 1, source)
     ranges = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     done = np.frombuffer(mmap.mmap(-1, 8 * len(ranges)), np.int64)   # bytes read per range
-    own = _Accumulator(source, _Rows(0, _shared_rows((size - bounds[0]) // MIN_EVENT_BYTES + 2)))
+    own = _Accumulator(source, _Rows(size // 64))
+    try:
+        shared = [_shared_rows((end - start) // CHILD_ROOM_BYTES + 1) for start, end in ranges[1:]]
+    except (OSError, ValueError):       # no memory to map: read it in one pass
+        return None
     children = []
     context = multiprocessing.get_context("fork")
-    for k, (start, end) in enumerate(ranges[1:], start=1):
+    for k, (start, end), rows in zip(range(1, len(ranges)), ranges[1:], shared):
         receive, send = context.Pipe(duplex=False)
-        rows = _shared_rows((end - start) // MIN_EVENT_BYTES + 1)
 
         def child(k=k, start=start, end=end, rows=rows, send=send):
             acc = _Accumulator(source, _Rows(0, rows))

@@ -128,4 +128,7 @@ def test_sweep_combinations_are_separate_tests(tmp_path, capsys):
     path.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in [header, *events]))
     assert main(["report", str(path), "--json"]) == 0
     names = [t["name"] for t in json.loads(capsys.readouterr().out)["tests"]]
-    assert names == ["tg2 [t=1]", "tg2 [t=2]"]
+    assert names == ["tg2 [t=1]", "tg2 [t=2]"]                  # one test each, not one test of 2 reps
+    assert main(["report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "sweep            t=1, t=2" in out and "tg2 [t=2]: 1,000,000.00 ± 0.00 t/s" in out

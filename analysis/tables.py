@@ -99,7 +99,8 @@ def _time_table(r: TestReport, source: str) -> Table:
         if c == "copy":
             rows += [row(f"    {d}", ns) for d, ns in r.copy_ns.items() if ns]
     rows.append(row("wall", r.wall_ns))
-    reported = "" if r.reported_tps is None else f" (reported by {source}: {_f(r.reported_tps)} ± {_f(r.reported_tps_std)})"
+    reported = ("" if r.reported_tps is None else
+                f" (reported by {source}: {_f(r.reported_tps)} ± {_f(r.reported_tps_std)})")
     title = (f"{r.name}: {_f(r.tps)} ± {_f(r.tps_std)} t/s{reported} — {r.n_tokens} tokens in "
              f"{_f(r.wall_ns / 1e9, 3)} s ({r.reps} rep{'s' if r.reps != 1 else ''})")
     return Table(title, ("category", "s", "%", "ms/token"), tuple(rows), _notes(r))

@@ -445,7 +445,8 @@ def _field(sub: list[dict], f: str, where) -> tuple:
     arr = np.array(vals)
     kinds = "iubf" if f in FLOAT_FIELDS else "iub"
     if arr.dtype.kind not in kinds or arr.ndim != 1:
-        j = next(j for j, v in enumerate(vals) if type(v) not in ((int, bool, float) if f in FLOAT_FIELDS else (int, bool)))
+        types = (int, bool, float) if f in FLOAT_FIELDS else (int, bool)
+        j = next(j for j, v in enumerate(vals) if type(v) not in types)
         raise UserError(f"{where(j)}: field '{f}' must be {'a number' if f in FLOAT_FIELDS else 'an integer'}, "
                         f"got {vals[j]!r}")
     return arr.astype(np.float64 if f in FLOAT_FIELDS else np.int64), present

@@ -85,6 +85,7 @@ def test_truncated_last_line_is_ignored_with_a_warning(tmp_path):
     ([HEADER, {**OP, "dur": -1}], r"t.jsonl:2: 'dur' is negative"),
     ([HEADER, OP, {**OP, "ts": "soon"}], r"t.jsonl:3: field 'ts' must be an integer, got 'soon'"),
     ([HEADER, {**OP, "bytes": 1.5}], r"t.jsonl:2: field 'bytes' must be an integer"),
+    ([HEADER, {"type": "test", "ts": 0, "dur": 1, "tps": "fast"}], r"t.jsonl:2: field 'tps' must be a number"),
     ([HEADER, {**OP, "backend": 3}], r"t.jsonl:2: field 'backend' must be a string, got 3"),
     ([b'{"type": "meta", "schema": "hyprof-timings/2"}', OP], r"t.jsonl:1: schema 'hyprof-timings/2' is not"),
     ([OP], r"t.jsonl:1: not a hyprof timings file \(line 1 is not the"),

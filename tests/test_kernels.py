@@ -240,3 +240,22 @@ def test_engine_forms_match_the_direct_calls():
     dst, tasks = ck.mul_mat_id_tasks(gate, ck.Q4_0, torch.from_numpy(per_slot.reshape(*ids.shape, 160)), ids, 2)
     [task() for task in tasks]
     np.testing.assert_array_equal(dst.numpy(), want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+def test_deepseek_lite_expert_shapes(ggml_type):
+    """gate/up [E, 1408, 2048] with x per token, down [E, 2048, 1408] with x per slot."""
+    rng = np.random.default_rng(9)
+    ids = np.stack([rng.choice(8, 6, replace=False) for _ in range(5)]).astype(np.int32)
+    for n_out, n_in, n_x in [(1408, 2048, 5), (2048, 1408, 30)]:
+        raw = raw_weights(rng, (8, n_out, n_in), ggml_type)
+        w = dequant(raw.reshape(-1, raw.shape[-1]), ggml_type).reshape(8, n_out, n_in)
+        xq = ck.quantize_activations(activations(rng, n_x, n_in))
+        xr = decode_q8(xq, n_in)
+        out = np.zeros((5, 6, n_out), np.float32)
+        ck.mul_mat_id(raw, ggml_type, xq, ids, out)
+        for t, k in np.ndindex(5, 6):
+            xv = xr[t if n_x == 5 else 6 * t + k][None]
+            ref = (xv @ w[ids[t, k]].T)[0]
+            assert np.all(np.abs(out[t, k] - ref) <= exact_tolerance(w[ids[t, k]], xv)[0])

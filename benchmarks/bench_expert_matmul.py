@@ -203,8 +203,9 @@ def gemm_gmacs(n_threads, dtype, n=2048):
 
 
 def plan(n_tokens, quick):
-    """(layer-steps per round, rounds): short rounds, many of them, for tg."""
-    steps, rounds = {1: (8, 15), 64: (1, 6)}.get(n_tokens, (1, 3))
+    """(layer-steps per round, rounds). A tg round is ~0.1 s: long enough that starting the
+    threads is noise, short enough for many rounds."""
+    steps, rounds = {1: (40, 10), 64: (2, 5)}.get(n_tokens, (1, 3))
     return steps, max(2, rounds // 2) if quick else rounds
 
 
@@ -224,6 +225,7 @@ def side_by_side(run, ids, expert_bytes, n_threads, triad):
         tri = [triad.gbps(n_threads) for _ in range(2)]
         triads.append(max(t[0] for t in tri))
         cpu_triads.append(max(t[1] for t in tri))
+        time.sleep(0.2)         # torch's OpenMP threads spin on after the triad; let them sleep
         wall, cpu = run(ids_r)
         nbytes = sum(touched_bytes(expert_bytes, i) for i in ids_r)
         gbps.append(nbytes / wall / 1e9)

@@ -67,8 +67,6 @@ class Engine:
         self.lane = self.recorder.lane(MAIN_LANE)
         self.gguf = load_model(model_path)
         backends, self.accel = available_backends(accel)
-        if accel == "auto" and self.accel is not None and not self.accel.startswith("CUDA"):
-            self.accel = None     # auto means a real GPU or none: never the emulation
         rules = parse_override_rules(overrides, backends)
         c = self.gguf.config
         self.placement = place(self.gguf.tensors, rules, n_gpu_layers, c.n_layer, backends,

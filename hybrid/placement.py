@@ -177,14 +177,15 @@ def available_backends(accel: str = "auto") -> tuple[tuple[str, ...], str | None
     """(backends, the accelerator -ngl uses) for `--accel auto|cuda|emulated|none`.
 
     CPU always; CUDA0..n when torch sees GPUs; ACC0, the emulated accelerator, always.
-    `auto` picks CUDA0 when there is one, else ACC0.
+    `auto` picks CUDA0 when there is one, else none: a run never falls back to the
+    emulation unasked, since its figures are not GPU figures.
     """
     import torch
 
     cuda = tuple(f"CUDA{i}" for i in range(torch.cuda.device_count())) if torch.cuda.is_available() else ()
     backends = (CPU, *cuda, EMULATED)
     if accel == "auto":
-        return backends, cuda[0] if cuda else EMULATED
+        return backends, cuda[0] if cuda else None
     if accel == "cuda":
         if not cuda:
             raise UserError("--accel cuda: torch sees no CUDA GPU (use --accel emulated or auto)")

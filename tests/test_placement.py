@@ -119,3 +119,15 @@ def test_backend_loads_add_up_and_count_used_experts():
     assert cpu.expert_bytes_per_token == 3 * 400 // 4             # 1 of 4 experts per tensor
     assert cpu.bytes_per_token == cpu.expert_bytes_per_token + 1000 // 10   # one embedding row
     assert loads["ACC0"].expert_bytes == 0 and loads["ACC0"].bytes_per_token == loads["ACC0"].n_bytes
+
+
+def test_accel_auto_is_a_gpu_or_none_never_the_emulation():
+    import torch
+
+    from hybrid.placement import available_backends
+
+    backends, accel = available_backends("auto")
+    assert "ACC0" in backends
+    assert accel == ("CUDA0" if torch.cuda.is_available() else None)
+    assert available_backends("emulated")[1] == "ACC0"
+    assert available_backends("none")[1] is None

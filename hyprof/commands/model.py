@@ -67,8 +67,9 @@ def register(subparsers) -> None:
                       help="last N layers (output counting as the last) on the accelerator (default: 99)")
     info.add_argument("-ot", "--override-tensor", action="append", default=[], metavar="REGEX=BACKEND[,...]",
                       help="placement rule overriding -ngl; repeatable, first match wins")
-    info.add_argument("--accel", choices=("auto", "cuda", "emulated", "none"), default="auto",
-                      help="accelerator -ngl offloads to (default: auto, CUDA0 if present else ACC0)")
+    info.add_argument("--accel", choices=("auto", "cuda", "emulated", "none"), default=None,
+                      help="accelerator -ngl offloads to (default: CUDA0 if present, else ACC0 standing "
+                           "in for a GPU, so that -ngl shows what an accelerator would hold)")
     info.add_argument("--tensors", action="store_true", help="also list every tensor with its backend and cause")
     info.add_argument("--json", action="store_true", help="print JSON instead of tables")
     info.set_defaults(func=show_info)
@@ -91,7 +92,9 @@ def show_info(args: argparse.Namespace) -> int:
     from hybrid.placement import available_backends, backend_loads, parse_override_rules, place
 
     model = load_model(args.model)
-    backends, accel = available_backends(args.accel)
+    backends, accel = available_backends(args.accel or "auto")
+    if args.accel is None and accel is None:
+        backends, accel = available_backends("emulated")
     rules = parse_override_rules(args.override_tensor, backends)
     placement = place(model.tensors, rules, args.n_gpu_layers, model.config.n_layer, backends, accel)
     for w in placement.warnings:

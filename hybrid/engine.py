@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from typing import Any, Callable, Sequence
 
 import torch
@@ -219,6 +220,9 @@ class Engine:
 def make_engine(model_path: str, *, threads: int, n_gpu_layers: int, overrides: Sequence[str],
                 accel: str, mla: int, fmoe: int, rtr: int, poll: int,
                 recorder: Recorder) -> Engine:
-    """The runner's `MakeEngine` (profiler/bench.py)."""
-    return Engine(model_path, threads=threads, n_gpu_layers=n_gpu_layers, overrides=overrides,
-                  accel=accel, mla=mla, fmoe=fmoe, rtr=rtr, poll=poll, recorder=recorder)
+    """The runner's `MakeEngine` (profiler/bench.py); tells placement warnings on stderr."""
+    engine = Engine(model_path, threads=threads, n_gpu_layers=n_gpu_layers, overrides=overrides,
+                    accel=accel, mla=mla, fmoe=fmoe, rtr=rtr, poll=poll, recorder=recorder)
+    for warning in engine.placement.warnings:
+        print(f"hyprof: warning: {warning}", file=sys.stderr)
+    return engine

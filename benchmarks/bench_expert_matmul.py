@@ -9,7 +9,8 @@ token. Figures: GB/s = bytes of the touched experts as stored / wall time of
 the workers (the kernels alone: activations are quantised beforehand, and the
 workers do not synchronise between gate/up and down; H6's pool adds that).
 Threads are Python threads each calling a kernel on its half of every
-expert's rows (torch paths: on half of the experts, torch at 1 thread each).
+expert's rows ("rows split") or on half of the used experts ("experts
+split"); torch paths split the experts, torch at 1 thread each.
 
 The previous path (torch): dequantise-then-matmul (hybrid.quants.dequantize
 of the used experts, then F.linear), bf16 weights with torch matmul, and

@@ -14,9 +14,9 @@ Calling pattern for one matmul y = x @ W.T on n workers:
     worker i: mul_mat(W, ggml_type, xq, out, r0_i, r1_i)   # disjoint row ranges
 Arrays are NumPy (a CPU torch tensor is viewed with `.numpy()`, no copy);
 weights are the uint8 arrays `gguf.GGUFReader` gives for quantised tensors.
-The engine's two entry points, at the end of this module: `matmul` (a whole
-matmul, torch in and out) and `mul_mat_id_tasks` (MUL_MAT_ID cut into worker
-tasks, the graph node's `parallel` form).
+The engine's entry points, at the end of this module: `matmul` (a whole
+matmul, torch in and out), and `mul_mat_tasks` / `mul_mat_id_tasks` (MUL_MAT /
+MUL_MAT_ID cut into worker tasks: the graph node's `parallel` form).
 Precision: the activation is rounded to 8 bits per 32-value block (scale
 amax/127), so results differ from a float matmul by at most
 sum_i |W_ji| * d_block(i) / 2; the weights themselves are used exactly.
@@ -123,7 +123,7 @@ def mul_mat_id(w, ggml_type: int, xq: np.ndarray, ids, out, r0: int = 0, r1: int
                         a0, n_expert if a1 is None else a1, _path(path))
 
 
-# --- the engine's two forms: a whole matmul, and a matmul cut into worker tasks -------------
+# --- the engine's forms: a whole matmul, and a matmul cut into worker tasks ------------------
 
 def matmul(w_data, ggml_type: int, x):
     """x [T, K] float32 torch tensor @ W^T -> [T, N]: the `hybrid.weights.MATMUL_KERNELS` form,
@@ -137,8 +137,24 @@ def matmul(w_data, ggml_type: int, x):
 
 
 def row_splits(n_rows: int, n_tasks: int) -> list[int]:
-    """Boundaries cutting rows into n_tasks near-equal ranges, even so each task keeps row pairs."""
-    return [min(n_rows, 2 * round(n_rows * i / n_tasks / 2)) if i < n_tasks else n_rows for i in range(n_tasks + 1)]
+    """Boundaries cutting rows into n_tasks near-equal ranges."""
+    return [n_rows * i // n_tasks for i in range(n_tasks + 1)]
+
+
+def mul_mat_tasks(w_data, ggml_type: int, x, n_tasks: int):
+    """MUL_MAT in the worker pool's `parallel` form -> (dst float32 torch [T, N], tasks):
+    x [T, K] quantised once by the calling thread, each task a range of W's rows."""
+    import torch
+
+    w = _weights(w_data)
+    xq = quantize_activations(x.detach().float())
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    bounds = row_splits(w.shape[0], n_tasks)
+
+    def task(r0: int, r1: int) -> None:
+        mul_mat(w, ggml_type, xq, out, r0, r1)
+    return torch.from_numpy(out), [lambda r0=r0, r1=r1: task(r0, r1)
+                                   for r0, r1 in zip(bounds, bounds[1:]) if r1 > r0]
 
 
 def mul_mat_id_tasks(w_data, ggml_type: int, x, ids, n_tasks: int, w_up_data=None):

@@ -225,6 +225,10 @@ def test_engine_forms_match_the_direct_calls():
     y = ck.matmul(torch.from_numpy(gate[3]), ck.Q4_0, torch.from_numpy(x))
     xr = decode_q8(ck.quantize_activations(x), 160)
     assert np.all(np.abs(y.numpy() - xr @ w.T) <= exact_tolerance(w, xr))
+    dst, tasks = ck.mul_mat_tasks(torch.from_numpy(gate[3]), ck.Q4_0, torch.from_numpy(x), 3)
+    for task in reversed(tasks):
+        task()
+    np.testing.assert_array_equal(dst.numpy(), y.numpy())
     for w_up in (None, up):
         want = np.zeros((*ids.shape, 22), np.float32)
         ck.mul_mat_id(gate, ck.Q4_0, ck.quantize_activations(x), ids, want, w_up=w_up)

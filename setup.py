@@ -1,4 +1,4 @@
-"""Build of the native extensions (hybrid._kernels, hybrid._spin); everything else is in pyproject.toml.
+"""Build of the native extensions (hybrid._kernels, hybrid._spin, analysis._jsonl); everything else is in pyproject.toml.
 
 No -march flags: the kernels pick their SIMD path (AVX-512 VNNI, AVX2, scalar)
 at run time, so a wheel built here runs on any x86-64 or other CPU.
@@ -19,6 +19,9 @@ setup(
         ),
         # the worker pool's spin-wait without the GIL (hybrid/backends/cpu.py)
         Extension("hybrid._spin", sources=["hybrid/_spin.c"],
+                  extra_compile_args=["-O2", "-std=c11", "-Wall"] if unix else []),
+        # the loader's line scanner (analysis/flatjson.py keeps a NumPy route for when it is not built)
+        Extension("analysis._jsonl", sources=["analysis/_jsonl.c"],
                   extra_compile_args=["-O2", "-std=c11", "-Wall"] if unix else []),
     ]
 )

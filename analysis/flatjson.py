@@ -1,13 +1,16 @@
 """A vectorised reader for JSON lines that are flat objects, the shape every timings writer produces.
 
-    reader = FlatReader(int_fields, str_fields, float_fields=())
+    reader = FlatReader(int_fields, str_fields, float_fields=(), int_absent=None)
     reader.parse(buf, n_lines) -> FlatColumns | None
     reader.strings              every string value seen so far; FlatColumns.strs hold ids into it
+    count_lines(buf) -> int     the line breaks in buf (compiled where built)
 
 `buf` is `n_lines` lines, each ending in b"\\n", each one JSON object whose values
 are strings or numbers (`{"type":"op","ts":5,"name":"blk.0.ffn_up_exps"}`).
 Instead of building a dict per line (about a microsecond each: more than the
-whole report may spend per event), the bytes are scanned with NumPy. The quote
+whole report may spend per event), the bytes are scanned in one pass by the
+compiled scanner `analysis._jsonl` (built by setup.py; about 0.2 µs per line of
+our writer's, without the GIL), or, where it is not built or stops, with NumPy. The quote
 positions give the strings; the byte after a closing quote says key (`:`) or
 value; each key's value runs to the separator in front of the next key (`,`,
 or `}\\n{` at a line break), and the chain of separators is checked from the
@@ -16,13 +19,15 @@ read eight at a time through an unaligned uint64 view, so keys, digits and
 string hashes cost a few array operations per field, not per byte.
 
 Anything outside that shape (escapes, nesting, arrays, null, booleans or
-fractions in the wanted integer fields, wanted integers over 16 digits, wanted
-strings over 64 bytes) returns None, and the caller parses those lines with a real JSON
+fractions in the wanted integer fields, wanted integers over 16 digits (18 compiled), wanted
+strings over 64 bytes (any length compiled)) returns None, and the caller parses those lines with a real JSON
 parser, which also words the errors: this is only a faster route to the same
 columns. Float fields are meant for rare values (a test's reported t/s): each
 is converted on its own with `float`. Two liberties: the values of unwanted fields are skipped unread, and
 string values are told apart by a 64-bit hash of their bytes and length (two
-distinct names colliding, about 2**-64 per pair, is not checked).
+distinct names colliding, about 2**-64 per pair, is not checked; the compiled
+route compares the bytes). Both routes give the same columns
+(tests/test_analysis_timings.py runs its readers' tests on each).
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+
+try:
+    from analysis import _jsonl       # the compiled scanner (setup.py); without it, NumPy alone
+except ImportError:
+    _jsonl = None
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 _MAX_DIGITS = 16
@@ -48,12 +58,23 @@ _NUMBER = re.compile(rb"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 
 @dataclass(frozen=True)
 class FlatColumns:
-    ints: dict          # field -> (values int64 per line, 0 where absent; keyed bool per line)
+    ints: dict          # field -> (values int64 per line, its int_absent where absent; keyed bool per line)
     strs: dict          # field -> id per line into FlatReader.strings, -1 where absent
     floats: dict        # field -> (values float64 per line, NaN where absent; keyed bool per line)
     int_table: tuple    # the ints as two [field, line] arrays (values, keyed): ints holds their rows
     str_table: np.ndarray   # the strs as one [field, line] array: strs holds its rows
     other_keys: tuple   # (line of each other key, name id, names: list of bytes)
+    key_mask: np.ndarray    # uint64 per line: bit i set when the line has the reader's field i (ints, strs, floats)
+
+
+def count_lines(buf) -> int:
+    """The number of line breaks in buf (bytes, or any buffer: a memoryview of a mapped file)."""
+    if _jsonl is not None:
+        return _jsonl.count_lines(buf)
+    if isinstance(buf, bytes):
+        return buf.count(b"\n")
+    view = memoryview(buf)
+    return sum(bytes(view[i:i + (1 << 24)]).count(b"\n") for i in range(0, len(view), 1 << 24))
 
 
 def _words(a: np.ndarray) -> np.ndarray:
@@ -67,9 +88,13 @@ def _mix(h: np.ndarray) -> np.ndarray:
 
 
 class FlatReader:
-    def __init__(self, int_fields: tuple, str_fields: tuple, float_fields: tuple = ()):
+    def __init__(self, int_fields: tuple, str_fields: tuple, float_fields: tuple = (), int_absent=None):
+        """int_absent: the value of each integer field where a line lacks it (default 0)."""
         self.int_fields, self.str_fields, self.float_fields = int_fields, str_fields, float_fields
+        self.int_absent = np.zeros(len(int_fields), np.int64) if int_absent is None else \
+            np.asarray(int_absent, np.int64)
         names = int_fields + str_fields + float_fields
+        assert len(names) <= 64
         assert all(len(n.encode()) <= 8 for n in names)
         self._key_pack = np.array([int.from_bytes(n.encode(), "little") for n in names], dtype=np.uint64)
         slots = (_mix(self._key_pack) >> np.uint64(52)).astype(np.int64)
@@ -81,9 +106,17 @@ class FlatReader:
         self._cache_hash = np.zeros(1 << _CACHE_BITS, dtype=np.uint64)
         self._cache_id = np.full(1 << _CACHE_BITS, -1, dtype=np.int64)
         self._ids: dict[int, int] = {}
+        self._ids_by_bytes: dict[bytes, int] = {}     # the compiled route's (it hands back bytes)
+        self._field_names = tuple(n.encode() for n in names)
 
     def parse(self, buf: bytes, n_lines: int) -> FlatColumns | None:
-        if n_lines == 0 or b"\\" in buf or b"[" in buf:
+        if n_lines == 0:
+            return None
+        if _jsonl is not None:
+            flat = self._parse_compiled(buf, n_lines)
+            if flat is not None:
+                return flat
+        if b"\\" in buf or b"[" in buf:
             return None
         a = np.frombuffer(buf + _PAD, dtype=np.uint8)
         if b" " in buf or b"\t" in buf or b"\r" in buf:
@@ -142,7 +175,7 @@ class FlatReader:
         if parsed is None:
             return None
         at = scalar_field[sel] * n_lines + key_line[scalar][sel]
-        values = np.zeros((n_int, n_lines), dtype=np.int64)
+        values = self._absent_ints(n_lines)
         keyed = np.zeros((n_int, n_lines), dtype=bool)
         values.ravel()[at], keyed.ravel()[at] = parsed, True
         ints = {name: (values[f], keyed[f]) for f, name in enumerate(self.int_fields)}
@@ -161,8 +194,44 @@ class FlatReader:
         names: dict[bytes, int] = {}
         other_ids = np.array([names.setdefault(a[s:e].tobytes(), len(names))
                               for s, e in zip((ko[other] + 1).tolist(), kc[other].tolist())], dtype=np.int64)
+        key_mask = np.zeros(n_lines, np.uint64)
+        np.bitwise_or.at(key_mask, key_line[~other], np.left_shift(np.uint64(1), field[~other].astype(np.uint64)))
         return FlatColumns(ints, strs, floats, int_table=(values, keyed), str_table=table,
-                           other_keys=(key_line[other], other_ids, list(names)))
+                           other_keys=(key_line[other], other_ids, list(names)), key_mask=key_mask)
+
+    def _absent_ints(self, n_lines: int) -> np.ndarray:
+        return np.repeat(self.int_absent[:, None], n_lines, axis=1)
+
+    def _parse_compiled(self, buf: bytes, n_lines: int) -> FlatColumns | None:
+        """The same columns from the compiled scanner, which also takes whitespace, literals and
+        strings of any length; None where it stops (the NumPy route, then a JSON parser, decide)."""
+        n_int, n_str, n_float = len(self.int_fields), len(self.str_fields), len(self.float_fields)
+        values, keyed = self._absent_ints(n_lines), np.zeros((n_int, n_lines), bool)
+        table = np.full((n_str, n_lines), -1, np.int64)
+        floats, float_keyed = np.full((n_float, n_lines), np.nan), np.zeros((n_float, n_lines), bool)
+        key_mask = np.zeros(n_lines, np.uint64)
+        found = _jsonl.scan(buf, n_lines, self._field_names, n_int, n_str, values, keyed, table, floats, float_keyed,
+                            key_mask)
+        if found is None:
+            return None
+        strings, other_lines, other_names = found
+        if strings:
+            ids = np.array([self._string_id(s) for s in strings] + [-1], np.int64)    # [-1]: absent stays -1
+            table = ids[table]
+        names: dict[bytes, int] = {}
+        other_ids = np.array([names.setdefault(k, len(names)) for k in other_names], np.int64)
+        return FlatColumns(ints={f: (values[i], keyed[i]) for i, f in enumerate(self.int_fields)},
+                           strs=dict(zip(self.str_fields, table)),
+                           floats={f: (floats[i], float_keyed[i]) for i, f in enumerate(self.float_fields)},
+                           int_table=(values, keyed), str_table=table,
+                           other_keys=(np.array(other_lines, np.int64), other_ids, list(names)), key_mask=key_mask)
+
+    def _string_id(self, s: bytes) -> int:
+        sid = self._ids_by_bytes.get(s)
+        if sid is None:
+            sid = self._ids_by_bytes[s] = len(self.strings)
+            self.strings.append(s)
+        return sid
 
     def _floats(self, a, scalar_field, line, start, length, n_lines) -> dict | None:
         """The float fields, one value at a time (they are rare); None if one is not a JSON number."""

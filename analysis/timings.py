@@ -50,7 +50,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import orjson
 
-from analysis.flatjson import FlatColumns, FlatReader
+from analysis.flatjson import FlatColumns, FlatReader, count_lines
 from profiler.errors import UserError
 from profiler.schema import COMMON_FIELDS, EVENT_FIELDS, EVENT_TYPES, OPTIONAL_FIELDS, SCHEMA
 
@@ -87,8 +87,9 @@ INT_FIELDS = tuple(f for f in dict.fromkeys(COMMON_FIELDS + sum(EVENT_FIELDS.val
                    if f not in STR_FIELDS and f not in UNREAD_FIELDS)
 READ_FIELDS = INT_FIELDS + STR_FIELDS + FLOAT_FIELDS
 _INT_FILL = np.array([0 if f in ZERO_WHEN_ABSENT else -1 for f in INT_FIELDS])
-# ALLOWED[type code, i]: may an event of that type carry field READ_FIELDS[i]?
-ALLOWED = np.array([[f in TYPE_FIELDS[t] or f == "type" for f in READ_FIELDS] for t in EVENT_TYPES])
+# NOT_CARRIED[type code]: bit i set when an event of that type may not carry field READ_FIELDS[i]
+NOT_CARRIED = np.array([sum(1 << i for i, f in enumerate(READ_FIELDS) if f not in TYPE_FIELDS[t] and f != "type")
+                        for t in EVENT_TYPES], dtype=np.uint64)
 
 LINES_PER_CHUNK = 1 << 15
 BLOCK_BYTES = 1 << 21
@@ -197,21 +198,24 @@ def _ik_log_importer():
 
 def _file_blocks(path: str, progress: Callable[[int], None] | None, start: int = 0,
                  end: int | None = None) -> Iterator[tuple[bytes, bool]]:
-    """Blocks of the bytes [start, end) of the file (to its end by default); progress(bytes read)."""
+    """Blocks of the bytes [start, end) of the file (to its end by default); progress(bytes read).
+    Cut from a map of the file: each byte is copied once, into its block."""
+    first = start
     with open(path, "rb") as f:
-        f.seek(start)
-        rest, left = b"", end - start if end is not None else -1
-        while left and (block := f.read(BLOCK_BYTES if left < 0 else min(BLOCK_BYTES, left))):
-            left -= len(block) if left > 0 else 0
-            if progress is not None:
-                progress(f.tell() - start)
-            data = rest + block
-            cut = data.rfind(b"\n") + 1
-            if cut:
-                yield data[:cut], False
-            rest = data[cut:]
-        if rest:
-            yield rest, True
+        if os.fstat(f.fileno()).st_size == 0:
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            end = len(data) if end is None else end
+            while start < end:
+                stop = min(start + BLOCK_BYTES, end)
+                cut = data.rfind(b"\n", start, stop) + 1 or data.find(b"\n", stop, end) + 1
+                if not cut:         # no line break to the end: the last line, perhaps cut short
+                    yield data[start:end], True
+                    return
+                yield data[start:cut], False
+                if progress is not None:
+                    progress(cut - first)
+                start = cut
 
 
 def _line_blocks(lines: Iterable[bytes | str]) -> Iterator[tuple[bytes, bool]]:
@@ -251,6 +255,10 @@ class _Symbols:
         return np.fromiter(map(self.ids.__getitem__, values), dtype=np.int32, count=len(values))
 
 
+class _NoRoom(Exception):
+    """A fixed (shared) table is full: the lines are shorter than its room assumed; read in one pass."""
+
+
 class _Rows:
     """A growing event table, one array per field: rows are written in place, so the columns are
     never copied to be joined.
@@ -267,7 +275,7 @@ class _Rows:
     def take(self, n: int) -> dict:
         if self.n + n > len(self.data["ts"]):
             if self.fixed:
-                raise RuntimeError("more events than a shared table's room for them")
+                raise _NoRoom("more events than a shared table's room for them")
             size = max(2 * len(self.data["ts"]), self.n + n)
             for f, col in self.data.items():
                 self.data[f] = np.empty(size, col.dtype)
@@ -285,7 +293,7 @@ class _Accumulator:
     skipped_types: Counter = field(default_factory=Counter)
     skipped_fields: Counter = field(default_factory=Counter)
     warnings: list = field(default_factory=list)
-    reader: FlatReader = field(default_factory=lambda: FlatReader(INT_FIELDS, STR_FIELDS, FLOAT_FIELDS))
+    reader: FlatReader = field(default_factory=lambda: FlatReader(INT_FIELDS, STR_FIELDS, FLOAT_FIELDS, _INT_FILL))
     reader_symbols: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     reader_types: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
@@ -308,7 +316,7 @@ def _read(blocks: Iterator[tuple[bytes, bool]], acc: _Accumulator, header: dict 
             line_no += 1
         if not data:
             continue
-        n_lines = 1 if final else data.count(b"\n")
+        n_lines = 1 if final else count_lines(data)
         flat = None if final else acc.reader.parse(data, n_lines)
         if flat is None or not _add_flat(flat, acc):
             lines = [data] if final else data.split(b"\n")[:-1]
@@ -486,23 +494,21 @@ def _add_flat(flat: FlatColumns, acc: _Accumulator) -> bool:
     unknown = np.flatnonzero(codes == -1)
     for i, n in zip(*np.unique(type_id[unknown], return_counts=True)):
         acc.skipped_types[acc.symbols.names[acc.reader_symbols[i]]] += int(n)
-    # all the fields of a kind at once, as [field, line] tables
-    allowed = ALLOWED.T[:, np.maximum(codes, 0)] & kept
-    values, keyed = flat.int_table
-    strs = flat.str_table
-    fields = (INT_FIELDS, values, keyed, _INT_FILL), (STR_FIELDS, symbol_of[strs], strs >= 0, -1)
-    for i, f in enumerate(FLOAT_FIELDS):
-        value, has = flat.floats[f]
-        fields += ((f,), value[None], has[None], np.nan),
-    columns, first = {}, 0
-    for names, value, has, fill in fields:
-        rows = slice(first, first + len(names))
-        first += len(names)
-        stray = (has & kept & ~allowed[rows]).sum(axis=1)
-        for f in np.flatnonzero(stray):
-            acc.skipped_fields[names[f]] += int(stray[f])
-        table = np.where(has & allowed[rows], value, fill if np.ndim(fill) == 0 else fill[:, None])
-        columns.update(zip(names, table))
+    # all the fields of a kind at once, as [field, line] tables (absent fields already hold their fill)
+    tables = (flat.int_table[0], _INT_FILL), (symbol_of[flat.str_table], -1), \
+        (np.array([flat.floats[f][0] for f in FLOAT_FIELDS]), np.nan)
+    # a field the line's type does not carry is skipped, counted, and read as absent
+    stray = np.where(kept, flat.key_mask & NOT_CARRIED[np.maximum(codes, 0)], 0)
+    if stray.any():
+        row = 0
+        for table, fill in tables:
+            for j in range(len(table)):
+                lines = np.flatnonzero(stray & np.uint64(1 << (row + j)))
+                if lines.size:
+                    acc.skipped_fields[READ_FIELDS[row + j]] += lines.size
+                    table[j, lines] = fill if np.ndim(fill) == 0 else fill[j]
+            row += len(table)
+    columns = dict(zip(READ_FIELDS, (column for table, _ in tables for column in table)))
     line, name_id, names = flat.other_keys
     for j in np.unique(name_id):
         rows = line[name_id == j]
@@ -527,14 +533,16 @@ def _add_flat(flat: FlatColumns, acc: _Accumulator) -> bool:
 
 # ---------------------------------------------------------------- several cores
 # A large file is cut at line breaks into ranges read at once: one by this process, the others
-# by forked children that write their columns into shared memory. Strings are numbered per
-# process and renumbered when the ranges are joined. Anything unusual (no header on line 1, an
-# error, which must name its line) falls back to the one-pass reader.
+# by forked children. All write into one table in shared memory, each range from the row of its
+# first line (a child counts the lines before its range), so the columns are not copied to be
+# joined: a range with fewer events than lines (blank lines, unknown types) is moved down.
+# Strings are numbered per process and renumbered in place. Anything unusual (no header on line 1,
+# an error, which must name its line) falls back to the one-pass reader.
 
 PARALLEL_MIN_BYTES = 64 << 20   # below this, starting a process costs more than it saves
 MAX_PROCESSES = 4
-CHILD_ROOM_BYTES = 48           # a child has room for a row per this many bytes (a child that runs out
-                                # of room hands over to the one-pass reader; our writer's lines are longer)
+ROOM_BYTES = 48                 # the table has room for a row per this many bytes (a child whose lines
+                                # do not fit hands over to the one-pass reader; our writer's lines are longer)
 
 
 def _cores() -> int:
@@ -553,6 +561,18 @@ def _shared_rows(n_rows: int) -> dict:
         columns[f] = np.frombuffer(buf, EVENT_DTYPE[f], n_rows, offset)
         offset += EVENT_DTYPE[f].itemsize * n_rows
     return columns
+
+
+def _count_lines(source: str, start: int, end: int) -> int:
+    """The line breaks in bytes [start, end) of the file."""
+    if end <= start:
+        return 0
+    with open(source, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        view = memoryview(data)
+        try:
+            return count_lines(view[start:end])
+        finally:
+            view.release()
 
 
 def _line_cuts(source: str, n: int) -> tuple[bytes, list[int], int] | None:
@@ -589,54 +609,67 @@ def _load_parallel(source: str, progress: Callable[[int], None] | None, n: int) 
     header = _check_header(_header_object(first, 1, source), 1, source)
     ranges = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     done = np.frombuffer(mmap.mmap(-1, 8 * len(ranges)), np.int64)   # bytes read per range
-    own = _Accumulator(source, _Rows(size // 64))
+    room = size // ROOM_BYTES + 2
     try:
-        shared = [_shared_rows((end - start) // CHILD_ROOM_BYTES + 1) for start, end in ranges[1:]]
+        table = _shared_rows(room)
     except (OSError, ValueError):       # no memory to map: read it in one pass
         return None
+    own = _Accumulator(source, _Rows(0, table))     # its rows are at most its lines: they end before the next range
     children = []
     context = multiprocessing.get_context("fork")
-    for k, (start, end), rows in zip(range(1, len(ranges)), ranges[1:], shared):
+    for k, (start, end) in zip(range(1, len(ranges)), ranges[1:]):
         receive, send = context.Pipe(duplex=False)
 
-        def child(k=k, start=start, end=end, rows=rows, send=send):
-            acc = _Accumulator(source, _Rows(0, rows))
+        def child(k=k, start=start, end=end, send=send):
             try:
+                first_row, n_lines = (_count_lines(source, a, b) for a, b in ((ranges[0][0], start), (start, end)))
+                if first_row + n_lines + 1 > room:      # (+1: the last line, read by the parent)
+                    raise _NoRoom("more lines than the table has room for")
+                rows = {f: col[first_row:first_row + n_lines] for f, col in table.items()}
+                acc = _Accumulator(source, _Rows(0, rows))
                 lines = _read_range(acc, header, start, end, 1, lambda b: done.__setitem__(k, b))
                 tests = np.concatenate(acc.tests) if acc.tests else np.empty(0, TEST_DTYPE)
-                send.send((acc.events.n, lines, acc.symbols.names, tests, acc.skipped_types, acc.skipped_fields))
+                send.send((first_row, acc.events.n, lines, acc.symbols.names, tests, acc.skipped_types,
+                           acc.skipped_fields))
             except BaseException:       # the one-pass reader will say what and where
                 send.send(None)
 
         process = context.Process(target=child, daemon=True)
         process.start()
-        children.append((process, receive, rows))
+        children.append((process, receive))
     try:
         def advance(b):
             done[0] = b
             if progress is not None:
                 progress(int(done.sum()))
-        lines = _read_range(own, header, *ranges[0], 2, advance)
+        try:
+            lines = _read_range(own, header, *ranges[0], 2, advance)
+        except _NoRoom:         # lines shorter than ROOM_BYTES: read it in one pass
+            return None
         results = []
-        for process, receive, rows in children:
+        for process, receive in children:
             while not receive.poll(0.2):
                 advance(int(done[0]))
                 if not process.is_alive() and not receive.poll(0):
                     return None
-            results.append((receive.recv(), rows))
+            results.append(receive.recv())
             process.join()
     finally:
-        for process, _, _ in children:
+        for process, _ in children:
             if process.is_alive():
                 process.kill()
-    if any(r is None for r, _ in results):
+    if any(r is None for r in results):
         return None
     line_no = 2 + lines
-    for (n_rows, n_lines, names, tests, skipped_types, skipped_fields), rows in results:
+    for first_row, n_rows, n_lines, names, tests, skipped_types, skipped_fields in results:
         renumber = np.append(own.symbols.intern(names, "", str), -1)     # index -1: absent stays -1
-        out = own.events.take(n_rows)
-        for f, column in out.items():
-            column[:] = renumber[rows[f][:n_rows]] if f in STRING_FIELDS else rows[f][:n_rows]
+        at = own.events.n
+        for f, column in own.events.take(n_rows).items():
+            rows = table[f][first_row:first_row + n_rows]
+            if f in STRING_FIELDS:
+                column[:] = renumber[rows]
+            elif first_row != at:
+                column[:] = rows
         for f in ("name", "kind"):
             tests[f] = renumber[tests[f]]
         own.tests.append(tests)
@@ -644,5 +677,8 @@ def _load_parallel(source: str, progress: Callable[[int], None] | None, n: int) 
         own.skipped_fields.update(skipped_fields)
         line_no += n_lines
     if bounds[-1] < size:       # the last line has no newline: perhaps cut short by a crash
-        _read(_file_blocks(source, None, bounds[-1]), own, header, line_no)
+        try:
+            _read(_file_blocks(source, None, bounds[-1]), own, header, line_no)
+        except _NoRoom:
+            return None
     return _finish(own, header)

@@ -27,7 +27,7 @@ import torch
 
 from analysis.attribution import attribute
 from analysis.timings import load_lines
-from hybrid.backends.cpu import CpuBackend
+from hybrid.backends.cpu import MIN_SPLIT_BYTES, CpuBackend
 from hybrid.engine import Engine
 from hybrid.graph import Graph, Node
 from hybrid.sched import Scheduler, split_graph
@@ -94,7 +94,7 @@ def pool_wakeups(threads: int, poll: int, n: int = 2000) -> list[int]:
     rec = Recorder(enabled=True)
     cpu = CpuBackend({}, threads, poll > 0, rec)
     x = Node("INPUT", "x", (), None)
-    op = Node("MUL_MAT", "noop", (x,), lambda _, v: v,
+    op = Node("MUL_MAT", "noop", (x,), lambda _, v: v, n_bytes=MIN_SPLIT_BYTES,    # big enough to split
               parallel=lambda _, v, n_tasks: (v, [lambda: None] * n_tasks))
     graph = Graph([x, op], {"x": x}, op)
     plan = split_graph(graph, lambda _: "CPU")
@@ -115,7 +115,7 @@ def main() -> None:
     p.add_argument("-t", "--threads", type=int, default=2)
     p.add_argument("-n", "--n-gen", type=int, default=32)
     p.add_argument("-p", "--n-prompt", type=int, default=8)
-    p.add_argument("-rtr", type=int, default=1, help="repack 4-bit weights at load (as hyprof run)")
+    p.add_argument("-rtr", type=int, default=0, help="repack 4-bit weights at load (as hyprof run)")
     p.add_argument("-fmoe", type=int, default=1, help="fused gate+up expert op (as hyprof run)")
     args = p.parse_args()
     model = args.model

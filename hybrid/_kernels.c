@@ -547,7 +547,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
 #endif
     default_path = best_path;
     const char *want = getenv("HYPROF_KERNELS");
-    if (want && *want) {
+    if (want && *want && strcmp(want, "torch")) {     /* "torch": the engine's exact path, see hybrid/weights.py */
         int p = 0;
         while (p < N_PATHS && strcmp(want, path_names[p])) p++;
         if (p == N_PATHS || p > best_path) {

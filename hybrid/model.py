@@ -21,16 +21,19 @@ checks it against an independent float64 NumPy pass.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hybrid.config import ModelConfig
 from hybrid.graph import Graph, Node, compute
 from hybrid.quants import dequantize
-from hybrid.weights import GateUpExperts, ModelWeights, mul_mat
+from hybrid import cpu_kernels
+from hybrid.weights import GateUpExperts, ModelWeights, mul_mat, native
 
 
 # --- RoPE ----------------------------------------------------------------------
@@ -85,12 +88,16 @@ def rope_setup(c: ModelConfig, attn_factor: float = 1.0) -> Rope:
     return Rope(freq.float(), mag, mscale * mscale / math.sqrt(c.n_embd_head_k))
 
 
-def apply_rope(x: torch.Tensor, pos: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """x [T, ..., n_rot] rotated in consecutive pairs (ggml's NORM mode) at positions pos [T]."""
-    ang = pos.to(torch.float64)[:, None] * rope.freq.to(torch.float64)[None, :]          # [T, n_rot/2]
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (ang.shape[1],)
-    cos = (torch.cos(ang) * rope.mag).float().reshape(shape)
-    sin = (torch.sin(ang) * rope.mag).float().reshape(shape)
+def rope_cos_sin(pos: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, n_rot/2] (times the YaRN magnitude) of each pair's angle at positions pos [T]."""
+    ang = pos.to(torch.float64)[:, None] * rope.freq.to(pos.device, torch.float64)[None, :]
+    return (torch.cos(ang) * rope.mag).float(), (torch.sin(ang) * rope.mag).float()
+
+
+def apply_rope(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [T, ..., n_rot] rotated in consecutive pairs (ggml's NORM mode) by `rope_cos_sin`."""
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos_sin[0].shape[1],)
+    cos, sin = cos_sin[0].reshape(shape), cos_sin[1].reshape(shape)
     x0, x1 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
 
@@ -141,6 +148,7 @@ class _Builder:
         self.n_tokens, self.n_past = n_tokens, n_past
         self.nodes: list[Node] = []
         self.inputs: dict[str, Node] = {}
+        self._cos_sin: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def input(self, name: str) -> Node:
         node = Node("INPUT", name, (), None, n_tokens=self.n_tokens)
@@ -156,6 +164,13 @@ class _Builder:
 
     def weight(self, name: str):
         return self.m.weights[name]
+
+    def cos_sin(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rope_cos_sin` of this graph's positions, computed once per device: every ROPE
+        op of the graph (two per layer) rotates by the same angles."""
+        if pos.device not in self._cos_sin:
+            self._cos_sin[pos.device] = rope_cos_sin(pos, self.m.rope)
+        return self._cos_sin[pos.device]
 
     def mul_mat(self, wname: str, x: Node, layer: int) -> Node:
         """x [T, K] @ W^T -> [T, N]; workers split it by rows of W."""
@@ -187,22 +202,52 @@ class _Builder:
         W is [H, N, K] and out[t, h] = W[h] @ x[t, h] (x [T, K] is shared by all
         heads); `transposed` uses W[h]^T. `part` takes the k or v rows of the old
         single attn_kv_b [H * (nope + v), kv_lora] so both layouts feed one code path.
+        An x shared by all heads times W's rows (not transposed) is a plain matmul on the
+        stored rows, so it takes the native kernels like `mul_mat` (input rounded to 8
+        bits); the rest multiplies by an exact f32 copy of W (`_head_weights`).
         """
         c, w = self.c, self.weight(wname)
         nope, hv = c.n_embd_head_qk_nope, c.n_embd_head_v
         rows = {"all": slice(None), "k": slice(0, nope), "v": slice(nope, nope + hv)}[part]
 
-        def fn(w, x):
+        def prepare(w) -> torch.Tensor:
             full = w.dequantize()
             if part != "all":
                 full = full.reshape(c.n_head, nope + hv, c.kv_lora_rank)[:, rows]
-            if x.dim() == 2:
-                x = x[:, None, :].expand(-1, c.n_head, -1)
-            return torch.einsum("hkn,thk->thn" if transposed else "hnk,thk->thn", full, x)
+            return (full.transpose(1, 2) if transposed else full).contiguous()      # [H, N, K]
+
+        def heads(wh, x, h0: int, h1: int) -> torch.Tensor:                             # [T, h1-h0, N]
+            wh = wh[h0:h1]
+            if x.dim() == 2:                                    # one x for all heads: a single GEMM
+                return (x @ wh.reshape(-1, wh.shape[-1]).T).reshape(x.shape[0], *wh.shape[:2])
+            return torch.einsum("hnk,thk->thn", wh, x[:, h0:h1])
+
+        def fn(w, x):
+            dst, tasks = parallel(w, x, 1)
+            for task in tasks:
+                task()
+            return dst
+
+        def parallel(w, x, n_tasks: int):       # workers split the heads (native: each head's rows)
+            if x.dim() == 2 and not transposed and native(w):
+                node.n_bytes = int(w.n_bytes * share)
+                return _native_heads_tasks(w, x, c.n_head, rows, n_tasks)
+            node.n_bytes = 4 * n_weights
+            wh = _head_weights(w, (part, transposed), prepare)
+            dst = x.new_empty(x.shape[0], *wh.shape[:2])
+            bounds = [c.n_head * i // n_tasks for i in range(n_tasks + 1)]
+
+            def task(h0: int, h1: int) -> None:
+                dst[:, h0:h1] = heads(wh, x, h0, h1)
+            return dst, [lambda h0=h0, h1=h1: task(h0, h1) for h0, h1 in zip(bounds, bounds[1:]) if h1 > h0]
         share = {"all": 1.0, "k": nope / (nope + hv), "v": hv / (nope + hv)}[part]
-        n_weights = math.prod(w.shape) * share
-        return self.op("MUL_MAT", name, fn, x, layer=layer, buffer=wname, n_bytes=int(w.n_bytes * share),
-                       flops=int(2 * self.n_tokens * n_weights))
+        n_weights = int(math.prod(w.shape) * share)
+        # n_bytes: what the op reads, the stored blocks on the native kernels, else the f32 form
+        # it keeps (see _head_weights); corrected when it runs (the path depends on x and the device)
+        guess = int(w.n_bytes * share) if native(w) and not transposed else 4 * n_weights
+        node = self.op("MUL_MAT", name, fn, x, layer=layer, buffer=wname, n_bytes=guess,
+                       flops=2 * self.n_tokens * n_weights, parallel=parallel)
+        return node
 
     def mul_mat_id(self, wname: str, x: Node, ids: Node, layer: int, fused: bool = False) -> Node:
         """Expert matmuls: out[t, u] = W[ids[t, u]] @ x[t] (or x[t, u]) -> [T, U, N].
@@ -223,6 +268,10 @@ class _Builder:
         def tasks_for(w, x, ids, n_tasks):
             experts = torch.unique(ids).tolist()
             node.n_bytes = per_expert * len(experts)
+            g = w.gate if fused else w
+            if native(g) and (not fused or native(w.up)):
+                return cpu_kernels.mul_mat_id_tasks(g.data, g.ggml_type, x, ids, n_tasks,
+                                                    w.up.data if fused else None)
             dst = x.new_zeros(ids.shape[0], ids.shape[1], n)
             groups = [experts[i::n_tasks] for i in range(n_tasks)]
             return dst, [lambda g=g: [expert_fn(w, x, ids, e, dst) for e in g] for g in groups if g]
@@ -236,7 +285,39 @@ class _Builder:
         return node
 
 
+# Per-head attention weights where the native kernels cannot serve (k_b read transposed,
+# -mla 1's per-head inputs, CUDA, HYPROF_KERNELS=torch): dequantised once per buffer (a
+# backend's own copy is its own key) in the [H, N, K] layout the op multiplies by, up to
+# 8 MiB f32 per layer at DeepSeek-V2-Lite shapes; dequantising per token cost more than the
+# rest of attention. Entries go with their buffer.
+_HEAD_WEIGHTS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
+
+def _native_heads_tasks(w, x: torch.Tensor, n_head: int, rows: slice, n_tasks: int):
+    """A per-head matmul whose input x [T, K] is shared by all heads, on the stored blocks:
+    MUL_MAT_ID with head h as expert h, rows `rows` of each head's rows -> (dst [T, H, N], tasks)."""
+    per_head = w.shape[-2] if len(w.shape) == 3 else w.shape[0] // n_head
+    w3 = w.data.reshape(n_head, per_head, -1)
+    r0, r1, _ = rows.indices(per_head)
+    xq = cpu_kernels.quantize_activations(x.detach().float())
+    ids = np.broadcast_to(np.arange(n_head, dtype=np.int32), (x.shape[0], n_head))
+    out = np.empty((x.shape[0], n_head, per_head), np.float32)
+    bounds = [r0 + (r1 - r0) * i // n_tasks for i in range(n_tasks + 1)]
+    return torch.from_numpy(out)[:, :, r0:r1], [
+        lambda a=a, b=b: cpu_kernels.mul_mat_id(w3, w.ggml_type, xq, ids, out, a, b)
+        for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _head_weights(w, key, prepare: Callable) -> torch.Tensor:
+    forms = _HEAD_WEIGHTS.setdefault(w, {})
+    if key not in forms:
+        forms[key] = prepare(w)
+    return forms[key]
+
+
 def _mul_mat_parallel(w, x: torch.Tensor, n_tasks: int):
+    if native(w):
+        return cpu_kernels.mul_mat_tasks(w.data, w.ggml_type, x, n_tasks)
     splits = w.row_splits(n_tasks)
     dst = x.new_empty(x.shape[0], w.shape[-2])
 
@@ -278,11 +359,11 @@ def attention(b: _Builder, il: int, h: Node, pos: Node) -> Node:
 
     def rope_q(_, q, pos):
         q = q.reshape(T, H, c.n_embd_head_k)
-        return torch.cat([q[..., :nope], apply_rope(q[..., nope:], pos, rope)], dim=-1)   # [T, H, head_k]
+        return torch.cat([q[..., :nope], apply_rope(q[..., nope:], b.cos_sin(pos))], dim=-1)   # [T, H, head_k]
     q = b.op("ROPE", f"q_pe-{il}", rope_q, q, pos, layer=il, flops=6 * T * H * R)
     kv = b.mul_mat(p + "attn_kv_a_mqa.weight", h, il)                                  # [T, L + R]
     kv_c = b.rms_norm(p + "attn_kv_a_norm.weight", kv, il, f"kv_cmpr-{il}", cols=slice(0, L))   # [T, L]
-    k_pe = b.op("ROPE", f"k_pe-{il}", lambda _, kv, pos: apply_rope(kv[:, L:], pos, rope), kv, pos,
+    k_pe = b.op("ROPE", f"k_pe-{il}", lambda _, kv, pos: apply_rope(kv[:, L:], b.cos_sin(pos)), kv, pos,
                 layer=il, flops=6 * T * R)                                             # [T, R]
     split_kv = c.kv_layout == "kv_b"
     kv_b = p + ("attn_kv_b.weight" if split_kv else "attn_k_b.weight")

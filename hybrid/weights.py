@@ -3,20 +3,28 @@
 A weight stays in the form the GGUF file stores it: a torch view of the file's
 memory map (quantised blocks as uint8 rows, floats as themselves). A matmul
 dequantises a bounded chunk of rows at a time, so a Q4 model's resident memory
-is the file's pages it touches plus a few MiB of scratch, never an f32 copy.
+is the file's pages it touches plus a few MiB of scratch, never an f32 copy
+(except of the small per-head attention weights, see `hybrid.model._head_weights`).
 
 `-rtr 1` ("run-time repack", as in ik_llama.cpp) converts 4-bit weights at load
 into torch's int4 weight-only pack (`_weight_int4pack_mm_for_cpu`, groups of 32),
 where the matmul runs in bfloat16 from packed nibbles instead of unpacking in
 Python; the pack is about the size of the file's blocks, held in RAM.
 
-Native kernels (issue 8: GEMV on raw Q4_0/Q8_0 blocks) plug in through
-`MATMUL_KERNELS`: a kernel for a ggml type takes over `mul_mat` for stored
-weights of that type.
+Native kernels (`hybrid.cpu_kernels`: int8 dot products on raw Q4_0/Q8_0
+blocks, at memory speed) take over every matmul on a stored Q4_0/Q8_0 weight
+held in CPU memory: `mul_mat` here, and the worker-task forms in
+`hybrid.model`, all ask `native(w)`. They round each activation to 8 bits per
+block of 32 (as llama.cpp does on the CPU), so results move by ~1e-2 against a
+float matmul. `HYPROF_KERNELS=torch` in the environment (read at every call)
+selects the exact dequantise-then-matmul path instead; any other value (a SIMD
+path name, see `hybrid.cpu_kernels.available`) or none keeps the kernels.
+Weights on a CUDA device always take the torch path.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -26,14 +34,15 @@ import numpy as np
 import torch
 from gguf.constants import GGMLQuantizationType as T
 
-from hybrid import quants
+from hybrid import cpu_kernels, quants
 
 CHUNK_ELEMENTS = 1 << 21          # dequantise at most this many weights (8 MiB f32) at once
 INT4_GROUP = 32
 INT4_ROWS_PER_PACK = 256          # the pack cannot be sliced by rows, so pack row blocks separately
 
 # ggml type -> kernel(weight, x [T, K] f32) -> [T, N] f32, for stored (not repacked) weights.
-MATMUL_KERNELS: dict[int, Callable[["Weight", torch.Tensor], torch.Tensor]] = {}
+MATMUL_KERNELS: dict[int, Callable[["Weight", torch.Tensor], torch.Tensor]] = {
+    t: lambda w, x: cpu_kernels.matmul(w.data, w.ggml_type, x) for t in (T.Q4_0, T.Q8_0)}
 
 
 def _torch_view(data: np.ndarray) -> torch.Tensor:
@@ -81,7 +90,6 @@ class Weight:
 
     def dequantize(self) -> torch.Tensor:
         return quants.dequantize(self.data, self.ggml_type)
-
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] @ W^T -> [T, N], dequantising at most CHUNK_ELEMENTS weights at a time."""
         if self.data.dtype == torch.float32:
@@ -176,12 +184,16 @@ def can_repack(w: Weight) -> bool:
             and w.shape[-2] % 16 == 0 and not _NOT_REPACKED.search(w.name))
 
 
+def native(w) -> bool:
+    """Whether matmuls on w run on the native CPU kernels (see the module docstring)."""
+    return (isinstance(w, Weight) and w.ggml_type in MATMUL_KERNELS and w.data.device.type == "cpu"
+            and os.environ.get("HYPROF_KERNELS") != "torch")
+
+
 def mul_mat(w: "Weight | Int4Weight", x: torch.Tensor) -> torch.Tensor:
     """x [T, K] f32 @ w^T -> [T, N] f32: the one matmul every weight op goes through."""
-    if isinstance(w, Weight):
-        kernel = MATMUL_KERNELS.get(w.ggml_type)
-        if kernel is not None:
-            return kernel(w, x)
+    if native(w):
+        return MATMUL_KERNELS[w.ggml_type](w, x)
     return w.matmul(x)
 
 

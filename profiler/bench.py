@@ -76,7 +76,7 @@ class EngineConfig:
     accel: str                     # auto | cuda | emulated | none
     mla: int = 0
     fmoe: int = 1
-    rtr: int = 1
+    rtr: int = 0
     poll: int = 50
 
     def as_dict(self) -> dict:
@@ -87,7 +87,7 @@ class EngineConfig:
 
 def sweep(*, threads: Sequence[int], n_gpu_layers: Sequence[int],
           override_sets: Sequence[Sequence[str]], accel: str, mla: Sequence[int] = (0,),
-          fmoe: Sequence[int] = (1,), rtr: Sequence[int] = (1,),
+          fmoe: Sequence[int] = (1,), rtr: Sequence[int] = (0,),
           poll: Sequence[int] = (50,)) -> list[EngineConfig]:
     """Every combination of the swept values, in llama-bench's order (the last flag varies fastest)."""
     return [EngineConfig(t, ngl, tuple(ot), accel, m, f, r, p)

@@ -5,6 +5,11 @@ writes a model on first request and returns the cached path for the same argumen
 afterwards; `overrides` are ModelConfig fields (q_lora_rank=0, kv_layout="k_b_v_b",
 expert_gating_func=2, n_expert_groups=4, n_group_used=2, ...). `tiny_gguf` is the
 tiny preset at Q4_0.
+
+The tiny models' ops are far below the size the CPU backend cuts into worker
+tasks (hybrid/backends/cpu.py MIN_SPLIT_*), so every test splits every op that
+has a parallel form, to exercise the worker pool; `test_small_ops_stay_on_main`
+(tests/test_engine.py) checks the production sizes.
 """
 
 from __future__ import annotations
@@ -13,6 +18,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def split_every_parallel_op(monkeypatch):
+    from hybrid.backends import cpu
+
+    monkeypatch.setattr(cpu, "MIN_SPLIT_BYTES", 0)
+    monkeypatch.setattr(cpu, "MIN_SPLIT_FLOPS", 0)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,16 @@ the decompressed "standard" attention only). It follows llama.cpp's deepseek2
 graph (src/models/deepseek2.cpp, build_moe_ffn in src/llama-graph.cpp, the YaRN
 set-up in src/llama-context.cpp and ggml's rope_yarn), read as a specification.
 Slow by design; use it on the tiny presets only.
+
+`round_activations=True` models the engine's native CPU kernels (as llama.cpp's
+CPU backend): the input of every matmul on a Q4_0 or Q8_0 weight is first
+rounded to 8 bits per block of 32 values, rint(x / d) * d with d = amax / 127.
+That includes the per-head up-projections of the compressed KV (attn_kv_b, and
+attn_v_b), which multiply the stored rows; attn_k_b is used transposed (its
+columns), which the engine computes on exact dequantised values, so the input
+of k_b stays exact, as does the embedding lookup. The absorbed (MLA) form
+rounds differently, so compare it with this reference at the looser MLA
+tolerance only.
 """
 
 from __future__ import annotations
@@ -14,15 +24,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from gguf import GGUFReader
+from gguf import GGUFReader, GGMLQuantizationType
 from gguf import quants as gq
 
 
 class Deepseek2Reference:
     """Holds float64 weights and a per-layer K/V cache; `forward(tokens)` -> logits."""
 
-    def __init__(self, path):
+    def __init__(self, path, round_activations: bool = False):
         reader = GGUFReader(str(path))
+        self.round_activations = round_activations
+        self.types = {t.name: t.tensor_type for t in reader.tensors}
         self.meta = {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("tokenizer.")}
         self.w = {}
         for t in reader.tensors:
@@ -101,6 +113,16 @@ class Deepseek2Reference:
 
     # --- pieces -------------------------------------------------------------
 
+    def mm(self, name, x, expert=None, w=None):
+        """W @ x for the weight `name` (one expert of it with `expert`; `w`: a given view of it)."""
+        if w is None:
+            w = self.w[name] if expert is None else self.w[name][expert]
+        if self.round_activations and self.types[name] in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q8_0):
+            blocks = x.reshape(-1, 32)
+            d = np.abs(blocks).max(axis=1, keepdims=True) / 127
+            x = (np.rint(blocks / np.where(d == 0, 1, d)) * d).reshape(x.shape)
+        return w @ x
+
     def norm(self, x, name):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * self.w[name]
 
@@ -115,34 +137,33 @@ class Deepseek2Reference:
         return out
 
     def mlp(self, x, prefix, suffix=""):
-        g = self.w[f"{prefix}ffn_gate{suffix}.weight"] @ x
-        u = self.w[f"{prefix}ffn_up{suffix}.weight"] @ x
-        return self.w[f"{prefix}ffn_down{suffix}.weight"] @ (g / (1 + np.exp(-g)) * u)
+        g = self.mm(f"{prefix}ffn_gate{suffix}.weight", x)
+        u = self.mm(f"{prefix}ffn_up{suffix}.weight", x)
+        return self.mm(f"{prefix}ffn_down{suffix}.weight", g / (1 + np.exp(-g)) * u)
 
-    def kv_up(self, il):
-        """Per-head k_nope [h, nope, kv_lora] and v [h, d_v, kv_lora] up-projections."""
+    def kv_up(self, il, c):
+        """Per-head k_nope [h, nope] and v [h, d_v] from the compressed KV c [kv_lora]."""
         p = f"blk.{il}."
         if p + "attn_kv_b.weight" in self.w:
-            kvb = self.w[p + "attn_kv_b.weight"].reshape(self.n_head, self.d_nope + self.d_v, self.kv_lora)
-            return kvb[:, :self.d_nope, :], kvb[:, self.d_nope:, :]
-        k_b = self.w[p + "attn_k_b.weight"]          # [h, kv_lora, nope]
-        v_b = self.w[p + "attn_v_b.weight"]          # [h, d_v, kv_lora]
-        return np.transpose(k_b, (0, 2, 1)), v_b
+            name = p + "attn_kv_b.weight"
+            kvb = self.w[name].reshape(self.n_head, self.d_nope + self.d_v, self.kv_lora)
+            return self.mm(name, c, w=kvb[:, :self.d_nope, :]), self.mm(name, c, w=kvb[:, self.d_nope:, :])
+        k_b = self.w[p + "attn_k_b.weight"]          # [h, kv_lora, nope], used transposed: exact input
+        return np.transpose(k_b, (0, 2, 1)) @ c, self.mm(p + "attn_v_b.weight", c)
 
     def attention(self, x, il, pos):
         p = f"blk.{il}."
         if p + "attn_q.weight" in self.w:
-            q = self.w[p + "attn_q.weight"] @ x
+            q = self.mm(p + "attn_q.weight", x)
         else:
-            q = self.w[p + "attn_q_b.weight"] @ self.norm(self.w[p + "attn_q_a.weight"] @ x, p + "attn_q_a_norm.weight")
+            q = self.mm(p + "attn_q_b.weight", self.norm(self.mm(p + "attn_q_a.weight", x), p + "attn_q_a_norm.weight"))
         q = q.reshape(self.n_head, self.d_k)
         q = np.concatenate([q[:, :self.d_nope], self.rope(q[:, self.d_nope:], pos)], axis=1)
-        kv = self.w[p + "attn_kv_a_mqa.weight"] @ x
+        kv = self.mm(p + "attn_kv_a_mqa.weight", x)
         c = self.norm(kv[:self.kv_lora], p + "attn_kv_a_norm.weight")
         k_pe = self.rope(kv[self.kv_lora:], pos)
-        k_up, v_up = self.kv_up(il)
-        k = np.concatenate([k_up @ c, np.broadcast_to(k_pe, (self.n_head, self.n_rot))], axis=1)  # [h, d_k]
-        v = v_up @ c                                                                           # [h, d_v]
+        k_nope, v = self.kv_up(il, c)                                                          # [h, d_v]
+        k = np.concatenate([k_nope, np.broadcast_to(k_pe, (self.n_head, self.n_rot))], axis=1)  # [h, d_k]
         self.cache_k[il] = np.concatenate([self.cache_k[il], k[:, None, :]], axis=1)
         self.cache_v[il] = np.concatenate([self.cache_v[il], v[:, None, :]], axis=1)
         out = np.empty((self.n_head, self.d_v))
@@ -150,12 +171,12 @@ class Deepseek2Reference:
             s = self.cache_k[il][h] @ q[h] * self.kq_scale          # keys 0..pos: causal by construction
             s = np.exp(s - s.max())
             out[h] = (s / s.sum()) @ self.cache_v[il][h]
-        return self.w[p + "attn_output.weight"] @ out.reshape(-1)
+        return self.mm(p + "attn_output.weight", out.reshape(-1))
 
     def route(self, x, il):
         """Expert ids and their weights for one token, as build_moe_ffn selects them."""
         p = f"blk.{il}."
-        logits = self.w[p + "ffn_gate_inp.weight"] @ x
+        logits = self.mm(p + "ffn_gate_inp.weight", x)
         if self.gating == 2:
             probs = 1 / (1 + np.exp(-logits))
         else:
@@ -182,9 +203,9 @@ class Deepseek2Reference:
         ids, weights = self.route(x, il)
         out = np.zeros(self.n_embd)
         for e, wt in zip(ids, weights):
-            g = self.w[p + "ffn_gate_exps.weight"][e] @ x
-            u = self.w[p + "ffn_up_exps.weight"][e] @ x
-            out += wt * (self.w[p + "ffn_down_exps.weight"][e] @ (g / (1 + np.exp(-g)) * u))
+            g = self.mm(p + "ffn_gate_exps.weight", x, e)
+            u = self.mm(p + "ffn_up_exps.weight", x, e)
+            out += wt * self.mm(p + "ffn_down_exps.weight", g / (1 + np.exp(-g)) * u, e)
         return out + self.mlp(x, p, "_shexp")
 
     # --- the pass -----------------------------------------------------------
@@ -200,7 +221,7 @@ class Deepseek2Reference:
                 x = x + self.attention(self.norm(x, p + "attn_norm.weight"), il, pos)
                 h = self.norm(x, p + "ffn_norm.weight")
                 x = x + (self.mlp(h, p) if il < self.n_dense or self.n_expert == 0 else self.moe(h, il))
-            head = self.w.get("output.weight", self.w["token_embd.weight"])
-            logits.append(head @ self.norm(x, "output_norm.weight"))
+            head = "output.weight" if "output.weight" in self.w else "token_embd.weight"
+            logits.append(self.mm(head, self.norm(x, "output_norm.weight")))
             self.n_past += 1
         return np.stack(logits)

@@ -21,6 +21,26 @@ OP = {"type": "op", "ts": 5, "dur": 7, "tid": "cpu1", "backend": "CPU", "graph":
       "op": "MUL_MAT_ID", "name": "blk.2.ffn_up_exps", "layer": 2, "bytes": 1000, "flops": 9, "n_tokens": 1}
 
 
+# The vectorised reader has two routes, compiled (analysis._jsonl) and NumPy; tests marked with
+# `routes` run on each, the compiled one only where it is built.
+try:
+    from analysis import _jsonl as compiled_scanner
+except ImportError:
+    compiled_scanner = None
+routes = pytest.mark.parametrize("compiled", [
+    pytest.param(True, marks=pytest.mark.skipif(compiled_scanner is None, reason="analysis._jsonl is not built")),
+    False], ids=["compiled", "numpy"])
+
+
+def route(monkeypatch, compiled):
+    """Take the given route; on the compiled one, the NumPy route would fail if taken."""
+    import analysis.flatjson as flatjson
+    if compiled:
+        monkeypatch.setattr(flatjson, "_words", None)
+    else:
+        monkeypatch.setattr(flatjson, "_jsonl", None)
+
+
 def write(tmp_path, lines, name="t.jsonl", end=b"\n"):
     path = tmp_path / name
     path.write_bytes(b"\n".join(x if isinstance(x, bytes) else orjson.dumps(x) for x in lines) + end)
@@ -141,8 +161,10 @@ def test_analysis_imports_without_torch_or_hybrid():
     assert out.stdout.strip() == "ok"
 
 
-def test_writer_output_takes_the_vectorised_route(tmp_path, monkeypatch):
+@routes
+def test_writer_output_takes_the_vectorised_route(tmp_path, monkeypatch, compiled):
     monkeypatch.setattr(timings_module, "_parse_lines", None)      # the per-line JSON route would fail
+    route(monkeypatch, compiled)
     t = load_timings(write(tmp_path, [HEADER] + [{**OP, "ts": i, "zz": 1.5} for i in range(50)]
                            + [{"type": "graph", "ts": 0, "dur": 9, "test": "tg1", "n_past": 3}]))
     assert len(t.events) == 51 and t.skipped_fields == {"zz": 50}
@@ -175,13 +197,18 @@ def event_objects(draw):
     return ev
 
 
+@routes
 @settings(max_examples=200, deadline=None)
 @given(st.lists(event_objects(), max_size=12), st.booleans())
-def test_vectorised_and_json_routes_agree(events, spaced):
+def test_vectorised_and_json_routes_agree(compiled, events, spaced):
     import json
     dump = (lambda e: json.dumps(e, ensure_ascii=False)) if spaced else (lambda e: orjson.dumps(e).decode())
     lines = [HEADER.decode()] + [dump(e) for e in events] + ['{"type": "sync", "ts": 0, "dur": 0}']
-    fast = load_lines(lines, "x")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        import analysis.flatjson as flatjson
+        if not compiled:
+            monkeypatch.setattr(flatjson, "_jsonl", None)
+        fast = load_lines(lines, "x")
     slow = load_lines(lines[:1] + [""] + lines[1:], "x")               # a blank line: the JSON route
     assert decoded(fast) == decoded(slow)
 
@@ -193,20 +220,28 @@ def test_vectorised_and_json_routes_agree(events, spaced):
     b'{"type":"op","ts":1.5,"dur":2}\n',                     # a fraction in a wanted integer
     b'{"type":"op","ts":null,"dur":2}\n',                    # null in a wanted field
     b'{"type":"op","ts":"1","dur":2}\n',                     # a string where an integer belongs
-    b'{"type":"op","ts":12345678901234567,"dur":2}\n',       # more digits than the fast route reads
+    b'{"type":"op","ts":1234567890123456789,"dur":2}\n',     # more digits than the fast routes read
+    b'{"type":"op","ts":true,"dur":2}\n',                    # a boolean in a wanted integer
+    b'{"type":5,"ts":1,"dur":2}\n',                          # a number where a string belongs
     b'{"type":"op","ts":1,"dur":2,}\n',                      # a trailing comma
     b'{"type":"op","ts":1 "dur":2}\n',                       # a missing comma
     b'{"type":"op","ts":,"dur":2}\n',                        # a missing value
     b'{"type":"op","ts":1}{"dur":2}\n',                      # two objects on a line
 ])
-def test_vectorised_reader_declines_what_it_does_not_read(text):
+@routes
+def test_vectorised_reader_declines_what_it_does_not_read(text, compiled, monkeypatch):
     from analysis.flatjson import FlatReader
     from analysis.timings import INT_FIELDS, STR_FIELDS
-    assert FlatReader(INT_FIELDS, STR_FIELDS).parse(text, text.count(b"\n")) is None
+    reader = FlatReader(INT_FIELDS, STR_FIELDS)
+    if not compiled:
+        route(monkeypatch, compiled)
+    assert (reader._parse_compiled if compiled else reader.parse)(text, text.count(b"\n")) is None
 
 
-def test_vectorised_reader_reads_spaced_json_and_negative_numbers():
+@routes
+def test_vectorised_reader_reads_spaced_json_and_negative_numbers(compiled, monkeypatch):
     from analysis.flatjson import FlatReader
+    route(monkeypatch, compiled)
     reader = FlatReader(("ts", "dur", "layer"), ("type", "name"))
     text = b'{"type": "op", "ts": 12345678901, "dur": 0, "layer": -1, "name": "blk 3, x"}\r\n{"ts":7,"dur":9,"type":"sync"}\n'
     flat = reader.parse(text, 2)
@@ -251,3 +286,52 @@ def test_parallel_reading_errors_name_the_right_line(tmp_path, parallel):
     path = write(tmp_path, [HEADER] + [OP] * 30 + [b'{"type": "op", "ts": 9, "du'], name="cut.jsonl", end=b"")
     t = load_timings(path)
     assert len(t.events) == 30 and t.warnings == (f"{path}:32: truncated last line ignored",)
+
+
+def test_parallel_reading_joins_ranges_with_fewer_events_than_lines(tmp_path, parallel, monkeypatch):
+    """Blank lines and unknown types leave a range fewer events than lines: the next range's rows move down."""
+    lines = [HEADER]
+    for i in range(60):
+        lines.append({**OP, "ts": i, "name": f"blk.{i % 7}.x"} if i % 5 else {"type": "gpu_power", "ts": i, "dur": 1})
+        lines += [b""] if i % 9 == 0 else []
+    path = write(tmp_path, lines)
+    taken = []
+    real = timings_module._load_parallel
+    monkeypatch.setattr(timings_module, "_load_parallel", lambda *a: taken.append(real(*a)) or taken[-1])
+    fast, slow = parallel_and_serial(path, monkeypatch)
+    assert taken[0] is not None                    # the ranges were read on three processes and joined
+    assert decoded(fast) == decoded(slow) and fast.skipped_types == {"gpu_power": 12}
+
+
+@pytest.mark.skipif(compiled_scanner is None, reason="analysis._jsonl is not built")
+@settings(max_examples=100, deadline=None)
+@given(st.lists(event_objects(), min_size=1, max_size=12), st.booleans())
+def test_compiled_and_numpy_routes_give_the_same_columns(events, spaced):
+    """Where both routes read a block, they read the same values (strings compared as bytes)."""
+    import json
+
+    import analysis.flatjson as flatjson
+    from analysis.timings import _INT_FILL, FLOAT_FIELDS, INT_FIELDS, STR_FIELDS
+    dump = (lambda e: json.dumps(e, ensure_ascii=False)) if spaced else (lambda e: orjson.dumps(e).decode())
+    text = "".join(dump(e) + "\n" for e in events).encode()
+    compiled = flatjson.FlatReader(INT_FIELDS, STR_FIELDS, FLOAT_FIELDS, _INT_FILL)
+    fast = compiled._parse_compiled(text, len(events))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(flatjson, "_jsonl", None)
+        numpy_reader = flatjson.FlatReader(INT_FIELDS, STR_FIELDS, FLOAT_FIELDS, _INT_FILL)
+        slow = numpy_reader.parse(text, len(events))
+    if slow is None:    # the NumPy route declines more (escapes, long strings); the JSON route checks those
+        return
+    assert fast is not None
+    for f in INT_FIELDS:
+        assert all((a == b).all() for a, b in zip(fast.ints[f], slow.ints[f])), f
+    for f in STR_FIELDS:
+        def strings(flat, reader):
+            return [reader.strings[i] if i >= 0 else None for i in flat.strs[f]]
+        assert strings(fast, compiled) == strings(slow, numpy_reader), f
+    for f in FLOAT_FIELDS:
+        assert repr(fast.floats[f][0].tolist()) == repr(slow.floats[f][0].tolist()) and \
+            (fast.floats[f][1] == slow.floats[f][1]).all(), f
+    assert (fast.key_mask == slow.key_mask).all()
+    names = [(int(line), fast.other_keys[2][j]) for line, j in zip(*fast.other_keys[:2])]
+    assert names == [(int(line), slow.other_keys[2][j]) for line, j in zip(*slow.other_keys[:2])]

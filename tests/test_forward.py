@@ -19,7 +19,6 @@ import torch
 from gguf.constants import GGMLQuantizationType as T
 
 from gguf_retype import retype_gguf
-from hybrid import weights
 from hybrid.gguf_model import load_model
 from hybrid.model import Model, build_graph
 from hybrid.graph import compute
@@ -52,9 +51,10 @@ _references: dict = {}
 
 @pytest.fixture(autouse=True)
 def exact_matmuls(monkeypatch):
-    """These tolerances are for the exact (dequantise-then-matmul) path: native kernels that
-    round activations to 8 bits (hybrid.weights.MATMUL_KERNELS) are tested on their own."""
-    monkeypatch.setattr(weights, "MATMUL_KERNELS", {})
+    """These tolerances are for the exact (dequantise-then-matmul) path: the native kernels,
+    which round activations to 8 bits, are tested against the rounding reference in
+    tests/test_engine.py."""
+    monkeypatch.setenv("HYPROF_KERNELS", "torch")
 
 
 def reference_logits(path) -> tuple[np.ndarray, list[np.ndarray]]:

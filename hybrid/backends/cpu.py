@@ -37,6 +37,13 @@ from profiler.schema import MAIN_LANE
 CPU = "CPU"
 
 
+# An op with a `parallel` form is cut into worker tasks only when it reads at least
+# MIN_SPLIT_BYTES of weights or does MIN_SPLIT_FLOPS: below that, handing tasks to a
+# worker (GIL handoffs both ways, ~50-150 us on a shared 2-core machine) costs more
+# than splitting saves, and the main thread runs the op alone (bench_hybrid.py).
+MIN_SPLIT_BYTES = 1 << 20
+MIN_SPLIT_FLOPS = 1 << 25
+
 # How long one native spin lasts before the thread looks up (for Ctrl-C on the main
 # thread, shutdown on the workers); a change of the counter ends it at once.
 SPIN_SLICE_NS = 2_000_000
@@ -64,6 +71,7 @@ class WorkerPool:
         self._seq = 0
         self._tasks: deque[Callable[[], None]] = deque()
         self._op: tuple[Node, int, int] | None = None    # node, graph id, split index
+        self._n_tasks = 1           # tasks of the current op
         self._op_gen = 0            # +1 per parallel op handed out
         self._wake_gen = 0          # +1 per split dispatched to the workers
         self._split_open = False
@@ -88,6 +96,7 @@ class WorkerPool:
         if not self._split_open:
             self._dispatch_split(graph_id, i_split)
         self._tasks = deque(tasks)
+        self._n_tasks = len(tasks)
         self._op = (node, graph_id, i_split)
         self._op_gen += 1
         gen = self._op_gen
@@ -95,11 +104,10 @@ class WorkerPool:
         try:
             ran = self._take_tasks()
         except BaseException as e:  # join first: the workers must not run on alone
-            self._error, ran = e, False
+            self._error, ran = e, 0
         rec = self.recorder
         if ran and rec.enabled:
-            self.main_lane.op(t_start, rec.now() - t_start, graph_id, i_split, CPU, node.op,
-                              node.name, node.layer, node.n_bytes, node.flops, node.n_tokens)
+            self._record(self.main_lane, t_start, ran)
         counters = self._counters
         for i in range(1, self.n_threads):
             seen = int(counters[i])
@@ -129,15 +137,24 @@ class WorkerPool:
                 if lock.locked():   # else a wake is still pending, which serves
                     lock.release()
 
-    def _take_tasks(self) -> bool:
-        tasks, ran = self._tasks, False
+    def _take_tasks(self) -> int:
+        """Run tasks until none is left; how many this thread ran."""
+        tasks, ran = self._tasks, 0
         while True:
             try:
                 task = tasks.popleft()
             except IndexError:
                 return ran
             task()
-            ran = True
+            ran += 1
+
+    def _record(self, lane, t_start: int, ran: int) -> None:
+        """One lane's op event: its share of the op's bytes and flops (the tasks it ran),
+        so that the lanes of one op add up to the op, not to n_threads times it."""
+        node, graph_id, i_split = self._op
+        share = ran / self._n_tasks
+        lane.op(t_start, self.recorder.now() - t_start, graph_id, i_split, CPU, node.op, node.name,
+                node.layer, round(node.n_bytes * share), round(node.flops * share), node.n_tokens)
 
     def close(self) -> None:
         """Stop and join the workers (also after Ctrl-C, mid-split)."""
@@ -191,9 +208,7 @@ class WorkerPool:
             self._error = e
             return
         if ran and rec.enabled:
-            node, graph_id, i_split = self._op
-            lane.op(t_start, rec.now() - t_start, graph_id, i_split, CPU, node.op, node.name,
-                    node.layer, node.n_bytes, node.flops, node.n_tokens)
+            self._record(lane, t_start, ran)
 
 
 class CpuBackend:
@@ -219,7 +234,8 @@ class CpuBackend:
                 t = rec.now() if rec.enabled else 0
                 buf = buffers[node.buffer] if node.buffer is not None else None
                 args = [values[s] for s in node.srcs]
-                if node.parallel is not None and n_tasks > 1:
+                if node.parallel is not None and n_tasks > 1 and (
+                        node.n_bytes >= MIN_SPLIT_BYTES or node.flops >= MIN_SPLIT_FLOPS):
                     values[node], tasks = node.parallel(buf, *args, n_tasks)
                     pool.run(node, tasks, graph_id, i_split, t)
                 else:

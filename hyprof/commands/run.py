@@ -75,7 +75,8 @@ def register(subparsers) -> None:
     p.add_argument("-fmoe", type=_ints, action="append", metavar="0|1",
                    help="fused MoE up/gate (default: 1)")
     p.add_argument("-rtr", type=_ints, action="append", metavar="0|1",
-                   help="repack weights at load time (default: 1)")
+                   help="repack 4-bit weights at load into torch's int4 pack (default: 0; slow to load, "
+                   "and the native Q4_0/Q8_0 kernels on the stored blocks are faster)")
     p.add_argument("--poll", type=_ints, action="append", metavar="0..100",
                    help="worker polling level before sleeping, as ggml's --poll (default: 50)")
     p.add_argument("-o", dest="timings", metavar="TIMINGS.jsonl",
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                     n_gpu_layers=_flat(args.n_gpu_layers, [99]),
                     override_sets=override_sets(args.override_tensor), accel=args.accel,
                     mla=_flat(args.mla, [0]), fmoe=_flat(args.fmoe, [1]),
-                    rtr=_flat(args.rtr, [1]), poll=_flat(args.poll, [50]))
+                    rtr=_flat(args.rtr, [0]), poll=_flat(args.poll, [50]))
     if any(c.threads < 1 for c in configs):
         raise UserError("-t: thread counts must be >= 1")
     if args.timings is not None:

@@ -54,10 +54,6 @@ class ModelConfig:
     expert_gating_func: int = 1    # 1 softmax, 2 sigmoid
 
     @property
-    def n_embd_head_qk_rope(self) -> int:
-        return self.n_rot
-
-    @property
     def n_embd_head_qk_nope(self) -> int:
         return self.n_embd_head_k - self.n_rot
 

@@ -43,10 +43,6 @@ def paths() -> tuple[str, ...]:
     return _kernels.PATHS
 
 
-def supports(ggml_type: int) -> bool:
-    return ggml_type in BLOCK_BYTES
-
-
 def _array(a) -> np.ndarray:
     return a if isinstance(a, np.ndarray) else a.numpy()
 
@@ -141,6 +137,11 @@ def row_splits(n_rows: int, n_tasks: int) -> list[int]:
     return [n_rows * i // n_tasks for i in range(n_tasks + 1)]
 
 
+def range_tasks(bounds: list[int], run) -> list:
+    """One worker task `run(r0, r1)` per non-empty range between consecutive bounds."""
+    return [lambda r0=r0, r1=r1: run(r0, r1) for r0, r1 in zip(bounds, bounds[1:]) if r1 > r0]
+
+
 def mul_mat_tasks(w_data, ggml_type: int, x, n_tasks: int):
     """MUL_MAT in the worker pool's `parallel` form -> (dst float32 torch [T, N], tasks):
     x [T, K] quantised once by the calling thread, each task a range of W's rows."""
@@ -153,8 +154,7 @@ def mul_mat_tasks(w_data, ggml_type: int, x, n_tasks: int):
 
     def task(r0: int, r1: int) -> None:
         mul_mat(w, ggml_type, xq, out, r0, r1)
-    return torch.from_numpy(out), [lambda r0=r0, r1=r1: task(r0, r1)
-                                   for r0, r1 in zip(bounds, bounds[1:]) if r1 > r0]
+    return torch.from_numpy(out), range_tasks(bounds, task)
 
 
 def mul_mat_id_tasks(w_data, ggml_type: int, x, ids, n_tasks: int, w_up_data=None):
@@ -177,5 +177,4 @@ def mul_mat_id_tasks(w_data, ggml_type: int, x, ids, n_tasks: int, w_up_data=Non
 
     def task(r0: int, r1: int) -> None:
         mul_mat_id(w, ggml_type, xq, ids, out, r0, r1, w_up=w_up)
-    return torch.from_numpy(out), [lambda r0=r0, r1=r1: task(r0, r1)
-                                   for r0, r1 in zip(bounds, bounds[1:]) if r1 > r0]
+    return torch.from_numpy(out), range_tasks(bounds, task)

@@ -25,7 +25,7 @@ from hybrid.backends.acc import AccBackend
 from hybrid.backends.cpu import CpuBackend
 from hybrid.gguf_model import load_model
 from hybrid.model import Model
-from hybrid.placement import CPU, available_backends, parse_override_rules, place
+from hybrid.placement import CPU, available_backends, backend_loads, parse_override_rules, place
 from hybrid.sched import Scheduler, SplitPlan, split_graph
 from profiler.errors import UserError
 from profiler.recorder import Recorder
@@ -203,11 +203,8 @@ class Engine:
 
     def header(self) -> dict:
         g = self.gguf
-        placement: dict[str, dict] = {}
-        for name, backend in self.placement.backend.items():
-            p = placement.setdefault(backend, {"bytes": 0, "tensors": 0})
-            p["bytes"] += g.tensors[name].n_bytes
-            p["tensors"] += 1
+        loads = backend_loads({n: t.n_bytes for n, t in g.tensors.items()}, g.config, self.placement)
+        placement = {ld.backend: {"bytes": ld.n_bytes, "tensors": ld.n_tensors} for ld in loads}
         gpu = None
         if self.accel is not None and self.accel.startswith("CUDA"):
             gpu = torch.cuda.get_device_name(int(self.accel[4:]))

@@ -122,7 +122,7 @@ def load_model(path: str | Path) -> GGUFModel:
         fields = arches.config_fields(arch, {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)})
     except KeyError as e:
         raise UserError(f"{path}: missing metadata key {e.args[0]}") from None
-    fields["n_vocab"] = _n_vocab(path, meta, tensors, reader)
+    fields["n_vocab"] = _n_vocab(path, tensors, reader)
     try:
         config = ModelConfig(**fields)
     except TypeError as e:
@@ -171,7 +171,7 @@ def _tensor_info(t) -> TensorInfo:
     return TensorInfo(name=t.name, ggml_type=t.tensor_type, shape=shape, n_bytes=int(t.n_bytes), data=data)
 
 
-def _n_vocab(path: Path, meta: dict, tensors: dict[str, TensorInfo], reader: GGUFReader) -> int:
+def _n_vocab(path: Path, tensors: dict[str, TensorInfo], reader: GGUFReader) -> int:
     """The embedding's row count is the truth; the vocabulary list must agree with it."""
     emb = tensors.get("token_embd.weight")
     if emb is None:

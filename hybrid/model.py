@@ -149,6 +149,7 @@ class _Builder:
         self.nodes: list[Node] = []
         self.inputs: dict[str, Node] = {}
         self._cos_sin: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masked: dict[torch.device, torch.Tensor] = {}
 
     def input(self, name: str) -> Node:
         node = Node("INPUT", name, (), None, n_tokens=self.n_tokens)
@@ -171,6 +172,15 @@ class _Builder:
         if pos.device not in self._cos_sin:
             self._cos_sin[pos.device] = rope_cos_sin(pos, self.m.rope)
         return self._cos_sin[pos.device]
+
+    def masked(self, device: torch.device) -> torch.Tensor:
+        """[T, n_kv] True where a token may not attend (a later position): built once per
+        device, as every layer's softmax uses the same causal mask."""
+        if device not in self._masked:
+            n_kv = self.n_past + self.n_tokens
+            self._masked[device] = (torch.arange(n_kv, device=device)[None, :]
+                                    > (self.n_past + torch.arange(self.n_tokens, device=device))[:, None])
+        return self._masked[device]
 
     def mul_mat(self, wname: str, x: Node, layer: int) -> Node:
         """x [T, K] @ W^T -> [T, N]; workers split it by rows of W."""
@@ -222,12 +232,6 @@ class _Builder:
                 return (x @ wh.reshape(-1, wh.shape[-1]).T).reshape(x.shape[0], *wh.shape[:2])
             return torch.einsum("hnk,thk->thn", wh, x[:, h0:h1])
 
-        def fn(w, x):
-            dst, tasks = parallel(w, x, 1)
-            for task in tasks:
-                task()
-            return dst
-
         def parallel(w, x, n_tasks: int):       # workers split the heads (native: each head's rows)
             if x.dim() == 2 and not transposed and native(w):
                 node.n_bytes = int(w.n_bytes * share)
@@ -235,17 +239,16 @@ class _Builder:
             node.n_bytes = 4 * n_weights
             wh = _head_weights(w, (part, transposed), prepare)
             dst = x.new_empty(x.shape[0], *wh.shape[:2])
-            bounds = [c.n_head * i // n_tasks for i in range(n_tasks + 1)]
 
             def task(h0: int, h1: int) -> None:
                 dst[:, h0:h1] = heads(wh, x, h0, h1)
-            return dst, [lambda h0=h0, h1=h1: task(h0, h1) for h0, h1 in zip(bounds, bounds[1:]) if h1 > h0]
+            return dst, cpu_kernels.range_tasks(cpu_kernels.row_splits(c.n_head, n_tasks), task)
         share = {"all": 1.0, "k": nope / (nope + hv), "v": hv / (nope + hv)}[part]
         n_weights = int(math.prod(w.shape) * share)
         # n_bytes: what the op reads, the stored blocks on the native kernels, else the f32 form
         # it keeps (see _head_weights); corrected when it runs (the path depends on x and the device)
         guess = int(w.n_bytes * share) if native(w) and not transposed else 4 * n_weights
-        node = self.op("MUL_MAT", name, fn, x, layer=layer, buffer=wname, n_bytes=guess,
+        node = self.op("MUL_MAT", name, _serial(parallel), x, layer=layer, buffer=wname, n_bytes=guess,
                        flops=2 * self.n_tokens * n_weights, parallel=parallel)
         return node
 
@@ -275,14 +278,18 @@ class _Builder:
             dst = x.new_zeros(ids.shape[0], ids.shape[1], n)
             groups = [experts[i::n_tasks] for i in range(n_tasks)]
             return dst, [lambda g=g: [expert_fn(w, x, ids, e, dst) for e in g] for g in groups if g]
-
-        def fn(w, x, ids):
-            dst, tasks = tasks_for(w, x, ids, 1)
-            for task in tasks:
-                task()
-            return dst
-        node.fn, node.parallel = fn, tasks_for
+        node.fn, node.parallel = _serial(tasks_for), tasks_for
         return node
+
+
+def _serial(parallel: Callable) -> Callable:
+    """An op's `fn` from its `parallel` form: one task, run on the calling thread."""
+    def fn(*args):
+        dst, tasks = parallel(*args, 1)
+        for task in tasks:
+            task()
+        return dst
+    return fn
 
 
 # Per-head attention weights where the native kernels cannot serve (k_b read transposed,
@@ -302,10 +309,9 @@ def _native_heads_tasks(w, x: torch.Tensor, n_head: int, rows: slice, n_tasks: i
     xq = cpu_kernels.quantize_activations(x.detach().float())
     ids = np.broadcast_to(np.arange(n_head, dtype=np.int32), (x.shape[0], n_head))
     out = np.empty((x.shape[0], n_head, per_head), np.float32)
-    bounds = [r0 + (r1 - r0) * i // n_tasks for i in range(n_tasks + 1)]
-    return torch.from_numpy(out)[:, :, r0:r1], [
-        lambda a=a, b=b: cpu_kernels.mul_mat_id(w3, w.ggml_type, xq, ids, out, a, b)
-        for a, b in zip(bounds, bounds[1:]) if b > a]
+    bounds = [r0 + b for b in cpu_kernels.row_splits(r1 - r0, n_tasks)]
+    return torch.from_numpy(out)[:, :, r0:r1], cpu_kernels.range_tasks(
+        bounds, lambda a, b: cpu_kernels.mul_mat_id(w3, w.ggml_type, xq, ids, out, a, b))
 
 
 def _head_weights(w, key, prepare: Callable) -> torch.Tensor:
@@ -318,12 +324,11 @@ def _head_weights(w, key, prepare: Callable) -> torch.Tensor:
 def _mul_mat_parallel(w, x: torch.Tensor, n_tasks: int):
     if native(w):
         return cpu_kernels.mul_mat_tasks(w.data, w.ggml_type, x, n_tasks)
-    splits = w.row_splits(n_tasks)
     dst = x.new_empty(x.shape[0], w.shape[-2])
 
     def task(r0: int, r1: int) -> None:
         dst[:, r0:r1] = mul_mat(w.rows(r0, r1), x)
-    return dst, [lambda r0=r0, r1=r1: task(r0, r1) for r0, r1 in zip(splits, splits[1:]) if r1 > r0]
+    return dst, cpu_kernels.range_tasks(w.row_splits(n_tasks), task)
 
 
 def _expert_rows(x: torch.Tensor, ids: torch.Tensor, e: int):
@@ -371,8 +376,7 @@ def attention(b: _Builder, il: int, h: Node, pos: Node) -> Node:
     ck, cv = f"cache_k_l{il}", f"cache_v_l{il}"
 
     def causal_softmax(_, kq):                                                          # kq [H, T, n_kv]
-        allowed = torch.arange(n_kv)[None, :] <= (n_past + torch.arange(T))[:, None]
-        return torch.softmax((kq * rope.kq_scale).masked_fill(~allowed, float("-inf")), dim=-1)
+        return torch.softmax((kq * rope.kq_scale).masked_fill(b.masked(kq.device), float("-inf")), dim=-1)
 
     if m.mla:
         q_abs = b.op("VIEW", f"q_nope-{il}", lambda _, q: q[..., :nope], q, layer=il)

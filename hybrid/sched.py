@@ -35,10 +35,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from hybrid.graph import Graph, Node
+from hybrid.placement import CPU
 from profiler.recorder import Recorder
 from profiler.schema import MAIN_LANE
-
-CPU = "CPU"
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,10 +56,6 @@ class SplitPlan:
     node_backends: tuple[str, ...]    # parallel to graph.nodes
     causes: tuple[str, ...]           # why each node landed there (1.buf, 2.dev_down, ...)
     backend_of: Mapping[Node, str]    # the same assignment, by node
-
-    @property
-    def n_splits(self) -> int:
-        return len(self.splits)
 
     @property
     def n_copies(self) -> int:

@@ -31,10 +31,9 @@ import torch
 from hybrid._spin import wait_change
 from hybrid.backends import keep_signals_off_this_thread
 from hybrid.graph import Node
+from hybrid.placement import CPU
 from profiler.recorder import Recorder
 from profiler.schema import MAIN_LANE
-
-CPU = "CPU"
 
 
 # An op with a `parallel` form is cut into worker tasks only when it reads at least

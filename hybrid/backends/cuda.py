@@ -26,10 +26,6 @@ from hybrid.sched import map_values
 from profiler.recorder import Recorder
 
 
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
 class CudaBackend:
     is_device = True
     emulated = False

@@ -92,16 +92,16 @@ def claims(t: Timings) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.nda
     cat[typ == t.type_code("copy")] = CAT["copy"]
     cat[typ == t.type_code("sync")] = CAT["sync"]
     is_phase = typ == t.type_code("phase")
-    cat[typ == t.type_code("split")] = CAT["sched"]
+    is_split = typ == t.type_code("split")
+    cat[is_split] = CAT["sched"]
     cat[is_phase & np.isin(ev["name"], t.ids(lambda s: s in SCHED_PHASES))] = CAT["sched"]
     cat[is_phase & np.isin(ev["name"], t.ids(lambda s: s in GRAPH_BUILD_PHASES))] = CAT["graph_build"]
 
     # join: CPU splits end when the main thread has seen the last worker finish
-    is_split = typ == t.type_code("split")
     cpu_split = is_split & on_cpu
     ops = is_op & on_cpu & (ev["graph"] >= 0) & (ev["split"] >= 0)
-    key_ops = _split_key(ev["graph"][ops], ev["split"][ops])
-    key_splits = _split_key(ev["graph"][cpu_split], ev["split"][cpu_split])
+    key_ops = split_key(ev["graph"][ops], ev["split"][ops])
+    key_splits = split_key(ev["graph"][cpu_split], ev["split"][cpu_split])
     order = np.argsort(key_ops, kind="stable")
     key_sorted, end_sorted = key_ops[order], (ev["ts"] + ev["dur"])[ops][order]
     heads = np.flatnonzero(np.r_[True, key_sorted[1:] != key_sorted[:-1]]) if key_sorted.size else np.empty(0, int)
@@ -117,7 +117,8 @@ def claims(t: Timings) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.nda
     return cat, extra
 
 
-def _split_key(graph: np.ndarray, split: np.ndarray) -> np.ndarray:
+def split_key(graph: np.ndarray, split: np.ndarray) -> np.ndarray:
+    """One int64 per (graph, split): split indices restart in every graph."""
     return graph.astype(np.int64) * (1 << 31) + split.astype(np.int64)
 
 

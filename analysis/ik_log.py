@@ -132,7 +132,6 @@ RULES: tuple[Rule, ...] = (
     Rule("skipped", "anything else", "nothing; counted as unrecognised or malformed", "-",
          "output of other programs interleaved in the same stream"),
 )
-RULE = {r.kind: r for r in RULES}
 
 # Phase lines of a decode call (src/llama.cpp) and the contract phase names they become.
 PHASE_NAMES = {"prelude": "graph_build", "sched_reset": "split_setup", "build_graph": "graph_build",

@@ -197,7 +197,7 @@ def plot_timeline(tl: TokenTimeline, subtitle: str) -> Figure:
                     ax.text((s + d / 2) / 1e6, y, label, ha="center", va="center", fontsize=6.5,
                             color=_text_colour(CATEGORY_COLOURS[name]), clip_on=True)
     for s, d, split, backend in tl.splits:
-        on_device = not (backend.upper().startswith("CPU") or not backend)
+        on_device = bool(backend) and not backend.upper().startswith("CPU")
         colour = DEVICE_COLOUR if on_device else HOST_COLOUR
         ax.broken_barh([(s / 1e6, d / 1e6)], (-0.3, 0.6), facecolors=colour, alpha=0.35, edgecolor=colour,
                        linewidth=0.8, gid=f"backend:{backend}")

@@ -20,13 +20,13 @@ Public API (stable):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from analysis import bandwidth
 from analysis.attribution import COPY_DIRECTIONS, Attribution, attribute
+from analysis.run_info import model_name
 from analysis.timings import Timings
 from analysis.whatif import whatif_tps
 from profiler.schema import CATEGORIES, OVERHEAD_CATEGORIES, REPORT_SCHEMA
@@ -80,15 +80,6 @@ class Report:
         return {"schema": REPORT_SCHEMA, "source": self.source, "model": self.model_name, "emulated": self.emulated,
                 "peak_GBps": self.peak_GBps, "warnings": list(self.warnings), "skipped": self.skipped,
                 "tests": [_test_json(r) for r in self.tests]}
-
-
-def model_name(header: dict) -> str | None:
-    """The model as a reader knows it: its file name, else the description the source printed
-    (an imported llama-bench row has no path: `deepseek2 16B Q4_0`)."""
-    model = header.get("model") or {}
-    if model.get("path"):
-        return os.path.basename(str(model["path"]))
-    return model.get("name") or model.get("desc") or None
 
 
 def peak_bandwidths(header: dict, cpu_peak: float | None) -> dict:

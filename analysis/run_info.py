@@ -1,6 +1,7 @@
 """One or two lines that say what a run was: model, placement, threads, accelerator, machine.
 
     describe_run(header, emulated) -> str
+    model_name(header) -> str | None
 
 Every plot carries it as a subtitle and `hyprof diff` heads its tables with
 it: a figure without the placement and the machine cannot be trusted or compared.
@@ -18,6 +19,15 @@ def _si(n: float) -> str:
     return str(int(n))
 
 
+def model_name(header: dict) -> str | None:
+    """The model as a reader knows it: its file name, else the description the source printed
+    (an imported llama-bench row has no path: `deepseek2 16B Q4_0`)."""
+    model = header.get("model") or {}
+    if model.get("path"):
+        return os.path.basename(str(model["path"]))
+    return model.get("name") or model.get("desc") or None
+
+
 def describe_run(header: dict, emulated: bool) -> str:
     """Model, placement, threads and machine: what a reader needs to trust or compare a plot."""
     model, config, machine = header.get("model") or {}, header.get("config") or {}, header.get("machine") or {}
@@ -26,9 +36,7 @@ def describe_run(header: dict, emulated: bool) -> str:
         desc = ", ".join(str(x) for x in (model.get("arch"), model.get("ftype")) if x)
         if model.get("n_params"):
             desc += f", {_si(model['n_params'])} params"
-        name = (os.path.basename(str(model["path"])) if model.get("path")
-                else model.get("name") or model.get("desc") or "model")
-        parts.append(f"model {name} ({desc})")
+        parts.append(f"model {model_name(header) or 'model'} ({desc})")
     placement = []
     if config.get("n_gpu_layers") is not None:
         placement.append(f"-ngl {config['n_gpu_layers']}")

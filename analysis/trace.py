@@ -34,7 +34,7 @@ from typing import Iterator
 import numpy as np
 import orjson
 
-from analysis.attribution import Attribution
+from analysis.attribution import Attribution, split_key
 from analysis.timeline import COPIES_LANE, draw_category, event_lanes
 from analysis.timings import Timings
 from profiler.errors import UserError
@@ -222,8 +222,8 @@ def _flows(t: Timings, lane: np.ndarray, sel: np.ndarray) -> list[tuple[int, int
     shown[sel] = True
     copies = np.flatnonzero(shown & (ev["type"] == t.type_code("copy")) & (ev["split"] >= 0))
     splits = np.flatnonzero(shown & (ev["type"] == t.type_code("split")))
-    key = lambda rows: ev["graph"][rows].astype(np.int64) * (1 << 31) + ev["split"][rows]  # noqa: E731
-    split_keys, copy_keys = key(splits), key(copies)
+    split_keys = split_key(ev["graph"][splits], ev["split"][splits])
+    copy_keys = split_key(ev["graph"][copies], ev["split"][copies])
     order = np.argsort(split_keys, kind="stable")
     pos = np.searchsorted(split_keys[order], copy_keys)
     out = []

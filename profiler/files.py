@@ -24,10 +24,12 @@ def check_output_path(path: str | os.PathLike, force: bool, flag: str = "-o") ->
     return out
 
 
-def _umask() -> int:
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file (0o666 less the umask); mkstemp gives 0600,
+    but outputs written through a temporary file are ordinary files."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -46,7 +48,7 @@ def atomic_output(path: str | os.PathLike, mode: str = "w", force: bool = True,
         os.close(fd)
         with open(tmp, mode, encoding=encoding) as f:   # by path, so f.name names the temp file
             yield f
-        os.chmod(tmp, 0o666 & ~_umask())                # mkstemp makes 0600; outputs are ordinary files
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

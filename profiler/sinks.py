@@ -25,7 +25,7 @@ from typing import Sequence
 import orjson
 
 from profiler.errors import UserError
-from profiler.files import check_output_path
+from profiler.files import check_output_path, new_file_mode
 from profiler.recorder import EventTable, Lane
 from profiler.schema import SCHEMA
 
@@ -67,9 +67,7 @@ class TimingsWriter:
                                              dir=self.path.parent)
         except OSError as e:
             raise UserError(f"{flag} {self.path}: cannot write there ({e.strerror})") from None
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self._tmp, 0o666 & ~umask)     # mkstemp makes it private
+        os.chmod(self._tmp, new_file_mode())
         self._file = os.fdopen(fd, "wb", buffering=1 << 20)
         self._good = 0          # file offset after the last complete batch
         self.n_events = 0

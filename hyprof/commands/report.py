@@ -84,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     from analysis.attribution import attribute
     attribution = attribute(timings)
     report = build_report(timings, peak_bw=args.peak_bw, attribution=attribution)
+    tables = report_tables(report, layers=args.layers, splits=args.splits, graphs=args.graphs) \
+        if not args.json or md_path is not None else []
 
     if args.json:  # the tables carry the warnings; JSON keeps stdout clean, so they go to stderr
         import orjson
@@ -94,12 +96,10 @@ def run(args: argparse.Namespace) -> int:
         from analysis import render_console
         from rich.console import Console
         console = Console() if sys.stdout.isatty() else Console(width=160)   # piped: wide rather than cut
-        render_console.render(report_tables(report, layers=args.layers, splits=args.splits, graphs=args.graphs),
-                              console)
+        render_console.render(tables, console)
     if md_path is not None:
         from analysis import render_markdown
-        text = render_markdown.render(report_tables(report, layers=args.layers, splits=args.splits,
-                                                    graphs=args.graphs))
+        text = render_markdown.render(tables)
         with atomic_output(md_path, force=args.force or not args.md, flag="--md") as f:
             f.write(text)
         print(f"hyprof: wrote {md_path}", file=sys.stderr)

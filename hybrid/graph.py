@@ -40,7 +40,8 @@ class Graph:
     inputs: dict[str, Node]         # graph inputs by name (inp_tokens, inp_pos, ...)
     output: Node                    # the logits node
     n_tokens: int = 0
-    n_past: int = 0
+    n_past: int = 0                 # cached tokens before this evaluation; ops read it when they
+                                    # run, so a graph is reused at the next depth (engine.py)
     meta: dict[str, Any] = field(default_factory=dict)
 
 

@@ -141,15 +141,36 @@ def _tensor_label(buffer: str) -> str:
 
 
 class _Builder:
-    """Appends nodes in topological order; each helper below adds one op."""
+    """Appends nodes in topological order; each helper below adds one op.
+
+    The graph it builds is reusable: the number of cached tokens (`n_past`) is read
+    from the graph when an op runs, not fixed when the graph is built, so one
+    graph serves every token of a generation (hybrid/engine.py reuses it, as
+    llama.cpp reuses its graphs, instead of rebuilding ~130 nodes per token).
+    """
 
     def __init__(self, model: "Model", n_tokens: int, n_past: int):
         self.m, self.c = model, model.config
-        self.n_tokens, self.n_past = n_tokens, n_past
-        self.nodes: list[Node] = []
-        self.inputs: dict[str, Node] = {}
-        self._cos_sin: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._masked: dict[torch.device, torch.Tensor] = {}
+        self.n_tokens = n_tokens
+        self.graph = Graph([], {}, None, n_tokens=n_tokens, n_past=n_past)
+        self.nodes, self.inputs = self.graph.nodes, self.graph.inputs
+        self._shared: dict = {}          # per-evaluation values every op shares (see `shared`)
+        self._shared_n_past = n_past
+
+    @property
+    def n_past(self) -> int:
+        """Tokens already in the cache for the evaluation now running."""
+        return self.graph.n_past
+
+    def shared(self, key, make: Callable[[], object]):
+        """A value the ops of one evaluation share (the rope angles, the causal mask), made
+        by the first op that asks and dropped when the graph moves on to another n_past."""
+        if self._shared_n_past != self.graph.n_past:
+            self._shared.clear()
+            self._shared_n_past = self.graph.n_past
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
 
     def input(self, name: str) -> Node:
         node = Node("INPUT", name, (), None, n_tokens=self.n_tokens)
@@ -167,20 +188,41 @@ class _Builder:
         return self.m.weights[name]
 
     def cos_sin(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`rope_cos_sin` of this graph's positions, computed once per device: every ROPE
-        op of the graph (two per layer) rotates by the same angles."""
-        if pos.device not in self._cos_sin:
-            self._cos_sin[pos.device] = rope_cos_sin(pos, self.m.rope)
-        return self._cos_sin[pos.device]
+        """`rope_cos_sin` of this evaluation's positions, computed once per device: every
+        ROPE op of the graph (two per layer) rotates by the same angles."""
+        return self.shared(("cos_sin", pos.device), lambda: rope_cos_sin(pos, self.m.rope))
 
     def masked(self, device: torch.device) -> torch.Tensor:
         """[T, n_kv] True where a token may not attend (a later position): built once per
-        device, as every layer's softmax uses the same causal mask."""
-        if device not in self._masked:
+        evaluation and device, as every layer's softmax uses the same causal mask."""
+        def make() -> torch.Tensor:
+            n_past, n_kv = self.n_past, self.n_past + self.n_tokens
+            return (torch.arange(n_kv, device=device)[None, :]
+                    > (n_past + torch.arange(self.n_tokens, device=device))[:, None])
+        return self.shared(("masked", device), make)
+
+    def kv_op(self, op: str, name: str, fn: Callable, *srcs: Node, layer: int, buffer: str | None = None,
+              bytes_per_kv: int = 0, flops_per_kv: int = 0) -> Node:
+        """An attention op over the n_kv = n_past + T cached positions. Its bytes and flops
+        grow with n_kv, so they are set again each time it runs (the graph is reused)."""
+        node = self.op(op, name, None, *srcs, layer=layer, buffer=buffer)
+
+        def set_cost() -> None:
             n_kv = self.n_past + self.n_tokens
-            self._masked[device] = (torch.arange(n_kv, device=device)[None, :]
-                                    > (self.n_past + torch.arange(self.n_tokens, device=device))[:, None])
-        return self._masked[device]
+            node.n_bytes, node.flops = bytes_per_kv * n_kv, flops_per_kv * n_kv
+
+        def run(buf, *args):
+            set_cost()
+            return fn(buf, *args)
+        node.fn = run
+        set_cost()
+        return node
+
+    def append_kv(self, cache: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Store this evaluation's T rows after the n_past cached ones; -> the cache up to them."""
+        n_kv = self.n_past + self.n_tokens
+        cache[self.n_past:n_kv] = value
+        return cache[:n_kv]
 
     def mul_mat(self, wname: str, x: Node, layer: int) -> Node:
         """x [T, K] @ W^T -> [T, N]; workers split it by rows of W."""
@@ -352,8 +394,7 @@ def attention(b: _Builder, il: int, h: Node, pos: Node) -> Node:
     """Self-attention of layer il on normed input h [T, n_embd] -> [T, n_embd]."""
     c, m, p = b.c, b.m, f"blk.{il}."
     H, L, R, nope = c.n_head, c.kv_lora_rank, c.n_rot, c.n_embd_head_qk_nope
-    T, n_past = b.n_tokens, b.n_past
-    n_kv = n_past + T
+    T = b.n_tokens
     if c.q_lora_rank:
         q = b.mul_mat(p + "attn_q_a.weight", h, il)                                    # [T, q_lora]
         q = b.rms_norm(p + "attn_q_a_norm.weight", q, il, f"q_a_norm-{il}")
@@ -385,18 +426,17 @@ def attention(b: _Builder, il: int, h: Node, pos: Node) -> Node:
                            transposed=split_kv)                                        # [T, H, L]
 
         def store(cache, kv_c, k_pe):
-            cache[n_past:n_kv] = torch.cat([kv_c, k_pe], dim=-1)
-            return cache[:n_kv]                                                        # [n_kv, L + R]
+            return b.append_kv(cache, torch.cat([kv_c, k_pe], dim=-1))                 # [n_kv, L + R]
         kv_all = b.op("CPY", ck, store, kv_c, k_pe, layer=il, buffer=ck, n_bytes=4 * T * (L + R))
 
         def kq_fn(_, q_abs, q, kv_all):
             q_cat = torch.cat([q_abs, q[..., nope:]], dim=-1)                          # [T, H, L + R]
             return torch.einsum("thd,sd->hts", q_cat, kv_all)
-        kq = b.op("MUL_MAT", f"kq-{il}", kq_fn, q_abs, q, kv_all, layer=il, buffer=ck,
-                  n_bytes=4 * n_kv * (L + R), flops=2 * H * T * n_kv * (L + R))
-        kq = b.op("SOFT_MAX", f"kq_soft_max-{il}", causal_softmax, kq, layer=il, flops=5 * H * T * n_kv)
-        kqv = b.op("MUL_MAT", f"kqv-{il}", lambda _, pr, kv_all: torch.einsum("hts,sl->thl", pr, kv_all[:, :L]),
-                   kq, kv_all, layer=il, buffer=ck, n_bytes=4 * n_kv * L, flops=2 * H * T * n_kv * L)
+        kq = b.kv_op("MUL_MAT", f"kq-{il}", kq_fn, q_abs, q, kv_all, layer=il, buffer=ck,
+                     bytes_per_kv=4 * (L + R), flops_per_kv=2 * H * T * (L + R))
+        kq = b.kv_op("SOFT_MAX", f"kq_soft_max-{il}", causal_softmax, kq, layer=il, flops_per_kv=5 * H * T)
+        kqv = b.kv_op("MUL_MAT", f"kqv-{il}", lambda _, pr, kv_all: torch.einsum("hts,sl->thl", pr, kv_all[:, :L]),
+                      kq, kv_all, layer=il, buffer=ck, bytes_per_kv=4 * L, flops_per_kv=2 * H * T * L)
         out = b.per_head(v_b, kqv, il, f"wv_b-{il}", part="v" if split_kv else "all")  # [T, H, head_v]
     else:
         if split_kv:
@@ -407,21 +447,18 @@ def attention(b: _Builder, il: int, h: Node, pos: Node) -> Node:
             v = b.per_head(v_b, kv_c, il, f"v-{il}")
 
         def store_k(cache, k_nope, k_pe):
-            cache[n_past:n_kv] = torch.cat([k_nope, k_pe[:, None, :].expand(-1, H, -1)], dim=-1)
-            return cache[:n_kv]                                                        # [n_kv, H, head_k]
-
-        def store_v(cache, v):
-            cache[n_past:n_kv] = v
-            return cache[:n_kv]                                                        # [n_kv, H, head_v]
-        k_all = b.op("CPY", ck, store_k, k_nope, k_pe, layer=il, buffer=ck, n_bytes=4 * T * H * c.n_embd_head_k)
-        v_all = b.op("CPY", cv, store_v, v, layer=il, buffer=cv, n_bytes=4 * T * H * c.n_embd_head_v)
-        kq = b.op("MUL_MAT", f"kq-{il}", lambda _, q, k: torch.einsum("thd,shd->hts", q, k), q, k_all,
-                  layer=il, buffer=ck, n_bytes=4 * n_kv * H * c.n_embd_head_k,
-                  flops=2 * H * T * n_kv * c.n_embd_head_k)
-        kq = b.op("SOFT_MAX", f"kq_soft_max-{il}", causal_softmax, kq, layer=il, flops=5 * H * T * n_kv)
-        out = b.op("MUL_MAT", f"kqv-{il}", lambda _, pr, v: torch.einsum("hts,shd->thd", pr, v), kq, v_all,
-                   layer=il, buffer=cv, n_bytes=4 * n_kv * H * c.n_embd_head_v,
-                   flops=2 * H * T * n_kv * c.n_embd_head_v)
+            return b.append_kv(cache, torch.cat([k_nope, k_pe[:, None, :].expand(-1, H, -1)], dim=-1))
+        k_all = b.op("CPY", ck, store_k, k_nope, k_pe, layer=il, buffer=ck,
+                     n_bytes=4 * T * H * c.n_embd_head_k)                              # [n_kv, H, head_k]
+        v_all = b.op("CPY", cv, lambda cache, v: b.append_kv(cache, v), v, layer=il, buffer=cv,
+                     n_bytes=4 * T * H * c.n_embd_head_v)                              # [n_kv, H, head_v]
+        kq = b.kv_op("MUL_MAT", f"kq-{il}", lambda _, q, k: torch.einsum("thd,shd->hts", q, k), q, k_all,
+                     layer=il, buffer=ck, bytes_per_kv=4 * H * c.n_embd_head_k,
+                     flops_per_kv=2 * H * T * c.n_embd_head_k)
+        kq = b.kv_op("SOFT_MAX", f"kq_soft_max-{il}", causal_softmax, kq, layer=il, flops_per_kv=5 * H * T)
+        out = b.kv_op("MUL_MAT", f"kqv-{il}", lambda _, pr, v: torch.einsum("hts,shd->thd", pr, v), kq, v_all,
+                      layer=il, buffer=cv, bytes_per_kv=4 * H * c.n_embd_head_v,
+                      flops_per_kv=2 * H * T * c.n_embd_head_v)
     out = b.op("VIEW", f"kqv_out-{il}", lambda _, o: o.reshape(T, H * c.n_embd_head_v), out, layer=il)
     return b.mul_mat(p + "attn_output.weight", out, il)
 
@@ -489,6 +526,7 @@ def build_graph(model: "Model", n_tokens: int, n_past: int, all_logits: bool = F
 
     Inputs `inp_tokens` and `inp_pos` (int64 [T]); the output is the logits
     [T, n_vocab] with `all_logits`, else of the last token only [1, n_vocab].
+    The graph can be evaluated again at another depth: set `graph.n_past` first.
     """
     c = model.config
     b = _Builder(model, n_tokens, n_past)
@@ -505,8 +543,8 @@ def build_graph(model: "Model", n_tokens: int, n_past: int, all_logits: bool = F
     if not all_logits:
         x = b.op("GET_ROWS", "inp_out_ids", lambda _, x: x[-1:], x)
     x = b.rms_norm("output_norm.weight", x, -1, "result_norm")
-    logits = b.mul_mat("output.weight", x, -1)
-    return Graph(b.nodes, b.inputs, logits, n_tokens=n_tokens, n_past=n_past)
+    b.graph.output = b.mul_mat("output.weight", x, -1)
+    return b.graph
 
 
 # --- the model -----------------------------------------------------------------

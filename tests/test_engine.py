@@ -73,6 +73,23 @@ def test_baseline_matches_float64_reference(tiny_gguf, exact_baseline):
     np.testing.assert_allclose(exact_baseline[1][0].numpy(), np.asarray(ref)[-1], rtol=0, atol=2e-3)
 
 
+def test_reused_graph_follows_the_cache(tiny_gguf, exact_baseline):
+    """Generation reuses one graph (only n_past moves): every step must still attend over
+    its own depth. The exact path, step by step, equals the float64 reference stepped the
+    same way, and the attention ops count the bytes of the cache at the last depth."""
+    ref = Deepseek2Reference(tiny_gguf)
+    ref.forward(PROMPT)
+    tokens, logits = exact_baseline
+    for step in range(4):
+        expected = np.asarray(ref.forward(tokens[step:step + 1]))[-1]
+        np.testing.assert_allclose(logits[step + 1].numpy(), expected, rtol=0, atol=2e-3)
+    with Engine(str(tiny_gguf), threads=1, **PLACEMENTS["all-cpu"]) as engine:
+        greedy(engine, n_steps=3)
+        c = engine.gguf.config
+        kq = next(n for split in engine.last_plan.splits for n in split.nodes if n.name == "kq-0")
+    assert kq.n_bytes == 4 * (len(PROMPT) + 3) * c.n_head * c.n_embd_head_k
+
+
 @pytest.mark.parametrize("fmoe,threads,kv_layout", [(0, 1, "kv_b"), (1, 2, "kv_b"), (1, 2, "k_b_v_b")])
 def test_native_kernels_match_the_reference_with_rounded_activations(make_gguf, fmoe, threads, kv_layout):
     """The native path computes the reference's rounded-input matmuls: logits agree to 2e-5

@@ -26,9 +26,8 @@ import torch
 
 from hybrid.gguf_model import load_model
 from hybrid.graph import compute
-from hybrid.make_model import make_model
 from hybrid.model import Model
-from profiler.machine import cache_dir
+from hyprof.commands.run import cached_model
 
 PRESET, QTYPE = "deepseek-v2-lite-mini", "q4_0"
 
@@ -38,15 +37,6 @@ def proc_status_bytes(key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def default_model() -> Path:
-    path = cache_dir() / f"{PRESET}-{QTYPE}.gguf"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"making {path} (once)...", flush=True)
-        make_model(path, PRESET, QTYPE)
-    return path
 
 
 def decode_bytes(model: Model, token: int) -> int:
@@ -69,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    path = args.model or default_model()
+    path = args.model or Path(cached_model(PRESET, QTYPE, progress=True))
     gguf = load_model(path)
     t0 = time.perf_counter()
     model = Model(gguf, n_ctx=args.n_prompt + args.n_gen + 8, mla=bool(args.mla), fmoe=bool(args.fmoe),

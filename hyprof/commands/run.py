@@ -141,19 +141,23 @@ def override_sets(values: list[str]) -> list[list[str]]:
 
 def default_model(progress: bool) -> str:
     """The default model's path, made on first use (a few minutes) and cached."""
+    return cached_model(DEFAULT_PRESET, DEFAULT_QTYPE, progress)
+
+
+def cached_model(preset: str, qtype: str, progress: bool) -> str:
+    """A made model (`hyprof model make`'s presets) kept in the cache: made once, then reused."""
     from profiler.machine import cache_dir
 
-    path = cache_dir() / "models" / f"{DEFAULT_PRESET}-{DEFAULT_QTYPE}.gguf"
+    path = cache_dir() / "models" / f"{preset}-{qtype}.gguf"
     if path.exists():
         return str(path)
     from hybrid.make_model import make_model
     from profiler.progress import progress_bar
 
-    print(f"hyprof: making the default model {DEFAULT_PRESET} ({DEFAULT_QTYPE.upper()}) "
-          f"once, cached as {path}", file=sys.stderr)
+    print(f"hyprof: making the model {preset} ({qtype.upper()}) once, cached as {path}", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     with progress_bar(0, f"making {path.name}", progress, "MiB") as advance:
-        make_model(path, DEFAULT_PRESET, DEFAULT_QTYPE, progress=lambda done, total: advance(
+        make_model(path, preset, qtype, progress=lambda done, total: advance(
             completed=done >> 20, total=total >> 20))
     return str(path)
 

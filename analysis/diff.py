@@ -75,10 +75,6 @@ def _pct(a: float, b: float) -> float | None:
     return 100.0 * (b - a) / a if a else None
 
 
-def _per_token_ms(ns: float, r: TestReport) -> float:
-    return float(ns) / 1e6 / r.n_tokens if r.n_tokens else 0.0
-
-
 def diff_reports(a: Report, b: Report, top_ops: int = 10) -> Diff:
     b_tests = {r.name: r for r in b.tests}
     a_names = [r.name for r in a.tests]
@@ -92,7 +88,7 @@ def _test_diff(ra: TestReport, rb: TestReport, top_ops: int) -> TestDiff:
     for c in CATEGORIES + ("wall",):
         a_ns = ra.wall_ns if c == "wall" else ra.categories_ns[c]
         b_ns = rb.wall_ns if c == "wall" else rb.categories_ns[c]
-        x, y = _per_token_ms(a_ns, ra), _per_token_ms(b_ns, rb)
+        x, y = ra.ms_per_token(a_ns) or 0.0, rb.ms_per_token(b_ns) or 0.0
         cats.append(CategoryChange(c, x, y, y - x, _pct(x, y)))
     return TestDiff(name=ra.name, a=ra, b=rb, tps_change_pct=_pct(ra.tps, rb.tps), categories=tuple(cats),
                     ops=_op_changes(ra, rb)[:top_ops])
@@ -103,7 +99,7 @@ def _op_changes(ra: TestReport, rb: TestReport) -> tuple:
     times: dict[tuple[str, str], list[float]] = {}
     for side, r in enumerate((ra, rb)):
         for o in r.ops:
-            times.setdefault((str(o["op"]), str(o["backend"])), [0.0, 0.0])[side] += _per_token_ms(o["total_ns"], r)
+            times.setdefault((str(o["op"]), str(o["backend"])), [0.0, 0.0])[side] += r.ms_per_token(o["total_ns"]) or 0.0
     changes = [OpChange(op, backend, x, y, y - x, _pct(x, y)) for (op, backend), (x, y) in times.items()]
     return tuple(sorted(changes, key=lambda c: (-abs(c.change_ms), c.op, c.backend)))
 

@@ -134,7 +134,7 @@ def plot_breakdown(groups: Sequence[tuple[str, Sequence[tuple[str, TestReport]]]
 
 def _breakdown_panel(ax, bars: Sequence[tuple[str, TestReport]], per_token: bool) -> set:
     shown = set()
-    span = max((r.wall_ns / 1e6 / max(r.n_tokens, 1) for _, r in bars), default=1.0) if per_token else 100.0
+    span = max((r.ms_per_token(r.wall_ns) or 0.0 for _, r in bars), default=1.0) if per_token else 100.0
     for y, (label, r) in enumerate(bars):
         left, small = 0.0, []
         for c in CATEGORIES:
@@ -142,7 +142,7 @@ def _breakdown_panel(ax, bars: Sequence[tuple[str, TestReport]], per_token: bool
             if ns <= 0:
                 continue
             pct = 100.0 * ns / r.wall_ns
-            per_tok = ns / 1e6 / max(r.n_tokens, 1)
+            per_tok = r.ms_per_token(ns) or 0.0
             width = per_tok if per_token else pct
             colour = CATEGORY_COLOURS[c]
             ax.barh(y, width, left=left, height=0.55, color=colour, edgecolor="white", linewidth=0.5,
@@ -159,7 +159,7 @@ def _breakdown_panel(ax, bars: Sequence[tuple[str, TestReport]], per_token: bool
             lines = textwrap.wrap("smaller: " + " · ".join(small), width=SMALL_TEXT_WIDTH)
             ax.text(0, y + 0.31, "\n".join(lines), ha="left", va="top", fontsize=7, color="#333333")
     ax.set_yticks(range(len(bars)),
-                  [f"{label}\n{r.tps:,.1f} t/s\n{r.wall_ns / 1e6 / max(r.n_tokens, 1):.3g} ms/token"
+                  [f"{label}\n{r.tps:,.1f} t/s\n{r.ms_per_token(r.wall_ns) or 0.0:.3g} ms/token"
                    + (f"\nreported {r.reported_tps:,.1f} t/s" if r.reported_tps is not None else "")
                    for label, r in bars], fontsize=8.5)
     ax.set_ylim(len(bars) - 0.35, -0.45)

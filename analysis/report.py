@@ -62,6 +62,10 @@ class TestReport:
     backends: np.ndarray
     splits: np.ndarray
 
+    def ms_per_token(self, ns: float) -> float | None:
+        """A time of this test in ms per token; None when it processed no token."""
+        return float(ns) / 1e6 / self.n_tokens if self.n_tokens else None
+
 
 @dataclass(frozen=True)
 class Report:
@@ -194,7 +198,7 @@ def _test_json(r: TestReport) -> dict:
         "reported_tps": r.reported_tps, "reported_tps_std": r.reported_tps_std,
         "categories_s": {c: _s(v) for c, v in r.categories_ns.items()},
         "overhead_s": _s(r.overhead_ns),
-        "ms_per_token": {c: v / 1e6 / r.n_tokens if r.n_tokens else None for c, v in r.categories_ns.items()},
+        "ms_per_token": {c: r.ms_per_token(v) for c, v in r.categories_ns.items()},
         "copy_s": {d: _s(v) for d, v in r.copy_ns.items()},
         "hidden_s": [{"category": c, "under": w, "s": _s(ns)} for c, w, ns in r.hidden],
         "bandwidth": r.bandwidth,

@@ -89,8 +89,7 @@ def _run_table(report: Report) -> Table:
 def _time_table(r: TestReport, source: str) -> Table:
     def row(label, ns):
         pct = 100.0 * ns / r.wall_ns if r.wall_ns else 0.0
-        per_token = ns / 1e6 / r.n_tokens if r.n_tokens else None
-        return (label, _f(ns / 1e9, 3), _f(pct, 1), _f(per_token, 3))
+        return (label, _f(ns / 1e9, 3), _f(pct, 1), _f(r.ms_per_token(ns), 3))
 
     rows = [row(c, r.categories_ns[c]) for c in COMPUTE_CATEGORIES]
     rows.append(row("overhead", r.overhead_ns))

@@ -80,19 +80,18 @@ def claims(t: Timings) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.nda
     last op to the end of the split, is `thread_wakeup`.
     """
     ev = t.events
-    typ = ev["type"]
     cat = np.full(len(ev), -1, dtype=np.int8)
-    is_op = typ == t.type_code("op")
+    is_op = t.of_type("op")
     on_cpu = is_cpu_backend(t, ev["backend"], ev["tid"])
     expert = np.isin(ev["name"], t.ids(lambda s: EXPERT_TENSOR_MARK in s))
     cat[is_op & on_cpu & expert] = CAT["cpu_expert_matmul"]
     cat[is_op & on_cpu & ~expert] = CAT["cpu_other"]
     cat[is_op & ~on_cpu] = CAT["gpu_compute"]
-    cat[typ == t.type_code("wakeup")] = CAT["thread_wakeup"]
-    cat[typ == t.type_code("copy")] = CAT["copy"]
-    cat[typ == t.type_code("sync")] = CAT["sync"]
-    is_phase = typ == t.type_code("phase")
-    is_split = typ == t.type_code("split")
+    cat[t.of_type("wakeup")] = CAT["thread_wakeup"]
+    cat[t.of_type("copy")] = CAT["copy"]
+    cat[t.of_type("sync")] = CAT["sync"]
+    is_phase = t.of_type("phase")
+    is_split = t.of_type("split")
     cat[is_split] = CAT["sched"]
     cat[is_phase & np.isin(ev["name"], t.ids(lambda s: s in SCHED_PHASES))] = CAT["sched"]
     cat[is_phase & np.isin(ev["name"], t.ids(lambda s: s in GRAPH_BUILD_PHASES))] = CAT["graph_build"]
@@ -130,7 +129,7 @@ def attribute(t: Timings) -> Attribution:
     c_end = np.concatenate([(ev["ts"] + ev["dur"])[has], x_end])
     c_cat = np.concatenate([cat[has], x_cat])
 
-    graph_rows = ev[ev["type"] == t.type_code("graph")]
+    graph_rows = ev[t.of_type("graph")]
     g_start, g_end = graph_rows["ts"], graph_rows["ts"] + graph_rows["dur"]
     _check_disjoint(g_start, g_end, graph_rows["graph"], "graph", t.source)
     reps = _repetitions(t, graph_rows)
@@ -266,7 +265,7 @@ def copy_direction(t: Timings, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 def _copy_unions(t: Timings) -> list:
-    copies = t.events[t.events["type"] == t.type_code("copy")]
+    copies = t.events[t.of_type("copy")]
     direction = copy_direction(t, copies["src"], copies["dst"])
     end = copies["ts"] + copies["dur"]
     return [merge(copies["ts"][direction == d], end[direction == d]) for d in range(len(COPY_DIRECTIONS))]

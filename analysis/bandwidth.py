@@ -77,29 +77,25 @@ def _group(t: Timings, sel: np.ndarray, test: np.ndarray, keys: list[tuple[str, 
     return out[order]
 
 
-def _of_type(t: Timings, name: str) -> np.ndarray:
-    return t.events["type"] == t.type_code(name)
-
-
 def op_table(t: Timings, test: np.ndarray) -> np.ndarray:
     ev = t.events
-    return _group(t, _of_type(t, "op"), test, [("op", ev["op"]), ("backend", ev["backend"])])
+    return _group(t, t.of_type("op"), test, [("op", ev["op"]), ("backend", ev["backend"])])
 
 
 def layer_table(t: Timings, test: np.ndarray) -> np.ndarray:
     ev = t.events
-    table = _group(t, _of_type(t, "op"), test, [("layer", ev["layer"]), ("backend", ev["backend"])])
+    table = _group(t, t.of_type("op"), test, [("layer", ev["layer"]), ("backend", ev["backend"])])
     return table[np.lexsort((table["backend"], table["layer"], table["test"]))]
 
 
 def backend_table(t: Timings, test: np.ndarray) -> np.ndarray:
-    return _group(t, _of_type(t, "op"), test, [("backend", t.events["backend"])])
+    return _group(t, t.of_type("op"), test, [("backend", t.events["backend"])])
 
 
 def copy_table(t: Timings, test: np.ndarray) -> np.ndarray:
     ev = t.events
     direction = copy_direction(t, ev["src"], ev["dst"])
-    return _group(t, _of_type(t, "copy"), test,
+    return _group(t, t.of_type("copy"), test,
                   [("direction", direction), ("src", ev["src"]), ("dst", ev["dst"])])
 
 
@@ -109,14 +105,14 @@ def split_table(t: Timings, test: np.ndarray) -> np.ndarray:
     Ops and copies are matched by (test, split index): a split index keeps its backend within a test.
     """
     ev = t.events
-    table = _group(t, _of_type(t, "split"), test, [("split", ev["split"]), ("backend", ev["backend"])],
+    table = _group(t, t.of_type("split"), test, [("split", ev["split"]), ("backend", ev["backend"])],
                    extra=[("n_nodes_mean", np.float64), ("n_inputs_mean", np.float64),
                           ("op_total_ns", np.int64), ("op_bytes", np.int64), ("copy_bytes", np.int64)])
     for column, type_name, value in (("n_nodes_mean", "split", ev["n_nodes"]),
                                      ("n_inputs_mean", "split", ev["n_inputs"]),
                                      ("op_total_ns", "op", ev["dur"]), ("op_bytes", "op", ev["bytes"]),
                                      ("copy_bytes", "copy", ev["bytes"])):
-        sel = _of_type(t, type_name) & (test >= 0) & (ev["split"] >= 0)
+        sel = t.of_type(type_name) & (test >= 0) & (ev["split"] >= 0)
         sums = _sums_per_row(table, test[sel], ev["split"][sel], np.maximum(value[sel], 0))
         table[column] = sums / np.maximum(table["count"], 1) if column.endswith("_mean") else sums.round()
     return table[np.lexsort((table["backend"], table["split"], table["test"]))]

@@ -79,7 +79,6 @@ def _lane_order(name: str) -> tuple:
 
 def event_lanes(t: Timings) -> Lanes:
     ev = t.events
-    typ = ev["type"]
     tid = ev["tid"].copy()
     main = t.id(MAIN_LANE)
     symbols = list(t.symbols)
@@ -93,11 +92,11 @@ def event_lanes(t: Timings) -> Lanes:
 
     # host-thread events without a tid ran on the main thread; ops without one, on their backend's lane
     no_tid = tid < 0
-    is_op = typ == t.type_code("op")
+    is_op = t.of_type("op")
     tid[no_tid & is_op] = ev["backend"][no_tid & is_op]
     tid[no_tid & ~is_op] = main if main >= 0 else lane_id(MAIN_LANE)
-    tid[typ == t.type_code("split")] = lane_id(SPLITS_LANE)
-    tid[typ == t.type_code("copy")] = lane_id(COPIES_LANE)
+    tid[t.of_type("split")] = lane_id(SPLITS_LANE)
+    tid[t.of_type("copy")] = lane_id(COPIES_LANE)
     tid[tid < 0] = lane_id(MAIN_LANE)          # an op with neither tid nor backend
     symbols += list(extra)
 
@@ -112,10 +111,9 @@ def event_lanes(t: Timings) -> Lanes:
 
 def draw_category(t: Timings, a: Attribution) -> np.ndarray:
     cat = a.event_category.copy()
-    typ = t.events["type"]
-    cat[(typ == t.type_code("phase")) & (cat < 0)] = CAT["other"]
+    cat[(t.of_type("phase")) & (cat < 0)] = CAT["other"]
     for name in WINDOW_TYPES:
-        cat[typ == t.type_code(name)] = -1
+        cat[t.of_type(name)] = -1
     return cat
 
 
@@ -152,7 +150,7 @@ def token_timeline(t: Timings, a: Attribution, test: str | None = None) -> Token
     # events of this graph by id; events without one (a phase between splits) by time
     mine = np.where(ev["graph"] >= 0, ev["graph"] == g["graph"], (ev["ts"] >= start) & (ev["ts"] < end))
     typ = ev["type"]
-    is_split = mine & (typ == t.type_code("split"))
+    is_split = mine & (t.of_type("split"))
     drawn = mine & ~np.isin(typ, [t.type_code(w) for w in WINDOW_TYPES])
 
     cat = draw_category(t, a)[drawn]

@@ -25,6 +25,7 @@ Public API (stable; everything else in the analyzer builds on it):
         warnings        tuple of one-line messages for the user (a truncated last line)
         .sym(i) -> str, .id(s) -> int, .ids(pred) -> array of ids whose string satisfies pred,
         .type_code(name) -> int (index in EVENT_TYPES, the value of events["type"])
+        .of_type(name) -> bool mask over the events of that type
 
 Why columns: a run has millions of events; per-event Python objects would make
 the report slower than the run. Strings are stored once, HTA style, as ids.
@@ -154,6 +155,10 @@ class Timings:
     @staticmethod
     def type_code(name: str) -> int:
         return TYPE_CODES[name]
+
+    def of_type(self, name: str) -> np.ndarray:
+        """The mask of events of one type (op, copy, split, ...)."""
+        return self.events["type"] == TYPE_CODES[name]
 
 
 def load_timings(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> Timings:

@@ -70,7 +70,7 @@ def parse_graphs(text: str) -> tuple[int | None, int | None]:
 def _window(t: Timings, graphs: tuple | None) -> tuple[np.ndarray, tuple]:
     """Which events fall in the graph window: by graph id, else (no id) by time."""
     ev = t.events
-    is_graph = ev["type"] == t.type_code("graph")
+    is_graph = t.of_type("graph")
     ids = ev["graph"][is_graph]
     if graphs is None or ids.size == 0:
         shown = ids
@@ -220,8 +220,8 @@ def _flows(t: Timings, lane: np.ndarray, sel: np.ndarray) -> list[tuple[int, int
     ev = t.events
     shown = np.zeros(len(ev), dtype=bool)
     shown[sel] = True
-    copies = np.flatnonzero(shown & (ev["type"] == t.type_code("copy")) & (ev["split"] >= 0))
-    splits = np.flatnonzero(shown & (ev["type"] == t.type_code("split")))
+    copies = np.flatnonzero(shown & (t.of_type("copy")) & (ev["split"] >= 0))
+    splits = np.flatnonzero(shown & (t.of_type("split")))
     split_keys = split_key(ev["graph"][splits], ev["split"][splits])
     copy_keys = split_key(ev["graph"][copies], ev["split"][copies])
     order = np.argsort(split_keys, kind="stable")
@@ -243,7 +243,7 @@ def _counters(t: Timings, keep: np.ndarray, lanes, pid_of: dict) -> list[tuple[s
     tracks = []
     lane_index = {name: k for k, name in enumerate(lanes.names)}
     for kind, track in (("op", "read GB/s"), ("copy", "copy GB/s")):
-        sel = keep & (ev["type"] == t.type_code(kind)) & (ev["bytes"] > 0) & (ev["dur"] > 0)
+        sel = keep & (t.of_type(kind)) & (ev["bytes"] > 0) & (ev["dur"] > 0)
         group = ev["backend"][sel] if kind == "op" else np.zeros(sel.sum(), dtype=np.int32)
         for g in np.unique(group).tolist():
             rows = ev[sel][group == g]

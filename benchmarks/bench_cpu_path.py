@@ -32,7 +32,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 

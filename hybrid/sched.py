@@ -53,9 +53,8 @@ class Split:
 @dataclass(frozen=True, eq=False)
 class SplitPlan:
     splits: tuple[Split, ...]
-    node_backends: tuple[str, ...]    # parallel to graph.nodes
-    causes: tuple[str, ...]           # why each node landed there (1.buf, 2.dev_down, ...)
-    backend_of: Mapping[Node, str]    # the same assignment, by node
+    causes: tuple[str, ...]           # per graph node: why it landed where it did (1.buf, 2.dev_down, ...)
+    backend_of: Mapping[Node, str]    # every node's backend
 
     @property
     def n_copies(self) -> int:
@@ -78,7 +77,7 @@ def split_graph(graph: Graph, buffer_backend: Callable[[str], str]) -> SplitPlan
     _expand(nodes, backends, causes, "2.rest_up", reverse=True, devices_only=False)
     backend_of = _assign_leftovers(nodes, backends, causes)
     return SplitPlan(splits=_cut_splits(nodes, backends, backend_of),
-                     node_backends=tuple(backends), causes=tuple(causes),
+                     causes=tuple(causes),
                      backend_of=backend_of)
 
 

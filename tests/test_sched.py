@@ -144,7 +144,7 @@ def test_split_rule_weightless_graph_follows_sources():
     a = Node("INPUT", "a", (), None)
     b = Node("ADD", "b", (a, a), lambda _, x, y: x + y)
     plan = split_graph(Graph([a, b], {"a": a}, b), lambda _: "ACC0")
-    assert plan.causes == ("1.inp", "3.src") and plan.node_backends == ("CPU", "CPU")
+    assert plan.causes == ("1.inp", "3.src") and [plan.backend_of[n] for n in (a, b)] == ["CPU", "CPU"]
 
 
 def _run(graph, weights, placement, n_threads, spin, rec):

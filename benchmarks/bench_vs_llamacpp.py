@@ -206,7 +206,7 @@ class Row:
 
 
 def hyprof_configs(threads: int, emulated: bool) -> list[tuple[str, EngineConfig]]:
-    """hyprof's rows: `hyprof run`'s defaults (-fmoe 1 -rtr 1 --poll 50), all on the
+    """hyprof's rows: `hyprof run`'s defaults (-fmoe 1 -rtr 0 --poll 50), all on the
     CPU, and (`emulated`) experts on the CPU with the rest on ACC0."""
     configs = [("hyprof CPU", EngineConfig(threads, 0, (), "none"))]
     if emulated:

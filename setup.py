@@ -1,4 +1,4 @@
-"""Build of the native extensions (hybrid._kernels, hybrid._spin, analysis._jsonl); everything else is in pyproject.toml.
+"""Build of the native extensions (hybrid._kernels, hybrid._ops, analysis._jsonl); everything else is in pyproject.toml.
 
 No -march flags: the kernels pick their SIMD path (AVX-512 VNNI, AVX2, scalar)
 at run time, so a wheel built here runs on any x86-64 or other CPU.
@@ -13,13 +13,16 @@ setup(
     ext_modules=[
         Extension(
             "hybrid._kernels",
-            sources=["hybrid/_kernels.c"],
-            extra_compile_args=["-O3", "-std=c11", "-Wall"] if unix else [],
+            sources=["hybrid/_kernels.c", "hybrid/_pool.c"],      # the matmuls and the CPU worker pool
+            depends=["hybrid/_pool.h"],
+            extra_compile_args=["-O3", "-std=c11", "-Wall", "-pthread"] if unix else [],
+            extra_link_args=["-pthread"] if unix else [],
             libraries=["m"] if unix else [],
         ),
-        # the worker pool's spin-wait without the GIL (hybrid/backends/cpu.py)
-        Extension("hybrid._spin", sources=["hybrid/_spin.c"],
-                  extra_compile_args=["-O2", "-std=c11", "-Wall"] if unix else []),
+        # the forward pass's small float32 ops: norms, RoPE, softmax, router (hybrid/ops.py)
+        Extension("hybrid._ops", sources=["hybrid/_ops.c"],
+                  extra_compile_args=["-O3", "-std=c11", "-Wall"] if unix else [],
+                  libraries=["m"] if unix else []),
         # the loader's line scanner (analysis/flatjson.py keeps a NumPy route for when it is not built)
         Extension("analysis._jsonl", sources=["analysis/_jsonl.c"],
                   extra_compile_args=["-O2", "-std=c11", "-Wall"] if unix else []),

@@ -16,10 +16,12 @@
  *   [  0.. 63] int8: values 0..15 of block 0, of block 1, of block 2, of block 3
  *   [ 64..127] int8: values 16..31 of blocks 0..3 (the Q4_0 high nibbles' partners)
  *   [128..191] float32[16]: block scale d_j repeated 4 times (one 128-bit lane per block)
- *   [192..255] int32[16]: lane 4j holds -8 * sum(values of block j), the rest 0
+ *   [192..255] int32[16]: lane 4j holds -8 * sum(values of block j), lane 4j+1
+ *             -128 * sum(values of block j), the other two 0
  * so one 512-bit register holds the low halves of four blocks, and the Q4_0
  * weights (nibble - 8) need no per-weight subtraction: the -8 enters as that
- * precomputed sum. A row with a block count not divisible by 4 is padded with
+ * precomputed sum (-128 serves the interleaved Q8_0 kernel below, whose
+ * weights are offset by +128 to be unsigned). A row with a block count not divisible by 4 is padded with
  * zero blocks. Every path (scalar, AVX2, AVX-512) reads this same layout and
  * computes the same integer block sums; only the float summation order differs.
  *
@@ -104,8 +106,8 @@ static void quantize_row_q8(const float *x, int64_t n_in, uint8_t *out) {
         memcpy(g + 16 * j, q, 16);
         memcpy(g + 64 + 16 * j, q + 16, 16);
         for (int l = 0; l < 4; l++) memcpy(g + 128 + 16 * j + 4 * l, &d, 4);
-        int32_t init = -8 * sum;
-        memcpy(g + 192 + 16 * j, &init, 4);
+        int32_t init[2] = {-8 * sum, -128 * sum};
+        memcpy(g + 192 + 16 * j, init, 8);
     }
 }
 
@@ -164,8 +166,8 @@ static T512 void quantize_row_q8_avx512(const float *x, int64_t n_in, uint8_t *o
         _mm_storeu_si128((__m128i *)(g + 16 * j), _mm512_cvtsepi32_epi8(q0));
         _mm_storeu_si128((__m128i *)(g + 64 + 16 * j), _mm512_cvtsepi32_epi8(q1));
         _mm_storeu_ps((float *)(g + 128 + 16 * j), _mm_set1_ps(d));
-        int32_t init = -8 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-        memcpy(g + 192 + 16 * j, &init, 4);
+        int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)), init[2] = {-8 * sum, -128 * sum};
+        memcpy(g + 192 + 16 * j, init, 8);
     }
 }
 
@@ -204,7 +206,7 @@ row_dot_512(int type, const uint8_t *w, int64_t nb, const uint8_t *const *x, con
             __m512i q = load_x4_512(wg + 2, bb);
             __m512i lo = _mm512_and_si512(q, m4), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
             for (int t = 0; t < NT; t++) {
-                __m512i s = loadu_512(x[t] + xo + 192);            /* -8 * sum(x) */
+                __m512i s = _mm512_maskz_loadu_epi32(0x1111, x[t] + xo + 192);   /* -8 * sum(x) */
                 s = _mm512_dpbusd_epi32(s, lo, loadu_512(x[t] + xo));
                 s = _mm512_dpbusd_epi32(s, hi, loadu_512(x[t] + xo + 64));
                 __m512 d = _mm512_mul_ps(dw, _mm512_loadu_ps((const float *)(x[t] + xo + 128)));
@@ -235,6 +237,128 @@ static T512 void row_dot_avx512(int type, const uint8_t *w, int64_t nb, const ui
     case 2: row_dot_512(type, w, nb, x, 2, res); break;
     case 3: row_dot_512(type, w, nb, x, 3, res); break;
     default: row_dot_512(type, w, nb, x, 4, res); break;
+    }
+}
+
+/* ---- AVX-512 VNNI, many tokens: 16 weight rows interleaved, one row per 32-bit lane ----
+ *
+ * For prompts the kernel above is compute-bound: per token it re-loads the
+ * activation, and the row's sum needs the block scales applied lane by lane.
+ * Here a block of 16 rows is first interleaved ("R16", into a per-thread
+ * buffer, once, then reused by every token): for each 32-weight block b,
+ *   [ 0.. 31] fp16[16]: the 16 rows' scales
+ *   [32.. ]   quads: 64 bytes per quad k, 4 consecutive weights of each of
+ *             the 16 rows (Q4_0: 4 registers, quad k in the low nibbles and
+ *             quad k+4 in the high ones; Q8_0: 8 registers, values + 128)
+ * so `vpdpbusd` of one quad register with a broadcast activation quad gives
+ * 16 rows' partial sums at once, with no horizontal sum, and the block's 16
+ * scales are one register. Per token and block that is 8 vpdpbusd and 3 float
+ * ops for 512 multiply-adds; the unpacked weights stay in registers across a
+ * tile of R16_TILE tokens. The rows sit in the lanes in a transposed order
+ * (lane 4i+m holds row 4m+i: what a 4x4 dword transpose gives), undone once
+ * per output. */
+#define R16_TILE 8            /* tokens per pass over a repacked row block */
+#define R16_MIN_TOKENS 4      /* below this the row kernel is faster (no repack to pay) */
+
+static size_t r16_block_bytes(int type) { return type == TYPE_Q4_0 ? 32 + 4 * 64 : 32 + 8 * 64; }
+
+static inline __attribute__((always_inline)) int32_t load_i32(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+/* Rows [0, n_rows) of w (row stride rb, n_rows <= 16), nb blocks -> R16 blocks at dst
+ * (a short block repeats its last row in the spare lanes). The 16 rows are read
+ * as 16 strided streams, too many for the hardware prefetcher to run far enough
+ * ahead; so, as it goes, this prefetches the next row block (16 rb bytes from
+ * `next`, NULL if none) in one linear sweep, a whole repack ahead of its use. */
+static inline __attribute__((always_inline)) T512 void
+repack_r16_body(int type, const uint8_t *w, size_t rb, int n_rows, int64_t nb, uint8_t *dst, const uint8_t *next,
+                const int full) {
+    const size_t bb = type == TYPE_Q4_0 ? 18 : 34, sb = r16_block_bytes(type);
+    const int halves = type == TYPE_Q4_0 ? 1 : 2;
+    int32_t idx[16];                                       /* lane p: row 4 (p % 4) + p / 4 */
+    size_t row[16];
+    for (int i = 0; i < 16; i++) row[i] = (size_t)(full || i < n_rows ? i : n_rows - 1) * rb;
+    for (int p = 0; p < 16; p++) idx[p] = (int32_t)row[4 * (p % 4) + p / 4];
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *s = w + b * bb;
+        uint8_t *d = dst + b * sb;
+        if (next)
+            for (size_t o = (size_t)b * 16 * bb; o < (size_t)(b + 1) * 16 * bb; o += 64)
+                _mm_prefetch((const char *)(next + o), _MM_HINT_T0);
+        for (int p = 0; p < 16; p++) memcpy(d + 2 * p, s + idx[p], 2);     /* (faster than a gather) */
+        for (int h = 0; h < halves; h++) {
+            const uint8_t *q = s + 2 + 16 * h;
+            __m512i a[4];                          /* a[m], lane i: 16 quant bytes of row 4m+i */
+            for (int m = 0; m < 4; m++) {
+                if (full) {
+                    a[m] = load_x4_512(q + 4 * m * rb, rb);
+                } else {
+                    a[m] = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(q + row[4 * m])));
+                    for (int i = 1; i < 4; i++)
+                        a[m] = _mm512_inserti32x4(a[m], _mm_loadu_si128((const __m128i *)(q + row[4 * m + i])), i);
+                }
+            }
+            __m512i t0 = _mm512_unpacklo_epi32(a[0], a[1]), t1 = _mm512_unpackhi_epi32(a[0], a[1]);
+            __m512i t2 = _mm512_unpacklo_epi32(a[2], a[3]), t3 = _mm512_unpackhi_epi32(a[2], a[3]);
+            __m512i c[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                            _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+            for (int k = 0; k < 4; k++)
+                _mm512_storeu_si512(d + 32 + 64 * (4 * h + k), type == TYPE_Q4_0 ? c[k] : _mm512_xor_si512(c[k], flip));
+        }
+    }
+}
+
+static T512 void repack_r16_512(int type, const uint8_t *w, size_t rb, int n_rows, int64_t nb, uint8_t *dst,
+                                const uint8_t *next) {
+    if (n_rows == 16) repack_r16_body(type, w, rb, 16, nb, dst, next, 1);
+    else repack_r16_body(type, w, rb, n_rows, nb, dst, next, 0);
+}
+
+/* nb R16 blocks at r x NT tokens -> res[t * 16 + row], rows in natural order. */
+static inline __attribute__((always_inline)) T512 void
+r16_dot_512(int type, const uint8_t *r, int64_t nb, const uint8_t *const *x, const int NT, float *res) {
+    const size_t sb = r16_block_bytes(type);
+    const __m512i m4 = _mm512_set1_epi8(15);
+    const int init = type == TYPE_Q4_0 ? 192 : 196;           /* -8 or -128 times sum(x) */
+    __m512 acc[R16_TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = r + b * sb;
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+        __m512i q[8];
+        if (type == TYPE_Q4_0) {
+            for (int k = 0; k < 4; k++) {
+                __m512i v = loadu_512(p + 32 + 64 * k);
+                q[k] = _mm512_and_si512(v, m4);
+                q[k + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            }
+        } else {
+            for (int k = 0; k < 8; k++) q[k] = loadu_512(p + 32 + 64 * k);
+        }
+        const size_t xo = (size_t)(b / GROUP_BLOCKS) * GROUP_BYTES + (size_t)(b % GROUP_BLOCKS) * 16;
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *g = x[t] + xo;
+            __m512i s = _mm512_set1_epi32(load_i32(g + init));
+            for (int k = 0; k < 4; k++) s = _mm512_dpbusd_epi32(s, q[k], _mm512_set1_epi32(load_i32(g + 4 * k)));
+            for (int k = 0; k < 4; k++) s = _mm512_dpbusd_epi32(s, q[k + 4], _mm512_set1_epi32(load_i32(g + 64 + 4 * k)));
+            __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(*(const float *)(g + 128)));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[t]);
+        }
+    }
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (int t = 0; t < NT; t++) _mm512_storeu_ps(res + 16 * t, _mm512_permutexvar_ps(order, acc[t]));
+}
+
+static T512 void r16_dot_avx512(int type, const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res) {
+    switch (nt) {
+    case 1: r16_dot_512(type, r, nb, x, 1, res); break;
+    case 2: r16_dot_512(type, r, nb, x, 2, res); break;
+    case 3: r16_dot_512(type, r, nb, x, 3, res); break;
+    case 4: r16_dot_512(type, r, nb, x, 4, res); break;
+    case 5: r16_dot_512(type, r, nb, x, 5, res); break;
+    case 6: r16_dot_512(type, r, nb, x, 6, res); break;
+    case 7: r16_dot_512(type, r, nb, x, 7, res); break;
+    default: r16_dot_512(type, r, nb, x, 8, res); break;
     }
 }
 
@@ -269,8 +393,9 @@ static T256 void quantize_row_q8_avx2(const float *x, int64_t n_in, uint8_t *out
         __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
         __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-        int32_t init = -8 * _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1)));
-        memcpy(g + 192 + 16 * j, &init, 4);
+        int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1)));
+        int32_t init[2] = {-8 * sum, -128 * sum};
+        memcpy(g + 192 + 16 * j, init, 8);
     }
 }
 
@@ -304,7 +429,8 @@ row_dot_256(int type, const uint8_t *w, int64_t nb, const uint8_t *const *x, con
             __m256i s;
             if (type == TYPE_Q4_0) {
                 s = _mm256_add_epi32(dot_u8s8_256(lo, xl), dot_u8s8_256(hi, xh));
-                s = _mm256_add_epi32(s, _mm256_loadu_si256((const __m256i *)(x[t] + xo + 192)));
+                s = _mm256_add_epi32(s, _mm256_blend_epi32(_mm256_setzero_si256(),
+                                                           _mm256_loadu_si256((const __m256i *)(x[t] + xo + 192)), 0x11));
             } else {
                 s = _mm256_add_epi32(dot_u8s8_256(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(xl, lo)),
                                      dot_u8s8_256(_mm256_sign_epi8(hi, hi), _mm256_sign_epi8(xh, hi)));
@@ -344,15 +470,13 @@ static void row_dot(int path, int type, const uint8_t *w, int64_t nb, const uint
 
 static float silu(float v) { return v / (1.0f + expf(-v)); }
 
-/* One matrix (or two, fused: silu(w·x) * (w_up·x)) against n_slots q8 rows:
- * out[slot_out[s] * out_stride + r] for rows [r0, r1). Each weight row is read
- * from memory once. For many tokens the loops are blocked so that a block of
- * ROW_BLOCK weight rows (L2) meets one tile of TILE tokens' activations (L1)
- * at a time, instead of every row re-reading all tokens from L2. */
+/* matmul_rows by the row kernel: for many tokens the loops are blocked so that a
+ * block of ROW_BLOCK weight rows (L2) meets one tile of TILE tokens' activations
+ * (L1) at a time, instead of every row re-reading all tokens from L2. */
 #define ROW_BLOCK 16
-static void matmul_rows(int path, int type, const uint8_t *w, const uint8_t *w_up, int64_t n_in,
-                        int64_t r0, int64_t r1, const uint8_t *const *x, const int64_t *slot_out,
-                        int64_t n_slots, float *out, int64_t out_stride) {
+static void matmul_rows_by_row(int path, int type, const uint8_t *w, const uint8_t *w_up, int64_t n_in,
+                               int64_t r0, int64_t r1, const uint8_t *const *x, const int64_t *slot_out,
+                               int64_t n_slots, float *out, int64_t out_stride) {
     const size_t rb = weight_row_bytes(type, n_in);
     const int64_t nb = n_in / QK;
     for (int64_t b0 = r0; b0 < r1; b0 += ROW_BLOCK) {
@@ -370,7 +494,64 @@ static void matmul_rows(int path, int type, const uint8_t *w, const uint8_t *w_u
     }
 }
 
+#if HAVE_X86_SIMD
+/* matmul_rows by the R16 kernel (AVX-512): each block of 16 rows (of w, and of w_up
+ * when fused) is interleaved into a buffer kept per thread, then meets the tokens
+ * R16_TILE at a time. -> 0, or -1 (nothing done) if no buffer. */
+static T512 int matmul_rows_r16(int type, const uint8_t *w, const uint8_t *w_up, int64_t n_in, int64_t r0,
+                                    int64_t r1, const uint8_t *const *x, const int64_t *slot_out, int64_t n_slots,
+                                    float *out, int64_t out_stride) {
+    static _Thread_local uint8_t *buf;
+    static _Thread_local size_t cap;
+    const size_t rb = weight_row_bytes(type, n_in);
+    const int64_t nb = n_in / QK;
+    const size_t need = 2 * (size_t)nb * r16_block_bytes(type);
+    if (need > cap) {
+        free(buf);
+        cap = 0;
+        if (!(buf = malloc(need))) return -1;
+        cap = need;
+    }
+    uint8_t *rw = buf, *ru = buf + need / 2;
+    for (int64_t r = r0; r < r1; r += 16) {
+        const int n_rows = (int)(r1 - r < 16 ? r1 - r : 16);
+        const int64_t next = r + 16 < r1 ? r + 16 : -1;
+        repack_r16_512(type, w + r * rb, rb, n_rows, nb, rw, next < 0 ? NULL : w + next * rb);
+        if (w_up) repack_r16_512(type, w_up + r * rb, rb, n_rows, nb, ru, next < 0 ? NULL : w_up + next * rb);
+        for (int64_t s0 = 0; s0 < n_slots; s0 += R16_TILE) {
+            int nt = (int)(n_slots - s0 < R16_TILE ? n_slots - s0 : R16_TILE);
+            float res[R16_TILE * 16], up[R16_TILE * 16];
+            r16_dot_avx512(type, rw, nb, x + s0, nt, res);
+            if (w_up) r16_dot_avx512(type, ru, nb, x + s0, nt, up);
+            for (int t = 0; t < nt; t++) {
+                float *o = out + slot_out[s0 + t] * out_stride + r;
+                for (int j = 0; j < n_rows; j++) o[j] = w_up ? silu(res[16 * t + j]) * up[16 * t + j] : res[16 * t + j];
+            }
+        }
+    }
+    return 0;
+}
+#endif
+
+/* One matrix (or two, fused: silu(w·x) * (w_up·x)) against n_slots q8 rows:
+ * out[slot_out[s] * out_stride + r] for rows [r0, r1). Each weight row is read
+ * from memory once. Prompts (n_slots >= R16_MIN_TOKENS) take the R16 kernel,
+ * generation the row kernel. A row's result depends only on its index and the
+ * kernel, never on which rows share its block, so splits of the rows compose. */
+static void matmul_rows(int path, int type, const uint8_t *w, const uint8_t *w_up, int64_t n_in,
+                        int64_t r0, int64_t r1, const uint8_t *const *x, const int64_t *slot_out,
+                        int64_t n_slots, float *out, int64_t out_stride) {
+#if HAVE_X86_SIMD
+    if (path == PATH_AVX512VNNI && n_slots >= R16_MIN_TOKENS &&
+        !matmul_rows_r16(type, w, w_up, n_in, r0, r1, x, slot_out, n_slots, out, out_stride))
+        return;
+#endif
+    matmul_rows_by_row(path, type, w, w_up, n_in, r0, r1, x, slot_out, n_slots, out, out_stride);
+}
+
 /* ---- Python bindings ---- */
+
+#include "_pool.h"                   /* the worker pool that `pool=` runs a call on */
 
 static int parse_path(int path) {
     if (path < 0) return default_path;
@@ -435,22 +616,85 @@ done:
     return ret;
 }
 
+/* MUL_MAT_ID cut into chunks for the pool (hybrid/_pool.c): chunk k is row block
+ * k % n_blocks of the (k / n_blocks)-th expert computed. Row blocks are multiples of
+ * CHUNK_ROW_ALIGN rows (the kernels' row blocks; only a range's last block is shorter),
+ * sized so that one chunk is about CHUNK_WORK bytes of weights times token tiles:
+ * a few microseconds, long enough that claiming it (one compare-and-swap) is noise,
+ * short enough that threads finish an op within a chunk of each other. */
+#define CHUNK_ROW_ALIGN 16
+#define CHUNK_WORK (64 * 1024)
+
+typedef struct {
+    int path, type;
+    const uint8_t *w, *w_up;          /* expert 0's rows; expert e is e * expert_bytes further */
+    size_t expert_bytes;
+    int64_t n_in, n_out, r0, r1, block_rows, n_blocks;
+    const uint8_t **xs;               /* q8 rows of the slots, grouped by expert */
+    int64_t *slot_out;
+    const int64_t *runs;              /* per expert computed: expert, first slot, end slot */
+    float *out;
+} mm_job_t;
+
+static void mm_chunk(void *ctx, int64_t chunk, int thread) {
+    const mm_job_t *j = ctx;
+    const int64_t *run = j->runs + 3 * (chunk / j->n_blocks);
+    int64_t b0 = j->r0 + chunk % j->n_blocks * j->block_rows;
+    int64_t b1 = b0 + j->block_rows < j->r1 ? b0 + j->block_rows : j->r1;
+    size_t at = (size_t)run[0] * j->expert_bytes;
+    matmul_rows(j->path, j->type, j->w + at, j->w_up ? j->w_up + at : NULL, j->n_in, b0, b1, j->xs + run[1],
+                j->slot_out + run[1], run[2] - run[1], j->out, j->n_out);
+}
+
+/* Rows per chunk for n_runs experts holding n_slots slots between them. */
+static int64_t chunk_rows(const mm_job_t *j, int64_t n_runs, int64_t n_slots) {
+    int64_t tiles = (n_slots / n_runs + TILE - 1) / TILE;
+    int64_t row_work = (int64_t)weight_row_bytes(j->type, j->n_in) * (j->w_up ? 2 : 1) * (tiles ? tiles : 1);
+    int64_t rows = (CHUNK_WORK / row_work + CHUNK_ROW_ALIGN - 1) / CHUNK_ROW_ALIGN * CHUNK_ROW_ALIGN;
+    rows = rows > CHUNK_ROW_ALIGN ? rows : CHUNK_ROW_ALIGN;
+    while (n_runs * ((j->r1 - j->r0 + rows - 1) / rows) > POOL_MAX_CHUNKS) rows *= 2;
+    return rows;
+}
+
+static int parse_times(PyObject *obj, pool_t *pool, Py_buffer *view) {
+    if (obj == Py_None) return 0;
+    if (!pool) {
+        PyErr_SetString(PyExc_ValueError, "times: given without a pool");
+        return -1;
+    }
+    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return -1;
+    if (view->len != 3 * pool_threads(pool) * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_Format(PyExc_ValueError, "times: expected int64 [n_threads=%d, 3], got %zd bytes", pool_threads(pool),
+                     view->len);
+        PyBuffer_Release(view);
+        view->obj = NULL;
+        return -1;
+    }
+    return 0;
+}
+
 /* MUL_MAT_ID: slot (t, k) multiplies expert ids[t, k] by q8 row t (x broadcast over
  * the used experts, as for gate/up) or row t*n_used+k (one row per slot, as for
  * down), into out[t, k, :]. Slots are grouped by expert (a counting sort), and
- * only experts whose rank among the distinct used ids is in [a0, a1) are done,
- * so workers can split by rows, by experts, or both. A plain MUL_MAT is the
- * case of one expert and one slot per token. */
+ * only experts whose rank among the distinct used ids is in [a0, a1) are done.
+ * With a pool, every thread of the pool shares the rows [r0, r1) of those experts
+ * as chunks (mm_chunk), the caller being thread 0; without, the caller does them
+ * alone. The GIL is released throughout. A plain MUL_MAT is the case of one expert
+ * and one slot per token. */
 static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
-    Py_buffer w, w_up, x, ids, out;
+    Py_buffer w, w_up, x, ids, out, times = {0};
     int type, path;
     Py_ssize_t n_expert, n_in, n_used, r0, r1, a0, a1;
-    if (!PyArg_ParseTuple(args, "y*y*inny*y*nw*nnnni", &w, &w_up, &type, &n_expert, &n_in, &x, &ids, &n_used,
-                          &out, &r0, &r1, &a0, &a1, &path))
+    PyObject *pool_obj = Py_None, *times_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "y*y*inny*y*nw*nnnni|OO", &w, &w_up, &type, &n_expert, &n_in, &x, &ids, &n_used,
+                          &out, &r0, &r1, &a0, &a1, &path, &pool_obj, &times_obj))
         return NULL;
     PyObject *ret = NULL;
     const uint8_t **xs = NULL;
-    int64_t *slot_out = NULL, *start = NULL;
+    int64_t *slot_out = NULL, *start = NULL, *runs = NULL;
+    pool_t *pool = NULL;
+    if (pool_obj != Py_None && !(pool = pool_from_object(pool_obj))) goto done;
+    if (parse_times(times_obj, pool, &times)) goto done;
     if (check_type_and_n_in(type, n_in) || (path = parse_path(path)) < 0) goto done;
     Py_ssize_t rb = (Py_ssize_t)weight_row_bytes(type, n_in), xb = (Py_ssize_t)q8_row_bytes(n_in);
     if (n_expert <= 0 || n_used <= 0 || w.len % (n_expert * rb)) {
@@ -484,7 +728,9 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
     xs = malloc(sizeof(*xs) * (n_slots + 1));
     slot_out = malloc(sizeof(*slot_out) * (n_slots + 1));
     start = calloc(n_expert + 1, sizeof(*start));
-    if (!xs || !slot_out || !start) { PyErr_NoMemory(); goto done; }
+    runs = malloc(sizeof(*runs) * 3 * (n_expert + 1));
+    if (!xs || !slot_out || !start || !runs) { PyErr_NoMemory(); goto done; }
+    int busy = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t s = 0; s < n_slots; s++) start[id[s] + 1]++;
     for (Py_ssize_t e = 0; e < n_expert; e++) start[e + 1] += start[e];
@@ -493,25 +739,43 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
         xs[at] = (const uint8_t *)x.buf + (n_x == n_slots ? s : s / n_used) * xb;
         slot_out[at] = s;
     }
-    int64_t rank = 0, begin = 0;                          /* start[e] is now e's end */
+    int64_t rank = 0, begin = 0, n_runs = 0, run_slots = 0;   /* start[e] is now e's end */
     for (Py_ssize_t e = 0; e < n_expert; e++) {
         int64_t end = start[e];
         if (end > begin) {
-            if (rank >= a0 && rank < a1)
-                matmul_rows(path, type, (const uint8_t *)w.buf + e * n_out * rb,
-                            fused ? (const uint8_t *)w_up.buf + e * n_out * rb : NULL, n_in, r0, r1,
-                            xs + begin, slot_out + begin, end - begin, out.buf, n_out);
+            if (rank >= a0 && rank < a1) {
+                runs[3 * n_runs] = e;
+                runs[3 * n_runs + 1] = begin;
+                runs[3 * n_runs + 2] = end;
+                n_runs++;
+                run_slots += end - begin;
+            }
             rank++;
         }
         begin = end;
     }
+    mm_job_t job = {path, type, w.buf, fused ? w_up.buf : NULL, (size_t)(n_out * rb), n_in, n_out, r0, r1,
+                    r1 - r0, 1, xs, slot_out, runs, out.buf};
+    if (pool && n_runs && r1 > r0) {
+        job.block_rows = chunk_rows(&job, n_runs, run_slots);
+        job.n_blocks = (r1 - r0 + job.block_rows - 1) / job.block_rows;
+        busy = pool_run(pool, n_runs * job.n_blocks, mm_chunk, &job, times.buf);
+    } else if (r1 > r0) {
+        for (int64_t k = 0; k < n_runs; k++) mm_chunk(&job, k, 0);
+    }
     Py_END_ALLOW_THREADS
+    if (busy) {
+        PyErr_SetString(PyExc_RuntimeError, "pool: already running a job");
+        goto done;
+    }
     ret = Py_None;
     Py_INCREF(ret);
 done:
     free(xs);
     free(slot_out);
     free(start);
+    free(runs);
+    if (times.obj) PyBuffer_Release(&times);
     PyBuffer_Release(&w);
     PyBuffer_Release(&w_up);
     PyBuffer_Release(&x);
@@ -529,7 +793,8 @@ static PyObject *py_q8_row_bytes(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"quantize_q8", py_quantize_q8, METH_VARARGS, "quantize_q8(x_f32, n_in, out_u8, path): rows of x -> q8 rows"},
     {"mul_mat_id", py_mul_mat_id, METH_VARARGS,
-     "mul_mat_id(w, w_up, type, n_expert, n_in, xq, ids, n_used, out, r0, r1, a0, a1, path)"},
+     "mul_mat_id(w, w_up, type, n_expert, n_in, xq, ids, n_used, out, r0, r1, a0, a1, path, pool=None, times=None): "
+     "times (with a pool): int64 [n_threads, 3], per thread (first claim ns, end ns, chunks run)"},
     {"q8_row_bytes", py_q8_row_bytes, METH_O, "q8_row_bytes(n_in): bytes of one quantised activation row"},
     {NULL, NULL, 0, NULL},
 };
@@ -557,8 +822,15 @@ PyMODINIT_FUNC PyInit__kernels(void) {
         }
         default_path = p;
     }
+    if (PyType_Ready(&PoolType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
+    Py_INCREF(&PoolType);
+    if (PyModule_AddObject(m, "Pool", (PyObject *)&PoolType) < 0) {
+        Py_DECREF(&PoolType);
+        Py_DECREF(m);
+        return NULL;
+    }
     PyObject *names = PyTuple_New(best_path + 1);
     for (int p = 0; p <= best_path && names; p++) PyTuple_SET_ITEM(names, p, PyUnicode_FromString(path_names[p]));
     if (!names || PyModule_AddObject(m, "PATHS", names) < 0 || PyModule_AddIntConstant(m, "DEFAULT_PATH", default_path) < 0) {

@@ -5,18 +5,20 @@ generated token reads each selected expert once. These kernels read the GGUF
 blocks directly (no dequantised copy), quantise the activation once to 8-bit
 blocks, and use int8 dot products, as ggml does, so 4-bit weights stream at
 memory speed. Each call does a row range [r0, r1) of the weight and releases
-the GIL, so the engine's worker threads split one matmul by rows (or, for
-`mul_mat_id`, by experts) and run in parallel.
+the GIL, and takes the engine's worker pool to split its rows between threads.
 
-Calling pattern for one matmul y = x @ W.T on n workers:
-    xq = quantize_activations(x)                 # once per input, by one thread
+Calling pattern for one matmul y = x @ W.T:
+    xq = quantize_activations(x)                 # once per input
     out = np.empty((n_tokens, n_out), np.float32)
-    worker i: mul_mat(W, ggml_type, xq, out, r0_i, r1_i)   # disjoint row ranges
+    mul_mat(W, ggml_type, xq, out, pool=pool)    # every thread of the pool shares the rows
 Arrays are NumPy (a CPU torch tensor is viewed with `.numpy()`, no copy);
 weights are the uint8 arrays `gguf.GGUFReader` gives for quantised tensors.
-The engine's entry points, at the end of this module: `matmul` (a whole
-matmul, torch in and out), and `mul_mat_tasks` / `mul_mat_id_tasks` (MUL_MAT /
-MUL_MAT_ID cut into worker tasks: the graph node's `parallel` form).
+With `pool` (a `hybrid._kernels.Pool`, the CPU backend's worker threads) the
+call's rows are cut into chunks that its threads claim, all in C with the GIL
+released: no Python runs between the dispatch and the last row. The engine's
+entry points, at the end of this module: `matmul` (a whole matmul, torch in and
+out), `mul_mat_job` / `mul_mat_id_job` (MUL_MAT / MUL_MAT_ID as the graph
+node's `parallel` form) and `run_work` (what runs such a form).
 Precision: the activation is rounded to 8 bits per 32-value block (scale
 amax/127), so results differ from a float matmul by at most
 sum_i |W_ji| * d_block(i) / 2; the weights themselves are used exactly.
@@ -90,33 +92,37 @@ def quantize_activations(x, out: np.ndarray | None = None, path: str | None = No
 
 
 def mul_mat(w, ggml_type: int, xq: np.ndarray, out, r0: int = 0, r1: int | None = None,
-            path: str | None = None) -> None:
+            path: str | None = None, pool=None, times: np.ndarray | None = None) -> None:
     """out[t, r0:r1] = (W x_t)[r0:r1] for every q8 row t of xq.
 
-    w: uint8 [n_out, row_bytes], the tensor's GGUF blocks; out: float32 [n_tokens, n_out]."""
+    w: uint8 [n_out, row_bytes], the tensor's GGUF blocks; out: float32 [n_tokens, n_out];
+    pool, times: as for `mul_mat_id`."""
     w = _weights(w)
     out = _outputs(out)
     mul_mat_id(w[None], ggml_type, xq, np.zeros((out.shape[0], 1), np.int32), out.reshape(out.shape[0], 1, -1),
-               r0, r1, path=path)
+               r0, r1, path=path, pool=pool, times=times)
 
 
 def mul_mat_id(w, ggml_type: int, xq: np.ndarray, ids, out, r0: int = 0, r1: int | None = None,
-               a0: int = 0, a1: int | None = None, w_up=None, path: str | None = None) -> None:
+               a0: int = 0, a1: int | None = None, w_up=None, path: str | None = None, pool=None,
+               times: np.ndarray | None = None) -> None:
     """MUL_MAT_ID: out[t, k, r0:r1] = (W[ids[t, k]] x)[r0:r1] over a 3-D expert tensor.
 
     w: uint8 [n_expert, n_out, row_bytes]; ids: int32 [n_tokens, n_used];
     xq: q8 rows, either n_tokens (one input per token, shared by its experts:
     gate/up) or n_tokens*n_used (one per slot, in (t, k) order: down);
     out: float32 [n_tokens, n_used, n_out].
-    Workers split by rows ([r0, r1) of every expert) and/or by experts: only the
-    experts whose rank among the distinct used ids is in [a0, a1) are computed.
-    With w_up (same shape as w, the up tensor; w is then gate) it is the fused
-    gate+up of `-fmoe`: out = silu(W_gate x) * (W_up x)."""
+    Only rows [r0, r1) of each expert, and only the experts whose rank among the
+    distinct used ids is in [a0, a1), are computed. With w_up (same shape as w,
+    the up tensor; w is then gate) it is the fused gate+up of `-fmoe`:
+    out = silu(W_gate x) * (W_up x). With `pool`, all its threads share the work
+    in chunks of (expert, block of rows); `times` (int64 [pool.n_threads, 3]) then
+    gets per thread (first claim, end, chunks run), CLOCK_MONOTONIC ns."""
     w, ids = _weights(w), np.ascontiguousarray(_array(ids), dtype=np.int32)
     n_expert = w.shape[0]
     _kernels.mul_mat_id(w, b"" if w_up is None else _weights(w_up), ggml_type, n_expert, _n_in(w, ggml_type),
                         xq, ids, ids.shape[-1], _outputs(out), r0, w.shape[1] if r1 is None else r1,
-                        a0, n_expert if a1 is None else a1, _path(path))
+                        a0, n_expert if a1 is None else a1, _path(path), pool, times)
 
 
 # --- the engine's forms: a whole matmul, and a matmul cut into worker tasks ------------------
@@ -138,33 +144,44 @@ def row_splits(n_rows: int, n_tasks: int) -> list[int]:
 
 
 def range_tasks(bounds: list[int], run) -> list:
-    """One worker task `run(r0, r1)` per non-empty range between consecutive bounds."""
+    """One Python task `run(r0, r1)` per non-empty range between consecutive bounds."""
     return [lambda r0=r0, r1=r1: run(r0, r1) for r0, r1 in zip(bounds, bounds[1:]) if r1 > r0]
 
 
-def mul_mat_tasks(w_data, ggml_type: int, x, n_tasks: int):
-    """MUL_MAT in the worker pool's `parallel` form -> (dst float32 torch [T, N], tasks):
-    x [T, K] quantised once by the calling thread, each task a range of W's rows."""
+def run_work(work, pool=None, times: np.ndarray | None = None) -> None:
+    """Run the work of a graph node's `parallel` form: a native job `job(pool, times)`,
+    or a list of Python tasks (no-argument callables filling disjoint parts of the
+    op's output). Without a pool, on the calling thread alone."""
+    if callable(work):
+        work(pool, times)
+    elif pool is None:
+        for task in work:
+            task()
+    else:
+        pool.run_tasks(work, times)
+
+
+def mul_mat_job(w_data, ggml_type: int, x):
+    """MUL_MAT in the `parallel` form -> (dst float32 torch [T, N], job): x [T, K] is
+    quantised once by the calling thread; job(pool, times) fills dst."""
     import torch
 
     w = _weights(w_data)
     xq = quantize_activations(x.detach().float())
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
-    bounds = row_splits(w.shape[0], n_tasks)
 
-    def task(r0: int, r1: int) -> None:
-        mul_mat(w, ggml_type, xq, out, r0, r1)
-    return torch.from_numpy(out), range_tasks(bounds, task)
+    def job(pool=None, times=None) -> None:
+        mul_mat(w, ggml_type, xq, out, pool=pool, times=times)
+    return torch.from_numpy(out), job
 
 
-def mul_mat_id_tasks(w_data, ggml_type: int, x, ids, n_tasks: int, w_up_data=None):
-    """MUL_MAT_ID in the worker pool's `parallel` form -> (dst, tasks).
+def mul_mat_id_job(w_data, ggml_type: int, x, ids, w_up_data=None, rows: tuple[int, int] | None = None):
+    """MUL_MAT_ID in the `parallel` form -> (dst, job).
 
     x: float32 torch [T, K] (gate/up: one input per token) or [T, U, K] (down: one per
-    slot); ids: [T, U] expert ids. The calling thread quantises x once; each task
-    then does every used expert's rows [r0, r1), so the tasks are balanced whatever
-    the routing. dst: float32 torch [T, U, N], filled by the tasks; with w_up_data it
-    is silu(gate x) * (up x) (-fmoe)."""
+    slot); ids: [T, U] expert ids. The calling thread quantises x once; job(pool, times)
+    fills dst, float32 torch [T, U, N] (only rows [r0, r1) of each expert with `rows`);
+    with w_up_data it is silu(gate x) * (up x) (-fmoe)."""
     import torch
 
     w = _weights(w_data)
@@ -173,8 +190,8 @@ def mul_mat_id_tasks(w_data, ggml_type: int, x, ids, n_tasks: int, w_up_data=Non
     ids = np.ascontiguousarray(ids.numpy() if hasattr(ids, "numpy") else ids, dtype=np.int32)
     out = np.empty((*ids.shape, n_out), np.float32)
     w_up = None if w_up_data is None else _weights(w_up_data)
-    bounds = row_splits(n_out, n_tasks)
+    r0, r1 = rows or (0, n_out)
 
-    def task(r0: int, r1: int) -> None:
-        mul_mat_id(w, ggml_type, xq, ids, out, r0, r1, w_up=w_up)
-    return torch.from_numpy(out), range_tasks(bounds, task)
+    def job(pool=None, times=None) -> None:
+        mul_mat_id(w, ggml_type, xq, ids, out, r0, r1, w_up=w_up, pool=pool, times=times)
+    return torch.from_numpy(out), job

@@ -31,8 +31,7 @@ import torch.nn.functional as F
 
 from hybrid.config import ModelConfig
 from hybrid.graph import Graph, Node, compute
-from hybrid.quants import dequantize
-from hybrid import cpu_kernels
+from hybrid import cpu_kernels, ops
 from hybrid.weights import GateUpExperts, ModelWeights, mul_mat, native
 
 
@@ -92,14 +91,6 @@ def rope_cos_sin(pos: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Ten
     """cos and sin [T, n_rot/2] (times the YaRN magnitude) of each pair's angle at positions pos [T]."""
     ang = pos.to(torch.float64)[:, None] * rope.freq.to(pos.device, torch.float64)[None, :]
     return (torch.cos(ang) * rope.mag).float(), (torch.sin(ang) * rope.mag).float()
-
-
-def apply_rope(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x [T, ..., n_rot] rotated in consecutive pairs (ggml's NORM mode) by `rope_cos_sin`."""
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos_sin[0].shape[1],)
-    cos, sin = cos_sin[0].reshape(shape), cos_sin[1].reshape(shape)
-    x0, x1 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
 
 
 # --- KV cache ------------------------------------------------------------------
@@ -234,17 +225,19 @@ class _Builder:
     def rms_norm(self, wname: str, x: Node, layer: int, name: str, cols: slice = slice(None)) -> Node:
         eps = self.c.rms_eps
 
-        def fn(w, x):
-            x = x[..., cols]
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.dequantize()
+        # out: the node's output memory, reused by each evaluation of the graph (hybrid.ops.Out);
+        # norm weights are F32 in llama.cpp's files: their data is the values
+        def fn(w, x, out=ops.Out()):
+            return ops.rms_norm(x, w.data if w.data.dtype is torch.float32 else w.dequantize(), eps, cols, out)
         return self.op("RMS_NORM", name, fn, x, layer=layer, buffer=wname, n_bytes=self.weight(wname).n_bytes,
                        flops=4 * self.n_tokens * self.weight(wname).shape[0])
 
     def add(self, name: str, a: Node, b: Node, layer: int) -> Node:
-        return self.op("ADD", name, lambda _, a, b: a + b, a, b, layer=layer, flops=self.n_tokens * self.c.n_embd)
+        return self.op("ADD", name, lambda _, a, b, out=ops.Out(): ops.add(a, b, out), a, b, layer=layer,
+                       flops=self.n_tokens * self.c.n_embd)
 
     def swiglu(self, name: str, gate: Node, up: Node, layer: int, width: int) -> Node:
-        return self.op("GLU", name, lambda _, g, u: F.silu(g) * u, gate, up, layer=layer,
+        return self.op("GLU", name, lambda _, g, u, out=ops.Out(): ops.swiglu(g, u, out), gate, up, layer=layer,
                        flops=5 * self.n_tokens * width)
 
     def per_head(self, wname: str, x: Node, layer: int, name: str, part: str = "all",
@@ -277,7 +270,7 @@ class _Builder:
         def parallel(w, x, n_tasks: int):       # workers split the heads (native: each head's rows)
             if x.dim() == 2 and not transposed and native(w):
                 node.n_bytes = int(w.n_bytes * share)
-                return _native_heads_tasks(w, x, c.n_head, rows, n_tasks)
+                return _native_heads_job(w, x, c.n_head, rows)
             node.n_bytes = 4 * n_weights
             wh = _head_weights(w, (part, transposed), prepare)
             dst = x.new_empty(x.shape[0], *wh.shape[:2])
@@ -315,8 +308,7 @@ class _Builder:
             node.n_bytes = per_expert * len(experts)
             g = w.gate if fused else w
             if native(g) and (not fused or native(w.up)):
-                return cpu_kernels.mul_mat_id_tasks(g.data, g.ggml_type, x, ids, n_tasks,
-                                                    w.up.data if fused else None)
+                return cpu_kernels.mul_mat_id_job(g.data, g.ggml_type, x, ids, w.up.data if fused else None)
             dst = x.new_zeros(ids.shape[0], ids.shape[1], n)
             groups = [experts[i::n_tasks] for i in range(n_tasks)]
             return dst, [lambda g=g: [expert_fn(w, x, ids, e, dst) for e in g] for g in groups if g]
@@ -325,11 +317,11 @@ class _Builder:
 
 
 def _serial(parallel: Callable) -> Callable:
-    """An op's `fn` from its `parallel` form: one task, run on the calling thread."""
+    """An op's `fn` from its `parallel` form: its work (a native job, or one task) run on
+    the calling thread alone."""
     def fn(*args):
-        dst, tasks = parallel(*args, 1)
-        for task in tasks:
-            task()
+        dst, work = parallel(*args, 1)
+        cpu_kernels.run_work(work)
         return dst
     return fn
 
@@ -342,18 +334,14 @@ def _serial(parallel: Callable) -> Callable:
 _HEAD_WEIGHTS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
-def _native_heads_tasks(w, x: torch.Tensor, n_head: int, rows: slice, n_tasks: int):
+def _native_heads_job(w, x: torch.Tensor, n_head: int, rows: slice):
     """A per-head matmul whose input x [T, K] is shared by all heads, on the stored blocks:
-    MUL_MAT_ID with head h as expert h, rows `rows` of each head's rows -> (dst [T, H, N], tasks)."""
+    MUL_MAT_ID with head h as expert h, rows `rows` of each head's rows -> (dst [T, H, N], job)."""
     per_head = w.shape[-2] if len(w.shape) == 3 else w.shape[0] // n_head
-    w3 = w.data.reshape(n_head, per_head, -1)
     r0, r1, _ = rows.indices(per_head)
-    xq = cpu_kernels.quantize_activations(x.detach().float())
     ids = np.broadcast_to(np.arange(n_head, dtype=np.int32), (x.shape[0], n_head))
-    out = np.empty((x.shape[0], n_head, per_head), np.float32)
-    bounds = [r0 + b for b in cpu_kernels.row_splits(r1 - r0, n_tasks)]
-    return torch.from_numpy(out)[:, :, r0:r1], cpu_kernels.range_tasks(
-        bounds, lambda a, b: cpu_kernels.mul_mat_id(w3, w.ggml_type, xq, ids, out, a, b))
+    out, job = cpu_kernels.mul_mat_id_job(w.data.reshape(n_head, per_head, -1), w.ggml_type, x, ids, rows=(r0, r1))
+    return out[:, :, r0:r1], job
 
 
 def _head_weights(w, key, prepare: Callable) -> torch.Tensor:
@@ -365,7 +353,7 @@ def _head_weights(w, key, prepare: Callable) -> torch.Tensor:
 
 def _mul_mat_parallel(w, x: torch.Tensor, n_tasks: int):
     if native(w):
-        return cpu_kernels.mul_mat_tasks(w.data, w.ggml_type, x, n_tasks)
+        return cpu_kernels.mul_mat_job(w.data, w.ggml_type, x)
     dst = x.new_empty(x.shape[0], w.shape[-2])
 
     def task(r0: int, r1: int) -> None:
@@ -403,21 +391,21 @@ def attention(b: _Builder, il: int, h: Node, pos: Node) -> Node:
         q = b.mul_mat(p + "attn_q.weight", h, il)
     rope = m.rope
 
-    def rope_q(_, q, pos):
-        q = q.reshape(T, H, c.n_embd_head_k)
-        return torch.cat([q[..., :nope], apply_rope(q[..., nope:], b.cos_sin(pos))], dim=-1)   # [T, H, head_k]
+    def rope_q(_, q, pos, out=ops.Out()):
+        return ops.rope(q.reshape(T, H, c.n_embd_head_k), b.cos_sin(pos), nope, out=out)   # [T, H, head_k]
     q = b.op("ROPE", f"q_pe-{il}", rope_q, q, pos, layer=il, flops=6 * T * H * R)
     kv = b.mul_mat(p + "attn_kv_a_mqa.weight", h, il)                                  # [T, L + R]
     kv_c = b.rms_norm(p + "attn_kv_a_norm.weight", kv, il, f"kv_cmpr-{il}", cols=slice(0, L))   # [T, L]
-    k_pe = b.op("ROPE", f"k_pe-{il}", lambda _, kv, pos: apply_rope(kv[:, L:], b.cos_sin(pos)), kv, pos,
-                layer=il, flops=6 * T * R)                                             # [T, R]
+    def rope_k(_, kv, pos, out=ops.Out()):
+        return ops.rope(kv, b.cos_sin(pos), L, keep_from=L, out=out)                  # [T, R]
+    k_pe = b.op("ROPE", f"k_pe-{il}", rope_k, kv, pos, layer=il, flops=6 * T * R)
     split_kv = c.kv_layout == "kv_b"
     kv_b = p + ("attn_kv_b.weight" if split_kv else "attn_k_b.weight")
     v_b = p + ("attn_kv_b.weight" if split_kv else "attn_v_b.weight")
     ck, cv = f"cache_k_l{il}", f"cache_v_l{il}"
 
-    def causal_softmax(_, kq):                                                          # kq [H, T, n_kv]
-        return torch.softmax((kq * rope.kq_scale).masked_fill(b.masked(kq.device), float("-inf")), dim=-1)
+    def causal_softmax(_, kq, out=ops.Out()):                                           # kq [H, T, n_kv]
+        return ops.softmax(kq, rope.kq_scale, b.masked(kq.device), out)
 
     if m.mla:
         q_abs = b.op("VIEW", f"q_nope-{il}", lambda _, q: q[..., :nope], q, layer=il)
@@ -472,18 +460,10 @@ def feed_forward(b: _Builder, il: int, h: Node, suffix: str = "") -> Node:
     return b.mul_mat(f"{p}ffn_down{suffix}.weight", act, il)
 
 
-def select_experts(sel: torch.Tensor, c: ModelConfig) -> torch.Tensor:
-    """Top-k experts per token from selection scores [T, E] -> ids [T, U].
-
-    Group-limited routing (DeepSeek-V3): score each group by the sum of its two
-    best experts, keep the best n_group_used groups, pick top-k among them.
-    """
-    if c.n_expert_groups > 1:
-        groups = sel.reshape(sel.shape[0], c.n_expert_groups, -1)                      # [T, G, E/G]
-        score = groups.topk(2, dim=-1).values.sum(-1)                                   # [T, G]
-        keep = torch.zeros_like(score, dtype=torch.bool).scatter(1, score.topk(c.n_group_used, dim=-1).indices, True)
-        sel = groups.masked_fill(~keep[..., None], float("-inf")).reshape(sel.shape)
-    return sel.topk(c.n_expert_used, dim=-1).indices
+def select_experts(sel: torch.Tensor, c: ModelConfig, out: ops.Out | None = None) -> torch.Tensor:
+    """Top-k experts per token from selection scores [T, E] -> ids [T, U], with DeepSeek-V3's
+    group-limited routing where the model has expert groups (see `hybrid.ops.top_k`)."""
+    return ops.top_k(sel, c.n_expert_used, c.n_expert_groups, c.n_group_used, out)
 
 
 def moe(b: _Builder, il: int, h: Node) -> Node:
@@ -491,21 +471,21 @@ def moe(b: _Builder, il: int, h: Node) -> Node:
     c, p = b.c, f"blk.{il}."
     logits = b.mul_mat(p + "ffn_gate_inp.weight", h, il)                                # [T, E]
     if c.expert_gating_func == 2:
-        probs = b.op("SIGMOID", f"ffn_moe_probs-{il}", lambda _, x: torch.sigmoid(x), logits, layer=il)
+        probs = b.op("SIGMOID", f"ffn_moe_probs-{il}", lambda _, x, out=ops.Out(): ops.sigmoid(x, out), logits,
+                     layer=il)
     else:
-        probs = b.op("SOFT_MAX", f"ffn_moe_probs-{il}", lambda _, x: torch.softmax(x, -1), logits, layer=il)
+        probs = b.op("SOFT_MAX", f"ffn_moe_probs-{il}", lambda _, x, out=ops.Out(): ops.softmax(x, out=out), logits,
+                     layer=il)
     sel = probs
     bias = p + "exp_probs_b.bias"
     if bias in b.m.weights:
-        sel = b.op("ADD", f"ffn_moe_probs_biased-{il}", lambda w, x: x + w.dequantize(), probs, layer=il,
-                   buffer=bias, n_bytes=b.weight(bias).n_bytes)
-    ids = b.op("TOP_K", f"ffn_moe_topk-{il}", lambda _, s: select_experts(s, c), sel, layer=il)   # [T, U]
+        sel = b.op("ADD", f"ffn_moe_probs_biased-{il}", lambda w, x, out=ops.Out(): ops.add(x, w.dequantize(), out),
+                   probs, layer=il, buffer=bias, n_bytes=b.weight(bias).n_bytes)
+    ids = b.op("TOP_K", f"ffn_moe_topk-{il}", lambda _, s, out=ops.Out(torch.int64): select_experts(s, c, out), sel,
+               layer=il)                                                               # [T, U]
 
-    def expert_weights(_, probs, ids):
-        w = probs.gather(1, ids)                                                        # [T, U]
-        if c.expert_weights_norm:
-            w = w / w.sum(-1, keepdim=True)
-        return w * c.expert_weights_scale if c.expert_weights_scale != 0.0 else w
+    def expert_weights(_, probs, ids, out=ops.Out()):                                  # [T, U]
+        return ops.expert_weights(probs, ids, c.expert_weights_norm, c.expert_weights_scale, out)
     weights = b.op("GET_ROWS", f"ffn_moe_weights-{il}", expert_weights, probs, ids, layer=il)
     if b.m.fmoe:
         act = b.mul_mat_id(p + "ffn_gate_up_exps.weight", h, ids, il, fused=True)      # [T, U, n_ff_exp]
@@ -514,10 +494,10 @@ def moe(b: _Builder, il: int, h: Node) -> Node:
         up = b.mul_mat_id(p + "ffn_up_exps.weight", h, ids, il)
         act = b.swiglu(f"ffn_moe_swiglu-{il}", gate, up, il, c.n_expert_used * c.n_ff_exp)
     down = b.mul_mat_id(p + "ffn_down_exps.weight", act, ids, il)                       # [T, U, n_embd]
-    weighted = b.op("MUL", f"ffn_moe_weighted-{il}", lambda _, d, w: d * w[..., None], down, weights, layer=il,
-                    flops=b.n_tokens * c.n_expert_used * c.n_embd)
-    moe_out = b.op("ADD", f"ffn_moe_out-{il}", lambda _, x: x.sum(1), weighted, layer=il,
-                   flops=b.n_tokens * c.n_expert_used * c.n_embd)
+    weighted = b.op("MUL", f"ffn_moe_weighted-{il}", lambda _, d, w, out=ops.Out(): ops.scale_rows(d, w, out),
+                    down, weights, layer=il, flops=b.n_tokens * c.n_expert_used * c.n_embd)
+    moe_out = b.op("ADD", f"ffn_moe_out-{il}", lambda _, x, out=ops.Out(): ops.sum_experts(x, out), weighted,
+                   layer=il, flops=b.n_tokens * c.n_expert_used * c.n_embd)
     return b.add(f"ffn_out-{il}", moe_out, feed_forward(b, il, h, "_shexp"), il)
 
 
@@ -532,8 +512,10 @@ def build_graph(model: "Model", n_tokens: int, n_past: int, all_logits: bool = F
     b = _Builder(model, n_tokens, n_past)
     tokens, pos = b.input("inp_tokens"), b.input("inp_pos")
     emb = b.weight("token_embd.weight")
-    x = b.op("GET_ROWS", "token_embd", lambda w, t: dequantize(w.data[t], w.ggml_type), tokens,
-             buffer="token_embd.weight", n_bytes=n_tokens * emb.n_bytes // c.n_vocab)   # [T, n_embd]
+    def token_embd(w, t, out=ops.Out()):
+        return ops.get_rows(w.data, w.ggml_type, w.shape[-1], t, out)                  # [T, n_embd]
+    x = b.op("GET_ROWS", "token_embd", token_embd, tokens, buffer="token_embd.weight",
+             n_bytes=n_tokens * emb.n_bytes // c.n_vocab)
     for il in range(c.n_layer):
         h = b.rms_norm(f"blk.{il}.attn_norm.weight", x, il, f"attn_norm-{il}")
         x = b.add(f"ffn_inp-{il}", attention(b, il, h, pos), x, il)

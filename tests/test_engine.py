@@ -170,7 +170,9 @@ def test_hybrid_run_records_every_step(tiny_gguf):
 
 def test_split_ops_count_their_bytes_once(tiny_gguf):
     """Workers sharing an op each record their share of its bytes and flops: the op
-    events of a 2-thread run add up to those of a 1-thread run."""
+    events of a 2-thread run add up to those of a 1-thread run. (Threads claim chunks
+    as they come, so on ops this small the main thread may take them all: which lanes
+    ran is not fixed; tests/test_pool.py checks the shares of an op big enough to split.)"""
     totals = []
     for threads in (1, 2):
         rec = Recorder(enabled=True)
@@ -179,7 +181,7 @@ def test_split_ops_count_their_bytes_once(tiny_gguf):
         ops = [e for e in rec.drain() if e["type"] == "op"]
         totals.append((sum(e["bytes"] for e in ops), sum(e["flops"] for e in ops),
                        {e["tid"] for e in ops}))
-    assert totals[1][2] == {"main", "cpu1"}
+    assert "main" in totals[1][2] and totals[1][2] <= {"main", "cpu1"}
     assert abs(totals[1][0] - totals[0][0]) <= len(ops) and abs(totals[1][1] - totals[0][1]) <= len(ops)
 
 

@@ -129,24 +129,28 @@ def test_expert_bytes_are_the_selected_experts(tiny_gguf):
 @pytest.mark.parametrize("rtr", [False, True])
 @pytest.mark.parametrize("fmoe", [False, True])
 def test_parallel_tasks_equal_fn(tiny_gguf, rtr, fmoe):
-    """Every op with `parallel` gives, task by task, what its `fn` gives (up to the float
-    rounding of differently shaped matmuls: row slices change the reduction blocking)."""
+    """Every op with `parallel` gives, shared by a pool of 3 threads, what its `fn` gives (up
+    to the float rounding of differently shaped matmuls: row slices change the reduction blocking)."""
+    from hybrid._kernels import Pool
+    from hybrid.cpu_kernels import run_work
+
     model = Model(load_model(tiny_gguf), n_ctx=16, rtr=rtr, fmoe=fmoe)
     graph = model.graph(5)
     values: dict[int, object] = {}
     inputs = model.inputs([4, 8, 15, 16, 23])
     n_checked = 0
+    pool = Pool(3, True)
     for node in graph.nodes:
         buf = model.buffer(node.buffer) if node.buffer is not None else None
         args = [values[id(s)] for s in node.srcs]
         values[id(node)] = inputs[node.name] if node.is_input else node.fn(buf, *args)
         if node.parallel is not None:
             for n_tasks in (1, 3):
-                dst, tasks = node.parallel(buf, *args, n_tasks)
-                for task in reversed(tasks):
-                    task()
+                dst, work = node.parallel(buf, *args, n_tasks)
+                run_work(work, pool if n_tasks > 1 else None)
                 torch.testing.assert_close(dst, values[id(node)], rtol=1e-4, atol=1e-6)
             n_checked += 1
+    pool.close()
     assert n_checked > 10
 
 

@@ -91,8 +91,10 @@ def test_quantize_activations_rounds_each_block_to_nearest(path):
     inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
     q = np.clip(np.rint(blocks * inv), -127, 127)
     np.testing.assert_array_equal(decode_q8(xq, 224), (q * d.astype(np.float64)).reshape(3, -1))
-    sums = xq.reshape(3, -1, 256)[:, :, 192:].copy().view(np.int32).reshape(3, -1, 4, 4)[..., 0]
-    np.testing.assert_array_equal(sums.reshape(3, -1)[:, :7], -8 * q.sum(-1))
+    sums = xq.reshape(3, -1, 256)[:, :, 192:].copy().view(np.int32).reshape(3, -1, 4, 4)
+    np.testing.assert_array_equal(sums[..., 0].reshape(3, -1)[:, :7], -8 * q.sum(-1))
+    np.testing.assert_array_equal(sums[..., 1].reshape(3, -1)[:, :7], -128 * q.sum(-1))
+    assert not sums[..., 2:].any()
     assert not xq.reshape(3, -1, 256)[:, 1, 3 * 16:64].any()          # the pad block is zero
 
 
@@ -108,6 +110,47 @@ def test_simd_paths_agree_with_scalar(ggml_type):
         out = np.zeros_like(ref)
         ck.mul_mat(raw, ggml_type, xq, out, path=path)
         assert np.all(np.abs(out - ref) <= 2 * tol), path
+
+
+@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("n_tok", [3, 4, 8, 9, 17])
+def test_prompt_kernel_tiles_and_row_blocks_match_scalar(ggml_type, n_tok):
+    """From 4 tokens on (R16_MIN_TOKENS), AVX-512 takes the interleaved 16-row kernel: token
+    counts off its 8-token tile, row counts off 16 (a short last block), block counts off
+    the 4-block activation group, and the extreme products must all agree."""
+    rng = np.random.default_rng(10 + n_tok)
+    for n_out, n_in in [(1, 32), (15, 96), (16, 160), (33, 416), (50, 1408)]:
+        raw, x = raw_weights(rng, (n_out, n_in), ggml_type), activations(rng, n_tok, n_in)
+        blocks = raw[:2].reshape(min(n_out, 2), -1, ck.BLOCK_BYTES[ggml_type])
+        blocks[:, :, 2:] = 0x00 if ggml_type == ck.Q4_0 else 0x80           # all -8 / -128 weights ...
+        blocks[:, :, :2] = SCALES[-1:].view(np.uint8)
+        x[0] = np.abs(x[0]) + 1.0                                            # ... times positive activations
+        xq = ck.quantize_activations(x)
+        xr, w = decode_q8(xq, n_in), dequant(raw, ggml_type)
+        ref = np.zeros((n_tok, n_out), np.float32)
+        ck.mul_mat(raw, ggml_type, xq, ref, path="scalar")
+        assert np.all(np.abs(ref - xr @ w.T) <= exact_tolerance(w, xr))
+        for path in ck.paths()[1:]:
+            out = np.full_like(ref, np.nan)
+            ck.mul_mat(raw, ggml_type, xq, out, path=path)
+            assert np.all(np.abs(out - ref) <= 2 * exact_tolerance(w, xr)), (path, n_out, n_in)
+
+
+@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+def test_fused_gate_up_on_the_prompt_kernel(ggml_type):
+    """Fused gate+up with every token on the same experts (the prompt kernel's case), odd rows."""
+    rng = np.random.default_rng(11)
+    gate, up = (raw_weights(rng, (3, 37, 224), ggml_type) for _ in range(2))
+    ids = np.tile(np.array([[2, 0]], np.int32), (11, 1))
+    xq = ck.quantize_activations(activations(rng, 11, 224))
+    xr = decode_q8(xq, 224)
+    for path in ck.paths():
+        h = np.zeros((11, 2, 37), np.float32)
+        ck.mul_mat_id(gate, ggml_type, xq, ids, h, w_up=up, path=path)
+        for k, e in enumerate(ids[0]):
+            g64, u64 = (xr @ dequant(w[e], ggml_type).T for w in (gate, up))
+            want = g64 * 0.5 * (1 + np.tanh(g64 / 2)) * u64
+            np.testing.assert_allclose(h[:, k], want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=path)
 
 
 def test_row_ranges_write_only_their_rows_and_compose():
@@ -225,24 +268,21 @@ def test_engine_forms_match_the_direct_calls():
     y = ck.matmul(torch.from_numpy(gate[3]), ck.Q4_0, torch.from_numpy(x))
     xr = decode_q8(ck.quantize_activations(x), 160)
     assert np.all(np.abs(y.numpy() - xr @ w.T) <= exact_tolerance(w, xr))
-    dst, tasks = ck.mul_mat_tasks(torch.from_numpy(gate[3]), ck.Q4_0, torch.from_numpy(x), 3)
-    for task in reversed(tasks):
-        task()
+    dst, job = ck.mul_mat_job(torch.from_numpy(gate[3]), ck.Q4_0, torch.from_numpy(x))
+    ck.run_work(job)
     np.testing.assert_array_equal(dst.numpy(), y.numpy())
     for w_up in (None, up):
         want = np.zeros((*ids.shape, 22), np.float32)
         ck.mul_mat_id(gate, ck.Q4_0, ck.quantize_activations(x), ids, want, w_up=w_up)
-        dst, tasks = ck.mul_mat_id_tasks(gate, ck.Q4_0, torch.from_numpy(x), torch.from_numpy(ids).long(), 3,
-                                         None if w_up is None else torch.from_numpy(w_up))
-        assert len(tasks) == 3
-        for task in reversed(tasks):
-            task()
+        dst, job = ck.mul_mat_id_job(gate, ck.Q4_0, torch.from_numpy(x), torch.from_numpy(ids).long(),
+                                     None if w_up is None else torch.from_numpy(w_up))
+        ck.run_work(job)
         np.testing.assert_array_equal(dst.numpy(), want)
     per_slot = activations(rng, ids.size, 160)                          # the down form: x [T, U, K]
     want = np.zeros((*ids.shape, 22), np.float32)
     ck.mul_mat_id(gate, ck.Q4_0, ck.quantize_activations(per_slot), ids, want)
-    dst, tasks = ck.mul_mat_id_tasks(gate, ck.Q4_0, torch.from_numpy(per_slot.reshape(*ids.shape, 160)), ids, 2)
-    [task() for task in tasks]
+    dst, job = ck.mul_mat_id_job(gate, ck.Q4_0, torch.from_numpy(per_slot.reshape(*ids.shape, 160)), ids)
+    ck.run_work(job)
     np.testing.assert_array_equal(dst.numpy(), want)
 
 

@@ -285,19 +285,3 @@ def test_split_rule_on_the_tiny_model(tiny_gguf):
     assert rows[5]["nodes"][-3:] == ["inp_out_ids", "result_norm", "output"]
     assert set(plan.causes) == {"1.inp", "1.buf", "2.dev_down", "2.dev_up", "2.rest_down"}
 
-
-def test_native_wait_change():
-    import threading
-    import time
-
-    import numpy as np
-
-    from hybrid._spin import wait_change
-    counters = np.zeros(2, dtype=np.int64)
-    t = time.perf_counter()
-    assert wait_change(counters, 1, 0, 2_000_000) == 0          # times out, value unchanged
-    assert time.perf_counter() - t >= 0.0019
-    threading.Timer(0.01, lambda: counters.__setitem__(1, 5)).start()
-    assert wait_change(counters, 1, 0, 5_000_000_000) == 5       # the GIL is free meanwhile
-    with pytest.raises(IndexError):
-        wait_change(counters, 2, 0, 0)

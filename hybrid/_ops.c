@@ -1,0 +1,503 @@
+/* The small float32 ops of a forward pass, native (hybrid/ops.py is the Python side).
+ *
+ * Why native code: a generated token runs ~70 ops besides its matmuls (norms,
+ * RoPE, softmaxes, residual adds, SwiGLU, the router), each on a few KiB. Their
+ * arithmetic takes well under a microsecond; in torch each costs 10-100 us in
+ * the engine, because it runs right after a matmul has streamed hundreds of MB
+ * through the caches, and torch's dispatcher (TensorIterator, the allocator,
+ * kernel selection) is a lot of cold code and data to bring back. These
+ * functions are a few hundred bytes of loop each, so they stay cheap when cold,
+ * as ggml's own CPU ops do.
+ *
+ * Calling convention: tensors come as their data addresses (torch's
+ * `data_ptr()`) with their sizes, and results go into outputs the caller
+ * allocated. Measured cold (after streaming 8 MB), even a `.numpy()` view of a
+ * tensor costs ~3 us and allocating an output ~6-9 us, more than the op; an
+ * address costs ~0.4 us. So this module trusts its caller for what an address
+ * cannot tell (the dtype, that the memory holds the sizes given): hybrid/ops.py
+ * is the checked interface, and the only one. What the arguments themselves
+ * show is checked here (sizes that must agree, indices in range, no null
+ * address), as a ValueError / IndexError.
+ *
+ * Plain C, built with -O3 and no -march: GCC vectorises the loops for the
+ * baseline ISA; where the target_clones attribute exists (GCC on x86-64 Linux)
+ * the exp-heavy loops also get an AVX2 and an AVX-512 clone picked at load
+ * time. Loops keep each lane independent (reductions keep separate partial
+ * sums), which lets the compiler vectorise them without -ffast-math. The GIL
+ * is kept: an op takes a microsecond or two, less than releasing and retaking
+ * it would.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SIMD_CLONES
+#endif
+
+enum { TYPE_F32 = 0, TYPE_F16 = 1, TYPE_Q4_0 = 2, TYPE_Q8_0 = 8, TYPE_BF16 = 30 };   /* ggml type ids */
+#define QK 32                                                                          /* Q4_0/Q8_0 block */
+#define LANES 16                   /* partial sums per reduction: independent lanes the compiler vectorises */
+#define MAX_COLS 4096              /* top_k's scratch: experts per token at most */
+
+/* --- arguments --------------------------------------------------------------------------------- */
+
+/* Positional arguments by a format, one letter each: 'p' an address (non-zero int), 'o' an
+ * optional address (0: none), 'n' a size (int >= 0), 'd' a float. 0, or -1 with an exception. */
+static int parse(const char *fn, PyObject *const *args, Py_ssize_t nargs, const char *fmt, ...) {
+    Py_ssize_t want = (Py_ssize_t)strlen(fmt);
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", fn, want, nargs);
+        return -1;
+    }
+    va_list ap;
+    va_start(ap, fmt);
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < want && rc == 0; i++) {
+        if (fmt[i] == 'p' || fmt[i] == 'o') {
+            void **p = va_arg(ap, void **);
+            *p = PyLong_AsVoidPtr(args[i]);
+            if (PyErr_Occurred() || (!*p && fmt[i] == 'p')) {
+                if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "%s: argument %zd is a null address", fn, i);
+                rc = -1;
+            }
+        } else if (fmt[i] == 'n') {
+            Py_ssize_t *n = va_arg(ap, Py_ssize_t *);
+            *n = PyLong_AsSsize_t(args[i]);
+            if (*n < 0) {
+                if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "%s: argument %zd is negative", fn, i);
+                rc = -1;
+            }
+        } else {
+            double *d = va_arg(ap, double *);
+            *d = PyFloat_AsDouble(args[i]);
+            if (*d == -1.0 && PyErr_Occurred()) rc = -1;
+        }
+    }
+    va_end(ap);
+    return rc;
+}
+
+static PyObject *bad(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    PyErr_FormatV(PyExc_ValueError, fmt, ap);
+    va_end(ap);
+    return NULL;
+}
+
+/* --- element functions ------------------------------------------------------------------------- */
+
+/* e^x to ~1 ulp, branch-free so that loops calling it vectorise (Cephes' expf polynomial):
+ * x = n ln2 + r with |r| <= ln2/2, e^r by a degree-7 polynomial, 2^n put in the exponent bits.
+ * Below -87.3 it is 0 and above 88.7 inf, as expf (no subnormal results). */
+static inline float exp_f32(float x) {
+    const float hi = 88.7f, lo = -87.3f;
+    float xc = x > hi ? hi : x;
+    xc = xc < lo ? lo : xc;
+    const float magic = 12582912.0f;                   /* 1.5 * 2^23: adding it rounds to an integer */
+    float n = (xc * 1.44269504088896341f + magic) - magic;
+    float r = xc - n * 0.693359375f;                   /* ln2 in two parts, so r is exact */
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    float y = p * scale;
+    y = x < lo ? 0.0f : y;
+    return x > hi ? INFINITY : y;
+}
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (mant << 13);
+    } else if (mant == 0) {
+        bits = sign;
+    } else {                                            /* subnormal: renormalise */
+        exp = 113;
+        while (!(mant & 0x400)) { mant <<= 1; exp--; }
+        bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static uint16_t load_u16(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+/* --- RMS_NORM ---------------------------------------------------------------------------------- */
+
+/* out[r] = x[r, c0:c0+n] / sqrt(mean(x^2) + eps) * w, the sum of squares in double as ggml's. */
+static void rms_norm_row(const float *x, const float *w, int64_t n, float eps, float *out) {
+    double acc[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += (double)x[i + l] * x[i + l];
+    double sum = 0;
+    for (; i < n; i++) sum += (double)x[i] * x[i];
+    for (int l = 0; l < LANES; l++) sum += acc[l];
+    const float scale = (float)(1.0 / sqrt(sum / (double)n + eps));
+    for (i = 0; i < n; i++) out[i] = x[i] * scale * w[i];
+}
+
+/* rms_norm(x, rows, row_len, c0, n, w, eps, out): x [rows, row_len] normed on columns [c0, c0+n)
+ * times w [n] -> out [rows, n] */
+static PyObject *py_rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    const float *x, *w;
+    float *out;
+    Py_ssize_t rows, row_len, c0, n;
+    double eps;
+    if (parse("rms_norm", args, nargs, "pnnnnpdp", &x, &rows, &row_len, &c0, &n, &w, &eps, &out)) return NULL;
+    if (n == 0 || c0 + n > row_len) return bad("rms_norm: columns [%zd, %zd) of rows of %zd", c0, c0 + n, row_len);
+    for (Py_ssize_t r = 0; r < rows; r++) rms_norm_row(x + r * row_len + c0, w, n, (float)eps, out + r * n);
+    Py_RETURN_NONE;
+}
+
+/* --- ROPE -------------------------------------------------------------------------------------- */
+
+/* rope(x, rows, row_len, c0, width, r0, n_rot, rows_per_token, cos, sin, out): for each row of x
+ * [rows, row_len], out's row [width] is x's columns [c0, c0+width) with the consecutive pairs of
+ * columns [r0, r0+n_rot) rotated by the angles of token row / rows_per_token (ggml's NORM mode):
+ * (a, b) -> (a cos - b sin, a sin + b cos), cos/sin [rows / rows_per_token, n_rot/2] already
+ * times the YaRN magnitude. */
+static PyObject *py_rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    const float *x, *cs, *sn;
+    float *out;
+    Py_ssize_t rows, row_len, c0, width, r0, n_rot, per_token;
+    if (parse("rope", args, nargs, "pnnnnnnnppp", &x, &rows, &row_len, &c0, &width, &r0, &n_rot, &per_token, &cs,
+              &sn, &out))
+        return NULL;
+    if (n_rot % 2 || r0 < c0 || r0 + n_rot > c0 + width || c0 + width > row_len)
+        return bad("rope: rotated columns [%zd, %zd) and kept [%zd, %zd) do not fit rows of %zd", r0, r0 + n_rot, c0,
+                   c0 + width, row_len);
+    if (per_token == 0 || rows % per_token) return bad("rope: %zd rows are not whole tokens of %zd", rows, per_token);
+    Py_ssize_t half = n_rot / 2;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const float *xr = x + r * row_len, *c = cs + (r / per_token) * half, *s = sn + (r / per_token) * half;
+        float *o = out + r * width;
+        memcpy(o, xr + c0, (size_t)width * sizeof(float));
+        const float *a = xr + r0;
+        float *y = o + (r0 - c0);
+        for (Py_ssize_t p = 0; p < half; p++) {
+            float x0 = a[2 * p], x1 = a[2 * p + 1];
+            y[2 * p] = x0 * c[p] - x1 * s[p];
+            y[2 * p + 1] = x0 * s[p] + x1 * c[p];
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* --- SOFT_MAX and SIGMOID ---------------------------------------------------------------------- */
+
+SIMD_CLONES
+static void softmax_row(const float *x, const uint8_t *masked, int64_t n, float scale, float *out) {
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        float v = masked && masked[i] ? -INFINITY : x[i] * scale;
+        out[i] = v;
+        mx = v > mx ? v : mx;
+    }
+    if (mx == -INFINITY) {                              /* all masked: zeros (torch would give NaN) */
+        memset(out, 0, (size_t)n * sizeof(float));
+        return;
+    }
+    float acc[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float e = exp_f32(out[i + l] - mx);
+            out[i + l] = e;
+            acc[l] += e;
+        }
+    float sum = 0;
+    for (; i < n; i++) {
+        out[i] = exp_f32(out[i] - mx);
+        sum += out[i];
+    }
+    for (int l = 0; l < LANES; l++) sum += acc[l];
+    const float inv = 1.0f / sum;
+    for (i = 0; i < n; i++) out[i] *= inv;
+}
+
+/* softmax(x, rows, n_cols, scale, masked, mask_rows, out): softmax(x * scale) over each row of
+ * x [rows, n_cols]; where masked [mask_rows, n_cols] (one byte each, nonzero: masked; row r uses
+ * mask row r % mask_rows, so a [T, n_kv] causal mask serves [H, T, n_kv]; address 0: no mask) is
+ * set, the entry is left out (0). */
+static PyObject *py_softmax(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    const float *x;
+    const uint8_t *masked;
+    float *out;
+    Py_ssize_t rows, n_cols, mask_rows;
+    double scale;
+    if (parse("softmax", args, nargs, "pnndonp", &x, &rows, &n_cols, &scale, &masked, &mask_rows, &out)) return NULL;
+    if (masked && (mask_rows == 0 || rows % mask_rows))
+        return bad("softmax: %zd rows do not repeat a mask of %zd rows", rows, mask_rows);
+    for (Py_ssize_t r = 0; r < rows; r++)
+        softmax_row(x + r * n_cols, masked ? masked + (r % mask_rows) * n_cols : NULL, n_cols, (float)scale,
+                    out + r * n_cols);
+    Py_RETURN_NONE;
+}
+
+SIMD_CLONES
+static void sigmoid_n(const float *x, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = 1.0f / (1.0f + exp_f32(-x[i]));
+}
+
+/* sigmoid(x, n, out) */
+static PyObject *py_sigmoid(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    const float *x;
+    float *out;
+    Py_ssize_t n;
+    if (parse("sigmoid", args, nargs, "pnp", &x, &n, &out)) return NULL;
+    sigmoid_n(x, n, out);
+    Py_RETURN_NONE;
+}
+
+/* --- elementwise: ADD, MUL by a per-row weight, GLU ------------------------------------------- */
+
+static void add_n(const float *a, const float *b, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+/* add(a, n_a, b, n_b, out): out = a + b, b [n_b] repeated over a [n_a] (n_a a multiple of n_b) */
+static PyObject *py_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    const float *a, *b;
+    float *out;
+    Py_ssize_t na, nb;
+    if (parse("add", args, nargs, "pnpnp", &a, &na, &b, &nb, &out)) return NULL;
+    if (nb == 0 || na % nb) return bad("add: b of %zd does not repeat over a of %zd", nb, na);
+    for (Py_ssize_t i = 0; i < na; i += nb) add_n(a + i, b, nb, out + i);
+    Py_RETURN_NONE;
+}
+
+/* scale_rows(x, rows, n, w, out): out[r, :] = x[r, :] * w[r] for x [rows, n], w [rows]
+ * (MoE: each expert's output times its routing weight) */
+static PyObject *py_scale_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    const float *x, *w;
+    float *out;
+    Py_ssize_t rows, n;
+    if (parse("scale_rows", args, nargs, "pnnpp", &x, &rows, &n, &w, &out)) return NULL;
+    for (Py_ssize_t r = 0; r < rows; r++)
+        for (Py_ssize_t i = 0; i < n; i++) out[r * n + i] = x[r * n + i] * w[r];
+    Py_RETURN_NONE;
+}
+
+/* sum_rows(x, rows, n_sum, n, out): out[t, :] = the sum over u of x[t, u, :], x [rows, n_sum, n]
+ * (MoE: the weighted experts of each token added up, in slot order) */
+static PyObject *py_sum_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    const float *x;
+    float *out;
+    Py_ssize_t rows, n_sum, n;
+    if (parse("sum_rows", args, nargs, "pnnnp", &x, &rows, &n_sum, &n, &out)) return NULL;
+    if (n_sum == 0) return bad("sum_rows: nothing to sum");
+    for (Py_ssize_t t = 0; t < rows; t++) {
+        const float *xt = x + t * n_sum * n;
+        float *o = out + t * n;
+        memcpy(o, xt, (size_t)n * sizeof(float));
+        for (Py_ssize_t u = 1; u < n_sum; u++) add_n(o, xt + u * n, n, o);
+    }
+    Py_RETURN_NONE;
+}
+
+SIMD_CLONES
+static void swiglu_n(const float *g, const float *u, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = g[i] / (1.0f + exp_f32(-g[i])) * u[i];
+}
+
+/* swiglu(g, u, n, out): out = silu(g) * u = g / (1 + e^-g) * u */
+static PyObject *py_swiglu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    const float *g, *u;
+    float *out;
+    Py_ssize_t n;
+    if (parse("swiglu", args, nargs, "ppnp", &g, &u, &n, &out)) return NULL;
+    swiglu_n(g, u, n, out);
+    Py_RETURN_NONE;
+}
+
+/* --- the router: TOP_K and the expert weights --------------------------------------------------- */
+
+/* The k largest of v[0..n) (skipping those with skip[i] set) in descending order, ties to the lower
+ * index (a stable sort's order): k passes of a max scan, as k and n are small (6 of 64). */
+static void top_k_row(const float *v, int64_t n, int64_t k, uint8_t *taken, int64_t *ids) {
+    for (int64_t j = 0; j < k; j++) {
+        int64_t best = -1;
+        for (int64_t i = 0; i < n; i++)
+            if (!taken[i] && (best < 0 || v[i] > v[best])) best = i;
+        taken[best] = 1;
+        ids[j] = best;
+    }
+}
+
+/* top_k(sel, rows, n_cols, k, n_groups, n_groups_used, ids): per row of sel [rows, n_cols], the k
+ * best columns, best first, ties to the lower index -> ids int64 [rows, k]. With n_groups > 1,
+ * group-limited routing (DeepSeek-V3): the columns are n_groups equal groups scored by the sum of
+ * their two best, and only the n_groups_used best groups compete. */
+static PyObject *py_top_k(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    const float *sel;
+    int64_t *ids;
+    Py_ssize_t rows, n_cols, k, n_groups, n_used_groups;
+    if (parse("top_k", args, nargs, "pnnnnnp", &sel, &rows, &n_cols, &k, &n_groups, &n_used_groups, &ids))
+        return NULL;
+    if (n_groups <= 1) n_groups = n_used_groups = 1;
+    Py_ssize_t per_group = n_cols / n_groups;
+    if (n_cols == 0 || n_cols > MAX_COLS || n_cols % n_groups || n_used_groups == 0 || n_used_groups > n_groups ||
+        k == 0 || k > per_group * n_used_groups || (n_groups > 1 && per_group < 2))
+        return bad("top_k: %zd of %zd columns in %zd of %zd groups", k, n_cols, n_used_groups, n_groups);
+    uint8_t taken[MAX_COLS];
+    float score[MAX_COLS];
+    int64_t best[MAX_COLS];
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const float *v = sel + r * n_cols;
+        memset(taken, 0, (size_t)n_cols);
+        if (n_groups > 1) {
+            for (Py_ssize_t g = 0; g < n_groups; g++) {
+                int64_t two[2];
+                memset(taken, 0, (size_t)per_group);
+                top_k_row(v + g * per_group, per_group, 2, taken, two);
+                score[g] = v[g * per_group + two[0]] + v[g * per_group + two[1]];
+            }
+            memset(taken, 0, (size_t)n_groups);
+            top_k_row(score, n_groups, n_used_groups, taken, best);
+            memset(taken, 1, (size_t)n_cols);                       /* only the kept groups' columns compete */
+            for (Py_ssize_t j = 0; j < n_used_groups; j++) memset(taken + best[j] * per_group, 0, (size_t)per_group);
+        }
+        top_k_row(v, n_cols, k, taken, ids + r * k);
+    }
+    Py_RETURN_NONE;
+}
+
+/* expert_weights(probs, rows, n_expert, ids, k, norm, scale, out): out[t, j] = probs[t, ids[t, j]]
+ * for probs [rows, n_expert] and ids int64 [rows, k], divided by the row's sum if norm != 0, times
+ * scale unless it is 0 (build_moe_ffn's weight normalisation and scale) */
+static PyObject *py_expert_weights(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    const float *probs;
+    const int64_t *ids;
+    float *out;
+    Py_ssize_t rows, n_expert, k, norm;
+    double scale;
+    if (parse("expert_weights", args, nargs, "pnnpnndp", &probs, &rows, &n_expert, &ids, &k, &norm, &scale, &out))
+        return NULL;
+    for (Py_ssize_t i = 0; i < rows * k; i++)
+        if (ids[i] < 0 || ids[i] >= n_expert) {
+            PyErr_Format(PyExc_IndexError, "expert_weights: expert %lld of %zd", (long long)ids[i], n_expert);
+            return NULL;
+        }
+    for (Py_ssize_t t = 0; t < rows; t++) {
+        const int64_t *id = ids + t * k;
+        float *o = out + t * k, sum = 0;
+        for (Py_ssize_t j = 0; j < k; j++) sum += o[j] = probs[t * n_expert + id[j]];
+        for (Py_ssize_t j = 0; j < k; j++) {
+            if (norm) o[j] /= sum;
+            if (scale != 0.0) o[j] *= (float)scale;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* --- GET_ROWS ---------------------------------------------------------------------------------- */
+
+static Py_ssize_t row_bytes_of(int type, Py_ssize_t n_cols) {
+    switch (type) {
+    case TYPE_F32: return n_cols * 4;
+    case TYPE_F16: case TYPE_BF16: return n_cols * 2;
+    case TYPE_Q4_0: return n_cols % QK ? -1 : n_cols / QK * 18;
+    case TYPE_Q8_0: return n_cols % QK ? -1 : n_cols / QK * 34;
+    default: return -1;
+    }
+}
+
+static void dequantize_row(int type, const uint8_t *src, Py_ssize_t n, float *out) {
+    switch (type) {
+    case TYPE_F32:
+        memcpy(out, src, (size_t)n * 4);
+        break;
+    case TYPE_F16:
+        for (Py_ssize_t i = 0; i < n; i++) out[i] = f16_to_f32(load_u16(src + 2 * i));
+        break;
+    case TYPE_BF16:
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint32_t bits = (uint32_t)load_u16(src + 2 * i) << 16;
+            memcpy(out + i, &bits, 4);
+        }
+        break;
+    case TYPE_Q4_0:
+        for (Py_ssize_t b = 0; b < n / QK; b++, src += 18, out += QK) {
+            const float d = f16_to_f32(load_u16(src));
+            for (int j = 0; j < QK / 2; j++) {
+                out[j] = ((src[2 + j] & 0x0f) - 8) * d;
+                out[j + QK / 2] = ((src[2 + j] >> 4) - 8) * d;
+            }
+        }
+        break;
+    case TYPE_Q8_0:
+        for (Py_ssize_t b = 0; b < n / QK; b++, src += 34, out += QK) {
+            const float d = f16_to_f32(load_u16(src));
+            for (int j = 0; j < QK; j++) out[j] = (int8_t)src[2 + j] * d;
+        }
+        break;
+    }
+}
+
+/* get_rows(data, n_rows, row_bytes, type, n_cols, ids, n_ids, out): rows ids int64 [n_ids] of a
+ * stored tensor data [n_rows, row_bytes] (F32, F16, BF16, Q4_0 or Q8_0) dequantised -> out
+ * [n_ids, n_cols] */
+static PyObject *py_get_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    const uint8_t *data;
+    const int64_t *ids;
+    float *out;
+    Py_ssize_t n_rows, row_bytes, type, n_cols, n_ids;
+    if (parse("get_rows", args, nargs, "pnnnnpnp", &data, &n_rows, &row_bytes, &type, &n_cols, &ids, &n_ids, &out))
+        return NULL;
+    if (row_bytes_of((int)type, n_cols) != row_bytes)
+        return bad("get_rows: rows of %zd bytes are not %zd columns of ggml type %zd (or it has no native path)",
+                   row_bytes, n_cols, type);
+    for (Py_ssize_t i = 0; i < n_ids; i++)
+        if (ids[i] < 0 || ids[i] >= n_rows) {
+            PyErr_Format(PyExc_IndexError, "get_rows: row %lld of %zd", (long long)ids[i], n_rows);
+            return NULL;
+        }
+    for (Py_ssize_t i = 0; i < n_ids; i++)
+        dequantize_row((int)type, data + ids[i] * row_bytes, n_cols, out + i * n_cols);
+    Py_RETURN_NONE;
+}
+
+/* --- the module -------------------------------------------------------------------------------- */
+
+#define FASTCALL(name, doc) {#name, (PyCFunction)(void (*)(void))py_##name, METH_FASTCALL, doc}
+static PyMethodDef methods[] = {
+    FASTCALL(rms_norm, "rms_norm(x, rows, row_len, c0, n, w, eps, out)"),
+    FASTCALL(rope, "rope(x, rows, row_len, c0, width, r0, n_rot, rows_per_token, cos, sin, out)"),
+    FASTCALL(softmax, "softmax(x, rows, n_cols, scale, masked, mask_rows, out)"),
+    FASTCALL(sigmoid, "sigmoid(x, n, out)"),
+    FASTCALL(add, "add(a, n_a, b, n_b, out)"),
+    FASTCALL(scale_rows, "scale_rows(x, rows, n, w, out)"),
+    FASTCALL(sum_rows, "sum_rows(x, rows, n_sum, n, out)"),
+    FASTCALL(swiglu, "swiglu(g, u, n, out)"),
+    FASTCALL(top_k, "top_k(sel, rows, n_cols, k, n_groups, n_groups_used, ids)"),
+    FASTCALL(expert_weights, "expert_weights(probs, rows, n_expert, ids, k, norm, scale, out)"),
+    FASTCALL(get_rows, "get_rows(data, n_rows, row_bytes, type, n_cols, ids, n_ids, out)"),
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ops", "small float32 ops of the forward pass", -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit__ops(void) { return PyModule_Create(&module); }

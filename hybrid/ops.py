@@ -1,0 +1,221 @@
+"""The forward pass's small ops (norms, RoPE, softmax, residual adds, SwiGLU, the router),
+native on CPU float32 tensors and torch everywhere else.
+
+A generated token runs ~70 such ops besides its matmuls, each on a few KiB. In
+torch each one costs 10-100 us inside the engine although its arithmetic takes
+under a microsecond: it runs right after a matmul has streamed hundreds of MB
+through the caches, and torch's per-op dispatch, and even allocating the
+output, is cold code and data to bring back. So the native path
+(`hybrid._ops`, plain C loops) takes the tensors' addresses rather than
+`.numpy()` views, and writes into an `Out`: output memory an op node keeps
+from one evaluation of its (reused) graph to the next. Arithmetic is float32 as
+in torch (norm sums in float64, as ggml's; exp to ~2 ulp).
+
+Each function takes the native path when every tensor it reads is a
+C-contiguous float32 CPU tensor (ids: int64) of the shapes the op expects; this
+module is what checks that, as `hybrid._ops` trusts the addresses it is given.
+Anything else runs the same op in torch: CUDA tensors, other dtypes,
+non-contiguous views. The emulated accelerator keeps its tensors on the CPU, so
+it takes the native path too. `HYPROF_OPS=torch` in the environment at import
+selects torch everywhere (to compare the two in one run).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from hybrid import _ops
+from hybrid.quants import dequantize
+
+NATIVE = os.environ.get("HYPROF_OPS") != "torch"
+F32, I64 = torch.float32, torch.int64
+# ggml types GET_ROWS dequantises natively -> the dtype `hybrid.weights.Weight.data` holds them in
+NATIVE_GET_ROWS = {0: torch.float32, 1: torch.float16, 2: torch.uint8, 8: torch.uint8, 30: torch.bfloat16}
+KEEP_BYTES = 64 << 10           # an `Out` keeps outputs up to this size; larger ones are allocated per call
+
+
+class Out:
+    """One op node's output memory, reused each time the node runs.
+
+    Allocating a fresh output costs a cold op more than its arithmetic (6-9 us
+    after a matmul); the graph is reused from token to token and each node runs
+    once per evaluation, consumed within it, so its output memory can be too.
+    Outputs up to KEEP_BYTES are kept (tens of MB at most for a whole graph), in
+    a flat buffer grown by doubling so that a softmax over one more cached
+    position each token does not reallocate each token; larger ones are fresh.
+    """
+
+    __slots__ = ("dtype", "flat", "tensor")
+
+    def __init__(self, dtype: torch.dtype = F32):
+        self.dtype, self.flat, self.tensor = dtype, None, None
+
+    def __call__(self, shape) -> torch.Tensor:
+        t = self.tensor
+        if t is not None and t.shape == shape:
+            return t
+        n = math.prod(shape)
+        if n * self.dtype.itemsize > KEEP_BYTES:
+            return torch.empty(shape, dtype=self.dtype)
+        if self.flat is None or self.flat.numel() < n:
+            self.flat = torch.empty(max(n, 2 * (0 if self.flat is None else self.flat.numel())), dtype=self.dtype)
+        self.tensor = t = self.flat[:n].view(shape)
+        return t
+
+
+def _new(out: Out | None, shape, dtype: torch.dtype = F32) -> torch.Tensor:
+    return out(shape) if out is not None else torch.empty(shape, dtype=dtype)
+
+
+def _native(*tensors: torch.Tensor) -> bool:
+    return NATIVE and all(t.dtype is F32 and t.is_cpu and t.is_contiguous() for t in tensors)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, cols: slice = slice(None),
+             out: Out | None = None) -> torch.Tensor:
+    """x[..., cols] / sqrt(mean(x[..., cols]^2) + eps) * w, row by row (RMS_NORM then MUL)."""
+    row_len = x.shape[-1]
+    c0, c1, step = cols.indices(row_len)
+    if _native(x, w) and step == 1 and c1 > c0 and w.shape == (c1 - c0,):
+        y = _new(out, (*x.shape[:-1], c1 - c0))
+        _ops.rms_norm(x.data_ptr(), x.numel() // row_len, row_len, c0, c1 - c0, w.data_ptr(), eps, y.data_ptr())
+        return y
+    x = x[..., cols]
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def rope(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], start: int, keep_from: int = 0,
+         out: Out | None = None) -> torch.Tensor:
+    """x[..., keep_from:] with its columns from `start` on rotated in consecutive pairs (ggml's
+    NORM mode), x [T, ..., n] and cos, sin [T, (n - start)/2] (`hybrid.model.rope_cos_sin`).
+
+    The q heads keep their unrotated part (keep_from 0); k_pe is the rotated tail alone
+    (keep_from = start); either way the output is the only copy made."""
+    cos, sin = cos_sin
+    n, n_tok = x.shape[-1], x.shape[0]
+    if (_native(x, cos, sin) and keep_from <= start and cos.shape == sin.shape == (n_tok, (n - start) // 2)
+            and (n - start) % 2 == 0):
+        y = _new(out, (*x.shape[:-1], n - keep_from))
+        rows = x.numel() // n
+        _ops.rope(x.data_ptr(), rows, n, keep_from, n - keep_from, start, n - start, rows // n_tok,
+                  cos.data_ptr(), sin.data_ptr(), y.data_ptr())
+        return y
+    shape = (n_tok,) + (1,) * (x.dim() - 2) + (cos.shape[1],)
+    cos, sin = cos.reshape(shape), sin.reshape(shape)
+    x0, x1 = x[..., start::2], x[..., start + 1::2]
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    return torch.cat([x[..., keep_from:start], rotated], dim=-1) if keep_from < start else rotated
+
+
+def softmax(x: torch.Tensor, scale: float = 1.0, masked: torch.Tensor | None = None,
+            out: Out | None = None) -> torch.Tensor:
+    """softmax(x * scale) over the last dimension, leaving out (0) the entries where `masked`
+    (bool [rows, n], repeated over x's leading dimensions) is True: the attention's causal
+    SOFT_MAX, and the router's probabilities (no scale, no mask)."""
+    n = x.shape[-1]
+    if _native(x) and (masked is None or (masked.dtype is torch.bool and masked.is_cpu and masked.is_contiguous()
+                                          and masked.shape == x.shape[x.dim() - masked.dim():])):
+        y = _new(out, x.shape)
+        _ops.softmax(x.data_ptr(), x.numel() // n, n, scale, 0 if masked is None else masked.data_ptr(),
+                     0 if masked is None else masked.numel() // n, y.data_ptr())
+        return y
+    x = x * scale if scale != 1.0 else x
+    return torch.softmax(x if masked is None else x.masked_fill(masked, float("-inf")), dim=-1)
+
+
+def sigmoid(x: torch.Tensor, out: Out | None = None) -> torch.Tensor:
+    if _native(x):
+        y = _new(out, x.shape)
+        _ops.sigmoid(x.data_ptr(), x.numel(), y.data_ptr())
+        return y
+    return torch.sigmoid(x)
+
+
+def add(a: torch.Tensor, b: torch.Tensor, out: Out | None = None) -> torch.Tensor:
+    """a + b, for b of a's shape or of its trailing dimensions (a bias)."""
+    if _native(a, b) and b.shape == a.shape[a.dim() - b.dim():]:
+        y = _new(out, a.shape)
+        _ops.add(a.data_ptr(), a.numel(), b.data_ptr(), b.numel(), y.data_ptr())
+        return y
+    return a + b
+
+
+def swiglu(g: torch.Tensor, u: torch.Tensor, out: Out | None = None) -> torch.Tensor:
+    """silu(g) * u (GLU)."""
+    if _native(g, u) and g.shape == u.shape:
+        y = _new(out, g.shape)
+        _ops.swiglu(g.data_ptr(), u.data_ptr(), g.numel(), y.data_ptr())
+        return y
+    return F.silu(g) * u
+
+
+def scale_rows(x: torch.Tensor, w: torch.Tensor, out: Out | None = None) -> torch.Tensor:
+    """x [..., n] times w [...], one weight per row: each expert's output times its routing weight."""
+    if _native(x, w) and w.shape == x.shape[:-1]:
+        y = _new(out, x.shape)
+        _ops.scale_rows(x.data_ptr(), w.numel(), x.shape[-1], w.data_ptr(), y.data_ptr())
+        return y
+    return x * w[..., None]
+
+
+def sum_experts(x: torch.Tensor, out: Out | None = None) -> torch.Tensor:
+    """x [T, U, n] summed over its U experts -> [T, n]."""
+    if _native(x) and x.dim() == 3 and x.shape[1]:
+        y = _new(out, (x.shape[0], x.shape[2]))
+        _ops.sum_rows(x.data_ptr(), x.shape[0], x.shape[1], x.shape[2], y.data_ptr())
+        return y
+    return x.sum(1)
+
+
+def top_k(sel: torch.Tensor, k: int, n_groups: int = 0, n_groups_used: int = 0,
+          out: Out | None = None) -> torch.Tensor:
+    """The k best columns of each row of sel [T, E], best first, ties to the lower index on the
+    native path (torch's order of ties is unspecified) -> int64 [T, k].
+
+    Group-limited routing (DeepSeek-V3) with n_groups > 1: the E columns form n_groups
+    equal groups, each scored by the sum of its two best; only the n_groups_used best
+    groups compete."""
+    if _native(sel) and sel.dim() == 2:
+        ids = _new(out, (sel.shape[0], k), I64)
+        _ops.top_k(sel.data_ptr(), sel.shape[0], sel.shape[1], k, n_groups, n_groups_used, ids.data_ptr())
+        return ids
+    if n_groups > 1:
+        groups = sel.reshape(sel.shape[0], n_groups, -1)                                # [T, G, E/G]
+        score = groups.topk(2, dim=-1).values.sum(-1)                                   # [T, G]
+        keep = torch.zeros_like(score, dtype=torch.bool).scatter(1, score.topk(n_groups_used, dim=-1).indices, True)
+        sel = groups.masked_fill(~keep[..., None], float("-inf")).reshape(sel.shape)
+    return sel.topk(k, dim=-1).indices
+
+
+def expert_weights(probs: torch.Tensor, ids: torch.Tensor, norm: bool, scale: float,
+                   out: Out | None = None) -> torch.Tensor:
+    """The routing weights probs [T, E] at the chosen ids [T, U], normalised to sum 1 per token
+    if `norm`, times `scale` unless it is 0 (build_moe_ffn) -> [T, U]."""
+    if (_native(probs) and ids.dtype is I64 and ids.is_cpu and ids.is_contiguous() and ids.dim() == probs.dim() == 2
+            and ids.shape[0] == probs.shape[0]):
+        y = _new(out, ids.shape)
+        _ops.expert_weights(probs.data_ptr(), probs.shape[0], probs.shape[1], ids.data_ptr(), ids.shape[1], norm,
+                            scale, y.data_ptr())
+        return y
+    w = probs.gather(1, ids)
+    if norm:
+        w = w / w.sum(-1, keepdim=True)
+    return w * scale if scale != 0.0 else w
+
+
+def get_rows(data: torch.Tensor, ggml_type: int, n_cols: int, ids: torch.Tensor,
+             out: Out | None = None) -> torch.Tensor:
+    """Rows ids [T] of a stored tensor (`hybrid.weights.Weight.data`: the GGUF blocks as uint8
+    rows, or float values) dequantised -> float32 [T, n_cols]: the token embeddings' GET_ROWS.
+    F32, F16, BF16, Q4_0 and Q8_0 natively; other types through `hybrid.quants`."""
+    if (NATIVE and NATIVE_GET_ROWS.get(ggml_type) is data.dtype and data.is_cpu and data.is_contiguous()
+            and data.dim() == 2 and ids.dtype is I64 and ids.is_cpu and ids.is_contiguous()):
+        y = _new(out, (ids.numel(), n_cols))
+        _ops.get_rows(data.data_ptr(), data.shape[0], data.shape[1] * data.element_size(), ggml_type, n_cols,
+                      ids.data_ptr(), ids.numel(), y.data_ptr())
+        return y
+    return dequantize(data[ids], ggml_type)

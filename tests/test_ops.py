@@ -1,0 +1,308 @@
+"""The forward pass's small ops (hybrid/ops.py) against float64 NumPy.
+
+Every op runs on both paths: `native` (hybrid._ops, checked to have been
+called) and `torch` (ops.NATIVE off: what CUDA tensors get). Shapes are odd
+(row lengths not multiples of the C loops' 16 lanes, one row, many rows).
+Tolerances are float32's: a few ulp of the result's scale (exp to ~1 ulp, sums
+of up to a few thousand terms). Non-contiguous and non-float32 inputs must take
+the torch path and still be right; bad calls into the C module are ValueErrors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf.constants import GGMLQuantizationType as T
+from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
+
+from hybrid import _ops, ops
+
+RTOL = 2e-6
+
+
+@pytest.fixture(params=["native", "torch"])
+def path(request, monkeypatch):
+    """Runs the test on one path; on the native one, checks afterwards that _ops was called."""
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            fn = getattr(_ops, name)
+            return lambda *args: (calls.append(name), fn(*args))[1]
+    monkeypatch.setattr(ops, "_ops", Counting())
+    monkeypatch.setattr(ops, "NATIVE", request.param == "native")
+    yield request.param
+    assert bool(calls) == (request.param == "native"), calls
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def t32(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+def close(got: torch.Tensor, want: np.ndarray, rtol: float = RTOL, scale: float | None = None):
+    """|got - want| <= rtol * scale (default: the largest |want|), in float64."""
+    assert tuple(got.shape) == want.shape
+    assert got.dtype == torch.float32
+    err = np.abs(got.double().numpy() - want).max(initial=0.0)
+    bound = rtol * (np.abs(want).max(initial=0.0) if scale is None else scale)
+    assert err <= bound, (err, bound)
+
+
+def ref_sigmoid(x):
+    """1 / (1 + e^-x), without overflow and exact to float64 at both ends."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def ref_rms_norm(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+@pytest.mark.parametrize("shape", [(1, 2048), (3, 37), (5, 1)])
+def test_rms_norm(path, rng, shape):
+    x = rng.normal(size=shape) * 3
+    w = rng.normal(size=shape[-1])
+    x32, w32 = t32(x), t32(w)
+    close(ops.rms_norm(x32, w32, 1e-6), ref_rms_norm(x32.double().numpy(), w32.double().numpy(), 1e-6))
+
+
+def test_rms_norm_columns(path, rng):
+    """kv_cmpr: the norm of the first L columns of [T, L + R]."""
+    x, w = t32(rng.normal(size=(3, 45))), t32(rng.normal(size=40))
+    want = ref_rms_norm(x.double().numpy()[:, :40], w.double().numpy(), 1e-5)
+    close(ops.rms_norm(x, w, 1e-5, slice(0, 40)), want)
+    w5 = t32(rng.normal(size=5))
+    close(ops.rms_norm(x, w5, 1e-5, slice(40, None)), ref_rms_norm(x.double().numpy()[:, 40:], w5.double().numpy(), 1e-5))
+
+
+def ref_rope(x, cos, sin):
+    """x [T, ..., n] rotated in consecutive pairs, cos/sin [T, n/2]."""
+    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (cos.shape[1],)
+    c, s = cos.reshape(shape), sin.reshape(shape)
+    out = np.empty_like(x)
+    out[..., 0::2] = x[..., 0::2] * c - x[..., 1::2] * s
+    out[..., 1::2] = x[..., 0::2] * s + x[..., 1::2] * c
+    return out
+
+
+def cos_sin(rng, n_tok, half):
+    ang = rng.uniform(-50, 50, size=(n_tok, half))
+    return t32(np.cos(ang) * 1.3), t32(np.sin(ang) * 1.3)
+
+
+@pytest.mark.parametrize("n_tok", [1, 3])
+def test_rope_keeps_the_head_part(path, rng, n_tok):
+    """q_pe: [T, H, nope + rot], the rot part rotated, the nope part kept."""
+    x = t32(rng.normal(size=(n_tok, 5, 14 + 6)))
+    cs = cos_sin(rng, n_tok, 3)
+    xd = x.double().numpy()
+    want = np.concatenate([xd[..., :14], ref_rope(xd[..., 14:], cs[0].double().numpy(), cs[1].double().numpy())], -1)
+    close(ops.rope(x, cs, 14), want)
+
+
+def test_rope_tail_only(path, rng):
+    """k_pe: the rotated last columns of [T, L + R] alone."""
+    x = t32(rng.normal(size=(4, 9 + 10)))
+    cs = cos_sin(rng, 4, 5)
+    xd = x.double().numpy()
+    close(ops.rope(x, cs, 9, keep_from=9), ref_rope(xd[:, 9:], cs[0].double().numpy(), cs[1].double().numpy()))
+
+
+def ref_softmax(x, scale=1.0, masked=None):
+    z = x * scale
+    if masked is not None:
+        z = np.where(masked, -np.inf, z)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("n_tok,n_past", [(1, 0), (1, 40), (6, 0), (3, 17)])
+def test_causal_softmax(path, rng, n_tok, n_past):
+    n_kv = n_past + n_tok
+    kq = t32(rng.normal(size=(5, n_tok, n_kv)) * 20)
+    masked = torch.arange(n_kv)[None, :] > (n_past + torch.arange(n_tok))[:, None]
+    got = ops.softmax(kq, 0.07, masked)
+    close(got, ref_softmax(kq.double().numpy(), 0.07, masked.numpy()))
+    assert (got[:, masked] == 0).all()
+
+
+def test_router_softmax_and_sigmoid(path, rng):
+    logits = t32(rng.normal(size=(3, 67)) * 30)
+    ld = logits.double().numpy()
+    close(ops.softmax(logits), ref_softmax(ld))
+    close(ops.sigmoid(logits), ref_sigmoid(ld), rtol=4e-7)
+
+
+def test_exp_range(path):
+    """The native exp's range reduction and its ends: e^-100 and below is 0, large inputs saturate."""
+    x = t32(np.concatenate([np.linspace(-120, 120, 2001), [-1e30, 1e30, 0.0, -87.0, 88.0]]))
+    close(ops.sigmoid(x), ref_sigmoid(x.double().numpy()), rtol=4e-7)
+    tiny = t32(np.linspace(-87, -17, 7001))                    # sigmoid = e^x here: exp's own error
+    want = ref_sigmoid(tiny.double().numpy())
+    assert (np.abs(ops.sigmoid(tiny).double().numpy() - want) / want).max() < 4e-7
+    g = t32(np.linspace(-100, 100, 1001))
+    u = t32(np.ones(1001))
+    gd = g.double().numpy()
+    close(ops.swiglu(g, u), gd * ref_sigmoid(gd), rtol=4e-7)
+    row = t32(np.linspace(-80, 10, 333))[None]
+    close(ops.softmax(row), ref_softmax(row.double().numpy()), rtol=4e-7)
+
+
+def test_fully_masked_row_is_zero_natively():
+    """A row with nothing to attend to: zeros natively (torch gives NaN); no causal mask makes one."""
+    masked = torch.ones(2, 4, dtype=torch.bool)
+    assert (ops.softmax(torch.ones(3, 2, 4), 1.0, masked) == 0).all()
+
+
+def test_add_swiglu_and_moe_sums(path, rng):
+    a, b = t32(rng.normal(size=(3, 41))), t32(rng.normal(size=(3, 41)))
+    bias = t32(rng.normal(size=41))
+    ad, bd = a.double().numpy(), b.double().numpy()
+    close(ops.add(a, b), ad + bd)
+    close(ops.add(a, bias), ad + bias.double().numpy())
+    g, u = t32(rng.normal(size=(2, 3, 35)) * 5), t32(rng.normal(size=(2, 3, 35)))
+    gd = g.double().numpy()
+    close(ops.swiglu(g, u), gd * ref_sigmoid(gd) * u.double().numpy())
+    down, w = t32(rng.normal(size=(4, 6, 33))), t32(rng.uniform(size=(4, 6)))
+    dd, wd = down.double().numpy(), w.double().numpy()
+    close(ops.scale_rows(down, w), dd * wd[..., None])
+    close(ops.sum_experts(down), dd.sum(1), rtol=1e-6)
+
+
+def ref_top_k(sel, k, n_groups=0, n_groups_used=0):
+    """As tests/reference_deepseek2.py routes: stable argsort, groups by their two best."""
+    out = []
+    for row in sel:
+        if n_groups > 1:
+            groups = row.reshape(n_groups, -1)
+            score = np.sort(groups, axis=1)[:, -2:].sum(axis=1)
+            keep = np.argsort(-score, kind="stable")[:n_groups_used]
+            masked = np.full_like(groups, -np.inf)
+            masked[keep] = groups[keep]
+            row = masked.reshape(-1)
+        out.append(np.argsort(-row, kind="stable")[:k])
+    return np.array(out)
+
+
+def test_top_k(path, rng):
+    sel = t32(rng.uniform(size=(5, 64)))
+    ids = ops.top_k(sel, 6)
+    assert ids.dtype == torch.int64
+    np.testing.assert_array_equal(ids.numpy(), ref_top_k(sel.numpy(), 6))
+    grouped = ops.top_k(sel, 6, n_groups=8, n_groups_used=3)
+    np.testing.assert_array_equal(grouped.numpy(), ref_top_k(sel.numpy(), 6, 8, 3))
+
+
+def test_top_k_ties_go_to_the_lower_index():
+    """The native path picks ties as the reference's stable sort (torch's order is unspecified)."""
+    sel = torch.tensor([[0.5, 0.9, 0.5, 0.9, 0.1, 0.5]])
+    np.testing.assert_array_equal(ops.top_k(sel, 4).numpy(), [[1, 3, 0, 2]])
+
+
+@pytest.mark.parametrize("norm,scale", [(False, 0.0), (True, 2.5), (False, 16.0)])
+def test_expert_weights(path, rng, norm, scale):
+    probs = t32(rng.uniform(size=(3, 64)))
+    ids = torch.from_numpy(ref_top_k(probs.numpy(), 6))
+    want = np.take_along_axis(probs.double().numpy(), ids.numpy(), 1)
+    if norm:
+        want = want / want.sum(-1, keepdims=True)
+    if scale:
+        want = want * scale
+    close(ops.expert_weights(probs, ids, norm, scale), want)
+
+
+def stored_rows(rng, qtype, n_rows=11, n_cols=256):
+    """A token-embedding-like tensor as `hybrid.weights.Weight.data` holds it, and its values
+    as gguf-py dequantises them (float64)."""
+    stored = gguf_quantize(rng.normal(size=(n_rows, n_cols)).astype(np.float32), qtype)
+    data = torch.from_numpy(stored)
+    if qtype == T.BF16:
+        data = data.view(torch.bfloat16)
+    return data, gguf_dequantize(stored, qtype).astype(np.float64)
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q4_0, T.Q8_0])
+def test_get_rows(path, rng, qtype):
+    data, values = stored_rows(rng, qtype)
+    ids = torch.tensor([3, 0, 10, 3])
+    close(ops.get_rows(data, int(qtype), 256, ids), values[ids.numpy()], rtol=0, scale=1)
+
+
+def test_get_rows_of_other_types_dequantise_in_torch(rng, monkeypatch):
+    monkeypatch.setattr(ops, "_ops", None)                     # any native call would raise
+    data, values = stored_rows(rng, T.Q4_1)
+    close(ops.get_rows(data, int(T.Q4_1), 256, torch.tensor([7, 1])), values[[7, 1]], rtol=1e-7)
+
+
+def test_non_contiguous_and_other_dtypes_take_torch(rng, monkeypatch):
+    """Views that are not C-contiguous, float64, int32 ids: the torch path, same values."""
+    monkeypatch.setattr(ops, "_ops", None)                     # any native call would raise
+    x = t32(rng.normal(size=(8, 6))).T                         # [6, 8], transposed
+    w = t32(rng.normal(size=8))
+    close(ops.rms_norm(x, w, 1e-6), ref_rms_norm(x.double().numpy(), w.double().numpy(), 1e-6))
+    close(ops.add(x, x), 2 * x.double().numpy())
+    close(ops.softmax(x), ref_softmax(x.double().numpy()))
+    xd = x.double()
+    assert ops.swiglu(xd, xd).dtype == torch.float64
+    probs = t32(rng.uniform(size=(2, 8)))
+    ids = torch.tensor([[1, 0], [2, 7]]).T                     # non-contiguous int64
+    want = np.take_along_axis(probs.double().numpy(), ids.numpy(), 1)
+    close(ops.expert_weights(probs, ids, False, 0.0), want)
+    close(ops.expert_weights(probs, ids.int(), False, 0.0), want)
+
+
+def addr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+F4, ID = np.zeros(64, np.float32), np.zeros(8, np.int64)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: _ops.add(addr(F4), 10, addr(F4), 3, addr(F4)),                        # b does not repeat over a
+    lambda: _ops.add(addr(F4), 10, 0, 10, addr(F4)),                              # null address
+    lambda: _ops.add(addr(F4), -1, addr(F4), 1, addr(F4)),                        # negative size
+    lambda: _ops.add(addr(F4), 10, addr(F4)),                                     # missing argument
+    lambda: _ops.rms_norm(addr(F4), 2, 5, 3, 5, addr(F4), 1e-6, addr(F4)),        # columns past the row
+    lambda: _ops.rope(addr(F4), 2, 6, 0, 6, 3, 4, 1, addr(F4), addr(F4), addr(F4)),
+    lambda: _ops.rope(addr(F4), 3, 6, 0, 6, 2, 4, 2, addr(F4), addr(F4), addr(F4)),  # 3 rows, tokens of 2
+    lambda: _ops.softmax(addr(F4), 3, 4, 1.0, addr(F4), 2, addr(F4)),              # mask rows do not repeat
+    lambda: _ops.top_k(addr(F4), 1, 12, 13, 0, 0, addr(ID)),                       # k > columns
+    lambda: _ops.top_k(addr(F4), 1, 12, 2, 5, 2, addr(ID)),                        # groups do not divide
+    lambda: _ops.get_rows(addr(F4), 2, 18, 2, 32, addr(np.array([2])), 1, addr(F4)),   # row 2 of 2
+    lambda: _ops.get_rows(addr(F4), 2, 18, 8, 32, addr(np.array([0])), 1, addr(F4)),   # Q8_0 rows are 34 bytes
+    lambda: _ops.get_rows(addr(F4), 2, 144, 12, 256, addr(np.array([0])), 1, addr(F4)),  # Q4_K: not native
+    lambda: _ops.expert_weights(addr(F4), 1, 4, addr(np.array([0, 4])), 2, 0, 0.0, addr(F4)),  # expert 4 of 4
+])
+def test_bad_calls_raise(call):
+    """What the arguments themselves show is checked in C: an error, never a stray access."""
+    with pytest.raises((ValueError, IndexError, TypeError)):
+        call()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_out_reuses_its_memory(rng, monkeypatch, native):
+    """An op node's `Out` hands back the same memory while the shape stays, regrows (by doubling)
+    when it changes, and leaves outputs over KEEP_BYTES unkept; values are right each time."""
+    monkeypatch.setattr(ops, "NATIVE", native)
+    out = ops.Out()
+    a, b = t32(rng.normal(size=(1, 40))), t32(rng.normal(size=(1, 40)))
+    first = ops.add(a, b, out=out)
+    close(first, a.double().numpy() + b.double().numpy())
+    second = ops.add(b, b, out=out)
+    close(second, 2 * b.double().numpy())
+    if native:
+        assert second.data_ptr() == first.data_ptr()
+        for n_kv in range(41, 60):                                 # a softmax row growing by one each time
+            x = t32(rng.normal(size=(2, 1, n_kv)))
+            close(ops.softmax(x, out=out), ref_softmax(x.double().numpy()))
+        assert out.flat.numel() == 164                             # 40, 82 (2 x 41), doubled: 164
+    big = t32(rng.normal(size=(ops.KEEP_BYTES // 4 + 1,)))
+    close(ops.add(big, big, out=out), 2 * big.double().numpy())
+    assert out.tensor is None or out.tensor.numel() < big.numel()

@@ -95,7 +95,7 @@ def pool_wakeups(threads: int, poll: int, n: int = 2000) -> list[int]:
     cpu = CpuBackend({}, threads, poll > 0, rec)
     x = Node("INPUT", "x", (), None)
     op = Node("MUL_MAT", "noop", (x,), lambda _, v: v, n_bytes=MIN_SPLIT_BYTES,    # big enough to split
-              parallel=lambda _, v, n_tasks: (v, [lambda: None] * n_tasks))
+              parallel=lambda _, v, pool, times: pool.run_tasks([lambda: None] * pool.n_threads, times) or v)
     graph = Graph([x, op], {"x": x}, op)
     plan = split_graph(graph, lambda _: "CPU")
     sched = Scheduler({"CPU": cpu}, rec)

@@ -27,8 +27,8 @@
  *
  * Buffers come in through the buffer protocol (NumPy arrays, memoryviews, the
  * np.memmap of a GGUF file), so sizes are checked here and a wrong size is a
- * ValueError, never a stray read. The GIL is released around all compute, so
- * Python worker threads each running a row range run in parallel.
+ * ValueError, never a stray read. The GIL is released around all compute; the
+ * threads of a worker pool (hybrid/_pool.c) share one call's rows.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -36,6 +36,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "_fp16.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define HAVE_X86_SIMD 1
@@ -62,26 +64,6 @@ static size_t weight_row_bytes(int type, int64_t n_in) {
 static size_t q8_row_bytes(int64_t n_in) {
     return (size_t)((n_in / QK + GROUP_BLOCKS - 1) / GROUP_BLOCKS) * GROUP_BYTES;
 }
-
-static float fp16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
-    if (exp == 0x1f) {
-        bits = sign | 0x7f800000u | (mant << 13);
-    } else if (exp != 0) {
-        bits = sign | ((exp + 112) << 23) | (mant << 13);
-    } else if (mant == 0) {
-        bits = sign;
-    } else {                                            /* subnormal: renormalise */
-        exp = 113;
-        while (!(mant & 0x400)) { mant <<= 1; exp--; }
-        bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static uint16_t load_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
 /* ---- activation quantisation: the portable reference (the SIMD ones give the same bytes) ---- */
 
@@ -472,7 +454,10 @@ static float silu(float v) { return v / (1.0f + expf(-v)); }
 
 /* matmul_rows by the row kernel: for many tokens the loops are blocked so that a
  * block of ROW_BLOCK weight rows (L2) meets one tile of TILE tokens' activations
- * (L1) at a time, instead of every row re-reading all tokens from L2. */
+ * (L1) at a time, instead of every row re-reading all tokens from L2. Fused, the
+ * block's gate rows are all done before its up rows: alternating gate and up row
+ * by row made each thread interleave two distant streams, which ran the fused
+ * gate+up ~1.5-2x slower from DRAM than gate then up (bench_expert_matmul.py). */
 #define ROW_BLOCK 16
 static void matmul_rows_by_row(int path, int type, const uint8_t *w, const uint8_t *w_up, int64_t n_in,
                                int64_t r0, int64_t r1, const uint8_t *const *x, const int64_t *slot_out,
@@ -483,13 +468,14 @@ static void matmul_rows_by_row(int path, int type, const uint8_t *w, const uint8
         int64_t b1 = b0 + ROW_BLOCK < r1 ? b0 + ROW_BLOCK : r1;
         for (int64_t s0 = 0; s0 < n_slots; s0 += TILE) {
             int nt = (int)(n_slots - s0 < TILE ? n_slots - s0 : TILE);
-            for (int64_t r = b0; r < b1; r++) {
-                float res[TILE], up[TILE];
-                row_dot(path, type, w + r * rb, nb, x + s0, nt, res);
-                if (w_up) row_dot(path, type, w_up + r * rb, nb, x + s0, nt, up);
+            float res[ROW_BLOCK][TILE], up[ROW_BLOCK][TILE];
+            for (int64_t r = b0; r < b1; r++) row_dot(path, type, w + r * rb, nb, x + s0, nt, res[r - b0]);
+            if (w_up)
+                for (int64_t r = b0; r < b1; r++) row_dot(path, type, w_up + r * rb, nb, x + s0, nt, up[r - b0]);
+            for (int64_t r = b0; r < b1; r++)
                 for (int t = 0; t < nt; t++)
-                    out[slot_out[s0 + t] * out_stride + r] = w_up ? silu(res[t]) * up[t] : res[t];
-            }
+                    out[slot_out[s0 + t] * out_stride + r] = w_up ? silu(res[r - b0][t]) * up[r - b0][t]
+                                                                  : res[r - b0][t];
         }
     }
 }
@@ -582,6 +568,34 @@ static int check_size(const Py_buffer *b, Py_ssize_t want, const char *name) {
     return 0;
 }
 
+/* An activation argument: float32 rows of n_in, which the call quantises (as ggml's
+ * CPU matmul quantises src1 first), or q8 rows already quantised (uint8,
+ * q8_row_bytes(n_in) each: one input shared by several calls). -> its number of
+ * rows, with *floats set if they are float32 rows; or -1 with an exception. */
+static Py_ssize_t activation_rows(const Py_buffer *view, Py_ssize_t n_in, int *floats) {
+    *floats = view->format && strcmp(view->format, "f") == 0;
+    if (!*floats && view->format && strcmp(view->format, "B") != 0) {
+        PyErr_Format(PyExc_ValueError, "x: expected float32 rows or uint8 q8 rows, got format '%s'", view->format);
+        return -1;
+    }
+    const Py_ssize_t row = *floats ? n_in * (Py_ssize_t)sizeof(float) : (Py_ssize_t)q8_row_bytes(n_in);
+    if (view->len % row) {
+        PyErr_Format(PyExc_ValueError, "x: %zd bytes is not a whole number of %s rows of n_in=%zd", view->len,
+                     *floats ? "float32" : "q8", n_in);
+        return -1;
+    }
+    return view->len / row;
+}
+
+static void quantize_rows(int path, const float *x, Py_ssize_t n_rows, int64_t n_in, uint8_t *out) {
+    void (*quantize_row)(const float *, int64_t, uint8_t *) = quantize_row_q8;
+#if HAVE_X86_SIMD
+    if (path == PATH_AVX512VNNI) quantize_row = quantize_row_q8_avx512;
+    if (path == PATH_AVX2) quantize_row = quantize_row_q8_avx2;
+#endif
+    for (Py_ssize_t r = 0; r < n_rows; r++) quantize_row(x + r * n_in, n_in, out + r * q8_row_bytes(n_in));
+}
+
 static PyObject *py_quantize_q8(PyObject *self, PyObject *args) {
     Py_buffer x, out;
     Py_ssize_t n_in;
@@ -599,14 +613,8 @@ static PyObject *py_quantize_q8(PyObject *self, PyObject *args) {
         goto done;
     }
     if (check_size(&out, n_rows * (Py_ssize_t)q8_row_bytes(n_in), "out")) goto done;
-    void (*quantize_row)(const float *, int64_t, uint8_t *) = quantize_row_q8;
-#if HAVE_X86_SIMD
-    if (path == PATH_AVX512VNNI) quantize_row = quantize_row_q8_avx512;
-    if (path == PATH_AVX2) quantize_row = quantize_row_q8_avx2;
-#endif
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t r = 0; r < n_rows; r++)
-        quantize_row((const float *)x.buf + r * n_in, n_in, (uint8_t *)out.buf + r * q8_row_bytes(n_in));
+    quantize_rows(path, x.buf, n_rows, n_in, out.buf);
     Py_END_ALLOW_THREADS
     ret = Py_None;
     Py_INCREF(ret);
@@ -673,26 +681,61 @@ static int parse_times(PyObject *obj, pool_t *pool, Py_buffer *view) {
     return 0;
 }
 
-/* MUL_MAT_ID: slot (t, k) multiplies expert ids[t, k] by q8 row t (x broadcast over
- * the used experts, as for gate/up) or row t*n_used+k (one row per slot, as for
+/* Expert ids as int32 [n_slots]: from int32 or int64 ids, or (None) expert 0 for
+ * each of n_rows slots (a plain MUL_MAT). -> a fresh array (the caller frees it) or
+ * NULL with an exception. */
+static int32_t *parse_ids(PyObject *obj, Py_ssize_t n_rows, Py_ssize_t *n_slots) {
+    int32_t *id;
+    if (obj == Py_None) {
+        *n_slots = n_rows;
+        if (!(id = calloc((size_t)n_rows + 1, sizeof(int32_t)))) PyErr_NoMemory();
+        return id;
+    }
+    Py_buffer v;
+    if (PyObject_GetBuffer(obj, &v, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    int wide = v.itemsize == 8 && v.format && strchr("lq", v.format[0]);
+    if (!wide && !(v.itemsize == 4 && v.format && v.format[0] == 'i')) {
+        PyErr_Format(PyExc_ValueError, "ids: expected int32 or int64, got format '%s'", v.format ? v.format : "B");
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    *n_slots = v.len / v.itemsize;
+    if ((id = malloc(sizeof(int32_t) * ((size_t)*n_slots + 1)))) {
+        for (Py_ssize_t s = 0; s < *n_slots; s++) {
+            int64_t e = wide ? ((const int64_t *)v.buf)[s] : ((const int32_t *)v.buf)[s];
+            id[s] = e < INT32_MIN || e > INT32_MAX ? -1 : (int32_t)e;
+        }
+    } else {
+        PyErr_NoMemory();
+    }
+    PyBuffer_Release(&v);
+    return id;
+}
+
+/* MUL_MAT_ID: slot (t, k) multiplies expert ids[t, k] by activation row t (x broadcast
+ * over the used experts, as for gate/up) or row t*n_used+k (one row per slot, as for
  * down), into out[t, k, :]. Slots are grouped by expert (a counting sort), and
  * only experts whose rank among the distinct used ids is in [a0, a1) are done.
  * With a pool, every thread of the pool shares the rows [r0, r1) of those experts
  * as chunks (mm_chunk), the caller being thread 0; without, the caller does them
  * alone. The GIL is released throughout. A plain MUL_MAT is the case of one expert
- * and one slot per token. */
+ * and one slot per token (ids None). Returns the number of experts computed, which
+ * is what the op read: the engine counts its bytes from it. */
 static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
-    Py_buffer w, w_up, x, ids, out, times = {0};
+    Py_buffer w, w_up, x = {0}, out, times = {0};
     int type, path;
     Py_ssize_t n_expert, n_in, n_used, r0, r1, a0, a1;
-    PyObject *pool_obj = Py_None, *times_obj = Py_None;
-    if (!PyArg_ParseTuple(args, "y*y*inny*y*nw*nnnni|OO", &w, &w_up, &type, &n_expert, &n_in, &x, &ids, &n_used,
+    PyObject *x_obj, *ids_obj, *pool_obj = Py_None, *times_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "y*y*innOOnw*nnnni|OO", &w, &w_up, &type, &n_expert, &n_in, &x_obj, &ids_obj, &n_used,
                           &out, &r0, &r1, &a0, &a1, &path, &pool_obj, &times_obj))
         return NULL;
     PyObject *ret = NULL;
     const uint8_t **xs = NULL;
+    uint8_t *xq, *xq_owned = NULL;
+    int32_t *id = NULL;
     int64_t *slot_out = NULL, *start = NULL, *runs = NULL;
     pool_t *pool = NULL;
+    Py_ssize_t n_x = 0, n_slots = 0;
     if (pool_obj != Py_None && !(pool = pool_from_object(pool_obj))) goto done;
     if (parse_times(times_obj, pool, &times)) goto done;
     if (check_type_and_n_in(type, n_in) || (path = parse_path(path)) < 0) goto done;
@@ -701,16 +744,24 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "weight: %zd bytes is not %zd experts of whole rows of n_in=%zd", w.len, n_expert, n_in);
         goto done;
     }
-    Py_ssize_t n_out = w.len / (n_expert * rb), n_slots = ids.len / (Py_ssize_t)sizeof(int32_t);
-    Py_ssize_t n_tok = n_slots / n_used, n_x = x.len / xb;
+    Py_ssize_t n_out = w.len / (n_expert * rb);
     int fused = w_up.len > 0;
     if (fused && check_size(&w_up, w.len, "w_up")) goto done;
-    if (n_slots * (Py_ssize_t)sizeof(int32_t) != ids.len || n_tok * n_used != n_slots) {
-        PyErr_Format(PyExc_ValueError, "ids: %zd bytes is not int32 [n_tokens, n_used=%zd]", ids.len, n_used);
+    if (ids_obj == Py_None && (n_expert != 1 || n_used != 1)) {
+        PyErr_Format(PyExc_ValueError, "ids: None (a plain matmul) needs n_expert = n_used = 1");
         goto done;
     }
-    if (x.len != n_x * xb || (n_x != n_tok && n_x != n_slots)) {
-        PyErr_Format(PyExc_ValueError, "x: %zd q8 bytes is neither %zd nor %zd rows of n_in=%zd", x.len, n_tok, n_slots, n_in);
+    int floats;
+    if (PyObject_GetBuffer(x_obj, &x, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0 ||
+        (n_x = activation_rows(&x, n_in, &floats)) < 0 || !(id = parse_ids(ids_obj, n_x, &n_slots)))
+        goto done;
+    Py_ssize_t n_tok = n_slots / n_used;
+    if (n_tok * n_used != n_slots) {
+        PyErr_Format(PyExc_ValueError, "ids: %zd ids is not [n_tokens, n_used=%zd]", n_slots, n_used);
+        goto done;
+    }
+    if (n_x != n_tok && n_x != n_slots) {
+        PyErr_Format(PyExc_ValueError, "x: %zd rows is neither %zd nor %zd", n_x, n_tok, n_slots);
         goto done;
     }
     if (check_size(&out, n_slots * n_out * (Py_ssize_t)sizeof(float), "out")) goto done;
@@ -718,10 +769,9 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "row range [%zd, %zd) outside [0, %zd)", r0, r1, n_out);
         goto done;
     }
-    const int32_t *id = ids.buf;
     for (Py_ssize_t s = 0; s < n_slots; s++) {
         if (id[s] < 0 || id[s] >= n_expert) {
-            PyErr_Format(PyExc_ValueError, "ids[%zd] = %d outside [0, %zd)", s, id[s], n_expert);
+            PyErr_Format(PyExc_ValueError, "ids[%zd] outside [0, %zd)", s, n_expert);
             goto done;
         }
     }
@@ -729,57 +779,62 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
     slot_out = malloc(sizeof(*slot_out) * (n_slots + 1));
     start = calloc(n_expert + 1, sizeof(*start));
     runs = malloc(sizeof(*runs) * 3 * (n_expert + 1));
-    if (!xs || !slot_out || !start || !runs) { PyErr_NoMemory(); goto done; }
+    xq = floats ? (xq_owned = malloc((size_t)(n_x * xb) + 1)) : x.buf;
+    if (!xs || !slot_out || !start || !runs || !xq) { PyErr_NoMemory(); goto done; }
     int busy = 0;
+    int64_t n_runs = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t s = 0; s < n_slots; s++) start[id[s] + 1]++;
-    for (Py_ssize_t e = 0; e < n_expert; e++) start[e + 1] += start[e];
-    for (Py_ssize_t s = 0; s < n_slots; s++) {            /* start[e] walks to the end of e's run */
-        int64_t at = start[id[s]]++;
-        xs[at] = (const uint8_t *)x.buf + (n_x == n_slots ? s : s / n_used) * xb;
-        slot_out[at] = s;
-    }
-    int64_t rank = 0, begin = 0, n_runs = 0, run_slots = 0;   /* start[e] is now e's end */
-    for (Py_ssize_t e = 0; e < n_expert; e++) {
-        int64_t end = start[e];
-        if (end > begin) {
-            if (rank >= a0 && rank < a1) {
-                runs[3 * n_runs] = e;
-                runs[3 * n_runs + 1] = begin;
-                runs[3 * n_runs + 2] = end;
-                n_runs++;
-                run_slots += end - begin;
-            }
-            rank++;
+    if (floats) quantize_rows(path, x.buf, n_x, n_in, xq);
+    {
+        for (Py_ssize_t s = 0; s < n_slots; s++) start[id[s] + 1]++;
+        for (Py_ssize_t e = 0; e < n_expert; e++) start[e + 1] += start[e];
+        for (Py_ssize_t s = 0; s < n_slots; s++) {            /* start[e] walks to the end of e's run */
+            int64_t at = start[id[s]]++;
+            xs[at] = xq + (n_x == n_slots ? s : s / n_used) * xb;
+            slot_out[at] = s;
         }
-        begin = end;
-    }
-    mm_job_t job = {path, type, w.buf, fused ? w_up.buf : NULL, (size_t)(n_out * rb), n_in, n_out, r0, r1,
-                    r1 - r0, 1, xs, slot_out, runs, out.buf};
-    if (pool && n_runs && r1 > r0) {
-        job.block_rows = chunk_rows(&job, n_runs, run_slots);
-        job.n_blocks = (r1 - r0 + job.block_rows - 1) / job.block_rows;
-        busy = pool_run(pool, n_runs * job.n_blocks, mm_chunk, &job, times.buf);
-    } else if (r1 > r0) {
-        for (int64_t k = 0; k < n_runs; k++) mm_chunk(&job, k, 0);
+        int64_t rank = 0, begin = 0, run_slots = 0;          /* start[e] is now e's end */
+        for (Py_ssize_t e = 0; e < n_expert; e++) {
+            int64_t end = start[e];
+            if (end > begin) {
+                if (rank >= a0 && rank < a1) {
+                    runs[3 * n_runs] = e;
+                    runs[3 * n_runs + 1] = begin;
+                    runs[3 * n_runs + 2] = end;
+                    n_runs++;
+                    run_slots += end - begin;
+                }
+                rank++;
+            }
+            begin = end;
+        }
+        mm_job_t job = {path, type, w.buf, fused ? w_up.buf : NULL, (size_t)(n_out * rb), n_in, n_out, r0, r1,
+                        r1 - r0, 1, xs, slot_out, runs, out.buf};
+        if (pool && n_runs && r1 > r0) {
+            job.block_rows = chunk_rows(&job, n_runs, run_slots);
+            job.n_blocks = (r1 - r0 + job.block_rows - 1) / job.block_rows;
+            busy = pool_run(pool, n_runs * job.n_blocks, mm_chunk, &job, times.buf);
+        } else if (r1 > r0) {
+            for (int64_t k = 0; k < n_runs; k++) mm_chunk(&job, k, 0);
+        }
     }
     Py_END_ALLOW_THREADS
     if (busy) {
         PyErr_SetString(PyExc_RuntimeError, "pool: already running a job");
         goto done;
     }
-    ret = Py_None;
-    Py_INCREF(ret);
+    ret = PyLong_FromLongLong(n_runs);
 done:
     free(xs);
+    free(xq_owned);
+    free(id);
     free(slot_out);
     free(start);
     free(runs);
     if (times.obj) PyBuffer_Release(&times);
+    if (x.obj) PyBuffer_Release(&x);
     PyBuffer_Release(&w);
     PyBuffer_Release(&w_up);
-    PyBuffer_Release(&x);
-    PyBuffer_Release(&ids);
     PyBuffer_Release(&out);
     return ret;
 }
@@ -793,7 +848,8 @@ static PyObject *py_q8_row_bytes(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"quantize_q8", py_quantize_q8, METH_VARARGS, "quantize_q8(x_f32, n_in, out_u8, path): rows of x -> q8 rows"},
     {"mul_mat_id", py_mul_mat_id, METH_VARARGS,
-     "mul_mat_id(w, w_up, type, n_expert, n_in, xq, ids, n_used, out, r0, r1, a0, a1, path, pool=None, times=None): "
+     "mul_mat_id(w, w_up, type, n_expert, n_in, x, ids, n_used, out, r0, r1, a0, a1, path, pool=None, times=None) "
+     "-> experts computed. x: float32 or q8 rows; ids: int32/int64 or None (a plain matmul); "
      "times (with a pool): int64 [n_threads, 3], per thread (first claim ns, end ns, chunks run)"},
     {"q8_row_bytes", py_q8_row_bytes, METH_O, "q8_row_bytes(n_in): bytes of one quantised activation row"},
     {NULL, NULL, 0, NULL},

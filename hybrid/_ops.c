@@ -34,6 +34,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_fp16.h"
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -117,30 +119,6 @@ static inline float exp_f32(float x) {
     float y = p * scale;
     y = x < lo ? 0.0f : y;
     return x > hi ? INFINITY : y;
-}
-
-static float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
-    if (exp == 0x1f) {
-        bits = sign | 0x7f800000u | (mant << 13);
-    } else if (exp != 0) {
-        bits = sign | ((exp + 112) << 23) | (mant << 13);
-    } else if (mant == 0) {
-        bits = sign;
-    } else {                                            /* subnormal: renormalise */
-        exp = 113;
-        while (!(mant & 0x400)) { mant <<= 1; exp--; }
-        bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static uint16_t load_u16(const uint8_t *p) {
-    uint16_t v;
-    memcpy(&v, p, 2);
-    return v;
 }
 
 /* --- RMS_NORM ---------------------------------------------------------------------------------- */
@@ -430,7 +408,7 @@ static void dequantize_row(int type, const uint8_t *src, Py_ssize_t n, float *ou
         memcpy(out, src, (size_t)n * 4);
         break;
     case TYPE_F16:
-        for (Py_ssize_t i = 0; i < n; i++) out[i] = f16_to_f32(load_u16(src + 2 * i));
+        for (Py_ssize_t i = 0; i < n; i++) out[i] = fp16_to_f32(load_u16(src + 2 * i));
         break;
     case TYPE_BF16:
         for (Py_ssize_t i = 0; i < n; i++) {
@@ -440,7 +418,7 @@ static void dequantize_row(int type, const uint8_t *src, Py_ssize_t n, float *ou
         break;
     case TYPE_Q4_0:
         for (Py_ssize_t b = 0; b < n / QK; b++, src += 18, out += QK) {
-            const float d = f16_to_f32(load_u16(src));
+            const float d = fp16_to_f32(load_u16(src));
             for (int j = 0; j < QK / 2; j++) {
                 out[j] = ((src[2 + j] & 0x0f) - 8) * d;
                 out[j + QK / 2] = ((src[2 + j] >> 4) - 8) * d;
@@ -449,7 +427,7 @@ static void dequantize_row(int type, const uint8_t *src, Py_ssize_t n, float *ou
         break;
     case TYPE_Q8_0:
         for (Py_ssize_t b = 0; b < n / QK; b++, src += 34, out += QK) {
-            const float d = f16_to_f32(load_u16(src));
+            const float d = fp16_to_f32(load_u16(src));
             for (int j = 0; j < QK; j++) out[j] = (int8_t)src[2 + j] * d;
         }
         break;
@@ -482,6 +460,39 @@ static PyObject *py_get_rows(PyObject *self, PyObject *const *args, Py_ssize_t n
 /* --- the module -------------------------------------------------------------------------------- */
 
 #define FASTCALL(name, doc) {#name, (PyCFunction)(void (*)(void))py_##name, METH_FASTCALL, doc}
+/* --- MUL_MAT on a float32 weight ---------------------------------------------------------------- */
+
+/* out[t, n] = sum_k x[t, k] w[n, k]: the matmuls whose weight llama.cpp's files keep in F32, the
+ * MoE router (ffn_gate_inp, n_expert x n_embd: 0.5 MiB, 64 rows for V2-Lite). torch spent
+ * ~200 us on it cold, for ~20 us of memory traffic; LANES partial sums vectorise. */
+SIMD_CLONES static void matmul_f32_rows(const float *x, int64_t n_tok, int64_t k, const float *w, int64_t n,
+                                        float *out) {
+    for (int64_t r = 0; r < n; r++) {
+        const float *wr = w + r * k;
+        for (int64_t t = 0; t < n_tok; t++) {
+            const float *xt = x + t * k;
+            float acc[LANES] = {0};
+            int64_t i = 0;
+            for (; i + LANES <= k; i += LANES)
+                for (int l = 0; l < LANES; l++) acc[l] += xt[i + l] * wr[i + l];
+            float sum = 0;
+            for (; i < k; i++) sum += xt[i] * wr[i];
+            for (int l = 0; l < LANES; l++) sum += acc[l];
+            out[t * n + r] = sum;
+        }
+    }
+}
+
+/* matmul_f32(x, n_tok, k, w, n, out): x [n_tok, k] @ w [n, k]^T -> out [n_tok, n] */
+static PyObject *py_matmul_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    const float *x, *w;
+    float *out;
+    Py_ssize_t n_tok, k, n;
+    if (parse("matmul_f32", args, nargs, "pnnpnp", &x, &n_tok, &k, &w, &n, &out)) return NULL;
+    matmul_f32_rows(x, n_tok, k, w, n, out);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     FASTCALL(rms_norm, "rms_norm(x, rows, row_len, c0, n, w, eps, out)"),
     FASTCALL(rope, "rope(x, rows, row_len, c0, width, r0, n_rot, rows_per_token, cos, sin, out)"),
@@ -494,6 +505,7 @@ static PyMethodDef methods[] = {
     FASTCALL(top_k, "top_k(sel, rows, n_cols, k, n_groups, n_groups_used, ids)"),
     FASTCALL(expert_weights, "expert_weights(probs, rows, n_expert, ids, k, norm, scale, out)"),
     FASTCALL(get_rows, "get_rows(data, n_rows, row_bytes, type, n_cols, ids, n_ids, out)"),
+    FASTCALL(matmul_f32, "matmul_f32(x, n_tok, k, w, n, out)"),
     {NULL, NULL, 0, NULL},
 };
 

@@ -8,17 +8,19 @@ memory speed. Each call does a row range [r0, r1) of the weight and releases
 the GIL, and takes the engine's worker pool to split its rows between threads.
 
 Calling pattern for one matmul y = x @ W.T:
-    xq = quantize_activations(x)                 # once per input
     out = np.empty((n_tokens, n_out), np.float32)
-    mul_mat(W, ggml_type, xq, out, pool=pool)    # every thread of the pool shares the rows
-Arrays are NumPy (a CPU torch tensor is viewed with `.numpy()`, no copy);
-weights are the uint8 arrays `gguf.GGUFReader` gives for quantised tensors.
-With `pool` (a `hybrid._kernels.Pool`, the CPU backend's worker threads) the
-call's rows are cut into chunks that its threads claim, all in C with the GIL
-released: no Python runs between the dispatch and the last row. The engine's
-entry points, at the end of this module: `matmul` (a whole matmul, torch in and
-out), `mul_mat_job` / `mul_mat_id_job` (MUL_MAT / MUL_MAT_ID as the graph
-node's `parallel` form) and `run_work` (what runs such a form).
+    mul_mat(W, ggml_type, x, out, pool=pool)     # x float32 rows, quantised by the call;
+                                                 # every thread of the pool shares the rows
+An input read by several matmuls can be quantised once (`quantize_activations`)
+and passed as q8 rows instead. Arrays are NumPy (a CPU torch tensor is viewed
+with `.numpy()`, no copy); weights are the uint8 arrays `gguf.GGUFReader` gives
+for quantised tensors. With `pool` (a `hybrid._kernels.Pool`, the CPU backend's
+worker threads) the call's rows are cut into chunks that its threads claim, all
+in C with the GIL released: no Python runs between the dispatch and the last
+row. The engine's entry points, at the end of this module, are one call per op
+(a cold op's Python costs more than a small matmul): `matmul` (MUL_MAT, torch in
+and out) and `mul_mat_experts` (MUL_MAT_ID), which the graph nodes' `parallel`
+forms call with the pool, and `run_tasks` for the ops without a native kernel.
 Precision: the activation is rounded to 8 bits per 32-value block (scale
 amax/127), so results differ from a float matmul by at most
 sum_i |W_ji| * d_block(i) / 2; the weights themselves are used exactly.
@@ -91,26 +93,26 @@ def quantize_activations(x, out: np.ndarray | None = None, path: str | None = No
     return out
 
 
-def mul_mat(w, ggml_type: int, xq: np.ndarray, out, r0: int = 0, r1: int | None = None,
+def mul_mat(w, ggml_type: int, x, out, r0: int = 0, r1: int | None = None,
             path: str | None = None, pool=None, times: np.ndarray | None = None) -> None:
-    """out[t, r0:r1] = (W x_t)[r0:r1] for every q8 row t of xq.
+    """out[t, r0:r1] = (W x_t)[r0:r1] for every row t of x (float32, or q8 rows).
 
     w: uint8 [n_out, row_bytes], the tensor's GGUF blocks; out: float32 [n_tokens, n_out];
     pool, times: as for `mul_mat_id`."""
     w = _weights(w)
-    out = _outputs(out)
-    mul_mat_id(w[None], ggml_type, xq, np.zeros((out.shape[0], 1), np.int32), out.reshape(out.shape[0], 1, -1),
-               r0, r1, path=path, pool=pool, times=times)
+    _kernels.mul_mat_id(w, b"", ggml_type, 1, _n_in(w, ggml_type), _array(x), None, 1, _outputs(out), r0,
+                        w.shape[0] if r1 is None else r1, 0, 1, _path(path), pool, times)
 
 
-def mul_mat_id(w, ggml_type: int, xq: np.ndarray, ids, out, r0: int = 0, r1: int | None = None,
+def mul_mat_id(w, ggml_type: int, x, ids, out, r0: int = 0, r1: int | None = None,
                a0: int = 0, a1: int | None = None, w_up=None, path: str | None = None, pool=None,
-               times: np.ndarray | None = None) -> None:
-    """MUL_MAT_ID: out[t, k, r0:r1] = (W[ids[t, k]] x)[r0:r1] over a 3-D expert tensor.
+               times: np.ndarray | None = None) -> int:
+    """MUL_MAT_ID: out[t, k, r0:r1] = (W[ids[t, k]] x)[r0:r1] over a 3-D expert tensor;
+    -> the number of experts computed (what the call read).
 
-    w: uint8 [n_expert, n_out, row_bytes]; ids: int32 [n_tokens, n_used];
-    xq: q8 rows, either n_tokens (one input per token, shared by its experts:
-    gate/up) or n_tokens*n_used (one per slot, in (t, k) order: down);
+    w: uint8 [n_expert, n_out, row_bytes]; ids: int32 or int64 [n_tokens, n_used];
+    x: float32 rows or q8 rows, either n_tokens (one input per token, shared by its
+    experts: gate/up) or n_tokens*n_used (one per slot, in (t, k) order: down);
     out: float32 [n_tokens, n_used, n_out].
     Only rows [r0, r1) of each expert, and only the experts whose rank among the
     distinct used ids is in [a0, a1), are computed. With w_up (same shape as w,
@@ -118,24 +120,47 @@ def mul_mat_id(w, ggml_type: int, xq: np.ndarray, ids, out, r0: int = 0, r1: int
     out = silu(W_gate x) * (W_up x). With `pool`, all its threads share the work
     in chunks of (expert, block of rows); `times` (int64 [pool.n_threads, 3]) then
     gets per thread (first claim, end, chunks run), CLOCK_MONOTONIC ns."""
-    w, ids = _weights(w), np.ascontiguousarray(_array(ids), dtype=np.int32)
+    w = _weights(w)
     n_expert = w.shape[0]
-    _kernels.mul_mat_id(w, b"" if w_up is None else _weights(w_up), ggml_type, n_expert, _n_in(w, ggml_type),
-                        xq, ids, ids.shape[-1], _outputs(out), r0, w.shape[1] if r1 is None else r1,
-                        a0, n_expert if a1 is None else a1, _path(path), pool, times)
+    return _kernels.mul_mat_id(w, b"" if w_up is None else _weights(w_up), ggml_type, n_expert,
+                               _n_in(w, ggml_type), _array(x), _array(ids), ids.shape[-1], _outputs(out), r0,
+                               w.shape[1] if r1 is None else r1, a0, n_expert if a1 is None else a1, _path(path),
+                               pool, times)
 
 
-# --- the engine's forms: a whole matmul, and a matmul cut into worker tasks ------------------
+# --- the engine's forms: one call per op, torch in and out ---------------------------------
 
-def matmul(w_data, ggml_type: int, x):
-    """x [T, K] float32 torch tensor @ W^T -> [T, N]: the `hybrid.weights.MATMUL_KERNELS` form,
-    for weight data uint8 [N, row_bytes] (a whole tensor, one expert, or a slice of rows)."""
+def _rows(x):
+    """A torch tensor's float32 rows as a C-contiguous NumPy view (a copy only if needed)."""
+    return x.detach().float().contiguous().numpy()
+
+
+def matmul(w_data, ggml_type: int, x, pool=None, times: np.ndarray | None = None):
+    """x [T, K] float32 torch tensor @ W^T -> [T, N] (MUL_MAT), for weight data uint8
+    [N, row_bytes] (a whole tensor, one expert, or a slice of rows); shared by the
+    pool's threads when one is given."""
     import torch
 
     w = _weights(w_data)
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
-    mul_mat(w, ggml_type, quantize_activations(x.detach().float()), out)
+    mul_mat(w, ggml_type, _rows(x), out, pool=pool, times=times)
     return torch.from_numpy(out)
+
+
+def mul_mat_experts(w_data, ggml_type: int, x, ids, w_up_data=None, rows: tuple[int, int] | None = None,
+                    pool=None, times: np.ndarray | None = None):
+    """MUL_MAT_ID -> (dst float32 torch [T, U, N], experts computed).
+
+    x: float32 torch [T, K] (gate/up: one input per token) or [T, U, K] (down: one per
+    slot); ids: [T, U] expert ids; only rows [r0, r1) of each expert with `rows`;
+    with w_up_data it is silu(gate x) * (up x) (-fmoe)."""
+    import torch
+
+    w = _weights(w_data)
+    out = np.empty((*ids.shape, w.shape[1]), np.float32)
+    r0, r1 = rows or (0, w.shape[1])
+    n = mul_mat_id(w, ggml_type, _rows(x), ids, out, r0, r1, w_up=w_up_data, pool=pool, times=times)
+    return torch.from_numpy(out), n
 
 
 def row_splits(n_rows: int, n_tasks: int) -> list[int]:
@@ -148,50 +173,17 @@ def range_tasks(bounds: list[int], run) -> list:
     return [lambda r0=r0, r1=r1: run(r0, r1) for r0, r1 in zip(bounds, bounds[1:]) if r1 > r0]
 
 
-def run_work(work, pool=None, times: np.ndarray | None = None) -> None:
-    """Run the work of a graph node's `parallel` form: a native job `job(pool, times)`,
-    or a list of Python tasks (no-argument callables filling disjoint parts of the
-    op's output). Without a pool, on the calling thread alone."""
-    if callable(work):
-        work(pool, times)
-    elif pool is None:
-        for task in work:
+def n_tasks(pool) -> int:
+    """How many Python tasks to cut an op into for `run_tasks` on this pool (or none)."""
+    return 1 if pool is None else pool.n_threads
+
+
+def run_tasks(tasks: list, pool=None, times: np.ndarray | None = None) -> None:
+    """Run an op's Python tasks (no-argument callables filling disjoint parts of its
+    output; the ops without a native kernel): shared by the pool's threads, or on
+    the calling thread alone without one."""
+    if pool is None:
+        for task in tasks:
             task()
     else:
-        pool.run_tasks(work, times)
-
-
-def mul_mat_job(w_data, ggml_type: int, x):
-    """MUL_MAT in the `parallel` form -> (dst float32 torch [T, N], job): x [T, K] is
-    quantised once by the calling thread; job(pool, times) fills dst."""
-    import torch
-
-    w = _weights(w_data)
-    xq = quantize_activations(x.detach().float())
-    out = np.empty((x.shape[0], w.shape[0]), np.float32)
-
-    def job(pool=None, times=None) -> None:
-        mul_mat(w, ggml_type, xq, out, pool=pool, times=times)
-    return torch.from_numpy(out), job
-
-
-def mul_mat_id_job(w_data, ggml_type: int, x, ids, w_up_data=None, rows: tuple[int, int] | None = None):
-    """MUL_MAT_ID in the `parallel` form -> (dst, job).
-
-    x: float32 torch [T, K] (gate/up: one input per token) or [T, U, K] (down: one per
-    slot); ids: [T, U] expert ids. The calling thread quantises x once; job(pool, times)
-    fills dst, float32 torch [T, U, N] (only rows [r0, r1) of each expert with `rows`);
-    with w_up_data it is silu(gate x) * (up x) (-fmoe)."""
-    import torch
-
-    w = _weights(w_data)
-    n_out, k = w.shape[1], x.shape[-1]
-    xq = quantize_activations(x.detach().float().reshape(-1, k))
-    ids = np.ascontiguousarray(ids.numpy() if hasattr(ids, "numpy") else ids, dtype=np.int32)
-    out = np.empty((*ids.shape, n_out), np.float32)
-    w_up = None if w_up_data is None else _weights(w_up_data)
-    r0, r1 = rows or (0, n_out)
-
-    def job(pool=None, times=None) -> None:
-        mul_mat_id(w, ggml_type, xq, ids, out, r0, r1, w_up=w_up, pool=pool, times=times)
-    return torch.from_numpy(out), job
+        pool.run_tasks(tasks, times)

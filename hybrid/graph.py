@@ -25,9 +25,10 @@ class Node:
     n_bytes: int = 0                # bytes of the buffer read, as stored (for bandwidth)
     flops: int = 0
     n_tokens: int = 0
-    # Ops that CPU workers can share: parallel(buf, *src_values, n_tasks) -> (dst, tasks),
-    # where each task is a no-argument callable filling a disjoint part of dst.
-    parallel: Callable[..., tuple[Any, list[Callable[[], None]]]] | None = None
+    # Ops that CPU workers can share: parallel(buf, *src_values, pool, times) -> value, the op
+    # run by every thread of `pool` (a hybrid._kernels.Pool; None: the calling thread alone),
+    # filling `times` as the pool does (hybrid/backends/cpu.py turns it into op events).
+    parallel: Callable[..., Any] | None = None
 
     @property
     def is_input(self) -> bool:

@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf.constants import GGMLQuantizationType
 
 from hybrid.config import ModelConfig
 from hybrid.graph import Graph, Node, compute
@@ -216,11 +217,14 @@ class _Builder:
         return cache[:n_kv]
 
     def mul_mat(self, wname: str, x: Node, layer: int) -> Node:
-        """x [T, K] @ W^T -> [T, N]; workers split it by rows of W."""
+        """x [T, K] @ W^T -> [T, N]; workers split it by rows of W, except a float32 weight
+        (in llama.cpp's files the MoE router's, a fraction of a MiB): one thread reads it
+        natively in microseconds, less than a handoff to the workers would cost."""
         w = self.weight(wname)
         n, k = w.shape[-2], w.shape[-1]
         return self.op("MUL_MAT", _tensor_label(wname), mul_mat, x, layer=layer, buffer=wname,
-                       n_bytes=w.n_bytes, flops=2 * self.n_tokens * n * k, parallel=_mul_mat_parallel)
+                       n_bytes=w.n_bytes, flops=2 * self.n_tokens * n * k,
+                       parallel=None if w.ggml_type == GGMLQuantizationType.F32 else _mul_mat_parallel)
 
     def rms_norm(self, wname: str, x: Node, layer: int, name: str, cols: slice = slice(None)) -> Node:
         eps = self.c.rms_eps
@@ -267,17 +271,19 @@ class _Builder:
                 return (x @ wh.reshape(-1, wh.shape[-1]).T).reshape(x.shape[0], *wh.shape[:2])
             return torch.einsum("hnk,thk->thn", wh, x[:, h0:h1])
 
-        def parallel(w, x, n_tasks: int):       # workers split the heads (native: each head's rows)
+        def parallel(w, x, pool, times):       # workers split the heads (native: each head's rows)
             if x.dim() == 2 and not transposed and native(w):
                 node.n_bytes = int(w.n_bytes * share)
-                return _native_heads_job(w, x, c.n_head, rows)
+                return _native_heads(w, x, c.n_head, rows, pool, times)
             node.n_bytes = 4 * n_weights
             wh = _head_weights(w, (part, transposed), prepare)
             dst = x.new_empty(x.shape[0], *wh.shape[:2])
 
             def task(h0: int, h1: int) -> None:
                 dst[:, h0:h1] = heads(wh, x, h0, h1)
-            return dst, cpu_kernels.range_tasks(cpu_kernels.row_splits(c.n_head, n_tasks), task)
+            bounds = cpu_kernels.row_splits(c.n_head, cpu_kernels.n_tasks(pool))
+            cpu_kernels.run_tasks(cpu_kernels.range_tasks(bounds, task), pool, times)
+            return dst
         share = {"all": 1.0, "k": nope / (nope + hv), "v": hv / (nope + hv)}[part]
         n_weights = int(math.prod(w.shape) * share)
         # n_bytes: what the op reads, the stored blocks on the native kernels, else the f32 form
@@ -303,27 +309,28 @@ class _Builder:
                        layer=layer, buffer=wname, n_bytes=per_expert * n_used, flops=flops)
         expert_fn = _fused_expert if fused else _expert
 
-        def tasks_for(w, x, ids, n_tasks):
-            experts = torch.unique(ids).tolist()
-            node.n_bytes = per_expert * len(experts)
+        def parallel(w, x, ids, pool, times):
             g = w.gate if fused else w
             if native(g) and (not fused or native(w.up)):
-                return cpu_kernels.mul_mat_id_job(g.data, g.ggml_type, x, ids, w.up.data if fused else None)
+                dst, n_experts = cpu_kernels.mul_mat_experts(g.data, g.ggml_type, x, ids, w.up.data if fused else None,
+                                                             pool=pool, times=times)
+                node.n_bytes = per_expert * n_experts
+                return dst
+            experts = torch.unique(ids).tolist()
+            node.n_bytes = per_expert * len(experts)
             dst = x.new_zeros(ids.shape[0], ids.shape[1], n)
-            groups = [experts[i::n_tasks] for i in range(n_tasks)]
-            return dst, [lambda g=g: [expert_fn(w, x, ids, e, dst) for e in g] for g in groups if g]
-        node.fn, node.parallel = _serial(tasks_for), tasks_for
+            k = cpu_kernels.n_tasks(pool)
+            groups = [experts[i::k] for i in range(k)]
+            cpu_kernels.run_tasks([lambda g=g: [expert_fn(w, x, ids, e, dst) for e in g] for g in groups if g],
+                                  pool, times)
+            return dst
+        node.fn, node.parallel = _serial(parallel), parallel
         return node
 
 
 def _serial(parallel: Callable) -> Callable:
-    """An op's `fn` from its `parallel` form: its work (a native job, or one task) run on
-    the calling thread alone."""
-    def fn(*args):
-        dst, work = parallel(*args, 1)
-        cpu_kernels.run_work(work)
-        return dst
-    return fn
+    """An op's `fn` from its `parallel` form: run on the calling thread alone (no pool)."""
+    return lambda *args: parallel(*args, None, None)
 
 
 # Per-head attention weights where the native kernels cannot serve (k_b read transposed,
@@ -334,14 +341,15 @@ def _serial(parallel: Callable) -> Callable:
 _HEAD_WEIGHTS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
-def _native_heads_job(w, x: torch.Tensor, n_head: int, rows: slice):
+def _native_heads(w, x: torch.Tensor, n_head: int, rows: slice, pool, times) -> torch.Tensor:
     """A per-head matmul whose input x [T, K] is shared by all heads, on the stored blocks:
-    MUL_MAT_ID with head h as expert h, rows `rows` of each head's rows -> (dst [T, H, N], job)."""
+    MUL_MAT_ID with head h as expert h, rows `rows` of each head's rows -> [T, H, N]."""
     per_head = w.shape[-2] if len(w.shape) == 3 else w.shape[0] // n_head
     r0, r1, _ = rows.indices(per_head)
-    ids = np.broadcast_to(np.arange(n_head, dtype=np.int32), (x.shape[0], n_head))
-    out, job = cpu_kernels.mul_mat_id_job(w.data.reshape(n_head, per_head, -1), w.ggml_type, x, ids, rows=(r0, r1))
-    return out[:, :, r0:r1], job
+    ids = np.tile(np.arange(n_head, dtype=np.int32), (x.shape[0], 1))
+    out, _ = cpu_kernels.mul_mat_experts(w.data.reshape(n_head, per_head, -1), w.ggml_type, x, ids, rows=(r0, r1),
+                                         pool=pool, times=times)
+    return out[:, :, r0:r1]
 
 
 def _head_weights(w, key, prepare: Callable) -> torch.Tensor:
@@ -351,14 +359,15 @@ def _head_weights(w, key, prepare: Callable) -> torch.Tensor:
     return forms[key]
 
 
-def _mul_mat_parallel(w, x: torch.Tensor, n_tasks: int):
+def _mul_mat_parallel(w, x: torch.Tensor, pool, times) -> torch.Tensor:
     if native(w):
-        return cpu_kernels.mul_mat_job(w.data, w.ggml_type, x)
+        return cpu_kernels.matmul(w.data, w.ggml_type, x, pool, times)
     dst = x.new_empty(x.shape[0], w.shape[-2])
 
     def task(r0: int, r1: int) -> None:
         dst[:, r0:r1] = mul_mat(w.rows(r0, r1), x)
-    return dst, cpu_kernels.range_tasks(w.row_splits(n_tasks), task)
+    cpu_kernels.run_tasks(cpu_kernels.range_tasks(w.row_splits(cpu_kernels.n_tasks(pool)), task), pool, times)
+    return dst
 
 
 def _expert_rows(x: torch.Tensor, ids: torch.Tensor, e: int):

@@ -219,3 +219,12 @@ def get_rows(data: torch.Tensor, ggml_type: int, n_cols: int, ids: torch.Tensor,
                       ids.data_ptr(), ids.numel(), y.data_ptr())
         return y
     return dequantize(data[ids], ggml_type)
+
+
+def matmul_f32(x: torch.Tensor, w: torch.Tensor, out: Out | None = None) -> torch.Tensor:
+    """x [T, K] @ w [N, K]^T for a float32 weight (the MoE router, ffn_gate_inp) -> [T, N]."""
+    if _native(x, w) and x.dim() == w.dim() == 2 and x.shape[1] == w.shape[1]:
+        y = _new(out, (x.shape[0], w.shape[0]))
+        _ops.matmul_f32(x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(), w.shape[0], y.data_ptr())
+        return y
+    return F.linear(x, w)

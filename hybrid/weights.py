@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from gguf.constants import GGMLQuantizationType as T
 
-from hybrid import cpu_kernels, quants
+from hybrid import cpu_kernels, ops, quants
 
 CHUNK_ELEMENTS = 1 << 21          # dequantise at most this many weights (8 MiB f32) at once
 INT4_GROUP = 32
@@ -93,7 +93,7 @@ class Weight:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] @ W^T -> [T, N], dequantising at most CHUNK_ELEMENTS weights at a time."""
         if self.data.dtype == torch.float32:
-            return x @ self.data.T
+            return ops.matmul_f32(x, self.data)
         n_rows, n_cols = self.shape[-2], self.shape[-1]
         step = max(1, CHUNK_ELEMENTS // n_cols)
         if step >= n_rows:

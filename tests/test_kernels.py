@@ -246,6 +246,31 @@ def test_bad_arguments_raise_value_errors():
         ck.mul_mat(raw[0], ck.Q4_0, xq, np.zeros((7, 21), np.float32), path="neon")
     with pytest.raises(ValueError, match="multiple of 32"):
         ck.quantize_activations(np.zeros((2, 40), np.float32))
+    with pytest.raises(ValueError, match="float32 rows or uint8 q8 rows"):
+        ck.mul_mat_id(raw, ck.Q4_0, x.astype(np.float64), ids, out)
+    with pytest.raises(ValueError, match="whole number of float32 rows"):
+        ck.mul_mat_id(raw, ck.Q4_0, x[:, :-1].copy(), ids, out)
+    with pytest.raises(ValueError, match="neither"):
+        ck.mul_mat_id(raw, ck.Q4_0, x[:-1].copy(), ids, out)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        ck.mul_mat_id(raw, ck.Q4_0, x, ids.astype(np.float32), out)
+    with pytest.raises(ValueError, match="n_expert = n_used = 1"):
+        ck._kernels.mul_mat_id(raw, b"", ck.Q4_0, raw.shape[0], 160, x, None, 1, out, 0, 1, 0, 1, -1)
+
+
+def test_float_inputs_and_wide_ids_are_the_same_call():
+    """float32 rows are quantised by the call exactly as by quantize_activations, and int64
+    ids mean what int32 ids do; the call returns how many experts it read."""
+    rng = np.random.default_rng(12)
+    raw, ids, x = moe_case(rng, ck.Q8_0)
+    want = np.zeros((*ids.shape, raw.shape[1]), np.float32)
+    assert ck.mul_mat_id(raw, ck.Q8_0, ck.quantize_activations(x), ids, want) == len(np.unique(ids))
+    got = np.full_like(want, np.nan)
+    assert ck.mul_mat_id(raw, ck.Q8_0, x, ids.astype(np.int64), got, a0=1, a1=3) == 2
+    ranks = np.searchsorted(np.unique(ids), ids)
+    mask = (ranks >= 1) & (ranks < 3)
+    np.testing.assert_array_equal(got[mask], want[mask])
+    assert np.isnan(got[~mask]).all()
 
 
 def test_env_var_forces_the_scalar_path():
@@ -268,21 +293,21 @@ def test_engine_forms_match_the_direct_calls():
     y = ck.matmul(torch.from_numpy(gate[3]), ck.Q4_0, torch.from_numpy(x))
     xr = decode_q8(ck.quantize_activations(x), 160)
     assert np.all(np.abs(y.numpy() - xr @ w.T) <= exact_tolerance(w, xr))
-    dst, job = ck.mul_mat_job(torch.from_numpy(gate[3]), ck.Q4_0, torch.from_numpy(x))
-    ck.run_work(job)
-    np.testing.assert_array_equal(dst.numpy(), y.numpy())
+    for x_in in (x, ck.quantize_activations(x)):                        # float32 rows or q8 rows
+        out = np.full((x.shape[0], 22), np.nan, np.float32)
+        ck.mul_mat(gate[3], ck.Q4_0, x_in, out)
+        np.testing.assert_array_equal(out, y.numpy())
     for w_up in (None, up):
         want = np.zeros((*ids.shape, 22), np.float32)
         ck.mul_mat_id(gate, ck.Q4_0, ck.quantize_activations(x), ids, want, w_up=w_up)
-        dst, job = ck.mul_mat_id_job(gate, ck.Q4_0, torch.from_numpy(x), torch.from_numpy(ids).long(),
-                                     None if w_up is None else torch.from_numpy(w_up))
-        ck.run_work(job)
+        dst, n = ck.mul_mat_experts(gate, ck.Q4_0, torch.from_numpy(x), torch.from_numpy(ids).long(),
+                                    None if w_up is None else torch.from_numpy(w_up))
         np.testing.assert_array_equal(dst.numpy(), want)
+        assert n == len(np.unique(ids))                                 # what the call read
     per_slot = activations(rng, ids.size, 160)                          # the down form: x [T, U, K]
     want = np.zeros((*ids.shape, 22), np.float32)
     ck.mul_mat_id(gate, ck.Q4_0, ck.quantize_activations(per_slot), ids, want)
-    dst, job = ck.mul_mat_id_job(gate, ck.Q4_0, torch.from_numpy(per_slot.reshape(*ids.shape, 160)), ids)
-    ck.run_work(job)
+    dst, _ = ck.mul_mat_experts(gate, ck.Q4_0, torch.from_numpy(per_slot.reshape(*ids.shape, 160)), ids)
     np.testing.assert_array_equal(dst.numpy(), want)
 
 

@@ -227,6 +227,13 @@ def stored_rows(rng, qtype, n_rows=11, n_cols=256):
     return data, gguf_dequantize(stored, qtype).astype(np.float64)
 
 
+@pytest.mark.parametrize("n_tok,k,n", [(1, 2048, 64), (3, 40, 7), (5, 16, 1)])
+def test_matmul_f32(path, rng, n_tok, k, n):
+    """The router's matmul on its float32 weight, widths on and off the 16-lane blocks."""
+    x, w = rng.standard_normal((n_tok, k)), rng.standard_normal((n, k))
+    close(ops.matmul_f32(t32(x), t32(w)), t32(x).double().numpy() @ t32(w).double().numpy().T, rtol=1e-5)
+
+
 @pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q4_0, T.Q8_0])
 def test_get_rows(path, rng, qtype):
     data, values = stored_rows(rng, qtype)

@@ -190,17 +190,17 @@ def test_pooled_matmuls_equal_the_call_without_a_pool(pool, ggml_type, n_tok):
     np.testing.assert_array_equal(got, want)
 
 
-def test_jobs_equal_their_serial_run(pool):
+def test_engine_forms_equal_their_serial_run(pool):
     rng = np.random.default_rng(3)
     gate, ids, x = moe_case(rng, ck.Q4_0, n_expert=8, n_out=64, n_in=256, n_tok=5, n_used=6)
     x, ids = torch.from_numpy(x), torch.from_numpy(ids).long()
-    for make, cols in ((lambda: ck.mul_mat_job(torch.from_numpy(gate[1]), ck.Q4_0, x), slice(None)),
-                       (lambda: ck.mul_mat_id_job(gate, ck.Q4_0, x, ids, gate[::-1].copy()), slice(None)),
-                       (lambda: ck.mul_mat_id_job(gate, ck.Q4_0, x, ids, rows=(16, 48)), slice(16, 48))):
-        want, job = make()
-        ck.run_work(job)
-        got, job = make()
-        ck.run_work(job, pool, np.zeros((3, 3), np.int64))
+    for run, cols in ((lambda **kw: ck.matmul(torch.from_numpy(gate[1]), ck.Q4_0, x, **kw), slice(None)),
+                      (lambda **kw: ck.mul_mat_experts(gate, ck.Q4_0, x, ids, gate[::-1].copy(), **kw)[0],
+                       slice(None)),
+                      (lambda **kw: ck.mul_mat_experts(gate, ck.Q4_0, x, ids, rows=(16, 48), **kw)[0],
+                       slice(16, 48))):
+        want = run()
+        got = run(pool=pool, times=np.zeros((3, 3), np.int64))
         np.testing.assert_array_equal(got.numpy()[..., cols], want.numpy()[..., cols])
 
 
@@ -234,8 +234,9 @@ def test_backend_events_share_the_op_and_time_each_wakeup(spin):
     gate, ids, x = moe_case(rng, ck.Q4_0, n_expert=8, n_out=512, n_in=512, n_tok=1, n_used=6)
     inp, sel = Node("INPUT", "x", (), None), Node("INPUT", "ids", (), None)
     n_bytes = 6 * gate[0].nbytes
-    parallel = lambda w, x, ids, n: ck.mul_mat_id_job(w, ck.Q4_0, x, ids)    # noqa: E731
-    serial = lambda w, x, ids: ck.run_work(parallel(w, x, ids, 1)[1])        # noqa: E731
+    parallel = lambda w, x, ids, pool, times: ck.mul_mat_experts(w, ck.Q4_0, x, ids, pool=pool,  # noqa: E731
+                                                                  times=times)[0]
+    serial = lambda w, x, ids: parallel(w, x, ids, None, None)               # noqa: E731
     exps = Node("MUL_MAT_ID", "blk.0.ffn_up_exps", (inp, sel), serial, buffer="w", n_bytes=n_bytes,
                 flops=10**6, parallel=parallel)
     graph = Graph([inp, sel, exps], {"x": inp, "ids": sel}, exps)

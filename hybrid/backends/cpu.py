@@ -7,12 +7,12 @@ inference, so it is measured here per worker and split, not guessed.
 The pool is native (`hybrid._kernels.Pool`, hybrid/_pool.c): the main thread
 works as thread 0 and `-t N` adds N-1 pthreads (lanes `cpu1`, `cpu2`, ...). A
 split's ops run in order on the main thread; an op with a `parallel` form is
-handed to every thread, and the main thread returns from it when its last chunk
-is done. The form's work is either a native job (the quantised matmuls of
-hybrid/cpu_kernels.py: rows cut into chunks that threads claim in C, no GIL
-anywhere) or a list of Python tasks (torch fallbacks), which pool threads run
-one at a time, each taking the GIL for its task. Torch runs single-threaded
-(the pool is the parallelism).
+given the pool, and the main thread returns from it when its last chunk is
+done. The work is either native (the quantised matmuls of hybrid/cpu_kernels.py:
+rows cut into chunks that threads claim in C, no GIL anywhere) or a list of
+Python tasks (torch fallbacks), which pool threads run one at a time, each
+taking the GIL for its task. Torch runs single-threaded (the pool is the
+parallelism).
 
 Waiting (`--poll`): inside a split, between ops, workers always spin, as ggml's
 barrier does; between splits they spin with `poll > 0` (one core busy, fast to
@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from hybrid._kernels import Pool
-from hybrid.cpu_kernels import run_work
 from hybrid.graph import Node
 from hybrid.placement import CPU
 from profiler.recorder import Recorder
@@ -77,8 +76,7 @@ class CpuBackend:
                 args = [values[s] for s in node.srcs]
                 if node.parallel is not None and shared and (
                         node.n_bytes >= MIN_SPLIT_BYTES or node.flops >= MIN_SPLIT_FLOPS):
-                    values[node], work = node.parallel(buf, *args, self.n_threads)
-                    run_work(work, pool, self._times)
+                    values[node] = node.parallel(buf, *args, pool, self._times)
                     if rec.enabled:
                         self._record_shares(node, t, graph_id, i_split)
                 else:

@@ -1,7 +1,8 @@
 /* The small float32 ops of a forward pass, native (hybrid/ops.py is the Python side).
  *
  * Why native code: a generated token runs ~70 ops besides its matmuls (norms,
- * RoPE, softmaxes, residual adds, SwiGLU, the router), each on a few KiB. Their
+ * RoPE, softmaxes, residual adds, SwiGLU, the router, the attention over the
+ * KV cache), each on a few KiB. Their
  * arithmetic takes well under a microsecond; in torch each costs 10-100 us in
  * the engine, because it runs right after a matmul has streamed hundreds of MB
  * through the caches, and torch's dispatcher (TensorIterator, the allocator,
@@ -151,25 +152,32 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t n
 
 /* --- ROPE -------------------------------------------------------------------------------------- */
 
-/* rope(x, rows, row_len, c0, width, r0, n_rot, rows_per_token, cos, sin, out): for each row of x
- * [rows, row_len], out's row [width] is x's columns [c0, c0+width) with the consecutive pairs of
- * columns [r0, r0+n_rot) rotated by the angles of token row / rows_per_token (ggml's NORM mode):
- * (a, b) -> (a cos - b sin, a sin + b cos), cos/sin [rows / rows_per_token, n_rot/2] already
- * times the YaRN magnitude. */
+/* rope(x, rows, row_len, c0, width, r0, n_rot, rows_per_token, cos, sin, pos, n_pos, out): for
+ * each row of x [rows, row_len], out's row [width] is x's columns [c0, c0+width) with the
+ * consecutive pairs of columns [r0, r0+n_rot) rotated by the angles of position pos[row /
+ * rows_per_token] (ggml's NORM mode): (a, b) -> (a cos - b sin, a sin + b cos), cos/sin
+ * [n_pos, n_rot/2] a table over positions, already times the YaRN magnitude. */
 static PyObject *py_rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     const float *x, *cs, *sn;
+    const int64_t *pos;
     float *out;
-    Py_ssize_t rows, row_len, c0, width, r0, n_rot, per_token;
-    if (parse("rope", args, nargs, "pnnnnnnnppp", &x, &rows, &row_len, &c0, &width, &r0, &n_rot, &per_token, &cs,
-              &sn, &out))
+    Py_ssize_t rows, row_len, c0, width, r0, n_rot, per_token, n_pos;
+    if (parse("rope", args, nargs, "pnnnnnnnppnpp", &x, &rows, &row_len, &c0, &width, &r0, &n_rot, &per_token, &cs,
+              &sn, &pos, &n_pos, &out))
         return NULL;
     if (n_rot % 2 || r0 < c0 || r0 + n_rot > c0 + width || c0 + width > row_len)
         return bad("rope: rotated columns [%zd, %zd) and kept [%zd, %zd) do not fit rows of %zd", r0, r0 + n_rot, c0,
                    c0 + width, row_len);
     if (per_token == 0 || rows % per_token) return bad("rope: %zd rows are not whole tokens of %zd", rows, per_token);
+    for (Py_ssize_t t = 0; t < rows / per_token; t++)
+        if (pos[t] < 0 || pos[t] >= n_pos) {
+            PyErr_Format(PyExc_IndexError, "rope: position %lld of a table of %zd", (long long)pos[t], n_pos);
+            return NULL;
+        }
     Py_ssize_t half = n_rot / 2;
     for (Py_ssize_t r = 0; r < rows; r++) {
-        const float *xr = x + r * row_len, *c = cs + (r / per_token) * half, *s = sn + (r / per_token) * half;
+        const int64_t p_row = pos[r / per_token] * half;
+        const float *xr = x + r * row_len, *c = cs + p_row, *s = sn + p_row;
         float *o = out + r * width;
         memcpy(o, xr + c0, (size_t)width * sizeof(float));
         const float *a = xr + r0;
@@ -185,52 +193,49 @@ static PyObject *py_rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 
 /* --- SOFT_MAX and SIGMOID ---------------------------------------------------------------------- */
 
+/* softmax(x[i] * scale) of the first n_visible of a row's n entries; the rest are left out (0). */
 SIMD_CLONES
-static void softmax_row(const float *x, const uint8_t *masked, int64_t n, float scale, float *out) {
+static void softmax_row(const float *x, int64_t n_visible, int64_t n, float scale, float *out) {
     float mx = -INFINITY;
-    for (int64_t i = 0; i < n; i++) {
-        float v = masked && masked[i] ? -INFINITY : x[i] * scale;
-        out[i] = v;
-        mx = v > mx ? v : mx;
-    }
-    if (mx == -INFINITY) {                              /* all masked: zeros (torch would give NaN) */
-        memset(out, 0, (size_t)n * sizeof(float));
-        return;
+    for (int64_t i = 0; i < n_visible; i++) {
+        out[i] = x[i] * scale;
+        mx = out[i] > mx ? out[i] : mx;
     }
     float acc[LANES] = {0};
     int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
+    for (; i + LANES <= n_visible; i += LANES)
         for (int l = 0; l < LANES; l++) {
             float e = exp_f32(out[i + l] - mx);
             out[i + l] = e;
             acc[l] += e;
         }
     float sum = 0;
-    for (; i < n; i++) {
+    for (; i < n_visible; i++) {
         out[i] = exp_f32(out[i] - mx);
         sum += out[i];
     }
     for (int l = 0; l < LANES; l++) sum += acc[l];
     const float inv = 1.0f / sum;
-    for (i = 0; i < n; i++) out[i] *= inv;
+    for (i = 0; i < n_visible; i++) out[i] *= inv;
+    memset(out + n_visible, 0, (size_t)(n - n_visible) * sizeof(float));
 }
 
-/* softmax(x, rows, n_cols, scale, masked, mask_rows, out): softmax(x * scale) over each row of
- * x [rows, n_cols]; where masked [mask_rows, n_cols] (one byte each, nonzero: masked; row r uses
- * mask row r % mask_rows, so a [T, n_kv] causal mask serves [H, T, n_kv]; address 0: no mask) is
- * set, the entry is left out (0). */
+/* softmax(x, rows, n_cols, scale, n_tokens, n_past, out): softmax(x * scale) over each row of
+ * x [rows, n_cols]. With n_tokens > 0 it is the attention's causal SOFT_MAX: x is [..., n_tokens,
+ * n_cols] (kq), and token t, at position n_past + t, attends to columns (positions) up to its own,
+ * the later ones are left out (0); with n_tokens 0, every column counts (the router). */
 static PyObject *py_softmax(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     const float *x;
-    const uint8_t *masked;
     float *out;
-    Py_ssize_t rows, n_cols, mask_rows;
+    Py_ssize_t rows, n_cols, n_tokens, n_past;
     double scale;
-    if (parse("softmax", args, nargs, "pnndonp", &x, &rows, &n_cols, &scale, &masked, &mask_rows, &out)) return NULL;
-    if (masked && (mask_rows == 0 || rows % mask_rows))
-        return bad("softmax: %zd rows do not repeat a mask of %zd rows", rows, mask_rows);
-    for (Py_ssize_t r = 0; r < rows; r++)
-        softmax_row(x + r * n_cols, masked ? masked + (r % mask_rows) * n_cols : NULL, n_cols, (float)scale,
-                    out + r * n_cols);
+    if (parse("softmax", args, nargs, "pnndnnp", &x, &rows, &n_cols, &scale, &n_tokens, &n_past, &out)) return NULL;
+    if (n_cols == 0 || (n_tokens && rows % n_tokens))
+        return bad("softmax: %zd rows of %zd are not rows of %zd tokens", rows, n_cols, n_tokens);
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        Py_ssize_t n_visible = n_tokens ? n_past + r % n_tokens + 1 : n_cols;
+        softmax_row(x + r * n_cols, n_visible < n_cols ? n_visible : n_cols, n_cols, (float)scale, out + r * n_cols);
+    }
     Py_RETURN_NONE;
 }
 
@@ -307,6 +312,155 @@ static PyObject *py_swiglu(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_ssize_t n;
     if (parse("swiglu", args, nargs, "ppnp", &g, &u, &n, &out)) return NULL;
     swiglu_n(g, u, n, out);
+    Py_RETURN_NONE;
+}
+
+/* --- attention: the KV cache's CPY, kq and kqv ------------------------------------------------- */
+
+/* Rows [i, h] of a strided tensor whose last dimension is contiguous, at p + i * st + h * sh:
+ * the views attention reads are taken in place (q_pe inside q's rows, the heads of a per-head
+ * matmul's output, MLA's compressed cache that every head shares with sh 0). */
+typedef struct {
+    const float *p;
+    Py_ssize_t st, sh;
+} rows_t;
+
+static inline const float *row(rows_t r, Py_ssize_t i, Py_ssize_t h) { return r.p + i * r.st + h * r.sh; }
+
+/* s_j[l] += the products a[i] b_j[i] of the columns i = l (mod LANES), for four rows b_j at once:
+ * one dot product alone would wait on its adds; four keep independent chains in flight and read a once. */
+static inline void madd4(const float *a, const float *const b[4], Py_ssize_t n, float *s0, float *s1, float *s2,
+                         float *s3) {
+    const float *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3];
+    Py_ssize_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) {
+            const float x = a[i + l];
+            s0[l] += x * b0[i + l];
+            s1[l] += x * b1[i + l];
+            s2[l] += x * b2[i + l];
+            s3[l] += x * b3[i + l];
+        }
+    for (int l = 0; i < n; i++, l++) {
+        s0[l] += a[i] * b0[i];
+        s1[l] += a[i] * b1[i];
+        s2[l] += a[i] * b2[i];
+        s3[l] += a[i] * b3[i];
+    }
+}
+
+/* The sum of s[LANES] by halves (a sum in lane order would be a chain of LANES dependent adds). */
+static inline float sum_lanes(float *s) {
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) s[l] += s[l + w];
+    return s[0];
+}
+
+/* append_kv(cache, n_ctx, n_past, n_tokens, n_head, x, x_st, x_sh, n_x, tail, tail_st, tail_sh, n_tail):
+ * the CPY of n_tokens new positions into a KV cache [n_ctx, n_head, n_x + n_tail] after the n_past
+ * cached ones: cache[n_past + t, h] = x[t, h] followed by tail[t, h] (k_pe, with tail_sh 0 the same
+ * for every head; address 0 with n_tail 0: none). */
+static PyObject *py_append_kv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    float *cache;
+    rows_t x, tail;
+    Py_ssize_t n_ctx, n_past, n_tokens, n_head, n_x, n_tail;
+    if (parse("append_kv", args, nargs, "pnnnnpnnnonnn", &cache, &n_ctx, &n_past, &n_tokens, &n_head, &x.p, &x.st,
+              &x.sh, &n_x, &tail.p, &tail.st, &tail.sh, &n_tail))
+        return NULL;
+    if (n_past + n_tokens > n_ctx)
+        return bad("append_kv: positions [%zd, %zd) do not fit a cache of %zd", n_past, n_past + n_tokens, n_ctx);
+    if (n_tail && !tail.p) return bad("append_kv: a tail of %zd columns at a null address", n_tail);
+    const Py_ssize_t width = n_x + n_tail;
+    for (Py_ssize_t t = 0; t < n_tokens; t++)
+        for (Py_ssize_t h = 0; h < n_head; h++) {
+            float *o = cache + ((n_past + t) * n_head + h) * width;
+            memcpy(o, row(x, t, h), (size_t)n_x * sizeof(float));
+            if (n_tail) memcpy(o + n_x, row(tail, t, h), (size_t)n_tail * sizeof(float));
+        }
+    Py_RETURN_NONE;
+}
+
+/* Tokens per block of the kq and kqv loops: a block's queries (outputs), up to 8 x 16 heads x 576
+ * floats, stay in cache while the cached keys (values) stream past once per block. */
+#define TOKEN_BLOCK 8
+
+SIMD_CLONES
+static void kq_rows(rows_t q, Py_ssize_t n_q, rows_t pe, Py_ssize_t n_pe, Py_ssize_t n_tokens, Py_ssize_t n_head,
+                    rows_t k, Py_ssize_t n_kv, float *out) {
+    for (Py_ssize_t t0 = 0; t0 < n_tokens; t0 += TOKEN_BLOCK) {
+        const Py_ssize_t t1 = t0 + TOKEN_BLOCK < n_tokens ? t0 + TOKEN_BLOCK : n_tokens;
+        for (Py_ssize_t s = 0; s < n_kv; s += 4)
+            for (Py_ssize_t h = 0; h < n_head; h++) {
+                const float *ks[4], *ks_pe[4];
+                for (int j = 0; j < 4; j++) {                   /* past the last key: it again, not stored */
+                    ks[j] = row(k, s + j < n_kv ? s + j : n_kv - 1, h);
+                    ks_pe[j] = ks[j] + n_q;
+                }
+                for (Py_ssize_t t = t0; t < t1; t++) {
+                    float s0[LANES] = {0}, s1[LANES] = {0}, s2[LANES] = {0}, s3[LANES] = {0};
+                    madd4(row(q, t, h), ks, n_q, s0, s1, s2, s3);
+                    if (n_pe) madd4(row(pe, t, h), ks_pe, n_pe, s0, s1, s2, s3);
+                    const float kq[4] = {sum_lanes(s0), sum_lanes(s1), sum_lanes(s2), sum_lanes(s3)};
+                    for (int j = 0; j < 4 && s + j < n_kv; j++) out[(h * n_tokens + t) * n_kv + s + j] = kq[j];
+                }
+            }
+    }
+}
+
+/* kq(q, q_st, q_sh, n_q, pe, pe_st, pe_sh, n_pe, n_tokens, n_head, k, k_st, k_sh, n_kv, out): the
+ * attention scores out [n_head, n_tokens, n_kv], out[h, t, s] = q[t, h] . k[s, h], each query the
+ * n_q columns of q's row followed by the n_pe of pe's (MLA: q_nope absorbed, then q_pe, without
+ * concatenating them; address 0 with n_pe 0: none), each key row n_q + n_pe columns. */
+static PyObject *py_kq(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    rows_t q, pe, k;
+    float *out;
+    Py_ssize_t n_q, n_pe, n_tokens, n_head, n_kv;
+    if (parse("kq", args, nargs, "pnnnonnnnnpnnnp", &q.p, &q.st, &q.sh, &n_q, &pe.p, &pe.st, &pe.sh, &n_pe, &n_tokens,
+              &n_head, &k.p, &k.st, &k.sh, &n_kv, &out))
+        return NULL;
+    if (n_pe && !pe.p) return bad("kq: a q_pe of %zd columns at a null address", n_pe);
+    kq_rows(q, n_q, pe, n_pe, n_tokens, n_head, k, n_kv, out);
+    Py_RETURN_NONE;
+}
+
+/* Columns of the output that kqv_rows sums in registers, over every cached position at once. */
+#define KQV_COLS (4 * LANES)
+
+SIMD_CLONES
+static void kqv_rows(const float *kq, Py_ssize_t n_tokens, Py_ssize_t n_head, Py_ssize_t n_kv, rows_t v,
+                     Py_ssize_t n_v, float *out) {
+    for (Py_ssize_t t = 0; t < n_tokens; t++)
+        for (Py_ssize_t h = 0; h < n_head; h++) {
+            const float *p = kq + (h * n_tokens + t) * n_kv;
+            float *o = out + (t * n_head + h) * n_v;
+            Py_ssize_t c = 0;
+            for (; c + KQV_COLS <= n_v; c += KQV_COLS) {
+                float acc[KQV_COLS] = {0};
+                for (Py_ssize_t s = 0; s < n_kv; s++) {
+                    const float *vs = row(v, s, h) + c;
+                    for (int l = 0; l < KQV_COLS; l++) acc[l] += p[s] * vs[l];
+                }
+                memcpy(o + c, acc, sizeof acc);
+            }
+            for (; c < n_v; c++) {
+                float acc = 0;
+                for (Py_ssize_t s = 0; s < n_kv; s++) acc += p[s] * row(v, s, h)[c];
+                o[c] = acc;
+            }
+        }
+}
+
+/* kqv(kq, n_tokens, n_head, n_kv, v, v_st, v_sh, n_v, out): the attention output out [n_tokens,
+ * n_head, n_v], out[t, h] = the sum over s of kq[h, t, s] v[s, h], kq [n_head, n_tokens, n_kv]
+ * (the softmax), v's rows n_v columns. */
+static PyObject *py_kqv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    const float *kq;
+    rows_t v;
+    float *out;
+    Py_ssize_t n_tokens, n_head, n_kv, n_v;
+    if (parse("kqv", args, nargs, "pnnnpnnnp", &kq, &n_tokens, &n_head, &n_kv, &v.p, &v.st, &v.sh, &n_v, &out))
+        return NULL;
+    kqv_rows(kq, n_tokens, n_head, n_kv, v, n_v, out);
     Py_RETURN_NONE;
 }
 
@@ -495,13 +649,17 @@ static PyObject *py_matmul_f32(PyObject *self, PyObject *const *args, Py_ssize_t
 
 static PyMethodDef methods[] = {
     FASTCALL(rms_norm, "rms_norm(x, rows, row_len, c0, n, w, eps, out)"),
-    FASTCALL(rope, "rope(x, rows, row_len, c0, width, r0, n_rot, rows_per_token, cos, sin, out)"),
-    FASTCALL(softmax, "softmax(x, rows, n_cols, scale, masked, mask_rows, out)"),
+    FASTCALL(rope, "rope(x, rows, row_len, c0, width, r0, n_rot, rows_per_token, cos, sin, pos, n_pos, out)"),
+    FASTCALL(softmax, "softmax(x, rows, n_cols, scale, n_tokens, n_past, out)"),
     FASTCALL(sigmoid, "sigmoid(x, n, out)"),
     FASTCALL(add, "add(a, n_a, b, n_b, out)"),
     FASTCALL(scale_rows, "scale_rows(x, rows, n, w, out)"),
     FASTCALL(sum_rows, "sum_rows(x, rows, n_sum, n, out)"),
     FASTCALL(swiglu, "swiglu(g, u, n, out)"),
+    FASTCALL(append_kv,
+             "append_kv(cache, n_ctx, n_past, n_tokens, n_head, x, x_st, x_sh, n_x, tail, tail_st, tail_sh, n_tail)"),
+    FASTCALL(kq, "kq(q, q_st, q_sh, n_q, pe, pe_st, pe_sh, n_pe, n_tokens, n_head, k, k_st, k_sh, n_kv, out)"),
+    FASTCALL(kqv, "kqv(kq, n_tokens, n_head, n_kv, v, v_st, v_sh, n_v, out)"),
     FASTCALL(top_k, "top_k(sel, rows, n_cols, k, n_groups, n_groups_used, ids)"),
     FASTCALL(expert_weights, "expert_weights(probs, rows, n_expert, ids, k, norm, scale, out)"),
     FASTCALL(get_rows, "get_rows(data, n_rows, row_bytes, type, n_cols, ids, n_ids, out)"),

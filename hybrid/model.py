@@ -146,23 +146,11 @@ class _Builder:
         self.n_tokens = n_tokens
         self.graph = Graph([], {}, None, n_tokens=n_tokens, n_past=n_past)
         self.nodes, self.inputs = self.graph.nodes, self.graph.inputs
-        self._shared: dict = {}          # per-evaluation values every op shares (see `shared`)
-        self._shared_n_past = n_past
 
     @property
     def n_past(self) -> int:
         """Tokens already in the cache for the evaluation now running."""
         return self.graph.n_past
-
-    def shared(self, key, make: Callable[[], object]):
-        """A value the ops of one evaluation share (the rope angles, the causal mask), made
-        by the first op that asks and dropped when the graph moves on to another n_past."""
-        if self._shared_n_past != self.graph.n_past:
-            self._shared.clear()
-            self._shared_n_past = self.graph.n_past
-        if key not in self._shared:
-            self._shared[key] = make()
-        return self._shared[key]
 
     def input(self, name: str) -> Node:
         node = Node("INPUT", name, (), None, n_tokens=self.n_tokens)
@@ -178,20 +166,6 @@ class _Builder:
 
     def weight(self, name: str):
         return self.m.weights[name]
-
-    def cos_sin(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`rope_cos_sin` of this evaluation's positions, computed once per device: every
-        ROPE op of the graph (two per layer) rotates by the same angles."""
-        return self.shared(("cos_sin", pos.device), lambda: rope_cos_sin(pos, self.m.rope))
-
-    def masked(self, device: torch.device) -> torch.Tensor:
-        """[T, n_kv] True where a token may not attend (a later position): built once per
-        evaluation and device, as every layer's softmax uses the same causal mask."""
-        def make() -> torch.Tensor:
-            n_past, n_kv = self.n_past, self.n_past + self.n_tokens
-            return (torch.arange(n_kv, device=device)[None, :]
-                    > (n_past + torch.arange(self.n_tokens, device=device))[:, None])
-        return self.shared(("masked", device), make)
 
     def kv_op(self, op: str, name: str, fn: Callable, *srcs: Node, layer: int, buffer: str | None = None,
               bytes_per_kv: int = 0, flops_per_kv: int = 0) -> Node:
@@ -209,12 +183,6 @@ class _Builder:
         node.fn = run
         set_cost()
         return node
-
-    def append_kv(self, cache: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Store this evaluation's T rows after the n_past cached ones; -> the cache up to them."""
-        n_kv = self.n_past + self.n_tokens
-        cache[self.n_past:n_kv] = value
-        return cache[:n_kv]
 
     def mul_mat(self, wname: str, x: Node, layer: int) -> Node:
         """x [T, K] @ W^T -> [T, N]; workers split it by rows of W, except a float32 weight
@@ -398,15 +366,14 @@ def attention(b: _Builder, il: int, h: Node, pos: Node) -> Node:
         q = b.mul_mat(p + "attn_q_b.weight", q, il)                                    # [T, H*head_k]
     else:
         q = b.mul_mat(p + "attn_q.weight", h, il)
-    rope = m.rope
 
-    def rope_q(_, q, pos, out=ops.Out()):
-        return ops.rope(q.reshape(T, H, c.n_embd_head_k), b.cos_sin(pos), nope, out=out)   # [T, H, head_k]
+    def rope_q(_, q, pos, out=ops.Out()):                                               # [T, H, head_k]
+        return ops.rope(q.reshape(T, H, c.n_embd_head_k), m.cos_sin(pos.device), pos, nope, out=out)
     q = b.op("ROPE", f"q_pe-{il}", rope_q, q, pos, layer=il, flops=6 * T * H * R)
     kv = b.mul_mat(p + "attn_kv_a_mqa.weight", h, il)                                  # [T, L + R]
     kv_c = b.rms_norm(p + "attn_kv_a_norm.weight", kv, il, f"kv_cmpr-{il}", cols=slice(0, L))   # [T, L]
     def rope_k(_, kv, pos, out=ops.Out()):
-        return ops.rope(kv, b.cos_sin(pos), L, keep_from=L, out=out)                  # [T, R]
+        return ops.rope(kv, m.cos_sin(pos.device), pos, L, keep_from=L, out=out)      # [T, R]
     k_pe = b.op("ROPE", f"k_pe-{il}", rope_k, kv, pos, layer=il, flops=6 * T * R)
     split_kv = c.kv_layout == "kv_b"
     kv_b = p + ("attn_kv_b.weight" if split_kv else "attn_k_b.weight")
@@ -414,7 +381,7 @@ def attention(b: _Builder, il: int, h: Node, pos: Node) -> Node:
     ck, cv = f"cache_k_l{il}", f"cache_v_l{il}"
 
     def causal_softmax(_, kq, out=ops.Out()):                                           # kq [H, T, n_kv]
-        return ops.softmax(kq, rope.kq_scale, b.masked(kq.device), out)
+        return ops.softmax(kq, m.rope.kq_scale, b.n_past, out)
 
     if m.mla:
         q_abs = b.op("VIEW", f"q_nope-{il}", lambda _, q: q[..., :nope], q, layer=il)
@@ -423,17 +390,16 @@ def attention(b: _Builder, il: int, h: Node, pos: Node) -> Node:
                            transposed=split_kv)                                        # [T, H, L]
 
         def store(cache, kv_c, k_pe):
-            return b.append_kv(cache, torch.cat([kv_c, k_pe], dim=-1))                 # [n_kv, L + R]
+            return ops.append_kv(cache, b.n_past, kv_c, k_pe)                          # [n_kv, L + R]
         kv_all = b.op("CPY", ck, store, kv_c, k_pe, layer=il, buffer=ck, n_bytes=4 * T * (L + R))
 
-        def kq_fn(_, q_abs, q, kv_all):
-            q_cat = torch.cat([q_abs, q[..., nope:]], dim=-1)                          # [T, H, L + R]
-            return torch.einsum("thd,sd->hts", q_cat, kv_all)
+        def kq_fn(_, q_abs, q, kv_all, out=ops.Out()):                                 # [H, T, n_kv]
+            return ops.kq(q_abs, kv_all, q[..., nope:], out)
         kq = b.kv_op("MUL_MAT", f"kq-{il}", kq_fn, q_abs, q, kv_all, layer=il, buffer=ck,
                      bytes_per_kv=4 * (L + R), flops_per_kv=2 * H * T * (L + R))
         kq = b.kv_op("SOFT_MAX", f"kq_soft_max-{il}", causal_softmax, kq, layer=il, flops_per_kv=5 * H * T)
-        kqv = b.kv_op("MUL_MAT", f"kqv-{il}", lambda _, pr, kv_all: torch.einsum("hts,sl->thl", pr, kv_all[:, :L]),
-                      kq, kv_all, layer=il, buffer=ck, bytes_per_kv=4 * L, flops_per_kv=2 * H * T * L)
+        kqv = b.kv_op("MUL_MAT", f"kqv-{il}", lambda _, pr, kv_all, out=ops.Out(): ops.kqv(pr, kv_all[:, :L], out),
+                      kq, kv_all, layer=il, buffer=ck, bytes_per_kv=4 * L, flops_per_kv=2 * H * T * L)  # [T, H, L]
         out = b.per_head(v_b, kqv, il, f"wv_b-{il}", part="v" if split_kv else "all")  # [T, H, head_v]
     else:
         if split_kv:
@@ -443,19 +409,17 @@ def attention(b: _Builder, il: int, h: Node, pos: Node) -> Node:
             k_nope = b.per_head(kv_b, kv_c, il, f"k_nope-{il}", transposed=True)
             v = b.per_head(v_b, kv_c, il, f"v-{il}")
 
-        def store_k(cache, k_nope, k_pe):
-            return b.append_kv(cache, torch.cat([k_nope, k_pe[:, None, :].expand(-1, H, -1)], dim=-1))
-        k_all = b.op("CPY", ck, store_k, k_nope, k_pe, layer=il, buffer=ck,
-                     n_bytes=4 * T * H * c.n_embd_head_k)                              # [n_kv, H, head_k]
-        v_all = b.op("CPY", cv, lambda cache, v: b.append_kv(cache, v), v, layer=il, buffer=cv,
+        k_all = b.op("CPY", ck, lambda cache, k_nope, k_pe: ops.append_kv(cache, b.n_past, k_nope, k_pe),
+                     k_nope, k_pe, layer=il, buffer=ck, n_bytes=4 * T * H * c.n_embd_head_k)  # [n_kv, H, head_k]
+        v_all = b.op("CPY", cv, lambda cache, v: ops.append_kv(cache, b.n_past, v), v, layer=il, buffer=cv,
                      n_bytes=4 * T * H * c.n_embd_head_v)                              # [n_kv, H, head_v]
-        kq = b.kv_op("MUL_MAT", f"kq-{il}", lambda _, q, k: torch.einsum("thd,shd->hts", q, k), q, k_all,
+        kq = b.kv_op("MUL_MAT", f"kq-{il}", lambda _, q, k, out=ops.Out(): ops.kq(q, k, out=out), q, k_all,
                      layer=il, buffer=ck, bytes_per_kv=4 * H * c.n_embd_head_k,
                      flops_per_kv=2 * H * T * c.n_embd_head_k)
         kq = b.kv_op("SOFT_MAX", f"kq_soft_max-{il}", causal_softmax, kq, layer=il, flops_per_kv=5 * H * T)
-        out = b.kv_op("MUL_MAT", f"kqv-{il}", lambda _, pr, v: torch.einsum("hts,shd->thd", pr, v), kq, v_all,
+        out = b.kv_op("MUL_MAT", f"kqv-{il}", lambda _, pr, v, out=ops.Out(): ops.kqv(pr, v, out), kq, v_all,
                       layer=il, buffer=cv, bytes_per_kv=4 * H * c.n_embd_head_v,
-                      flops_per_kv=2 * H * T * c.n_embd_head_v)
+                      flops_per_kv=2 * H * T * c.n_embd_head_v)                         # [T, H, head_v]
     out = b.op("VIEW", f"kqv_out-{il}", lambda _, o: o.reshape(T, H * c.n_embd_head_v), out, layer=il)
     return b.mul_mat(p + "attn_output.weight", out, il)
 
@@ -556,8 +520,17 @@ class Model:
         self.n_ctx = min(n_ctx or DEFAULT_N_CTX, self.config.n_ctx_train)
         arch = self.config.arch
         self.rope = rope_setup(self.config, float(gguf.metadata.get(f"{arch}.rope.scaling.attn_factor", 1.0)))
+        self._cos_sin = {torch.device("cpu"): rope_cos_sin(torch.arange(self.n_ctx), self.rope)}
         self.weights = ModelWeights(gguf, rtr=rtr, fmoe=fmoe, progress=progress)
         self.cache = KVCache(self.config, self.n_ctx, mla)
+
+    def cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [n_ctx, n_rot/2] of every position (`rope_cos_sin`) on `device`: a table
+        made once per model, of which each ROPE op reads its tokens' rows. Computed per
+        evaluation instead, in torch, it cost more than all the model's ROPE arithmetic."""
+        if device not in self._cos_sin:
+            self._cos_sin[device] = tuple(t.to(device) for t in self._cos_sin[torch.device("cpu")])
+        return self._cos_sin[device]
 
     def buffer(self, name: str):
         """The buffer a node reads: a KV-cache tensor or a weight."""

@@ -1,5 +1,6 @@
-"""The forward pass's small ops (norms, RoPE, softmax, residual adds, SwiGLU, the router),
-native on CPU float32 tensors and torch everywhere else.
+"""The forward pass's small ops (norms, RoPE, softmax, residual adds, SwiGLU, the router, and
+the attention core: the KV cache's CPY, kq and kqv), native on CPU float32 tensors and torch
+everywhere else.
 
 A generated token runs ~70 such ops besides its matmuls, each on a few KiB. In
 torch each one costs 10-100 us inside the engine although its arithmetic takes
@@ -12,7 +13,8 @@ from one evaluation of its (reused) graph to the next. Arithmetic is float32 as
 in torch (norm sums in float64, as ggml's; exp to ~2 ulp).
 
 Each function takes the native path when every tensor it reads is a
-C-contiguous float32 CPU tensor (ids: int64) of the shapes the op expects; this
+C-contiguous float32 CPU tensor (ids: int64) of the shapes the op expects (the
+attention ops also read views whose rows are contiguous, by their strides); this
 module is what checks that, as `hybrid._ops` trusts the addresses it is given.
 Anything else runs the same op in torch: CUDA tensors, other dtypes,
 non-contiguous views. The emulated accelerator keeps its tensors on the CPU, so
@@ -22,6 +24,7 @@ selects torch everywhere (to compare the two in one run).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -36,6 +39,9 @@ F32, I64 = torch.float32, torch.int64
 # ggml types GET_ROWS dequantises natively -> the dtype `hybrid.weights.Weight.data` holds them in
 NATIVE_GET_ROWS = {0: torch.float32, 1: torch.float16, 2: torch.uint8, 8: torch.uint8, 30: torch.bfloat16}
 KEEP_BYTES = 64 << 10           # an `Out` keeps outputs up to this size; larger ones are allocated per call
+# kq and kqv of larger batches run in torch: from ~32 tokens on, its blocked BLAS GEMM outruns the
+# plain C loops by more than its dispatch costs (the C loops win 2-3x at 1-8 tokens)
+MAX_NATIVE_ATTN_TOKENS = 32
 
 
 class Out:
@@ -75,6 +81,25 @@ def _native(*tensors: torch.Tensor) -> bool:
     return NATIVE and all(t.dtype is F32 and t.is_cpu and t.is_contiguous() for t in tensors)
 
 
+def _rows(t: torch.Tensor, dim: int) -> bool:
+    """A float32 CPU tensor of `dim` dimensions whose rows (last dimension) are contiguous: the
+    attention ops read such views in place, by their strides."""
+    return NATIVE and t.dtype is F32 and t.is_cpu and t.dim() == dim and t.stride(-1) == 1
+
+
+def _rows_at(t: torch.Tensor | None) -> tuple[int, int, int]:
+    """Rows [i, h] of t [I, H, n] (or of t [I, n], the same for every head h), as the C side
+    reads them (rows_t): the address, the stride of i, the stride of h. None: no rows."""
+    if t is None:
+        return 0, 0, 0
+    strides = t.stride()
+    return t.data_ptr(), strides[0], strides[1] if t.dim() == 3 else 0
+
+
+def _ids(t: torch.Tensor) -> bool:
+    return t.dtype is I64 and t.is_cpu and t.is_contiguous()
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, cols: slice = slice(None),
              out: Out | None = None) -> torch.Tensor:
     """x[..., cols] / sqrt(mean(x[..., cols]^2) + eps) * w, row by row (RMS_NORM then MUL)."""
@@ -88,43 +113,110 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, cols: slice = slice(N
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def rope(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], start: int, keep_from: int = 0,
-         out: Out | None = None) -> torch.Tensor:
+def rope(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], pos: torch.Tensor, start: int,
+         keep_from: int = 0, out: Out | None = None) -> torch.Tensor:
     """x[..., keep_from:] with its columns from `start` on rotated in consecutive pairs (ggml's
-    NORM mode), x [T, ..., n] and cos, sin [T, (n - start)/2] (`hybrid.model.rope_cos_sin`).
+    NORM mode) by the angles of each token's position: x [T, ..., n], pos int64 [T], and cos, sin
+    [n_pos, (n - start)/2] a table over positions (`hybrid.model.Model.cos_sin`).
 
     The q heads keep their unrotated part (keep_from 0); k_pe is the rotated tail alone
     (keep_from = start); either way the output is the only copy made."""
     cos, sin = cos_sin
     n, n_tok = x.shape[-1], x.shape[0]
-    if (_native(x, cos, sin) and keep_from <= start and cos.shape == sin.shape == (n_tok, (n - start) // 2)
-            and (n - start) % 2 == 0):
+    if (_native(x, cos, sin) and keep_from <= start and cos.shape == sin.shape and cos.dim() == 2
+            and cos.shape[1] * 2 == n - start and _ids(pos) and pos.shape == (n_tok,)):
         y = _new(out, (*x.shape[:-1], n - keep_from))
         rows = x.numel() // n
         _ops.rope(x.data_ptr(), rows, n, keep_from, n - keep_from, start, n - start, rows // n_tok,
-                  cos.data_ptr(), sin.data_ptr(), y.data_ptr())
+                  cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), cos.shape[0], y.data_ptr())
         return y
     shape = (n_tok,) + (1,) * (x.dim() - 2) + (cos.shape[1],)
-    cos, sin = cos.reshape(shape), sin.reshape(shape)
+    cos, sin = cos[pos].reshape(shape), sin[pos].reshape(shape)
     x0, x1 = x[..., start::2], x[..., start + 1::2]
     rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
     return torch.cat([x[..., keep_from:start], rotated], dim=-1) if keep_from < start else rotated
 
 
-def softmax(x: torch.Tensor, scale: float = 1.0, masked: torch.Tensor | None = None,
-            out: Out | None = None) -> torch.Tensor:
-    """softmax(x * scale) over the last dimension, leaving out (0) the entries where `masked`
-    (bool [rows, n], repeated over x's leading dimensions) is True: the attention's causal
-    SOFT_MAX, and the router's probabilities (no scale, no mask)."""
+def softmax(x: torch.Tensor, scale: float = 1.0, n_past: int | None = None, out: Out | None = None) -> torch.Tensor:
+    """softmax(x * scale) over the last dimension: the router's probabilities (no scale), or with
+    `n_past` the attention's causal SOFT_MAX of kq [..., T, n_kv], where token t (at position
+    n_past + t) attends to the positions up to its own and the later ones are left out (0).
+
+    Natively the rule is applied in the loop; torch masks with a mask it builds (`_causal_mask`)."""
     n = x.shape[-1]
-    if _native(x) and (masked is None or (masked.dtype is torch.bool and masked.is_cpu and masked.is_contiguous()
-                                          and masked.shape == x.shape[x.dim() - masked.dim():])):
+    if _native(x):
         y = _new(out, x.shape)
-        _ops.softmax(x.data_ptr(), x.numel() // n, n, scale, 0 if masked is None else masked.data_ptr(),
-                     0 if masked is None else masked.numel() // n, y.data_ptr())
+        _ops.softmax(x.data_ptr(), x.numel() // n, n, scale, 0 if n_past is None else x.shape[-2],
+                     0 if n_past is None else n_past, y.data_ptr())
         return y
     x = x * scale if scale != 1.0 else x
-    return torch.softmax(x if masked is None else x.masked_fill(masked, float("-inf")), dim=-1)
+    if n_past is not None:
+        x = x.masked_fill(_causal_mask(x.shape[-2], n_past, n, x.device), float("-inf"))
+    return torch.softmax(x, dim=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_mask(n_tokens: int, n_past: int, n_kv: int, device: torch.device) -> torch.Tensor:
+    """[T, n_kv] True where token t may not attend (a position after n_past + t): made once per
+    evaluation and device, as every layer's softmax uses the same one."""
+    return torch.ones(n_tokens, n_kv, dtype=torch.bool, device=device).triu_(n_past + 1)
+
+
+def append_kv(cache: torch.Tensor, n_past: int, x: torch.Tensor, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """The CPY of this evaluation's T rows into a KV cache [n_ctx, ...] after its n_past cached ones
+    -> the cache up to them [n_past + T, ...]. x [T, ...] has the cache's row shape, or with `tail`
+    [T, R] (k_pe, one per token for every head) all but its last R columns: x's rows are stored
+    continued by their token's tail (MLA: kv_cmpr then k_pe; standard attention: each head's
+    k_nope then k_pe), without concatenating them first."""
+    n_tok, n_x = x.shape[0], x.shape[-1]
+    n_tail = 0 if tail is None else tail.shape[-1]
+    n_kv = n_past + n_tok
+    if n_kv > cache.shape[0]:
+        raise ValueError(f"positions up to {n_kv} do not fit a cache of {cache.shape[0]}")
+    heads = cache.dim() == 3
+    if (_native(cache) and _rows(x, cache.dim()) and x.shape[1:-1] == cache.shape[1:-1]
+            and n_x + n_tail == cache.shape[-1] and (tail is None or _rows(tail, 2) and tail.shape[0] == n_tok)):
+        _ops.append_kv(cache.data_ptr(), cache.shape[0], n_past, n_tok, cache.shape[1] if heads else 1,
+                       *_rows_at(x), n_x, *_rows_at(tail), n_tail)
+    elif tail is None:
+        cache[n_past:n_kv] = x
+    else:
+        tail = tail[:, None, :].expand(-1, x.shape[1], -1) if heads else tail
+        cache[n_past:n_kv] = torch.cat([x, tail], dim=-1)
+    return cache[:n_kv]
+
+
+def kq(q: torch.Tensor, k: torch.Tensor, q_pe: torch.Tensor | None = None, out: Out | None = None) -> torch.Tensor:
+    """The attention scores (MUL_MAT kq) kq[h, t, s] = q[t, h] . k[s, h] -> [H, T, n_kv], for q
+    [T, H, D] and k [n_kv, H, D] (standard attention), or k [n_kv, D] that every head shares (MLA's
+    compressed cache) and q in two parts, q [T, H, D - R] and q_pe [T, H, R] (MLA: q_nope absorbed,
+    then the rotated part), multiplied as their concatenation without making it."""
+    n_tok, n_head, n_q = q.shape
+    n_pe = 0 if q_pe is None else q_pe.shape[-1]
+    n_kv = k.shape[0]
+    heads = k.dim() == 3
+    if (n_tok <= MAX_NATIVE_ATTN_TOKENS and _rows(q, 3) and _rows(k, k.dim()) and k.shape[-1] == n_q + n_pe
+            and (not heads or k.shape[1] == n_head)
+            and (q_pe is None or _rows(q_pe, 3) and q_pe.shape[:2] == q.shape[:2])):
+        y = _new(out, (n_head, n_tok, n_kv))
+        _ops.kq(*_rows_at(q), n_q, *_rows_at(q_pe), n_pe, n_tok, n_head, *_rows_at(k), n_kv, y.data_ptr())
+        return y
+    q = q if q_pe is None else torch.cat([q, q_pe], dim=-1)
+    return torch.einsum("thd,shd->hts" if heads else "thd,sd->hts", q, k)
+
+
+def kqv(kq: torch.Tensor, v: torch.Tensor, out: Out | None = None) -> torch.Tensor:
+    """The attention output (MUL_MAT kqv) kqv[t, h] = the sum over s of kq[h, t, s] v[s, h] ->
+    [T, H, Dv], for the softmax kq [H, T, n_kv] and v [n_kv, H, Dv] (standard attention), or v
+    [n_kv, Dv] that every head shares (MLA: the compressed cache's first Dv columns)."""
+    n_head, n_tok, n_kv = kq.shape
+    heads = v.dim() == 3
+    if (n_tok <= MAX_NATIVE_ATTN_TOKENS and _native(kq) and _rows(v, v.dim()) and v.shape[0] == n_kv
+            and (not heads or v.shape[1] == n_head)):
+        y = _new(out, (n_tok, n_head, v.shape[-1]))
+        _ops.kqv(kq.data_ptr(), n_tok, n_head, n_kv, *_rows_at(v), v.shape[-1], y.data_ptr())
+        return y
+    return torch.einsum("hts,shd->thd" if heads else "hts,sd->thd", kq, v)
 
 
 def sigmoid(x: torch.Tensor, out: Out | None = None) -> torch.Tensor:
@@ -195,7 +287,7 @@ def expert_weights(probs: torch.Tensor, ids: torch.Tensor, norm: bool, scale: fl
                    out: Out | None = None) -> torch.Tensor:
     """The routing weights probs [T, E] at the chosen ids [T, U], normalised to sum 1 per token
     if `norm`, times `scale` unless it is 0 (build_moe_ffn) -> [T, U]."""
-    if (_native(probs) and ids.dtype is I64 and ids.is_cpu and ids.is_contiguous() and ids.dim() == probs.dim() == 2
+    if (_native(probs) and _ids(ids) and ids.dim() == probs.dim() == 2
             and ids.shape[0] == probs.shape[0]):
         y = _new(out, ids.shape)
         _ops.expert_weights(probs.data_ptr(), probs.shape[0], probs.shape[1], ids.data_ptr(), ids.shape[1], norm,
@@ -213,7 +305,7 @@ def get_rows(data: torch.Tensor, ggml_type: int, n_cols: int, ids: torch.Tensor,
     rows, or float values) dequantised -> float32 [T, n_cols]: the token embeddings' GET_ROWS.
     F32, F16, BF16, Q4_0 and Q8_0 natively; other types through `hybrid.quants`."""
     if (NATIVE and NATIVE_GET_ROWS.get(ggml_type) is data.dtype and data.is_cpu and data.is_contiguous()
-            and data.dim() == 2 and ids.dtype is I64 and ids.is_cpu and ids.is_contiguous()):
+            and data.dim() == 2 and _ids(ids)):
         y = _new(out, (ids.numel(), n_cols))
         _ops.get_rows(data.data_ptr(), data.shape[0], data.shape[1] * data.element_size(), ggml_type, n_cols,
                       ids.data_ptr(), ids.numel(), y.data_ptr())

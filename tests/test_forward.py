@@ -20,7 +20,8 @@ from gguf.constants import GGMLQuantizationType as T
 
 from gguf_retype import retype_gguf
 from hybrid.gguf_model import load_model
-from hybrid.model import Model, build_graph
+from hybrid import ops
+from hybrid.model import Model, build_graph, rope_cos_sin
 from hybrid.graph import compute
 from reference_deepseek2 import Deepseek2Reference
 
@@ -81,6 +82,25 @@ def check_against_reference(path, tol: float, **options) -> None:
 def test_logits_match_reference(make_gguf, case, mla, fmoe):
     qtype, overrides = CASES[case]
     check_against_reference(make_gguf("tiny", qtype, **overrides), TOL, mla=bool(mla), fmoe=bool(fmoe))
+
+
+@pytest.mark.parametrize("layout", ["kv_b", "k_b_v_b"])
+@pytest.mark.parametrize("mla", [0, 1])
+def test_torch_ops_match_reference(make_gguf, monkeypatch, mla, layout):
+    """The small ops' torch path (what CUDA tensors and HYPROF_OPS=torch take) through the whole
+    pass: its causal mask, its rows of the rope table, its attention einsums."""
+    monkeypatch.setattr(ops, "NATIVE", False)
+    check_against_reference(make_gguf("tiny", "f32", **YARN, kv_layout=layout), TOL, mla=bool(mla))
+
+
+def test_rope_table_rows_are_rope_cos_sin(make_gguf):
+    """The model's cos/sin table holds, row for row, exactly what rope_cos_sin computes for a
+    batch of positions (YaRN scaled)."""
+    model = Model(load_model(make_gguf("tiny", "f32", **YARN)), n_ctx=32)
+    pos = torch.tensor([0, 5, 6, 31])
+    for row, want in zip(model.cos_sin(pos.device), rope_cos_sin(pos, model.rope)):
+        assert row.shape == (32, model.config.n_rot // 2) and row.dtype == torch.float32
+        assert torch.equal(row[pos], want)
 
 
 @pytest.mark.parametrize("mla,fmoe", [(0, 0), (0, 1), (1, 0), (1, 1)])

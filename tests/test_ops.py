@@ -91,27 +91,34 @@ def ref_rope(x, cos, sin):
     return out
 
 
-def cos_sin(rng, n_tok, half):
-    ang = rng.uniform(-50, 50, size=(n_tok, half))
+def cos_sin(rng, n_pos, half):
+    """A table over positions as `hybrid.model.Model.cos_sin` holds it: [n_pos, half] each."""
+    ang = rng.uniform(-50, 50, size=(n_pos, half))
     return t32(np.cos(ang) * 1.3), t32(np.sin(ang) * 1.3)
 
 
-@pytest.mark.parametrize("n_tok", [1, 3])
-def test_rope_keeps_the_head_part(path, rng, n_tok):
-    """q_pe: [T, H, nope + rot], the rot part rotated, the nope part kept."""
-    x = t32(rng.normal(size=(n_tok, 5, 14 + 6)))
-    cs = cos_sin(rng, n_tok, 3)
+def rows_of(table, pos):
+    return table[0].double().numpy()[pos.numpy()], table[1].double().numpy()[pos.numpy()]
+
+
+@pytest.mark.parametrize("pos", [[0], [7, 0, 31]])
+def test_rope_keeps_the_head_part(path, rng, pos):
+    """q_pe: [T, H, nope + rot], the rot part rotated by each token's row of the table, the nope
+    part kept."""
+    pos = torch.tensor(pos)
+    x = t32(rng.normal(size=(len(pos), 5, 14 + 6)))
+    table = cos_sin(rng, 32, 3)
     xd = x.double().numpy()
-    want = np.concatenate([xd[..., :14], ref_rope(xd[..., 14:], cs[0].double().numpy(), cs[1].double().numpy())], -1)
-    close(ops.rope(x, cs, 14), want)
+    want = np.concatenate([xd[..., :14], ref_rope(xd[..., 14:], *rows_of(table, pos))], -1)
+    close(ops.rope(x, table, pos, 14), want)
 
 
 def test_rope_tail_only(path, rng):
     """k_pe: the rotated last columns of [T, L + R] alone."""
+    pos = torch.tensor([3, 4, 5, 6])
     x = t32(rng.normal(size=(4, 9 + 10)))
-    cs = cos_sin(rng, 4, 5)
-    xd = x.double().numpy()
-    close(ops.rope(x, cs, 9, keep_from=9), ref_rope(xd[:, 9:], cs[0].double().numpy(), cs[1].double().numpy()))
+    table = cos_sin(rng, 7, 5)
+    close(ops.rope(x, table, pos, 9, keep_from=9), ref_rope(x.double().numpy()[:, 9:], *rows_of(table, pos)))
 
 
 def ref_softmax(x, scale=1.0, masked=None):
@@ -122,14 +129,93 @@ def ref_softmax(x, scale=1.0, masked=None):
     return e / e.sum(-1, keepdims=True)
 
 
+def ref_masked(n_tok, n_past):
+    """[T, n_kv] True where token t, at position n_past + t, may not attend (a later position)."""
+    return np.arange(n_past + n_tok)[None, :] > (n_past + np.arange(n_tok))[:, None]
+
+
 @pytest.mark.parametrize("n_tok,n_past", [(1, 0), (1, 40), (6, 0), (3, 17)])
 def test_causal_softmax(path, rng, n_tok, n_past):
-    n_kv = n_past + n_tok
-    kq = t32(rng.normal(size=(5, n_tok, n_kv)) * 20)
-    masked = torch.arange(n_kv)[None, :] > (n_past + torch.arange(n_tok))[:, None]
-    got = ops.softmax(kq, 0.07, masked)
-    close(got, ref_softmax(kq.double().numpy(), 0.07, masked.numpy()))
-    assert (got[:, masked] == 0).all()
+    kq = t32(rng.normal(size=(5, n_tok, n_past + n_tok)) * 20)
+    got = ops.softmax(kq, 0.07, n_past)
+    masked = ref_masked(n_tok, n_past)
+    close(got, ref_softmax(kq.double().numpy(), 0.07, masked))
+    assert (got[:, torch.from_numpy(masked)] == 0).all()
+
+
+def test_append_kv(path, rng):
+    """The CPY into the KV cache: after the n_past cached rows, the rest of the cache untouched;
+    x may be a view (a per-head matmul's heads); the tail (k_pe) continues every head's row."""
+    n_ctx, n_past, n_tok, n_head = 11, 4, 3, 5
+    cache = t32(rng.normal(size=(n_ctx, n_head, 7 + 3)))
+    before = cache.double().numpy().copy()
+    k_nope = t32(rng.normal(size=(n_tok, n_head, 9)))[..., 2:]                 # [T, H, 7], rows strided
+    k_pe = t32(rng.normal(size=(n_tok, 3)))
+    got = ops.append_kv(cache, n_past, k_nope, k_pe)
+    want = before.copy()
+    want[n_past:n_past + n_tok, :, :7] = k_nope.double().numpy()
+    want[n_past:n_past + n_tok, :, 7:] = k_pe.double().numpy()[:, None, :]
+    close(cache, want, rtol=0, scale=1)
+    close(got, want[:n_past + n_tok], rtol=0, scale=1)
+    v = t32(rng.normal(size=(n_tok, n_head, 10)))
+    close(ops.append_kv(cache, 0, v), v.double().numpy(), rtol=0, scale=1)
+
+
+def test_append_kv_compressed(path, rng):
+    """MLA's cache [n_ctx, L + R]: kv_cmpr [T, L] then k_pe [T, R] per position."""
+    cache = t32(np.zeros((9, 13 + 4)))
+    kv_cmpr, k_pe = t32(rng.normal(size=(2, 13))), t32(rng.normal(size=(2, 4)))
+    got = ops.append_kv(cache, 7, kv_cmpr, k_pe)
+    want = np.zeros((9, 17))
+    want[7:] = np.concatenate([kv_cmpr.double().numpy(), k_pe.double().numpy()], -1)
+    close(got, want, rtol=0, scale=1)
+    with pytest.raises(ValueError):                                              # position 9 of 9
+        ops.append_kv(cache, 8, kv_cmpr, k_pe)
+
+
+@pytest.fixture
+def any_batch_native(monkeypatch):
+    """Batches of any size on the native kq/kqv (by default larger ones run in torch)."""
+    monkeypatch.setattr(ops, "MAX_NATIVE_ATTN_TOKENS", 1 << 20)
+
+
+@pytest.mark.parametrize("n_tok,n_past", [(1, 0), (1, 18), (3, 5), (11, 2)])
+def test_kq_and_kqv(path, rng, any_batch_native, n_tok, n_past):
+    """Standard attention: q [T, H, D], K [n_kv, H, D], V [n_kv, H, Dv] (views of the cache),
+    odd sizes, more tokens than a block of the C loops."""
+    n_head, d, dv, n_kv = 3, 37, 21, n_past + n_tok
+    q = t32(rng.normal(size=(n_tok, n_head, d)))
+    k = t32(rng.normal(size=(n_kv + 4, n_head, d)))[:n_kv]
+    v = t32(rng.normal(size=(n_kv, n_head, dv)))
+    qd, kd, vd = q.double().numpy(), k.double().numpy(), v.double().numpy()
+    close(ops.kq(q, k), np.einsum("thd,shd->hts", qd, kd), rtol=1e-6)
+    pr = t32(ref_softmax(rng.normal(size=(n_head, n_tok, n_kv)), masked=ref_masked(n_tok, n_past)))
+    close(ops.kqv(pr, v), np.einsum("hts,shd->thd", pr.double().numpy(), vd), rtol=1e-6)
+
+
+@pytest.mark.parametrize("n_tok,n_past", [(1, 0), (2, 7), (9, 30)])
+def test_kq_and_kqv_compressed(path, rng, any_batch_native, n_tok, n_past):
+    """MLA: one cache row [L + R] per position for every head; q in two parts, q_nope absorbed
+    [T, H, L] and q_pe [T, H, R] (a view into q's rows); V the cache's first L columns."""
+    n_head, L, R, n_kv = 4, 35, 6, n_past + n_tok
+    q_abs = t32(rng.normal(size=(n_tok, n_head, L)))
+    q = t32(rng.normal(size=(n_tok, n_head, 10 + R)))
+    kv = t32(rng.normal(size=(n_kv, L + R)))
+    q_cat = np.concatenate([q_abs.double().numpy(), q.double().numpy()[..., 10:]], -1)
+    close(ops.kq(q_abs, kv, q[..., 10:]), np.einsum("thd,sd->hts", q_cat, kv.double().numpy()), rtol=1e-6)
+    pr = t32(ref_softmax(rng.normal(size=(n_head, n_tok, n_kv)), masked=ref_masked(n_tok, n_past)))
+    want = np.einsum("hts,sl->thl", pr.double().numpy(), kv.double().numpy()[:, :L])
+    close(ops.kqv(pr, kv[:, :L]), want, rtol=1e-6)
+
+
+def test_large_batches_take_torch(rng, monkeypatch):
+    """kq and kqv of a prompt batch above MAX_NATIVE_ATTN_TOKENS: torch's GEMM, same values."""
+    monkeypatch.setattr(ops, "_ops", None)                     # any native call would raise
+    n_tok, n_head, d = ops.MAX_NATIVE_ATTN_TOKENS + 1, 2, 8
+    q, k = t32(rng.normal(size=(n_tok, n_head, d))), t32(rng.normal(size=(n_tok, n_head, d)))
+    close(ops.kq(q, k), np.einsum("thd,shd->hts", q.double().numpy(), k.double().numpy()), rtol=1e-6)
+    pr = t32(rng.uniform(size=(n_head, n_tok, n_tok)))
+    close(ops.kqv(pr, k), np.einsum("hts,shd->thd", pr.double().numpy(), k.double().numpy()), rtol=1e-6)
 
 
 def test_router_softmax_and_sigmoid(path, rng):
@@ -152,12 +238,6 @@ def test_exp_range(path):
     close(ops.swiglu(g, u), gd * ref_sigmoid(gd), rtol=4e-7)
     row = t32(np.linspace(-80, 10, 333))[None]
     close(ops.softmax(row), ref_softmax(row.double().numpy()), rtol=4e-7)
-
-
-def test_fully_masked_row_is_zero_natively():
-    """A row with nothing to attend to: zeros natively (torch gives NaN); no causal mask makes one."""
-    masked = torch.ones(2, 4, dtype=torch.bool)
-    assert (ops.softmax(torch.ones(3, 2, 4), 1.0, masked) == 0).all()
 
 
 def test_add_swiglu_and_moe_sums(path, rng):
@@ -262,6 +342,18 @@ def test_non_contiguous_and_other_dtypes_take_torch(rng, monkeypatch):
     want = np.take_along_axis(probs.double().numpy(), ids.numpy(), 1)
     close(ops.expert_weights(probs, ids, False, 0.0), want)
     close(ops.expert_weights(probs, ids.int(), False, 0.0), want)
+    q = t32(rng.normal(size=(2, 3, 5))).transpose(1, 2)        # [2, 5, 3]: rows not contiguous
+    k = t32(rng.normal(size=(4, 5, 3)))
+    close(ops.kq(q, k), np.einsum("thd,shd->hts", q.double().numpy(), k.double().numpy()), rtol=1e-6)
+    pr = t32(rng.uniform(size=(5, 4, 2))).transpose(1, 2)      # [5, 2, 4]
+    close(ops.kqv(pr, k), np.einsum("hts,shd->thd", pr.double().numpy(), k.double().numpy()), rtol=1e-6)
+    cache = torch.zeros(6, 5, 3, dtype=torch.float64)
+    ops.append_kv(cache, 1, q)
+    close(cache[1:3].float(), q.double().numpy(), rtol=0, scale=1)
+    table = cos_sin(rng, 4, 1)
+    pos = torch.tensor([3, 1], dtype=torch.int32)
+    close(ops.rope(q, table, pos, 1), np.concatenate([q.double().numpy()[..., :1],
+                                                      ref_rope(q.double().numpy()[..., 1:], *rows_of(table, pos))], -1))
 
 
 def addr(a: np.ndarray) -> int:
@@ -277,9 +369,15 @@ F4, ID = np.zeros(64, np.float32), np.zeros(8, np.int64)
     lambda: _ops.add(addr(F4), -1, addr(F4), 1, addr(F4)),                        # negative size
     lambda: _ops.add(addr(F4), 10, addr(F4)),                                     # missing argument
     lambda: _ops.rms_norm(addr(F4), 2, 5, 3, 5, addr(F4), 1e-6, addr(F4)),        # columns past the row
-    lambda: _ops.rope(addr(F4), 2, 6, 0, 6, 3, 4, 1, addr(F4), addr(F4), addr(F4)),
-    lambda: _ops.rope(addr(F4), 3, 6, 0, 6, 2, 4, 2, addr(F4), addr(F4), addr(F4)),  # 3 rows, tokens of 2
-    lambda: _ops.softmax(addr(F4), 3, 4, 1.0, addr(F4), 2, addr(F4)),              # mask rows do not repeat
+    lambda: _ops.rope(addr(F4), 2, 6, 0, 6, 3, 4, 1, addr(F4), addr(F4), addr(ID), 8, addr(F4)),
+    lambda: _ops.rope(addr(F4), 3, 6, 0, 6, 2, 4, 2, addr(F4), addr(F4), addr(ID), 8, addr(F4)),  # tokens of 2
+    lambda: _ops.rope(addr(F4), 2, 6, 0, 6, 2, 4, 1, addr(F4), addr(F4), addr(np.array([0, 8])), 8, addr(F4)),
+    lambda: _ops.softmax(addr(F4), 3, 4, 1.0, 2, 0, addr(F4)),                     # 3 rows, tokens of 2
+    lambda: _ops.softmax(addr(F4), 3, 0, 1.0, 0, 0, addr(F4)),                     # rows of no columns
+    lambda: _ops.append_kv(addr(F4), 4, 3, 2, 1, addr(F4), 8, 0, 8, 0, 0, 0, 0),   # positions 3, 4 of 4
+    lambda: _ops.append_kv(addr(F4), 4, 0, 2, 1, addr(F4), 6, 0, 6, 0, 2, 0, 2),   # a tail at address 0
+    lambda: _ops.kq(addr(F4), 4, 4, 4, 0, 0, 0, 2, 1, 1, addr(F4), 6, 0, 3, addr(F4)),  # a q_pe at address 0
+    lambda: _ops.kqv(addr(F4), 1, 1, -3, addr(F4), 4, 0, 4, addr(F4)),             # negative size
     lambda: _ops.top_k(addr(F4), 1, 12, 13, 0, 0, addr(ID)),                       # k > columns
     lambda: _ops.top_k(addr(F4), 1, 12, 2, 5, 2, addr(ID)),                        # groups do not divide
     lambda: _ops.get_rows(addr(F4), 2, 18, 2, 32, addr(np.array([2])), 1, addr(F4)),   # row 2 of 2

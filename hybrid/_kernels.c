@@ -52,6 +52,7 @@
 #define TILE 4                /* tokens computed together per weight row */
 
 enum { TYPE_Q4_0 = 2, TYPE_Q8_0 = 8 };                 /* ggml type ids */
+#define TYPE_R16 0x100        /* flag on a type: the weight is repacked at load (repack_r16) */
 enum { PATH_SCALAR = 0, PATH_AVX2 = 1, PATH_AVX512VNNI = 2, N_PATHS = 3 };
 static const char *const path_names[N_PATHS] = {"scalar", "avx2", "avx512vnni"};
 static int best_path = PATH_SCALAR;                     /* what this CPU supports */
@@ -481,9 +482,26 @@ static void matmul_rows_by_row(int path, int type, const uint8_t *w, const uint8
 }
 
 #if HAVE_X86_SIMD
-/* matmul_rows by the R16 kernel (AVX-512): each block of 16 rows (of w, and of w_up
- * when fused) is interleaved into a buffer kept per thread, then meets the tokens
- * R16_TILE at a time. -> 0, or -1 (nothing done) if no buffer. */
+/* One block of 16 rows starting at row r, already in R16 form (rw, and ru for the up rows
+ * when fused), against n_slots tokens, R16_TILE at a time; n_rows (<= 16) of it are kept. */
+static T512 void r16_block_rows(int type, const uint8_t *rw, const uint8_t *ru, int64_t nb, int n_rows, int64_t r,
+                                const uint8_t *const *x, const int64_t *slot_out, int64_t n_slots, float *out,
+                                int64_t out_stride) {
+    for (int64_t s0 = 0; s0 < n_slots; s0 += R16_TILE) {
+        int nt = (int)(n_slots - s0 < R16_TILE ? n_slots - s0 : R16_TILE);
+        float res[R16_TILE * 16], up[R16_TILE * 16];
+        r16_dot_avx512(type, rw, nb, x + s0, nt, res);
+        if (ru) r16_dot_avx512(type, ru, nb, x + s0, nt, up);
+        for (int t = 0; t < nt; t++) {
+            float *o = out + slot_out[s0 + t] * out_stride + r;
+            for (int j = 0; j < n_rows; j++) o[j] = ru ? silu(res[16 * t + j]) * up[16 * t + j] : res[16 * t + j];
+        }
+    }
+}
+
+/* matmul_rows by the R16 kernel (AVX-512) on stored rows: each block of 16 rows (of w,
+ * and of w_up when fused) is interleaved into a buffer kept per thread, then meets the
+ * tokens. -> 0, or -1 (nothing done) if no buffer. */
 static T512 int matmul_rows_r16(int type, const uint8_t *w, const uint8_t *w_up, int64_t n_in, int64_t r0,
                                     int64_t r1, const uint8_t *const *x, const int64_t *slot_out, int64_t n_slots,
                                     float *out, int64_t out_stride) {
@@ -504,33 +522,43 @@ static T512 int matmul_rows_r16(int type, const uint8_t *w, const uint8_t *w_up,
         const int64_t next = r + 16 < r1 ? r + 16 : -1;
         repack_r16_512(type, w + r * rb, rb, n_rows, nb, rw, next < 0 ? NULL : w + next * rb);
         if (w_up) repack_r16_512(type, w_up + r * rb, rb, n_rows, nb, ru, next < 0 ? NULL : w_up + next * rb);
-        for (int64_t s0 = 0; s0 < n_slots; s0 += R16_TILE) {
-            int nt = (int)(n_slots - s0 < R16_TILE ? n_slots - s0 : R16_TILE);
-            float res[R16_TILE * 16], up[R16_TILE * 16];
-            r16_dot_avx512(type, rw, nb, x + s0, nt, res);
-            if (w_up) r16_dot_avx512(type, ru, nb, x + s0, nt, up);
-            for (int t = 0; t < nt; t++) {
-                float *o = out + slot_out[s0 + t] * out_stride + r;
-                for (int j = 0; j < n_rows; j++) o[j] = w_up ? silu(res[16 * t + j]) * up[16 * t + j] : res[16 * t + j];
-            }
-        }
+        r16_block_rows(type, rw, w_up ? ru : NULL, nb, n_rows, r, x, slot_out, n_slots, out, out_stride);
     }
     return 0;
+}
+
+/* matmul_rows on weights repacked at load (`repack_r16`): rows [r0, r1), both multiples
+ * of 16, read in place, for any number of tokens. A block of 16 rows is 16 rows' bytes,
+ * so block r / 16 starts where row r would. */
+static T512 void matmul_rows_packed(int type, const uint8_t *w, const uint8_t *w_up, int64_t n_in, int64_t r0,
+                                    int64_t r1, const uint8_t *const *x, const int64_t *slot_out, int64_t n_slots,
+                                    float *out, int64_t out_stride) {
+    const size_t rb = weight_row_bytes(type, n_in);
+    for (int64_t r = r0; r < r1; r += 16)
+        r16_block_rows(type, w + r * rb, w_up ? w_up + r * rb : NULL, n_in / QK, 16, r, x, slot_out, n_slots, out,
+                       out_stride);
 }
 #endif
 
 /* One matrix (or two, fused: silu(w·x) * (w_up·x)) against n_slots q8 rows:
  * out[slot_out[s] * out_stride + r] for rows [r0, r1). Each weight row is read
- * from memory once. Prompts (n_slots >= R16_MIN_TOKENS) take the R16 kernel,
- * generation the row kernel. A row's result depends only on its index and the
- * kernel, never on which rows share its block, so splits of the rows compose. */
-static void matmul_rows(int path, int type, const uint8_t *w, const uint8_t *w_up, int64_t n_in,
+ * from memory once. Repacked weights (`packed`, AVX-512 only) take the R16 kernel
+ * in place; stored ones take it for prompts (n_slots >= R16_MIN_TOKENS), repacking
+ * as they go, and the row kernel for generation. A row's result depends only on its
+ * index and the kernel, never on which rows share its block, so splits compose. */
+static void matmul_rows(int path, int type, int packed, const uint8_t *w, const uint8_t *w_up, int64_t n_in,
                         int64_t r0, int64_t r1, const uint8_t *const *x, const int64_t *slot_out,
                         int64_t n_slots, float *out, int64_t out_stride) {
 #if HAVE_X86_SIMD
+    if (packed) {
+        matmul_rows_packed(type, w, w_up, n_in, r0, r1, x, slot_out, n_slots, out, out_stride);
+        return;
+    }
     if (path == PATH_AVX512VNNI && n_slots >= R16_MIN_TOKENS &&
         !matmul_rows_r16(type, w, w_up, n_in, r0, r1, x, slot_out, n_slots, out, out_stride))
         return;
+#else
+    (void)packed;                                     /* never set: repack_r16 needs AVX-512 */
 #endif
     matmul_rows_by_row(path, type, w, w_up, n_in, r0, r1, x, slot_out, n_slots, out, out_stride);
 }
@@ -634,7 +662,7 @@ done:
 #define CHUNK_WORK (64 * 1024)
 
 typedef struct {
-    int path, type;
+    int path, type, packed;
     const uint8_t *w, *w_up;          /* expert 0's rows; expert e is e * expert_bytes further */
     size_t expert_bytes;
     int64_t n_in, n_out, r0, r1, block_rows, n_blocks;
@@ -650,7 +678,7 @@ static void mm_chunk(void *ctx, int64_t chunk, int thread) {
     int64_t b0 = j->r0 + chunk % j->n_blocks * j->block_rows;
     int64_t b1 = b0 + j->block_rows < j->r1 ? b0 + j->block_rows : j->r1;
     size_t at = (size_t)run[0] * j->expert_bytes;
-    matmul_rows(j->path, j->type, j->w + at, j->w_up ? j->w_up + at : NULL, j->n_in, b0, b1, j->xs + run[1],
+    matmul_rows(j->path, j->type, j->packed, j->w + at, j->w_up ? j->w_up + at : NULL, j->n_in, b0, b1, j->xs + run[1],
                 j->slot_out + run[1], run[2] - run[1], j->out, j->n_out);
 }
 
@@ -738,7 +766,13 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
     Py_ssize_t n_x = 0, n_slots = 0;
     if (pool_obj != Py_None && !(pool = pool_from_object(pool_obj))) goto done;
     if (parse_times(times_obj, pool, &times)) goto done;
+    const int packed = (type & TYPE_R16) != 0;
+    type &= ~TYPE_R16;
     if (check_type_and_n_in(type, n_in) || (path = parse_path(path)) < 0) goto done;
+    if (packed && path != PATH_AVX512VNNI) {
+        PyErr_Format(PyExc_ValueError, "repacked (R16) weights need the avx512vnni path, not %s", path_names[path]);
+        goto done;
+    }
     Py_ssize_t rb = (Py_ssize_t)weight_row_bytes(type, n_in), xb = (Py_ssize_t)q8_row_bytes(n_in);
     if (n_expert <= 0 || n_used <= 0 || w.len % (n_expert * rb)) {
         PyErr_Format(PyExc_ValueError, "weight: %zd bytes is not %zd experts of whole rows of n_in=%zd", w.len, n_expert, n_in);
@@ -767,6 +801,11 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
     if (check_size(&out, n_slots * n_out * (Py_ssize_t)sizeof(float), "out")) goto done;
     if (r0 < 0 || r1 > n_out || r0 > r1) {
         PyErr_Format(PyExc_ValueError, "row range [%zd, %zd) outside [0, %zd)", r0, r1, n_out);
+        goto done;
+    }
+    if (packed && (n_out % 16 || r0 % 16 || r1 % 16)) {
+        PyErr_Format(PyExc_ValueError, "repacked (R16) weights: rows [%zd, %zd) of %zd are not whole blocks of 16",
+                     r0, r1, n_out);
         goto done;
     }
     for (Py_ssize_t s = 0; s < n_slots; s++) {
@@ -808,7 +847,7 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
             }
             begin = end;
         }
-        mm_job_t job = {path, type, w.buf, fused ? w_up.buf : NULL, (size_t)(n_out * rb), n_in, n_out, r0, r1,
+        mm_job_t job = {path, type, packed, w.buf, fused ? w_up.buf : NULL, (size_t)(n_out * rb), n_in, n_out, r0, r1,
                         r1 - r0, 1, xs, slot_out, runs, out.buf};
         if (pool && n_runs && r1 > r0) {
             job.block_rows = chunk_rows(&job, n_runs, run_slots);
@@ -839,6 +878,42 @@ done:
     return ret;
 }
 
+/* repack_r16(w, type, n_in, out): stored Q4_0/Q8_0 rows [n_rows, row_bytes] (n_rows a
+ * multiple of 16, any leading dimensions) -> the same bytes in R16 form (the interleaved
+ * 16-row blocks of the prompt kernel, see above), which the AVX-512 kernel reads in place
+ * for any number of tokens: generation then does 8 vpdpbusd per 16 rows and block and no
+ * horizontal sums, where the row kernel shuffles each block into its lanes. Done once at
+ * load, as llama.cpp's CPU "repack" buffers and ik_llama.cpp's -rtr do. */
+static PyObject *py_repack_r16(PyObject *self, PyObject *args) {
+    Py_buffer w, out;
+    int type;
+    Py_ssize_t n_in;
+    if (!PyArg_ParseTuple(args, "y*inw*", &w, &type, &n_in, &out)) return NULL;
+    PyObject *ret = NULL;
+    if (check_type_and_n_in(type, n_in)) goto done;
+    if (best_path != PATH_AVX512VNNI) {
+        PyErr_Format(PyExc_ValueError, "repack_r16: needs AVX-512 VNNI (this CPU: %s)", path_names[best_path]);
+        goto done;
+    }
+    const Py_ssize_t rb = (Py_ssize_t)weight_row_bytes(type, n_in), group = 16 * rb;
+    if (w.len % group) {
+        PyErr_Format(PyExc_ValueError, "repack_r16: %zd bytes is not whole blocks of 16 rows of n_in=%zd", w.len, n_in);
+        goto done;
+    }
+    if (check_size(&out, w.len, "out")) goto done;
+#if HAVE_X86_SIMD
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t at = 0; at < w.len; at += group)
+        repack_r16_512(type, (const uint8_t *)w.buf + at, (size_t)rb, 16, n_in / QK, (uint8_t *)out.buf + at, NULL);
+    Py_END_ALLOW_THREADS
+#endif
+    ret = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&out);
+    return ret;
+}
+
 static PyObject *py_q8_row_bytes(PyObject *self, PyObject *arg) {
     Py_ssize_t n_in = PyLong_AsSsize_t(arg);
     if (n_in == -1 && PyErr_Occurred()) return NULL;
@@ -851,6 +926,9 @@ static PyMethodDef methods[] = {
      "mul_mat_id(w, w_up, type, n_expert, n_in, x, ids, n_used, out, r0, r1, a0, a1, path, pool=None, times=None) "
      "-> experts computed. x: float32 or q8 rows; ids: int32/int64 or None (a plain matmul); "
      "times (with a pool): int64 [n_threads, 3], per thread (first claim ns, end ns, chunks run)"},
+    {"repack_r16", py_repack_r16, METH_VARARGS,
+     "repack_r16(w, type, n_in, out): stored rows (a multiple of 16) -> R16 blocks, the same size; "
+     "a call on them passes type | R16"},
     {"q8_row_bytes", py_q8_row_bytes, METH_O, "q8_row_bytes(n_in): bytes of one quantised activation row"},
     {NULL, NULL, 0, NULL},
 };
@@ -889,7 +967,8 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     }
     PyObject *names = PyTuple_New(best_path + 1);
     for (int p = 0; p <= best_path && names; p++) PyTuple_SET_ITEM(names, p, PyUnicode_FromString(path_names[p]));
-    if (!names || PyModule_AddObject(m, "PATHS", names) < 0 || PyModule_AddIntConstant(m, "DEFAULT_PATH", default_path) < 0) {
+    if (!names || PyModule_AddObject(m, "PATHS", names) < 0 || PyModule_AddIntConstant(m, "DEFAULT_PATH", default_path) < 0 ||
+        PyModule_AddIntConstant(m, "R16", TYPE_R16) < 0) {
         Py_XDECREF(names);
         Py_DECREF(m);
         return NULL;

@@ -74,7 +74,8 @@ class Engine:
         c = self.gguf.config
         self.placement = place(self.gguf.tensors, rules, n_gpu_layers, c.n_layer, backends,
                                self.accel)
-        self.model = Model(self.gguf, n_ctx=n_ctx, mla=bool(mla), fmoe=bool(fmoe), rtr=bool(rtr))
+        self.model = Model(self.gguf, n_ctx=n_ctx, mla=bool(mla), fmoe=bool(fmoe), rtr=bool(rtr),
+                           on_cpu=lambda name: self.placement.backend.get(name) == CPU)
         self.n_vocab = c.n_vocab
         self.options = dict(threads=threads, n_gpu_layers=n_gpu_layers, overrides=list(overrides),
                             mla=mla, fmoe=fmoe, rtr=rtr, poll=poll)

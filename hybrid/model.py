@@ -280,8 +280,13 @@ class _Builder:
         def parallel(w, x, ids, pool, times):
             g = w.gate if fused else w
             if native(g) and (not fused or native(w.up)):
-                dst, n_experts = cpu_kernels.mul_mat_experts(g.data, g.ggml_type, x, ids, w.up.data if fused else None,
-                                                             pool=pool, times=times)
+                blocks, kind = g.kernel_blocks
+                up = None
+                if fused:
+                    up, up_kind = w.up.kernel_blocks
+                    if up_kind != kind:                     # one repacked, the other not: both as stored
+                        blocks, kind, up = g.data, g.ggml_type, w.up.data
+                dst, n_experts = cpu_kernels.mul_mat_experts(blocks, kind, x, ids, up, pool=pool, times=times)
                 node.n_bytes = per_expert * n_experts
                 return dst
             experts = torch.unique(ids).tolist()
@@ -314,8 +319,11 @@ def _native_heads(w, x: torch.Tensor, n_head: int, rows: slice, pool, times) -> 
     MUL_MAT_ID with head h as expert h, rows `rows` of each head's rows -> [T, H, N]."""
     per_head = w.shape[-2] if len(w.shape) == 3 else w.shape[0] // n_head
     r0, r1, _ = rows.indices(per_head)
+    blocks, kind = w.kernel_blocks
+    if per_head % 16 or r0 % 16 or r1 % 16:            # repacked blocks are read 16 rows at a time
+        blocks, kind = w.data, w.ggml_type
     ids = np.tile(np.arange(n_head, dtype=np.int32), (x.shape[0], 1))
-    out, _ = cpu_kernels.mul_mat_experts(w.data.reshape(n_head, per_head, -1), w.ggml_type, x, ids, rows=(r0, r1),
+    out, _ = cpu_kernels.mul_mat_experts(blocks.reshape(n_head, per_head, -1), kind, x, ids, rows=(r0, r1),
                                          pool=pool, times=times)
     return out[:, :, r0:r1]
 
@@ -329,7 +337,7 @@ def _head_weights(w, key, prepare: Callable) -> torch.Tensor:
 
 def _mul_mat_parallel(w, x: torch.Tensor, pool, times) -> torch.Tensor:
     if native(w):
-        return cpu_kernels.matmul(w.data, w.ggml_type, x, pool, times)
+        return cpu_kernels.matmul(*w.kernel_blocks, x, pool, times)
     dst = x.new_empty(x.shape[0], w.shape[-2])
 
     def task(r0: int, r1: int) -> None:
@@ -510,18 +518,21 @@ class Model:
     """A loaded DeepSeek2 GGUF with its weights, KV cache and options, ready to build graphs.
 
     `mla`: absorbed attention over the compressed cache (-mla 1); `fmoe`: fused
-    gate+up expert op (-fmoe 1); `rtr`: 4-bit weights repacked at load (-rtr 1).
+    gate+up expert op (-fmoe 1); `rtr`: 4-bit weights repacked at load into torch's
+    int4 pack (-rtr 1); `on_cpu(name)`: whether a weight is read on the CPU, where
+    Q4_0/Q8_0 blocks are repacked for the native kernels (`hybrid.cpu_kernels.repack`).
     """
 
     def __init__(self, gguf, n_ctx: int | None = None, mla: bool = False, fmoe: bool = False,
-                 rtr: bool = False, progress: Callable[[str], None] | None = None):
+                 rtr: bool = False, progress: Callable[[str], None] | None = None,
+                 on_cpu: Callable[[str], bool] = lambda name: True):
         self.gguf, self.config = gguf, gguf.config
         self.mla, self.fmoe, self.rtr = mla, fmoe, rtr
         self.n_ctx = min(n_ctx or DEFAULT_N_CTX, self.config.n_ctx_train)
         arch = self.config.arch
         self.rope = rope_setup(self.config, float(gguf.metadata.get(f"{arch}.rope.scaling.attn_factor", 1.0)))
         self._cos_sin = {torch.device("cpu"): rope_cos_sin(torch.arange(self.n_ctx), self.rope)}
-        self.weights = ModelWeights(gguf, rtr=rtr, fmoe=fmoe, progress=progress)
+        self.weights = ModelWeights(gguf, rtr=rtr, fmoe=fmoe, progress=progress, on_cpu=on_cpu)
         self.cache = KVCache(self.config, self.n_ctx, mla)
 
     def cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,12 @@ Python; the pack is about the size of the file's blocks, held in RAM.
 
 Native kernels (`hybrid.cpu_kernels`: int8 dot products on raw Q4_0/Q8_0
 blocks, at memory speed) take over every matmul on a stored Q4_0/Q8_0 weight
-held in CPU memory: `mul_mat` here, and the worker-task forms in
-`hybrid.model`, all ask `native(w)`. They round each activation to 8 bits per
+held in CPU memory: `mul_mat` here, and the pool-shared forms in
+`hybrid.model`, all ask `native(w)`. Where the AVX-512 kernel is the one in
+use, the matmul weights placed on the CPU are also repacked at load into its
+interleaved 16-row blocks (`Weight.packed`, the same size; llama.cpp repacks
+Q4_0 at load for its CPU kernels too), which the native matmuls read instead:
+this is process memory, the file's pages staying in the page cache. They round each activation to 8 bits per
 block of 32 (as llama.cpp does on the CPU), so results move by ~1e-2 against a
 float matmul. `HYPROF_KERNELS=torch` in the environment (read at every call)
 selects the exact dequantise-then-matmul path instead; any other value (a SIMD
@@ -24,6 +28,7 @@ Weights on a CUDA device always take the torch path.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import warnings
@@ -42,7 +47,7 @@ INT4_ROWS_PER_PACK = 256          # the pack cannot be sliced by rows, so pack r
 
 # ggml type -> kernel(weight, x [T, K] f32) -> [T, N] f32, for stored (not repacked) weights.
 MATMUL_KERNELS: dict[int, Callable[["Weight", torch.Tensor], torch.Tensor]] = {
-    t: lambda w, x: cpu_kernels.matmul(w.data, w.ggml_type, x) for t in (T.Q4_0, T.Q8_0)}
+    t: lambda w, x: cpu_kernels.matmul(*w.kernel_blocks, x) for t in (T.Q4_0, T.Q8_0)}
 
 
 def _torch_view(data: np.ndarray) -> torch.Tensor:
@@ -61,6 +66,9 @@ class Weight:
     ggml_type: int
     shape: tuple[int, ...]
     data: torch.Tensor
+    # the same blocks repacked for the AVX-512 kernel (`cpu_kernels.repack`), same shape and
+    # size, where the weight is on the CPU and can be; the native matmuls read these instead
+    packed: np.ndarray | None = None
 
     @classmethod
     def from_tensor(cls, info) -> "Weight":
@@ -78,11 +86,23 @@ class Weight:
     def type_name(self) -> str:
         return T(self.ggml_type).name
 
+    @property
+    def kernel_blocks(self) -> tuple:
+        """(blocks, type) for the native kernels: the repacked blocks and type | R16 where
+        the weight has them, else the stored ones."""
+        if self.packed is not None:
+            return self.packed, self.ggml_type | cpu_kernels.R16
+        return self.data, self.ggml_type
+
     def expert(self, e: int) -> "Weight":
-        return Weight(self.name, self.ggml_type, self.shape[1:], self.data[e])
+        return Weight(self.name, self.ggml_type, self.shape[1:], self.data[e],
+                      None if self.packed is None else self.packed[e])
 
     def rows(self, r0: int, r1: int) -> "Weight":
-        return Weight(self.name, self.ggml_type, (r1 - r0,) + self.shape[1:], self.data[r0:r1])
+        """Rows [r0, r1); repacked blocks come along when the range is whole blocks of 16."""
+        aligned = self.packed is not None and r0 % 16 == 0 and r1 % 16 == 0
+        return Weight(self.name, self.ggml_type, (r1 - r0,) + self.shape[1:], self.data[r0:r1],
+                      self.packed[r0:r1] if aligned else None)
 
     def row_splits(self, n: int) -> list[int]:
         """Boundaries cutting the output rows into `n` near-equal slices."""
@@ -223,7 +243,8 @@ class ModelWeights:
     `blk.N.ffn_gate_up_exps.weight` pairs the gate and up experts for the fused op.
     """
 
-    def __init__(self, model, rtr: bool = False, fmoe: bool = False, progress: Callable[[str], None] | None = None):
+    def __init__(self, model, rtr: bool = False, fmoe: bool = False, progress: Callable[[str], None] | None = None,
+                 on_cpu: Callable[[str], bool] = lambda name: True):
         self.rtr, self.fmoe = rtr, fmoe
         self.buffers: dict[str, object] = {}
         for name, info in model.tensors.items():
@@ -232,6 +253,8 @@ class ModelWeights:
                 if progress:
                     progress(name)
                 w = Int4Weight.from_weight(w)
+            elif on_cpu(name) and native(w) and not name.startswith("token_embd."):   # (read by rows, no matmul)
+                w = dataclasses.replace(w, packed=cpu_kernels.repack(w.data.numpy(), w.ggml_type))
             self.buffers[name] = w
         if fmoe:
             for il in range(model.config.n_layer):
@@ -248,4 +271,6 @@ class ModelWeights:
 
     def resident_bytes(self) -> int:
         """Bytes held in process memory beyond the file's page cache (repacked weights)."""
-        return sum(w.n_bytes for w in self.buffers.values() if isinstance(w, Int4Weight))
+        return (sum(w.n_bytes for w in self.buffers.values() if isinstance(w, Int4Weight))
+                + sum(w.packed.nbytes for w in self.buffers.values()
+                      if isinstance(w, Weight) and w.packed is not None))

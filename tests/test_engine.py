@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from hybrid import cpu_kernels
 from hybrid.engine import Engine
 from hybrid.weights import Weight
 from profiler.errors import UserError
@@ -277,6 +278,19 @@ def test_device_holds_its_own_copy_of_its_weights(tiny_gguf):
             assert engine.model.weights[name] is buf                # no host copy kept alive
             host = stored[name].data                                # the file's memory map
             assert buf.data.data_ptr() != host.data_ptr() and torch.equal(buf.data, host)
+
+
+@pytest.mark.skipif(cpu_kernels.available() != "avx512vnni", reason="repacking serves the AVX-512 kernel")
+def test_only_the_cpu_weights_are_repacked(tiny_gguf):
+    """Q4_0 matmul weights placed on the CPU get R16 blocks for its kernel; the device's,
+    the embedding (read by rows) and the f32 norms stay as stored."""
+    with Engine(str(tiny_gguf), threads=1, **PLACEMENTS["experts-cpu"]) as engine:
+        weights = engine.model.weights.buffers
+        packed = {name for name, w in weights.items() if getattr(w, "packed", None) is not None}
+        assert packed and all("_exps" in name for name in packed)
+        assert not any(name.startswith("token_embd") for name in packed)
+        for name in packed:
+            assert weights[name].packed.shape == weights[name].data.shape
 
 
 def test_generate_command_takes_placement_flags(tiny_gguf, cpu_baseline):

@@ -258,6 +258,48 @@ def test_bad_arguments_raise_value_errors():
         ck._kernels.mul_mat_id(raw, b"", ck.Q4_0, raw.shape[0], 160, x, None, 1, out, 0, 1, 0, 1, -1)
 
 
+needs_avx512 = pytest.mark.skipif(ck.available() != "avx512vnni", reason="repacking serves the AVX-512 kernel")
+
+
+@needs_avx512
+@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("n_tok", [1, 2, 5, 9])
+def test_repacked_weights_give_the_stored_weights_products(ggml_type, n_tok):
+    """R16 blocks read in place give the float64 reference's products, for generation and
+    prompts, whole experts and 16-row ranges, plain and fused."""
+    rng = np.random.default_rng(20 + n_tok)
+    gate, up = (raw_weights(rng, (4, 48, 416), ggml_type) for _ in range(2))
+    packed_gate, packed_up = ck.repack(gate, ggml_type), ck.repack(up, ggml_type)
+    assert packed_gate.shape == gate.shape and not np.array_equal(packed_gate, gate)
+    ids = np.stack([rng.choice(4, 2, replace=False) for _ in range(n_tok)]).astype(np.int32)
+    x = activations(rng, n_tok, 416)
+    xr = decode_q8(ck.quantize_activations(x), 416)
+    for w_up, packed_w_up in ((None, None), (up, packed_up)):
+        for r0, r1 in ((0, 48), (16, 32)):
+            got = np.full((n_tok, 2, 48), np.nan, np.float32)
+            ck.mul_mat_id(packed_gate, ggml_type | ck.R16, x, ids, got, r0, r1, w_up=packed_w_up)
+            for t, k in np.ndindex(n_tok, 2):
+                g = xr[t] @ dequant(gate[ids[t, k]], ggml_type)[r0:r1].T
+                u = xr[t] @ dequant(up[ids[t, k]], ggml_type)[r0:r1].T
+                want = g if w_up is None else g * 0.5 * (1 + np.tanh(g / 2)) * u         # silu(g) * u
+                np.testing.assert_allclose(got[t, k, r0:r1], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+            assert np.isnan(got[..., :r0]).all() and np.isnan(got[..., r1:]).all()
+
+
+@needs_avx512
+def test_repacked_weights_refuse_what_they_cannot_do():
+    rng = np.random.default_rng(21)
+    w = raw_weights(rng, (32, 64), ck.Q4_0)
+    packed, x, out = ck.repack(w, ck.Q4_0), activations(rng, 1, 64), np.zeros((1, 32), np.float32)
+    assert ck.repack(w[:24], ck.Q4_0) is None                        # not whole blocks of 16 rows
+    with pytest.raises(ValueError, match="whole blocks of 16"):
+        ck.mul_mat(packed, ck.Q4_0 | ck.R16, x, out, 0, 8)
+    with pytest.raises(ValueError, match="avx512vnni path"):
+        ck.mul_mat(packed, ck.Q4_0 | ck.R16, x, out, path="scalar")
+    with pytest.raises(ValueError, match="whole blocks of 16 rows"):
+        ck._kernels.repack_r16(w[:24], ck.Q4_0, 64, np.empty_like(w[:24]))
+
+
 def test_float_inputs_and_wide_ids_are_the_same_call():
     """float32 rows are quantised by the call exactly as by quantize_activations, and int64
     ids mean what int32 ids do; the call returns how many experts it read."""

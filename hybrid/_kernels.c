@@ -455,74 +455,62 @@ static float silu(float v) { return v / (1.0f + expf(-v)); }
 
 /* matmul_rows by the row kernel: for many tokens the loops are blocked so that a
  * block of ROW_BLOCK weight rows (L2) meets one tile of TILE tokens' activations
- * (L1) at a time, instead of every row re-reading all tokens from L2. Fused, the
- * block's gate rows are all done before its up rows: alternating gate and up row
- * by row made each thread interleave two distant streams, which ran the fused
- * gate+up ~1.5-2x slower from DRAM than gate then up (bench_expert_matmul.py). */
+ * (L1) at a time, instead of every row re-reading all tokens from L2. */
 #define ROW_BLOCK 16
-static void matmul_rows_by_row(int path, int type, const uint8_t *w, const uint8_t *w_up, int64_t n_in,
-                               int64_t r0, int64_t r1, const uint8_t *const *x, const int64_t *slot_out,
-                               int64_t n_slots, float *out, int64_t out_stride) {
+static void matmul_rows_by_row(int path, int type, const uint8_t *w, int64_t n_in, int64_t r0, int64_t r1,
+                               const uint8_t *const *x, const int64_t *slot_out, int64_t n_slots, float *out,
+                               int64_t out_stride) {
     const size_t rb = weight_row_bytes(type, n_in);
     const int64_t nb = n_in / QK;
     for (int64_t b0 = r0; b0 < r1; b0 += ROW_BLOCK) {
         int64_t b1 = b0 + ROW_BLOCK < r1 ? b0 + ROW_BLOCK : r1;
         for (int64_t s0 = 0; s0 < n_slots; s0 += TILE) {
             int nt = (int)(n_slots - s0 < TILE ? n_slots - s0 : TILE);
-            float res[ROW_BLOCK][TILE], up[ROW_BLOCK][TILE];
-            for (int64_t r = b0; r < b1; r++) row_dot(path, type, w + r * rb, nb, x + s0, nt, res[r - b0]);
-            if (w_up)
-                for (int64_t r = b0; r < b1; r++) row_dot(path, type, w_up + r * rb, nb, x + s0, nt, up[r - b0]);
-            for (int64_t r = b0; r < b1; r++)
-                for (int t = 0; t < nt; t++)
-                    out[slot_out[s0 + t] * out_stride + r] = w_up ? silu(res[r - b0][t]) * up[r - b0][t]
-                                                                  : res[r - b0][t];
+            for (int64_t r = b0; r < b1; r++) {
+                float res[TILE];
+                row_dot(path, type, w + r * rb, nb, x + s0, nt, res);
+                for (int t = 0; t < nt; t++) out[slot_out[s0 + t] * out_stride + r] = res[t];
+            }
         }
     }
 }
 
 #if HAVE_X86_SIMD
-/* One block of 16 rows starting at row r, already in R16 form (rw, and ru for the up rows
- * when fused), against n_slots tokens, R16_TILE at a time; n_rows (<= 16) of it are kept. */
-static T512 void r16_block_rows(int type, const uint8_t *rw, const uint8_t *ru, int64_t nb, int n_rows, int64_t r,
+/* One block of 16 rows starting at row r, already in R16 form, against n_slots tokens,
+ * R16_TILE at a time; n_rows (<= 16) of it are kept. */
+static T512 void r16_block_rows(int type, const uint8_t *rw, int64_t nb, int n_rows, int64_t r,
                                 const uint8_t *const *x, const int64_t *slot_out, int64_t n_slots, float *out,
                                 int64_t out_stride) {
     for (int64_t s0 = 0; s0 < n_slots; s0 += R16_TILE) {
         int nt = (int)(n_slots - s0 < R16_TILE ? n_slots - s0 : R16_TILE);
-        float res[R16_TILE * 16], up[R16_TILE * 16];
+        float res[R16_TILE * 16];
         r16_dot_avx512(type, rw, nb, x + s0, nt, res);
-        if (ru) r16_dot_avx512(type, ru, nb, x + s0, nt, up);
-        for (int t = 0; t < nt; t++) {
-            float *o = out + slot_out[s0 + t] * out_stride + r;
-            for (int j = 0; j < n_rows; j++) o[j] = ru ? silu(res[16 * t + j]) * up[16 * t + j] : res[16 * t + j];
-        }
+        for (int t = 0; t < nt; t++) memcpy(out + slot_out[s0 + t] * out_stride + r, res + 16 * t, sizeof(float) * n_rows);
     }
 }
 
-/* matmul_rows by the R16 kernel (AVX-512) on stored rows: each block of 16 rows (of w,
- * and of w_up when fused) is interleaved into a buffer kept per thread, then meets the
- * tokens. -> 0, or -1 (nothing done) if no buffer. */
-static T512 int matmul_rows_r16(int type, const uint8_t *w, const uint8_t *w_up, int64_t n_in, int64_t r0,
-                                    int64_t r1, const uint8_t *const *x, const int64_t *slot_out, int64_t n_slots,
-                                    float *out, int64_t out_stride) {
+/* matmul_rows by the R16 kernel (AVX-512) on stored rows: each block of 16 rows is
+ * interleaved into a buffer kept per thread, then meets the tokens. -> 0, or -1
+ * (nothing done) if no buffer. */
+static T512 int matmul_rows_r16(int type, const uint8_t *w, int64_t n_in, int64_t r0, int64_t r1,
+                                const uint8_t *const *x, const int64_t *slot_out, int64_t n_slots, float *out,
+                                int64_t out_stride) {
     static _Thread_local uint8_t *buf;
     static _Thread_local size_t cap;
     const size_t rb = weight_row_bytes(type, n_in);
     const int64_t nb = n_in / QK;
-    const size_t need = 2 * (size_t)nb * r16_block_bytes(type);
+    const size_t need = (size_t)nb * r16_block_bytes(type);
     if (need > cap) {
         free(buf);
         cap = 0;
         if (!(buf = malloc(need))) return -1;
         cap = need;
     }
-    uint8_t *rw = buf, *ru = buf + need / 2;
     for (int64_t r = r0; r < r1; r += 16) {
         const int n_rows = (int)(r1 - r < 16 ? r1 - r : 16);
         const int64_t next = r + 16 < r1 ? r + 16 : -1;
-        repack_r16_512(type, w + r * rb, rb, n_rows, nb, rw, next < 0 ? NULL : w + next * rb);
-        if (w_up) repack_r16_512(type, w_up + r * rb, rb, n_rows, nb, ru, next < 0 ? NULL : w_up + next * rb);
-        r16_block_rows(type, rw, w_up ? ru : NULL, nb, n_rows, r, x, slot_out, n_slots, out, out_stride);
+        repack_r16_512(type, w + r * rb, rb, n_rows, nb, buf, next < 0 ? NULL : w + next * rb);
+        r16_block_rows(type, buf, nb, n_rows, r, x, slot_out, n_slots, out, out_stride);
     }
     return 0;
 }
@@ -530,37 +518,36 @@ static T512 int matmul_rows_r16(int type, const uint8_t *w, const uint8_t *w_up,
 /* matmul_rows on weights repacked at load (`repack_r16`): rows [r0, r1), both multiples
  * of 16, read in place, for any number of tokens. A block of 16 rows is 16 rows' bytes,
  * so block r / 16 starts where row r would. */
-static T512 void matmul_rows_packed(int type, const uint8_t *w, const uint8_t *w_up, int64_t n_in, int64_t r0,
-                                    int64_t r1, const uint8_t *const *x, const int64_t *slot_out, int64_t n_slots,
-                                    float *out, int64_t out_stride) {
+static T512 void matmul_rows_packed(int type, const uint8_t *w, int64_t n_in, int64_t r0, int64_t r1,
+                                    const uint8_t *const *x, const int64_t *slot_out, int64_t n_slots, float *out,
+                                    int64_t out_stride) {
     const size_t rb = weight_row_bytes(type, n_in);
     for (int64_t r = r0; r < r1; r += 16)
-        r16_block_rows(type, w + r * rb, w_up ? w_up + r * rb : NULL, n_in / QK, 16, r, x, slot_out, n_slots, out,
-                       out_stride);
+        r16_block_rows(type, w + r * rb, n_in / QK, 16, r, x, slot_out, n_slots, out, out_stride);
 }
 #endif
 
-/* One matrix (or two, fused: silu(w·x) * (w_up·x)) against n_slots q8 rows:
- * out[slot_out[s] * out_stride + r] for rows [r0, r1). Each weight row is read
- * from memory once. Repacked weights (`packed`, AVX-512 only) take the R16 kernel
- * in place; stored ones take it for prompts (n_slots >= R16_MIN_TOKENS), repacking
- * as they go, and the row kernel for generation. A row's result depends only on its
- * index and the kernel, never on which rows share its block, so splits compose. */
-static void matmul_rows(int path, int type, int packed, const uint8_t *w, const uint8_t *w_up, int64_t n_in,
-                        int64_t r0, int64_t r1, const uint8_t *const *x, const int64_t *slot_out,
-                        int64_t n_slots, float *out, int64_t out_stride) {
+/* One matrix against n_slots q8 rows: out[slot_out[s] * out_stride + r] for rows
+ * [r0, r1). Each weight row is read from memory once. Repacked weights (`packed`,
+ * AVX-512 only) take the R16 kernel in place; stored ones take it for prompts
+ * (n_slots >= R16_MIN_TOKENS), repacking as they go, and the row kernel for
+ * generation. A row's result depends only on its index and the kernel, never on
+ * which rows share its block, so splits of the rows compose. */
+static void matmul_rows(int path, int type, int packed, const uint8_t *w, int64_t n_in, int64_t r0, int64_t r1,
+                        const uint8_t *const *x, const int64_t *slot_out, int64_t n_slots, float *out,
+                        int64_t out_stride) {
 #if HAVE_X86_SIMD
     if (packed) {
-        matmul_rows_packed(type, w, w_up, n_in, r0, r1, x, slot_out, n_slots, out, out_stride);
+        matmul_rows_packed(type, w, n_in, r0, r1, x, slot_out, n_slots, out, out_stride);
         return;
     }
     if (path == PATH_AVX512VNNI && n_slots >= R16_MIN_TOKENS &&
-        !matmul_rows_r16(type, w, w_up, n_in, r0, r1, x, slot_out, n_slots, out, out_stride))
+        !matmul_rows_r16(type, w, n_in, r0, r1, x, slot_out, n_slots, out, out_stride))
         return;
 #else
     (void)packed;                                     /* never set: repack_r16 needs AVX-512 */
 #endif
-    matmul_rows_by_row(path, type, w, w_up, n_in, r0, r1, x, slot_out, n_slots, out, out_stride);
+    matmul_rows_by_row(path, type, w, n_in, r0, r1, x, slot_out, n_slots, out, out_stride);
 }
 
 /* ---- Python bindings ---- */
@@ -653,11 +640,15 @@ done:
 }
 
 /* MUL_MAT_ID cut into chunks for the pool (hybrid/_pool.c): chunk k is row block
- * k % n_blocks of the (k / n_blocks)-th expert computed. Row blocks are multiples of
- * CHUNK_ROW_ALIGN rows (the kernels' row blocks; only a range's last block is shorter),
- * sized so that one chunk is about CHUNK_WORK bytes of weights times token tiles:
- * a few microseconds, long enough that claiming it (one compare-and-swap) is noise,
- * short enough that threads finish an op within a chunk of each other. */
+ * k % n_blocks of the (k / n_blocks)-th expert computed; fused (-fmoe), the chunks of
+ * the gate experts come first, then those of the up experts (into `up_out`), and
+ * silu(gate) * up is taken once both are done. (Gate and up row blocks in turn, each
+ * thread then reading two tensors at once, streamed ~1.5x slower from DRAM than gate
+ * then up: bench_expert_matmul.py.) Row blocks are multiples of CHUNK_ROW_ALIGN rows
+ * (the kernels' row blocks; only a range's last block is shorter), sized so that one
+ * chunk is about CHUNK_WORK bytes of weights times token tiles: a few microseconds,
+ * long enough that claiming it (one compare-and-swap) is noise, short enough that
+ * threads finish an op within a chunk of each other. */
 #define CHUNK_ROW_ALIGN 16
 #define CHUNK_WORK (64 * 1024)
 
@@ -669,26 +660,28 @@ typedef struct {
     const uint8_t **xs;               /* q8 rows of the slots, grouped by expert */
     int64_t *slot_out;
     const int64_t *runs;              /* per expert computed: expert, first slot, end slot */
-    float *out;
+    int64_t n_runs;
+    float *out, *up_out;              /* up_out: the up experts' products, when fused */
 } mm_job_t;
 
 static void mm_chunk(void *ctx, int64_t chunk, int thread) {
     const mm_job_t *j = ctx;
+    const int64_t per_tensor = j->n_runs * j->n_blocks, up = chunk >= per_tensor;
+    chunk -= up * per_tensor;
     const int64_t *run = j->runs + 3 * (chunk / j->n_blocks);
     int64_t b0 = j->r0 + chunk % j->n_blocks * j->block_rows;
     int64_t b1 = b0 + j->block_rows < j->r1 ? b0 + j->block_rows : j->r1;
-    size_t at = (size_t)run[0] * j->expert_bytes;
-    matmul_rows(j->path, j->type, j->packed, j->w + at, j->w_up ? j->w_up + at : NULL, j->n_in, b0, b1, j->xs + run[1],
-                j->slot_out + run[1], run[2] - run[1], j->out, j->n_out);
+    matmul_rows(j->path, j->type, j->packed, (up ? j->w_up : j->w) + (size_t)run[0] * j->expert_bytes, j->n_in, b0,
+                b1, j->xs + run[1], j->slot_out + run[1], run[2] - run[1], up ? j->up_out : j->out, j->n_out);
 }
 
 /* Rows per chunk for n_runs experts holding n_slots slots between them. */
-static int64_t chunk_rows(const mm_job_t *j, int64_t n_runs, int64_t n_slots) {
-    int64_t tiles = (n_slots / n_runs + TILE - 1) / TILE;
-    int64_t row_work = (int64_t)weight_row_bytes(j->type, j->n_in) * (j->w_up ? 2 : 1) * (tiles ? tiles : 1);
+static int64_t chunk_rows(const mm_job_t *j, int64_t n_slots) {
+    int64_t tiles = (n_slots / j->n_runs + TILE - 1) / TILE;
+    int64_t row_work = (int64_t)weight_row_bytes(j->type, j->n_in) * (tiles ? tiles : 1);
     int64_t rows = (CHUNK_WORK / row_work + CHUNK_ROW_ALIGN - 1) / CHUNK_ROW_ALIGN * CHUNK_ROW_ALIGN;
     rows = rows > CHUNK_ROW_ALIGN ? rows : CHUNK_ROW_ALIGN;
-    while (n_runs * ((j->r1 - j->r0 + rows - 1) / rows) > POOL_MAX_CHUNKS) rows *= 2;
+    while (2 * j->n_runs * ((j->r1 - j->r0 + rows - 1) / rows) > POOL_MAX_CHUNKS) rows *= 2;
     return rows;
 }
 
@@ -762,6 +755,7 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
     uint8_t *xq, *xq_owned = NULL;
     int32_t *id = NULL;
     int64_t *slot_out = NULL, *start = NULL, *runs = NULL;
+    float *up_out = NULL;
     pool_t *pool = NULL;
     Py_ssize_t n_x = 0, n_slots = 0;
     if (pool_obj != Py_None && !(pool = pool_from_object(pool_obj))) goto done;
@@ -819,7 +813,8 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
     start = calloc(n_expert + 1, sizeof(*start));
     runs = malloc(sizeof(*runs) * 3 * (n_expert + 1));
     xq = floats ? (xq_owned = malloc((size_t)(n_x * xb) + 1)) : x.buf;
-    if (!xs || !slot_out || !start || !runs || !xq) { PyErr_NoMemory(); goto done; }
+    up_out = fused ? malloc(sizeof(float) * (size_t)(n_slots * n_out) + 1) : NULL;
+    if (!xs || !slot_out || !start || !runs || !xq || (fused && !up_out)) { PyErr_NoMemory(); goto done; }
     int busy = 0;
     int64_t n_runs = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -848,14 +843,21 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
             begin = end;
         }
         mm_job_t job = {path, type, packed, w.buf, fused ? w_up.buf : NULL, (size_t)(n_out * rb), n_in, n_out, r0, r1,
-                        r1 - r0, 1, xs, slot_out, runs, out.buf};
+                        r1 - r0, 1, xs, slot_out, runs, n_runs, out.buf, up_out};
+        const int64_t tensors = fused ? 2 : 1;
         if (pool && n_runs && r1 > r0) {
-            job.block_rows = chunk_rows(&job, n_runs, run_slots);
+            job.block_rows = chunk_rows(&job, run_slots);
             job.n_blocks = (r1 - r0 + job.block_rows - 1) / job.block_rows;
-            busy = pool_run(pool, n_runs * job.n_blocks, mm_chunk, &job, times.buf);
+            busy = pool_run(pool, tensors * n_runs * job.n_blocks, mm_chunk, &job, times.buf);
         } else if (r1 > r0) {
-            for (int64_t k = 0; k < n_runs; k++) mm_chunk(&job, k, 0);
+            for (int64_t k = 0; k < tensors * n_runs; k++) mm_chunk(&job, k, 0);
         }
+        if (fused && !busy)
+            for (int64_t k = 0; k < n_runs; k++)
+                for (int64_t at = runs[3 * k + 1]; at < runs[3 * k + 2]; at++) {
+                    float *g = (float *)out.buf + slot_out[at] * n_out, *u = up_out + slot_out[at] * n_out;
+                    for (int64_t r = r0; r < r1; r++) g[r] = silu(g[r]) * u[r];
+                }
     }
     Py_END_ALLOW_THREADS
     if (busy) {
@@ -866,6 +868,7 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
 done:
     free(xs);
     free(xq_owned);
+    free(up_out);
     free(id);
     free(slot_out);
     free(start);

@@ -11,7 +11,10 @@ largest prompt, `Llama.reset()` before each repetition, logging off); each
 evaluation of either engine ends with the greedy next token (argmax of the last
 logits), so both do the same work per step. Rows:
 
-  llama.cpp                  every tensor on the CPU
+  llama.cpp                  every tensor on the CPU, read into process memory at load
+                             (no mmap: this VM drops page-cache pages under running
+                             processes, and hyprof holds its CPU weights, repacked, in
+                             process memory too)
   hyprof CPU                 every tensor on the CPU (`--accel none`)
   hyprof ACC0+CPU (emul.)    routed experts on the CPU, the rest on the emulated
                              accelerator (`-ngl 99 -ot "\\.ffn_.*_exps\\.=CPU"`);
@@ -75,7 +78,7 @@ class LlamaCppEngine:
         with _stderr_to_devnull():      # verbose=False still lets context set-up notes through
             self.llm = llama_cpp.Llama(model_path=model_path, n_gpu_layers=0, n_threads=threads,
                                        n_threads_batch=threads, n_batch=n_batch, n_ubatch=n_batch,
-                                       n_ctx=n_ctx, logits_all=False, verbose=False)
+                                       n_ctx=n_ctx, logits_all=False, verbose=False, use_mmap=False)
         self.n_vocab = self.llm.n_vocab()
         self._ctx = self.llm.ctx
         self._logits_ith = llama_cpp.llama_get_logits_ith
@@ -195,12 +198,13 @@ class Row:
     engine: str
     test: str
     kind: str
-    tps: float
+    tps: float                       # mean over every repetition of every round
     tps_std: float
     samples_tps: tuple[float, ...]
     best_tps: float                  # the fastest repetition: the least disturbed by other load
-    ratio: float | None              # this row's mean t/s over llama.cpp's, same test
-    ratio_best: float | None         # the same for the fastest repetitions
+    round_ratios: tuple[float, ...]  # per round: this row's mean t/s over llama.cpp's, same test
+    ratio: float | None              # their median: the figure to read
+    ratio_best: float | None         # fastest repetition over llama.cpp's fastest
     bytes_per_token: float
     GBps: float
 
@@ -215,15 +219,31 @@ def hyprof_configs(threads: int, emulated: bool) -> list[tuple[str, EngineConfig
     return configs
 
 
+def _row(label: str, test, rounds: list[BenchResult], base: list[BenchResult] | None,
+         bytes_per_token: float) -> Row:
+    """One engine's row for one test from its runs in each round, beside llama.cpp's (`base`)."""
+    samples = tuple(s for r in rounds for s in r.samples_ts)
+    tps = float(np.mean(samples))
+    ratios = () if base is None else tuple(r.avg_ts / b.avg_ts for r, b in zip(rounds, base))
+    best_base = None if base is None else max(s for b in base for s in b.samples_ts)
+    return Row(label, test.name, test.kind, tps, float(np.std(samples, ddof=1)) if len(samples) > 1 else 0.0,
+               samples, max(samples), ratios, float(np.median(ratios)) if ratios else None,
+               None if base is None else max(samples) / best_base, bytes_per_token, bytes_per_token * tps / 1e9)
+
+
 def compare(model: str, *, threads: int = 2, n_prompt: Sequence[int] = (64, 128),
-            n_gen: Sequence[int] = (32,), reps: int = 3, emulated: bool = True,
+            n_gen: Sequence[int] = (32,), reps: int = 3, rounds: int = 3, emulated: bool = True,
             progress: bool = True) -> dict:
-    """Run llama.cpp and hyprof on `model` and return every row, the llama.cpp build,
-    the load average before and after, and why hyprof did not run, if it did not."""
+    """Run llama.cpp and hyprof on `model`, in turn, `rounds` times, and return every row,
+    the llama.cpp build, the load average before and after, and why hyprof did not run,
+    if it did not. Rounds, because this kind of machine's memory bandwidth moves by up
+    to 2x from one minute to the next: each round's ratio compares runs a minute apart."""
     if not os.path.isfile(model):
         raise UserError(f"--model {model}: no such file")
     if threads < 1:
         raise UserError(f"--threads {threads}: must be >= 1")
+    if rounds < 1:
+        raise UserError(f"--rounds {rounds}: must be >= 1")
     tests = plan_tests(n_prompt=n_prompt, n_gen=n_gen)
     try:
         import llama_cpp  # noqa: F401
@@ -233,38 +253,32 @@ def compare(model: str, *, threads: int = 2, n_prompt: Sequence[int] = (64, 128)
     longest = max(t.n_tokens for t in tests)
     load_before = os.getloadavg()
 
-    def rows(label: str, results: list[BenchResult], base: dict[str, Row]) -> list[Row]:
-        out = []
-        for r in results:
-            name, best = r.test.name, max(r.samples_ts)
-            out.append(Row(label, name, r.test.kind, r.avg_ts, r.stddev_ts, r.samples_ts, best,
-                           r.avg_ts / base[name].tps if base else None,
-                           best / base[name].best_tps if base else None,
-                           bytes_per_token[name], bytes_per_token[name] * r.avg_ts / 1e9))
-        return out
-
-    t0 = time.monotonic()
-    llama_results = run_bench(make_llama_cpp(n_batch=max(max(n_prompt, default=1), 1),
-                                             n_ctx=max(256, -(-(longest + 8) // 256) * 256)),
-                              model, [EngineConfig(threads, 0, (), "none")], tests, reps,
-                              progress=progress)
-    out = rows("llama.cpp", llama_results, {})
-    base = {r.test: r for r in out}
     unavailable = None
     try:
         from hybrid.engine import make_engine
     except ImportError as e:
-        unavailable = f"hybrid.engine does not import: {e}"
-    else:
-        for label, config in hyprof_configs(threads, emulated):
-            out += rows(label, run_bench(make_engine, model, [config], tests, reps,
-                                         progress=progress), base)
+        unavailable, make_engine = f"hybrid.engine does not import: {e}", None
+    engines = [("llama.cpp", make_llama_cpp(n_batch=max(max(n_prompt, default=1), 1),
+                                             n_ctx=max(256, -(-(longest + 8) // 256) * 256)),
+                EngineConfig(threads, 0, (), "none"))]
+    if make_engine is not None:
+        engines += [(label, make_engine, config) for label, config in hyprof_configs(threads, emulated)]
+    t0 = time.monotonic()
+    runs: dict[str, list[list[BenchResult]]] = {label: [] for label, _, _ in engines}   # [round][test]
+    for _ in range(rounds):
+        for label, make, config in engines:
+            runs[label].append(run_bench(make, model, [config], tests, reps, progress=progress))
+    out = [_row(label, test, [results[i] for results in per_round],
+                None if label == "llama.cpp" else [results[i] for results in runs["llama.cpp"]],
+                bytes_per_token[test.name])
+           for label, per_round in runs.items() for i, test in enumerate(tests)]
     return {"schema": SCHEMA, "model": os.path.abspath(model),
-            "model_bytes": os.path.getsize(model), "threads": threads, "reps": reps,
+            "model_bytes": os.path.getsize(model), "threads": threads, "reps": reps, "rounds": rounds,
             "cores": os.cpu_count(), "llama_cpp": llama_cpp_build(),
             "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
             "wall_s": time.monotonic() - t0, "hyprof_unavailable": unavailable,
-            "rows": [vars(r) | {"samples_tps": list(r.samples_tps)} for r in out]}
+            "rows": [vars(r) | {"samples_tps": list(r.samples_tps), "round_ratios": list(r.round_ratios)}
+                     for r in out]}
 
 
 # ---------------------------------------------------------------------------
@@ -274,19 +288,21 @@ def render(result: dict) -> str:
     """The side-by-side as a markdown table, with the facts that qualify it."""
     b = result["llama_cpp"]
     lines = [f"model: {result['model']} ({result['model_bytes'] / 1e9:.2f} GB), "
-             f"{result['threads']} threads, {result['reps']} reps",
+             f"{result['threads']} threads, {result['rounds']} rounds of llama.cpp then hyprof, "
+             f"{result['reps']} reps each",
              f"llama.cpp: llama-cpp-python {b['version']}, built with "
              f"{' '.join(b['cpu_flags'])}" + {True: " (native: every AVX2/AVX-512 extension "
                                                      "of this CPU)",
                                               False: f" (not native: no {b['isa_missing']})",
                                               None: ""}[b["native"]],
-             "", "| engine | test | t/s | best t/s | hyprof/llama.cpp | best/best | MB/token "
-             "| GB/s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "", "| engine | test | t/s | best t/s | hyprof/llama.cpp (median of rounds) | per round "
+             "| best/best | MB/token | GB/s |",
+             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     for r in result["rows"]:
         ratios = ["" if v is None else f"{v:.2f}" for v in (r["ratio"], r["ratio_best"])]
         lines.append(f"| {r['engine']} | {r['test']} | {r['tps']:.2f} ± {r['tps_std']:.2f} | "
-                     f"{r['best_tps']:.2f} | {ratios[0]} | {ratios[1]} | "
-                     f"{r['bytes_per_token'] / 1e6:.1f} | {r['GBps']:.2f} |")
+                     f"{r['best_tps']:.2f} | {ratios[0]} | {' '.join(f'{v:.2f}' for v in r['round_ratios'])} | "
+                     f"{ratios[1]} | {r['bytes_per_token'] / 1e6:.1f} | {r['GBps']:.2f} |")
     if result["hyprof_unavailable"]:
         lines.append(f"\nhyprof engine not available: {result['hyprof_unavailable']}")
     before, after = (", ".join(f"{v:.2f}" for v in result[k])
@@ -316,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="generated tokens per tg test (default: 32; 0: none)")
     p.add_argument("-r", "--repetitions", type=int, default=3, metavar="N",
                    help="measured repetitions per test (default: 3)")
+    p.add_argument("--rounds", type=int, default=3, metavar="K",
+                   help="run llama.cpp then hyprof K times in turn; ratios per round (default: 3)")
     p.add_argument("--no-emulated", action="store_true",
                    help="skip the experts-on-CPU, rest-on-ACC0 row")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -327,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from hyprof.commands.run import default_model
             model = default_model(progress=not args.no_progress)
         result = compare(model, threads=args.threads, n_prompt=args.n_prompt,
-                         n_gen=args.n_gen, reps=args.repetitions,
+                         n_gen=args.n_gen, reps=args.repetitions, rounds=args.rounds,
                          emulated=not args.no_emulated, progress=not args.no_progress)
     except UserError as e:
         print(f"bench_vs_llamacpp: {e}", file=sys.stderr)

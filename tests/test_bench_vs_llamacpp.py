@@ -86,7 +86,7 @@ def test_llama_cpp_engine_returns_the_greedy_token(bench, tiny_gguf):
 @pytest.mark.oracle
 def test_compare_gives_one_row_per_engine_and_test(bench, tiny_gguf):
     pytest.importorskip("llama_cpp")
-    result = bench.compare(str(tiny_gguf), threads=1, n_prompt=[4], n_gen=[2], reps=2,
+    result = bench.compare(str(tiny_gguf), threads=1, n_prompt=[4], n_gen=[2], reps=2, rounds=2,
                            emulated=True, progress=False)
     assert result["hyprof_unavailable"] is None
     rows = result["rows"]
@@ -95,14 +95,16 @@ def test_compare_gives_one_row_per_engine_and_test(bench, tiny_gguf):
                                                         for t in ("pp4", "tg2")]
     base = {r["test"]: r for r in rows if r["engine"] == "llama.cpp"}
     for r in rows:
-        assert len(r["samples_tps"]) == 2 and all(s > 0 for s in r["samples_tps"])
+        assert len(r["samples_tps"]) == 4 and all(s > 0 for s in r["samples_tps"])   # 2 rounds of 2
         assert r["tps"] == pytest.approx(np.mean(r["samples_tps"]))
         assert r["best_tps"] == max(r["samples_tps"])
         assert r["GBps"] == pytest.approx(r["bytes_per_token"] * r["tps"] / 1e9)
         if r["engine"] == "llama.cpp":
             assert r["ratio"] is None and r["ratio_best"] is None
         else:
-            assert r["ratio"] == pytest.approx(r["tps"] / base[r["test"]]["tps"])
+            mine, theirs = (np.reshape(x["samples_tps"], (2, 2)).mean(1) for x in (r, base[r["test"]]))
+            assert r["round_ratios"] == pytest.approx(list(mine / theirs))      # rounds in order
+            assert r["ratio"] == pytest.approx(np.median(r["round_ratios"]))
             assert r["ratio_best"] == pytest.approx(r["best_tps"] / base[r["test"]]["best_tps"])
     assert len(result["loadavg_before"]) == 3 and result["llama_cpp"]["version"]
     json.dumps(result)

@@ -150,9 +150,11 @@ def mul_mat_id(w, ggml_type: int, x, ids, out, r0: int = 0, r1: int | None = Non
 
 # --- the engine's forms: one call per op, torch in and out ---------------------------------
 
-def _rows(x):
-    """A torch tensor's float32 rows as a C-contiguous NumPy view (a copy only if needed)."""
-    return x.detach().float().contiguous().numpy()
+def _rows(x) -> np.ndarray:
+    """A CPU torch tensor's float32 rows as a C-contiguous NumPy view (a copy only if needed).
+    One `.numpy()` and NumPy's checks: each torch call costs microseconds on a cold op."""
+    a = x.detach().numpy() if x.requires_grad else x.numpy()
+    return a if a.dtype == np.float32 and a.flags.c_contiguous else np.ascontiguousarray(a, np.float32)
 
 
 def matmul(w_data, ggml_type: int, x, pool=None, times: np.ndarray | None = None):

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from hybrid import ops
 from hybrid.backends.acc import AccBackend
 from hybrid.backends.cpu import CpuBackend
 from hybrid.gguf_model import load_model
@@ -177,7 +178,7 @@ class Engine:
         model.cache.n_past += len(tokens)
         if sample:
             t = rec.now()
-            result = int(torch.argmax(result[-1]))
+            result = ops.argmax(result[-1])
             if rec.enabled:
                 lane.phase(t, rec.now() - t, graph_id, "sample")
         if rec.enabled:

@@ -20,6 +20,7 @@ checks it against an independent float64 NumPy pass.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass
@@ -322,10 +323,18 @@ def _native_heads(w, x: torch.Tensor, n_head: int, rows: slice, pool, times) -> 
     blocks, kind = w.kernel_blocks
     if per_head % 16 or r0 % 16 or r1 % 16:            # repacked blocks are read 16 rows at a time
         blocks, kind = w.data, w.ggml_type
-    ids = np.tile(np.arange(n_head, dtype=np.int32), (x.shape[0], 1))
+    ids = _head_ids(x.shape[0], n_head)
     out, _ = cpu_kernels.mul_mat_experts(blocks.reshape(n_head, per_head, -1), kind, x, ids, rows=(r0, r1),
                                          pool=pool, times=times)
     return out[:, :, r0:r1]
+
+
+@functools.lru_cache(maxsize=64)
+def _head_ids(n_tokens: int, n_head: int) -> np.ndarray:
+    """Every head for every token, as MUL_MAT_ID ids (read-only, shared by the calls)."""
+    ids = np.tile(np.arange(n_head, dtype=np.int32), (n_tokens, 1))
+    ids.flags.writeable = False
+    return ids
 
 
 def _head_weights(w, key, prepare: Callable) -> torch.Tensor:

@@ -320,3 +320,10 @@ def matmul_f32(x: torch.Tensor, w: torch.Tensor, out: Out | None = None) -> torc
         _ops.matmul_f32(x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(), w.shape[0], y.data_ptr())
         return y
     return F.linear(x, w)
+
+
+def argmax(x: torch.Tensor) -> int:
+    """The index of x's largest value, the first on ties: the greedy token from a row of logits."""
+    if _native(x) and x.numel():
+        return _ops.argmax(x.data_ptr(), x.numel())
+    return int(torch.argmax(x))

@@ -20,7 +20,7 @@ interleaved 16-row blocks (`Weight.packed`, the same size; llama.cpp repacks
 Q4_0 at load for its CPU kernels too), which the native matmuls read instead:
 this is process memory, the file's pages staying in the page cache. They round each activation to 8 bits per
 block of 32 (as llama.cpp does on the CPU), so results move by ~1e-2 against a
-float matmul. `HYPROF_KERNELS=torch` in the environment (read at every call)
+float matmul. `HYPROF_KERNELS=torch` in the environment at import (`NATIVE`)
 selects the exact dequantise-then-matmul path instead; any other value (a SIMD
 path name, see `hybrid.cpu_kernels.available`) or none keeps the kernels.
 Weights on a CUDA device always take the torch path.
@@ -41,6 +41,7 @@ from gguf.constants import GGMLQuantizationType as T
 
 from hybrid import cpu_kernels, ops, quants
 
+NATIVE = os.environ.get("HYPROF_KERNELS") != "torch"     # the native kernels, unless told the exact path
 CHUNK_ELEMENTS = 1 << 21          # dequantise at most this many weights (8 MiB f32) at once
 INT4_GROUP = 32
 INT4_ROWS_PER_PACK = 256          # the pack cannot be sliced by rows, so pack row blocks separately
@@ -206,8 +207,8 @@ def can_repack(w: Weight) -> bool:
 
 def native(w) -> bool:
     """Whether matmuls on w run on the native CPU kernels (see the module docstring)."""
-    return (isinstance(w, Weight) and w.ggml_type in MATMUL_KERNELS and w.data.device.type == "cpu"
-            and os.environ.get("HYPROF_KERNELS") != "torch")
+    return (NATIVE and isinstance(w, Weight) and w.ggml_type in MATMUL_KERNELS
+            and w.data.device.type == "cpu")
 
 
 def mul_mat(w: "Weight | Int4Weight", x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from hybrid import cpu_kernels
+from hybrid import cpu_kernels, weights
 from hybrid.engine import Engine
 from hybrid.weights import Weight
 from profiler.errors import UserError
@@ -61,7 +61,7 @@ def cpu_baseline(tiny_gguf):
 def exact_baseline(tiny_gguf):
     """The same run on the exact dequantise-then-matmul path."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("HYPROF_KERNELS", "torch")
+    mp.setattr(weights, "NATIVE", False)
     try:
         with Engine(str(tiny_gguf), threads=1, **PLACEMENTS["all-cpu"]) as engine:
             return greedy(engine)
@@ -311,7 +311,7 @@ def test_generate_command_takes_placement_flags(tiny_gguf, cpu_baseline):
 @pytest.mark.parametrize("placement", ["all-gpu", "experts-cpu"])
 def test_cuda_placement_matches_cpu(tiny_gguf, exact_baseline, placement, monkeypatch):
     """CUDA weights take the exact torch path, so the CPU ones must too for a tight match."""
-    monkeypatch.setenv("HYPROF_KERNELS", "torch")
+    monkeypatch.setattr(weights, "NATIVE", False)
     cpu_baseline = exact_baseline
     overrides = () if placement == "all-gpu" else (EXPERTS_ON_CPU,)
     rec = Recorder(enabled=True)

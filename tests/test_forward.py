@@ -20,7 +20,7 @@ from gguf.constants import GGMLQuantizationType as T
 
 from gguf_retype import retype_gguf
 from hybrid.gguf_model import load_model
-from hybrid import ops
+from hybrid import ops, weights
 from hybrid.model import Model, build_graph, rope_cos_sin
 from hybrid.graph import compute
 from reference_deepseek2 import Deepseek2Reference
@@ -55,7 +55,7 @@ def exact_matmuls(monkeypatch):
     """These tolerances are for the exact (dequantise-then-matmul) path: the native kernels,
     which round activations to 8 bits, are tested against the rounding reference in
     tests/test_engine.py."""
-    monkeypatch.setenv("HYPROF_KERNELS", "torch")
+    monkeypatch.setattr(weights, "NATIVE", False)
 
 
 def reference_logits(path) -> tuple[np.ndarray, list[np.ndarray]]:

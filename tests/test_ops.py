@@ -314,6 +314,15 @@ def test_matmul_f32(path, rng, n_tok, k, n):
     close(ops.matmul_f32(t32(x), t32(w)), t32(x).double().numpy() @ t32(w).double().numpy().T, rtol=1e-5)
 
 
+def test_argmax(path, rng):
+    """The greedy token: the largest logit, the first of equal ones (as NumPy's argmax)."""
+    x = rng.standard_normal(102400).astype(np.float32)
+    assert ops.argmax(t32(x)) == int(np.argmax(x))
+    x[[7, 500, 90000]] = x.max() + 1
+    assert ops.argmax(t32(x)) == 7
+    assert ops.argmax(t32(x.reshape(2, -1))[1]) == int(np.argmax(x[51200:]))
+
+
 @pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q4_0, T.Q8_0])
 def test_get_rows(path, rng, qtype):
     data, values = stored_rows(rng, qtype)

@@ -649,17 +649,31 @@ static PyObject *py_matmul_f32(PyObject *self, PyObject *const *args, Py_ssize_t
 
 /* --- greedy sampling ------------------------------------------------------------------------------ */
 
+/* The largest of x[0:n] (NaN never wins; -inf if all are NaN), in LANES partial maxima so
+ * that the loop vectorises: a branch per value ran ~1.6 ns a value, 160 us per 100k logits. */
+SIMD_CLONES static float max_f32(const float *x, int64_t n) {
+    float m[LANES];
+    for (int l = 0; l < LANES; l++) m[l] = -INFINITY;
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) m[l] = x[i + l] > m[l] ? x[i + l] : m[l];
+    float best = -INFINITY;
+    for (; i < n; i++) best = x[i] > best ? x[i] : best;
+    for (int l = 0; l < LANES; l++) best = m[l] > best ? m[l] : best;
+    return best;
+}
+
 /* argmax(x, n) -> the index of the largest of x[0:n], the first on ties (NaN never wins):
- * the engine's greedy token, over 100k logits; torch.argmax took ~250 us of it cold. */
+ * the engine's greedy token over ~100k logits (torch.argmax took ~200 us of it cold). */
 static PyObject *py_argmax(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     const float *x;
     Py_ssize_t n;
     if (parse("argmax", args, nargs, "pn", &x, &n)) return NULL;
     if (n == 0) return bad("argmax: no values");
-    Py_ssize_t best = 0;
-    for (Py_ssize_t i = 1; i < n; i++)
-        if (x[i] > x[best] || (x[best] != x[best] && x[i] == x[i])) best = i;
-    return PyLong_FromSsize_t(best);
+    const float best = max_f32(x, n);
+    Py_ssize_t i = 0;
+    while (i < n - 1 && !(x[i] == best)) i++;        /* all NaN: the last index, as good as any */
+    return PyLong_FromSsize_t(i);
 }
 
 static PyMethodDef methods[] = {

@@ -157,32 +157,34 @@ def _rows(x) -> np.ndarray:
     return a if a.dtype == np.float32 and a.flags.c_contiguous else np.ascontiguousarray(a, np.float32)
 
 
-def matmul(w_data, ggml_type: int, x, pool=None, times: np.ndarray | None = None):
+def matmul(w_data, ggml_type: int, x, pool=None, times: np.ndarray | None = None, out=None):
     """x [T, K] float32 torch tensor @ W^T -> [T, N] (MUL_MAT), for weight data uint8
     [N, row_bytes] (a whole tensor, one expert, or a slice of rows); shared by the
-    pool's threads when one is given."""
+    pool's threads when one is given; into `out` (float32 torch [T, N]) if given."""
     import torch
 
     w = _weights(w_data)
-    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    if out is None:
+        out = torch.from_numpy(np.empty((x.shape[0], w.shape[0]), np.float32))
     mul_mat(w, ggml_type, _rows(x), out, pool=pool, times=times)
-    return torch.from_numpy(out)
+    return out
 
 
 def mul_mat_experts(w_data, ggml_type: int, x, ids, w_up_data=None, rows: tuple[int, int] | None = None,
-                    pool=None, times: np.ndarray | None = None):
+                    pool=None, times: np.ndarray | None = None, out=None):
     """MUL_MAT_ID -> (dst float32 torch [T, U, N], experts computed).
 
     x: float32 torch [T, K] (gate/up: one input per token) or [T, U, K] (down: one per
     slot); ids: [T, U] expert ids; only rows [r0, r1) of each expert with `rows`;
-    with w_up_data it is silu(gate x) * (up x) (-fmoe)."""
+    with w_up_data it is silu(gate x) * (up x) (-fmoe); into `out` if given."""
     import torch
 
     w = _weights(w_data)
-    out = np.empty((*ids.shape, w.shape[1]), np.float32)
+    if out is None:
+        out = torch.from_numpy(np.empty((*ids.shape, w.shape[1]), np.float32))
     r0, r1 = rows or (0, w.shape[1])
     n = mul_mat_id(w, ggml_type, _rows(x), ids, out, r0, r1, w_up=w_up_data, pool=pool, times=times)
-    return torch.from_numpy(out), n
+    return out, n
 
 
 def row_splits(n_rows: int, n_tasks: int) -> list[int]:

@@ -185,15 +185,19 @@ class _Builder:
         set_cost()
         return node
 
-    def mul_mat(self, wname: str, x: Node, layer: int) -> Node:
+    def mul_mat(self, wname: str, x: Node, layer: int, result: bool = False) -> Node:
         """x [T, K] @ W^T -> [T, N]; workers split it by rows of W, except a float32 weight
         (in llama.cpp's files the MoE router's, a fraction of a MiB): one thread reads it
-        natively in microseconds, less than a handoff to the workers would cost."""
+        natively in microseconds, less than a handoff to the workers would cost. The
+        native form writes into memory the node keeps (`ops.Out`), except for the graph's
+        `result`, which outlives the evaluation."""
         w = self.weight(wname)
         n, k = w.shape[-2], w.shape[-1]
+        parallel = None
+        if w.ggml_type != GGMLQuantizationType.F32:
+            parallel = functools.partial(_mul_mat_parallel, out=None if result else ops.Out())
         return self.op("MUL_MAT", _tensor_label(wname), mul_mat, x, layer=layer, buffer=wname,
-                       n_bytes=w.n_bytes, flops=2 * self.n_tokens * n * k,
-                       parallel=None if w.ggml_type == GGMLQuantizationType.F32 else _mul_mat_parallel)
+                       n_bytes=w.n_bytes, flops=2 * self.n_tokens * n * k, parallel=parallel)
 
     def rms_norm(self, wname: str, x: Node, layer: int, name: str, cols: slice = slice(None)) -> Node:
         eps = self.c.rms_eps
@@ -278,7 +282,7 @@ class _Builder:
                        layer=layer, buffer=wname, n_bytes=per_expert * n_used, flops=flops)
         expert_fn = _fused_expert if fused else _expert
 
-        def parallel(w, x, ids, pool, times):
+        def parallel(w, x, ids, pool, times, out=ops.Out()):
             g = w.gate if fused else w
             if native(g) and (not fused or native(w.up)):
                 blocks, kind = g.kernel_blocks
@@ -287,7 +291,8 @@ class _Builder:
                     up, up_kind = w.up.kernel_blocks
                     if up_kind != kind:                     # one repacked, the other not: both as stored
                         blocks, kind, up = g.data, g.ggml_type, w.up.data
-                dst, n_experts = cpu_kernels.mul_mat_experts(blocks, kind, x, ids, up, pool=pool, times=times)
+                dst, n_experts = cpu_kernels.mul_mat_experts(blocks, kind, x, ids, up, pool=pool, times=times,
+                                                             out=out((*ids.shape, n)))
                 node.n_bytes = per_expert * n_experts
                 return dst
             experts = torch.unique(ids).tolist()
@@ -344,9 +349,10 @@ def _head_weights(w, key, prepare: Callable) -> torch.Tensor:
     return forms[key]
 
 
-def _mul_mat_parallel(w, x: torch.Tensor, pool, times) -> torch.Tensor:
+def _mul_mat_parallel(w, x: torch.Tensor, pool, times, out: ops.Out | None = None) -> torch.Tensor:
     if native(w):
-        return cpu_kernels.matmul(*w.kernel_blocks, x, pool, times)
+        return cpu_kernels.matmul(*w.kernel_blocks, x, pool, times,
+                                  None if out is None else out((x.shape[0], w.shape[-2])))
     dst = x.new_empty(x.shape[0], w.shape[-2])
 
     def task(r0: int, r1: int) -> None:
@@ -515,7 +521,7 @@ def build_graph(model: "Model", n_tokens: int, n_past: int, all_logits: bool = F
     if not all_logits:
         x = b.op("GET_ROWS", "inp_out_ids", lambda _, x: x[-1:], x)
     x = b.rms_norm("output_norm.weight", x, -1, "result_norm")
-    b.graph.output = b.mul_mat("output.weight", x, -1)
+    b.graph.output = b.mul_mat("output.weight", x, -1, result=True)
     return b.graph
 
 

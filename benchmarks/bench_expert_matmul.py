@@ -5,12 +5,14 @@ used per token), random GGUF blocks for several layers (>= 1 GB, far beyond
 the last-level cache). Each step runs one MoE layer's expert matmuls (fused
 gate+up, then down, as with -fmoe) for fresh random expert ids, cycling
 through the layers, so every step reads its experts from DRAM, as in a real
-token. Figures: GB/s = bytes of the touched experts as stored / wall time of
-the workers (the kernels alone: activations are quantised beforehand, and the
-workers do not synchronise between gate/up and down; H6's pool adds that).
-Threads are Python threads each calling a kernel on its half of every
-expert's rows ("rows split") or on half of the used experts ("experts
-split"); torch paths split the experts, torch at 1 thread each.
+token. Figures: GB/s = bytes of the touched experts as stored / wall time
+(the kernels alone: activations are quantised beforehand). The native kernels
+run as the engine runs them: on the CPU backend's worker pool (hybrid/_pool.c,
+spinning, the caller as thread 0), each call's chunks of (expert, 16-row block)
+claimed by whichever thread is free, on the blocks as stored ("stored") and
+repacked at load into the AVX-512 kernel's interleaved 16-row blocks
+("repacked", what the engine reads on such CPUs); torch paths split the experts
+between Python threads, torch at 1 thread each.
 
 The previous path (torch): dequantise-then-matmul (hybrid.quants.dequantize
 of the used experts, then F.linear), bf16 weights with torch matmul, and
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid import cpu_kernels as ck
+from hybrid._kernels import Pool
 from hybrid.quants import dequantize
 from profiler.membw import measure_stream
 
@@ -87,32 +90,21 @@ def run_workers(n_threads, work):
     return time.perf_counter() - t0, max(cpu)
 
 
-def halves(n, i, n_threads):
-    return n * i // n_threads, n * (i + 1) // n_threads
-
-
-def native_steps(layers, ggml_type, ids, n_threads, split="rows"):
-    """Seconds for all steps: per step, fused gate+up then down, each thread doing its
-    share of every used expert's rows (split="rows") or of the used experts ("experts")."""
+def native_steps(layers, ggml_type, ids, pool):
+    """Seconds for all steps (wall, and on-CPU per thread): per step, fused gate+up then
+    down, every call shared by the pool's threads as in the engine."""
     n_tokens = ids.shape[1]
     x = np.random.default_rng(0).standard_normal((n_tokens, N_EMBD)).astype(np.float32)
     xq = ck.quantize_activations(x)
     hq = ck.quantize_activations(np.random.default_rng(1).standard_normal((n_tokens * N_USED, N_FF)).astype(np.float32))
     h = np.empty((n_tokens, N_USED, N_FF), np.float32)
     y = np.empty((n_tokens, N_USED, N_EMBD), np.float32)
-
-    n_active = [len(np.unique(i)) for i in ids]
-
-    def work(i):
-        f0, f1 = halves(N_FF, i, n_threads) if split == "rows" else (0, N_FF)
-        e0, e1 = halves(N_EMBD, i, n_threads) if split == "rows" else (0, N_EMBD)
-        for s, step_ids in enumerate(ids):
-            layer = layers[s % len(layers)]
-            a0, a1 = halves(n_active[s], i, n_threads) if split == "experts" else (0, N_EXPERT)
-            ck.mul_mat_id(layer["gate"], ggml_type, xq, step_ids, h, f0, f1, a0, a1, w_up=layer["up"])
-            ck.mul_mat_id(layer["down"], ggml_type, hq, step_ids, y, e0, e1, a0, a1)
-
-    return run_workers(n_threads, work)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for s, step_ids in enumerate(ids):
+        layer = layers[s % len(layers)]
+        ck.mul_mat_id(layer["gate"], ggml_type, xq, step_ids, h, w_up=layer["up"], pool=pool)
+        ck.mul_mat_id(layer["down"], ggml_type, hq, step_ids, y, pool=pool)
+    return time.perf_counter() - t0, (time.process_time() - c0) / pool.n_threads
 
 
 @contextmanager
@@ -269,21 +261,25 @@ def main():
         expert_bytes = 3 * N_FF * N_EMBD // 32 * ck.BLOCK_BYTES[ggml_type]      # gate, up, down
         n_layers = max(2, int(np.ceil(args.gb * 1e9 / (N_EXPERT * expert_bytes))))
         layers = make_layers(rng, n_layers, ggml_type)
+        forms = [("stored", layers, ggml_type)]
+        if ck.repack(layers[0]["gate"], ggml_type) is not None:
+            forms.append(("repacked", [{k: ck.repack(w, ggml_type) for k, w in layer.items()} for layer in layers],
+                          ggml_type | ck.R16))
         print(f"{tname}: {n_layers} layers, {n_layers * N_EXPERT * expert_bytes / 1e9:.2f} GB of experts")
         for n_tokens in tokens:
             steps, rounds = plan(n_tokens, args.quick)
             ids = routing(rng, rounds * steps, n_tokens).reshape(rounds, steps, n_tokens, N_USED)
             for n in thread_counts:
-                native_steps(layers, ggml_type, ids[0, :1], n)                  # warm-up
-                measure(tname, f"native {ck.available()}, rows split", n, ids, expert_bytes,
-                        lambda i: native_steps(layers, ggml_type, i, n))
-                if n > 1:
-                    measure(tname, f"native {ck.available()}, experts split", n, ids, expert_bytes,
-                            lambda i: native_steps(layers, ggml_type, i, n, "experts"))
+                pool = Pool(n, True)
+                for form, form_layers, kind in forms:
+                    native_steps(form_layers, kind, ids[0, :1], pool)                  # warm-up
+                    measure(tname, f"native {ck.available()}, {form}", n, ids, expert_bytes,
+                            lambda i: native_steps(form_layers, kind, i, pool))
+                pool.close()
                 if not args.no_torch and n_tokens <= 64:
                     measure(tname, "torch dequant + f32", n, ids[:2, :1], expert_bytes,
                             lambda i: torch_steps(layers, i, n, dequant_matmul(ggml_type)))
-        del layers
+        del layers, forms
 
     if not args.no_torch:
         bf16_expert = 3 * N_FF * N_EMBD * 2

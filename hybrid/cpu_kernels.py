@@ -164,9 +164,11 @@ def matmul(w_data, ggml_type: int, x, pool=None, times: np.ndarray | None = None
     import torch
 
     w = _weights(w_data)
+    n_out = w.shape[0]
     if out is None:
-        out = torch.from_numpy(np.empty((x.shape[0], w.shape[0]), np.float32))
-    mul_mat(w, ggml_type, _rows(x), out, pool=pool, times=times)
+        out = torch.from_numpy(np.empty((x.shape[0], n_out), np.float32))
+    _kernels.mul_mat_id(w, b"", ggml_type, 1, _n_in(w, ggml_type), _rows(x), None, 1, out.numpy(), 0, n_out, 0, 1,
+                        -1, pool, times)          # (the checks of `mul_mat` are the kernel's own, less the dtypes)
     return out
 
 

@@ -95,9 +95,9 @@ class CpuBackend:
         The main thread's event starts with the op (its parallel form's set-up included);
         a worker's at its first chunk."""
         t0 = self.recorder.t0
-        times = self._times
-        n_chunks = int(times[:, 2].sum())
-        for i, (first, end, ran) in enumerate(times.tolist()):
+        times = self._times.tolist()
+        n_chunks = sum(ran for _, _, ran in times)
+        for i, (first, end, ran) in enumerate(times):
             if ran:
                 ts = t_start if i == 0 else first - t0
                 share = ran / n_chunks

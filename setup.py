@@ -14,13 +14,13 @@ setup(
         Extension(
             "hybrid._kernels",
             sources=["hybrid/_kernels.c", "hybrid/_pool.c"],      # the matmuls and the CPU worker pool
-            depends=["hybrid/_pool.h", "hybrid/_fp16.h"],
+            depends=["hybrid/_pool.h", "hybrid/_fp16.h", "hybrid/_vecmath.h"],
             extra_compile_args=["-O3", "-std=c11", "-Wall", "-pthread"] if unix else [],
             extra_link_args=["-pthread"] if unix else [],
             libraries=["m"] if unix else [],
         ),
         # the forward pass's small float32 ops: norms, RoPE, softmax, router (hybrid/ops.py)
-        Extension("hybrid._ops", sources=["hybrid/_ops.c"], depends=["hybrid/_fp16.h"],
+        Extension("hybrid._ops", sources=["hybrid/_ops.c"], depends=["hybrid/_fp16.h", "hybrid/_vecmath.h"],
                   extra_compile_args=["-O3", "-std=c11", "-Wall"] if unix else [],
                   libraries=["m"] if unix else []),
         # the loader's line scanner (analysis/flatjson.py keeps a NumPy route for when it is not built)

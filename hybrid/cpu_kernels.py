@@ -161,15 +161,25 @@ def matmul(w_data, ggml_type: int, x, pool=None, times: np.ndarray | None = None
     """x [T, K] float32 torch tensor @ W^T -> [T, N] (MUL_MAT), for weight data uint8
     [N, row_bytes] (a whole tensor, one expert, or a slice of rows); shared by the
     pool's threads when one is given; into `out` (float32 torch [T, N]) if given."""
+    return bind_matmul(w_data, ggml_type)(x, pool, times, out)
+
+
+def bind_matmul(w_data, ggml_type: int):
+    """`matmul` with the weight's checks done once -> run(x, pool, times, out): the form a
+    graph node keeps, so that each evaluation is one Python frame around the kernel
+    (a cold op's Python costs microseconds a frame)."""
     import torch
 
     w = _weights(w_data)
-    n_out = w.shape[0]
-    if out is None:
-        out = torch.from_numpy(np.empty((x.shape[0], n_out), np.float32))
-    _kernels.mul_mat_id(w, b"", ggml_type, 1, _n_in(w, ggml_type), _rows(x), None, 1, out.numpy(), 0, n_out, 0, 1,
-                        -1, pool, times)          # (the checks of `mul_mat` are the kernel's own, less the dtypes)
-    return out
+    n_out, n_in = w.shape[0], _n_in(w, ggml_type)
+
+    def run(x, pool=None, times: np.ndarray | None = None, out=None):
+        if out is None:
+            out = torch.from_numpy(np.empty((x.shape[0], n_out), np.float32))
+        _kernels.mul_mat_id(w, b"", ggml_type, 1, n_in, _rows(x), None, 1, out.numpy(), 0, n_out, 0, 1, -1, pool,
+                            times)          # (the checks of `mul_mat` are the kernel's own, less the dtypes)
+        return out
+    return run
 
 
 def mul_mat_experts(w_data, ggml_type: int, x, ids, w_up_data=None, rows: tuple[int, int] | None = None,

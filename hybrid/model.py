@@ -195,7 +195,7 @@ class _Builder:
         n, k = w.shape[-2], w.shape[-1]
         parallel = None
         if w.ggml_type != GGMLQuantizationType.F32:
-            parallel = functools.partial(_mul_mat_parallel, out=None if result else ops.Out())
+            parallel = _mul_mat_form(w, None if result else ops.Out())
         return self.op("MUL_MAT", _tensor_label(wname), mul_mat, x, layer=layer, buffer=wname,
                        n_bytes=w.n_bytes, flops=2 * self.n_tokens * n * k, parallel=parallel)
 
@@ -347,6 +347,21 @@ def _head_weights(w, key, prepare: Callable) -> torch.Tensor:
     if key not in forms:
         forms[key] = prepare(w)
     return forms[key]
+
+
+def _mul_mat_form(w, out: ops.Out | None) -> Callable:
+    """MUL_MAT's pool form for the model's weight w (into `out`'s memory, if one): bound to
+    w's native kernel once, when it has one; another object for the buffer (a device's
+    copy) takes the general form."""
+    if not native(w):
+        return functools.partial(_mul_mat_parallel, out=out)
+    run, n_out = cpu_kernels.bind_matmul(*w.kernel_blocks), w.shape[-2]
+
+    def parallel(buf, x, pool, times):
+        if buf is not w:
+            return _mul_mat_parallel(buf, x, pool, times, out)
+        return run(x, pool, times, None if out is None else out((x.shape[0], n_out)))
+    return parallel
 
 
 def _mul_mat_parallel(w, x: torch.Tensor, pool, times, out: ops.Out | None = None) -> torch.Tensor:

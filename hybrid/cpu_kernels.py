@@ -189,14 +189,26 @@ def mul_mat_experts(w_data, ggml_type: int, x, ids, w_up_data=None, rows: tuple[
     x: float32 torch [T, K] (gate/up: one input per token) or [T, U, K] (down: one per
     slot); ids: [T, U] expert ids; only rows [r0, r1) of each expert with `rows`;
     with w_up_data it is silu(gate x) * (up x) (-fmoe); into `out` if given."""
+    return bind_mul_mat_id(w_data, ggml_type, w_up_data, rows)(x, ids, pool, times, out)
+
+
+def bind_mul_mat_id(w_data, ggml_type: int, w_up_data=None, rows: tuple[int, int] | None = None):
+    """`mul_mat_experts` with the weights' checks done once -> run(x, ids, pool, times, out):
+    the form a graph node keeps (see `bind_matmul`)."""
     import torch
 
     w = _weights(w_data)
-    if out is None:
-        out = torch.from_numpy(np.empty((*ids.shape, w.shape[1]), np.float32))
-    r0, r1 = rows or (0, w.shape[1])
-    n = mul_mat_id(w, ggml_type, _rows(x), ids, out, r0, r1, w_up=w_up_data, pool=pool, times=times)
-    return out, n
+    w_up = b"" if w_up_data is None else _weights(w_up_data)
+    n_expert, n_out, n_in = w.shape[0], w.shape[1], _n_in(w, ggml_type)
+    r0, r1 = rows or (0, n_out)
+
+    def run(x, ids, pool=None, times: np.ndarray | None = None, out=None):
+        if out is None:
+            out = torch.from_numpy(np.empty((*ids.shape, n_out), np.float32))
+        n = _kernels.mul_mat_id(w, w_up, ggml_type, n_expert, n_in, _rows(x), _array(ids), ids.shape[-1],
+                                out.numpy(), r0, r1, 0, n_expert, -1, pool, times)
+        return out, n
+    return run
 
 
 def row_splits(n_rows: int, n_tasks: int) -> list[int]:

@@ -282,17 +282,12 @@ class _Builder:
                        layer=layer, buffer=wname, n_bytes=per_expert * n_used, flops=flops)
         expert_fn = _fused_expert if fused else _expert
 
-        def parallel(w, x, ids, pool, times, out=ops.Out()):
-            g = w.gate if fused else w
-            if native(g) and (not fused or native(w.up)):
-                blocks, kind = g.kernel_blocks
-                up = None
-                if fused:
-                    up, up_kind = w.up.kernel_blocks
-                    if up_kind != kind:                     # one repacked, the other not: both as stored
-                        blocks, kind, up = g.data, g.ggml_type, w.up.data
-                dst, n_experts = cpu_kernels.mul_mat_experts(blocks, kind, x, ids, up, pool=pool, times=times,
-                                                             out=out((*ids.shape, n)))
+        bound = _expert_kernel(w, fused)
+
+        def parallel(buf, x, ids, pool, times, out=ops.Out()):
+            run = bound if buf is w else _expert_kernel(buf, fused)    # (a device's copy: bound now)
+            if run is not None:
+                dst, n_experts = run(x, ids, pool, times, out((*ids.shape, n)))
                 node.n_bytes = per_expert * n_experts
                 return dst
             experts = torch.unique(ids).tolist()
@@ -300,7 +295,7 @@ class _Builder:
             dst = x.new_zeros(ids.shape[0], ids.shape[1], n)
             k = cpu_kernels.n_tasks(pool)
             groups = [experts[i::k] for i in range(k)]
-            cpu_kernels.run_tasks([lambda g=g: [expert_fn(w, x, ids, e, dst) for e in g] for g in groups if g],
+            cpu_kernels.run_tasks([lambda g=g: [expert_fn(buf, x, ids, e, dst) for e in g] for g in groups if g],
                                   pool, times)
             return dst
         node.fn, node.parallel = _serial(parallel), parallel
@@ -347,6 +342,21 @@ def _head_weights(w, key, prepare: Callable) -> torch.Tensor:
     if key not in forms:
         forms[key] = prepare(w)
     return forms[key]
+
+
+def _expert_kernel(w, fused: bool) -> Callable | None:
+    """The native MUL_MAT_ID on expert weights w (the gate+up pair when fused), bound once
+    (`cpu_kernels.bind_mul_mat_id`); None where they have no native kernel."""
+    g = w.gate if fused else w
+    if not native(g) or (fused and not native(w.up)):
+        return None
+    blocks, kind = g.kernel_blocks
+    up = None
+    if fused:
+        up, up_kind = w.up.kernel_blocks
+        if up_kind != kind:                     # one repacked, the other not: both as stored
+            blocks, kind, up = g.data, g.ggml_type, w.up.data
+    return cpu_kernels.bind_mul_mat_id(blocks, kind, up)
 
 
 def _mul_mat_form(w, out: ops.Out | None) -> Callable:

@@ -316,8 +316,9 @@ _HEAD_WEIGHTS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictio
 
 
 def _native_heads(w, x: torch.Tensor, n_head: int, rows: slice, pool, times) -> torch.Tensor:
-    """A per-head matmul whose input x [T, K] is shared by all heads, on the stored blocks:
-    MUL_MAT_ID with head h as expert h, rows `rows` of each head's rows -> [T, H, N]."""
+    """A per-head matmul whose input x [T, K] is shared by all heads, on the native kernel:
+    MUL_MAT_ID with head h as expert h, rows `rows` of each head's rows -> [T, H, N]
+    (on the repacked blocks where heads and rows are whole blocks of 16 rows)."""
     per_head = w.shape[-2] if len(w.shape) == 3 else w.shape[0] // n_head
     r0, r1, _ = rows.indices(per_head)
     blocks, kind = w.kernel_blocks

@@ -452,11 +452,6 @@ static void row_dot(int path, int type, const uint8_t *w, int64_t nb, const uint
     row_dot_scalar(type, w, 0, nb, x, nt, res);
 }
 
-/* g = silu(g) * up, the fused gate+up's last step (-fmoe), over n values. */
-SIMD_CLONES static void swiglu_in_place(float *g, const float *up, int64_t n) {
-    for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + exp_f32(-g[i])) * up[i];
-}
-
 /* matmul_rows by the row kernel: for many tokens the loops are blocked so that a
  * block of ROW_BLOCK weight rows (L2) meets one tile of TILE tokens' activations
  * (L1) at a time, instead of every row re-reading all tokens from L2. */
@@ -858,9 +853,10 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
         }
         if (fused && !busy)
             for (int64_t k = 0; k < n_runs; k++)
-                for (int64_t at = runs[3 * k + 1]; at < runs[3 * k + 2]; at++)
-                    swiglu_in_place((float *)out.buf + slot_out[at] * n_out + r0, up_out + slot_out[at] * n_out + r0,
-                                    r1 - r0);
+                for (int64_t at = runs[3 * k + 1]; at < runs[3 * k + 2]; at++) {
+                    float *g = (float *)out.buf + slot_out[at] * n_out + r0;    /* silu(gate) * up, in place */
+                    swiglu_f32(g, up_out + slot_out[at] * n_out + r0, r1 - r0, g);
+                }
     }
     Py_END_ALLOW_THREADS
     if (busy) {

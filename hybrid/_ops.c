@@ -270,18 +270,13 @@ static PyObject *py_sum_rows(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_RETURN_NONE;
 }
 
-SIMD_CLONES
-static void swiglu_n(const float *g, const float *u, int64_t n, float *out) {
-    for (int64_t i = 0; i < n; i++) out[i] = g[i] / (1.0f + exp_f32(-g[i])) * u[i];
-}
-
 /* swiglu(g, u, n, out): out = silu(g) * u = g / (1 + e^-g) * u */
 static PyObject *py_swiglu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     const float *g, *u;
     float *out;
     Py_ssize_t n;
     if (parse("swiglu", args, nargs, "ppnp", &g, &u, &n, &out)) return NULL;
-    swiglu_n(g, u, n, out);
+    swiglu_f32(g, u, n, out);
     Py_RETURN_NONE;
 }
 

@@ -2,7 +2,8 @@
  *
  * Both are built without -march flags: SIMD_CLONES asks GCC (on x86-64 Linux) for AVX2 and
  * AVX-512 clones of a loop, picked at load time, and exp_f32 is branch-free so that a loop
- * calling it vectorises, where libm's expf keeps it scalar. */
+ * calling it vectorises, where libm's expf keeps it scalar. swiglu_f32 is the one GLU loop
+ * of both: the GLU op (hybrid/_ops.c) and the fused gate+up's last step (hybrid/_kernels.c). */
 #ifndef HYPROF_VECMATH_H
 #define HYPROF_VECMATH_H
 
@@ -40,6 +41,11 @@ static inline float exp_f32(float x) {
     float y = p * scale;
     y = x < lo ? 0.0f : y;
     return x > hi ? INFINITY : y;
+}
+
+/* out = silu(g) * u = g / (1 + e^-g) * u over n values (GLU); out may be g itself. */
+SIMD_CLONES static void swiglu_f32(const float *g, const float *u, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = g[i] / (1.0f + exp_f32(-g[i])) * u[i];
 }
 
 #endif

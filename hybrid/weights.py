@@ -14,13 +14,13 @@ Python; the pack is about the size of the file's blocks, held in RAM.
 Native kernels (`hybrid.cpu_kernels`: int8 dot products on raw Q4_0/Q8_0
 blocks, at memory speed) take over every matmul on a stored Q4_0/Q8_0 weight
 held in CPU memory: `mul_mat` here, and the pool-shared forms in
-`hybrid.model`, all ask `native(w)`. Where the AVX-512 kernel is the one in
-use, the matmul weights placed on the CPU are also repacked at load into its
-interleaved 16-row blocks (`Weight.packed`, the same size; llama.cpp repacks
-Q4_0 at load for its CPU kernels too), which the native matmuls read instead:
-this is process memory, the file's pages staying in the page cache. They round each activation to 8 bits per
+`hybrid.model`, all ask `native(w)`. They round each activation to 8 bits per
 block of 32 (as llama.cpp does on the CPU), so results move by ~1e-2 against a
-float matmul. `HYPROF_KERNELS=torch` in the environment at import (`NATIVE`)
+float matmul. Where the AVX-512 kernel is the one in use, the matmul weights
+placed on the CPU are also repacked at load into its interleaved 16-row blocks
+(`Weight.packed`, the same size; llama.cpp repacks Q4_0 at load for its CPU
+kernels too), which the native matmuls read instead: process memory, while the
+file's pages stay in the page cache. `HYPROF_KERNELS=torch` in the environment at import (`NATIVE`)
 selects the exact dequantise-then-matmul path instead; any other value (a SIMD
 path name, see `hybrid.cpu_kernels.available`) or none keeps the kernels.
 Weights on a CUDA device always take the torch path.
@@ -46,7 +46,7 @@ CHUNK_ELEMENTS = 1 << 21          # dequantise at most this many weights (8 MiB 
 INT4_GROUP = 32
 INT4_ROWS_PER_PACK = 256          # the pack cannot be sliced by rows, so pack row blocks separately
 
-# ggml type -> kernel(weight, x [T, K] f32) -> [T, N] f32, for stored (not repacked) weights.
+# ggml type -> kernel(weight, x [T, K] f32) -> [T, N] f32 (on the repacked blocks where the weight has them).
 MATMUL_KERNELS: dict[int, Callable[["Weight", torch.Tensor], torch.Tensor]] = {
     t: lambda w, x: cpu_kernels.matmul(*w.kernel_blocks, x) for t in (T.Q4_0, T.Q8_0)}
 

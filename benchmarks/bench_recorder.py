@@ -6,7 +6,7 @@
    - `record`: one `lane.op(...)` call, as an engine's worker makes it;
    - `clock`: one `rec.now()` (an engine reads it about twice per event);
    - `drain+write`: `rec.drain_tables()` plus `TimingsWriter.write_tables` (lines
-     from the columns, one flush), paid once per graph for all of its events.
+     formatted natively from the rows, one flush), paid once per graph for all of its events.
 2. Overhead on a real run (target: ratio >= 0.98): one engine generates tokens,
    graphs alternating between recorded (and written to a timings file, as the
    runner does) and not; tg t/s of each is one over its median graph time, and

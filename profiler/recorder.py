@@ -18,15 +18,14 @@ API (stable; the internals may change):
     lane.test(ts, dur, fields)            # rare: one per test repetition
     rec.next_graph() -> int               # a graph id unique over the recorder's life
     rec.drain() -> list[dict]
-    rec.drain_tables() -> list[EventTable]   # the same as columns, for the timings writer
+    rec.drain_tables() -> list[EventTable]   # the same as rows per lane and type, for the timings writer
     rec.discard()                         # forget what was recorded (warm-up runs)
 
 Why it looks like this: recording must cost well under a microsecond per event
 (benchmarks/bench_recorder.py measures it), so recording is one append of a
 tuple to the lane's list for that event type: no dict, no lookup, no lock.
-Turning the rows into columns, then into dicts or JSON lines, and sorting are
-paid at the drain, once per graph, between graphs (where a report counts them
-as `other`).
+Turning the rows into dicts or JSON lines, and sorting them, is paid at the
+drain, once per graph, between graphs (where a report counts it as `other`).
 
 `drain()` must be called while the lanes are quiet (between graphs): lanes take
 no lock, one thread appends to each.
@@ -38,9 +37,8 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from itertools import count, repeat
+from itertools import count
 from operator import itemgetter
-from typing import Sequence
 
 # Per event type, the columns a lane stores, in the order the lane method takes them.
 # Names are the contract-v1 field names (profiler/schema.py), except `nbytes` -> `bytes`.
@@ -56,14 +54,15 @@ COLUMNS = {
     "test": ("ts", "dur", "fields"),
 }
 
-_OPTIONAL = ("graph", "split", "backend")     # common fields that may not apply
+OPTIONAL_FIELDS = ("graph", "split", "backend")     # common fields that may not apply
+_SLOTS = tuple((kind, f"_{kind}") for kind in COLUMNS)   # each type's list in a Lane
 
 
 class Lane:
     """One thread's event buffers: per event type, a list of row tuples.
 
-    Each method appends one completed event as a tuple in `COLUMNS` order; the
-    columns are made at the drain (`zip(*rows)`). Measured here, this costs about
+    Each method appends one completed event as a tuple in `COLUMNS` order, and the
+    drain hands the lists on as they are. Measured here, this costs about
     half of storing each field into preallocated column lists (0.11 vs 0.23 us per
     event with warm caches, 0.7 vs 1.3 us right after a matmul has evicted them:
     one fresh tuple touches fewer cache lines than eleven columns).
@@ -112,65 +111,46 @@ class Lane:
         """This lane's events since the last take, one table per event type; the lane
         starts empty again."""
         tables = []
-        for kind in COLUMNS:
-            rows = getattr(self, f"_{kind}")
+        for kind, slot in _SLOTS:
+            rows = getattr(self, slot)
             if rows:
-                setattr(self, f"_{kind}", [])
-                tables.append(_event_table(kind, self.tid, rows))
+                setattr(self, slot, [])
+                tables.append(EventTable(kind, self.tid, rows))
         return tables
 
     def clear(self) -> None:
-        for kind in COLUMNS:
-            setattr(self, f"_{kind}", [])
+        for _, slot in _SLOTS:
+            setattr(self, slot, [])
 
 
 @dataclass(frozen=True, slots=True)
 class EventTable:
-    """One lane's events of one type, as columns: what a drain hands to the sinks.
+    """One lane's events of one type, as the rows the lane recorded (values in
+    `COLUMNS[kind]` order): what a drain hands to the sinks, which format them.
 
-    `ts` and `dur` are ints, `dur` >= 0. A common field that applies to no row
-    (None: a phase outside a graph) is not among `names`; one None in only some
-    rows is listed in `partly_none` and left out of those events.
+    An optional common field (`graph`, `split`, `backend`) that is None does not
+    apply to that event and is left out of it; a `dur` below zero is written as 0.
     """
 
     kind: str
     tid: str
-    names: tuple[str, ...]          # contract field names of `columns`, ts and dur first
-    columns: tuple[Sequence, ...]
-    partly_none: tuple[str, ...] = ()
+    rows: list[tuple]
 
     def to_dicts(self) -> list[dict]:
         """The events as contract-v1 dicts (unsorted)."""
         if self.kind == "test":
-            return [{"type": "test", "ts": t, "dur": d, "tid": self.tid, **f}
-                    for t, d, f in zip(*self.columns)]
-        n = len(self.columns[0])
-        keys = ("type", *self.names, "tid")
-        events = [dict(zip(keys, row))
-                  for row in zip(repeat(self.kind, n), *self.columns, repeat(self.tid, n))]
-        for name in self.partly_none:
-            for ev in events:
-                if ev[name] is None:
-                    del ev[name]
+            return [{"type": "test", "ts": int(t), "dur": max(int(d), 0), "tid": self.tid, **f}
+                    for t, d, f in self.rows]
+        names = COLUMNS[self.kind]
+        events = []
+        for row in self.rows:
+            ev = {"type": self.kind, "ts": int(row[0]), "dur": max(int(row[1]), 0)}
+            for name, value in zip(names[2:], row[2:]):
+                if value is not None or name not in OPTIONAL_FIELDS:
+                    ev[name] = value
+            ev["tid"] = self.tid
+            events.append(ev)
         return events
-
-
-def _event_table(kind: str, tid: str, rows: list[tuple]) -> EventTable:
-    n = len(rows)
-    cols = list(zip(*rows))
-    cols[0] = list(map(int, cols[0]))
-    cols[1] = list(map(int, cols[1]))
-    if min(cols[1]) < 0:
-        cols[1] = [d if d > 0 else 0 for d in cols[1]]
-    names, kept, partly_none = [], [], []
-    for name, col in zip(COLUMNS[kind], cols):
-        n_none = col.count(None) if name in _OPTIONAL else 0
-        if n_none < n:
-            names.append(name)
-            kept.append(col)
-        if 0 < n_none < n:
-            partly_none.append(name)
-    return EventTable(kind, tid, tuple(names), tuple(kept), tuple(partly_none))
 
 
 class Recorder:
@@ -219,7 +199,7 @@ class Recorder:
         return out
 
     def drain_tables(self) -> list[EventTable]:
-        """Every event recorded since the last drain, as columns per lane and type (the
+        """Every event recorded since the last drain, as rows per lane and type (the
         timings writer turns them into lines without making a dict per event)."""
         with self._lock:
             lanes = list(self._lanes.values())

@@ -18,6 +18,7 @@ import functools
 import os
 import sys
 import tempfile
+from operator import itemgetter
 from importlib.metadata import version
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +27,8 @@ import orjson
 
 from profiler.errors import UserError
 from profiler.files import check_output_path, new_file_mode
-from profiler.recorder import EventTable, Lane
+from profiler._lines import format_events
+from profiler.recorder import COLUMNS, OPTIONAL_FIELDS, EventTable, Lane
 from profiler.schema import SCHEMA
 
 _json_line = functools.partial(orjson.dumps,
@@ -80,15 +82,23 @@ class TimingsWriter:
 
     def write_tables(self, tables: Sequence[EventTable]) -> None:
         """Append a drain's events (`Recorder.drain_tables()`) in time order, outer
-        events first, and flush them: what the runner does after each graph."""
-        lines, ts, durs = [], [], []
-        for table in tables:
-            lines += table_lines(table)
-            ts += table.columns[0]
-            durs += table.columns[1]
-        order = sorted(range(len(lines)), key=durs.__getitem__, reverse=True)
-        order.sort(key=ts.__getitem__)
-        self._append([lines[i] for i in order])
+        events first, and flush them: what the runner does after each graph.
+
+        The lines are made natively (profiler/_lines.c) from the rows the lanes
+        recorded; a drain holding a value it does not write (a float, a name that
+        is not text) goes through dicts instead, as `write` does."""
+        try:
+            text = format_events([_layout(table) for table in tables])
+        except TypeError:
+            events = [ev for table in tables for ev in table.to_dicts()]
+            events.sort(key=itemgetter("dur"), reverse=True)
+            events.sort(key=itemgetter("ts"))
+            self.write(events)
+            return
+        self._file.write(text)
+        self._file.flush()
+        self._good = self._file.tell()
+        self.n_events += sum(len(table.rows) for table in tables)
 
     def _append(self, lines: list[bytes]) -> None:
         # Line by line into the file's buffer: joining a graph's lines first costs
@@ -126,57 +136,36 @@ class TimingsWriter:
             self.abort()
 
 
-# Fields written as JSON strings; every other field of a table is an integer.
+# Fields written as JSON strings; every other field of a table is an integer (they all
+# count something: ns, bytes, flops, tokens, ids).
 _STRING_FIELDS = frozenset({"backend", "op", "name", "src", "dst", "test"})
+_INT, _STR, _OPTIONAL = 0, 1, 2         # the field kinds of profiler/_lines.c
 
 
-class _JsonStrings(dict):
-    """The JSON text of each string met (op and tensor names recur every graph)."""
-
-    def __missing__(self, value) -> bytes:
-        text = orjson.dumps(value)
-        if type(value) is str:          # not 1 or True: they would answer for each other
-            if len(self) > 100_000:
-                self.clear()
-            self[value] = text
-        return text
-
-
-_json_strings = _JsonStrings()
-_templates: dict[tuple, bytes] = {}
+def _fields(kind: str, tid: str) -> tuple[tuple, bytes]:
+    """What `format_events` writes around each value of a (kind, lane) table's rows:
+    the type first, the lane last, as `_json_line` orders a dict from `to_dicts`."""
+    names = COLUMNS[kind]
+    prefixes = [b'{"type":' + orjson.dumps(kind) + b","] + [b","] * (len(names) - 1)
+    fields = tuple((prefix + orjson.dumps(name) + b":",
+                    (_STR if name in _STRING_FIELDS else _INT)
+                    | (_OPTIONAL if name in OPTIONAL_FIELDS else 0))
+                   for prefix, name in zip(prefixes, names))
+    return fields, b',"tid":' + orjson.dumps(tid) + b"}\n"
 
 
-def table_lines(table: EventTable) -> list[bytes]:
-    """One JSON line per event of the table, as `_json_line` writes its dicts, except
-    that every field not in _STRING_FIELDS is written as an integer (they all count
-    something: ns, bytes, flops, tokens, ids).
-
-    Formatted from the columns with one `%`-template per kind of table, so that no
-    dict is made per event; a table that this cannot write (a test, a field None in
-    some rows, a value of an unexpected type) goes through its dicts.
-    """
-    if table.kind == "test" or table.partly_none:
-        return list(map(_json_line, table.to_dicts()))
-    key = (table.kind, table.tid, table.names)
-    template = _templates.get(key)
-    if template is None:
-        template = _templates[key] = _template(*key)
-    cols = [list(map(_json_strings.__getitem__, col)) if name in _STRING_FIELDS else col
-            for name, col in zip(table.names, table.columns)]
-    try:
-        return [template % row for row in zip(*cols)]
-    except (TypeError, ValueError):
-        return list(map(_json_line, table.to_dicts()))
+_layouts: dict[tuple[str, str], tuple] = {}
 
 
-def _template(kind: str, tid: str, names: tuple[str, ...]) -> bytes:
-    def constant(value) -> bytes:
-        return orjson.dumps(value).replace(b"%", b"%%")
-
-    fields = [b'"type":' + constant(kind)]
-    fields += [constant(n) + (b":%b" if n in _STRING_FIELDS else b":%d") for n in names]
-    fields += [b'"tid":' + constant(tid)]
-    return b"{" + b",".join(fields) + b"}\n"
+def _layout(table: EventTable) -> tuple:
+    """A table as `format_events` takes it; a test's free-form fields are formatted here."""
+    if table.kind == "test":
+        return [(ev["ts"], ev["dur"], _json_line(ev)) for ev in table.to_dicts()], None, None
+    key = table.kind, table.tid
+    fields = _layouts.get(key)
+    if fields is None:
+        fields = _layouts[key] = _fields(*key)
+    return table.rows, *fields
 
 
 def _us(dur: int) -> int:

@@ -178,7 +178,7 @@ class Engine:
         model.cache.n_past += len(tokens)
         if sample:
             t = rec.now()
-            result = ops.argmax(result[-1])
+            result = ops.argmax(result)
             if rec.enabled:
                 lane.phase(t, rec.now() - t, graph_id, "sample")
         if rec.enabled:

@@ -20,6 +20,7 @@ API (stable; the internals may change):
     rec.drain() -> list[dict]
     rec.drain_tables() -> list[EventTable]   # the same as rows per lane and type, for the timings writer
     rec.discard()                         # forget what was recorded (warm-up runs)
+    rec.on_drain(hook)                    # hook() records buffered measurements at each drain
 
 Why it looks like this: recording must cost well under a microsecond per event
 (benchmarks/bench_recorder.py measures it), so recording is one append of a
@@ -169,6 +170,7 @@ class Recorder:
         self._lanes: dict[str, Lane] = {}
         self._lock = threading.Lock()
         self._graph_ids = count()
+        self._drain_hooks: list = []
 
     def now(self) -> int:
         return time.perf_counter_ns() - self.t0
@@ -190,6 +192,24 @@ class Recorder:
                 self._lanes[tid] = lane
             return lane
 
+    def on_drain(self, hook, remove: bool = False) -> None:
+        """Call `hook()` at the start of every drain (and discard): a producer that keeps
+        what it measured in its own form during a graph (the CPU backend: each pool op's
+        per-thread times) records it as events then, off the hot path. `remove` forgets it."""
+        with self._lock:
+            if remove:
+                self._drain_hooks.remove(hook)
+            else:
+                self._drain_hooks.append(hook)
+
+    def _lanes_after_hooks(self) -> list[Lane]:
+        with self._lock:
+            hooks = list(self._drain_hooks)
+        for hook in hooks:
+            hook()
+        with self._lock:
+            return list(self._lanes.values())
+
     def drain(self) -> list[dict]:
         """Every event recorded since the last drain, as contract-v1 dicts in time order
         (outer events before the events they contain)."""
@@ -201,13 +221,9 @@ class Recorder:
     def drain_tables(self) -> list[EventTable]:
         """Every event recorded since the last drain, as rows per lane and type (the
         timings writer turns them into lines without making a dict per event)."""
-        with self._lock:
-            lanes = list(self._lanes.values())
-        return [table for lane in lanes for table in lane.take()]
+        return [table for lane in self._lanes_after_hooks() for table in lane.take()]
 
     def discard(self) -> None:
         """Forget every event recorded since the last drain (warm-up runs)."""
-        with self._lock:
-            lanes = list(self._lanes.values())
-        for lane in lanes:
+        for lane in self._lanes_after_hooks():
             lane.clear()

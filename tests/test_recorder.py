@@ -151,3 +151,26 @@ def test_print_timing_comes_from_the_environment(monkeypatch, capsys):
     monkeypatch.setenv("HYPROF_PRINT_TIMING", "0")
     rec = Recorder(enabled=False)
     assert not rec.enabled and type(rec.lane("main")) is Lane
+
+
+def test_drain_hooks_record_before_each_drain_and_discard_until_removed():
+    """A producer's buffered measurements become events at the drain (the CPU backend's
+    per-op thread shares); a removed hook is not called again."""
+    rec = Recorder(print_timing=False)
+    lane = rec.lane("main")
+    buffered = []
+
+    def hook():
+        for ts in buffered:
+            lane.phase(ts, 1, 0, "late")
+        buffered.clear()
+
+    rec.on_drain(hook)
+    buffered += [3, 1]
+    assert [e["ts"] for e in rec.drain()] == [1, 3]
+    buffered.append(5)
+    rec.discard()
+    assert rec.drain() == [] and buffered == []
+    rec.on_drain(hook, remove=True)
+    buffered.append(7)
+    assert rec.drain() == [] and buffered == [7]

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from hybrid._kernels import Pool
-from hybrid.graph import Node
 from hybrid.placement import CPU
 from profiler.recorder import Recorder
 from profiler.schema import MAIN_LANE
@@ -64,6 +63,8 @@ class CpuBackend:
         self.lanes = [recorder.lane(MAIN_LANE)] + [recorder.lane(f"cpu{i}") for i in range(1, n_threads)]
         self._times = np.zeros((n_threads, 3), np.int64)     # per op: first claim, end, chunks
         self._wakes = np.zeros(n_threads, np.int64)          # per split: when each worker saw it
+        self._shared: list[tuple] = []      # pool ops not yet recorded: (node, start, graph, split, times)
+        recorder.on_drain(self._record_shares)
 
     def compute(self, split, values: dict, graph_id: int, i_split: int) -> None:
         rec, pool, buffers = self.recorder, self.pool, self.buffers
@@ -78,7 +79,9 @@ class CpuBackend:
                         node.n_bytes >= MIN_SPLIT_BYTES or node.flops >= MIN_SPLIT_FLOPS):
                     values[node] = node.parallel(buf, *args, pool, self._times)
                     if rec.enabled:
-                        self._record_shares(node, t, graph_id, i_split)
+                        self._shared.append((node, t, graph_id, i_split, self._times.tolist()))
+                        if rec.print_timing:
+                            self._record_shares()
                 else:
                     values[node] = node.fn(buf, *args)
                     if rec.enabled:
@@ -89,20 +92,24 @@ class CpuBackend:
             if dispatch and rec.enabled:
                 self._record_wakeups(dispatch, graph_id, i_split)
 
-    def _record_shares(self, node: Node, t_start: int, graph_id: int, i_split: int) -> None:
-        """One op event per thread that ran chunks of the op, with its share of the op's
-        bytes and flops (chunks it ran / all chunks), so that the lanes add up to the op.
-        The main thread's event starts with the op (its parallel form's set-up included);
-        a worker's at its first chunk."""
+    def _record_shares(self) -> None:
+        """The pool ops run since the last drain, as op events: one per thread that ran
+        chunks of an op, with its share of the op's bytes and flops (chunks it ran / all
+        chunks), so that the lanes add up to the op. The main thread's event starts with
+        the op (its parallel form's set-up included); a worker's at its first chunk.
+
+        The recorder calls this when it drains, between graphs: made after each op, the
+        events cost ~5 us of cold Python per op, a third of the scheduler's time in tg."""
         t0 = self.recorder.t0
-        times = self._times.tolist()
-        n_chunks = sum(ran for _, _, ran in times)
-        for i, (first, end, ran) in enumerate(times):
-            if ran:
-                ts = t_start if i == 0 else first - t0
-                share = ran / n_chunks
-                self.lanes[i].op(ts, end - t0 - ts, graph_id, i_split, CPU, node.op, node.name, node.layer,
-                                 round(node.n_bytes * share), round(node.flops * share), node.n_tokens)
+        for node, t_start, graph_id, i_split, times in self._shared:
+            n_chunks = sum(ran for _, _, ran in times)
+            for i, (first, end, ran) in enumerate(times):
+                if ran:
+                    ts = t_start if i == 0 else first - t0
+                    share = ran / n_chunks
+                    self.lanes[i].op(ts, end - t0 - ts, graph_id, i_split, CPU, node.op, node.name, node.layer,
+                                     round(node.n_bytes * share), round(node.flops * share), node.n_tokens)
+        self._shared.clear()
 
     def _record_wakeups(self, dispatch: int, graph_id: int, i_split: int) -> None:
         """Per worker, the split's dispatch until the worker saw it (and claimed its first chunk)."""
@@ -120,5 +127,7 @@ class CpuBackend:
         pass
 
     def close(self) -> None:
+        self._record_shares()
+        self.recorder.on_drain(self._record_shares, remove=True)
         self.pool.close()
         torch.set_num_threads(self._torch_threads)

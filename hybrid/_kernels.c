@@ -640,8 +640,8 @@ done:
 
 /* MUL_MAT_ID cut into chunks for the pool (hybrid/_pool.c): chunk k is row block
  * k % n_blocks of the (k / n_blocks)-th expert computed; fused (-fmoe), the chunks of
- * the gate experts come first, then those of the up experts (into `up_out`), and
- * silu(gate) * up is taken once both are done. (Gate and up row blocks in turn, each
+ * the gate experts come first, then those of the up experts (into `up_out`), each of
+ * which takes silu(gate) * up over its rows when its gate chunk is done. (Gate and up row blocks in turn, each
  * thread then reading two tensors at once, streamed ~1.5x slower from DRAM than gate
  * then up: bench_expert_matmul.py.) Row blocks are multiples of CHUNK_ROW_ALIGN rows
  * (the kernels' row blocks; only a range's last block is shorter), sized so that one
@@ -661,6 +661,7 @@ typedef struct {
     const int64_t *runs;              /* per expert computed: expert, first slot, end slot */
     int64_t n_runs;
     float *out, *up_out;              /* up_out: the up experts' products, when fused */
+    _Atomic int64_t *gate_done;       /* fused: per gate chunk, 1 once done */
 } mm_job_t;
 
 static void mm_chunk(void *ctx, int64_t chunk, int thread) {
@@ -672,6 +673,19 @@ static void mm_chunk(void *ctx, int64_t chunk, int thread) {
     int64_t b1 = b0 + j->block_rows < j->r1 ? b0 + j->block_rows : j->r1;
     matmul_rows(j->path, j->type, j->packed, (up ? j->w_up : j->w) + (size_t)run[0] * j->expert_bytes, j->n_in, b0,
                 b1, j->xs + run[1], j->slot_out + run[1], run[2] - run[1], up ? j->up_out : j->out, j->n_out);
+    if (!j->gate_done) return;
+    if (!up) {
+        atomic_store_explicit(&j->gate_done[chunk], 1, memory_order_release);
+        return;
+    }
+    /* Fused: this up chunk's gate chunk was claimed before it (all gate chunks come first), so
+     * it is done or running; then silu(gate) * up over the chunk's rows, in place, by the
+     * thread that has the up rows in cache, instead of one pass on the main thread after. */
+    pool_wait_count(&j->gate_done[chunk], 1);
+    for (int64_t at = run[1]; at < run[2]; at++) {
+        float *g = j->out + j->slot_out[at] * j->n_out + b0;
+        swiglu_f32(g, j->up_out + j->slot_out[at] * j->n_out + b0, b1 - b0, g);
+    }
 }
 
 /* Rows per chunk for n_runs experts holding n_slots slots between them. */
@@ -755,6 +769,7 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
     int32_t *id = NULL;
     int64_t *slot_out = NULL, *start = NULL, *runs = NULL;
     float *up_out = NULL;
+    _Atomic int64_t *gate_done = NULL;
     pool_t *pool = NULL;
     Py_ssize_t n_x = 0, n_slots = 0;
     if (pool_obj != Py_None && !(pool = pool_from_object(pool_obj))) goto done;
@@ -814,7 +829,7 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
     xq = floats ? (xq_owned = malloc((size_t)(n_x * xb) + 1)) : x.buf;
     up_out = fused ? malloc(sizeof(float) * (size_t)(n_slots * n_out) + 1) : NULL;
     if (!xs || !slot_out || !start || !runs || !xq || (fused && !up_out)) { PyErr_NoMemory(); goto done; }
-    int busy = 0;
+    int busy = 0, no_memory = 0;
     int64_t n_runs = 0;
     Py_BEGIN_ALLOW_THREADS
     if (floats) quantize_rows(path, x.buf, n_x, n_in, xq);
@@ -842,23 +857,24 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
             begin = end;
         }
         mm_job_t job = {path, type, packed, w.buf, fused ? w_up.buf : NULL, (size_t)(n_out * rb), n_in, n_out, r0, r1,
-                        r1 - r0, 1, xs, slot_out, runs, n_runs, out.buf, up_out};
+                        r1 - r0, 1, xs, slot_out, runs, n_runs, out.buf, up_out, NULL};
         const int64_t tensors = fused ? 2 : 1;
         if (pool && n_runs && r1 > r0) {
             job.block_rows = chunk_rows(&job, run_slots);
             job.n_blocks = (r1 - r0 + job.block_rows - 1) / job.block_rows;
-            busy = pool_run(pool, tensors * n_runs * job.n_blocks, mm_chunk, &job, times.buf);
-        } else if (r1 > r0) {
-            for (int64_t k = 0; k < tensors * n_runs; k++) mm_chunk(&job, k, 0);
         }
-        if (fused && !busy)
-            for (int64_t k = 0; k < n_runs; k++)
-                for (int64_t at = runs[3 * k + 1]; at < runs[3 * k + 2]; at++) {
-                    float *g = (float *)out.buf + slot_out[at] * n_out + r0;    /* silu(gate) * up, in place */
-                    swiglu_f32(g, up_out + slot_out[at] * n_out + r0, r1 - r0, g);
-                }
+        if (fused && !(job.gate_done = gate_done = calloc((size_t)(n_runs * job.n_blocks) + 1, sizeof(*gate_done))))
+            no_memory = 1;
+        else if (pool && n_runs && r1 > r0)
+            busy = pool_run(pool, tensors * n_runs * job.n_blocks, mm_chunk, &job, times.buf);
+        else if (r1 > r0)
+            for (int64_t k = 0; k < tensors * n_runs * job.n_blocks; k++) mm_chunk(&job, k, 0);
     }
     Py_END_ALLOW_THREADS
+    if (no_memory) {
+        PyErr_NoMemory();
+        goto done;
+    }
     if (busy) {
         PyErr_SetString(PyExc_RuntimeError, "pool: already running a job");
         goto done;
@@ -868,6 +884,7 @@ done:
     free(xs);
     free(xq_owned);
     free(up_out);
+    free((void *)gate_done);
     free(id);
     free(slot_out);
     free(start);

@@ -115,6 +115,8 @@ static void spin_until_done(_Atomic int64_t *done, int64_t n) {
     }
 }
 
+void pool_wait_count(_Atomic int64_t *counter, int64_t n) { spin_until_done(counter, n); }
+
 /* Tell the workers the state changed; wake the sleeping ones. seq_cst on both sides
  * (here: bump, then read sleepers; a sleeper: count itself, then read seq) means either
  * this sees the sleeper or the sleeper sees the new seq: no wakeup is lost. */

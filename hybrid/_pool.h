@@ -10,6 +10,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdatomic.h>
 #include <stdint.h>
 
 typedef struct pool pool_t;
@@ -28,6 +29,10 @@ typedef void (*pool_chunk_fn)(void *ctx, int64_t chunk, int thread);
  * (CLOCK_MONOTONIC ns), times[3i+2] = chunks it ran (0: it ran none; the rest is
  * then 0 too). Native callers release the GIL first. */
 int pool_run(pool_t *pool, int64_t n_chunks, pool_chunk_fn fn, void *ctx, int64_t *times);
+
+/* Waits (spinning, then yielding) until *counter >= n: a chunk that needs another chunk of
+ * the same job done first (claimed earlier, so running or finished) waits for it here. */
+void pool_wait_count(_Atomic int64_t *counter, int64_t n);
 
 /* The `Pool` Python type (added to hybrid._kernels by its module init), and the
  * pool_t inside a Pool object (NULL with an exception set if `obj` is not an open Pool). */

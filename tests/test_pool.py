@@ -183,7 +183,7 @@ def test_pooled_matmuls_equal_the_call_without_a_pool(pool, ggml_type, n_tok):
     gate, ids, x = moe_case(rng, ggml_type, n_expert=8, n_out=300, n_in=256, n_tok=n_tok, n_used=6)
     up = raw_weights(rng, gate.shape[:2] + (256,), ggml_type)
     per_slot = rng.standard_normal((ids.size, 256)).astype(np.float32)
-    cases = [(x, None, 0, 300), (x, up, 0, 300), (per_slot, None, 0, 300), (x, None, 37, 211)]
+    cases = [(x, None, 0, 300), (x, up, 0, 300), (per_slot, None, 0, 300), (x, None, 37, 211), (x, up, 37, 211)]
     for xs, w_up, r0, r1 in cases:
         xq = ck.quantize_activations(xs)
         want = np.full((*ids.shape, 300), np.nan, np.float32)
@@ -198,6 +198,22 @@ def test_pooled_matmuls_equal_the_call_without_a_pool(pool, ggml_type, n_tok):
     ck.mul_mat(gate[2], ggml_type, xq, want)
     ck.mul_mat(gate[2], ggml_type, xq, got, pool=pool)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+def test_fused_up_chunks_finish_their_gate_chunks_rows(pool, ggml_type):
+    """Fused gate+up cut into many chunks: each up chunk applies silu(gate) * up to its rows
+    once its gate chunk (maybe another thread's) is done, so the result is the serial call's."""
+    rng = np.random.default_rng(8)
+    gate, ids, x = moe_case(rng, ggml_type, n_expert=8, n_out=512, n_in=2048, n_tok=1, n_used=6)
+    up = raw_weights(rng, gate.shape[:2] + (2048,), ggml_type)
+    want, got = (np.full((*ids.shape, 512), np.nan, np.float32) for _ in range(2))
+    ck.mul_mat_id(gate, ggml_type, x, ids, want, w_up=up)
+    times = np.zeros((3, 3), np.int64)
+    for _ in range(5):
+        ck.mul_mat_id(gate, ggml_type, x, ids, got, w_up=up, pool=pool, times=times)
+        np.testing.assert_array_equal(got, want)
+    assert times[:, 2].sum() >= 2 * 6 * 4          # gate and up: several row blocks per expert
 
 
 def test_engine_forms_equal_their_serial_run(pool):

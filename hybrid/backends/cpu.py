@@ -23,6 +23,7 @@ known; that wait is the split's join, which the report counts as thread wakeup.
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Any, Mapping
 
 import numpy as np
@@ -95,20 +96,20 @@ class CpuBackend:
     def _record_shares(self) -> None:
         """The pool ops run since the last drain, as op events: one per thread that ran
         chunks of an op, with its share of the op's bytes and flops (chunks it ran / all
-        chunks), so that the lanes add up to the op. The main thread's event starts with
+        chunks, rounded down), so that the lanes add up to the op. The main thread's event starts with
         the op (its parallel form's set-up included); a worker's at its first chunk.
 
         The recorder calls this when it drains, between graphs: made after each op, the
         events cost ~5 us of cold Python per op, a third of the scheduler's time in tg."""
-        t0 = self.recorder.t0
+        t0, lanes = self.recorder.t0, self.lanes
         for node, t_start, graph_id, i_split, times in self._shared:
-            n_chunks = sum(ran for _, _, ran in times)
+            n_chunks = sum(map(itemgetter(2), times))
+            n_bytes, flops = node.n_bytes, node.flops
             for i, (first, end, ran) in enumerate(times):
                 if ran:
                     ts = t_start if i == 0 else first - t0
-                    share = ran / n_chunks
-                    self.lanes[i].op(ts, end - t0 - ts, graph_id, i_split, CPU, node.op, node.name, node.layer,
-                                     round(node.n_bytes * share), round(node.flops * share), node.n_tokens)
+                    lanes[i].op(ts, end - t0 - ts, graph_id, i_split, CPU, node.op, node.name, node.layer,
+                                n_bytes * ran // n_chunks, flops * ran // n_chunks, node.n_tokens)
         self._shared.clear()
 
     def _record_wakeups(self, dispatch: int, graph_id: int, i_split: int) -> None:

@@ -72,7 +72,9 @@ def _run_table(report: Report) -> Table:
     labels = sweep_labels(h, range(len(h.get("sweep") or [])))
     if labels:      # the config above is the first combination's
         rows.append(("sweep", ", ".join(label.strip(" []") for label in labels.values())))
-    peaks = ", ".join(f"{b} {_f(v, 1)} GB/s" for b, v in report.peak_GBps.items()) or "unknown (use --peak-bw)"
+    methods = h.get("peak_bw") or {}
+    peaks = ", ".join(f"{b} {_f(v, 1)} GB/s" + (f" ({methods[b]['method']})" if _method(methods, b, v) else "")
+                      for b, v in report.peak_GBps.items()) or "unknown (use --peak-bw)"
     rows.append(("peak bandwidth", peaks))
     skipped = "; ".join(f"{what.replace('_', ' ')} " + ", ".join(f"{k} ({v:,})" for k, v in sorted(counts.items()))
                         for what, counts in report.skipped.items() if counts)
@@ -84,6 +86,13 @@ def _run_table(report: Report) -> Table:
     if report.emulated:
         notes.insert(0, "The accelerator was EMULATED (ACC0: torch on the CPU); its times are not GPU times.")
     return Table("hyprof report", ("", ""), tuple(rows), tuple(notes))
+
+
+def _method(methods: dict, backend: str, gbps: float) -> bool:
+    """Whether the header says how the peak shown was measured (not when `report --peak-bw` replaced it)."""
+    entry = methods.get(backend)
+    return (isinstance(entry, dict) and entry.get("GBps") == gbps and isinstance(entry.get("method"), str)
+            and bool(entry["method"]))
 
 
 def _time_table(r: TestReport, source: str) -> Table:
@@ -110,10 +119,14 @@ def _notes(r: TestReport) -> tuple:
     notes = []
     if bw["cpu_expert_GBps"] is not None:
         line = f"CPU experts: {_f(bw['cpu_expert_GBps'], 1)} GB/s"
-        if bw["cpu_expert_fraction_of_peak"] is not None:
-            line += f" = {_f(100 * bw['cpu_expert_fraction_of_peak'], 1)} % of the {_f(bw['cpu_peak_GBps'], 1)} GB/s peak"
+        fraction = bw["cpu_expert_fraction_of_peak"]
+        if fraction is not None:
+            line += f" = {_f(100 * fraction, 1)} % of the {_f(bw['cpu_peak_GBps'], 1)} GB/s peak"
         line += f", {_mb(bw['cpu_expert_bytes_per_token'])} MB read per token"
         notes.append(line)
+        if fraction is not None and fraction > 1:
+            notes.append("  above the peak: it was measured at another time (see `peak bandwidth`), when the "
+                         "memory system gave less; `hyprof membw --refresh` measures it again, or give --peak-bw")
     notes.append(f"what-if: {_f(w['no_overhead'], 1)} t/s with the overhead removed, "
                  f"{_f(w['cpu_expert_at_peak'], 1)} t/s with the CPU experts at peak bandwidth, "
                  f"{_f(w['bound'], 1)} t/s hardware bound")

@@ -42,10 +42,14 @@ class StreamResult:
     triad_GBps: float
     copy_samples_GBps: tuple[float, ...]
     triad_samples_GBps: tuple[float, ...]
+    measured: str = ""             # when (UTC); empty in caches written before it was kept
 
     @property
     def method(self) -> str:
-        return (f"measured: stream triad, {N_ARRAYS} x {self.array_bytes / 2**20:.0f} MiB "
+        """How the peak was measured, and when: a cached peak from a slower minute of a
+        shared machine reads as a fraction above 100 %, and the date says why."""
+        when = f" at {self.measured}" if self.measured else ""
+        return (f"measured{when}: stream triad, {N_ARRAYS} x {self.array_bytes / 2**20:.0f} MiB "
                 f"arrays, {self.threads} threads, median of {len(self.triad_samples_GBps)}")
 
 
@@ -81,7 +85,8 @@ def measure_stream(threads: int, array_bytes: int = DEFAULT_ARRAY_BYTES,
     return StreamResult(cpu=machine["cpu"], cores=machine["cores"], threads=threads,
                         array_bytes=array_bytes, copy_GBps=statistics.median(copy),
                         triad_GBps=statistics.median(triad),
-                        copy_samples_GBps=tuple(copy), triad_samples_GBps=tuple(triad))
+                        copy_samples_GBps=tuple(copy), triad_samples_GBps=tuple(triad),
+                        measured=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
 
 
 def _seconds(kernel: Callable[[], object]) -> float:

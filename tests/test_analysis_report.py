@@ -112,6 +112,20 @@ def test_peak_bw_flag_overrides_the_header(deepseek):
     assert r.tests[0].bandwidth["cpu_expert_fraction_of_peak"] == pytest.approx(0.5549, abs=1e-4)
 
 
+def test_a_fraction_above_the_peak_says_why_and_what_to_do():
+    """The peak comes with how and when it was measured; a fraction above 100 % (a cached
+    peak from a slower minute of a shared machine) is explained, not left to puzzle over."""
+    def text_of(report):
+        console = Console(record=True, width=200)
+        render_console.render(report_tables(report), console)
+        return console.export_text()
+    below = text_of(report_of(deepseek_lite_stream()))
+    assert "CPU 64.0 GB/s (measured: stream triad)" in below and "above the peak" not in below
+    above = text_of(report_of(deepseek_lite_stream(), peak_bw=50.0))
+    assert "111.0 % of the 50.0 GB/s peak" in above and "(measured: stream triad)" not in above  # --peak-bw's
+    assert "above the peak: it was measured at another time" in above and "hyprof membw --refresh" in above
+
+
 def test_bandwidth_is_bytes_over_the_union_of_busy_time_and_op_table():
     ev = [{"type": "graph", "ts": 0, "dur": 1000, "graph": 0, "n_tokens": 2}]
     for lane, start in (("cpu1", 0), ("cpu2", 100), ("cpu3", 600)):   # union 0..500 and 600..800 = 700 ns

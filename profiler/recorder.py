@@ -154,6 +154,15 @@ class EventTable:
         return events
 
 
+def dicts_in_time_order(tables: list[EventTable]) -> list[dict]:
+    """The tables' events as contract-v1 dicts, by ts, an outer event before the events
+    it contains (the longer first at one ts)."""
+    out = [ev for table in tables for ev in table.to_dicts()]
+    out.sort(key=itemgetter("dur"), reverse=True)    # stable: by ts, then longest first
+    out.sort(key=itemgetter("ts"))
+    return out
+
+
 class Recorder:
     """Owns the lanes and the run's clock; `drain()` merges what the lanes hold.
 
@@ -213,10 +222,7 @@ class Recorder:
     def drain(self) -> list[dict]:
         """Every event recorded since the last drain, as contract-v1 dicts in time order
         (outer events before the events they contain)."""
-        out = [ev for table in self.drain_tables() for ev in table.to_dicts()]
-        out.sort(key=itemgetter("dur"), reverse=True)    # stable: by ts, then longest first
-        out.sort(key=itemgetter("ts"))
-        return out
+        return dicts_in_time_order(self.drain_tables())
 
     def drain_tables(self) -> list[EventTable]:
         """Every event recorded since the last drain, as rows per lane and type (the

@@ -18,7 +18,6 @@ import functools
 import os
 import sys
 import tempfile
-from operator import itemgetter
 from importlib.metadata import version
 from pathlib import Path
 from typing import Sequence
@@ -28,7 +27,7 @@ import orjson
 from profiler.errors import UserError
 from profiler.files import check_output_path, new_file_mode
 from profiler._lines import format_events
-from profiler.recorder import COLUMNS, OPTIONAL_FIELDS, EventTable, Lane
+from profiler.recorder import COLUMNS, OPTIONAL_FIELDS, EventTable, Lane, dicts_in_time_order
 from profiler.schema import SCHEMA
 
 _json_line = functools.partial(orjson.dumps,
@@ -78,7 +77,8 @@ class TimingsWriter:
 
     def write(self, events: Sequence[dict]) -> None:
         """Append events, one JSON object per line, and flush them to the OS."""
-        self._append(list(map(_json_line, events)))
+        lines = list(map(_json_line, events))
+        self._append(lines, len(lines))
 
     def write_tables(self, tables: Sequence[EventTable]) -> None:
         """Append a drain's events (`Recorder.drain_tables()`) in time order, outer
@@ -90,23 +90,17 @@ class TimingsWriter:
         try:
             text = format_events([_layout(table) for table in tables])
         except TypeError:
-            events = [ev for table in tables for ev in table.to_dicts()]
-            events.sort(key=itemgetter("dur"), reverse=True)
-            events.sort(key=itemgetter("ts"))
-            self.write(events)
+            self.write(dicts_in_time_order(tables))
             return
-        self._file.write(text)
-        self._file.flush()
-        self._good = self._file.tell()
-        self.n_events += sum(len(table.rows) for table in tables)
+        self._append([text], sum(len(table.rows) for table in tables))
 
-    def _append(self, lines: list[bytes]) -> None:
+    def _append(self, lines: list[bytes], n_events: int) -> None:
         # Line by line into the file's buffer: joining a graph's lines first costs
         # several times more (one large allocation per graph).
         self._file.writelines(lines)
         self._file.flush()
         self._good = self._file.tell()
-        self.n_events += len(lines)
+        self.n_events += n_events
 
     def commit(self) -> Path:
         """Close and move the file to its final name, dropping a batch cut short."""

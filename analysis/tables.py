@@ -125,8 +125,8 @@ def _notes(r: TestReport) -> tuple:
         line += f", {_mb(bw['cpu_expert_bytes_per_token'])} MB read per token"
         notes.append(line)
         if fraction is not None and fraction > 1:
-            notes.append("  above the peak: it was measured at another time (see `peak bandwidth`), when the "
-                         "memory system gave less; `hyprof membw --refresh` measures it again, or give --peak-bw")
+            notes.append("  above the peak: the peak was measured at another time, when the memory system gave "
+                         "less, or given too low (see `peak bandwidth`); `hyprof membw --refresh` measures it again")
     notes.append(f"what-if: {_f(w['no_overhead'], 1)} t/s with the overhead removed, "
                  f"{_f(w['cpu_expert_at_peak'], 1)} t/s with the CPU experts at peak bandwidth, "
                  f"{_f(w['bound'], 1)} t/s hardware bound")

@@ -1,4 +1,4 @@
-"""Build of the native extensions (hybrid._kernels, hybrid._ops, profiler._lines, analysis._jsonl); everything else is in pyproject.toml.
+"""Build of the native extensions (hybrid._kernels, hybrid._ops, profiler._lanes, analysis._jsonl); everything else is in pyproject.toml.
 
 No -march flags: the kernels pick their SIMD path (AVX-512 VNNI, AVX2, scalar)
 at run time, so a wheel built here runs on any x86-64 or other CPU.
@@ -23,8 +23,8 @@ setup(
         Extension("hybrid._ops", sources=["hybrid/_ops.c"], depends=["hybrid/_fp16.h", "hybrid/_vecmath.h"],
                   extra_compile_args=["-O3", "-std=c11", "-Wall"] if unix else [],
                   libraries=["m"] if unix else []),
-        # the timings writer's line formatter (profiler/sinks.py)
-        Extension("profiler._lines", sources=["profiler/_lines.c"],
+        # the recorder's lanes and the timings writer's line formatter (profiler/recorder.py, sinks.py)
+        Extension("profiler._lanes", sources=["profiler/_lanes.c"],
                   extra_compile_args=["-O2", "-std=c11", "-Wall"] if unix else []),
         # the loader's line scanner (analysis/flatjson.py keeps a NumPy route for when it is not built)
         Extension("analysis._jsonl", sources=["analysis/_jsonl.c"],

@@ -5,8 +5,8 @@
 1. Recorder, per event (targets: <= 1 us to record one event):
    - `record`: one `lane.op(...)` call, as an engine's worker makes it;
    - `clock`: one `rec.now()` (an engine reads it about twice per event);
-   - `drain+write`: `rec.drain_tables()` plus `TimingsWriter.write_tables` (lines
-     formatted natively from the rows, one flush), paid once per graph for all of its events.
+   - `drain+write`: `rec.drain_batches()` plus `TimingsWriter.write_batches` (lines
+     formatted natively from the lanes' cells, one flush), paid once per graph for all of its events.
 2. Overhead on a real run (target: ratio >= 0.98): one engine generates tokens,
    graphs alternating between recorded (and written to a timings file, as the
    runner does) and not; tg t/s of each is one over its median graph time, and
@@ -87,7 +87,7 @@ def drain_and_write(rec: Recorder, writer: TimingsWriter):
         for i in range(n):
             lane.op(i, 1000, 3, 1, "CPU", "MUL_MAT_ID", "blk.3.ffn_up_exps", 3, 123456, 789012, 1)
         t0 = CLOCK()
-        writer.write_tables(rec.drain_tables())
+        writer.write_batches(rec.drain_batches())
         return CLOCK() - t0
 
     return run
@@ -139,7 +139,7 @@ def bench_overhead(model: str | None, n_gen: int, rounds: int, threads: int) -> 
                 rec.enabled = recording
                 t0, c0 = time.perf_counter_ns(), time.process_time_ns()
                 token = engine.eval([token], f"tg{n_gen}")
-                writer.write_tables(rec.drain_tables())   # as the runner does after each graph
+                writer.write_batches(rec.drain_batches())   # as the runner does after each graph
                 if i_round:
                     graph_ns[recording].append(time.perf_counter_ns() - t0)
                     cpu_ns[recording].append(time.process_time_ns() - c0)

@@ -244,12 +244,15 @@ class _Builder:
                 return (x @ wh.reshape(-1, wh.shape[-1]).T).reshape(x.shape[0], *wh.shape[:2])
             return torch.einsum("hnk,thk->thn", wh, x[:, h0:h1])
 
-        def parallel(w, x, pool, times):       # workers split the heads (native: each head's rows)
-            if x.dim() == 2 and not transposed and native(w):
-                node.n_bytes = int(w.n_bytes * share)
-                return _native_heads(w, x, c.n_head, rows, pool, times)
+        bound = _native_heads_form(w, c.n_head, rows) if native(w) and not transposed else None
+
+        def parallel(buf, x, pool, times):     # workers split the heads (native: each head's rows)
+            if x.dim() == 2 and not transposed and native(buf):
+                node.n_bytes = int(buf.n_bytes * share)
+                run = bound if buf is w else _native_heads_form(buf, c.n_head, rows)   # (a device's copy)
+                return run(x, pool, times)
             node.n_bytes = 4 * n_weights
-            wh = _head_weights(w, (part, transposed), prepare)
+            wh = _head_weights(buf, (part, transposed), prepare)
             dst = x.new_empty(x.shape[0], *wh.shape[:2])
 
             def task(h0: int, h1: int) -> None:
@@ -315,19 +318,27 @@ def _serial(parallel: Callable) -> Callable:
 _HEAD_WEIGHTS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
-def _native_heads(w, x: torch.Tensor, n_head: int, rows: slice, pool, times) -> torch.Tensor:
+def _native_heads_form(w, n_head: int, rows: slice) -> Callable:
     """A per-head matmul whose input x [T, K] is shared by all heads, on the native kernel:
     MUL_MAT_ID with head h as expert h, rows `rows` of each head's rows -> [T, H, N]
-    (on the repacked blocks where heads and rows are whole blocks of 16 rows)."""
+    (on the repacked blocks where heads and rows are whole blocks of 16 rows).
+    -> run(x, pool, times), bound once per node with its output memory and the view of
+    the rows it returns: binding and viewing per call cost ~25 us of cold Python a call."""
     per_head = w.shape[-2] if len(w.shape) == 3 else w.shape[0] // n_head
     r0, r1, _ = rows.indices(per_head)
     blocks, kind = w.kernel_blocks
     if per_head % 16 or r0 % 16 or r1 % 16:            # repacked blocks are read 16 rows at a time
         blocks, kind = w.data, w.ggml_type
-    ids = _head_ids(x.shape[0], n_head)
-    out, _ = cpu_kernels.mul_mat_experts(blocks.reshape(n_head, per_head, -1), kind, x, ids, rows=(r0, r1),
-                                         pool=pool, times=times)
-    return out[:, :, r0:r1]
+    kernel = cpu_kernels.bind_mul_mat_id(blocks.reshape(n_head, per_head, -1), kind, rows=(r0, r1))
+    out = ops.Out()
+    last = [None, None]                                 # the last output and its view of rows r0:r1
+
+    def run(x, pool, times):
+        dst, _ = kernel(x, _head_ids(x.shape[0], n_head), pool, times, out((x.shape[0], n_head, per_head)))
+        if last[0] is not dst:
+            last[:] = dst, dst[:, :, r0:r1]
+        return last[1]
+    return run
 
 
 @functools.lru_cache(maxsize=64)

@@ -257,9 +257,9 @@ def _run_test(engine: BenchEngine, test: BenchTest, reps: int, config_index: int
     lane = recorder.lane(MAIN_LANE)
 
     def flush() -> None:
-        tables = recorder.drain_tables()
+        batches = recorder.drain_batches()
         if writer is not None:
-            writer.write_tables(tables)
+            writer.write_batches(batches)
 
     def evaluate(n_prompt: int, n_gen: int, rep: int) -> None:
         if n_prompt:

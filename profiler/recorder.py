@@ -16,17 +16,17 @@ API (stable; the internals may change):
     lane.phase(ts, dur, graph, name)
     lane.graph(ts, dur, graph, test, n_tokens, n_past)
     lane.test(ts, dur, fields)            # rare: one per test repetition
+    pool_op(lanes, times, t0, ts, ...)    # an op a worker pool shared, as events on its lanes
     rec.next_graph() -> int               # a graph id unique over the recorder's life
     rec.drain() -> list[dict]
-    rec.drain_tables() -> list[EventTable]   # the same as rows per lane and type, for the timings writer
+    rec.drain_batches() -> list[Batch]    # the same as recorded, per lane, for the timings writer
     rec.discard()                         # forget what was recorded (warm-up runs)
-    rec.on_drain(hook)                    # hook() records buffered measurements at each drain
 
 Why it looks like this: recording must cost well under a microsecond per event
-(benchmarks/bench_recorder.py measures it), so recording is one append of a
-tuple to the lane's list for that event type: no dict, no lookup, no lock.
-Turning the rows into dicts or JSON lines, and sorting them, is paid at the
-drain, once per graph, between graphs (where a report counts it as `other`).
+(benchmarks/bench_recorder.py measures it), so recording is one native append of
+the event's values to its lane (profiler/_lanes.c): no dict, no lock. Turning
+them into dicts or JSON lines, and sorting them, is paid at the drain, once per
+graph, between graphs (where a report counts it as `other`).
 
 `drain()` must be called while the lanes are quiet (between graphs): lanes take
 no lock, one thread appends to each.
@@ -37,9 +37,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
 from itertools import count
 from operator import itemgetter
+
+import orjson
+
+from profiler import _lanes
 
 # Per event type, the columns a lane stores, in the order the lane method takes them.
 # Names are the contract-v1 field names (profiler/schema.py), except `nbytes` -> `bytes`.
@@ -56,108 +59,58 @@ COLUMNS = {
 }
 
 OPTIONAL_FIELDS = ("graph", "split", "backend")     # common fields that may not apply
-_SLOTS = tuple((kind, f"_{kind}") for kind in COLUMNS)   # each type's list in a Lane
+STRING_FIELDS = frozenset({"backend", "op", "name", "src", "dst", "test"})   # the rest count something
 
 
-class Lane:
-    """One thread's event buffers: per event type, a list of row tuples.
-
-    Each method appends one completed event as a tuple in `COLUMNS` order, and the
-    drain hands the lists on as they are. Measured here, this costs about
-    half of storing each field into preallocated column lists (0.11 vs 0.23 us per
-    event with warm caches, 0.7 vs 1.3 us right after a matmul has evicted them:
-    one fresh tuple touches fewer cache lines than eleven columns).
-    """
-
-    __slots__ = ("tid", "_op", "_copy", "_split", "_wakeup", "_sync", "_phase", "_graph",
-                 "_test")
-
-    def __init__(self, tid: str):
-        self.tid = tid
-        self._op: list[tuple] = []
-        self._copy: list[tuple] = []
-        self._split: list[tuple] = []
-        self._wakeup: list[tuple] = []
-        self._sync: list[tuple] = []
-        self._phase: list[tuple] = []
-        self._graph: list[tuple] = []
-        self._test: list[tuple] = []
-
-    def op(self, ts, dur, graph, split, backend, op, name, layer, nbytes, flops, n_tokens):
-        self._op.append((ts, dur, graph, split, backend, op, name, layer, nbytes, flops,
-                         n_tokens))
-
-    def copy(self, ts, dur, graph, split, src, dst, nbytes, name):
-        self._copy.append((ts, dur, graph, split, src, dst, nbytes, name))
-
-    def split(self, ts, dur, graph, split, backend, n_nodes, n_inputs):
-        self._split.append((ts, dur, graph, split, backend, n_nodes, n_inputs))
-
-    def wakeup(self, ts, dur, graph, split, backend):
-        self._wakeup.append((ts, dur, graph, split, backend))
-
-    def sync(self, ts, dur, graph, split, backend):
-        self._sync.append((ts, dur, graph, split, backend))
-
-    def phase(self, ts, dur, graph, name):
-        self._phase.append((ts, dur, graph, name))
-
-    def graph(self, ts, dur, graph, test, n_tokens, n_past):
-        self._graph.append((ts, dur, graph, test, n_tokens, n_past))
-
-    def test(self, ts, dur, fields: dict):
-        self._test.append((ts, dur, dict(fields)))
-
-    def take(self) -> list["EventTable"]:
-        """This lane's events since the last take, one table per event type; the lane
-        starts empty again."""
-        tables = []
-        for kind, slot in _SLOTS:
-            rows = getattr(self, slot)
-            if rows:
-                setattr(self, slot, [])
-                tables.append(EventTable(kind, self.tid, rows))
-        return tables
-
-    def clear(self) -> None:
-        for _, slot in _SLOTS:
-            setattr(self, slot, [])
+def _line_fields(kind: str) -> tuple:
+    """What a line of this event type has before each value, and how the value is written
+    (profiler/_lanes.c): the type first, then the values, as `event_dict` orders them."""
+    names = COLUMNS[kind]
+    prefixes = [b'{"type":' + orjson.dumps(kind) + b","] + [b","] * (len(names) - 1)
+    return tuple((prefix + orjson.dumps(name) + b":",
+                  (_lanes.OBJECT if kind == "test" and name == "fields" else
+                   _lanes.STR if name in STRING_FIELDS else 0)
+                  | (_lanes.OPTIONAL if name in OPTIONAL_FIELDS else 0))
+                 for prefix, name in zip(prefixes, names))
 
 
-@dataclass(frozen=True, slots=True)
-class EventTable:
-    """One lane's events of one type, as the rows the lane recorded (values in
-    `COLUMNS[kind]` order): what a drain hands to the sinks, which format them.
+_lanes.configure(tuple((kind, _line_fields(kind)) for kind in COLUMNS))
 
-    An optional common field (`graph`, `split`, `backend`) that is None does not
-    apply to that event and is left out of it; a `dur` below zero is written as 0.
-    """
+# One thread's events: `lane.op(...)` etc. append one completed event, in `COLUMNS` order, as
+# 64-bit cells with interned strings; `take()` hands them on as a `Batch` (profiler/_lanes.c).
+# Measured here: ~0.13 us per event warm, as the tuple per event it replaced; the drain and the
+# timings writer then read contiguous cells, not a tuple and an int object per value.
+Lane = _lanes.Lane
+Batch = _lanes.Batch
 
-    kind: str
-    tid: str
-    rows: list[tuple]
-
-    def to_dicts(self) -> list[dict]:
-        """The events as contract-v1 dicts (unsorted)."""
-        if self.kind == "test":
-            return [{"type": "test", "ts": int(t), "dur": max(int(d), 0), "tid": self.tid, **f}
-                    for t, d, f in self.rows]
-        names = COLUMNS[self.kind]
-        events = []
-        for row in self.rows:
-            ev = {"type": self.kind, "ts": int(row[0]), "dur": max(int(row[1]), 0)}
-            for name, value in zip(names[2:], row[2:]):
-                if value is not None or name not in OPTIONAL_FIELDS:
-                    ev[name] = value
-            ev["tid"] = self.tid
-            events.append(ev)
-        return events
+# pool_op(lanes, times, t0, ts, graph, split, backend, op, name, layer, nbytes, flops, n_tokens):
+# an op shared by a CPU worker pool, as an op event on each lane whose thread ran chunks of it
+# (times: int64 [len(lanes), 3], per thread its first claim, end, and chunks run, in ns of the
+# clock whose t0 is given), with its share of nbytes and flops (chunks it ran / all chunks,
+# rounded down), so that the lanes add up to the op; lane 0 (the caller's) from ts, the op's
+# start, the others from their first chunk. One native call: made in Python after each op,
+# these events cost ~5 us of cold Python per op, a third of the scheduler's time in tg.
+pool_op = _lanes.pool_op
 
 
-def dicts_in_time_order(tables: list[EventTable]) -> list[dict]:
-    """The tables' events as contract-v1 dicts, by ts, an outer event before the events
-    it contains (the longer first at one ts)."""
-    out = [ev for table in tables for ev in table.to_dicts()]
+def event_dict(kind: str, tid: str, values: tuple) -> dict:
+    """One event as its contract-v1 dict: an optional common field (`graph`, `split`, `backend`)
+    that is None does not apply and is left out; a `dur` below zero is written as 0."""
+    if kind == "test":
+        ts, dur, fields = values
+        return {"type": "test", "ts": int(ts), "dur": max(int(dur), 0), "tid": tid, **fields}
+    ev = {"type": kind, "ts": int(values[0]), "dur": max(int(values[1]), 0)}
+    for name, value in zip(COLUMNS[kind][2:], values[2:]):
+        if value is not None or name not in OPTIONAL_FIELDS:
+            ev[name] = value
+    ev["tid"] = tid
+    return ev
+
+
+def dicts_in_time_order(batches: list[Batch]) -> list[dict]:
+    """The batches' events as contract-v1 dicts, by ts, an outer event before the events
+    it contains (the longer first at one ts), then in batch and recording order."""
+    out = [event_dict(kind, batch.tid, values) for batch in batches for kind, values in batch.rows()]
     out.sort(key=itemgetter("dur"), reverse=True)    # stable: by ts, then longest first
     out.sort(key=itemgetter("ts"))
     return out
@@ -179,7 +132,6 @@ class Recorder:
         self._lanes: dict[str, Lane] = {}
         self._lock = threading.Lock()
         self._graph_ids = count()
-        self._drain_hooks: list = []
 
     def now(self) -> int:
         return time.perf_counter_ns() - self.t0
@@ -201,35 +153,21 @@ class Recorder:
                 self._lanes[tid] = lane
             return lane
 
-    def on_drain(self, hook, remove: bool = False) -> None:
-        """Call `hook()` at the start of every drain (and discard): a producer that keeps
-        what it measured in its own form during a graph (the CPU backend: each pool op's
-        per-thread times) records it as events then, off the hot path. `remove` forgets it."""
-        with self._lock:
-            if remove:
-                self._drain_hooks.remove(hook)
-            else:
-                self._drain_hooks.append(hook)
-
-    def _lanes_after_hooks(self) -> list[Lane]:
-        with self._lock:
-            hooks = list(self._drain_hooks)
-        for hook in hooks:
-            hook()
-        with self._lock:
-            return list(self._lanes.values())
-
     def drain(self) -> list[dict]:
         """Every event recorded since the last drain, as contract-v1 dicts in time order
         (outer events before the events they contain)."""
-        return dicts_in_time_order(self.drain_tables())
+        return dicts_in_time_order(self.drain_batches())
 
-    def drain_tables(self) -> list[EventTable]:
-        """Every event recorded since the last drain, as rows per lane and type (the
+    def drain_batches(self) -> list[Batch]:
+        """Every event recorded since the last drain, one batch per lane that has any (the
         timings writer turns them into lines without making a dict per event)."""
-        return [table for lane in self._lanes_after_hooks() for table in lane.take()]
+        return [batch for batch in map(Lane.take, self._all_lanes()) if batch is not None]
 
     def discard(self) -> None:
         """Forget every event recorded since the last drain (warm-up runs)."""
-        for lane in self._lanes_after_hooks():
+        for lane in self._all_lanes():
             lane.clear()
+
+    def _all_lanes(self) -> list[Lane]:
+        with self._lock:
+            return list(self._lanes.values())

@@ -26,8 +26,8 @@ import orjson
 
 from profiler.errors import UserError
 from profiler.files import check_output_path, new_file_mode
-from profiler._lines import format_events
-from profiler.recorder import COLUMNS, OPTIONAL_FIELDS, EventTable, Lane, dicts_in_time_order
+from profiler._lanes import format_events
+from profiler.recorder import Batch, Lane, event_dict
 from profiler.schema import SCHEMA
 
 _json_line = functools.partial(orjson.dumps,
@@ -51,7 +51,7 @@ def check_timings_path(path: str | os.PathLike, force: bool, flag: str = "-o") -
 
 
 class TimingsWriter:
-    """A timings.jsonl file being written: after each graph `write_tables(rec.drain_tables())`
+    """A timings.jsonl file being written: after each graph `write_batches(rec.drain_batches())`
     (or `write(rec.drain())`, the same lines made through dicts), then `commit()`.
 
     As a context manager (or through `finish(exc)`): commits on success and on
@@ -80,19 +80,14 @@ class TimingsWriter:
         lines = list(map(_json_line, events))
         self._append(lines, len(lines))
 
-    def write_tables(self, tables: Sequence[EventTable]) -> None:
-        """Append a drain's events (`Recorder.drain_tables()`) in time order, outer
+    def write_batches(self, batches: list[Batch]) -> None:
+        """Append a drain's events (`Recorder.drain_batches()`) in time order, outer
         events first, and flush them: what the runner does after each graph.
 
-        The lines are made natively (profiler/_lines.c) from the rows the lanes
-        recorded; a drain holding a value it does not write (a float, a name that
-        is not text) goes through dicts instead, as `write` does."""
-        try:
-            text = format_events([_layout(table) for table in tables])
-        except TypeError:
-            self.write(dicts_in_time_order(tables))
-            return
-        self._append([text], sum(len(table.rows) for table in tables))
+        The lines are made natively (profiler/_lanes.c) from the cells the lanes
+        recorded; an event holding a value they do not write (a test's fields, a
+        float) is made as `write` makes it, through its dict."""
+        self._append([format_events(batches, _fallback_line)], sum(map(len, batches)))
 
     def _append(self, lines: list[bytes], n_events: int) -> None:
         # Line by line into the file's buffer: joining a graph's lines first costs
@@ -130,36 +125,8 @@ class TimingsWriter:
             self.abort()
 
 
-# Fields written as JSON strings; every other field of a table is an integer (they all
-# count something: ns, bytes, flops, tokens, ids).
-_STRING_FIELDS = frozenset({"backend", "op", "name", "src", "dst", "test"})
-_INT, _STR, _OPTIONAL = 0, 1, 2         # the field kinds of profiler/_lines.c
-
-
-def _fields(kind: str, tid: str) -> tuple[tuple, bytes]:
-    """What `format_events` writes around each value of a (kind, lane) table's rows:
-    the type first, the lane last, as `_json_line` orders a dict from `to_dicts`."""
-    names = COLUMNS[kind]
-    prefixes = [b'{"type":' + orjson.dumps(kind) + b","] + [b","] * (len(names) - 1)
-    fields = tuple((prefix + orjson.dumps(name) + b":",
-                    (_STR if name in _STRING_FIELDS else _INT)
-                    | (_OPTIONAL if name in OPTIONAL_FIELDS else 0))
-                   for prefix, name in zip(prefixes, names))
-    return fields, b',"tid":' + orjson.dumps(tid) + b"}\n"
-
-
-_layouts: dict[tuple[str, str], tuple] = {}
-
-
-def _layout(table: EventTable) -> tuple:
-    """A table as `format_events` takes it; a test's free-form fields are formatted here."""
-    if table.kind == "test":
-        return [(ev["ts"], ev["dur"], _json_line(ev)) for ev in table.to_dicts()], None, None
-    key = table.kind, table.tid
-    fields = _layouts.get(key)
-    if fields is None:
-        fields = _layouts[key] = _fields(*key)
-    return table.rows, *fields
+def _fallback_line(kind: str, tid: str, values: tuple) -> bytes:
+    return _json_line(event_dict(kind, tid, values))
 
 
 def _us(dur: int) -> int:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from profiler.recorder import Lane, Recorder
+from profiler.recorder import Lane, Recorder, pool_op
 from profiler.schema import EVENT_FIELDS
 from profiler.sinks import PrintingLane
 
@@ -153,24 +154,47 @@ def test_print_timing_comes_from_the_environment(monkeypatch, capsys):
     assert not rec.enabled and type(rec.lane("main")) is Lane
 
 
-def test_drain_hooks_record_before_each_drain_and_discard_until_removed():
-    """A producer's buffered measurements become events at the drain (the CPU backend's
-    per-op thread shares); a removed hook is not called again."""
+def test_a_pool_op_is_an_event_per_thread_that_ran_chunks_with_its_share(monkeypatch, capsys):
+    """The CPU backend's pool ops: each thread's share of bytes and flops is the chunks it
+    ran over all chunks, rounded down; the caller's event starts with the op, a worker's at
+    its first chunk; a thread that ran nothing has no event. With HYPROF_PRINT_TIMING the
+    events are printed as they are made."""
+    for printing in (False, True):
+        monkeypatch.setenv("HYPROF_PRINT_TIMING", "1" if printing else "0")
+        rec = Recorder()
+        lanes = tuple(rec.lane(tid) for tid in ("main", "cpu1", "cpu2"))
+        t0, flops = rec.t0, 2**61 + 12345      # a share computed without overflowing 64 bits
+        times = np.array([[t0 + 100, t0 + 900, 2], [t0 + 150, t0 + 2_000_950, 5], [0, 0, 0]], np.int64)
+        pool_op(lanes, times, t0, 90, 7, 1, "CPU", "MUL_MAT", "blk.0.attn_q", 0, 1000, flops, 1)
+        common = {"type": "op", "graph": 7, "split": 1, "backend": "CPU", "op": "MUL_MAT",
+                  "name": "blk.0.attn_q", "layer": 0, "n_tokens": 1}
+        assert rec.drain() == [
+            {**common, "ts": 90, "dur": 810, "bytes": 1000 * 2 // 7, "flops": flops * 2 // 7, "tid": "main"},
+            {**common, "ts": 150, "dur": 2_000_800, "bytes": 1000 * 5 // 7, "flops": flops * 5 // 7,
+             "tid": "cpu1"}]
+        printed = capsys.readouterr().err
+        assert printed == ("MUL_MAT(blk.0.attn_q) [CPU/main]: 1 us\n"
+                           "MUL_MAT(blk.0.attn_q) [CPU/cpu1]: 2001 us\n" if printing else "")
+        pool_op(lanes, np.zeros((3, 3), np.int64), t0, 90, 7, 1, "CPU", "ADD", "x", 0, 10, 10, 1)
+        assert rec.drain() == []
+    with pytest.raises(ValueError, match="times must be int64"):
+        pool_op(lanes, np.zeros((2, 3), np.int64), t0, 0, 0, 0, "CPU", "ADD", "x", 0, 0, 0, 1)
+
+
+def test_values_the_lines_do_not_hold_natively_come_back_as_they_were():
+    """A float, a bool, a None where no field allows one, a str subclass: kept as objects,
+    given back by drain() as recorded; ts and dur must be integers."""
+    class Name(str):
+        pass
     rec = Recorder(print_timing=False)
     lane = rec.lane("main")
-    buffered = []
-
-    def hook():
-        for ts in buffered:
-            lane.phase(ts, 1, 0, "late")
-        buffered.clear()
-
-    rec.on_drain(hook)
-    buffered += [3, 1]
-    assert [e["ts"] for e in rec.drain()] == [1, 3]
-    buffered.append(5)
-    rec.discard()
-    assert rec.drain() == [] and buffered == []
-    rec.on_drain(hook, remove=True)
-    buffered.append(7)
-    assert rec.drain() == [] and buffered == [7]
+    lane.op(1, 2, None, None, None, "ADD", Name("x"), None, 2.5, True, 1)
+    (ev,) = rec.drain()
+    assert ev == {"type": "op", "ts": 1, "dur": 2, "op": "ADD", "name": "x", "layer": None,
+                  "bytes": 2.5, "flops": True, "n_tokens": 1, "tid": "main"}
+    assert type(ev["name"]) is Name and ev["flops"] is True
+    with pytest.raises(TypeError, match="ts must be integer ns"):
+        lane.phase(1.5, 2, 0, "x")
+    with pytest.raises(TypeError, match="takes 4 values"):
+        lane.phase(1, 2, 0)
+    assert rec.drain() == []

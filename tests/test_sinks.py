@@ -132,18 +132,19 @@ ints = st.integers(-2**40, 2**62)
 ), max_size=60), st.sampled_from(["main", "cpu1", 'odd"%lane']), st.booleans())
 def test_the_native_lines_are_the_events_drain_gives(tmp_path_factory, events, tid, odd_value):
     """The writer's native formatter writes exactly drain()'s dicts, in drain()'s order;
-    with a value it does not write (a float), the drain goes through the dicts."""
+    an event with values it does not write (a float, a bool, None where a field takes an
+    integer) is written through its dict, in its place."""
     rec = Recorder(print_timing=False)
     lane = rec.lane(tid)
     for _ in range(2):
         for kind, *args in events:
             getattr(lane, kind)(*args)
         if odd_value:
-            lane.op(5, 1, 0, 0, "CPU", "ADD", "x", 0, 2.5, 0, 1)
+            lane.op(5, 1, 0, 0, "CPU", "ADD", "x", None, 2.5, True, 1)
         if _ == 0:
             path = tmp_path_factory.mktemp("w") / "t.jsonl"
             with TimingsWriter(path, HEADER) as w:
-                w.write_tables(rec.drain_tables())
+                w.write_batches(rec.drain_batches())
     want = rec.drain()
     got = lines(path)[1:]
     assert got == want
@@ -151,7 +152,7 @@ def test_the_native_lines_are_the_events_drain_gives(tmp_path_factory, events, t
     assert w.n_events == len(want)
 
 
-def test_write_tables_is_in_time_order_outer_first(tmp_path):
+def test_write_batches_is_in_time_order_outer_first(tmp_path):
     rec = Recorder(print_timing=False)
     main, worker = rec.lane("main"), rec.lane("cpu1")
     worker.op(50, 10, 0, 0, "CPU", "ADD", "x", 0, 0, 0, 1)
@@ -159,7 +160,7 @@ def test_write_tables_is_in_time_order_outer_first(tmp_path):
     main.graph(0, 200, 0, "tg1", 1, 0)
     main.phase(0, 20, 0, "graph_build")
     with TimingsWriter(tmp_path / "t.jsonl", HEADER) as w:
-        w.write_tables(rec.drain_tables())
+        w.write_batches(rec.drain_batches())
     assert [e["type"] for e in lines(tmp_path / "t.jsonl")] == ["meta", "graph", "phase",
                                                                 "split", "op"]
     assert w.n_events == 4

@@ -23,7 +23,6 @@ known; that wait is the split's join, which the report counts as thread wakeup.
 
 from __future__ import annotations
 
-from operator import itemgetter
 from typing import Any, Mapping
 
 import numpy as np
@@ -31,7 +30,7 @@ import torch
 
 from hybrid._kernels import Pool
 from hybrid.placement import CPU
-from profiler.recorder import Recorder
+from profiler.recorder import Recorder, pool_op
 from profiler.schema import MAIN_LANE
 
 
@@ -61,11 +60,9 @@ class CpuBackend:
         self.recorder = recorder
         self.n_threads = n_threads
         self.pool = Pool(n_threads, spin)
-        self.lanes = [recorder.lane(MAIN_LANE)] + [recorder.lane(f"cpu{i}") for i in range(1, n_threads)]
+        self.lanes = (recorder.lane(MAIN_LANE),) + tuple(recorder.lane(f"cpu{i}") for i in range(1, n_threads))
         self._times = np.zeros((n_threads, 3), np.int64)     # per op: first claim, end, chunks
         self._wakes = np.zeros(n_threads, np.int64)          # per split: when each worker saw it
-        self._shared: list[tuple] = []      # pool ops not yet recorded: (node, start, graph, split, times)
-        recorder.on_drain(self._record_shares)
 
     def compute(self, split, values: dict, graph_id: int, i_split: int) -> None:
         rec, pool, buffers = self.recorder, self.pool, self.buffers
@@ -79,10 +76,9 @@ class CpuBackend:
                 if node.parallel is not None and shared and (
                         node.n_bytes >= MIN_SPLIT_BYTES or node.flops >= MIN_SPLIT_FLOPS):
                     values[node] = node.parallel(buf, *args, pool, self._times)
-                    if rec.enabled:
-                        self._shared.append((node, t, graph_id, i_split, self._times.tolist()))
-                        if rec.print_timing:
-                            self._record_shares()
+                    if rec.enabled:     # an op event per thread that ran chunks, with its share
+                        pool_op(self.lanes, self._times, rec.t0, t, graph_id, i_split, CPU, node.op,
+                                node.name, node.layer, node.n_bytes, node.flops, node.n_tokens)
                 else:
                     values[node] = node.fn(buf, *args)
                     if rec.enabled:
@@ -92,25 +88,6 @@ class CpuBackend:
             dispatch = pool.end_split(self._wakes)
             if dispatch and rec.enabled:
                 self._record_wakeups(dispatch, graph_id, i_split)
-
-    def _record_shares(self) -> None:
-        """The pool ops run since the last drain, as op events: one per thread that ran
-        chunks of an op, with its share of the op's bytes and flops (chunks it ran / all
-        chunks, rounded down), so that the lanes add up to the op. The main thread's event starts with
-        the op (its parallel form's set-up included); a worker's at its first chunk.
-
-        The recorder calls this when it drains, between graphs: made after each op, the
-        events cost ~5 us of cold Python per op, a third of the scheduler's time in tg."""
-        t0, lanes = self.recorder.t0, self.lanes
-        for node, t_start, graph_id, i_split, times in self._shared:
-            n_chunks = sum(map(itemgetter(2), times))
-            n_bytes, flops = node.n_bytes, node.flops
-            for i, (first, end, ran) in enumerate(times):
-                if ran:
-                    ts = t_start if i == 0 else first - t0
-                    lanes[i].op(ts, end - t0 - ts, graph_id, i_split, CPU, node.op, node.name, node.layer,
-                                n_bytes * ran // n_chunks, flops * ran // n_chunks, node.n_tokens)
-        self._shared.clear()
 
     def _record_wakeups(self, dispatch: int, graph_id: int, i_split: int) -> None:
         """Per worker, the split's dispatch until the worker saw it (and claimed its first chunk)."""
@@ -128,7 +105,5 @@ class CpuBackend:
         pass
 
     def close(self) -> None:
-        self._record_shares()
-        self.recorder.on_drain(self._record_shares, remove=True)
         self.pool.close()
         torch.set_num_threads(self._torch_threads)

@@ -151,34 +151,79 @@ def mul_mat_id(w, ggml_type: int, x, ids, out, r0: int = 0, r1: int | None = Non
 # --- the engine's forms: one call per op, torch in and out ---------------------------------
 
 def _rows(x) -> np.ndarray:
-    """A CPU torch tensor's float32 rows as a C-contiguous NumPy view (a copy only if needed).
-    One `.numpy()` and NumPy's checks: each torch call costs microseconds on a cold op."""
+    """A CPU torch tensor's float32 rows as a C-contiguous NumPy view (a copy only if needed)."""
     a = x.detach().numpy() if x.requires_grad else x.numpy()
-    return a if a.dtype == np.float32 and a.flags.c_contiguous else np.ascontiguousarray(a, np.float32)
+    return a if _is_rows(a) else np.ascontiguousarray(a, np.float32)
+
+
+def _is_rows(a: np.ndarray) -> bool:
+    return a.dtype == np.float32 and a.flags.c_contiguous
+
+
+# A bound op keeps the NumPy views of its last input and output while together they are at
+# most this large: the sizes of generation, where the views are the cost; a prompt's larger
+# values are not held from one evaluation to the next.
+KEEP_VIEWS_BYTES = 1 << 20
+
+
+class _Views:
+    """The NumPy views the kernel call takes, made once per input object, not once per call.
+
+    A node of a reused graph gets the same input objects at every token (the outputs its
+    sources keep, `hybrid.ops.Out`) and writes into the same output, and with the caches
+    cold after a token's weights each `.numpy()`, `.shape` and dtype check costs
+    microseconds: ~15 us a matmul, with the other threads of the pool waiting for it.
+    The views are keyed by the input objects themselves (held, so an id is never reused)."""
+
+    __slots__ = ("key", "views")
+
+    def __init__(self):
+        self.key, self.views = (), ()
+
+    def get(self, key: tuple, make, keep: bool):
+        """make() -> (views..., output tensor) for the inputs `key`, or the last ones made for
+        the same objects; without `keep` (a fresh output each call) always made."""
+        k = self.key
+        if keep and len(k) == len(key) and all(a is b for a, b in zip(k, key)):
+            return self.views
+        views = make()
+        keep = keep and _is_rows(views[0]) and views[0].base is not None   # x's own memory, not a copy
+        held = sum(v.nbytes for v in views if isinstance(v, np.ndarray))
+        self.key, self.views = (key, views) if keep and held <= KEEP_VIEWS_BYTES else ((), ())
+        return views
+
+
+def _output(out, shape):
+    """The output tensor and its NumPy view: into `out` (a callable shape -> float32 torch
+    tensor, such as `hybrid.ops.Out`) or fresh memory."""
+    import torch
+    if out is None:
+        a = np.empty(shape, np.float32)
+        return a, torch.from_numpy(a)
+    y = out(shape)
+    return y.numpy(), y
 
 
 def matmul(w_data, ggml_type: int, x, pool=None, times: np.ndarray | None = None, out=None):
     """x [T, K] float32 torch tensor @ W^T -> [T, N] (MUL_MAT), for weight data uint8
     [N, row_bytes] (a whole tensor, one expert, or a slice of rows); shared by the
-    pool's threads when one is given; into `out` (float32 torch [T, N]) if given."""
+    pool's threads when one is given; into `out(shape)`'s tensor (`hybrid.ops.Out`) if given."""
     return bind_matmul(w_data, ggml_type)(x, pool, times, out)
 
 
 def bind_matmul(w_data, ggml_type: int):
     """`matmul` with the weight's checks done once -> run(x, pool, times, out): the form a
-    graph node keeps, so that each evaluation is one Python frame around the kernel
-    (a cold op's Python costs microseconds a frame)."""
-    import torch
-
+    graph node keeps, so that each evaluation is one Python frame around the kernel, and
+    with `out`, the views of the last x (`_Views`) reused."""
     w = _weights(w_data)
     n_out, n_in = w.shape[0], _n_in(w, ggml_type)
+    last = _Views()
 
     def run(x, pool=None, times: np.ndarray | None = None, out=None):
-        if out is None:
-            out = torch.from_numpy(np.empty((x.shape[0], n_out), np.float32))
-        _kernels.mul_mat_id(w, b"", ggml_type, 1, n_in, _rows(x), None, 1, out.numpy(), 0, n_out, 0, 1, -1, pool,
+        xn, yn, y = last.get((x, out), lambda: (_rows(x), *_output(out, (x.shape[0], n_out))), out is not None)
+        _kernels.mul_mat_id(w, b"", ggml_type, 1, n_in, xn, None, 1, yn, 0, n_out, 0, 1, -1, pool,
                             times)          # (the checks of `mul_mat` are the kernel's own, less the dtypes)
-        return out
+        return y
     return run
 
 
@@ -188,26 +233,25 @@ def mul_mat_experts(w_data, ggml_type: int, x, ids, w_up_data=None, rows: tuple[
 
     x: float32 torch [T, K] (gate/up: one input per token) or [T, U, K] (down: one per
     slot); ids: [T, U] expert ids; only rows [r0, r1) of each expert with `rows`;
-    with w_up_data it is silu(gate x) * (up x) (-fmoe); into `out` if given."""
+    with w_up_data it is silu(gate x) * (up x) (-fmoe); into `out(shape)`'s tensor if given."""
     return bind_mul_mat_id(w_data, ggml_type, w_up_data, rows)(x, ids, pool, times, out)
 
 
 def bind_mul_mat_id(w_data, ggml_type: int, w_up_data=None, rows: tuple[int, int] | None = None):
     """`mul_mat_experts` with the weights' checks done once -> run(x, ids, pool, times, out):
     the form a graph node keeps (see `bind_matmul`)."""
-    import torch
-
     w = _weights(w_data)
     w_up = b"" if w_up_data is None else _weights(w_up_data)
     n_expert, n_out, n_in = w.shape[0], w.shape[1], _n_in(w, ggml_type)
     r0, r1 = rows or (0, n_out)
+    last = _Views()
 
     def run(x, ids, pool=None, times: np.ndarray | None = None, out=None):
-        if out is None:
-            out = torch.from_numpy(np.empty((*ids.shape, n_out), np.float32))
-        n = _kernels.mul_mat_id(w, w_up, ggml_type, n_expert, n_in, _rows(x), _array(ids), ids.shape[-1],
-                                out.numpy(), r0, r1, 0, n_expert, -1, pool, times)
-        return out, n
+        xn, idn, yn, y = last.get((x, ids, out), lambda: (_rows(x), _array(ids), *_output(out, (*ids.shape, n_out))),
+                                  out is not None)
+        n = _kernels.mul_mat_id(w, w_up, ggml_type, n_expert, n_in, xn, idn, idn.shape[-1], yn, r0, r1, 0,
+                                n_expert, -1, pool, times)
+        return y, n
     return run
 
 

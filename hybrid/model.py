@@ -290,7 +290,7 @@ class _Builder:
         def parallel(buf, x, ids, pool, times, out=ops.Out()):
             run = bound if buf is w else _expert_kernel(buf, fused)    # (a device's copy: bound now)
             if run is not None:
-                dst, n_experts = run(x, ids, pool, times, out((*ids.shape, n)))
+                dst, n_experts = run(x, ids, pool, times, out)
                 node.n_bytes = per_expert * n_experts
                 return dst
             experts = torch.unique(ids).tolist()
@@ -303,6 +303,19 @@ class _Builder:
             return dst
         node.fn, node.parallel = _serial(parallel), parallel
         return node
+
+
+def _view(make: Callable) -> Callable:
+    """A view node's fn: the view make(x) made once per input object. Its input is the output
+    its source keeps from token to token (`ops.Out`), and a view that stays the same object
+    lets the op reading it reuse what it prepared for it (`cpu_kernels.bind_matmul`)."""
+    last = [None, None]
+
+    def fn(_, x):
+        if last[0] is not x:
+            last[:] = x, make(x)
+        return last[1]
+    return fn
 
 
 def _serial(parallel: Callable) -> Callable:
@@ -322,8 +335,8 @@ def _native_heads_form(w, n_head: int, rows: slice) -> Callable:
     """A per-head matmul whose input x [T, K] is shared by all heads, on the native kernel:
     MUL_MAT_ID with head h as expert h, rows `rows` of each head's rows -> [T, H, N]
     (on the repacked blocks where heads and rows are whole blocks of 16 rows).
-    -> run(x, pool, times), bound once per node with its output memory and the view of
-    the rows it returns: binding and viewing per call cost ~25 us of cold Python a call."""
+    -> run(x, pool, times), bound once per node with its output memory, the ids of its x and
+    the view of the rows it returns: binding and viewing per call cost ~25 us of cold Python."""
     per_head = w.shape[-2] if len(w.shape) == 3 else w.shape[0] // n_head
     r0, r1, _ = rows.indices(per_head)
     blocks, kind = w.kernel_blocks
@@ -331,13 +344,15 @@ def _native_heads_form(w, n_head: int, rows: slice) -> Callable:
         blocks, kind = w.data, w.ggml_type
     kernel = cpu_kernels.bind_mul_mat_id(blocks.reshape(n_head, per_head, -1), kind, rows=(r0, r1))
     out = ops.Out()
-    last = [None, None]                                 # the last output and its view of rows r0:r1
+    last = [None, None, None, None]     # the last x, its ids, the last output, its view of rows r0:r1
 
     def run(x, pool, times):
-        dst, _ = kernel(x, _head_ids(x.shape[0], n_head), pool, times, out((x.shape[0], n_head, per_head)))
-        if last[0] is not dst:
-            last[:] = dst, dst[:, :, r0:r1]
-        return last[1]
+        if last[0] is not x:
+            last[:2] = x, _head_ids(x.shape[0], n_head)
+        dst, _ = kernel(x, last[1], pool, times, out)        # into out [T, H, per_head]
+        if last[2] is not dst:
+            last[2:] = dst, dst[:, :, r0:r1]
+        return last[3]
     return run
 
 
@@ -377,19 +392,18 @@ def _mul_mat_form(w, out: ops.Out | None) -> Callable:
     copy) takes the general form."""
     if not native(w):
         return functools.partial(_mul_mat_parallel, out=out)
-    run, n_out = cpu_kernels.bind_matmul(*w.kernel_blocks), w.shape[-2]
+    run = cpu_kernels.bind_matmul(*w.kernel_blocks)
 
     def parallel(buf, x, pool, times):
         if buf is not w:
             return _mul_mat_parallel(buf, x, pool, times, out)
-        return run(x, pool, times, None if out is None else out((x.shape[0], n_out)))
+        return run(x, pool, times, out)
     return parallel
 
 
 def _mul_mat_parallel(w, x: torch.Tensor, pool, times, out: ops.Out | None = None) -> torch.Tensor:
     if native(w):
-        return cpu_kernels.matmul(*w.kernel_blocks, x, pool, times,
-                                  None if out is None else out((x.shape[0], w.shape[-2])))
+        return cpu_kernels.matmul(*w.kernel_blocks, x, pool, times, out)
     dst = x.new_empty(x.shape[0], w.shape[-2])
 
     def task(r0: int, r1: int) -> None:
@@ -444,7 +458,7 @@ def attention(b: _Builder, il: int, h: Node, pos: Node) -> Node:
         return ops.softmax(kq, m.rope.kq_scale, b.n_past, out)
 
     if m.mla:
-        q_abs = b.op("VIEW", f"q_nope-{il}", lambda _, q: q[..., :nope], q, layer=il)
+        q_abs = b.op("VIEW", f"q_nope-{il}", _view(lambda q: q[..., :nope]), q, layer=il)
         # q_nope absorbed into the latent space: k_b [H, L, nope] (or kv_b's k rows, transposed)
         q_abs = b.per_head(kv_b, q_abs, il, f"q_nope_absorbed-{il}", part="k" if split_kv else "all",
                            transposed=split_kv)                                        # [T, H, L]
@@ -480,7 +494,7 @@ def attention(b: _Builder, il: int, h: Node, pos: Node) -> Node:
         out = b.kv_op("MUL_MAT", f"kqv-{il}", lambda _, pr, v, out=ops.Out(): ops.kqv(pr, v, out), kq, v_all,
                       layer=il, buffer=cv, bytes_per_kv=4 * H * c.n_embd_head_v,
                       flops_per_kv=2 * H * T * c.n_embd_head_v)                         # [T, H, head_v]
-    out = b.op("VIEW", f"kqv_out-{il}", lambda _, o: o.reshape(T, H * c.n_embd_head_v), out, layer=il)
+    out = b.op("VIEW", f"kqv_out-{il}", _view(lambda o: o.reshape(T, H * c.n_embd_head_v)), out, layer=il)
     return b.mul_mat(p + "attn_output.weight", out, il)
 
 
@@ -556,7 +570,7 @@ def build_graph(model: "Model", n_tokens: int, n_past: int, all_logits: bool = F
         ffn = moe(b, il, h) if c.is_moe_layer(il) else feed_forward(b, il, h)
         x = b.add(f"l_out-{il}", ffn, x, il)
     if not all_logits:
-        x = b.op("GET_ROWS", "inp_out_ids", lambda _, x: x[-1:], x)
+        x = b.op("GET_ROWS", "inp_out_ids", _view(lambda x: x[-1:]), x)
     x = b.rms_norm("output_norm.weight", x, -1, "result_norm")
     b.graph.output = b.mul_mat("output.weight", x, -1, result=True)
     return b.graph

@@ -353,6 +353,38 @@ def test_engine_forms_match_the_direct_calls():
     np.testing.assert_array_equal(dst.numpy(), want)
 
 
+def test_a_bound_form_reads_each_call_what_its_inputs_hold_now():
+    """The bound forms keep the NumPy views of their last inputs (a node's inputs are the same
+    objects at every token): a call after the inputs' contents changed in place must see the
+    new contents, also where the view was a copy (x not contiguous), and without `out` each
+    call returns fresh memory (the graph's result outlives its evaluation)."""
+    import torch
+    from hybrid import ops
+
+    rng = np.random.default_rng(10)
+    gate, ids, x = moe_case(rng, ck.Q4_0, n_out=32)
+    w = dequant(gate[3], ck.Q4_0)
+    xt = torch.from_numpy(x.copy())
+    x_strided = torch.from_numpy(np.asfortranarray(x))             # the same values, not contiguous
+    ids_t = torch.from_numpy(ids.copy()).long()
+    for x_in in (xt, x_strided):
+        matmul, experts = ck.bind_matmul(gate[3], ck.Q4_0), ck.bind_mul_mat_id(gate, ck.Q4_0)
+        out, out_id = ops.Out(), ops.Out()
+        for _ in range(3):
+            xr = decode_q8(ck.quantize_activations(x_in.numpy()), 160)
+            y = matmul(x_in, None, None, out)
+            assert y is out.tensor and np.all(np.abs(y.numpy() - xr @ w.T) <= exact_tolerance(w, xr))
+            want = np.zeros((*ids.shape, 32), np.float32)
+            ck.mul_mat_id(gate, ck.Q4_0, ck.quantize_activations(x_in.numpy()), ids_t.numpy(), want)
+            dst, _ = experts(x_in, ids_t, None, None, out_id)
+            np.testing.assert_array_equal(dst.numpy(), want)
+            x_in.mul_(-0.5).add_(0.25)                               # new contents, same objects
+            ids_t.copy_(ids_t.flip(0))
+    fresh = [matmul(xt) for _ in range(2)]
+    assert fresh[0] is not fresh[1] and fresh[0].data_ptr() != fresh[1].data_ptr()
+    np.testing.assert_array_equal(fresh[0].numpy(), fresh[1].numpy())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
 def test_deepseek_lite_expert_shapes(ggml_type):

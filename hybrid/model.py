@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -165,6 +166,12 @@ class _Builder:
         self.nodes.append(node)
         return node
 
+    def native(self, op: str, name: str, fn: Callable, *srcs: Node, dtype: torch.dtype = ops.F32,
+               **kw) -> Node:
+        """An op that writes into memory the node keeps: fn(buf, *src_values, out), `out` an
+        `ops.Out` of `dtype`, run through `replaying`."""
+        return self.op(op, name, replaying(fn, ops.Out(dtype)), *srcs, **kw)
+
     def weight(self, name: str):
         return self.m.weights[name]
 
@@ -204,18 +211,18 @@ class _Builder:
 
         # out: the node's output memory, reused by each evaluation of the graph (hybrid.ops.Out);
         # norm weights are F32 in llama.cpp's files: their data is the values
-        def fn(w, x, out=ops.Out()):
+        def fn(w, x, out):
             return ops.rms_norm(x, w.data if w.data.dtype is torch.float32 else w.dequantize(), eps, cols, out)
-        return self.op("RMS_NORM", name, fn, x, layer=layer, buffer=wname, n_bytes=self.weight(wname).n_bytes,
-                       flops=4 * self.n_tokens * self.weight(wname).shape[0])
+        return self.native("RMS_NORM", name, fn, x, layer=layer, buffer=wname, n_bytes=self.weight(wname).n_bytes,
+                           flops=4 * self.n_tokens * self.weight(wname).shape[0])
 
     def add(self, name: str, a: Node, b: Node, layer: int) -> Node:
-        return self.op("ADD", name, lambda _, a, b, out=ops.Out(): ops.add(a, b, out), a, b, layer=layer,
-                       flops=self.n_tokens * self.c.n_embd)
+        return self.native("ADD", name, lambda _, a, b, out: ops.add(a, b, out), a, b, layer=layer,
+                           flops=self.n_tokens * self.c.n_embd)
 
     def swiglu(self, name: str, gate: Node, up: Node, layer: int, width: int) -> Node:
-        return self.op("GLU", name, lambda _, g, u, out=ops.Out(): ops.swiglu(g, u, out), gate, up, layer=layer,
-                       flops=5 * self.n_tokens * width)
+        return self.native("GLU", name, lambda _, g, u, out: ops.swiglu(g, u, out), gate, up, layer=layer,
+                           flops=5 * self.n_tokens * width)
 
     def per_head(self, wname: str, x: Node, layer: int, name: str, part: str = "all",
                  transposed: bool = False) -> Node:
@@ -303,6 +310,32 @@ class _Builder:
             return dst
         node.fn, node.parallel = _serial(parallel), parallel
         return node
+
+
+def replaying(fn: Callable, out: ops.Out) -> Callable:
+    """A node's fn(buf, *src_values) from fn(buf, *src_values, out) that, while its buffer and
+    inputs are the same objects as at its last run, runs again the native call that run made
+    (`ops.Out.call`) instead of fn.
+
+    Why: in a reused graph each node sees the same input objects at every token (the
+    memory its sources keep), and the call's addresses and sizes follow from them and
+    from the node's own constants. Run as Python, a ~1 us op costs 5-30 us after a
+    token's weights have gone through the caches (its torch checks and views are cold);
+    the replay is one Python frame and the call. Ops whose call also depends on what
+    changes each token (n_past: the attention's kq, softmax, kqv, the cache's CPY) are
+    not built with it."""
+    last: list = []             # the buffer and inputs of the run whose call `out` holds
+
+    def run(buf, *args):
+        call = out.call
+        if call is not None and len(last) == len(args) + 1 and last[0] is buf and all(map(operator.is_, last[1:], args)):
+            call[0](*call[1])
+            return out.tensor
+        out.call = None
+        y = fn(buf, *args, out)
+        last[:] = (buf, *args) if out.call is not None else ()
+        return y
+    return run
 
 
 def _view(make: Callable) -> Callable:
@@ -441,14 +474,14 @@ def attention(b: _Builder, il: int, h: Node, pos: Node) -> Node:
     else:
         q = b.mul_mat(p + "attn_q.weight", h, il)
 
-    def rope_q(_, q, pos, out=ops.Out()):                                               # [T, H, head_k]
+    def rope_q(_, q, pos, out):                                                         # [T, H, head_k]
         return ops.rope(q.reshape(T, H, c.n_embd_head_k), m.cos_sin(pos.device), pos, nope, out=out)
-    q = b.op("ROPE", f"q_pe-{il}", rope_q, q, pos, layer=il, flops=6 * T * H * R)
+    q = b.native("ROPE", f"q_pe-{il}", rope_q, q, pos, layer=il, flops=6 * T * H * R)
     kv = b.mul_mat(p + "attn_kv_a_mqa.weight", h, il)                                  # [T, L + R]
     kv_c = b.rms_norm(p + "attn_kv_a_norm.weight", kv, il, f"kv_cmpr-{il}", cols=slice(0, L))   # [T, L]
-    def rope_k(_, kv, pos, out=ops.Out()):
+    def rope_k(_, kv, pos, out):
         return ops.rope(kv, m.cos_sin(pos.device), pos, L, keep_from=L, out=out)      # [T, R]
-    k_pe = b.op("ROPE", f"k_pe-{il}", rope_k, kv, pos, layer=il, flops=6 * T * R)
+    k_pe = b.native("ROPE", f"k_pe-{il}", rope_k, kv, pos, layer=il, flops=6 * T * R)
     split_kv = c.kv_layout == "kv_b"
     kv_b = p + ("attn_kv_b.weight" if split_kv else "attn_k_b.weight")
     v_b = p + ("attn_kv_b.weight" if split_kv else "attn_v_b.weight")
@@ -518,22 +551,22 @@ def moe(b: _Builder, il: int, h: Node) -> Node:
     c, p = b.c, f"blk.{il}."
     logits = b.mul_mat(p + "ffn_gate_inp.weight", h, il)                                # [T, E]
     if c.expert_gating_func == 2:
-        probs = b.op("SIGMOID", f"ffn_moe_probs-{il}", lambda _, x, out=ops.Out(): ops.sigmoid(x, out), logits,
-                     layer=il)
+        probs = b.native("SIGMOID", f"ffn_moe_probs-{il}", lambda _, x, out: ops.sigmoid(x, out), logits,
+                         layer=il)
     else:
-        probs = b.op("SOFT_MAX", f"ffn_moe_probs-{il}", lambda _, x, out=ops.Out(): ops.softmax(x, out=out), logits,
-                     layer=il)
+        probs = b.native("SOFT_MAX", f"ffn_moe_probs-{il}", lambda _, x, out: ops.softmax(x, out=out), logits,
+                         layer=il)
     sel = probs
     bias = p + "exp_probs_b.bias"
     if bias in b.m.weights:
-        sel = b.op("ADD", f"ffn_moe_probs_biased-{il}", lambda w, x, out=ops.Out(): ops.add(x, w.dequantize(), out),
-                   probs, layer=il, buffer=bias, n_bytes=b.weight(bias).n_bytes)
-    ids = b.op("TOP_K", f"ffn_moe_topk-{il}", lambda _, s, out=ops.Out(torch.int64): select_experts(s, c, out), sel,
-               layer=il)                                                               # [T, U]
+        sel = b.native("ADD", f"ffn_moe_probs_biased-{il}", lambda w, x, out: ops.add(x, w.dequantize(), out),
+                       probs, layer=il, buffer=bias, n_bytes=b.weight(bias).n_bytes)
+    ids = b.native("TOP_K", f"ffn_moe_topk-{il}", lambda _, s, out: select_experts(s, c, out), sel,
+                   dtype=torch.int64, layer=il)                                        # [T, U]
 
-    def expert_weights(_, probs, ids, out=ops.Out()):                                  # [T, U]
+    def expert_weights(_, probs, ids, out):                                            # [T, U]
         return ops.expert_weights(probs, ids, c.expert_weights_norm, c.expert_weights_scale, out)
-    weights = b.op("GET_ROWS", f"ffn_moe_weights-{il}", expert_weights, probs, ids, layer=il)
+    weights = b.native("GET_ROWS", f"ffn_moe_weights-{il}", expert_weights, probs, ids, layer=il)
     if b.m.fmoe:
         act = b.mul_mat_id(p + "ffn_gate_up_exps.weight", h, ids, il, fused=True)      # [T, U, n_ff_exp]
     else:
@@ -541,10 +574,10 @@ def moe(b: _Builder, il: int, h: Node) -> Node:
         up = b.mul_mat_id(p + "ffn_up_exps.weight", h, ids, il)
         act = b.swiglu(f"ffn_moe_swiglu-{il}", gate, up, il, c.n_expert_used * c.n_ff_exp)
     down = b.mul_mat_id(p + "ffn_down_exps.weight", act, ids, il)                       # [T, U, n_embd]
-    weighted = b.op("MUL", f"ffn_moe_weighted-{il}", lambda _, d, w, out=ops.Out(): ops.scale_rows(d, w, out),
-                    down, weights, layer=il, flops=b.n_tokens * c.n_expert_used * c.n_embd)
-    moe_out = b.op("ADD", f"ffn_moe_out-{il}", lambda _, x, out=ops.Out(): ops.sum_experts(x, out), weighted,
-                   layer=il, flops=b.n_tokens * c.n_expert_used * c.n_embd)
+    weighted = b.native("MUL", f"ffn_moe_weighted-{il}", lambda _, d, w, out: ops.scale_rows(d, w, out),
+                        down, weights, layer=il, flops=b.n_tokens * c.n_expert_used * c.n_embd)
+    moe_out = b.native("ADD", f"ffn_moe_out-{il}", lambda _, x, out: ops.sum_experts(x, out), weighted,
+                       layer=il, flops=b.n_tokens * c.n_expert_used * c.n_embd)
     return b.add(f"ffn_out-{il}", moe_out, feed_forward(b, il, h, "_shexp"), il)
 
 
@@ -559,9 +592,9 @@ def build_graph(model: "Model", n_tokens: int, n_past: int, all_logits: bool = F
     b = _Builder(model, n_tokens, n_past)
     tokens, pos = b.input("inp_tokens"), b.input("inp_pos")
     emb = b.weight("token_embd.weight")
-    def token_embd(w, t, out=ops.Out()):
+    def token_embd(w, t, out):
         return ops.get_rows(w.data, w.ggml_type, w.shape[-1], t, out)                  # [T, n_embd]
-    x = b.op("GET_ROWS", "token_embd", token_embd, tokens, buffer="token_embd.weight",
+    x = b.native("GET_ROWS", "token_embd", token_embd, tokens, buffer="token_embd.weight",
              n_bytes=n_tokens * emb.n_bytes // c.n_vocab)
     for il in range(c.n_layer):
         h = b.rms_norm(f"blk.{il}.attn_norm.weight", x, il, f"attn_norm-{il}")

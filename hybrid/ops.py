@@ -55,10 +55,11 @@ class Out:
     position each token does not reallocate each token; larger ones are fresh.
     """
 
-    __slots__ = ("dtype", "flat", "tensor")
+    __slots__ = ("dtype", "flat", "tensor", "call")
 
     def __init__(self, dtype: torch.dtype = F32):
         self.dtype, self.flat, self.tensor = dtype, None, None
+        self.call = None        # the native call that last wrote `tensor` (see `_native_call`)
 
     def __call__(self, shape) -> torch.Tensor:
         t = self.tensor
@@ -75,6 +76,18 @@ class Out:
 
 def _new(out: Out | None, shape, dtype: torch.dtype = F32) -> torch.Tensor:
     return out(shape) if out is not None else torch.empty(shape, dtype=dtype)
+
+
+def _native_call(out: Out | None, y: torch.Tensor, reads: tuple, fn, *args) -> torch.Tensor:
+    """Run the native op fn(*args), which writes y, and note the call in `out` when y is the
+    memory `out` keeps, with the tensors `reads` whose addresses args hold (kept alive with
+    it): a node whose inputs are the same objects at its next run can run the same call again
+    (`hybrid.model.replaying`), without this module's checks, which cost a cold op more than
+    its arithmetic."""
+    fn(*args)
+    if out is not None:
+        out.call = (fn, args, reads) if y is out.tensor else None
+    return y
 
 
 def _native(*tensors: torch.Tensor) -> bool:
@@ -107,8 +120,8 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, cols: slice = slice(N
     c0, c1, step = cols.indices(row_len)
     if _native(x, w) and step == 1 and c1 > c0 and w.shape == (c1 - c0,):
         y = _new(out, (*x.shape[:-1], c1 - c0))
-        _ops.rms_norm(x.data_ptr(), x.numel() // row_len, row_len, c0, c1 - c0, w.data_ptr(), eps, y.data_ptr())
-        return y
+        return _native_call(out, y, (x, w), _ops.rms_norm, x.data_ptr(), x.numel() // row_len, row_len, c0,
+                            c1 - c0, w.data_ptr(), eps, y.data_ptr())
     x = x[..., cols]
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
@@ -127,9 +140,9 @@ def rope(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], pos: torch
             and cos.shape[1] * 2 == n - start and _ids(pos) and pos.shape == (n_tok,)):
         y = _new(out, (*x.shape[:-1], n - keep_from))
         rows = x.numel() // n
-        _ops.rope(x.data_ptr(), rows, n, keep_from, n - keep_from, start, n - start, rows // n_tok,
-                  cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), cos.shape[0], y.data_ptr())
-        return y
+        return _native_call(out, y, (x, cos, sin, pos), _ops.rope, x.data_ptr(), rows, n, keep_from,
+                            n - keep_from, start, n - start, rows // n_tok, cos.data_ptr(), sin.data_ptr(),
+                            pos.data_ptr(), cos.shape[0], y.data_ptr())
     shape = (n_tok,) + (1,) * (x.dim() - 2) + (cos.shape[1],)
     cos, sin = cos[pos].reshape(shape), sin[pos].reshape(shape)
     x0, x1 = x[..., start::2], x[..., start + 1::2]
@@ -146,9 +159,8 @@ def softmax(x: torch.Tensor, scale: float = 1.0, n_past: int | None = None, out:
     n = x.shape[-1]
     if _native(x):
         y = _new(out, x.shape)
-        _ops.softmax(x.data_ptr(), x.numel() // n, n, scale, 0 if n_past is None else x.shape[-2],
-                     0 if n_past is None else n_past, y.data_ptr())
-        return y
+        return _native_call(out, y, (x,), _ops.softmax, x.data_ptr(), x.numel() // n, n, scale,
+                            0 if n_past is None else x.shape[-2], 0 if n_past is None else n_past, y.data_ptr())
     x = x * scale if scale != 1.0 else x
     if n_past is not None:
         x = x.masked_fill(_causal_mask(x.shape[-2], n_past, n, x.device), float("-inf"))
@@ -199,8 +211,8 @@ def kq(q: torch.Tensor, k: torch.Tensor, q_pe: torch.Tensor | None = None, out: 
             and (not heads or k.shape[1] == n_head)
             and (q_pe is None or _rows(q_pe, 3) and q_pe.shape[:2] == q.shape[:2])):
         y = _new(out, (n_head, n_tok, n_kv))
-        _ops.kq(*_rows_at(q), n_q, *_rows_at(q_pe), n_pe, n_tok, n_head, *_rows_at(k), n_kv, y.data_ptr())
-        return y
+        return _native_call(out, y, (q, q_pe, k), _ops.kq, *_rows_at(q), n_q, *_rows_at(q_pe), n_pe, n_tok,
+                            n_head, *_rows_at(k), n_kv, y.data_ptr())
     q = q if q_pe is None else torch.cat([q, q_pe], dim=-1)
     return torch.einsum("thd,shd->hts" if heads else "thd,sd->hts", q, k)
 
@@ -214,16 +226,15 @@ def kqv(kq: torch.Tensor, v: torch.Tensor, out: Out | None = None) -> torch.Tens
     if (n_tok <= MAX_NATIVE_ATTN_TOKENS and _native(kq) and _rows(v, v.dim()) and v.shape[0] == n_kv
             and (not heads or v.shape[1] == n_head)):
         y = _new(out, (n_tok, n_head, v.shape[-1]))
-        _ops.kqv(kq.data_ptr(), n_tok, n_head, n_kv, *_rows_at(v), v.shape[-1], y.data_ptr())
-        return y
+        return _native_call(out, y, (kq, v), _ops.kqv, kq.data_ptr(), n_tok, n_head, n_kv, *_rows_at(v),
+                            v.shape[-1], y.data_ptr())
     return torch.einsum("hts,shd->thd" if heads else "hts,sd->thd", kq, v)
 
 
 def sigmoid(x: torch.Tensor, out: Out | None = None) -> torch.Tensor:
     if _native(x):
         y = _new(out, x.shape)
-        _ops.sigmoid(x.data_ptr(), x.numel(), y.data_ptr())
-        return y
+        return _native_call(out, y, (x,), _ops.sigmoid, x.data_ptr(), x.numel(), y.data_ptr())
     return torch.sigmoid(x)
 
 
@@ -231,8 +242,8 @@ def add(a: torch.Tensor, b: torch.Tensor, out: Out | None = None) -> torch.Tenso
     """a + b, for b of a's shape or of its trailing dimensions (a bias)."""
     if _native(a, b) and b.shape == a.shape[a.dim() - b.dim():]:
         y = _new(out, a.shape)
-        _ops.add(a.data_ptr(), a.numel(), b.data_ptr(), b.numel(), y.data_ptr())
-        return y
+        return _native_call(out, y, (a, b), _ops.add, a.data_ptr(), a.numel(), b.data_ptr(), b.numel(),
+                            y.data_ptr())
     return a + b
 
 
@@ -240,8 +251,7 @@ def swiglu(g: torch.Tensor, u: torch.Tensor, out: Out | None = None) -> torch.Te
     """silu(g) * u (GLU)."""
     if _native(g, u) and g.shape == u.shape:
         y = _new(out, g.shape)
-        _ops.swiglu(g.data_ptr(), u.data_ptr(), g.numel(), y.data_ptr())
-        return y
+        return _native_call(out, y, (g, u), _ops.swiglu, g.data_ptr(), u.data_ptr(), g.numel(), y.data_ptr())
     return F.silu(g) * u
 
 
@@ -249,8 +259,8 @@ def scale_rows(x: torch.Tensor, w: torch.Tensor, out: Out | None = None) -> torc
     """x [..., n] times w [...], one weight per row: each expert's output times its routing weight."""
     if _native(x, w) and w.shape == x.shape[:-1]:
         y = _new(out, x.shape)
-        _ops.scale_rows(x.data_ptr(), w.numel(), x.shape[-1], w.data_ptr(), y.data_ptr())
-        return y
+        return _native_call(out, y, (x, w), _ops.scale_rows, x.data_ptr(), w.numel(), x.shape[-1], w.data_ptr(),
+                            y.data_ptr())
     return x * w[..., None]
 
 
@@ -258,8 +268,8 @@ def sum_experts(x: torch.Tensor, out: Out | None = None) -> torch.Tensor:
     """x [T, U, n] summed over its U experts -> [T, n]."""
     if _native(x) and x.dim() == 3 and x.shape[1]:
         y = _new(out, (x.shape[0], x.shape[2]))
-        _ops.sum_rows(x.data_ptr(), x.shape[0], x.shape[1], x.shape[2], y.data_ptr())
-        return y
+        return _native_call(out, y, (x,), _ops.sum_rows, x.data_ptr(), x.shape[0], x.shape[1], x.shape[2],
+                            y.data_ptr())
     return x.sum(1)
 
 
@@ -273,8 +283,8 @@ def top_k(sel: torch.Tensor, k: int, n_groups: int = 0, n_groups_used: int = 0,
     groups compete."""
     if _native(sel) and sel.dim() == 2:
         ids = _new(out, (sel.shape[0], k), I64)
-        _ops.top_k(sel.data_ptr(), sel.shape[0], sel.shape[1], k, n_groups, n_groups_used, ids.data_ptr())
-        return ids
+        return _native_call(out, ids, (sel,), _ops.top_k, sel.data_ptr(), sel.shape[0], sel.shape[1], k, n_groups,
+                            n_groups_used, ids.data_ptr())
     if n_groups > 1:
         groups = sel.reshape(sel.shape[0], n_groups, -1)                                # [T, G, E/G]
         score = groups.topk(2, dim=-1).values.sum(-1)                                   # [T, G]
@@ -290,9 +300,8 @@ def expert_weights(probs: torch.Tensor, ids: torch.Tensor, norm: bool, scale: fl
     if (_native(probs) and _ids(ids) and ids.dim() == probs.dim() == 2
             and ids.shape[0] == probs.shape[0]):
         y = _new(out, ids.shape)
-        _ops.expert_weights(probs.data_ptr(), probs.shape[0], probs.shape[1], ids.data_ptr(), ids.shape[1], norm,
-                            scale, y.data_ptr())
-        return y
+        return _native_call(out, y, (probs, ids), _ops.expert_weights, probs.data_ptr(), probs.shape[0],
+                            probs.shape[1], ids.data_ptr(), ids.shape[1], norm, scale, y.data_ptr())
     w = probs.gather(1, ids)
     if norm:
         w = w / w.sum(-1, keepdim=True)
@@ -307,9 +316,9 @@ def get_rows(data: torch.Tensor, ggml_type: int, n_cols: int, ids: torch.Tensor,
     if (NATIVE and NATIVE_GET_ROWS.get(ggml_type) is data.dtype and data.is_cpu and data.is_contiguous()
             and data.dim() == 2 and _ids(ids)):
         y = _new(out, (ids.numel(), n_cols))
-        _ops.get_rows(data.data_ptr(), data.shape[0], data.shape[1] * data.element_size(), ggml_type, n_cols,
-                      ids.data_ptr(), ids.numel(), y.data_ptr())
-        return y
+        return _native_call(out, y, (data, ids), _ops.get_rows, data.data_ptr(), data.shape[0],
+                            data.shape[1] * data.element_size(), ggml_type, n_cols, ids.data_ptr(), ids.numel(),
+                            y.data_ptr())
     return dequantize(data[ids], ggml_type)
 
 
@@ -317,8 +326,8 @@ def matmul_f32(x: torch.Tensor, w: torch.Tensor, out: Out | None = None) -> torc
     """x [T, K] @ w [N, K]^T for a float32 weight (the MoE router, ffn_gate_inp) -> [T, N]."""
     if _native(x, w) and x.dim() == w.dim() == 2 and x.shape[1] == w.shape[1]:
         y = _new(out, (x.shape[0], w.shape[0]))
-        _ops.matmul_f32(x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(), w.shape[0], y.data_ptr())
-        return y
+        return _native_call(out, y, (x, w), _ops.matmul_f32, x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(),
+                            w.shape[0], y.data_ptr())
     return F.linear(x, w)
 
 

@@ -7,12 +7,14 @@ with a timings file and reads the answer off `hyprof report --json`, the same
 figures a user gets. Beside each run, STREAM triad (`profiler.membw`, 3 x 1 GiB)
 is taken just before and just after it, so the expert bandwidth is compared with
 what the memory system gave in the same minute: this VM's bandwidth moves by up
-to 2x between minutes. Columns:
+to 2x between minutes. `--rounds` repeats every configuration in turn (round 1 of
+each, then round 2, ...) and each figure is the median over the rounds, the
+experts / triad ratio of each round shown beside it. Columns:
 
   tg t/s              mean over the repetitions
   experts GB/s        CPU expert matmul bytes as stored / their wall time (report)
   triad GB/s          median of the triads before and after the run
-  experts / triad     the issue's target: >= 85 %
+  experts / triad     the issue's target: >= 85 % (median of rounds; each round's)
   overhead % of wall  wakeup + copies + sync + scheduling + graph build + other
                       (report; the issue's target: < 5 %)
   wakeup median, p99  per worker and split: the main thread's dispatch to the
@@ -20,7 +22,7 @@ to 2x between minutes. Columns:
                       spinning)
 
     .venv/bin/python benchmarks/bench_cpu_path.py [--types q4_0,q8_0] [-t 2] [-n 32] [-r 3]
-        [--poll 50,0] [--json]
+        [--poll 50,0] [--rounds 3] [--json]
 """
 
 from __future__ import annotations
@@ -81,6 +83,19 @@ def measure(qtype: str, threads: int, poll: int, n_gen: int, reps: int, workdir:
             "wakeup_p99_us": float(np.percentile(wake, 99)) if wake.size else None}
 
 
+def median_of_rounds(rounds: list[dict]) -> dict:
+    """One configuration's rounds -> one row: each figure's median over the rounds (the
+    triads' too), with the per-round experts / triad ratios kept."""
+    row = dict(rounds[0])
+    for key, value in row.items():
+        if isinstance(value, float) and all(r[key] is not None for r in rounds):
+            row[key] = float(statistics.median(r[key] for r in rounds))
+    row["ms_per_token"] = {k: float(statistics.median(r["ms_per_token"][k] for r in rounds))
+                           for k in rounds[0]["ms_per_token"]}
+    row["experts_over_triad_rounds"] = [r["experts_over_triad"] for r in rounds]
+    return row
+
+
 def render(rows: list[dict]) -> str:
     lines = ["| weights | poll | test | tg t/s | experts GB/s | triad GB/s (before/after) | experts / triad "
              "| overhead % of wall | wakeup median / p99 us |",
@@ -90,7 +105,9 @@ def render(rows: list[dict]) -> str:
                 else f"{r['wakeup_median_us']:.1f} / {r['wakeup_p99_us']:.1f}")
         lines.append(f"| {r['type']} | {r['poll']} | {r['test']} | {r['tps']:.2f} ± {r['tps_std']:.2f} | "
                      f"{r['experts_GBps']:.1f} | {r['triad_before_GBps']:.1f} / {r['triad_after_GBps']:.1f} | "
-                     f"{100 * r['experts_over_triad']:.0f} % | {r['overhead_pct']:.1f} | {wake} |")
+                     f"{100 * r['experts_over_triad']:.0f} % "
+                     f"({' '.join(f'{100 * x:.0f}' for x in r['experts_over_triad_rounds'])}) | "
+                     f"{r['overhead_pct']:.1f} | {wake} |")
     return "\n".join(lines)
 
 
@@ -103,12 +120,15 @@ def main() -> None:
     ap.add_argument("-n", "--n-gen", type=int, default=32)
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("--poll", default="50,0", help="wait modes to run (default: 50,0)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every configuration (default: 3)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="hyprof-bench-") as workdir:
-        rows = [measure(qtype, args.threads, int(poll), args.n_gen, args.repetitions, workdir)
-                for qtype in args.types.split(",") for poll in args.poll.split(",")]
+        configs = [(qtype, int(poll)) for qtype in args.types.split(",") for poll in args.poll.split(",")]
+        rounds = [[measure(qtype, args.threads, poll, args.n_gen, args.repetitions, workdir)
+                   for qtype, poll in configs] for _ in range(max(1, args.rounds))]
+        rows = [median_of_rounds([r[i] for r in rounds]) for i in range(len(configs))]
     load = ", ".join(f"{a:.2f} -> {b:.2f}" for a, b in zip(load_before, os.getloadavg()))
     if args.json:
         print(json.dumps({"rows": rows, "loadavg": [load_before, os.getloadavg()]}, indent=1))

@@ -149,8 +149,8 @@ class Engine:
 
     def forward(self, tokens: Sequence[int], test: str = "") -> torch.Tensor:
         """Evaluate `tokens` after the cached ones as one graph; the logits [1, n_vocab]
-        of the last token, on the host."""
-        return self._evaluate(tokens, test, sample=False)
+        of the last token, on the host (a copy: the graph reuses its output's memory)."""
+        return self._evaluate(tokens, test, sample=False).clone()
 
     def eval(self, tokens: Sequence[int], test: str) -> int:
         """BenchEngine: evaluate one batch, return the greedy next token."""
@@ -192,7 +192,7 @@ class Engine:
         if n_tokens not in self._graphs:
             if len(self._graphs) >= MAX_GRAPHS:     # the oldest batch size goes
                 del self._graphs[next(iter(self._graphs))]
-            graph = self.model.graph(n_tokens)
+            graph = self.model.graph(n_tokens, keep_output=True)
             self._graphs[n_tokens] = graph, split_graph(graph, self._buffer_backend.__getitem__)
         return self._graphs[n_tokens]
 

@@ -192,17 +192,19 @@ class _Builder:
         set_cost()
         return node
 
-    def mul_mat(self, wname: str, x: Node, layer: int, result: bool = False) -> Node:
+    def mul_mat(self, wname: str, x: Node, layer: int, result: str | None = None) -> Node:
         """x [T, K] @ W^T -> [T, N]; workers split it by rows of W, except a float32 weight
         (in llama.cpp's files the MoE router's, a fraction of a MiB): one thread reads it
         natively in microseconds, less than a handoff to the workers would cost. The
-        native form writes into memory the node keeps (`ops.Out`), except for the graph's
-        `result`, which outlives the evaluation."""
+        native form writes into memory the node keeps (`ops.Out`); the graph's result
+        (`result`) into "fresh" memory, which outlives the evaluation, or "reused" memory
+        kept whatever its size."""
         w = self.weight(wname)
         n, k = w.shape[-2], w.shape[-1]
         parallel = None
         if w.ggml_type != GGMLQuantizationType.F32:
-            parallel = _mul_mat_form(w, None if result else ops.Out())
+            out = None if result == "fresh" else ops.Out(keep_bytes=None if result == "reused" else ops.KEEP_BYTES)
+            parallel = _mul_mat_form(w, out)
         return self.op("MUL_MAT", _tensor_label(wname), mul_mat, x, layer=layer, buffer=wname,
                        n_bytes=w.n_bytes, flops=2 * self.n_tokens * n * k, parallel=parallel)
 
@@ -581,11 +583,14 @@ def moe(b: _Builder, il: int, h: Node) -> Node:
     return b.add(f"ffn_out-{il}", moe_out, feed_forward(b, il, h, "_shexp"), il)
 
 
-def build_graph(model: "Model", n_tokens: int, n_past: int, all_logits: bool = False) -> Graph:
+def build_graph(model: "Model", n_tokens: int, n_past: int, all_logits: bool = False,
+                keep_output: bool = False) -> Graph:
     """The graph of one evaluation: n_tokens new tokens after n_past cached ones.
 
     Inputs `inp_tokens` and `inp_pos` (int64 [T]); the output is the logits
-    [T, n_vocab] with `all_logits`, else of the last token only [1, n_vocab].
+    [T, n_vocab] with `all_logits`, else of the last token only [1, n_vocab], in fresh memory
+    unless `keep_output`: then in memory the graph reuses at its next evaluation (the engine's
+    greedy token reads it at once; ~0.4 MB allocated and faulted in per token otherwise).
     The graph can be evaluated again at another depth: set `graph.n_past` first.
     """
     c = model.config
@@ -605,7 +610,7 @@ def build_graph(model: "Model", n_tokens: int, n_past: int, all_logits: bool = F
     if not all_logits:
         x = b.op("GET_ROWS", "inp_out_ids", _view(lambda x: x[-1:]), x)
     x = b.rms_norm("output_norm.weight", x, -1, "result_norm")
-    b.graph.output = b.mul_mat("output.weight", x, -1, result=True)
+    b.graph.output = b.mul_mat("output.weight", x, -1, result="reused" if keep_output else "fresh")
     return b.graph
 
 
@@ -650,9 +655,9 @@ class Model:
     def buffer_names(self) -> list[str]:
         return list(self.weights.buffers) + list(self.cache.buffers)
 
-    def graph(self, n_tokens: int, all_logits: bool = False) -> Graph:
+    def graph(self, n_tokens: int, all_logits: bool = False, keep_output: bool = False) -> Graph:
         """The graph evaluating the next n_tokens after what the cache holds."""
-        return build_graph(self, n_tokens, self.cache.n_past, all_logits)
+        return build_graph(self, n_tokens, self.cache.n_past, all_logits, keep_output)
 
     def inputs(self, tokens: list[int]) -> dict[str, torch.Tensor]:
         """The graph's inputs: tokens and their positions, int64 [T]. The tensors of a batch

@@ -50,15 +50,16 @@ class Out:
     Allocating a fresh output costs a cold op more than its arithmetic (6-9 us
     after a matmul); the graph is reused from token to token and each node runs
     once per evaluation, consumed within it, so its output memory can be too.
-    Outputs up to KEEP_BYTES are kept (tens of MB at most for a whole graph), in
-    a flat buffer grown by doubling so that a softmax over one more cached
-    position each token does not reallocate each token; larger ones are fresh.
+    Outputs up to `keep_bytes` (KEEP_BYTES: tens of MB at most for a whole graph)
+    are kept, in a flat buffer grown by doubling so that a softmax over one more
+    cached position each token does not reallocate each token; larger ones are
+    fresh. `keep_bytes=None` keeps any size (the engine's logits).
     """
 
-    __slots__ = ("dtype", "flat", "tensor", "call")
+    __slots__ = ("dtype", "keep_bytes", "flat", "tensor", "call")
 
-    def __init__(self, dtype: torch.dtype = F32):
-        self.dtype, self.flat, self.tensor = dtype, None, None
+    def __init__(self, dtype: torch.dtype = F32, keep_bytes: int | None = KEEP_BYTES):
+        self.dtype, self.keep_bytes, self.flat, self.tensor = dtype, keep_bytes, None, None
         self.call = None        # the native call that last wrote `tensor` (see `_native_call`)
 
     def __call__(self, shape) -> torch.Tensor:
@@ -66,7 +67,7 @@ class Out:
         if t is not None and t.shape == shape:
             return t
         n = math.prod(shape)
-        if n * self.dtype.itemsize > KEEP_BYTES:
+        if self.keep_bytes is not None and n * self.dtype.itemsize > self.keep_bytes:
             return torch.empty(shape, dtype=self.dtype)
         if self.flat is None or self.flat.numel() < n:
             self.flat = torch.empty(max(n, 2 * (0 if self.flat is None else self.flat.numel())), dtype=self.dtype)

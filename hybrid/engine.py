@@ -94,6 +94,7 @@ class Engine:
         self.scheduler = Scheduler(self.backends, self.recorder)
         self._graphs: dict[int, tuple[Graph, SplitPlan]] = {}
         self.last_plan: SplitPlan | None = None
+        self._greedy = ops.Greedy()          # the greedy token of eval(), by the logits' address
 
     # -- placement -------------------------------------------------------------
 
@@ -178,7 +179,7 @@ class Engine:
         model.cache.n_past += len(tokens)
         if sample:
             t = rec.now()
-            result = ops.argmax(result)
+            result = self._greedy(result)
             if rec.enabled:
                 lane.phase(t, rec.now() - t, graph_id, "sample")
         if rec.enabled:

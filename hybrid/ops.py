@@ -336,7 +336,29 @@ def argmax(x: torch.Tensor) -> int:
     """The index of the largest value in x's last row, the first on ties: the greedy token
     from logits [T, n_vocab] (or [n_vocab]). The row is found by address, not by indexing:
     a torch view costs tens of microseconds with torch cold, as it is after a token."""
+    row = _last_row(x)
+    return _ops.argmax(*row) if row is not None else int(torch.argmax(x.reshape(-1, x.shape[-1])[-1]))
+
+
+def _last_row(x: torch.Tensor) -> tuple[int, int] | None:
+    """(address, length) of x's last row for the native argmax; None: torch's."""
     if _native(x) and x.numel():
         n = x.shape[-1]
-        return _ops.argmax(x.data_ptr() + 4 * (x.numel() - n), n)
-    return int(torch.argmax(x.reshape(-1, x.shape[-1])[-1]))
+        return x.data_ptr() + 4 * (x.numel() - n), n
+    return None
+
+
+class Greedy:
+    """`argmax` for logits that are the same tensor at every call (the engine's graph writes
+    them into memory it reuses): the row is found once per tensor object, which then stays
+    alive here; with torch cold after a token, the checks cost more than the argmax."""
+
+    __slots__ = ("logits", "row")
+
+    def __init__(self):
+        self.logits, self.row = None, None
+
+    def __call__(self, x: torch.Tensor) -> int:
+        if x is not self.logits:
+            self.logits, self.row = x, _last_row(x)
+        return _ops.argmax(*self.row) if self.row is not None else argmax(x)

@@ -446,3 +446,16 @@ def test_a_replaying_node_runs_its_last_call_again_while_its_inputs_are_the_same
     c = a.clone()
     close(node_fn(None, c, b), c.double().numpy() + b.double().numpy())
     assert len(runs) == (2 if native else 4)
+
+
+def test_greedy_follows_the_logits_it_is_given(rng):
+    """`ops.Greedy` works out the row once per logits tensor: new contents of the same tensor,
+    and another tensor, give their own argmax."""
+    greedy = ops.Greedy()
+    logits = t32(rng.normal(size=(2, 50)))
+    for _ in range(3):
+        assert greedy(logits) == int(np.argmax(logits.numpy()[-1]))
+        logits.copy_(t32(rng.normal(size=(2, 50))))
+    other = t32(rng.normal(size=(1, 70)))
+    assert greedy(other) == int(np.argmax(other.numpy()[-1]))
+    assert greedy(logits.T.contiguous().T) == int(np.argmax(logits.numpy()[-1]))     # not contiguous: torch

@@ -330,7 +330,8 @@ def replaying(fn: Callable, out: ops.Out) -> Callable:
 
     def run(buf, *args):
         call = out.call
-        if call is not None and len(last) == len(args) + 1 and last[0] is buf and all(map(operator.is_, last[1:], args)):
+        if (call is not None and len(last) == len(args) + 1 and last[0] is buf
+                and all(map(operator.is_, last[1:], args))):
             call[0](*call[1])
             return out.tensor
         out.call = None

@@ -194,8 +194,8 @@ class _Views:
 
 
 def _output(out, shape):
-    """The output tensor and its NumPy view: into `out` (a callable shape -> float32 torch
-    tensor, such as `hybrid.ops.Out`) or fresh memory."""
+    """(NumPy view, tensor) of the output: in `out` (a callable shape -> float32 torch
+    tensor, such as `hybrid.ops.Out`), or fresh memory."""
     import torch
     if out is None:
         a = np.empty(shape, np.float32)

@@ -341,17 +341,24 @@ def replaying(fn: Callable, out: ops.Out) -> Callable:
     return run
 
 
+def _per_object(make: Callable) -> Callable:
+    """get(x) -> make(x), made once per object x (the last one is held): a reused graph's
+    node sees the same input objects at every token."""
+    last = [None, None]
+
+    def get(x):
+        if last[0] is not x:
+            last[:] = x, make(x)
+        return last[1]
+    return get
+
+
 def _view(make: Callable) -> Callable:
     """A view node's fn: the view make(x) made once per input object. Its input is the output
     its source keeps from token to token (`ops.Out`), and a view that stays the same object
     lets the op reading it reuse what it prepared for it (`cpu_kernels.bind_matmul`)."""
-    last = [None, None]
-
-    def fn(_, x):
-        if last[0] is not x:
-            last[:] = x, make(x)
-        return last[1]
-    return fn
+    get = _per_object(make)
+    return lambda _, x: get(x)
 
 
 def _serial(parallel: Callable) -> Callable:
@@ -380,15 +387,12 @@ def _native_heads_form(w, n_head: int, rows: slice) -> Callable:
         blocks, kind = w.data, w.ggml_type
     kernel = cpu_kernels.bind_mul_mat_id(blocks.reshape(n_head, per_head, -1), kind, rows=(r0, r1))
     out = ops.Out()
-    last = [None, None, None, None]     # the last x, its ids, the last output, its view of rows r0:r1
+    ids_of = _per_object(lambda x: _head_ids(x.shape[0], n_head))
+    rows_of = _per_object(lambda dst: dst[:, :, r0:r1])
 
     def run(x, pool, times):
-        if last[0] is not x:
-            last[:2] = x, _head_ids(x.shape[0], n_head)
-        dst, _ = kernel(x, last[1], pool, times, out)        # into out [T, H, per_head]
-        if last[2] is not dst:
-            last[2:] = dst, dst[:, :, r0:r1]
-        return last[3]
+        dst, _ = kernel(x, ids_of(x), pool, times, out)      # into out [T, H, per_head]
+        return rows_of(dst)
     return run
 
 

@@ -123,11 +123,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every configuration (default: 3)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: must be at least 1")
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="hyprof-bench-") as workdir:
         configs = [(qtype, int(poll)) for qtype in args.types.split(",") for poll in args.poll.split(",")]
         rounds = [[measure(qtype, args.threads, poll, args.n_gen, args.repetitions, workdir)
-                   for qtype, poll in configs] for _ in range(max(1, args.rounds))]
+                   for qtype, poll in configs] for _ in range(args.rounds)]
         rows = [median_of_rounds([r[i] for r in rounds]) for i in range(len(configs))]
     load = ", ".join(f"{a:.2f} -> {b:.2f}" for a, b in zip(load_before, os.getloadavg()))
     if args.json:

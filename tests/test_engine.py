@@ -293,6 +293,44 @@ def test_only_the_cpu_weights_are_repacked(tiny_gguf):
             assert weights[name].packed.shape == weights[name].data.shape
 
 
+def test_the_cpu_weights_left_in_the_map_are_read_at_load(tiny_gguf, monkeypatch):
+    """Every weight the CPU reads in place from the file's map (not repacked) is faulted in
+    at load, and no other: the device's are copied there, the repacked ones read once."""
+    faulted = []
+    monkeypatch.setattr(weights, "fault_in", lambda data: faulted.append(data.ctypes.data))
+    with Engine(str(tiny_gguf), threads=1, **PLACEMENTS["experts-cpu"]) as engine:
+        bufs = engine.model.weights.buffers
+        on_cpu = {name for name, b in engine.placement.backend.items() if b == "CPU"}
+        in_map = {name for name in on_cpu
+                  if getattr(bufs[name], "packed", None) is None and not isinstance(bufs[name], weights.Int4Weight)}
+        assert in_map and "token_embd.weight" in in_map
+        assert sorted(faulted) == sorted(engine.gguf.tensors[name].data.ctypes.data for name in in_map)
+
+
+def test_fault_in_brings_every_page_of_a_mapped_file_into_memory(tmp_path):
+    import ctypes
+    path = tmp_path / "w.bin"
+    n_pages = 64
+    path.write_bytes(os.urandom(n_pages * weights.PAGE_BYTES))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    data = np.memmap(path, dtype=np.float32, mode="r").reshape(n_pages, -1)
+    libc = ctypes.CDLL(None, use_errno=True)
+    vec = (ctypes.c_ubyte * n_pages)()
+
+    def resident() -> int:
+        assert libc.mincore(ctypes.c_void_p(data.ctypes.data), ctypes.c_size_t(data.nbytes), vec) == 0
+        return sum(v & 1 for v in vec)
+    if resident() == n_pages:
+        pytest.skip(f"{tmp_path}: the page cache here keeps the file's pages (tmpfs?)")
+    weights.fault_in(data)
+    assert resident() == n_pages
+
+
 def test_generate_command_takes_placement_flags(tiny_gguf, cpu_baseline):
     from hyprof.cli import main
     import contextlib

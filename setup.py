@@ -20,7 +20,7 @@ setup(
             libraries=["m"] if unix else [],
         ),
         # the forward pass's small float32 ops: norms, RoPE, softmax, router (hybrid/ops.py)
-        Extension("hybrid._ops", sources=["hybrid/_ops.c"], depends=["hybrid/_fp16.h", "hybrid/_vecmath.h"],
+        Extension("hybrid._ops", sources=["hybrid/_ops.c"], depends=["hybrid/_fp16.h", "hybrid/_pool.h", "hybrid/_vecmath.h"],
                   extra_compile_args=["-O3", "-std=c11", "-Wall"] if unix else [],
                   libraries=["m"] if unix else []),
         # the recorder's lanes and the timings writer's line formatter (profiler/recorder.py, sinks.py)

@@ -236,7 +236,7 @@ def _repetitions(t: Timings, graph_rows: np.ndarray) -> np.ndarray:
 
 # The sweep flags, as llama-bench names its columns.
 SWEEP_FLAGS = {"threads": "t", "n_gpu_layers": "ngl", "overrides": "ot", "accel": "accel", "mla": "mla",
-               "fmoe": "fmoe", "rtr": "rtr", "poll": "poll"}
+               "fa": "fa", "fmoe": "fmoe", "rtr": "rtr", "poll": "poll"}
 
 
 def sweep_labels(header: dict, configs) -> dict:

@@ -546,7 +546,7 @@ def header(sc: Scan) -> dict:
              "ftype": desc.split()[-1] if len(desc.split()) > 1 else None}
     config = {"threads": _int_cell(sc.rows[0], "threads") if sc.rows else None,
               "accel": f"CUDA{sc.cuda_devices[0]}" if sc.cuda_devices else "none"}
-    for column, key in (("ngl", "n_gpu_layers"), ("mla", "mla"), ("fmoe", "fmoe"), ("rtr", "rtr"),
+    for column, key in (("ngl", "n_gpu_layers"), ("mla", "mla"), ("fa", "fa"), ("fmoe", "fmoe"), ("rtr", "rtr"),
                         ("n_batch", "n_batch"), ("n_ubatch", "n_ubatch")):
         if column in row:
             config[key] = _int_cell(sc.rows[0], column)

@@ -51,7 +51,7 @@ def describe_run(header: dict, emulated: bool) -> str:
         line2.append(f"accel {accel}" + (" — device times are NOT GPU times" if emulated else ""))
     elif emulated:
         line2.append("accelerator EMULATED — device times are NOT GPU times")
-    flags = [f"{k}={config[k]}" for k in ("mla", "fmoe", "rtr") if config.get(k) is not None]
+    flags = [f"{k}={config[k]}" for k in ("mla", "fa", "fmoe", "rtr") if config.get(k) is not None]
     if flags:
         line2.append(" ".join(flags))
     if any(machine.get(k) for k in ("cpu", "cores", "mem_bytes", "gpu")):

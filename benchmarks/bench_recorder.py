@@ -125,7 +125,7 @@ def bench_overhead(model: str | None, n_gen: int, rounds: int, threads: int) -> 
     path = model or default_model(progress=False)
     rec = Recorder(enabled=True, print_timing=False)
     engine = make_engine(path, threads=threads, n_gpu_layers=99,
-                         overrides=[r"\.ffn_.*_exps\.=CPU"], accel="emulated", mla=0, fmoe=1,
+                         overrides=[r"\.ffn_.*_exps\.=CPU"], accel="emulated", mla=0, fa=1, fmoe=1,
                          rtr=1, poll=50, recorder=rec)
     graph_ns: dict[bool, list[int]] = {True: [], False: []}
     cpu_ns: dict[bool, list[int]] = {True: [], False: []}     # all threads of the process

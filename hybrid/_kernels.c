@@ -984,6 +984,11 @@ PyMODINIT_FUNC PyInit__kernels(void) {
         Py_DECREF(m);
         return NULL;
     }
+    static const pool_api_t pool_api = {pool_from_object, pool_run, pool_threads};
+    if (PyModule_AddObject(m, "_pool_api", PyCapsule_New((void *)&pool_api, POOL_API_CAPSULE, NULL)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     PyObject *names = PyTuple_New(best_path + 1);
     for (int p = 0; p <= best_path && names; p++) PyTuple_SET_ITEM(names, p, PyUnicode_FromString(path_names[p]));
     if (!names || PyModule_AddObject(m, "PATHS", names) < 0 || PyModule_AddIntConstant(m, "DEFAULT_PATH", default_path) < 0 ||

@@ -36,6 +36,7 @@
 #include <string.h>
 
 #include "_fp16.h"
+#include "_pool.h"
 #include "_vecmath.h"
 
 
@@ -321,15 +322,16 @@ static inline float sum_lanes(float *s) {
     return s[0];
 }
 
-/* append_kv(cache, n_ctx, n_past, n_tokens, n_head, x, x_st, x_sh, n_x, tail, tail_st, tail_sh, n_tail):
+/* append_kv(n_past, cache, n_ctx, n_tokens, n_head, x, x_st, x_sh, n_x, tail, tail_st, tail_sh, n_tail):
  * the CPY of n_tokens new positions into a KV cache [n_ctx, n_head, n_x + n_tail] after the n_past
  * cached ones: cache[n_past + t, h] = x[t, h] followed by tail[t, h] (k_pe, with tail_sh 0 the same
- * for every head; address 0 with n_tail 0: none). */
+ * for every head; address 0 with n_tail 0: none). n_past comes first, as in every call that
+ * depends on the cache's depth (hybrid/ops.py replays them with the depth of the moment). */
 static PyObject *py_append_kv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     float *cache;
     rows_t x, tail;
     Py_ssize_t n_ctx, n_past, n_tokens, n_head, n_x, n_tail;
-    if (parse("append_kv", args, nargs, "pnnnnpnnnonnn", &cache, &n_ctx, &n_past, &n_tokens, &n_head, &x.p, &x.st,
+    if (parse("append_kv", args, nargs, "npnnnpnnnonnn", &n_past, &cache, &n_ctx, &n_tokens, &n_head, &x.p, &x.st,
               &x.sh, &n_x, &tail.p, &tail.st, &tail.sh, &n_tail))
         return NULL;
     if (n_past + n_tokens > n_ctx)
@@ -393,11 +395,11 @@ static PyObject *py_kq(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
 
 SIMD_CLONES
 static void kqv_rows(const float *kq, Py_ssize_t n_tokens, Py_ssize_t n_head, Py_ssize_t n_kv, rows_t v,
-                     Py_ssize_t n_v, float *out) {
+                     Py_ssize_t n_v, float *out, Py_ssize_t out_st) {
     for (Py_ssize_t t = 0; t < n_tokens; t++)
         for (Py_ssize_t h = 0; h < n_head; h++) {
             const float *p = kq + (h * n_tokens + t) * n_kv;
-            float *o = out + (t * n_head + h) * n_v;
+            float *o = out + t * out_st + h * n_v;
             Py_ssize_t c = 0;
             for (; c + KQV_COLS <= n_v; c += KQV_COLS) {
                 float acc[KQV_COLS] = {0};
@@ -425,7 +427,84 @@ static PyObject *py_kqv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t n_tokens, n_head, n_kv, n_v;
     if (parse("kqv", args, nargs, "pnnnpnnnp", &kq, &n_tokens, &n_head, &n_kv, &v.p, &v.st, &v.sh, &n_v, &out))
         return NULL;
-    kqv_rows(kq, n_tokens, n_head, n_kv, v, n_v, out);
+    kqv_rows(kq, n_tokens, n_head, n_kv, v, n_v, out, n_head * n_v);
+    Py_RETURN_NONE;
+}
+
+/* --- FLASH_ATTN_EXT: kq, the causal softmax and kqv in one op, its heads shared by the pool ----- */
+
+typedef struct {
+    rows_t q, pe, k, v;
+    Py_ssize_t n_q, n_pe, n_v, n_tokens, n_head, n_past, n_kv;
+    float scale, *out, *scores;                       /* scores: [threads][n_tokens, n_kv] */
+} attn_job_t;
+
+static inline rows_t head_rows(rows_t r, Py_ssize_t h) { return (rows_t){r.p ? row(r, 0, h) : NULL, r.st, 0}; }
+
+/* Head h, every token: its scores in the thread's scratch, softmaxed in place, then times v. */
+static void attn_head(void *ctx, int64_t h, int thread) {
+    const attn_job_t *j = ctx;
+    float *scores = j->scores + (size_t)thread * (size_t)(j->n_tokens * j->n_kv);
+    kq_rows(head_rows(j->q, h), j->n_q, head_rows(j->pe, h), j->n_pe, j->n_tokens, 1, head_rows(j->k, h), j->n_kv,
+            scores);
+    for (Py_ssize_t t = 0; t < j->n_tokens; t++)
+        softmax_row(scores + t * j->n_kv, j->n_past + t + 1, j->n_kv, j->scale, scores + t * j->n_kv);
+    kqv_rows(scores, j->n_tokens, 1, j->n_kv, head_rows(j->v, h), j->n_v, j->out + h * j->n_v, j->n_head * j->n_v);
+}
+
+static const pool_api_t *pool_api;                   /* hybrid._kernels' pool, imported on first use */
+
+/* flash_attn(n_past, q, q_st, q_sh, n_q, pe, pe_st, pe_sh, n_pe, k, k_st, k_sh, v, v_st, v_sh, n_v, n_tokens,
+ * n_head, scale, out, pool, times): the attention of n_tokens queries at positions n_past.. over the
+ * n_kv = n_past + n_tokens cached ones, out [n_tokens, n_head, n_v] = softmax(scale q k^T, causal) v,
+ * each query q's n_q columns then pe's n_pe (as kq), k's rows n_q + n_pe columns and v's n_v (rows
+ * as kq and kqv read them: MLA's compressed cache serves as both, with head strides 0). With a
+ * hybrid._kernels.Pool the threads share out the heads (GIL released); None: this thread alone.
+ * times: as the pool's (int64 [n_threads, 3]) or None. */
+static PyObject *py_flash_attn(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    attn_job_t j;
+    double scale;
+    if (nargs != 22) return PyErr_Format(PyExc_TypeError, "flash_attn() takes 22 arguments (%zd given)", nargs);
+    if (parse("flash_attn", args, 20, "npnnnonnnpnnpnnnnndp", &j.n_past, &j.q.p, &j.q.st, &j.q.sh, &j.n_q, &j.pe.p,
+              &j.pe.st, &j.pe.sh, &j.n_pe, &j.k.p, &j.k.st, &j.k.sh, &j.v.p, &j.v.st, &j.v.sh, &j.n_v, &j.n_tokens,
+              &j.n_head, &scale, &j.out))
+        return NULL;
+    if (j.n_pe && !j.pe.p) return bad("flash_attn: a q_pe of %zd columns at a null address", j.n_pe);
+    j.scale = (float)scale;
+    j.n_kv = j.n_past + j.n_tokens;
+    PyObject *pool_obj = args[20], *times_obj = args[21];
+    pool_t *pool = NULL;
+    Py_buffer times = {0};
+    if (pool_obj != Py_None) {
+        if (!pool_api && !(pool_api = PyCapsule_Import(POOL_API_CAPSULE, 0))) return NULL;
+        if (!(pool = pool_api->from_object(pool_obj))) return NULL;
+    }
+    if (times_obj != Py_None) {
+        if (!pool) return bad("flash_attn: times given without a pool");
+        if (PyObject_GetBuffer(times_obj, &times, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+        if (times.len != 3 * pool_api->threads(pool) * (Py_ssize_t)sizeof(int64_t)) {
+            PyBuffer_Release(&times);
+            return bad("flash_attn: times: expected int64 [n_threads=%d, 3], got %zd bytes", pool_api->threads(pool),
+                       times.len);
+        }
+    }
+    const int n_threads = pool ? pool_api->threads(pool) : 1;
+    j.scores = malloc(sizeof(float) * (size_t)(n_threads * j.n_tokens * j.n_kv + 1));
+    int busy = 0;
+    if (j.scores) {
+        Py_BEGIN_ALLOW_THREADS
+        if (pool) busy = pool_api->run(pool, j.n_head, attn_head, &j, times.buf);
+        else
+            for (Py_ssize_t h = 0; h < j.n_head; h++) attn_head(&j, h, 0);
+        Py_END_ALLOW_THREADS
+    }
+    free(j.scores);
+    if (times.obj) PyBuffer_Release(&times);
+    if (!j.scores) return PyErr_NoMemory();
+    if (busy) {
+        PyErr_SetString(PyExc_RuntimeError, "flash_attn: the pool is already running a job");
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -662,9 +741,11 @@ static PyMethodDef methods[] = {
     FASTCALL(sum_rows, "sum_rows(x, rows, n_sum, n, out)"),
     FASTCALL(swiglu, "swiglu(g, u, n, out)"),
     FASTCALL(append_kv,
-             "append_kv(cache, n_ctx, n_past, n_tokens, n_head, x, x_st, x_sh, n_x, tail, tail_st, tail_sh, n_tail)"),
+             "append_kv(n_past, cache, n_ctx, n_tokens, n_head, x, x_st, x_sh, n_x, tail, tail_st, tail_sh, n_tail)"),
     FASTCALL(kq, "kq(q, q_st, q_sh, n_q, pe, pe_st, pe_sh, n_pe, n_tokens, n_head, k, k_st, k_sh, n_kv, out)"),
     FASTCALL(kqv, "kqv(kq, n_tokens, n_head, n_kv, v, v_st, v_sh, n_v, out)"),
+    FASTCALL(flash_attn, "flash_attn(n_past, q, q_st, q_sh, n_q, pe, pe_st, pe_sh, n_pe, k, k_st, k_sh, v, v_st, v_sh, "
+                         "n_v, n_tokens, n_head, scale, out, pool, times)"),
     FASTCALL(top_k, "top_k(sel, rows, n_cols, k, n_groups, n_groups_used, ids)"),
     FASTCALL(expert_weights, "expert_weights(probs, rows, n_expert, ids, k, norm, scale, out)"),
     FASTCALL(get_rows, "get_rows(data, n_rows, row_bytes, type, n_cols, ids, n_ids, out)"),

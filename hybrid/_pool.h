@@ -42,4 +42,13 @@ pool_t *pool_from_object(PyObject *obj);
 /* Pool threads: `times` buffers hold 3 * pool_threads(pool) int64. */
 int pool_threads(const pool_t *pool);
 
+/* The pool for another extension module (hybrid/_ops.c, whose attention shares its heads
+ * out): hybrid._kernels holds this table in a capsule named POOL_API_CAPSULE. */
+typedef struct {
+    pool_t *(*from_object)(PyObject *obj);
+    int (*run)(pool_t *pool, int64_t n_chunks, pool_chunk_fn fn, void *ctx, int64_t *times);
+    int (*threads)(const pool_t *pool);
+} pool_api_t;
+#define POOL_API_CAPSULE "hybrid._kernels._pool_api"
+
 #endif

@@ -64,7 +64,7 @@ class Engine:
     def __init__(self, model_path: str, *, threads: int = 1, n_gpu_layers: int = 0,
                  overrides: Sequence[str] = (), accel: str = "auto", mla: int = 0,
                  fmoe: int = 0, rtr: int = 0, poll: int = 0, recorder: Recorder | None = None,
-                 n_ctx: int | None = None):
+                 n_ctx: int | None = None, fa: int = 0):
         if threads < 1:
             raise UserError(f"-t {threads}: the thread count must be >= 1")
         self.recorder = recorder if recorder is not None else Recorder(enabled=False)
@@ -75,11 +75,11 @@ class Engine:
         c = self.gguf.config
         self.placement = place(self.gguf.tensors, rules, n_gpu_layers, c.n_layer, backends,
                                self.accel)
-        self.model = Model(self.gguf, n_ctx=n_ctx, mla=bool(mla), fmoe=bool(fmoe), rtr=bool(rtr),
+        self.model = Model(self.gguf, n_ctx=n_ctx, mla=bool(mla), fmoe=bool(fmoe), rtr=bool(rtr), fa=bool(fa),
                            on_cpu=lambda name: self.placement.backend.get(name) == CPU)
         self.n_vocab = c.n_vocab
         self.options = dict(threads=threads, n_gpu_layers=n_gpu_layers, overrides=list(overrides),
-                            mla=mla, fmoe=fmoe, rtr=rtr, poll=poll)
+                            mla=mla, fa=fa, fmoe=fmoe, rtr=rtr, poll=poll)
         self._buffer_backend = {name: self._backend_of(name) for name in self.model.buffer_names()}
         spin = poll > 0
         self.backends: dict[str, Any] = {}
@@ -233,11 +233,11 @@ class Engine:
 
 
 def make_engine(model_path: str, *, threads: int, n_gpu_layers: int, overrides: Sequence[str],
-                accel: str, mla: int, fmoe: int, rtr: int, poll: int,
+                accel: str, mla: int, fa: int, fmoe: int, rtr: int, poll: int,
                 recorder: Recorder) -> Engine:
     """The runner's `MakeEngine` (profiler/bench.py); tells placement warnings on stderr."""
     engine = Engine(model_path, threads=threads, n_gpu_layers=n_gpu_layers, overrides=overrides,
-                    accel=accel, mla=mla, fmoe=fmoe, rtr=rtr, poll=poll, recorder=recorder)
+                    accel=accel, mla=mla, fa=fa, fmoe=fmoe, rtr=rtr, poll=poll, recorder=recorder)
     for warning in engine.placement.warnings:
         print(f"hyprof: warning: {warning}", file=sys.stderr)
     return engine

@@ -176,9 +176,10 @@ class _Builder:
         return self.m.weights[name]
 
     def kv_op(self, op: str, name: str, fn: Callable, *srcs: Node, layer: int, buffer: str | None = None,
-              bytes_per_kv: int = 0, flops_per_kv: int = 0) -> Node:
+              bytes_per_kv: int = 0, flops_per_kv: int = 0, parallel: bool = False) -> Node:
         """An attention op over the n_kv = n_past + T cached positions. Its bytes and flops
-        grow with n_kv, so they are set again each time it runs (the graph is reused)."""
+        grow with n_kv, so they are set again each time it runs (the graph is reused). With
+        `parallel`, fn is the op's pool form fn(buf, *src_values, pool, times)."""
         node = self.op(op, name, None, *srcs, layer=layer, buffer=buffer)
 
         def set_cost() -> None:
@@ -188,9 +189,19 @@ class _Builder:
         def run(buf, *args):
             set_cost()
             return fn(buf, *args)
-        node.fn = run
+        node.fn, node.parallel = (_serial(run), run) if parallel else (run, None)
         set_cost()
         return node
+
+    def kv_store(self, cache: str, layer: int, n_bytes: int, *srcs: Node) -> Node:
+        """The CPY of this evaluation's rows (srcs: x, or x and its tail, see `ops.append_kv`)
+        into a KV cache; its value is the cache, whose first n_past + T rows its readers take,
+        so it is the same object at every depth and the call replays with the depth of the moment."""
+        def store(cache, *rows_and_out):
+            *rows, out = rows_and_out
+            return ops.append_kv(cache, self.n_past, *rows, out=out)
+        return self.op("CPY", cache, replaying(store, ops.Out(), n_past=lambda: self.n_past), *srcs,
+                       layer=layer, buffer=cache, n_bytes=n_bytes)
 
     def mul_mat(self, wname: str, x: Node, layer: int, result: str | None = None) -> Node:
         """x [T, K] @ W^T -> [T, N]; workers split it by rows of W, except a float32 weight
@@ -314,25 +325,29 @@ class _Builder:
         return node
 
 
-def replaying(fn: Callable, out: ops.Out) -> Callable:
+def replaying(fn: Callable, out: ops.Out, n_past: Callable[[], int] | None = None) -> Callable:
     """A node's fn(buf, *src_values) from fn(buf, *src_values, out) that, while its buffer and
     inputs are the same objects as at its last run, runs again the native call that run made
-    (`ops.Out.call`) instead of fn.
+    (`ops.Out.call`) instead of fn; with `n_past` (the depth now), a call that depends on the
+    cache's depth, which such calls take as their first argument, runs at the depth of the moment.
 
     Why: in a reused graph each node sees the same input objects at every token (the
     memory its sources keep), and the call's addresses and sizes follow from them and
     from the node's own constants. Run as Python, a ~1 us op costs 5-30 us after a
     token's weights have gone through the caches (its torch checks and views are cold);
-    the replay is one Python frame and the call. Ops whose call also depends on what
-    changes each token (n_past: the attention's kq, softmax, kqv, the cache's CPY) are
-    not built with it."""
+    the replay is one Python frame and the call. Of the ops whose call changes with the
+    depth, the cache's CPY and FLASH_ATTN_EXT are built with `n_past`; the separate kq,
+    softmax and kqv (-fa 0), whose output shapes change with it too, are not built with it."""
     last: list = []             # the buffer and inputs of the run whose call `out` holds
 
     def run(buf, *args):
         call = out.call
         if (call is not None and len(last) == len(args) + 1 and last[0] is buf
                 and all(map(operator.is_, last[1:], args))):
-            call[0](*call[1])
+            if n_past is None:
+                call[0](*call[1])
+            else:
+                call[0](n_past(), *call[1][1:])
             return out.tensor
         out.call = None
         y = fn(buf, *args, out)
@@ -497,23 +512,38 @@ def attention(b: _Builder, il: int, h: Node, pos: Node) -> Node:
     def causal_softmax(_, kq, out=ops.Out()):                                           # kq [H, T, n_kv]
         return ops.softmax(kq, m.rope.kq_scale, b.n_past, out)
 
+    def n_kv() -> int:
+        return b.n_past + T
+
+    def flash_attn(attend: Callable, *srcs: Node, bytes_per_kv: int, width_k: int, width_v: int) -> Node:
+        """FLASH_ATTN_EXT (-fa 1), named as llama.cpp names it: attend(*src_values, pool, times,
+        out) -> [T, H, width_v], over keys of width_k."""
+        return b.kv_op("FLASH_ATTN_EXT", f"__fattn__-{il}",
+                       replaying(lambda _, *a: attend(*a), ops.Out(), n_past=lambda: b.n_past), *srcs, layer=il,
+                       buffer=ck, bytes_per_kv=bytes_per_kv, flops_per_kv=H * T * (2 * width_k + 5 + 2 * width_v),
+                       parallel=True)
+
     if m.mla:
         q_abs = b.op("VIEW", f"q_nope-{il}", _view(lambda q: q[..., :nope]), q, layer=il)
         # q_nope absorbed into the latent space: k_b [H, L, nope] (or kv_b's k rows, transposed)
         q_abs = b.per_head(kv_b, q_abs, il, f"q_nope_absorbed-{il}", part="k" if split_kv else "all",
                            transposed=split_kv)                                        # [T, H, L]
 
-        def store(cache, kv_c, k_pe):
-            return ops.append_kv(cache, b.n_past, kv_c, k_pe)                          # [n_kv, L + R]
-        kv_all = b.op("CPY", ck, store, kv_c, k_pe, layer=il, buffer=ck, n_bytes=4 * T * (L + R))
-
-        def kq_fn(_, q_abs, q, kv_all, out=ops.Out()):                                 # [H, T, n_kv]
-            return ops.kq(q_abs, kv_all, q[..., nope:], out)
-        kq = b.kv_op("MUL_MAT", f"kq-{il}", kq_fn, q_abs, q, kv_all, layer=il, buffer=ck,
-                     bytes_per_kv=4 * (L + R), flops_per_kv=2 * H * T * (L + R))
-        kq = b.kv_op("SOFT_MAX", f"kq_soft_max-{il}", causal_softmax, kq, layer=il, flops_per_kv=5 * H * T)
-        kqv = b.kv_op("MUL_MAT", f"kqv-{il}", lambda _, pr, kv_all, out=ops.Out(): ops.kqv(pr, kv_all[:, :L], out),
-                      kq, kv_all, layer=il, buffer=ck, bytes_per_kv=4 * L, flops_per_kv=2 * H * T * L)  # [T, H, L]
+        kv_all = b.kv_store(ck, il, 4 * T * (L + R), kv_c, k_pe)                        # [n_ctx, L + R]
+        if m.fa:
+            def attend(q_abs, q, kv_all, pool, times, out):                            # [T, H, L]
+                return ops.flash_attn(q_abs, kv_all, kv_all[:, :L], b.n_past, m.rope.kq_scale, q[..., nope:],
+                                      out, pool, times)
+            kqv = flash_attn(attend, q_abs, q, kv_all, bytes_per_kv=4 * (L + R), width_k=L + R, width_v=L)
+        else:
+            def kq_fn(_, q_abs, q, kv_all, out=ops.Out()):                             # [H, T, n_kv]
+                return ops.kq(q_abs, kv_all[:n_kv()], q[..., nope:], out)
+            kq = b.kv_op("MUL_MAT", f"kq-{il}", kq_fn, q_abs, q, kv_all, layer=il, buffer=ck,
+                         bytes_per_kv=4 * (L + R), flops_per_kv=2 * H * T * (L + R))
+            kq = b.kv_op("SOFT_MAX", f"kq_soft_max-{il}", causal_softmax, kq, layer=il, flops_per_kv=5 * H * T)
+            kqv = b.kv_op("MUL_MAT", f"kqv-{il}",
+                          lambda _, pr, kv_all, out=ops.Out(): ops.kqv(pr, kv_all[:n_kv(), :L], out),
+                          kq, kv_all, layer=il, buffer=ck, bytes_per_kv=4 * L, flops_per_kv=2 * H * T * L)  # [T, H, L]
         out = b.per_head(v_b, kqv, il, f"wv_b-{il}", part="v" if split_kv else "all")  # [T, H, head_v]
     else:
         if split_kv:
@@ -523,17 +553,21 @@ def attention(b: _Builder, il: int, h: Node, pos: Node) -> Node:
             k_nope = b.per_head(kv_b, kv_c, il, f"k_nope-{il}", transposed=True)
             v = b.per_head(v_b, kv_c, il, f"v-{il}")
 
-        k_all = b.op("CPY", ck, lambda cache, k_nope, k_pe: ops.append_kv(cache, b.n_past, k_nope, k_pe),
-                     k_nope, k_pe, layer=il, buffer=ck, n_bytes=4 * T * H * c.n_embd_head_k)  # [n_kv, H, head_k]
-        v_all = b.op("CPY", cv, lambda cache, v: ops.append_kv(cache, b.n_past, v), v, layer=il, buffer=cv,
-                     n_bytes=4 * T * H * c.n_embd_head_v)                              # [n_kv, H, head_v]
-        kq = b.kv_op("MUL_MAT", f"kq-{il}", lambda _, q, k, out=ops.Out(): ops.kq(q, k, out=out), q, k_all,
-                     layer=il, buffer=ck, bytes_per_kv=4 * H * c.n_embd_head_k,
-                     flops_per_kv=2 * H * T * c.n_embd_head_k)
-        kq = b.kv_op("SOFT_MAX", f"kq_soft_max-{il}", causal_softmax, kq, layer=il, flops_per_kv=5 * H * T)
-        out = b.kv_op("MUL_MAT", f"kqv-{il}", lambda _, pr, v, out=ops.Out(): ops.kqv(pr, v, out), kq, v_all,
-                      layer=il, buffer=cv, bytes_per_kv=4 * H * c.n_embd_head_v,
-                      flops_per_kv=2 * H * T * c.n_embd_head_v)                         # [T, H, head_v]
+        k_all = b.kv_store(ck, il, 4 * T * H * c.n_embd_head_k, k_nope, k_pe)          # [n_ctx, H, head_k]
+        v_all = b.kv_store(cv, il, 4 * T * H * c.n_embd_head_v, v)                     # [n_ctx, H, head_v]
+        if m.fa:
+            def attend(q, k_all, v_all, pool, times, out):                             # [T, H, head_v]
+                return ops.flash_attn(q, k_all, v_all, b.n_past, m.rope.kq_scale, None, out, pool, times)
+            out = flash_attn(attend, q, k_all, v_all, bytes_per_kv=4 * H * (c.n_embd_head_k + c.n_embd_head_v),
+                             width_k=c.n_embd_head_k, width_v=c.n_embd_head_v)
+        else:
+            kq = b.kv_op("MUL_MAT", f"kq-{il}", lambda _, q, k, out=ops.Out(): ops.kq(q, k[:n_kv()], out=out), q,
+                         k_all, layer=il, buffer=ck, bytes_per_kv=4 * H * c.n_embd_head_k,
+                         flops_per_kv=2 * H * T * c.n_embd_head_k)
+            kq = b.kv_op("SOFT_MAX", f"kq_soft_max-{il}", causal_softmax, kq, layer=il, flops_per_kv=5 * H * T)
+            out = b.kv_op("MUL_MAT", f"kqv-{il}", lambda _, pr, v, out=ops.Out(): ops.kqv(pr, v[:n_kv()], out), kq,
+                          v_all, layer=il, buffer=cv, bytes_per_kv=4 * H * c.n_embd_head_v,
+                          flops_per_kv=2 * H * T * c.n_embd_head_v)                     # [T, H, head_v]
     out = b.op("VIEW", f"kqv_out-{il}", _view(lambda o: o.reshape(T, H * c.n_embd_head_v)), out, layer=il)
     return b.mul_mat(p + "attn_output.weight", out, il)
 
@@ -626,7 +660,8 @@ DEFAULT_N_CTX = 4096     # as llama.cpp's default context; the cache is allocate
 class Model:
     """A loaded DeepSeek2 GGUF with its weights, KV cache and options, ready to build graphs.
 
-    `mla`: absorbed attention over the compressed cache (-mla 1); `fmoe`: fused
+    `mla`: absorbed attention over the compressed cache (-mla 1); `fa`: the attention's kq,
+    softmax and kqv as one FLASH_ATTN_EXT op (-fa 1); `fmoe`: fused
     gate+up expert op (-fmoe 1); `rtr`: 4-bit weights repacked at load into torch's
     int4 pack (-rtr 1); `on_cpu(name)`: whether a weight is read on the CPU, where
     Q4_0/Q8_0 blocks are repacked for the native kernels (`hybrid.cpu_kernels.repack`).
@@ -634,9 +669,9 @@ class Model:
 
     def __init__(self, gguf, n_ctx: int | None = None, mla: bool = False, fmoe: bool = False,
                  rtr: bool = False, progress: Callable[[str], None] | None = None,
-                 on_cpu: Callable[[str], bool] = lambda name: True):
+                 on_cpu: Callable[[str], bool] = lambda name: True, fa: bool = False):
         self.gguf, self.config = gguf, gguf.config
-        self.mla, self.fmoe, self.rtr = mla, fmoe, rtr
+        self.mla, self.fmoe, self.rtr, self.fa = mla, fmoe, rtr, fa
         self.n_ctx = min(n_ctx or DEFAULT_N_CTX, self.config.n_ctx_train)
         arch = self.config.arch
         self.rope = rope_setup(self.config, float(gguf.metadata.get(f"{arch}.rope.scaling.attn_factor", 1.0)))

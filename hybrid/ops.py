@@ -175,12 +175,14 @@ def _causal_mask(n_tokens: int, n_past: int, n_kv: int, device: torch.device) ->
     return torch.ones(n_tokens, n_kv, dtype=torch.bool, device=device).triu_(n_past + 1)
 
 
-def append_kv(cache: torch.Tensor, n_past: int, x: torch.Tensor, tail: torch.Tensor | None = None) -> torch.Tensor:
+def append_kv(cache: torch.Tensor, n_past: int, x: torch.Tensor, tail: torch.Tensor | None = None,
+              out: Out | None = None) -> torch.Tensor:
     """The CPY of this evaluation's T rows into a KV cache [n_ctx, ...] after its n_past cached ones
-    -> the cache up to them [n_past + T, ...]. x [T, ...] has the cache's row shape, or with `tail`
-    [T, R] (k_pe, one per token for every head) all but its last R columns: x's rows are stored
-    continued by their token's tail (MLA: kv_cmpr then k_pe; standard attention: each head's
-    k_nope then k_pe), without concatenating them first."""
+    -> the cache (whole: its readers take the first n_past + T rows). x [T, ...] has the cache's
+    row shape, or with `tail` [T, R] (k_pe, one per token for every head) all but its last R
+    columns: x's rows are stored continued by their token's tail (MLA: kv_cmpr then k_pe; standard
+    attention: each head's k_nope then k_pe), without concatenating them first. With `out`, the
+    cache is the output it keeps (so the call can be replayed at the next depth)."""
     n_tok, n_x = x.shape[0], x.shape[-1]
     n_tail = 0 if tail is None else tail.shape[-1]
     n_kv = n_past + n_tok
@@ -189,14 +191,16 @@ def append_kv(cache: torch.Tensor, n_past: int, x: torch.Tensor, tail: torch.Ten
     heads = cache.dim() == 3
     if (_native(cache) and _rows(x, cache.dim()) and x.shape[1:-1] == cache.shape[1:-1]
             and n_x + n_tail == cache.shape[-1] and (tail is None or _rows(tail, 2) and tail.shape[0] == n_tok)):
-        _ops.append_kv(cache.data_ptr(), cache.shape[0], n_past, n_tok, cache.shape[1] if heads else 1,
-                       *_rows_at(x), n_x, *_rows_at(tail), n_tail)
-    elif tail is None:
+        if out is not None:
+            out.tensor = cache
+        return _native_call(out, cache, (cache, x, tail), _ops.append_kv, n_past, cache.data_ptr(), cache.shape[0],
+                            n_tok, cache.shape[1] if heads else 1, *_rows_at(x), n_x, *_rows_at(tail), n_tail)
+    if tail is None:
         cache[n_past:n_kv] = x
     else:
         tail = tail[:, None, :].expand(-1, x.shape[1], -1) if heads else tail
         cache[n_past:n_kv] = torch.cat([x, tail], dim=-1)
-    return cache[:n_kv]
+    return cache
 
 
 def kq(q: torch.Tensor, k: torch.Tensor, q_pe: torch.Tensor | None = None, out: Out | None = None) -> torch.Tensor:
@@ -230,6 +234,31 @@ def kqv(kq: torch.Tensor, v: torch.Tensor, out: Out | None = None) -> torch.Tens
         return _native_call(out, y, (kq, v), _ops.kqv, kq.data_ptr(), n_tok, n_head, n_kv, *_rows_at(v),
                             v.shape[-1], y.data_ptr())
     return torch.einsum("hts,shd->thd" if heads else "hts,sd->thd", kq, v)
+
+
+def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past: int, scale: float,
+               q_pe: torch.Tensor | None = None, out: Out | None = None, pool=None, times=None) -> torch.Tensor:
+    """FLASH_ATTN_EXT: the causal attention of T queries at positions n_past.. over the n_past + T
+    first rows of the caches k and v -> [T, H, Dv]; kq, the causal softmax (times `scale`) and kqv
+    in one op, as `kq`, `softmax` and `kqv` lay out their operands (k, v: [n_ctx, H, D], or MLA's
+    [n_ctx, D] shared by every head, v then a view of k's first Dv columns).
+
+    Natively each head is one chunk of work: the scores stay in a thread's scratch instead of a
+    [H, T, n_kv] tensor, and with a `pool` (`hybrid._kernels.Pool`, `times` as its jobs take)
+    the threads share the heads. Otherwise (torch) it is the three ops."""
+    n_tok, n_head, n_q = q.shape
+    n_pe = 0 if q_pe is None else q_pe.shape[-1]
+    n_kv = n_past + n_tok
+    if (n_tok <= MAX_NATIVE_ATTN_TOKENS and _rows(q, 3) and _rows(k, k.dim()) and _rows(v, k.dim())
+            and k.shape[-1] == n_q + n_pe and k.shape[0] >= n_kv and v.shape[0] >= n_kv
+            and (k.dim() == 2 or k.shape[1] == n_head == v.shape[1])
+            and (q_pe is None or _rows(q_pe, 3) and q_pe.shape[:2] == q.shape[:2])):
+        y = _new(out, (n_tok, n_head, v.shape[-1]))
+        return _native_call(out, y, (q, q_pe, k, v), _ops.flash_attn, n_past, *_rows_at(q), n_q, *_rows_at(q_pe),
+                            n_pe, *_rows_at(k), *_rows_at(v), v.shape[-1], n_tok, n_head, scale, y.data_ptr(), pool,
+                            times)
+    scores = kq(q, k[:n_kv], q_pe)
+    return kqv(softmax(scores, scale, n_past), v[:n_kv])
 
 
 def sigmoid(x: torch.Tensor, out: Out | None = None) -> torch.Tensor:

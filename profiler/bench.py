@@ -59,7 +59,7 @@ class MakeEngine(Protocol):
     """Makes one engine per sweep combination (`hybrid.engine.make_engine`)."""
 
     def __call__(self, model_path: str, *, threads: int, n_gpu_layers: int,
-                 overrides: Sequence[str], accel: str, mla: int, fmoe: int, rtr: int,
+                 overrides: Sequence[str], accel: str, mla: int, fa: int, fmoe: int, rtr: int,
                  poll: int, recorder: Recorder) -> BenchEngine: ...
 
 
@@ -75,6 +75,7 @@ class EngineConfig:
     overrides: tuple[str, ...]     # REGEX=BACKEND rules, first match wins
     accel: str                     # auto | cuda | emulated | none
     mla: int = 0
+    fa: int = 1
     fmoe: int = 1
     rtr: int = 0
     poll: int = 50
@@ -82,17 +83,17 @@ class EngineConfig:
     def as_dict(self) -> dict:
         return {"threads": self.threads, "n_gpu_layers": self.n_gpu_layers,
                 "overrides": list(self.overrides), "accel": self.accel, "mla": self.mla,
-                "fmoe": self.fmoe, "rtr": self.rtr, "poll": self.poll}
+                "fa": self.fa, "fmoe": self.fmoe, "rtr": self.rtr, "poll": self.poll}
 
 
 def sweep(*, threads: Sequence[int], n_gpu_layers: Sequence[int],
           override_sets: Sequence[Sequence[str]], accel: str, mla: Sequence[int] = (0,),
-          fmoe: Sequence[int] = (1,), rtr: Sequence[int] = (0,),
+          fa: Sequence[int] = (1,), fmoe: Sequence[int] = (1,), rtr: Sequence[int] = (0,),
           poll: Sequence[int] = (50,)) -> list[EngineConfig]:
     """Every combination of the swept values, in llama-bench's order (the last flag varies fastest)."""
-    return [EngineConfig(t, ngl, tuple(ot), accel, m, f, r, p)
-            for t, ngl, ot, m, f, r, p in itertools.product(
-                threads, n_gpu_layers, override_sets or [()], mla, fmoe, rtr, poll)]
+    return [EngineConfig(t, ngl, tuple(ot), accel, m, a, f, r, p)
+            for t, ngl, ot, m, a, f, r, p in itertools.product(
+                threads, n_gpu_layers, override_sets or [()], mla, fa, fmoe, rtr, poll)]
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,7 @@ def run_bench(make_engine: MakeEngine, model_path: str, configs: Sequence[Engine
         for i_config, config in enumerate(configs):
             engine = make_engine(model_path, threads=config.threads,
                                  n_gpu_layers=config.n_gpu_layers, overrides=config.overrides,
-                                 accel=config.accel, mla=config.mla, fmoe=config.fmoe,
+                                 accel=config.accel, mla=config.mla, fa=config.fa, fmoe=config.fmoe,
                                  rtr=config.rtr, poll=config.poll, recorder=recorder)
             try:
                 header = engine.header()

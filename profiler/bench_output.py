@@ -34,6 +34,7 @@ def result_fields(r: BenchResult) -> dict:
         "n_gpu_layers": r.config.n_gpu_layers,
         "overrides": list(r.config.overrides),
         "mla": r.config.mla,
+        "fa": r.config.fa,
         "fmoe": r.config.fmoe,
         "rtr": r.config.rtr,
         "poll": r.config.poll,

@@ -23,7 +23,7 @@ class FakeEngine:
     n_vocab = 1000
 
     def __init__(self, model_path: str, *, threads: int, n_gpu_layers: int,
-                 overrides: Sequence[str], accel: str, mla: int, fmoe: int, rtr: int,
+                 overrides: Sequence[str], accel: str, mla: int, fa: int, fmoe: int, rtr: int,
                  poll: int, recorder: Recorder, n_layer: int = 2,
                  interrupt_at_graph: int | None = None):
         self.recorder = recorder
@@ -31,7 +31,7 @@ class FakeEngine:
         self.threads = threads
         self.config = {"threads": threads, "n_gpu_layers": n_gpu_layers,
                        "overrides": list(overrides), "accel": "ACC0 (emulated)", "mla": mla,
-                       "fmoe": fmoe, "rtr": rtr}
+                       "fa": fa, "fmoe": fmoe, "rtr": rtr}
         self.n_layer = n_layer
         self.n_past = 0
         self.n_evals = 0

@@ -91,6 +91,30 @@ def test_reused_graph_follows_the_cache(tiny_gguf, exact_baseline):
     assert kq.n_bytes == 4 * (len(PROMPT) + 3) * c.n_head * c.n_embd_head_k
 
 
+@pytest.mark.parametrize("mla", [0, 1])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_flash_attention_follows_the_cache(tiny_gguf, mla, threads):
+    """-fa 1 on the exact path, step by step in its reused graph (the CPY and FLASH_ATTN_EXT
+    calls replayed at each new depth, the heads shared by the pool with 2 threads), equals the
+    float64 reference stepped the same way; the op counts the bytes of the cache it read."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(weights, "NATIVE", False)
+    try:
+        with Engine(str(tiny_gguf), threads=threads, mla=mla, fa=1, **PLACEMENTS["all-cpu"]) as engine:
+            tokens, logits = greedy(engine, n_steps=4)
+            c = engine.gguf.config
+            fattn = next(n for split in engine.last_plan.splits for n in split.nodes if n.name == "__fattn__-0")
+    finally:
+        mp.undo()
+    ref = Deepseek2Reference(tiny_gguf)
+    np.testing.assert_allclose(logits[0].numpy(), np.asarray(ref.forward(PROMPT))[-1], rtol=0, atol=2e-3)
+    for step in range(4):
+        expected = np.asarray(ref.forward(tokens[step:step + 1]))[-1]
+        np.testing.assert_allclose(logits[step + 1].numpy(), expected, rtol=0, atol=2e-3)
+    per_kv = 4 * (c.kv_lora_rank + c.n_rot) if mla else 4 * c.n_head * (c.n_embd_head_k + c.n_embd_head_v)
+    assert fattn.op == "FLASH_ATTN_EXT" and fattn.n_bytes == per_kv * (len(PROMPT) + 4)
+
+
 @pytest.mark.parametrize("fmoe,threads,kv_layout", [(0, 1, "kv_b"), (1, 2, "kv_b"), (1, 2, "k_b_v_b")])
 def test_native_kernels_match_the_reference_with_rounded_activations(make_gguf, fmoe, threads, kv_layout):
     """The native path computes the reference's rounded-input matmuls: logits agree to 2e-5

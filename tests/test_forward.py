@@ -78,19 +78,21 @@ def check_against_reference(path, tol: float, **options) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("mla,fmoe", [(0, 0), (0, 1), (1, 0), (1, 1)])
-def test_logits_match_reference(make_gguf, case, mla, fmoe):
+@pytest.mark.parametrize("mla,fa,fmoe", [(0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)])
+def test_logits_match_reference(make_gguf, case, mla, fa, fmoe):
     qtype, overrides = CASES[case]
-    check_against_reference(make_gguf("tiny", qtype, **overrides), TOL, mla=bool(mla), fmoe=bool(fmoe))
+    check_against_reference(make_gguf("tiny", qtype, **overrides), TOL, mla=bool(mla), fa=bool(fa),
+                            fmoe=bool(fmoe))
 
 
+@pytest.mark.parametrize("fa", [0, 1])
 @pytest.mark.parametrize("layout", ["kv_b", "k_b_v_b"])
 @pytest.mark.parametrize("mla", [0, 1])
-def test_torch_ops_match_reference(make_gguf, monkeypatch, mla, layout):
+def test_torch_ops_match_reference(make_gguf, monkeypatch, mla, layout, fa):
     """The small ops' torch path (what CUDA tensors and HYPROF_OPS=torch take) through the whole
     pass: its causal mask, its rows of the rope table, its attention einsums."""
     monkeypatch.setattr(ops, "NATIVE", False)
-    check_against_reference(make_gguf("tiny", "f32", **YARN, kv_layout=layout), TOL, mla=bool(mla))
+    check_against_reference(make_gguf("tiny", "f32", **YARN, kv_layout=layout), TOL, mla=bool(mla), fa=bool(fa))
 
 
 def test_rope_table_rows_are_rope_cos_sin(make_gguf):

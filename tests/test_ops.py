@@ -145,7 +145,8 @@ def test_causal_softmax(path, rng, n_tok, n_past):
 
 def test_append_kv(path, rng):
     """The CPY into the KV cache: after the n_past cached rows, the rest of the cache untouched;
-    x may be a view (a per-head matmul's heads); the tail (k_pe) continues every head's row."""
+    x may be a view (a per-head matmul's heads); the tail (k_pe) continues every head's row.
+    The value is the cache itself."""
     n_ctx, n_past, n_tok, n_head = 11, 4, 3, 5
     cache = t32(rng.normal(size=(n_ctx, n_head, 7 + 3)))
     before = cache.double().numpy().copy()
@@ -156,9 +157,9 @@ def test_append_kv(path, rng):
     want[n_past:n_past + n_tok, :, :7] = k_nope.double().numpy()
     want[n_past:n_past + n_tok, :, 7:] = k_pe.double().numpy()[:, None, :]
     close(cache, want, rtol=0, scale=1)
-    close(got, want[:n_past + n_tok], rtol=0, scale=1)
+    assert got is cache
     v = t32(rng.normal(size=(n_tok, n_head, 10)))
-    close(ops.append_kv(cache, 0, v), v.double().numpy(), rtol=0, scale=1)
+    close(ops.append_kv(cache, 0, v)[:n_tok], v.double().numpy(), rtol=0, scale=1)
 
 
 def test_append_kv_compressed(path, rng):
@@ -168,7 +169,8 @@ def test_append_kv_compressed(path, rng):
     got = ops.append_kv(cache, 7, kv_cmpr, k_pe)
     want = np.zeros((9, 17))
     want[7:] = np.concatenate([kv_cmpr.double().numpy(), k_pe.double().numpy()], -1)
-    close(got, want, rtol=0, scale=1)
+    assert got is cache
+    close(cache, want, rtol=0, scale=1)
     with pytest.raises(ValueError):                                              # position 9 of 9
         ops.append_kv(cache, 8, kv_cmpr, k_pe)
 
@@ -206,6 +208,45 @@ def test_kq_and_kqv_compressed(path, rng, any_batch_native, n_tok, n_past):
     pr = t32(ref_softmax(rng.normal(size=(n_head, n_tok, n_kv)), masked=ref_masked(n_tok, n_past)))
     want = np.einsum("hts,sl->thl", pr.double().numpy(), kv.double().numpy()[:, :L])
     close(ops.kqv(pr, kv[:, :L]), want, rtol=1e-6)
+
+
+def ref_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_past: int, scale: float) -> np.ndarray:
+    """Causal attention in float64: q [T, H, D], k [n_kv, H, D] (or [n_kv, D]), v likewise -> [T, H, Dv]."""
+    heads = k.ndim == 3
+    scores = np.einsum("thd,shd->hts" if heads else "thd,sd->hts", q, k)
+    pr = ref_softmax(scores, scale, ref_masked(q.shape[0], n_past))
+    return np.einsum("hts,shd->thd" if heads else "hts,sd->thd", pr, v)
+
+
+@pytest.mark.parametrize("threads", [0, 1, 3])
+@pytest.mark.parametrize("n_tok,n_past", [(1, 0), (1, 18), (3, 5), (11, 2)])
+def test_flash_attn(path, rng, any_batch_native, n_tok, n_past, threads):
+    """FLASH_ATTN_EXT over the first n_past + T rows of whole caches (standard: per-head K and V;
+    MLA: one row per position, q in two parts, V its first L columns), on this thread (0) or
+    with its heads shared by a pool of 1 or 3 threads, against float64: causal, scaled."""
+    from hybrid._kernels import Pool
+    pool = Pool(threads, True) if threads else None
+    times = np.zeros((threads, 3), np.int64) if threads else None
+    try:
+        n_head, d, dv, n_kv, n_ctx = 5, 37, 21, n_past + n_tok, n_past + n_tok + 3
+        q = t32(rng.normal(size=(n_tok, n_head, d)))
+        k = t32(rng.normal(size=(n_ctx, n_head, d)))
+        v = t32(rng.normal(size=(n_ctx, n_head, dv)))
+        got = ops.flash_attn(q, k, v, n_past, 0.3, pool=pool, times=times)
+        want = ref_attention(q.double().numpy(), k.double().numpy()[:n_kv], v.double().numpy()[:n_kv], n_past, 0.3)
+        close(got, want, rtol=1e-5)
+        if path == "native" and threads:
+            assert times[:, 2].sum() == n_head                 # one chunk per head
+        L, R = 35, 6
+        q_abs, q_full = t32(rng.normal(size=(n_tok, n_head, L))), t32(rng.normal(size=(n_tok, n_head, 10 + R)))
+        kv = t32(rng.normal(size=(n_ctx, L + R)))
+        got = ops.flash_attn(q_abs, kv, kv[:, :L], n_past, 0.3, q_full[..., 10:], pool=pool, times=times)
+        q_cat = np.concatenate([q_abs.double().numpy(), q_full.double().numpy()[..., 10:]], -1)
+        want = ref_attention(q_cat, kv.double().numpy()[:n_kv], kv.double().numpy()[:n_kv, :L], n_past, 0.3)
+        close(got, want, rtol=1e-5)
+    finally:
+        if pool is not None:
+            pool.close()
 
 
 def test_large_batches_take_torch(rng, monkeypatch):
@@ -385,10 +426,16 @@ F4, ID = np.zeros(64, np.float32), np.zeros(8, np.int64)
     lambda: _ops.rope(addr(F4), 2, 6, 0, 6, 2, 4, 1, addr(F4), addr(F4), addr(np.array([0, 8])), 8, addr(F4)),
     lambda: _ops.softmax(addr(F4), 3, 4, 1.0, 2, 0, addr(F4)),                     # 3 rows, tokens of 2
     lambda: _ops.softmax(addr(F4), 3, 0, 1.0, 0, 0, addr(F4)),                     # rows of no columns
-    lambda: _ops.append_kv(addr(F4), 4, 3, 2, 1, addr(F4), 8, 0, 8, 0, 0, 0, 0),   # positions 3, 4 of 4
-    lambda: _ops.append_kv(addr(F4), 4, 0, 2, 1, addr(F4), 6, 0, 6, 0, 2, 0, 2),   # a tail at address 0
+    lambda: _ops.append_kv(3, addr(F4), 4, 2, 1, addr(F4), 8, 0, 8, 0, 0, 0, 0),   # positions 3, 4 of 4
+    lambda: _ops.append_kv(0, addr(F4), 4, 2, 1, addr(F4), 6, 0, 6, 0, 2, 0, 2),   # a tail at address 0
     lambda: _ops.kq(addr(F4), 4, 4, 4, 0, 0, 0, 2, 1, 1, addr(F4), 6, 0, 3, addr(F4)),  # a q_pe at address 0
     lambda: _ops.kqv(addr(F4), 1, 1, -3, addr(F4), 4, 0, 4, addr(F4)),             # negative size
+    lambda: _ops.flash_attn(0, addr(F4), 4, 4, 2, 0, 0, 0, 2, addr(F4), 4, 0, addr(F4), 4, 0, 4, 1, 1, 1.0,
+                            addr(F4), None, None),                                  # a q_pe at address 0
+    lambda: _ops.flash_attn(0, addr(F4), 4, 4, 4, 0, 0, 0, 0, addr(F4), 4, 0, addr(F4), 4, 0, 4, 1, 1, 1.0,
+                            addr(F4), None, np.zeros(3, np.int64)),                 # times without a pool
+    lambda: _ops.flash_attn(0, addr(F4), 4, 4, 4, 0, 0, 0, 0, addr(F4), 4, 0, addr(F4), 4, 0, 4, 1, 1, 1.0,
+                            addr(F4), "pool", None),                                # not a Pool
     lambda: _ops.top_k(addr(F4), 1, 12, 13, 0, 0, addr(ID)),                       # k > columns
     lambda: _ops.top_k(addr(F4), 1, 12, 2, 5, 2, addr(ID)),                        # groups do not divide
     lambda: _ops.get_rows(addr(F4), 2, 18, 2, 32, addr(np.array([2])), 1, addr(F4)),   # row 2 of 2

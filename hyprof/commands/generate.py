@@ -51,6 +51,8 @@ def register(subparsers) -> None:
                    help="1: CPU workers spin between splits instead of sleeping (default: 0)")
     p.add_argument("-mla", type=int, choices=(0, 1), default=0,
                    help="1: absorbed MLA attention over the compressed KV cache (default: 0)")
+    p.add_argument("-fa", type=int, choices=(0, 1), default=0,
+                   help="1: flash attention, kq, softmax and kqv as one op (default: 0)")
     p.add_argument("-fmoe", type=int, choices=(0, 1), default=0,
                    help="1: fused gate+up expert matmul (default: 0)")
     p.add_argument("-rtr", type=int, choices=(0, 1), default=0,
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     check_prompt(prompt, args.n_predict, gguf.config.n_vocab, n_ctx)
     check_ram(gguf, n_ctx, bool(args.mla))
     engine = Engine(args.model, threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                    overrides=args.override_tensor, accel=args.accel, mla=args.mla, fmoe=args.fmoe,
+                    overrides=args.override_tensor, accel=args.accel, mla=args.mla, fa=args.fa, fmoe=args.fmoe,
                     rtr=args.rtr, poll=args.poll, n_ctx=n_ctx)
     for warning in engine.placement.warnings:
         print(f"hyprof: warning: {warning}", file=sys.stderr)

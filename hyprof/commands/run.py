@@ -20,7 +20,7 @@ tests (as llama-bench):
 Each test runs once to warm up, then -r times from an empty KV cache; t/s is
 the mean ± standard deviation over those repetitions.
 
-sweeps: -t, -p, -n, -d, -ngl, -mla, -fmoe, -rtr take comma lists (or repeat the
+sweeps: -t, -p, -n, -d, -ngl, -mla, -fa, -fmoe, -rtr take comma lists (or repeat the
 flag); every combination of the engine flags is one table row per test.
 -ot follows llama-bench: `;` separates the rules of one set, `,` (or another
 -ot) starts another set to sweep:
@@ -72,6 +72,9 @@ def register(subparsers) -> None:
                    "CUDA if present else emulated)")
     p.add_argument("-mla", type=_ints, action="append", metavar="0|1",
                    help="multi-head latent attention (default: 0)")
+    p.add_argument("-fa", type=_ints, action="append", metavar="0|1",
+                   help="flash attention: kq, softmax and kqv as one FLASH_ATTN_EXT op, its heads shared "
+                   "by the CPU threads (default: 1, as ik_llama.cpp)")
     p.add_argument("-fmoe", type=_ints, action="append", metavar="0|1",
                    help="fused MoE up/gate (default: 1)")
     p.add_argument("-rtr", type=_ints, action="append", metavar="0|1",
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     configs = sweep(threads=_flat(args.threads, [os.cpu_count() or 1]),
                     n_gpu_layers=_flat(args.n_gpu_layers, [99]),
                     override_sets=override_sets(args.override_tensor), accel=args.accel,
-                    mla=_flat(args.mla, [0]), fmoe=_flat(args.fmoe, [1]),
+                    mla=_flat(args.mla, [0]), fa=_flat(args.fa, [1]), fmoe=_flat(args.fmoe, [1]),
                     rtr=_flat(args.rtr, [0]), poll=_flat(args.poll, [50]))
     if any(c.threads < 1 for c in configs):
         raise UserError("-t: thread counts must be >= 1")

@@ -431,6 +431,42 @@ static PyObject *py_kqv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* --- ops the pool's threads share ---------------------------------------------------------------- */
+
+static const pool_api_t *pool_api;                   /* hybrid._kernels' pool, imported on first use */
+
+/* A call's trailing (pool, times): a hybrid._kernels.Pool or None (this thread alone), and None or the
+ * pool's int64 [n_threads, 3] times (as its jobs fill them). 0, or -1 with an exception. */
+static int pool_args(const char *fn, PyObject *pool_obj, PyObject *times_obj, pool_t **pool, Py_buffer *times) {
+    *pool = NULL;
+    if (pool_obj != Py_None) {
+        if (!pool_api && !(pool_api = PyCapsule_Import(POOL_API_CAPSULE, 0))) return -1;
+        if (!(*pool = pool_api->from_object(pool_obj))) return -1;
+    }
+    if (times_obj == Py_None) return 0;
+    if (!*pool) return bad("%s: times given without a pool", fn), -1;
+    if (PyObject_GetBuffer(times_obj, times, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return -1;
+    if (times->len != 3 * pool_api->threads(*pool) * (Py_ssize_t)sizeof(int64_t)) {
+        bad("%s: times: expected int64 [n_threads=%d, 3], got %zd bytes", fn, pool_api->threads(*pool), times->len);
+        PyBuffer_Release(times);
+        return -1;
+    }
+    return 0;
+}
+
+/* Chunks [0, n) of fn on the pool (or on this thread), the GIL released; releases `times`. */
+static PyObject *run_chunks(const char *name, pool_t *pool, int64_t n, pool_chunk_fn fn, void *ctx, Py_buffer *times) {
+    int busy = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (pool) busy = pool_api->run(pool, n, fn, ctx, times->buf);
+    else
+        for (int64_t i = 0; i < n; i++) fn(ctx, i, 0);
+    Py_END_ALLOW_THREADS
+    if (times->obj) PyBuffer_Release(times);
+    if (busy) return PyErr_Format(PyExc_RuntimeError, "%s: the pool is already running a job", name);
+    Py_RETURN_NONE;
+}
+
 /* --- FLASH_ATTN_EXT: kq, the causal softmax and kqv in one op, its heads shared by the pool ----- */
 
 typedef struct {
@@ -452,8 +488,6 @@ static void attn_head(void *ctx, int64_t h, int thread) {
     kqv_rows(scores, j->n_tokens, 1, j->n_kv, head_rows(j->v, h), j->n_v, j->out + h * j->n_v, j->n_head * j->n_v);
 }
 
-static const pool_api_t *pool_api;                   /* hybrid._kernels' pool, imported on first use */
-
 /* flash_attn(n_past, q, q_st, q_sh, n_q, pe, pe_st, pe_sh, n_pe, k, k_st, k_sh, v, v_st, v_sh, n_v, n_tokens,
  * n_head, scale, out, pool, times): the attention of n_tokens queries at positions n_past.. over the
  * n_kv = n_past + n_tokens cached ones, out [n_tokens, n_head, n_v] = softmax(scale q k^T, causal) v,
@@ -472,40 +506,17 @@ static PyObject *py_flash_attn(PyObject *self, PyObject *const *args, Py_ssize_t
     if (j.n_pe && !j.pe.p) return bad("flash_attn: a q_pe of %zd columns at a null address", j.n_pe);
     j.scale = (float)scale;
     j.n_kv = j.n_past + j.n_tokens;
-    PyObject *pool_obj = args[20], *times_obj = args[21];
-    pool_t *pool = NULL;
+    pool_t *pool;
     Py_buffer times = {0};
-    if (pool_obj != Py_None) {
-        if (!pool_api && !(pool_api = PyCapsule_Import(POOL_API_CAPSULE, 0))) return NULL;
-        if (!(pool = pool_api->from_object(pool_obj))) return NULL;
-    }
-    if (times_obj != Py_None) {
-        if (!pool) return bad("flash_attn: times given without a pool");
-        if (PyObject_GetBuffer(times_obj, &times, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
-        if (times.len != 3 * pool_api->threads(pool) * (Py_ssize_t)sizeof(int64_t)) {
-            PyBuffer_Release(&times);
-            return bad("flash_attn: times: expected int64 [n_threads=%d, 3], got %zd bytes", pool_api->threads(pool),
-                       times.len);
-        }
-    }
+    if (pool_args("flash_attn", args[20], args[21], &pool, &times)) return NULL;
     const int n_threads = pool ? pool_api->threads(pool) : 1;
-    j.scores = malloc(sizeof(float) * (size_t)(n_threads * j.n_tokens * j.n_kv + 1));
-    int busy = 0;
-    if (j.scores) {
-        Py_BEGIN_ALLOW_THREADS
-        if (pool) busy = pool_api->run(pool, j.n_head, attn_head, &j, times.buf);
-        else
-            for (Py_ssize_t h = 0; h < j.n_head; h++) attn_head(&j, h, 0);
-        Py_END_ALLOW_THREADS
+    if (!(j.scores = malloc(sizeof(float) * (size_t)(n_threads * j.n_tokens * j.n_kv + 1)))) {
+        if (times.obj) PyBuffer_Release(&times);
+        return PyErr_NoMemory();
     }
+    PyObject *r = run_chunks("flash_attn", pool, j.n_head, attn_head, &j, &times);
     free(j.scores);
-    if (times.obj) PyBuffer_Release(&times);
-    if (!j.scores) return PyErr_NoMemory();
-    if (busy) {
-        PyErr_SetString(PyExc_RuntimeError, "flash_attn: the pool is already running a job");
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    return r;
 }
 
 /* --- the router: TOP_K and the expert weights --------------------------------------------------- */
@@ -681,14 +692,40 @@ SIMD_CLONES static void matmul_f32_rows(const float *x, int64_t n_tok, int64_t k
     }
 }
 
-/* matmul_f32(x, n_tok, k, w, n, out): x [n_tok, k] @ w [n, k]^T -> out [n_tok, n] */
-static PyObject *py_matmul_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+/* Rows of w per chunk of a shared matmul_f32: 8 rows of 2048 floats, 64 KiB, a few microseconds. */
+#define F32_CHUNK_ROWS 8
+
+typedef struct {
     const float *x, *w;
     float *out;
+    int64_t n_tok, k, n;
+} f32_job_t;
+
+/* Rows [8c, 8c + 8) of w, written into their columns of out [n_tok, n]. */
+static void f32_chunk(void *ctx, int64_t c, int thread) {
+    const f32_job_t *j = ctx;
+    const int64_t r0 = c * F32_CHUNK_ROWS, r1 = r0 + F32_CHUNK_ROWS < j->n ? r0 + F32_CHUNK_ROWS : j->n;
+    float part[F32_CHUNK_ROWS * 64];
+    for (int64_t t0 = 0; t0 < j->n_tok; t0 += 64) {
+        const int64_t nt = j->n_tok - t0 < 64 ? j->n_tok - t0 : 64;
+        matmul_f32_rows(j->x + t0 * j->k, nt, j->k, j->w + r0 * j->k, r1 - r0, part);
+        for (int64_t t = 0; t < nt; t++)
+            memcpy(j->out + (t0 + t) * j->n + r0, part + t * (r1 - r0), sizeof(float) * (size_t)(r1 - r0));
+    }
+}
+
+/* matmul_f32(x, n_tok, k, w, n, out, pool, times): x [n_tok, k] @ w [n, k]^T -> out [n_tok, n] (the MoE
+ * router's float32 weight), with a Pool its rows shared by the threads (None: this thread alone). */
+static PyObject *py_matmul_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    f32_job_t j;
+    if (nargs != 8) return PyErr_Format(PyExc_TypeError, "matmul_f32() takes 8 arguments (%zd given)", nargs);
     Py_ssize_t n_tok, k, n;
-    if (parse("matmul_f32", args, nargs, "pnnpnp", &x, &n_tok, &k, &w, &n, &out)) return NULL;
-    matmul_f32_rows(x, n_tok, k, w, n, out);
-    Py_RETURN_NONE;
+    if (parse("matmul_f32", args, 6, "pnnpnp", &j.x, &n_tok, &k, &j.w, &n, &j.out)) return NULL;
+    j.n_tok = n_tok, j.k = k, j.n = n;
+    pool_t *pool;
+    Py_buffer times = {0};
+    if (pool_args("matmul_f32", args[6], args[7], &pool, &times)) return NULL;
+    return run_chunks("matmul_f32", pool, (n + F32_CHUNK_ROWS - 1) / F32_CHUNK_ROWS, f32_chunk, &j, &times);
 }
 
 /* --- greedy sampling ------------------------------------------------------------------------------ */
@@ -749,7 +786,7 @@ static PyMethodDef methods[] = {
     FASTCALL(top_k, "top_k(sel, rows, n_cols, k, n_groups, n_groups_used, ids)"),
     FASTCALL(expert_weights, "expert_weights(probs, rows, n_expert, ids, k, norm, scale, out)"),
     FASTCALL(get_rows, "get_rows(data, n_rows, row_bytes, type, n_cols, ids, n_ids, out)"),
-    FASTCALL(matmul_f32, "matmul_f32(x, n_tok, k, w, n, out)"),
+    FASTCALL(matmul_f32, "matmul_f32(x, n_tok, k, w, n, out, pool, times)"),
     FASTCALL(argmax, "argmax(x, n) -> index of the largest value, the first on ties"),
     {NULL, NULL, 0, NULL},
 };

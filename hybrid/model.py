@@ -204,19 +204,21 @@ class _Builder:
                        layer=layer, buffer=cache, n_bytes=n_bytes)
 
     def mul_mat(self, wname: str, x: Node, layer: int, result: str | None = None) -> Node:
-        """x [T, K] @ W^T -> [T, N]; workers split it by rows of W, except a float32 weight
-        (in llama.cpp's files the MoE router's, a fraction of a MiB): one thread reads it
-        natively in microseconds, less than a handoff to the workers would cost. The
-        native form writes into memory the node keeps (`ops.Out`); the graph's result
-        (`result`) into "fresh" memory, which outlives the evaluation, or "reused" memory
-        kept whatever its size."""
+        """x [T, K] @ W^T -> [T, N]; workers split it by rows of W. The native form writes
+        into memory the node keeps (`ops.Out`); the graph's result (`result`) into "fresh"
+        memory, which outlives the evaluation, or "reused" memory kept whatever its size.
+        A float32 weight (in llama.cpp's files the MoE router's, 0.5 MiB) has a form of its
+        own, replayed (`replaying`): alone, one thread read it in ~50 us after a token's
+        expert weights had gone through the caches."""
         w = self.weight(wname)
         n, k = w.shape[-2], w.shape[-1]
-        parallel = None
-        if w.ggml_type != GGMLQuantizationType.F32:
+        fn, parallel = mul_mat, None
+        if w.ggml_type == GGMLQuantizationType.F32:
+            fn = _serial(parallel := replaying(_mul_mat_f32, ops.Out()))
+        else:
             out = None if result == "fresh" else ops.Out(keep_bytes=None if result == "reused" else ops.KEEP_BYTES)
             parallel = _mul_mat_form(w, out)
-        return self.op("MUL_MAT", _tensor_label(wname), mul_mat, x, layer=layer, buffer=wname,
+        return self.op("MUL_MAT", _tensor_label(wname), fn, x, layer=layer, buffer=wname,
                        n_bytes=w.n_bytes, flops=2 * self.n_tokens * n * k, parallel=parallel)
 
     def rms_norm(self, wname: str, x: Node, layer: int, name: str, cols: slice = slice(None)) -> Node:
@@ -454,6 +456,11 @@ def _mul_mat_form(w, out: ops.Out | None) -> Callable:
             return _mul_mat_parallel(buf, x, pool, times, out)
         return run(x, pool, times, out)
     return parallel
+
+
+def _mul_mat_f32(w, x: torch.Tensor, pool, times, out: ops.Out) -> torch.Tensor:
+    """MUL_MAT's form for a float32 weight (the MoE router's): its rows shared by the pool."""
+    return ops.matmul_f32(x, w.data, out, pool, times)
 
 
 def _mul_mat_parallel(w, x: torch.Tensor, pool, times, out: ops.Out | None = None) -> torch.Tensor:

@@ -352,12 +352,13 @@ def get_rows(data: torch.Tensor, ggml_type: int, n_cols: int, ids: torch.Tensor,
     return dequantize(data[ids], ggml_type)
 
 
-def matmul_f32(x: torch.Tensor, w: torch.Tensor, out: Out | None = None) -> torch.Tensor:
-    """x [T, K] @ w [N, K]^T for a float32 weight (the MoE router, ffn_gate_inp) -> [T, N]."""
+def matmul_f32(x: torch.Tensor, w: torch.Tensor, out: Out | None = None, pool=None, times=None) -> torch.Tensor:
+    """x [T, K] @ w [N, K]^T for a float32 weight (the MoE router, ffn_gate_inp) -> [T, N]; natively
+    with a `pool` (`hybrid._kernels.Pool`, `times` as its jobs take) the threads share w's rows."""
     if _native(x, w) and x.dim() == w.dim() == 2 and x.shape[1] == w.shape[1]:
         y = _new(out, (x.shape[0], w.shape[0]))
         return _native_call(out, y, (x, w), _ops.matmul_f32, x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(),
-                            w.shape[0], y.data_ptr())
+                            w.shape[0], y.data_ptr(), pool, times)
     return F.linear(x, w)
 
 

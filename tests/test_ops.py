@@ -348,11 +348,23 @@ def stored_rows(rng, qtype, n_rows=11, n_cols=256):
     return data, gguf_dequantize(stored, qtype).astype(np.float64)
 
 
-@pytest.mark.parametrize("n_tok,k,n", [(1, 2048, 64), (3, 40, 7), (5, 16, 1)])
-def test_matmul_f32(path, rng, n_tok, k, n):
-    """The router's matmul on its float32 weight, widths on and off the 16-lane blocks."""
-    x, w = rng.standard_normal((n_tok, k)), rng.standard_normal((n, k))
-    close(ops.matmul_f32(t32(x), t32(w)), t32(x).double().numpy() @ t32(w).double().numpy().T, rtol=1e-5)
+@pytest.mark.parametrize("threads", [0, 2])
+@pytest.mark.parametrize("n_tok,k,n", [(1, 2048, 64), (3, 40, 7), (5, 16, 1), (70, 24, 19)])
+def test_matmul_f32(path, rng, n_tok, k, n, threads):
+    """The router's matmul on its float32 weight, widths on and off the 16-lane blocks, rows on and
+    off the chunks of 8, more tokens than a chunk's 64, on this thread (0) or shared by a pool."""
+    from hybrid._kernels import Pool
+    pool = Pool(threads, True) if threads else None
+    times = np.zeros((threads, 3), np.int64) if threads else None
+    try:
+        x, w = rng.standard_normal((n_tok, k)), rng.standard_normal((n, k))
+        got = ops.matmul_f32(t32(x), t32(w), pool=pool, times=times)
+        close(got, t32(x).double().numpy() @ t32(w).double().numpy().T, rtol=1e-5)
+        if path == "native" and threads:
+            assert times[:, 2].sum() == -(-n // 8)             # one chunk per 8 rows
+    finally:
+        if pool is not None:
+            pool.close()
 
 
 def test_argmax(path, rng):

@@ -213,7 +213,7 @@ def test_fused_up_chunks_finish_their_gate_chunks_rows(pool, ggml_type):
     for _ in range(5):
         ck.mul_mat_id(gate, ggml_type, x, ids, got, w_up=up, pool=pool, times=times)
         np.testing.assert_array_equal(got, want)
-    assert times[:, 2].sum() >= 2 * 6 * 4          # gate and up: several row blocks per expert
+    assert times[:, 2].sum() > 2 * 6 + 2           # gate and up: chunks start and end inside experts
 
 
 def test_engine_forms_equal_their_serial_run(pool):

@@ -269,6 +269,8 @@ class _Builder:
         bound = _native_heads_form(w, c.n_head, rows) if native(w) and not transposed else None
 
         def parallel(buf, x, pool, times):     # workers split the heads (native: each head's rows)
+            if buf is w and bound is not None and x.dim() == 2:
+                return bound(x, pool, times)       # (n_bytes: the guess below, the native one)
             if x.dim() == 2 and not transposed and native(buf):
                 node.n_bytes = int(buf.n_bytes * share)
                 run = bound if buf is w else _native_heads_form(buf, c.n_head, rows)   # (a device's copy)

@@ -216,6 +216,34 @@ def test_fused_up_chunks_finish_their_gate_chunks_rows(pool, ggml_type):
     assert times[:, 2].sum() > 2 * 6 + 2           # gate and up: chunks start and end inside experts
 
 
+def guided_cut(n_units: int, n_threads: int, guide: int = 2, most: int = 16) -> list[int]:
+    """Chunk sizes in units, as hybrid/_kernels.c cuts them (`guided_chunks`)."""
+    sizes, left = [], n_units
+    while left:
+        sizes.append(min(left, max(1, min(most, left // (guide * n_threads)))))
+        left -= sizes[-1]
+    return sizes
+
+
+def test_matmul_chunks_are_guided():
+    """Threads claim long runs of rows first (up to 16 units of ~64 KiB), then shorter ones
+    toward the end: 4096 rows of 2048 Q4_0 weights are 64 units of 64 rows, cut for 2 threads
+    into 16 + 12 + 9 + ... + 1 units, every row computed once."""
+    rng = np.random.default_rng(5)
+    w = raw_weights(rng, (4096, 2048), ck.Q4_0)
+    x = torch.from_numpy(rng.standard_normal((1, 2048)).astype(np.float32))
+    want = ck.matmul(torch.from_numpy(w), ck.Q4_0, x)
+    pool, times = Pool(2, True), np.zeros((2, 3), np.int64)
+    try:
+        got = ck.matmul(torch.from_numpy(w), ck.Q4_0, x, pool=pool, times=times)
+    finally:
+        pool.close()
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    sizes = guided_cut(4096 // 64, 2)
+    assert sizes[:4] == [16, 12, 9, 6] and sum(sizes) == 64
+    assert times[:, 2].sum() == len(sizes)
+
+
 def test_engine_forms_equal_their_serial_run(pool):
     rng = np.random.default_rng(3)
     gate, ids, x = moe_case(rng, ck.Q4_0, n_expert=8, n_out=64, n_in=256, n_tok=5, n_used=6)

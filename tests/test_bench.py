@@ -237,6 +237,14 @@ def test_cli_unknown_flag_exits_2(capsys):
     assert e.value.code == 2 and "--no-such-flag" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["-mla", "-fa", "-fmoe", "-rtr"])
+def test_cli_switches_take_only_0_or_1(flag, capsys):
+    """llama-bench's 0|1 flags: a 2 is a mistake to name, not a true value to run with."""
+    with pytest.raises(SystemExit) as e:
+        main(["run", flag, "0,2"])
+    assert e.value.code == 2 and f"argument {flag}: '0,2': expected 0 or 1" in capsys.readouterr().err
+
+
 def test_cli_ctrl_c_exits_130_with_a_valid_file(tmp_path, model, monkeypatch, capsys):
     module = types.ModuleType("hybrid.engine")
     module.make_engine = lambda path, **kw: FakeEngine(path, **kw, interrupt_at_graph=5)

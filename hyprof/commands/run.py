@@ -70,14 +70,14 @@ def register(subparsers) -> None:
     p.add_argument("--accel", choices=("auto", "cuda", "emulated", "none"), default="auto",
                    help="accelerator: a CUDA GPU, the emulated ACC0, or none (default: auto, "
                    "CUDA if present else emulated)")
-    p.add_argument("-mla", type=_ints, action="append", metavar="0|1",
+    p.add_argument("-mla", type=_switches, action="append", metavar="0|1",
                    help="multi-head latent attention (default: 0)")
-    p.add_argument("-fa", type=_ints, action="append", metavar="0|1",
+    p.add_argument("-fa", type=_switches, action="append", metavar="0|1",
                    help="flash attention: kq, softmax and kqv as one FLASH_ATTN_EXT op, its heads shared "
                    "by the CPU threads (default: 1, as ik_llama.cpp)")
-    p.add_argument("-fmoe", type=_ints, action="append", metavar="0|1",
+    p.add_argument("-fmoe", type=_switches, action="append", metavar="0|1",
                    help="fused MoE up/gate (default: 1)")
-    p.add_argument("-rtr", type=_ints, action="append", metavar="0|1",
+    p.add_argument("-rtr", type=_switches, action="append", metavar="0|1",
                    help="repack 4-bit weights at load into torch's int4 pack (default: 0; slow to load, "
                    "and the native Q4_0/Q8_0 kernels on the stored blocks are faster)")
     p.add_argument("--poll", type=_ints, action="append", metavar="0..100",
@@ -180,6 +180,15 @@ def _ints(text: str) -> list[int]:
         return [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by commas")
+
+
+def _switches(text: str) -> list[int]:
+    """A 0|1 flag's comma list (llama-bench's -mla, -fa, -fmoe, -rtr): anything else is a mistake,
+    not a true value."""
+    values = _ints(text)
+    if any(v not in (0, 1) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 or 1 (or a comma list of them)")
+    return values
 
 
 def _pair(text: str) -> tuple[int, int]:

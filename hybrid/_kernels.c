@@ -656,12 +656,8 @@ done:
  * keeps the threads finishing together, and a thread the OS stalls holds at most a
  * chunk of ~1 MiB. */
 #define CHUNK_ROW_ALIGN 16
-#ifndef CHUNK_WORK
 #define CHUNK_WORK (64 * 1024)
-#endif
-#ifndef CHUNK_MAX_UNITS
 #define CHUNK_MAX_UNITS 16
-#endif
 #define CHUNK_GUIDE 2
 
 typedef struct {

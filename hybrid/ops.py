@@ -91,6 +91,17 @@ def _native_call(out: Out | None, y: torch.Tensor, reads: tuple, fn, *args) -> t
     return y
 
 
+def _on_pool(pool, times, fn):
+    """fn() as the one task of a `hybrid._kernels.Pool` job (None: here), so that an op given a
+    pool fills `times` as the pool's jobs do even where its torch path ran: the CPU backend
+    makes the op's events from them."""
+    if pool is None:
+        return fn()
+    result = []
+    pool.run_tasks([lambda: result.append(fn())], times)
+    return result[0]
+
+
 def _native(*tensors: torch.Tensor) -> bool:
     return NATIVE and all(t.dtype is F32 and t.is_cpu and t.is_contiguous() for t in tensors)
 
@@ -257,8 +268,7 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past: int, s
         return _native_call(out, y, (q, q_pe, k, v), _ops.flash_attn, n_past, *_rows_at(q), n_q, *_rows_at(q_pe),
                             n_pe, *_rows_at(k), *_rows_at(v), v.shape[-1], n_tok, n_head, scale, y.data_ptr(), pool,
                             times)
-    scores = kq(q, k[:n_kv], q_pe)
-    return kqv(softmax(scores, scale, n_past), v[:n_kv])
+    return _on_pool(pool, times, lambda: kqv(softmax(kq(q, k[:n_kv], q_pe), scale, n_past), v[:n_kv]))
 
 
 def sigmoid(x: torch.Tensor, out: Out | None = None) -> torch.Tensor:
@@ -359,7 +369,7 @@ def matmul_f32(x: torch.Tensor, w: torch.Tensor, out: Out | None = None, pool=No
         y = _new(out, (x.shape[0], w.shape[0]))
         return _native_call(out, y, (x, w), _ops.matmul_f32, x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(),
                             w.shape[0], y.data_ptr(), pool, times)
-    return F.linear(x, w)
+    return _on_pool(pool, times, lambda: F.linear(x, w))
 
 
 def argmax(x: torch.Tensor) -> int:

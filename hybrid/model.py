@@ -720,8 +720,11 @@ class Model:
             made = {"inp_tokens": torch.zeros(n, dtype=torch.long), "inp_pos": torch.zeros(n, dtype=torch.long)}
             reused = self._inputs[n] = made, made["inp_tokens"].numpy(), made["inp_pos"].numpy()
         made, token_ids, pos = reused
-        token_ids[:] = tokens
-        pos[:] = range(self.cache.n_past, self.cache.n_past + n)
+        if n == 1:          # a generated token: item assignment, ~10 us less than a slice's cold
+            token_ids[0], pos[0] = tokens[0], self.cache.n_past
+        else:
+            token_ids[:] = tokens
+            pos[:] = range(self.cache.n_past, self.cache.n_past + n)
         return made
 
     def forward(self, tokens: list[int], all_logits: bool = False,

@@ -26,7 +26,9 @@
  * time. Loops keep each lane independent (reductions keep separate partial
  * sums), which lets the compiler vectorise them without -ffast-math. The GIL
  * is kept: an op takes a microsecond or two, less than releasing and retaking
- * it would.
+ * it would. The exceptions are the ops the pool's threads share (flash_attn,
+ * matmul_f32 given a hybrid._kernels.Pool, reached through its capsule), which
+ * release it while the chunks run.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

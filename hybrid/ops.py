@@ -1,6 +1,6 @@
 """The forward pass's small ops (norms, RoPE, softmax, residual adds, SwiGLU, the router, and
-the attention core: the KV cache's CPY, kq and kqv), native on CPU float32 tensors and torch
-everywhere else.
+the attention core: the KV cache's CPY, kq and kqv, or FLASH_ATTN_EXT), native on CPU float32
+tensors and torch everywhere else.
 
 A generated token runs ~70 such ops besides its matmuls, each on a few KiB. In
 torch each one costs 10-100 us inside the engine although its arithmetic takes

@@ -233,27 +233,8 @@ static void add_n(const float *a, const float *b, int64_t n, float *out) {
     for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
-/* add(a, n_a, b, n_b, out): out = a + b, b [n_b] repeated over a [n_a] (n_a a multiple of n_b) */
-static PyObject *py_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    const float *a, *b;
-    float *out;
-    Py_ssize_t na, nb;
-    if (parse("add", args, nargs, "pnpnp", &a, &na, &b, &nb, &out)) return NULL;
-    if (nb == 0 || na % nb) return bad("add: b of %zd does not repeat over a of %zd", nb, na);
-    for (Py_ssize_t i = 0; i < na; i += nb) add_n(a + i, b, nb, out + i);
-    Py_RETURN_NONE;
-}
-
-/* scale_rows(x, rows, n, w, out): out[r, :] = x[r, :] * w[r] for x [rows, n], w [rows]
- * (MoE: each expert's output times its routing weight) */
-static PyObject *py_scale_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    const float *x, *w;
-    float *out;
-    Py_ssize_t rows, n;
-    if (parse("scale_rows", args, nargs, "pnnpp", &x, &rows, &n, &w, &out)) return NULL;
-    for (Py_ssize_t r = 0; r < rows; r++)
-        for (Py_ssize_t i = 0; i < n; i++) out[r * n + i] = x[r * n + i] * w[r];
-    Py_RETURN_NONE;
+static void scale_n(const float *x, float w, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = x[i] * w;
 }
 
 /* sum_rows(x, rows, n_sum, n, out): out[t, :] = the sum over u of x[t, u, :], x [rows, n_sum, n]
@@ -274,14 +255,6 @@ static PyObject *py_sum_rows(PyObject *self, PyObject *const *args, Py_ssize_t n
 }
 
 /* swiglu(g, u, n, out): out = silu(g) * u = g / (1 + e^-g) * u */
-static PyObject *py_swiglu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    const float *g, *u;
-    float *out;
-    Py_ssize_t n;
-    if (parse("swiglu", args, nargs, "ppnp", &g, &u, &n, &out)) return NULL;
-    swiglu_f32(g, u, n, out);
-    Py_RETURN_NONE;
-}
 
 /* --- attention: the KV cache's CPY, kq and kqv ------------------------------------------------- */
 
@@ -467,6 +440,79 @@ static PyObject *run_chunks(const char *name, pool_t *pool, int64_t n, pool_chun
     if (times->obj) PyBuffer_Release(times);
     if (busy) return PyErr_Format(PyExc_RuntimeError, "%s: the pool is already running a job", name);
     Py_RETURN_NONE;
+}
+
+/* --- ADD, GLU and MUL (scale_rows), their rows shared by the pool for a prompt's batch ---------- */
+
+enum { EW_ADD, EW_SWIGLU, EW_SCALE };
+#define EW_CHUNK (16 * 1024)                 /* elements a chunk at least: 64 KiB of output */
+
+typedef struct {
+    int op;
+    const float *a, *b;                      /* add: b repeats every `row`; scale: b[r] scales row r */
+    float *out;
+    int64_t n, row, per;                     /* elements; row length; elements a chunk (whole rows) */
+} ew_job_t;
+
+static void ew_chunk(void *ctx, int64_t c, int thread) {
+    const ew_job_t *j = ctx;
+    const int64_t i0 = c * j->per, i1 = i0 + j->per < j->n ? i0 + j->per : j->n;
+    if (j->op == EW_SWIGLU) swiglu_f32(j->a + i0, j->b + i0, i1 - i0, j->out + i0);
+    else if (j->op == EW_ADD && j->row == j->n) add_n(j->a + i0, j->b + i0, i1 - i0, j->out + i0);
+    else
+        for (int64_t i = i0; i < i1; i += j->row) {
+            if (j->op == EW_ADD) add_n(j->a + i, j->b, j->row, j->out + i);
+            else scale_n(j->a + i, j->b[i / j->row], j->row, j->out + i);
+        }
+}
+
+/* The job on this thread (no trailing pool, times) or shared by a Pool: chunks of whole rows (of
+ * `unit` elements: 1 where any cut will do) of at least EW_CHUNK elements. */
+static PyObject *run_ew(const char *name, ew_job_t *j, int64_t unit, PyObject *const *args, Py_ssize_t nargs,
+                        Py_ssize_t base) {
+    if (nargs != base && nargs != base + 2)
+        return PyErr_Format(PyExc_TypeError, "%s() takes %zd or %zd arguments (%zd given)", name, base, base + 2, nargs);
+    pool_t *pool = NULL;
+    Py_buffer times = {0};
+    if (nargs == base + 2 && pool_args(name, args[base], args[base + 1], &pool, &times)) return NULL;
+    j->per = (EW_CHUNK + unit - 1) / unit * unit;
+    if (!pool) {                             /* the whole op as one chunk, the GIL kept */
+        j->per = j->n ? j->n : 1;
+        ew_chunk(j, 0, 0);
+        Py_RETURN_NONE;
+    }
+    return run_chunks(name, pool, (j->n + j->per - 1) / j->per, ew_chunk, j, &times);
+}
+
+/* add(a, n_a, b, n_b, out[, pool, times]): out = a + b, b [n_b] repeated over a [n_a] (n_a a
+ * multiple of n_b) */
+static PyObject *py_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    ew_job_t j = {EW_ADD};
+    Py_ssize_t na, nb;
+    if (parse("add", args, nargs < 5 ? nargs : 5, "pnpnp", &j.a, &na, &j.b, &nb, &j.out)) return NULL;
+    if (nb == 0 || na % nb) return bad("add: b of %zd does not repeat over a of %zd", nb, na);
+    j.n = na, j.row = nb;
+    return run_ew("add", &j, nb == na ? 1 : nb, args, nargs, 5);
+}
+
+/* scale_rows(x, rows, n, w, out[, pool, times]): out[r, :] = x[r, :] * w[r] for x [rows, n], w [rows]
+ * (MoE: each expert's output times its routing weight) */
+static PyObject *py_scale_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    ew_job_t j = {EW_SCALE};
+    Py_ssize_t rows, n;
+    if (parse("scale_rows", args, nargs < 5 ? nargs : 5, "pnnpp", &j.a, &rows, &n, &j.b, &j.out)) return NULL;
+    if (n == 0) Py_RETURN_NONE;
+    j.n = rows * n, j.row = n;
+    return run_ew("scale_rows", &j, n, args, nargs, 5);
+}
+
+/* swiglu(g, u, n, out[, pool, times]): out = silu(g) * u (GLU) */
+static PyObject *py_swiglu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    ew_job_t j = {EW_SWIGLU};
+    Py_ssize_t n;
+    if (parse("swiglu", args, nargs < 4 ? nargs : 4, "ppnp", &j.a, &j.b, &n, &j.out)) return NULL;
+    j.n = n, j.row = 1;
+    return run_ew("swiglu", &j, 1, args, nargs, 4);
 }
 
 /* --- FLASH_ATTN_EXT: kq, the causal softmax and kqv in one op, its heads shared by the pool ----- */
@@ -775,10 +821,10 @@ static PyMethodDef methods[] = {
     FASTCALL(rope, "rope(x, rows, row_len, c0, width, r0, n_rot, rows_per_token, cos, sin, pos, n_pos, out)"),
     FASTCALL(softmax, "softmax(x, rows, n_cols, scale, n_tokens, n_past, out)"),
     FASTCALL(sigmoid, "sigmoid(x, n, out)"),
-    FASTCALL(add, "add(a, n_a, b, n_b, out)"),
-    FASTCALL(scale_rows, "scale_rows(x, rows, n, w, out)"),
+    FASTCALL(add, "add(a, n_a, b, n_b, out[, pool, times])"),
+    FASTCALL(scale_rows, "scale_rows(x, rows, n, w, out[, pool, times])"),
     FASTCALL(sum_rows, "sum_rows(x, rows, n_sum, n, out)"),
-    FASTCALL(swiglu, "swiglu(g, u, n, out)"),
+    FASTCALL(swiglu, "swiglu(g, u, n, out[, pool, times])"),
     FASTCALL(append_kv,
              "append_kv(n_past, cache, n_ctx, n_tokens, n_head, x, x_st, x_sh, n_x, tail, tail_st, tail_sh, n_tail)"),
     FASTCALL(kq, "kq(q, q_st, q_sh, n_q, pe, pe_st, pe_sh, n_pe, n_tokens, n_head, k, k_st, k_sh, n_kv, out)"),

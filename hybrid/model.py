@@ -167,10 +167,15 @@ class _Builder:
         return node
 
     def native(self, op: str, name: str, fn: Callable, *srcs: Node, dtype: torch.dtype = ops.F32,
-               **kw) -> Node:
+               shared: bool = False, **kw) -> Node:
         """An op that writes into memory the node keeps: fn(buf, *src_values, out), `out` an
-        `ops.Out` of `dtype`, run through `replaying`."""
-        return self.op(op, name, replaying(fn, ops.Out(dtype)), *srcs, **kw)
+        `ops.Out` of `dtype`, run through `replaying`. `shared`: fn(buf, *src_values, pool, times,
+        out) is also the op's pool form, its rows shared by the CPU threads (for a prompt's batch,
+        see hybrid/backends/cpu.py)."""
+        run = replaying(fn, ops.Out(dtype))
+        if shared:
+            return self.op(op, name, _serial(run), *srcs, parallel=run, **kw)
+        return self.op(op, name, run, *srcs, **kw)
 
     def weight(self, name: str):
         return self.m.weights[name]
@@ -232,12 +237,12 @@ class _Builder:
                            flops=4 * self.n_tokens * self.weight(wname).shape[0])
 
     def add(self, name: str, a: Node, b: Node, layer: int) -> Node:
-        return self.native("ADD", name, lambda _, a, b, out: ops.add(a, b, out), a, b, layer=layer,
-                           flops=self.n_tokens * self.c.n_embd)
+        return self.native("ADD", name, lambda _, a, b, pool, times, out: ops.add(a, b, out, pool, times), a, b,
+                           shared=True, layer=layer, flops=self.n_tokens * self.c.n_embd)
 
     def swiglu(self, name: str, gate: Node, up: Node, layer: int, width: int) -> Node:
-        return self.native("GLU", name, lambda _, g, u, out: ops.swiglu(g, u, out), gate, up, layer=layer,
-                           flops=5 * self.n_tokens * width)
+        return self.native("GLU", name, lambda _, g, u, pool, times, out: ops.swiglu(g, u, out, pool, times), gate,
+                           up, shared=True, layer=layer, flops=5 * self.n_tokens * width)
 
     def per_head(self, wname: str, x: Node, layer: int, name: str, part: str = "all",
                  transposed: bool = False) -> Node:
@@ -624,8 +629,9 @@ def moe(b: _Builder, il: int, h: Node) -> Node:
         up = b.mul_mat_id(p + "ffn_up_exps.weight", h, ids, il)
         act = b.swiglu(f"ffn_moe_swiglu-{il}", gate, up, il, c.n_expert_used * c.n_ff_exp)
     down = b.mul_mat_id(p + "ffn_down_exps.weight", act, ids, il)                       # [T, U, n_embd]
-    weighted = b.native("MUL", f"ffn_moe_weighted-{il}", lambda _, d, w, out: ops.scale_rows(d, w, out),
-                        down, weights, layer=il, flops=b.n_tokens * c.n_expert_used * c.n_embd)
+    weighted = b.native("MUL", f"ffn_moe_weighted-{il}",
+                        lambda _, d, w, pool, times, out: ops.scale_rows(d, w, out, pool, times), down, weights,
+                        shared=True, layer=il, flops=b.n_tokens * c.n_expert_used * c.n_embd)
     moe_out = b.native("ADD", f"ffn_moe_out-{il}", lambda _, x, out: ops.sum_experts(x, out), weighted,
                        layer=il, flops=b.n_tokens * c.n_expert_used * c.n_embd)
     return b.add(f"ffn_out-{il}", moe_out, feed_forward(b, il, h, "_shexp"), il)

@@ -278,30 +278,39 @@ def sigmoid(x: torch.Tensor, out: Out | None = None) -> torch.Tensor:
     return torch.sigmoid(x)
 
 
-def add(a: torch.Tensor, b: torch.Tensor, out: Out | None = None) -> torch.Tensor:
-    """a + b, for b of a's shape or of its trailing dimensions (a bias)."""
+def _shared(pool, times) -> tuple:
+    """The trailing (pool, times) of a native elementwise call whose rows the pool's threads
+    share; none (this thread alone, the GIL kept) without a pool."""
+    return () if pool is None else (pool, times)
+
+
+def add(a: torch.Tensor, b: torch.Tensor, out: Out | None = None, pool=None, times=None) -> torch.Tensor:
+    """a + b, for b of a's shape or of its trailing dimensions (a bias). With a `pool`
+    (`hybrid._kernels.Pool`, `times` as its jobs take), as `swiglu` and `scale_rows`, the
+    threads share the rows: a prompt's [T, n_embd] is too large for one thread cold."""
     if _native(a, b) and b.shape == a.shape[a.dim() - b.dim():]:
         y = _new(out, a.shape)
         return _native_call(out, y, (a, b), _ops.add, a.data_ptr(), a.numel(), b.data_ptr(), b.numel(),
-                            y.data_ptr())
-    return a + b
+                            y.data_ptr(), *_shared(pool, times))
+    return _on_pool(pool, times, lambda: a + b)
 
 
-def swiglu(g: torch.Tensor, u: torch.Tensor, out: Out | None = None) -> torch.Tensor:
+def swiglu(g: torch.Tensor, u: torch.Tensor, out: Out | None = None, pool=None, times=None) -> torch.Tensor:
     """silu(g) * u (GLU)."""
     if _native(g, u) and g.shape == u.shape:
         y = _new(out, g.shape)
-        return _native_call(out, y, (g, u), _ops.swiglu, g.data_ptr(), u.data_ptr(), g.numel(), y.data_ptr())
-    return F.silu(g) * u
+        return _native_call(out, y, (g, u), _ops.swiglu, g.data_ptr(), u.data_ptr(), g.numel(), y.data_ptr(),
+                            *_shared(pool, times))
+    return _on_pool(pool, times, lambda: F.silu(g) * u)
 
 
-def scale_rows(x: torch.Tensor, w: torch.Tensor, out: Out | None = None) -> torch.Tensor:
+def scale_rows(x: torch.Tensor, w: torch.Tensor, out: Out | None = None, pool=None, times=None) -> torch.Tensor:
     """x [..., n] times w [...], one weight per row: each expert's output times its routing weight."""
     if _native(x, w) and w.shape == x.shape[:-1]:
         y = _new(out, x.shape)
         return _native_call(out, y, (x, w), _ops.scale_rows, x.data_ptr(), w.numel(), x.shape[-1], w.data_ptr(),
-                            y.data_ptr())
-    return x * w[..., None]
+                            y.data_ptr(), *_shared(pool, times))
+    return _on_pool(pool, times, lambda: x * w[..., None])
 
 
 def sum_experts(x: torch.Tensor, out: Out | None = None) -> torch.Tensor:

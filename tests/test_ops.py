@@ -296,6 +296,30 @@ def test_add_swiglu_and_moe_sums(path, rng):
     close(ops.sum_experts(down), dd.sum(1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_elementwise_ops_shared_by_a_pool(path, rng, threads):
+    """A prompt's ADD (same shape, and a bias), GLU and MUL of the expert weights, their rows
+    shared by a pool in chunks of >= 16K elements (several here, the last short), against
+    float64; the torch path runs as one task of the pool."""
+    from hybrid._kernels import Pool
+    pool, times = Pool(threads, True), np.zeros((threads, 3), np.int64)
+    try:
+        a, b, bias = t32(rng.normal(size=(37, 1031))), t32(rng.normal(size=(37, 1031))), t32(rng.normal(size=1031))
+        ad = a.double().numpy()
+        close(ops.add(a, b, pool=pool, times=times), ad + b.double().numpy())
+        assert times[:, 2].sum() == (3 if path == "native" else 1)          # 38147 elements: 16K, 16K, 5.4K
+        close(ops.add(a, bias, pool=pool, times=times), ad + bias.double().numpy())
+        assert times[:, 2].sum() == (3 if path == "native" else 1)          # 16 rows (16496), 16, 5 rows
+        g, u = t32(rng.normal(size=(5, 9000)) * 5), t32(rng.normal(size=(5, 9000)))
+        gd = g.double().numpy()
+        close(ops.swiglu(g, u, pool=pool, times=times), gd * ref_sigmoid(gd) * u.double().numpy())
+        down, w = t32(rng.normal(size=(7, 6, 2048))), t32(rng.uniform(size=(7, 6)))
+        close(ops.scale_rows(down, w, pool=pool, times=times), down.double().numpy() * w.double().numpy()[..., None])
+        assert times[:, 2].sum() == (6 if path == "native" else 1)          # 42 rows of 2048, 8 a chunk
+    finally:
+        pool.close()
+
+
 def ref_top_k(sel, k, n_groups=0, n_groups_used=0):
     """As tests/reference_deepseek2.py routes: stable argsort, groups by their two best."""
     out = []

@@ -42,6 +42,10 @@ from profiler.schema import MAIN_LANE
 # handoff, but only run where the native kernels do not, which is not the speed path.
 MIN_SPLIT_BYTES = 1 << 16
 MIN_SPLIT_FLOPS = 1 << 20
+# ... or when it works on a batch of at least MIN_SPLIT_TOKENS tokens: a prompt's elementwise ops
+# (ADD, GLU, MUL) read no weights and do few flops, but stream MBs of activations that one
+# thread reads cold at ~10 GB/s (a cold [64, 2048] ADD: ~135 us).
+MIN_SPLIT_TOKENS = 16
 
 
 class CpuBackend:
@@ -74,7 +78,8 @@ class CpuBackend:
                 buf = buffers[node.buffer] if node.buffer is not None else None
                 args = [values[s] for s in node.srcs]
                 if node.parallel is not None and shared and (
-                        node.n_bytes >= MIN_SPLIT_BYTES or node.flops >= MIN_SPLIT_FLOPS):
+                        node.n_bytes >= MIN_SPLIT_BYTES or node.flops >= MIN_SPLIT_FLOPS
+                        or node.n_tokens >= MIN_SPLIT_TOKENS):
                     values[node] = node.parallel(buf, *args, pool, self._times)
                     if rec.enabled:     # an op event per thread that ran chunks, with its share
                         pool_op(self.lanes, self._times, rec.t0, t, graph_id, i_split, CPU, node.op,

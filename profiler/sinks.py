@@ -1,11 +1,10 @@
 """Where recorded events go: the timings.jsonl writer and the HYPROF_PRINT_TIMING printer.
 
 The writer keeps the file a valid contract-v1 prefix at every flush: the header
-line first, then whole graphs only (the runner writes after each graph), handed
-to the OS at least every FLUSH_EVERY_S (a flush per graph was a write syscall of
-~80 us a generated token). It writes under a temporary name and renames at the
-end, so the final name only ever holds a finished file — or, after Ctrl-C, every
-graph that completed. A hard crash leaves the temporary file, a readable prefix.
+line first, then whole graphs only (the runner writes after each graph), each
+batch flushed. It writes under a temporary name and renames at the end, so the
+final name only ever holds a finished file — or, after Ctrl-C, every graph that
+completed. A hard crash leaves the temporary file, a readable prefix.
 
 The printer is ik_llama.cpp's IK_PRINT_TIMING as an environment variable: each
 event is one stderr line as it completes, `OP(name) [backend/lane]: N us`.
@@ -19,7 +18,6 @@ import functools
 import os
 import sys
 import tempfile
-import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Sequence
@@ -31,8 +29,6 @@ from profiler.files import check_output_path, new_file_mode
 from profiler._lanes import format_events
 from profiler.recorder import Batch, Lane, event_dict
 from profiler.schema import SCHEMA
-
-FLUSH_EVERY_S = 0.1          # a live file (tail -f) lags the run by at most this
 
 _json_line = functools.partial(orjson.dumps,
                                option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
@@ -75,19 +71,18 @@ class TimingsWriter:
         os.chmod(self._tmp, new_file_mode())
         self._file = os.fdopen(fd, "wb", buffering=1 << 20)
         self._good = 0          # file offset after the last complete batch
-        self._flushed = -FLUSH_EVERY_S
         self.n_events = 0
         self.write([header])
         self.n_events = 0
 
     def write(self, events: Sequence[dict]) -> None:
-        """Append events, one JSON object per line."""
+        """Append events, one JSON object per line, and flush them to the OS."""
         lines = list(map(_json_line, events))
         self._append(lines, len(lines))
 
     def write_batches(self, batches: list[Batch]) -> None:
         """Append a drain's events (`Recorder.drain_batches()`) in time order, outer
-        events first: what the runner does after each graph.
+        events first, and flush them: what the runner does after each graph.
 
         The lines are made natively (profiler/_lanes.c) from the cells the lanes
         recorded; an event holding a value they do not write (a test's fields, a
@@ -98,10 +93,7 @@ class TimingsWriter:
         # Line by line into the file's buffer: joining a graph's lines first costs
         # several times more (one large allocation per graph).
         self._file.writelines(lines)
-        now = time.monotonic()
-        if now - self._flushed >= FLUSH_EVERY_S:
-            self._file.flush()
-            self._flushed = now
+        self._file.flush()
         self._good += sum(map(len, lines))      # counted, not asked (tell() is a syscall a graph)
         self.n_events += n_events
 

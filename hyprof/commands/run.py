@@ -30,8 +30,8 @@ flag); every combination of the engine flags is one table row per test.
 
 timings: -o FILE writes the header (model, config, machine, placement, the
 CPU's peak bandwidth from `hyprof membw`, cached) and every event of every
-measured repetition, in whole graphs, on disk within 0.1 s; Ctrl-C keeps every
-completed graph. Read it with `hyprof report FILE`. HYPROF_PRINT_TIMING=1 prints each
+measured repetition, flushed after each graph; Ctrl-C keeps every completed
+graph. Read it with `hyprof report FILE`. HYPROF_PRINT_TIMING=1 prints each
 op, copy, wakeup, split, sync and phase on stderr as it completes.
 
 examples:

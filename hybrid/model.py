@@ -211,20 +211,12 @@ class _Builder:
     def mul_mat(self, wname: str, x: Node, layer: int, result: str | None = None) -> Node:
         """x [T, K] @ W^T -> [T, N]; workers split it by rows of W. The native form writes
         into memory the node keeps (`ops.Out`); the graph's result (`result`) into "fresh"
-        memory, which outlives the evaluation, or "reused" memory kept whatever its size.
-        A float32 weight (in llama.cpp's files the MoE router's, 0.5 MiB) has a form of its
-        own, replayed (`replaying`): alone, one thread read it in ~50 us after a token's
-        expert weights had gone through the caches."""
+        memory, which outlives the evaluation, or "reused" memory kept whatever its size."""
         w = self.weight(wname)
         n, k = w.shape[-2], w.shape[-1]
-        fn, parallel = mul_mat, None
-        if w.ggml_type == GGMLQuantizationType.F32:
-            fn = _serial(parallel := replaying(_mul_mat_f32, ops.Out()))
-        else:
-            out = None if result == "fresh" else ops.Out(keep_bytes=None if result == "reused" else ops.KEEP_BYTES)
-            parallel = _mul_mat_form(w, out)
-        return self.op("MUL_MAT", _tensor_label(wname), fn, x, layer=layer, buffer=wname,
-                       n_bytes=w.n_bytes, flops=2 * self.n_tokens * n * k, parallel=parallel)
+        out = None if result == "fresh" else ops.Out(keep_bytes=None if result == "reused" else ops.KEEP_BYTES)
+        return self.op("MUL_MAT", _tensor_label(wname), mul_mat, x, layer=layer, buffer=wname,
+                       n_bytes=w.n_bytes, flops=2 * self.n_tokens * n * k, parallel=_mul_mat_form(w, out))
 
     def rms_norm(self, wname: str, x: Node, layer: int, name: str, cols: slice = slice(None)) -> Node:
         eps = self.c.rms_eps
@@ -453,7 +445,12 @@ def _expert_kernel(w, fused: bool) -> Callable | None:
 def _mul_mat_form(w, out: ops.Out | None) -> Callable:
     """MUL_MAT's pool form for the model's weight w (into `out`'s memory, if one): bound to
     w's native kernel once, when it has one; another object for the buffer (a device's
-    copy) takes the general form."""
+    copy) takes the general form. A float32 weight (in llama.cpp's files the MoE router's,
+    0.5 MiB) shares its rows natively and, into `out`, replays its call (`replaying`):
+    alone, one thread read it in ~50 us after a token's expert weights had gone through
+    the caches."""
+    if w.ggml_type == GGMLQuantizationType.F32:
+        return functools.partial(_mul_mat_f32, out=None) if out is None else replaying(_mul_mat_f32, out)
     if not native(w):
         return functools.partial(_mul_mat_parallel, out=out)
     run = cpu_kernels.bind_matmul(*w.kernel_blocks)

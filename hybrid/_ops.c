@@ -26,9 +26,9 @@
  * time. Loops keep each lane independent (reductions keep separate partial
  * sums), which lets the compiler vectorise them without -ffast-math. The GIL
  * is kept: an op takes a microsecond or two, less than releasing and retaking
- * it would. The exceptions are the ops the pool's threads share (flash_attn,
- * matmul_f32 given a hybrid._kernels.Pool, reached through its capsule), which
- * release it while the chunks run.
+ * it would. The exceptions are the ops given a hybrid._kernels.Pool (reached
+ * through its capsule) for its threads to share (flash_attn, matmul_f32, and a
+ * prompt's add, swiglu and scale_rows), which release it while the chunks run.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -254,8 +254,6 @@ static PyObject *py_sum_rows(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_RETURN_NONE;
 }
 
-/* swiglu(g, u, n, out): out = silu(g) * u = g / (1 + e^-g) * u */
-
 /* --- attention: the KV cache's CPY, kq and kqv ------------------------------------------------- */
 
 /* Rows [i, h] of a strided tensor whose last dimension is contiguous, at p + i * st + h * sh:
@@ -475,12 +473,12 @@ static PyObject *run_ew(const char *name, ew_job_t *j, int64_t unit, PyObject *c
     pool_t *pool = NULL;
     Py_buffer times = {0};
     if (nargs == base + 2 && pool_args(name, args[base], args[base + 1], &pool, &times)) return NULL;
-    j->per = (EW_CHUNK + unit - 1) / unit * unit;
     if (!pool) {                             /* the whole op as one chunk, the GIL kept */
         j->per = j->n ? j->n : 1;
         ew_chunk(j, 0, 0);
         Py_RETURN_NONE;
     }
+    j->per = (EW_CHUNK + unit - 1) / unit * unit;
     return run_chunks(name, pool, (j->n + j->per - 1) / j->per, ew_chunk, j, &times);
 }
 
@@ -501,9 +499,8 @@ static PyObject *py_scale_rows(PyObject *self, PyObject *const *args, Py_ssize_t
     ew_job_t j = {EW_SCALE};
     Py_ssize_t rows, n;
     if (parse("scale_rows", args, nargs < 5 ? nargs : 5, "pnnpp", &j.a, &rows, &n, &j.b, &j.out)) return NULL;
-    if (n == 0) Py_RETURN_NONE;
     j.n = rows * n, j.row = n;
-    return run_ew("scale_rows", &j, n, args, nargs, 5);
+    return run_ew("scale_rows", &j, n ? n : 1, args, nargs, 5);
 }
 
 /* swiglu(g, u, n, out[, pool, times]): out = silu(g) * u (GLU) */

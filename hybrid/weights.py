@@ -215,7 +215,7 @@ def fault_in(data: np.ndarray) -> None:
     """
     flat = data.reshape(-1).view(np.uint8)
     if flat.size:
-        int(flat[::PAGE_BYTES].max())
+        flat[::PAGE_BYTES].max()
 
 
 def can_repack(w: Weight) -> bool:

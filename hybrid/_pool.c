@@ -15,10 +15,14 @@
  * claimed chunk is done, so a late worker never delays an op it took no part in.
  *
  * Waiting follows ggml and today's `--poll`: inside a split (between ops)
- * workers spin; between splits they spin with `spin` and otherwise sleep on a
- * condition variable, woken when the next split's first job is posted. Spinning
- * is `pause` for PURE_SPIN_NS, then sched_yield(), so that on an oversubscribed
- * machine the thread being waited for gets the core instead of a time slice later.
+ * workers spin; between splits they spin for up to `spin_ns` and then sleep on a
+ * condition variable, woken when the next split's first job is posted. The bound
+ * is ggml's too (its poll level counts spin rounds): a token's splits follow each
+ * other within microseconds, so workers stay awake through a run, but an engine
+ * left idle (between tests, in a user's program) gives its cores back instead of
+ * burning them. Spinning is `pause` for PURE_SPIN_NS, then sched_yield(), so that
+ * on an oversubscribed machine the thread being waited for gets the core instead
+ * of a time slice later.
  *
  * A worker notes when it first sees each split (its wakeup) and when it claims and
  * finishes chunks (the caller's `times`), on CLOCK_MONOTONIC, the clock of Python's
@@ -78,7 +82,8 @@ struct pool {
     _Atomic uint64_t split_gen;
     _Atomic int split_open;
     _Atomic int stopping;
-    int spin, n_threads;
+    int n_threads;
+    int64_t spin_ns;                                      /* between splits, then sleep */
     int64_t dispatch_ns;
     uint64_t job_gen;
     pool_chunk_fn fn;                                     /* the current job */
@@ -96,14 +101,18 @@ struct pool {
 
 int pool_threads(const pool_t *p) { return p->n_threads; }
 
-/* Wait until *word != seen, spinning: pause first, then yield the core. */
-static void spin_while_u32(_Atomic uint32_t *word, uint32_t seen) {
+/* Wait until *word != seen, spinning: pause first, then yield the core; give up
+ * after about limit_ns (< 0: never). Returns whether the word changed. */
+static int spin_while_u32(_Atomic uint32_t *word, uint32_t seen, int64_t limit_ns) {
     int64_t start = 0;
     for (unsigned i = 1; atomic_load_explicit(word, memory_order_acquire) == seen; i++) {
         if (i < 256 || (i & 63)) { CPU_RELAX(); continue; }
-        if (!start) start = now_ns();
-        else if (now_ns() - start >= PURE_SPIN_NS) sched_yield();
+        const int64_t t = now_ns();
+        if (!start) start = t;
+        else if (limit_ns >= 0 && t - start >= limit_ns) return 0;
+        else if (t - start >= PURE_SPIN_NS) sched_yield();
     }
+    return 1;
 }
 
 static void spin_until_done(_Atomic int64_t *done, int64_t n) {
@@ -176,8 +185,8 @@ static void *worker_main(void *arg) {
             atomic_store_explicit(&self->split_seen, split, memory_order_release);
         }
         work_on_job(p, self->index);
-        if (p->spin || atomic_load(&p->split_open)) spin_while_u32(&p->seq, seq);
-        else sleep_while_u32(p, seq);
+        if (atomic_load(&p->split_open)) spin_while_u32(&p->seq, seq, -1);
+        else if (!p->spin_ns || !spin_while_u32(&p->seq, seq, p->spin_ns)) sleep_while_u32(p, seq);
     }
     if (self->tstate) {                       /* give back the thread state of its Python tasks */
         PyEval_RestoreThread(self->tstate);
@@ -317,15 +326,20 @@ static PyObject *busy_error(void) {
 }
 
 static int Pool_init(PoolObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"n_threads", "spin", NULL};
-    int n_threads, spin;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "ip", kwlist, &n_threads, &spin)) return -1;
+    static char *kwlist[] = {"n_threads", "spin_ns", NULL};
+    int n_threads;
+    long long spin_ns;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iL", kwlist, &n_threads, &spin_ns)) return -1;
     if (self->pool) {
         PyErr_SetString(PyExc_RuntimeError, "Pool: already initialised");
         return -1;
     }
     if (n_threads < 1 || n_threads > MAX_THREADS) {
         PyErr_Format(PyExc_ValueError, "n_threads must be in [1, %d], got %d", MAX_THREADS, n_threads);
+        return -1;
+    }
+    if (spin_ns < 0) {
+        PyErr_Format(PyExc_ValueError, "spin_ns must be >= 0, got %lld", spin_ns);
         return -1;
     }
     pool_t *p = calloc(1, sizeof(*p));
@@ -338,7 +352,7 @@ static int Pool_init(PoolObject *self, PyObject *args, PyObject *kwds) {
     memset(workers, 0, sizeof(worker_t) * (size_t)n_threads);
     p->workers = workers;
     p->n_threads = n_threads;
-    p->spin = spin;
+    p->spin_ns = (int64_t)spin_ns;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
     sigset_t block, old;                      /* workers inherit a mask without SIGINT/SIGTERM */
@@ -443,9 +457,9 @@ static PyObject *Pool_get_n_threads(PoolObject *self, void *closure) {
     return p ? PyLong_FromLong(p->n_threads) : NULL;
 }
 
-static PyObject *Pool_get_spin(PoolObject *self, void *closure) {
+static PyObject *Pool_get_spin_ns(PoolObject *self, void *closure) {
     pool_t *p = pool_from_object((PyObject *)self);
-    return p ? PyBool_FromLong(p->spin) : NULL;
+    return p ? PyLong_FromLongLong(p->spin_ns) : NULL;
 }
 
 static PyMethodDef Pool_methods[] = {
@@ -456,21 +470,21 @@ static PyMethodDef Pool_methods[] = {
     {"end_split", (PyCFunction)Pool_end_split, METH_O,
      "end_split(wake_ns) -> dispatch ns of the split that ends (0: none was open). Waits until every worker "
      "has seen the split; wake_ns[i] (int64 [n_threads]) = when worker i did (wake_ns[0] = the dispatch). "
-     "Workers then wait as between splits: spinning with spin=True, asleep otherwise."},
+     "Workers then wait as between splits: spinning for up to spin_ns, then asleep."},
     {"close", (PyCFunction)Pool_close, METH_NOARGS, "close(): stop and join the workers (idempotent)"},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef Pool_getset[] = {
     {"n_threads", (getter)Pool_get_n_threads, NULL, "threads, the caller included", NULL},
-    {"spin", (getter)Pool_get_spin, NULL, "whether workers spin between splits (else they sleep)", NULL},
+    {"spin_ns", (getter)Pool_get_spin_ns, NULL, "how long workers spin between splits before they sleep", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
 PyTypeObject PoolType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "hybrid._kernels.Pool",
-    .tp_doc = "Pool(n_threads, spin): the caller plus n_threads - 1 native worker threads "
+    .tp_doc = "Pool(n_threads, spin_ns): the caller plus n_threads - 1 native worker threads "
               "(see hybrid/_pool.c). Native kernels take it as `pool=`; Python callables run with run_tasks.",
     .tp_basicsize = sizeof(PoolObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,

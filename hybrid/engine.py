@@ -81,10 +81,9 @@ class Engine:
         self.options = dict(threads=threads, n_gpu_layers=n_gpu_layers, overrides=list(overrides),
                             mla=mla, fa=fa, fmoe=fmoe, rtr=rtr, poll=poll)
         self._buffer_backend = {name: self._backend_of(name) for name in self.model.buffer_names()}
-        spin = poll > 0
         self.backends: dict[str, Any] = {}
         try:
-            self.backends[CPU] = CpuBackend(self._buffers_on(CPU, None), threads, spin,
+            self.backends[CPU] = CpuBackend(self._buffers_on(CPU, None), threads, poll,
                                             self.recorder)
             for name in sorted(set(self._buffer_backend.values()) - {CPU}):
                 self.backends[name] = self._make_device(name)

@@ -25,7 +25,9 @@ from hybrid.graph import Graph, Node
 from hybrid.sched import Scheduler, split_graph
 from profiler.recorder import Recorder
 
-MODES = [pytest.param(True, id="spin"), pytest.param(False, id="block")]
+# spin_ns of each wait mode: workers spinning through the whole test, or asleep between jobs
+SPIN_NS = 10**10
+MODES = [pytest.param(SPIN_NS, id="spin"), pytest.param(0, id="block")]
 
 
 @pytest.fixture(params=MODES)
@@ -127,7 +129,45 @@ def test_a_task_may_not_use_its_own_pool(pool):
         pool.run_tasks([lambda: ck.mul_mat_id(raw, ck.Q4_0, xq, ids, out, pool=pool)])
 
 
-@pytest.mark.parametrize("spin", [True, False])
+def _cpu_seconds(tids: set[int]) -> float:
+    """CPU time the threads have used (user + system, /proc's clock ticks)."""
+    total = 0
+    for tid in tids:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])      # utime, stime: fields 14 and 15
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_workers_spin_for_spin_ns_then_sleep_and_wake_for_the_next_job():
+    """`--poll`'s bound: after a split, workers spin (using CPU) for about spin_ns, then sleep
+    (using none), and the next split's job still runs on every thread."""
+    before = _threads()
+    p = Pool(3, 200_000_000)
+    workers = _threads() - before
+    try:
+        times = np.zeros((3, 3), np.int64)
+        p.run_tasks([lambda: time.sleep(0.01)] * 6, times)
+        p.end_split(np.zeros(3, np.int64))
+        used = _cpu_seconds(workers)
+        time.sleep(0.1)
+        assert _cpu_seconds(workers) - used > 0.02          # spinning inside the bound
+        time.sleep(0.3)
+        used = _cpu_seconds(workers)
+        time.sleep(0.3)
+        assert _cpu_seconds(workers) - used < 0.02          # asleep after it
+        p.run_tasks([lambda: time.sleep(0.01)] * 6, times)
+        assert (times[:, 2] > 0).sum() == 3 and times[:, 2].sum() == 6
+    finally:
+        p.close()
+
+
+def test_spin_ns_must_not_be_negative():
+    with pytest.raises(ValueError, match="spin_ns must be >= 0"):
+        Pool(2, -1)
+
+
+@pytest.mark.parametrize("spin", [SPIN_NS, 0])
 def test_close_joins_the_workers_whose_signals_are_blocked(spin):
     before = _threads()
     p = Pool(4, spin)
@@ -279,8 +319,8 @@ def test_bad_pool_arguments():
         p.close()
 
 
-@pytest.mark.parametrize("spin", [True, False])
-def test_backend_events_share_the_op_and_time_each_wakeup(spin):
+@pytest.mark.parametrize("poll", [50, 0])
+def test_backend_events_share_the_op_and_time_each_wakeup(poll):
     """A native MUL_MAT_ID on a 3-thread CPU backend: the lanes' op events add up to the op's
     bytes, each lies inside its split, and each worker has one wakeup per split, from the
     dispatch, which lies after the split's start."""
@@ -295,7 +335,7 @@ def test_backend_events_share_the_op_and_time_each_wakeup(spin):
                 flops=10**6, parallel=parallel)
     graph = Graph([inp, sel, exps], {"x": inp, "ids": sel}, exps)
     rec = Recorder(enabled=True)
-    cpu = CpuBackend({"w": gate}, 3, spin, rec)
+    cpu = CpuBackend({"w": gate}, 3, poll, rec)
     inputs = {"x": torch.from_numpy(x), "ids": torch.from_numpy(ids)}
     try:
         sched = Scheduler({"CPU": cpu}, rec)

@@ -150,8 +150,8 @@ def test_split_rule_weightless_graph_follows_sources():
     assert plan.causes == ("1.inp", "3.src") and [plan.backend_of[n] for n in (a, b)] == ["CPU", "CPU"]
 
 
-def _run(graph, weights, placement, n_threads, spin, rec):
-    cpu = CpuBackend(weights, n_threads, spin, rec)
+def _run(graph, weights, placement, n_threads, poll, rec):
+    cpu = CpuBackend(weights, n_threads, poll, rec)
     acc = AccBackend({k: v.clone() for k, v in weights.items()}, rec)
     try:
         sched = Scheduler({"CPU": cpu, "ACC0": acc}, rec)
@@ -165,12 +165,12 @@ def _run(graph, weights, placement, n_threads, spin, rec):
         acc.close()
 
 
-@pytest.mark.parametrize("n_threads,spin", [(1, False), (2, False), (2, True), (3, True)])
-def test_scheduler_matches_sequential_compute(n_threads, spin):
+@pytest.mark.parametrize("n_threads,poll", [(1, 0), (2, 0), (2, 50), (3, 50)])
+def test_scheduler_matches_sequential_compute(n_threads, poll):
     graph = synthetic_moe_graph(n_layer=2)
     weights = synthetic_weights()
     rec = Recorder(enabled=True)
-    x, out = _run(graph, weights, experts_on_cpu, n_threads, spin, rec)
+    x, out = _run(graph, weights, experts_on_cpu, n_threads, poll, rec)
     expected = compute(graph, {"inp_embd": x}, weights.__getitem__)
     torch.testing.assert_close(out, expected)
     events = rec.drain()
@@ -187,8 +187,8 @@ def test_scheduler_matches_sequential_compute(n_threads, spin):
     assert all(e["graph"] == 7 for e in ops)
 
 
-@pytest.mark.parametrize("n_threads,spin", [(2, False), (3, True)])
-def test_every_worker_runs_a_share_at_the_same_time(n_threads, spin):
+@pytest.mark.parametrize("n_threads,poll", [(2, 0), (3, 50)])
+def test_every_worker_runs_a_share_at_the_same_time(n_threads, poll):
     """Tasks that wait for each other can only finish if all workers run them at once."""
     import threading
     barrier = threading.Barrier(n_threads, timeout=10)
@@ -197,7 +197,7 @@ def test_every_worker_runs_a_share_at_the_same_time(n_threads, spin):
              parallel=lambda w, x, pool, times: run_tasks([barrier.wait] * pool.n_threads, pool, times) or x)
     graph = Graph([a, b], {"a": a}, b)
     rec = Recorder(enabled=True)
-    cpu = CpuBackend({"w": None}, n_threads, spin, rec)
+    cpu = CpuBackend({"w": None}, n_threads, poll, rec)
     try:
         Scheduler({"CPU": cpu}, rec).compute(graph, split_graph(graph, lambda _: "CPU"),
                                             {"a": torch.ones(1)}, 0)
@@ -233,7 +233,7 @@ def test_worker_error_reaches_the_main_thread():
     b = Node("MUL_MAT", "b", (a,), lambda w, x: x, buffer="w", parallel=bad_parallel)
     graph = Graph([a, b], {"a": a}, b)
     rec = Recorder(enabled=False)
-    cpu = CpuBackend({"w": None}, 2, False, rec)
+    cpu = CpuBackend({"w": None}, 2, 0, rec)
     try:
         sched = Scheduler({"CPU": cpu}, rec)
         with pytest.raises(ValueError, match="task failed"):
@@ -254,7 +254,7 @@ def test_device_error_is_raised_at_sync():
     rec = Recorder(enabled=False)
     acc = AccBackend({"w": None}, rec)
     try:
-        sched = Scheduler({"CPU": CpuBackend({}, 1, False, rec), "ACC0": acc}, rec)
+        sched = Scheduler({"CPU": CpuBackend({}, 1, 0, rec), "ACC0": acc}, rec)
         with pytest.raises(ZeroDivisionError):
             sched.compute(graph, split_graph(graph, lambda _: "ACC0"), {"a": torch.ones(1)}, 0)
     finally:

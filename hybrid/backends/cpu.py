@@ -15,9 +15,9 @@ taking the GIL for its task. Torch runs single-threaded (the pool is the
 parallelism).
 
 Waiting (`--poll`): inside a split, between ops, workers always spin, as ggml's
-barrier does; between splits they spin with `poll > 0` (one core busy, fast to
-wake) and sleep with `poll 0` (the OS wakes them at the next split: cheap, slow
-to wake). A split ends when every worker has seen it, so each worker's wakeup is
+barrier does; between splits they spin for up to `poll` x SPIN_NS_PER_POLL (cores
+busy, fast to wake) and then sleep, at once with `poll 0` (the OS wakes them at the
+next split: cheap, slow to wake). A split ends when every worker has seen it, so each worker's wakeup is
 known; that wait is the split's join, which the report counts as thread wakeup.
 """
 
@@ -46,6 +46,10 @@ MIN_SPLIT_FLOPS = 1 << 20
 # (ADD, GLU, MUL) read no weights and do few flops, but stream MBs of activations that one
 # thread reads cold at ~10 GB/s (a cold [64, 2048] ADD: ~135 us).
 MIN_SPLIT_TOKENS = 16
+# Idle workers spin `--poll` x this between splits, then sleep: 0.1 s at the default 50, far
+# longer than the gap between a token's graphs (~0.2 ms), far shorter than a user's pause.
+# ggml counts 128K pause rounds per poll level instead: 3.5 ms a level on the Zen 4 here.
+SPIN_NS_PER_POLL = 2_000_000
 
 
 class CpuBackend:
@@ -54,7 +58,7 @@ class CpuBackend:
     name = CPU
     is_device = False
 
-    def __init__(self, buffers: Mapping[str, Any], n_threads: int, spin: bool,
+    def __init__(self, buffers: Mapping[str, Any], n_threads: int, poll: int,
                  recorder: Recorder):
         if n_threads < 1:
             raise ValueError("n_threads must be >= 1")
@@ -63,7 +67,7 @@ class CpuBackend:
         self.buffers = buffers
         self.recorder = recorder
         self.n_threads = n_threads
-        self.pool = Pool(n_threads, spin)
+        self.pool = Pool(n_threads, poll * SPIN_NS_PER_POLL)
         self.lanes = (recorder.lane(MAIN_LANE),) + tuple(recorder.lane(f"cpu{i}") for i in range(1, n_threads))
         self._times = np.zeros((n_threads, 3), np.int64)     # per op: first claim, end, chunks
         self._wakes = np.zeros(n_threads, np.int64)          # per split: when each worker saw it

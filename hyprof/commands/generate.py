@@ -16,8 +16,8 @@ Placement follows llama.cpp: -ngl N offloads the last N layers (and the output)
 to the accelerator, each -ot REGEX=BACKEND rule overrides it for the tensors it
 matches; --accel picks the accelerator (auto: CUDA0 when torch sees a GPU, else
 none; emulated: ACC0, torch on the CPU, which runs the whole hybrid path without
-a GPU). The CPU backend runs on -t threads; --poll 1 keeps them spinning
-between splits (fast wakeups, busy cores).
+a GPU). The CPU backend runs on -t threads; --poll N keeps them spinning for
+up to N x 2 ms between splits before they sleep (fast wakeups, busy cores).
 
 examples:
   hyprof generate -m tiny.gguf --prompt-ids 1,5,77 -n 16 --ids
@@ -47,8 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--accel", choices=("auto", "cuda", "emulated", "none"), default="auto",
                    help="the accelerator: CUDA when present (auto), CUDA or an error, the emulated ACC0, "
                         "or none (default: auto)")
-    p.add_argument("--poll", type=int, choices=(0, 1), default=0,
-                   help="1: CPU workers spin between splits instead of sleeping (default: 0)")
+    p.add_argument("--poll", type=int, choices=range(101), default=0, metavar="0..100",
+                   help="CPU workers' polling level between splits, as ggml's --poll (default: 0: sleep)")
     p.add_argument("-mla", type=int, choices=(0, 1), default=0,
                    help="1: absorbed MLA attention over the compressed KV cache (default: 0)")
     p.add_argument("-fa", type=int, choices=(0, 1), default=0,

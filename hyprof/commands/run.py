@@ -81,7 +81,8 @@ def register(subparsers) -> None:
                    help="repack 4-bit weights at load into torch's int4 pack (default: 0; slow to load, "
                    "and the native Q4_0/Q8_0 kernels on the stored blocks are faster)")
     p.add_argument("--poll", type=_ints, action="append", metavar="0..100",
-                   help="worker polling level before sleeping, as ggml's --poll (default: 50)")
+                   help="worker polling level: idle CPU workers spin up to N x 2 ms between splits "
+                   "before sleeping, as ggml's --poll (default: 50)")
     p.add_argument("-o", dest="timings", metavar="TIMINGS.jsonl",
                    help="write every event of every measured repetition here")
     p.add_argument("--force", action="store_true", help="overwrite an existing timings file")
@@ -108,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
                     rtr=_flat(args.rtr, [0]), poll=_flat(args.poll, [50]))
     if any(c.threads < 1 for c in configs):
         raise UserError("-t: thread counts must be >= 1")
+    if any(not 0 <= c.poll <= 100 for c in configs):
+        raise UserError("--poll: levels must be in 0..100")
     if args.timings is not None:
         check_timings_path(args.timings, args.force)
     model = args.model or default_model(progress=not args.no_progress)

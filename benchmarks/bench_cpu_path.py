@@ -1,28 +1,37 @@
-"""Issue 8's scorecard: the CPU path of a hybrid run, measured as a user would measure it.
+"""Issue 8's scorecard: the CPU path of a hybrid run, against the memory bandwidth of the same seconds.
 
 For each weight type (the deepseek-v2-lite-mini model at Q4_0 and Q8_0, made once
 and cached) and each wait mode of the CPU workers (`--poll 50`: spinning,
-`--poll 0`: blocking), this runs `hyprof run` (tg, all on the CPU, -t threads)
-with a timings file and reads the answer off `hyprof report --json`, the same
-figures a user gets. Beside each run, STREAM triad (`profiler.membw`, 3 x 1 GiB)
-is taken just before and just after it, so the expert bandwidth is compared with
-what the memory system gave in the same minute: this VM's bandwidth moves by up
-to 2x between minutes. `--rounds` repeats every configuration in turn (round 1 of
-each, then round 2, ...) and each figure is the median over the rounds, the
-experts / triad ratio of each round shown beside it. Columns:
+`--poll 0`: blocking), this runs what `hyprof run -p 0 -n N -r R -ngl 0 --accel none
+-t T --poll P -o FILE` runs (the same runner, engine and timings writer, in this
+process) and reads the answer off the same report as `hyprof report`.
 
-  tg t/s              mean over the repetitions
-  experts GB/s        CPU expert matmul bytes as stored / their wall time (report)
-  triad GB/s          median of the triads before and after the run
-  experts / triad     the issue's target: >= 85 % (median of rounds; each round's)
+The one addition: STREAM triad (`profiler.membw`, 3 x --triad-mib arrays, made
+once; the median of 3 runs) is taken at every repetition's start, as the runner
+resets the engine, and once after the last, so each repetition lies between two
+triads about a second apart. This VM's
+bandwidth moves by up to 2x between minutes and a single triad by more between
+seconds, so the experts are compared with what the memory system gave around
+them, repetition by repetition, and the ratio reported is the median of those.
+Before each triad the engine's workers are left idle past their `--poll` spin,
+so they are asleep and take no core from it. `--rounds` repeats every
+configuration in turn (round 1 of each, then round 2, ...). Columns:
+
+  tg t/s              mean over every repetition of every round
+  experts GB/s        CPU expert matmul bytes as stored / their wall time, median
+                      over the repetitions (the report's figure, per repetition)
+  triad GB/s          median of the triads
+  experts / triad     the issue's target: >= 85 %; median over the repetitions of
+                      each one's experts GB/s / the mean of its two triads (the
+                      lowest and highest beside it)
   overhead % of wall  wakeup + copies + sync + scheduling + graph build + other
-                      (report; the issue's target: < 5 %)
+                      (report, all repetitions; the issue's target: < 5 %)
   wakeup median, p99  per worker and split: the main thread's dispatch to the
                       worker starting (timings' `wakeup` events; target: <= 10 us
                       spinning)
 
-    .venv/bin/python benchmarks/bench_cpu_path.py [--types q4_0,q8_0] [-t 2] [-n 32] [-r 3]
-        [--poll 50,0] [--rounds 3] [--json]
+    .venv/bin/python benchmarks/bench_cpu_path.py [--types q4_0,q8_0] [-t 2] [-n 32] [-r 5]
+        [--poll 50,0] [--rounds 2] [--triad-mib 1024] [--json]
 """
 
 from __future__ import annotations
@@ -31,82 +40,121 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
+from analysis.attribution import CAT, attribute
+from analysis.report import build_report
 from analysis.timings import load_timings
+from hybrid.backends.cpu import SPIN_NS_PER_POLL
+from hybrid.engine import make_engine
 from hyprof.commands.run import cached_model
-from profiler.membw import measure_stream
+from profiler.bench import plan_tests, run_bench, sweep
+from profiler.membw import StreamArrays
 
 PRESET = "deepseek-v2-lite-mini"
-HYPROF = [sys.executable, "-m", "hyprof"]
+EXPERTS = CAT["cpu_expert_matmul"]
 
 
-def triad_GBps(threads: int) -> float:
-    return statistics.median(measure_stream(threads, runs=3).triad_samples_GBps)
+class TriadAtReset:
+    """An engine of `make_engine` that takes a triad whenever the runner resets it (before
+    the warm-up and before each repetition), once its workers have gone to sleep, and then
+    evaluates one token, unrecorded, as the runner's warm-up does: without it, each
+    repetition's first split would wait milliseconds for its sleeping workers (this VM
+    wakes an idle vCPU that slowly), where back-to-back repetitions find them spinning."""
+
+    def __init__(self, engine, poll: int, stream: StreamArrays, triads: list[float]):
+        self.engine, self.stream, self.triads = engine, stream, triads
+        self.idle_s = poll * SPIN_NS_PER_POLL / 1e9 + 0.05
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def reset(self) -> None:
+        time.sleep(self.idle_s)
+        self.triads.append(triad_GBps(self.stream))
+        self.engine.reset()
+        self.engine.eval([0], "warm-up")
+        self.engine.reset()
 
 
-def hyprof(*args: str) -> str:
-    done = subprocess.run([*HYPROF, *args], capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"hyprof {' '.join(args)} failed:\n{done.stderr}")
-    return done.stdout
+def triad_GBps(stream: StreamArrays) -> float:
+    return statistics.median(stream.triad_GBps() for _ in range(3))
 
 
-def wakeups_us(timings_path: str) -> np.ndarray:
-    t = load_timings(timings_path)
+def rep_experts_GBps(t, a) -> list[float]:
+    """Each repetition's CPU expert bandwidth, as the report computes it for a whole test:
+    the bytes of the expert events inside it / the time any of them was running."""
     ev = t.events
-    return ev["dur"][ev["type"] == t.type_code("wakeup")] / 1e3
+    mine = a.event_category == EXPERTS
+    ts, nbytes = ev["ts"][mine], ev["bytes"][mine]
+    out = []
+    for r in a.reps:
+        inside = (ts >= r["ts_ns"]) & (ts < r["ts_ns"] + r["wall_ns"])
+        busy = r["cpu_expert_matmul_busy_ns"]
+        out.append(float(nbytes[inside].sum() / busy) if busy else float("nan"))
+    return out
 
 
-def measure(qtype: str, threads: int, poll: int, n_gen: int, reps: int, workdir: str) -> dict:
+def measure(qtype: str, threads: int, poll: int, n_gen: int, reps: int, stream: StreamArrays,
+            workdir: str) -> dict:
     model = cached_model(PRESET, qtype, progress=True)
     timings = os.path.join(workdir, f"{qtype}-poll{poll}.jsonl")
-    before = triad_GBps(threads)
-    hyprof("run", "-m", model, "-p", "0", "-n", str(n_gen), "-r", str(reps), "-ngl", "0",
-           "--accel", "none", "-t", str(threads), "--poll", str(poll), "-o", timings, "--force",
-           "--no-progress", "--peak-bw", f"{before:.3f}")
-    after = triad_GBps(threads)
-    test = json.loads(hyprof("report", timings, "--json"))["tests"][0]
-    triad = statistics.median([before, after])
-    experts = test["bandwidth"]["cpu_expert_GBps"]
-    wake = wakeups_us(timings)
-    return {"type": qtype, "poll": poll, "threads": threads, "test": test["name"], "tps": test["tps"],
-            "tps_std": test["tps_std"], "experts_GBps": experts, "triad_before_GBps": before,
-            "triad_after_GBps": after, "experts_over_triad": experts / triad,
-            "overhead_pct": 100 * test["overhead_s"] / test["wall_s"],
-            "ms_per_token": test["ms_per_token"],
+    triads: list[float] = []
+
+    def bracketed(*args, **kwargs):
+        return TriadAtReset(make_engine(*args, **kwargs), poll, stream, triads)
+
+    config = sweep(threads=[threads], n_gpu_layers=[0], override_sets=[], accel="none", poll=[poll])
+    run_bench(bracketed, model, config, plan_tests(n_prompt=[0], n_gen=[n_gen], pg=[], depths=[0]),
+              reps, timings=timings, force=True, peak_bw=lambda _: {}, progress=False)
+    triads.append(triad_GBps(stream))
+    t = load_timings(timings)
+    a = attribute(t)
+    test = build_report(t, attribution=a).tests[0]
+    experts = rep_experts_GBps(t, a)
+    around = [(triads[1 + i], triads[2 + i]) for i in range(reps)]      # [0]: before the warm-up
+    ev = t.events
+    wake = ev["dur"][ev["type"] == t.type_code("wakeup")] / 1e3
+    return {"type": qtype, "poll": poll, "threads": threads, "test": test.name,
+            "rep_tps": list(test.rep_tps), "experts_GBps": experts, "triads_GBps": triads[1:],
+            "experts_over_triad": [e / statistics.mean(b) for e, b in zip(experts, around)],
+            "overhead_ns": test.overhead_ns, "wall_ns": test.wall_ns,
+            "wakeups_us": wake.tolist()}
+
+
+def row(rounds: list[dict]) -> dict:
+    """One configuration's rounds -> its figures (every repetition of every round pooled)."""
+    pooled = {k: [x for r in rounds for x in r[k]]
+              for k in ("rep_tps", "experts_GBps", "triads_GBps", "experts_over_triad", "wakeups_us")}
+    wake = np.array(pooled["wakeups_us"])
+    return {"type": rounds[0]["type"], "poll": rounds[0]["poll"], "threads": rounds[0]["threads"],
+            "test": rounds[0]["test"], "tps": statistics.mean(pooled["rep_tps"]),
+            "tps_std": statistics.stdev(pooled["rep_tps"]) if len(pooled["rep_tps"]) > 1 else 0.0,
+            "experts_GBps": statistics.median(pooled["experts_GBps"]),
+            "triad_GBps": statistics.median(pooled["triads_GBps"]),
+            "experts_over_triad": statistics.median(pooled["experts_over_triad"]),
+            "experts_over_triad_reps": pooled["experts_over_triad"],
+            "overhead_pct": 100 * sum(r["overhead_ns"] for r in rounds) / sum(r["wall_ns"] for r in rounds),
             "wakeup_median_us": float(np.median(wake)) if wake.size else None,
             "wakeup_p99_us": float(np.percentile(wake, 99)) if wake.size else None}
 
 
-def median_of_rounds(rounds: list[dict]) -> dict:
-    """One configuration's rounds -> one row: each figure's median over the rounds (the
-    triads' too), with the per-round experts / triad ratios kept."""
-    row = dict(rounds[0])
-    for key, value in row.items():
-        if isinstance(value, float) and all(r[key] is not None for r in rounds):
-            row[key] = float(statistics.median(r[key] for r in rounds))
-    row["ms_per_token"] = {k: float(statistics.median(r["ms_per_token"][k] for r in rounds))
-                           for k in rounds[0]["ms_per_token"]}
-    row["experts_over_triad_rounds"] = [r["experts_over_triad"] for r in rounds]
-    return row
-
-
 def render(rows: list[dict]) -> str:
-    lines = ["| weights | poll | test | tg t/s | experts GB/s | triad GB/s (before/after) | experts / triad "
-             "| overhead % of wall | wakeup median / p99 us |",
+    lines = ["| weights | poll | test | tg t/s | experts GB/s | triad GB/s | experts / triad "
+             "(min - max) | overhead % of wall | wakeup median / p99 us |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         wake = ("-" if r["wakeup_median_us"] is None
                 else f"{r['wakeup_median_us']:.1f} / {r['wakeup_p99_us']:.1f}")
-        lines.append(f"| {r['type']} | {r['poll']} | {r['test']} | {r['tps']:.2f} ± {r['tps_std']:.2f} | "
-                     f"{r['experts_GBps']:.1f} | {r['triad_before_GBps']:.1f} / {r['triad_after_GBps']:.1f} | "
-                     f"{100 * r['experts_over_triad']:.0f} % "
-                     f"({' '.join(f'{100 * x:.0f}' for x in r['experts_over_triad_rounds'])}) | "
+        each = r["experts_over_triad_reps"]
+        lines.append(f"| {r['type']} | {r['poll']} | {r['test']} | {r['tps']:.1f} ± {r['tps_std']:.1f} | "
+                     f"{r['experts_GBps']:.1f} | {r['triad_GBps']:.1f} | "
+                     f"{100 * r['experts_over_triad']:.0f} % ({100 * min(each):.0f} - {100 * max(each):.0f}, "
+                     f"{sum(x >= 0.85 for x in each)}/{len(each)} >= 85 %) | "
                      f"{r['overhead_pct']:.1f} | {wake} |")
     return "\n".join(lines)
 
@@ -118,26 +166,35 @@ def main() -> None:
     ap.add_argument("--types", default="q4_0,q8_0", help="weight types (default: q4_0,q8_0)")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-n", "--n-gen", type=int, default=32)
-    ap.add_argument("-r", "--repetitions", type=int, default=3)
+    ap.add_argument("-r", "--repetitions", type=int, default=5)
     ap.add_argument("--poll", default="50,0", help="wait modes to run (default: 50,0)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of every configuration (default: 3)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of every configuration (default: 2)")
+    ap.add_argument("--triad-mib", type=int, default=1024,
+                    help="each triad array, MiB (default: 1024; keep it far above the L3 cache)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args()
-    if args.rounds < 1:
-        ap.error(f"--rounds {args.rounds}: must be at least 1")
+    for flag, value in (("--rounds", args.rounds), ("-r", args.repetitions), ("--triad-mib", args.triad_mib)):
+        if value < 1:
+            ap.error(f"{flag} {value}: must be at least 1")
     load_before = os.getloadavg()
+    stream = StreamArrays(args.threads, args.triad_mib << 20)
     with tempfile.TemporaryDirectory(prefix="hyprof-bench-") as workdir:
         configs = [(qtype, int(poll)) for qtype in args.types.split(",") for poll in args.poll.split(",")]
-        rounds = [[measure(qtype, args.threads, poll, args.n_gen, args.repetitions, workdir)
-                   for qtype, poll in configs] for _ in range(args.rounds)]
-        rows = [median_of_rounds([r[i] for r in rounds]) for i in range(len(configs))]
+        rounds = []
+        for i in range(args.rounds):
+            rounds.append([])
+            for qtype, poll in configs:
+                print(f"round {i + 1}/{args.rounds}: {qtype} --poll {poll}", file=sys.stderr, flush=True)
+                rounds[-1].append(measure(qtype, args.threads, poll, args.n_gen, args.repetitions,
+                                          stream, workdir))
+        rows = [row([r[i] for r in rounds]) for i in range(len(configs))]
     load = ", ".join(f"{a:.2f} -> {b:.2f}" for a, b in zip(load_before, os.getloadavg()))
     if args.json:
         print(json.dumps({"rows": rows, "loadavg": [load_before, os.getloadavg()]}, indent=1))
     else:
         print(render(rows))
-        print(f"\nmodel {PRESET}, all on the CPU, {args.threads} threads; load average {load} "
-              f"on {os.cpu_count()} cores")
+        print(f"\nmodel {PRESET}, all on the CPU, {args.threads} threads, {args.rounds} rounds x "
+              f"{args.repetitions} repetitions; load average {load} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Open a GGUF MoE model: its hyperparameters, vocabulary and memory-mapped tensors.
 
 `load_model` never copies weights: every `TensorInfo.data` is a view into the
-file's `numpy.memmap` (gguf.GGUFReader), so a 9 GiB model costs page cache, not
+file's `numpy.memmap` (hybrid/gguf_file.py), so a 9 GiB model costs page cache, not
 heap, and only the pages a forward pass touches are read from disk. Everything a
 file might get wrong (not a GGUF, truncated, unknown architecture, a tensor type the
 engine cannot compute, a missing or misshapen tensor) is a one-line `UserError`
@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUF_MAGIC, GGMLQuantizationType, GGUFReader, quants
+from gguf import GGUF_MAGIC, GGMLQuantizationType, quants
 
 from hybrid import arch as arches
 from hybrid.config import ModelConfig
+from hybrid.gguf_file import GGUFFile, GGUFFormatError, GGUFTensor, read_gguf
 from profiler.errors import UserError
 
 T = GGMLQuantizationType
@@ -37,7 +38,7 @@ class TensorInfo:
     """One tensor of the file, as stored.
 
     `shape` is in NumPy/torch order (n_out, n_in for a 2-D weight). `data` is the
-    reader's memory-mapped array, never a copy:
+    file's memory-mapped bytes, never a copy:
     - F32 / F16: float32 / float16 values of `shape`;
     - BF16: uint16 bit patterns of `shape` (`torch.from_numpy(d).view(torch.bfloat16)`);
     - quantized types (Q4_0, Q8_0): raw uint8 blocks, shape[:-1] + (bytes per row,);
@@ -107,22 +108,21 @@ class GGUFModel:
 def load_model(path: str | Path) -> GGUFModel:
     """Open a GGUF file memory-mapped and check that the engine can run it."""
     path = Path(path)
-    reader = _open_reader(path)
-    meta = {k: f.contents() for k, f in reader.fields.items()
-            if not k.startswith("GGUF.") and k not in _TOKENIZER_ARRAYS}
+    gguf = _open(path)
+    meta = {k: v for k, v in gguf.fields.items() if k not in _TOKENIZER_ARRAYS}
     arch_name = meta.get("general.architecture")
     if arch_name not in arches.ARCHS:
         raise UserError(f"{path}: unsupported architecture {arch_name!r} "
                         f"(supported: {', '.join(arches.ARCHS)})")
     arch = arches.ARCHS[arch_name]
-    tensors = {t.name: _tensor_info(t) for t in reader.tensors}
+    tensors = {t.name: _tensor_info(t) for t in gguf.tensors}
 
     prefix = f"{arch_name}."
     try:
         fields = arches.config_fields(arch, {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)})
     except KeyError as e:
         raise UserError(f"{path}: missing metadata key {e.args[0]}") from None
-    fields["n_vocab"] = _n_vocab(path, tensors, reader)
+    fields["n_vocab"] = _n_vocab(path, tensors, gguf)
     try:
         config = ModelConfig(**fields)
     except TypeError as e:
@@ -130,16 +130,13 @@ def load_model(path: str | Path) -> GGUFModel:
 
     _check_tensors(path, arch, config, tensors)
 
-    def array(key: str) -> list | None:
-        f = reader.fields.get(key)
-        return f.contents() if f is not None else None
-
     return GGUFModel(path=path, config=config, tensors=tensors, metadata=meta,
-                     vocab=array("tokenizer.ggml.tokens"), token_types=array("tokenizer.ggml.token_type"),
-                     merges=array("tokenizer.ggml.merges"), size_bytes=path.stat().st_size)
+                     vocab=gguf.fields.get("tokenizer.ggml.tokens"),
+                     token_types=gguf.fields.get("tokenizer.ggml.token_type"),
+                     merges=gguf.fields.get("tokenizer.ggml.merges"), size_bytes=path.stat().st_size)
 
 
-def _open_reader(path: Path) -> GGUFReader:
+def _open(path: Path) -> GGUFFile:
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -152,33 +149,27 @@ def _open_reader(path: Path) -> GGUFReader:
     if len(head) < 4 or int.from_bytes(head, "little") != GGUF_MAGIC:
         raise UserError(f"{path}: not a GGUF file (no 'GGUF' magic at the start)")
     try:
-        reader = GGUFReader(path, "r")
-    except (ValueError, IndexError, OverflowError, MemoryError) as e:
-        raise UserError(f"{path}: truncated or corrupt GGUF file ({e})") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise UserError(f"{path}: truncated GGUF file: tensor {t.name} ends at byte "
-                            f"{t.data_offset + t.n_bytes} of {size}")
-    return reader
+        return read_gguf(path)
+    except GGUFFormatError as e:
+        raise UserError(f"{path}: {e}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def _tensor_info(t) -> TensorInfo:
-    data = t.data
-    if t.tensor_type == T.BF16:
-        data = data.view(np.uint16)
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    return TensorInfo(name=t.name, ggml_type=t.tensor_type, shape=shape, n_bytes=int(t.n_bytes), data=data)
+def _tensor_info(t: GGUFTensor) -> TensorInfo:
+    data = t.data.view(np.uint16) if t.ggml_type == T.BF16 else t.data
+    return TensorInfo(name=t.name, ggml_type=t.ggml_type, shape=tuple(reversed(t.dims)), n_bytes=t.n_bytes,
+                      data=data)
 
 
-def _n_vocab(path: Path, tensors: dict[str, TensorInfo], reader: GGUFReader) -> int:
+def _n_vocab(path: Path, tensors: dict[str, TensorInfo], gguf: GGUFFile) -> int:
     """The embedding's row count is the truth; the vocabulary list must agree with it."""
     emb = tensors.get("token_embd.weight")
     if emb is None:
         raise UserError(f"{path}: missing tensor token_embd.weight")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    if tokens is not None and len(tokens.data) != emb.shape[0]:
-        raise UserError(f"{path}: tokenizer.ggml.tokens has {len(tokens.data)} tokens but "
+    tokens = gguf.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens) != emb.shape[0]:
+        raise UserError(f"{path}: tokenizer.ggml.tokens has {len(tokens)} tokens but "
                         f"token_embd.weight has {emb.shape[0]} rows")
     return emb.shape[0]
 

@@ -53,46 +53,69 @@ class StreamResult:
                 f"arrays, {self.threads} threads, median of {len(self.triad_samples_GBps)}")
 
 
+class StreamArrays:
+    """STREAM's three arrays, filled (so page faults are never timed) and kept, for one
+    timed kernel run at a time with `threads` torch threads. A caller that takes many
+    samples (a benchmark bracketing its repetitions) keeps one: allocating and freeing
+    3 GiB between samples costs seconds of page faults and, on a VM, host work that can
+    overlap what is measured next."""
+
+    def __init__(self, threads: int, array_bytes: int = DEFAULT_ARRAY_BYTES):
+        import torch
+
+        if threads < 1:
+            raise UserError(f"membw: need threads >= 1, got {threads}")
+        _check_memory(array_bytes)
+        self.threads, self.array_bytes = threads, array_bytes
+        n = array_bytes // 4
+        self.a = torch.empty(n, dtype=torch.float32).fill_(1.0)
+        self.b = torch.empty(n, dtype=torch.float32).fill_(2.0)
+        self.c = torch.empty(n, dtype=torch.float32).fill_(0.0)
+
+    def copy_GBps(self) -> float:
+        """c = a, counted as 2 arrays."""
+        return 2 * self.array_bytes / self._seconds(lambda: self.c.copy_(self.a)) / 1e9
+
+    def triad_GBps(self) -> float:
+        """a = b + 3 c, counted as 3 arrays."""
+        import torch
+
+        return 3 * self.array_bytes / self._seconds(lambda: torch.add(self.b, self.c, alpha=3.0, out=self.a)) / 1e9
+
+    def _seconds(self, kernel: Callable[[], object]) -> float:
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            t0 = time.perf_counter_ns()
+            kernel()
+            return (time.perf_counter_ns() - t0) / 1e9
+        finally:
+            torch.set_num_threads(previous)
+
+
 def measure_stream(threads: int, array_bytes: int = DEFAULT_ARRAY_BYTES,
                    runs: int = DEFAULT_RUNS,
                    advance: Callable[[], None] = lambda: None) -> StreamResult:
     """Run STREAM copy and triad `runs` times each with `threads` threads; `advance()`
     is called after each kernel run (a progress bar)."""
-    import torch
-
     if threads < 1 or runs < 1:
         raise UserError(f"membw: need threads >= 1 and runs >= 1, got {threads} and {runs}")
-    _check_memory(array_bytes)
-    n = array_bytes // 4
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        # fill_ touches every page now, so page faults are not timed.
-        a = torch.empty(n, dtype=torch.float32).fill_(1.0)
-        b = torch.empty(n, dtype=torch.float32).fill_(2.0)
-        c = torch.empty(n, dtype=torch.float32).fill_(0.0)
-        copy, triad = [], []
-        for _ in range(runs):
-            copy.append(2 * array_bytes / _seconds(lambda: c.copy_(a)) / 1e9)
-            advance()
-            triad.append(3 * array_bytes / _seconds(lambda: torch.add(b, c, alpha=3.0, out=a))
-                         / 1e9)
-            advance()
-        del a, b, c
-    finally:
-        torch.set_num_threads(previous)
+    arrays = StreamArrays(threads, array_bytes)
+    copy, triad = [], []
+    for _ in range(runs):
+        copy.append(arrays.copy_GBps())
+        advance()
+        triad.append(arrays.triad_GBps())
+        advance()
+    del arrays
     machine = host_machine()
     return StreamResult(cpu=machine["cpu"], cores=machine["cores"], threads=threads,
                         array_bytes=array_bytes, copy_GBps=statistics.median(copy),
                         triad_GBps=statistics.median(triad),
                         copy_samples_GBps=tuple(copy), triad_samples_GBps=tuple(triad),
                         measured=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-
-
-def _seconds(kernel: Callable[[], object]) -> float:
-    t0 = time.perf_counter_ns()
-    kernel()
-    return (time.perf_counter_ns() - t0) / 1e9
 
 
 def _check_memory(array_bytes: int) -> None:

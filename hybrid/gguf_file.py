@@ -1,0 +1,180 @@
+"""The GGUF container read directly: header, key/values, tensor infos, and each tensor's
+bytes as a view of one read-only memory map.
+
+Why not gguf-py's `GGUFReader` (which tests/reference_deepseek2.py keeps using, to stay
+independent of this): it builds a NumPy view for every item of every array, so opening a
+file with a 100K-token vocabulary (tokens, token types, merges: ~300K items) takes ~5 s,
+more than the whole benchmark it precedes. Here one pass over the bytes cuts the strings
+and a numeric array is one `frombuffer`.
+
+The layout (ggml's gguf.h, versions 2 and 3, little-endian): magic "GGUF", u32 version,
+u64 tensor count, u64 key/value count; each key/value is a string key, a u32 value type
+and the value (an array: u32 item type, u64 count, items; a string: u64 length, UTF-8
+bytes); each tensor info is a string name, u32 n_dims, u64 dims (ggml order, fastest
+first), u32 ggml type, u64 offset into the data, which starts at the next multiple of
+`general.alignment` (default 32) after the infos.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
+
+V = GGUFValueType
+T = GGMLQuantizationType
+
+SCALARS = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
+           V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d"}
+DEFAULT_ALIGNMENT = 32
+# Tensor types whose items NumPy holds as such; the others (quantised, BF16) are bytes.
+ITEM_DTYPES = {T.F32: np.float32, T.F16: np.float16, T.F64: np.float64, T.I8: np.int8, T.I16: np.int16,
+               T.I32: np.int32, T.I64: np.int64}
+
+
+class GGUFFormatError(ValueError):
+    """The bytes are not a GGUF file this reader understands; the message, put after the
+    file's name, says what and where."""
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    ggml_type: GGMLQuantizationType
+    dims: tuple[int, ...]          # ggml order: dims[0] is the row length
+    n_bytes: int
+    data_offset: int               # from the start of the file
+    data: np.ndarray               # items of ITEM_DTYPES in NumPy order, else uint8 [..., row bytes]
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    version: int
+    fields: dict[str, Any]         # key -> int | float | bool | str | list (arrays)
+    types: dict[str, tuple]        # key -> (value type,) or (ARRAY, item type)
+    tensors: list[GGUFTensor]      # in file order
+    data_offset: int
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Parse the file's header and map its tensor data; GGUFFormatError on bad bytes."""
+    data = np.memmap(path, mode="r")
+    buf = memoryview(data)
+    r = _Cursor(buf)
+    if r.scalar("<I") != GGUF_MAGIC:
+        raise GGUFFormatError("not a GGUF file (no 'GGUF' magic at the start)")
+    version = r.scalar("<I")
+    if version not in (2, 3):
+        raise GGUFFormatError(f"GGUF version {version}, which hyprof cannot read (it reads 2 and 3, little-endian)")
+    n_tensors, n_kv = r.scalar("<Q"), r.scalar("<Q")
+    fields, types = {}, {}
+    for _ in range(n_kv):
+        key = r.string()
+        vtype = r.value_type()
+        if vtype == V.ARRAY:
+            item = r.value_type()
+            fields[key], types[key] = r.array(item, r.scalar("<Q")), (vtype, item)
+        else:
+            fields[key], types[key] = r.value(vtype), (vtype,)
+    infos = []
+    for _ in range(n_tensors):
+        name = r.string()
+        n_dims = r.scalar("<I")
+        dims = tuple(int(d) for d in r.numbers("<u8", n_dims))
+        infos.append((name, r.scalar("<I"), dims, r.scalar("<Q")))
+    alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFFormatError(f"corrupt GGUF file: general.alignment {alignment!r} is not a power of two")
+    start = -(-r.at // alignment) * alignment
+    tensors = [_tensor(data, start, *info) for info in infos]
+    if len({t.name for t in tensors}) != len(tensors):
+        raise GGUFFormatError("corrupt GGUF file: two tensors share a name")
+    return GGUFFile(version=version, fields=fields, types=types, tensors=tensors, data_offset=start)
+
+
+def _tensor(data: np.ndarray, start: int, name: str, raw_type: int, dims: tuple[int, ...],
+            offset: int) -> GGUFTensor:
+    try:
+        ggml_type = T(raw_type)
+    except ValueError:
+        raise GGUFFormatError(f"corrupt GGUF file: tensor {name} has unknown ggml type {raw_type}") from None
+    block, type_bytes = GGML_QUANT_SIZES[ggml_type]
+    n_elements = int(np.prod(dims, dtype=np.int64))
+    if dims and dims[0] % block:
+        raise GGUFFormatError(f"corrupt GGUF file: tensor {name}'s rows of {dims[0]} are not whole {ggml_type.name} blocks")
+    n_bytes = n_elements // block * type_bytes
+    at = start + offset
+    if at + n_bytes > data.size:
+        raise GGUFFormatError(f"truncated GGUF file: tensor {name} ends at byte {at + n_bytes} of {data.size}")
+    shape = tuple(reversed(dims))
+    raw = data[at:at + n_bytes]
+    if ggml_type in ITEM_DTYPES:
+        view = raw.view(ITEM_DTYPES[ggml_type]).reshape(shape)
+    else:
+        view = raw.reshape(*shape[:-1], shape[-1] // block * type_bytes)
+    return GGUFTensor(name=name, ggml_type=ggml_type, dims=dims, n_bytes=n_bytes, data_offset=at, data=view)
+
+
+class _Cursor:
+    """Reads values from the front of the file's bytes, moving on past each."""
+
+    def __init__(self, buf: memoryview):
+        self.buf, self.at = buf, 0
+
+    def _take(self, n: int) -> int:
+        at = self.at
+        if n < 0 or at + n > len(self.buf):
+            raise GGUFFormatError(f"truncated GGUF file: a value at byte {at} runs past its end ({len(self.buf)} bytes)")
+        self.at = at + n
+        return at
+
+    def scalar(self, fmt: str):
+        at = self._take(struct.calcsize(fmt))
+        return struct.unpack_from(fmt, self.buf, at)[0]
+
+    def value_type(self) -> GGUFValueType:
+        raw = self.scalar("<I")
+        try:
+            return V(raw)
+        except ValueError:
+            raise GGUFFormatError(f"corrupt GGUF file: unknown value type {raw} at byte {self.at - 4}") from None
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        at = self._take(n)
+        return str(self.buf[at:at + n], "utf-8", "replace")
+
+    def numbers(self, dtype: str, n: int) -> np.ndarray:
+        dt = np.dtype(dtype)
+        at = self._take(n * dt.itemsize)
+        return np.frombuffer(self.buf, dt, n, at)
+
+    def value(self, vtype: GGUFValueType):
+        return self.string() if vtype == V.STRING else self.scalar(SCALARS[vtype])
+
+    def array(self, item: GGUFValueType, n: int) -> list:
+        if item in SCALARS:
+            return self.numbers(SCALARS[item], n).tolist()
+        if item == V.STRING:
+            return self._strings(n)
+        return [self.array(self.value_type(), self.scalar("<Q")) for _ in range(n)]   # nested
+
+    def _strings(self, n: int) -> list[str]:
+        """n strings: one loop of slices (the bulk of a vocabulary's reading)."""
+        buf, at, end, out = self.buf, self.at, len(self.buf), []
+        unpack = struct.Struct("<Q").unpack_from
+        for _ in range(n):
+            if at + 8 > end:
+                raise GGUFFormatError(f"truncated GGUF file: a string at byte {at} runs past its end ({end} bytes)")
+            length = unpack(buf, at)[0]
+            at += 8
+            if at + length > end:
+                raise GGUFFormatError(f"truncated GGUF file: a string at byte {at - 8} runs past its end ({end} bytes)")
+            out.append(str(buf[at:at + length], "utf-8", "replace"))
+            at += length
+        self.at = at
+        return out

@@ -12,6 +12,8 @@ Public API (stable):
         name, kind, reps, n_tokens, wall_ns, tps, tps_std, rep_tps,
         reported_tps, reported_tps_std (the source engine's own figure, e.g. llama-bench's, or None),
         categories_ns {category: ns} (sums to wall_ns), overhead_ns, copy_ns {direction: ns},
+        recording_ns (of `other`: the runner handing events to the timings writer, its `record`
+        phases; what the profiling itself cost, which a run without -o does not pay),
         hidden [(category, under, ns)], bandwidth {...} (the DESIGN.md keys, GB/s),
         category_bw {category: {"bytes", "busy_ns", "GBps"}}, whatif_tps {...},
         ops, copies, layers, backends, splits: structured arrays (bandwidth.py GROUP rows with
@@ -29,7 +31,7 @@ from analysis.attribution import COPY_DIRECTIONS, Attribution, attribute
 from analysis.run_info import model_name
 from analysis.timings import Timings
 from analysis.whatif import whatif_tps
-from profiler.schema import CATEGORIES, OVERHEAD_CATEGORIES, REPORT_SCHEMA
+from profiler.schema import CATEGORIES, OVERHEAD_CATEGORIES, RECORD_PHASE, REPORT_SCHEMA
 
 COMPUTE_CATEGORIES = tuple(c for c in CATEGORIES if c not in OVERHEAD_CATEGORIES)
 # hidden overlap worth telling: `sched` and `other` fill whatever is left, they hide under everything
@@ -52,6 +54,7 @@ class TestReport:
     categories_ns: dict
     overhead_ns: int
     copy_ns: dict
+    recording_ns: int
     hidden: tuple
     bandwidth: dict
     category_bw: dict
@@ -110,7 +113,9 @@ def build_report(t: Timings, peak_bw: float | None = None, attribution: Attribut
     category_bytes = np.bincount(test_of_event[claimed] * len(CATEGORIES) + a.event_category[claimed],
                                  weights=t.events["bytes"][claimed].astype(np.float64),
                                  minlength=len(names) * len(CATEGORIES)).reshape(len(names), len(CATEGORIES))
-    tests = tuple(_test_report(i, name, a, tables, category_bytes[i], peaks, _reported_tps(t, a, name))
+    recording = _recording_per_rep(t, a)
+    tests = tuple(_test_report(i, name, a, tables, category_bytes[i], peaks, _reported_tps(t, a, name),
+                               int(recording[a.reps["name"] == name].sum()))
                   for i, name in enumerate(names))
     accel = str((t.header.get("config") or {}).get("accel", ""))
     emulated = "emulated" in accel or any(b.startswith("ACC") for b in t.symbols)
@@ -147,8 +152,17 @@ def _named(table: np.ndarray, t: Timings) -> np.ndarray:
     return out
 
 
+def _recording_per_rep(t: Timings, a: Attribution) -> np.ndarray:
+    """Per repetition, the ns of `record` phases that start inside it."""
+    ev = t.events
+    mine = t.of_type("phase") & np.isin(ev["name"], t.ids(lambda s: s == RECORD_PHASE))
+    ts, dur = ev["ts"][mine], ev["dur"][mine]
+    start, end = a.reps["ts_ns"], a.reps["ts_ns"] + a.reps["wall_ns"]
+    return np.array([int(dur[(ts >= s) & (ts < e)].sum()) for s, e in zip(start, end)], dtype=np.int64)
+
+
 def _test_report(i: int, name: str, a: Attribution, tables: dict, cat_bytes: np.ndarray, peaks: dict,
-                 reported: tuple) -> TestReport:
+                 reported: tuple, recording_ns: int) -> TestReport:
     mine = a.reps["name"] == name
     reps = a.reps[mine]
     wall_ns = int(reps["wall_ns"].sum())
@@ -176,7 +190,8 @@ def _test_report(i: int, name: str, a: Attribution, tables: dict, cat_bytes: np.
         tps_std=float(np.std(rep_tps, ddof=1)) if len(rep_tps) > 1 else 0.0, rep_tps=rep_tps,
         reported_tps=reported[0], reported_tps_std=reported[1],
         categories_ns=categories_ns, overhead_ns=sum(categories_ns[c] for c in OVERHEAD_CATEGORIES),
-        copy_ns={d: int(a.copy_ns[d][mine].sum()) for d in COPY_DIRECTIONS}, hidden=hidden,
+        copy_ns={d: int(a.copy_ns[d][mine].sum()) for d in COPY_DIRECTIONS}, recording_ns=recording_ns,
+        hidden=hidden,
         bandwidth=bw, category_bw=category_bw,
         whatif_tps=whatif_tps(n_tokens, categories_ns, expert["bytes"], cpu_peak, backend_bytes, peaks),
         **mine_tables)
@@ -198,6 +213,7 @@ def _test_json(r: TestReport) -> dict:
         "reported_tps": r.reported_tps, "reported_tps_std": r.reported_tps_std,
         "categories_s": {c: _s(v) for c, v in r.categories_ns.items()},
         "overhead_s": _s(r.overhead_ns),
+        "recording_s": _s(r.recording_ns),
         "ms_per_token": {c: r.ms_per_token(v) for c, v in r.categories_ns.items()},
         "copy_s": {d: _s(v) for d, v in r.copy_ns.items()},
         "hidden_s": [{"category": c, "under": w, "s": _s(ns)} for c, w, ns in r.hidden],

@@ -106,6 +106,8 @@ def _time_table(r: TestReport, source: str) -> Table:
         rows.append(row(f"  {c}", r.categories_ns[c]))
         if c == "copy":
             rows += [row(f"    {d}", ns) for d, ns in r.copy_ns.items() if ns]
+        if c == "other" and r.recording_ns:
+            rows.append(row("    recording", r.recording_ns))
     rows.append(row("wall", r.wall_ns))
     reported = ("" if r.reported_tps is None else
                 f" (reported by {source}: {_f(r.reported_tps)} ± {_f(r.reported_tps_std)})")

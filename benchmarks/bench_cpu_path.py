@@ -25,7 +25,11 @@ configuration in turn (round 1 of each, then round 2, ...). Columns:
                       each one's experts GB/s / the mean of its two triads (the
                       lowest and highest beside it)
   overhead % of wall  wakeup + copies + sync + scheduling + graph build + other
-                      (report, all repetitions; the issue's target: < 5 %)
+                      (report, all repetitions; the issue's target: < 5 %), and
+                      each of those in us per token; `other` includes the runner's
+                      `record` phases (handing each graph's events to the timings
+                      writer: the profiler's own cost, which a run without -o does
+                      not pay), shown apart and also left out in ( )
   wakeup median, p99  per worker and split: the main thread's dispatch to the
                       worker starting (timings' `wakeup` events; target: <= 10 us
                       spinning)
@@ -54,6 +58,7 @@ from hybrid.engine import make_engine
 from hyprof.commands.run import cached_model
 from profiler.bench import plan_tests, run_bench, sweep
 from profiler.membw import StreamArrays
+from profiler.schema import OVERHEAD_CATEGORIES
 
 PRESET = "deepseek-v2-lite-mini"
 EXPERTS = CAT["cpu_expert_matmul"]
@@ -122,7 +127,9 @@ def measure(qtype: str, threads: int, poll: int, n_gen: int, reps: int, stream: 
     return {"type": qtype, "poll": poll, "threads": threads, "test": test.name,
             "rep_tps": list(test.rep_tps), "experts_GBps": experts, "triads_GBps": triads[1:],
             "experts_over_triad": [e / statistics.mean(b) for e, b in zip(experts, around)],
-            "overhead_ns": test.overhead_ns, "wall_ns": test.wall_ns,
+            "overhead_ns": test.overhead_ns, "wall_ns": test.wall_ns, "n_tokens": test.n_tokens,
+            "overhead_categories_ns": {**{c: test.categories_ns[c] for c in OVERHEAD_CATEGORIES},
+                                       "of which recording": test.recording_ns},
             "wakeups_us": wake.tolist()}
 
 
@@ -139,23 +146,28 @@ def row(rounds: list[dict]) -> dict:
             "experts_over_triad": statistics.median(pooled["experts_over_triad"]),
             "experts_over_triad_reps": pooled["experts_over_triad"],
             "overhead_pct": 100 * sum(r["overhead_ns"] for r in rounds) / sum(r["wall_ns"] for r in rounds),
+            "overhead_us_per_token": {c: sum(r["overhead_categories_ns"][c] for r in rounds) / 1e3
+                                      / sum(r["n_tokens"] for r in rounds) for c in rounds[0]["overhead_categories_ns"]},
+            "overhead_pct_without_recording": 100 * sum(r["overhead_ns"] - r["overhead_categories_ns"]["of which recording"]
+                                                        for r in rounds) / sum(r["wall_ns"] for r in rounds),
             "wakeup_median_us": float(np.median(wake)) if wake.size else None,
             "wakeup_p99_us": float(np.percentile(wake, 99)) if wake.size else None}
 
 
 def render(rows: list[dict]) -> str:
     lines = ["| weights | poll | test | tg t/s | experts GB/s | triad GB/s | experts / triad "
-             "(min - max) | overhead % of wall | wakeup median / p99 us |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "(min - max) | overhead % of wall (without recording) | overhead us / token | wakeup median / p99 us |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for r in rows:
         wake = ("-" if r["wakeup_median_us"] is None
                 else f"{r['wakeup_median_us']:.1f} / {r['wakeup_p99_us']:.1f}")
         each = r["experts_over_triad_reps"]
+        per_token = ", ".join(f"{c} {us:.0f}" for c, us in r["overhead_us_per_token"].items() if us >= 0.5)
         lines.append(f"| {r['type']} | {r['poll']} | {r['test']} | {r['tps']:.1f} ± {r['tps_std']:.1f} | "
                      f"{r['experts_GBps']:.1f} | {r['triad_GBps']:.1f} | "
                      f"{100 * r['experts_over_triad']:.0f} % ({100 * min(each):.0f} - {100 * max(each):.0f}, "
                      f"{sum(x >= 0.85 for x in each)}/{len(each)} >= 85 %) | "
-                     f"{r['overhead_pct']:.1f} | {wake} |")
+                     f"{r['overhead_pct']:.1f} ({r['overhead_pct_without_recording']:.1f}) | {per_token} | {wake} |")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from profiler.errors import UserError
 from profiler.machine import host_machine
 from profiler.progress import progress_bar
 from profiler.recorder import Recorder
-from profiler.schema import MAIN_LANE
+from profiler.schema import MAIN_LANE, RECORD_PHASE
 from profiler.sinks import TimingsWriter, check_timings_path, timings_header
 
 
@@ -258,9 +258,16 @@ def _run_test(engine: BenchEngine, test: BenchTest, reps: int, config_index: int
     lane = recorder.lane(MAIN_LANE)
 
     def flush() -> None:
+        """Hand the events so far to the writer. When recording, the flush is itself a
+        `record` phase (outside any graph, so `other` in the attribution, as all time between
+        graphs is), written with the next graph's events: the profiler's own cost, which a run
+        without -o does not pay, is in the file beside what it measured."""
+        t = recorder.now() if recorder.enabled else 0
         batches = recorder.drain_batches()
         if writer is not None:
             writer.write_batches(batches)
+        if recorder.enabled:
+            lane.phase(t, recorder.now() - t, None, RECORD_PHASE)
 
     def evaluate(n_prompt: int, n_gen: int, rep: int) -> None:
         if n_prompt:

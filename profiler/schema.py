@@ -35,6 +35,8 @@ OPTIONAL_FIELDS = {
 
 # Host phases that count as graph build in the attribution.
 GRAPH_BUILD_PHASES = ("graph_build", "set_inputs")
+# The phase in which the runner hands a graph's events to the timings writer (between graphs).
+RECORD_PHASE = "record"
 
 # Attribution categories, highest priority first (DESIGN.md, "Attribution").
 CATEGORIES = (

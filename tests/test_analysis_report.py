@@ -155,3 +155,26 @@ def test_whatif_formulas():
     assert w["no_overhead"] == pytest.approx(100 / 8)
     assert w["cpu_expert_at_peak"] == pytest.approx(100 / (10 - 6 + 2))
     assert w["bound"] == pytest.approx(100 / (2 + 0.1))
+
+
+def test_the_runners_record_phases_are_the_recording_part_of_other():
+    """`record` phases (the runner handing events to the writer) between graphs stay in `other`, and
+    the report says how much of it they were, in the JSON and in the time table; one outside every
+    repetition counts for none."""
+    events = [{"type": "meta", "schema": "hyprof-timings/1"},
+              {"type": "test", "ts": 0, "dur": 10 * MS, "name": "tg2", "kind": "tg", "n_prompt": 0, "n_gen": 2,
+               "depth": 0, "rep": 0, "n_tokens": 2}]
+    for g, ts in enumerate((0, 5 * MS)):
+        events += [{"type": "graph", "ts": ts, "dur": 4 * MS, "graph": g, "n_tokens": 1, "n_past": g},
+                   {"type": "op", "ts": ts, "dur": 4 * MS, "graph": g, "split": 0, "backend": "CPU", "tid": "main",
+                    "op": "ADD", "name": "x", "layer": 0}]
+    events += [{"type": "phase", "ts": 4 * MS, "dur": MS // 2, "name": "record", "tid": "main"},
+               {"type": "phase", "ts": 9 * MS, "dur": MS // 4, "name": "record", "tid": "main"},
+               {"type": "phase", "ts": 20 * MS, "dur": MS, "name": "record", "tid": "main"}]
+    report = report_of(events)
+    (test,) = report.to_json()["tests"]
+    assert test["categories_s"]["other"] == pytest.approx(0.002)
+    assert test["recording_s"] == pytest.approx(0.00075)
+    console = Console(record=True, width=160)
+    render_console.render(report_tables(report), console)
+    assert "recording       0.001     7.5      0.375" in console.export_text()

@@ -113,9 +113,9 @@ def build_report(t: Timings, peak_bw: float | None = None, attribution: Attribut
     category_bytes = np.bincount(test_of_event[claimed] * len(CATEGORIES) + a.event_category[claimed],
                                  weights=t.events["bytes"][claimed].astype(np.float64),
                                  minlength=len(names) * len(CATEGORIES)).reshape(len(names), len(CATEGORIES))
-    recording = _recording_per_rep(t, a)
+    recording = _recording_per_test(t, test_of_event, len(names))
     tests = tuple(_test_report(i, name, a, tables, category_bytes[i], peaks, _reported_tps(t, a, name),
-                               int(recording[a.reps["name"] == name].sum()))
+                               int(recording[i]))
                   for i, name in enumerate(names))
     accel = str((t.header.get("config") or {}).get("accel", ""))
     emulated = "emulated" in accel or any(b.startswith("ACC") for b in t.symbols)
@@ -152,13 +152,11 @@ def _named(table: np.ndarray, t: Timings) -> np.ndarray:
     return out
 
 
-def _recording_per_rep(t: Timings, a: Attribution) -> np.ndarray:
-    """Per repetition, the ns of `record` phases that start inside it."""
+def _recording_per_test(t: Timings, test_of_event: np.ndarray, n_tests: int) -> np.ndarray:
+    """Per test, the ns of `record` phases that start inside its repetitions."""
     ev = t.events
-    mine = t.of_type("phase") & np.isin(ev["name"], t.ids(lambda s: s == RECORD_PHASE))
-    ts, dur = ev["ts"][mine], ev["dur"][mine]
-    start, end = a.reps["ts_ns"], a.reps["ts_ns"] + a.reps["wall_ns"]
-    return np.array([int(dur[(ts >= s) & (ts < e)].sum()) for s, e in zip(start, end)], dtype=np.int64)
+    mine = t.of_type("phase") & np.isin(ev["name"], t.ids(lambda s: s == RECORD_PHASE)) & (test_of_event >= 0)
+    return np.bincount(test_of_event[mine], weights=ev["dur"][mine].astype(np.float64), minlength=n_tests)
 
 
 def _test_report(i: int, name: str, a: Attribution, tables: dict, cat_bytes: np.ndarray, peaks: dict,

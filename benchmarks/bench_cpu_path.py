@@ -51,6 +51,7 @@ import time
 import numpy as np
 
 from analysis.attribution import CAT, attribute
+from analysis.intervals import window_index
 from analysis.report import build_report
 from analysis.timings import load_timings
 from hybrid.backends.cpu import SPIN_NS_PER_POLL
@@ -93,15 +94,11 @@ def triad_GBps(stream: StreamArrays) -> float:
 def rep_experts_GBps(t, a) -> list[float]:
     """Each repetition's CPU expert bandwidth, as the report computes it for a whole test:
     the bytes of the expert events inside it / the time any of them was running."""
-    ev = t.events
-    mine = a.event_category == EXPERTS
-    ts, nbytes = ev["ts"][mine], ev["bytes"][mine]
-    out = []
-    for r in a.reps:
-        inside = (ts >= r["ts_ns"]) & (ts < r["ts_ns"] + r["wall_ns"])
-        busy = r["cpu_expert_matmul_busy_ns"]
-        out.append(float(nbytes[inside].sum() / busy) if busy else float("nan"))
-    return out
+    rep = window_index(t.events["ts"], a.reps["ts_ns"], a.reps["ts_ns"] + a.reps["wall_ns"])
+    mine = (a.event_category == EXPERTS) & (rep >= 0)
+    nbytes = np.bincount(rep[mine], weights=t.events["bytes"][mine].astype(np.float64), minlength=len(a.reps))
+    busy = a.reps["cpu_expert_matmul_busy_ns"]
+    return [float(b / ns) if ns else float("nan") for b, ns in zip(nbytes, busy)]
 
 
 def measure(qtype: str, threads: int, poll: int, n_gen: int, reps: int, stream: StreamArrays,

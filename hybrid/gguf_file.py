@@ -17,6 +17,7 @@ first), u32 ggml type, u64 offset into the data, which starts at the next multip
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,12 +62,13 @@ class GGUFFile:
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
-    """Parse the file's header and map its tensor data; GGUFFormatError on bad bytes."""
-    data = np.memmap(path, mode="r")
+    """Parse the file's header and map its tensor data; GGUFFormatError on bad bytes, OSError
+    (FileNotFoundError, IsADirectoryError, ...) where the file cannot be read."""
+    data = np.memmap(path, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)  # (mmap refuses 0 bytes)
     buf = memoryview(data)
-    r = _Cursor(buf)
-    if r.scalar("<I") != GGUF_MAGIC:
+    if bytes(buf[:4]) != struct.pack("<I", GGUF_MAGIC):
         raise GGUFFormatError("not a GGUF file (no 'GGUF' magic at the start)")
+    r = _Cursor(buf, at=4)
     version = r.scalar("<I")
     if version not in (2, 3):
         raise GGUFFormatError(f"GGUF version {version}, which hyprof cannot read (it reads 2 and 3, little-endian)")
@@ -122,8 +124,8 @@ def _tensor(data: np.ndarray, start: int, name: str, raw_type: int, dims: tuple[
 class _Cursor:
     """Reads values from the front of the file's bytes, moving on past each."""
 
-    def __init__(self, buf: memoryview):
-        self.buf, self.at = buf, 0
+    def __init__(self, buf: memoryview, at: int = 0):
+        self.buf, self.at = buf, at
 
     def _take(self, n: int) -> int:
         at = self.at

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUF_MAGIC, GGMLQuantizationType, quants
+from gguf import GGMLQuantizationType, quants
 
 from hybrid import arch as arches
 from hybrid.config import ModelConfig
@@ -138,20 +138,13 @@ def load_model(path: str | Path) -> GGUFModel:
 
 def _open(path: Path) -> GGUFFile:
     try:
-        with open(path, "rb") as f:
-            head = f.read(4)
+        return read_gguf(path)
+    except GGUFFormatError as e:
+        raise UserError(f"{path}: {e}") from None
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory, not a GGUF file") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    if len(head) < 4 or int.from_bytes(head, "little") != GGUF_MAGIC:
-        raise UserError(f"{path}: not a GGUF file (no 'GGUF' magic at the start)")
-    try:
-        return read_gguf(path)
-    except GGUFFormatError as e:
-        raise UserError(f"{path}: {e}") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
 

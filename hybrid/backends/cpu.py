@@ -17,8 +17,9 @@ parallelism).
 Waiting (`--poll`): inside a split, between ops, workers always spin, as ggml's
 barrier does; between splits they spin for up to `poll` x SPIN_NS_PER_POLL (cores
 busy, fast to wake) and then sleep, at once with `poll 0` (the OS wakes them at the
-next split: cheap, slow to wake). A split ends when every worker has seen it, so each worker's wakeup is
-known; that wait is the split's join, which the report counts as thread wakeup.
+next split: cheap, slow to wake). A split ends when every worker has seen it, so
+each worker's wakeup is known; that wait is the split's join, which the report
+counts as thread wakeup.
 """
 
 from __future__ import annotations

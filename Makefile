@@ -23,8 +23,17 @@ demo: $(STAMP)
 	$(HYPROF) trace reports/demo.jsonl -o reports/demo.trace.json --force
 	@echo "report: reports/demo.md, plots: reports/demo/, trace (Perfetto): reports/demo.trace.json"
 
+# The suite, then the tests of the native paths again on every other SIMD path this CPU has
+# (HYPROF_KERNELS) and with the torch small ops (HYPROF_OPS), so that a machine with AVX-512
+# also proves the AVX2 and scalar paths its users' CPUs take.
+PATH_TESTS := tests/test_kernels.py tests/test_ops.py tests/test_engine.py tests/test_forward.py
 test: $(STAMP)
 	$(PY) -m pytest -q
+	@for path in $$($(PY) -c 'from hybrid import cpu_kernels as k; print(*sorted(set(k.paths()) - {k.available()}))'); do \
+		echo "== HYPROF_KERNELS=$$path"; HYPROF_KERNELS=$$path $(PY) -m pytest -q $(PATH_TESTS) || exit 1; \
+	done
+	@echo "== HYPROF_OPS=torch"
+	HYPROF_OPS=torch $(PY) -m pytest -q $(PATH_TESTS)
 
 clean:
 	rm -rf $(VENV) reports/* build *.egg-info

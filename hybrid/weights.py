@@ -273,10 +273,14 @@ class ModelWeights:
                 if progress:
                     progress(name)
                 w = Int4Weight.from_weight(w)
-            elif on_cpu(name) and native(w) and not name.startswith("token_embd."):   # (read by rows, no matmul)
-                w = dataclasses.replace(w, packed=cpu_kernels.repack(w.data.numpy(), w.ggml_type))
             elif on_cpu(name):
-                fault_in(info.data)
+                packed = None
+                if native(w) and not name.startswith("token_embd."):      # (read by rows, no matmul)
+                    packed = cpu_kernels.repack(w.data.numpy(), w.ggml_type)   # None: not on this SIMD path
+                if packed is None:
+                    fault_in(info.data)         # read in place from the map, so read it once now
+                else:
+                    w = dataclasses.replace(w, packed=packed)
             self.buffers[name] = w
         if fmoe:
             for il in range(model.config.n_layer):

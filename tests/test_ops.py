@@ -344,8 +344,9 @@ def test_top_k(path, rng):
     np.testing.assert_array_equal(grouped.numpy(), ref_top_k(sel.numpy(), 6, 8, 3))
 
 
-def test_top_k_ties_go_to_the_lower_index():
+def test_top_k_ties_go_to_the_lower_index(monkeypatch):
     """The native path picks ties as the reference's stable sort (torch's order is unspecified)."""
+    monkeypatch.setattr(ops, "NATIVE", True)        # (also under HYPROF_OPS=torch)
     sel = torch.tensor([[0.5, 0.9, 0.5, 0.9, 0.1, 0.5]])
     np.testing.assert_array_equal(ops.top_k(sel, 4).numpy(), [[1, 3, 0, 2]])
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from hybrid.gguf_model import load_model
-from hybrid.graph import compute
+from hybrid.sched import compute
 from hybrid.model import Model
 from hyprof.commands.run import cached_model
 
@@ -40,11 +40,14 @@ def proc_status_bytes(key: str) -> int:
 
 
 def decode_bytes(model: Model, token: int) -> int:
-    """Weight bytes read by one decode step: run its graph, then sum the ops' bytes."""
+    """Weight bytes read by one decode step: run its graph, then sum the ops' bytes (one token
+    uses n_expert_used distinct experts per MoE layer)."""
     graph = model.graph(1)
     compute(graph, model.inputs([token]), model.buffer)
     model.cache.n_past += 1
-    return sum(n.n_bytes for n in graph.nodes if n.buffer is not None and not n.buffer.startswith("cache_"))
+    n_kv, n_used = graph.n_kv, model.config.n_expert_used
+    return sum(n.cost.at(n_kv, n_used)[0] for n in graph.nodes
+               if n.buffer is not None and not n.buffer.startswith("cache_"))
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from analysis.attribution import attribute
 from analysis.timings import load_lines
 from hybrid.backends.cpu import MIN_SPLIT_BYTES, CpuBackend
 from hybrid.engine import Engine
-from hybrid.graph import Graph, Node
+from hybrid.graph import Cost, Graph, Node
 from hybrid.sched import Scheduler, split_graph
 from profiler.recorder import Recorder
 from profiler.schema import OVERHEAD_CATEGORIES
@@ -94,7 +94,7 @@ def pool_wakeups(threads: int, poll: int, n: int = 2000) -> list[int]:
     rec = Recorder(enabled=True)
     cpu = CpuBackend({}, threads, poll > 0, rec)
     x = Node("INPUT", "x", (), None)
-    op = Node("MUL_MAT", "noop", (x,), lambda _, v: v, n_bytes=MIN_SPLIT_BYTES,    # big enough to split
+    op = Node("MUL_MAT", "noop", (x,), lambda _, v: v, cost=Cost(MIN_SPLIT_BYTES),    # big enough to split
               parallel=lambda _, v, pool, times: pool.run_tasks([lambda: None] * pool.n_threads, times) or v)
     graph = Graph([x, op], {"x": x}, op)
     plan = split_graph(graph, lambda _: "CPU")

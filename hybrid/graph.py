@@ -1,9 +1,10 @@
 """The compute graph of one evaluation, as ggml has it: a list of named op nodes.
 
-The model (hybrid/model.py) builds a `Graph` per evaluated batch; the scheduler
-(hybrid/sched.py) assigns each node a backend from the buffer it reads, cuts the
-list into splits and runs them; a plain sequential `compute` runs it on one
-backend. A node knows what it computes and what it costs, not where it runs.
+An architecture's graph builder (hybrid/model.py) describes a `Graph` per batch size;
+the scheduler (hybrid/sched.py) assigns each node a backend from the buffer it reads,
+cuts the list into splits and runs them. A node knows what it computes and what it
+costs, not where it runs. Nodes are immutable: what an op reads is a formula of the
+evaluation (`Cost`), not a figure the op rewrites while it runs.
 """
 
 from __future__ import annotations
@@ -12,7 +13,30 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """What an op reads (weight or cache bytes, as stored) and computes, as a formula of the
+    evaluation: fixed parts, parts per attended position (n_kv = n_past + n_tokens: the
+    attention ops), and a part per distinct expert computed (MUL_MAT_ID: which experts a
+    batch uses is known only once the router has run, so the op tells how many it read)."""
+    bytes: int = 0
+    flops: int = 0
+    bytes_per_kv: int = 0
+    flops_per_kv: int = 0
+    bytes_per_expert: int = 0
+
+    def at(self, n_kv: int, n_experts: int = 0) -> tuple[int, int]:
+        """(bytes, flops) of one run at n_kv attended positions having computed n_experts."""
+        return (self.bytes + self.bytes_per_kv * n_kv + self.bytes_per_expert * n_experts,
+                self.flops + self.flops_per_kv * n_kv)
+
+    @property
+    def counts_experts(self) -> bool:
+        """Whether the op's fn returns (value, experts computed) instead of the value."""
+        return self.bytes_per_expert != 0
+
+
+@dataclass(frozen=True, eq=False, slots=True)
 class Node:
     op: str                         # ggml op name: MUL_MAT, MUL_MAT_ID, RMS_NORM, ROPE, ...
     name: str                       # weight ops: the weight's GGUF name (blk.3.ffn_up_exps);
@@ -22,8 +46,7 @@ class Node:
     buffer: str | None = None       # model buffer read: a GGUF weight name or a KV cache
                                     # (cache_k_l3); its placement decides the node's backend
     layer: int = -1
-    n_bytes: int = 0                # bytes of the buffer read, as stored (for bandwidth)
-    flops: int = 0
+    cost: Cost = Cost()
     n_tokens: int = 0
     # Ops that CPU workers can share: parallel(buf, *src_values, pool, times) -> value, the op
     # run by every thread of `pool` (a hybrid._kernels.Pool; None: the calling thread alone),
@@ -45,18 +68,7 @@ class Graph:
                                     # run, so a graph is reused at the next depth (engine.py)
     meta: dict[str, Any] = field(default_factory=dict)
 
-
-def compute(graph: Graph, input_values: dict[str, Any], buffers: Callable[[str], Any]) -> Any:
-    """Run every node in order on one backend and return the output's value.
-
-    The reference executor: no splits, no threads, no events. `buffers(name)`
-    returns the buffer (weight or cache) a node reads.
-    """
-    values: dict[int, Any] = {}
-    for node in graph.nodes:
-        if node.is_input:
-            values[id(node)] = input_values[node.name]
-            continue
-        buf = buffers(node.buffer) if node.buffer is not None else None
-        values[id(node)] = node.fn(buf, *(values[id(s)] for s in node.srcs))
-    return values[id(graph.output)]
+    @property
+    def n_kv(self) -> int:
+        """Positions the attention ops attend to in the evaluation now running."""
+        return self.n_past + self.n_tokens

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from gguf.constants import GGMLQuantizationType
 
 from hybrid.config import ModelConfig
-from hybrid.graph import Graph, Node, compute
+from hybrid.graph import Cost, Graph, Node
+from hybrid.sched import compute
 from hybrid import cpu_kernels, ops
 from hybrid.weights import GateUpExperts, ModelWeights, mul_mat, native
 
@@ -161,8 +162,9 @@ class _Builder:
         return node
 
     def op(self, op: str, name: str, fn: Callable, *srcs: Node, layer: int = -1, buffer: str | None = None,
-           n_bytes: int = 0, flops: int = 0, parallel: Callable | None = None) -> Node:
-        node = Node(op, name, tuple(srcs), fn, buffer, layer, n_bytes, flops, self.n_tokens, parallel)
+           n_bytes: int = 0, flops: int = 0, parallel: Callable | None = None, cost: Cost | None = None) -> Node:
+        """A node; its cost is `cost`, or else n_bytes read and flops done at every run."""
+        node = Node(op, name, tuple(srcs), fn, buffer, layer, cost or Cost(n_bytes, flops), self.n_tokens, parallel)
         self.nodes.append(node)
         return node
 
@@ -182,21 +184,12 @@ class _Builder:
 
     def kv_op(self, op: str, name: str, fn: Callable, *srcs: Node, layer: int, buffer: str | None = None,
               bytes_per_kv: int = 0, flops_per_kv: int = 0, parallel: bool = False) -> Node:
-        """An attention op over the n_kv = n_past + T cached positions. Its bytes and flops
-        grow with n_kv, so they are set again each time it runs (the graph is reused). With
-        `parallel`, fn is the op's pool form fn(buf, *src_values, pool, times)."""
-        node = self.op(op, name, None, *srcs, layer=layer, buffer=buffer)
-
-        def set_cost() -> None:
-            n_kv = self.n_past + self.n_tokens
-            node.n_bytes, node.flops = bytes_per_kv * n_kv, flops_per_kv * n_kv
-
-        def run(buf, *args):
-            set_cost()
-            return fn(buf, *args)
-        node.fn, node.parallel = (_serial(run), run) if parallel else (run, None)
-        set_cost()
-        return node
+        """An attention op over the n_kv = n_past + T cached positions: its bytes and flops
+        grow with n_kv. With `parallel`, fn is the op's pool form fn(buf, *src_values, pool, times)."""
+        cost = Cost(bytes_per_kv=bytes_per_kv, flops_per_kv=flops_per_kv)
+        if parallel:
+            return self.op(op, name, _serial(fn), *srcs, layer=layer, buffer=buffer, parallel=fn, cost=cost)
+        return self.op(op, name, fn, *srcs, layer=layer, buffer=buffer, cost=cost)
 
     def kv_store(self, cache: str, layer: int, n_bytes: int, *srcs: Node) -> Node:
         """The CPY of this evaluation's rows (srcs: x, or x and its tail, see `ops.append_kv`)
@@ -267,12 +260,10 @@ class _Builder:
 
         def parallel(buf, x, pool, times):     # workers split the heads (native: each head's rows)
             if buf is w and bound is not None and x.dim() == 2:
-                return bound(x, pool, times)       # (n_bytes: the guess below, the native one)
+                return bound(x, pool, times)
             if x.dim() == 2 and not transposed and native(buf):
-                node.n_bytes = int(buf.n_bytes * share)
                 run = bound if buf is w else _native_heads_form(buf, c.n_head, rows)   # (a device's copy)
                 return run(x, pool, times)
-            node.n_bytes = 4 * n_weights
             wh = _head_weights(buf, (part, transposed), prepare)
             dst = x.new_empty(x.shape[0], *wh.shape[:2])
 
@@ -282,28 +273,21 @@ class _Builder:
             cpu_kernels.run_tasks(cpu_kernels.range_tasks(bounds, task), pool, times)
             return dst
         share = {"all": 1.0, "k": nope / (nope + hv), "v": hv / (nope + hv)}[part]
-        n_weights = int(math.prod(w.shape) * share)
-        # n_bytes: what the op reads, the stored blocks on the native kernels, else the f32 form
-        # it keeps (see _head_weights); corrected when it runs (the path depends on x and the device)
-        guess = int(w.n_bytes * share) if native(w) and not transposed else 4 * n_weights
-        node = self.op("MUL_MAT", name, _serial(parallel), x, layer=layer, buffer=wname, n_bytes=guess,
-                       flops=2 * self.n_tokens * n_weights, parallel=parallel)
-        return node
+        # bytes: the share of the weight the op reads, as stored (what a GPU engine reads; the
+        # f32 form that hyprof's torch path keeps, see _head_weights, is its own affair)
+        return self.op("MUL_MAT", name, _serial(parallel), x, layer=layer, buffer=wname,
+                       n_bytes=int(w.n_bytes * share), flops=2 * self.n_tokens * int(math.prod(w.shape) * share),
+                       parallel=parallel)
 
     def mul_mat_id(self, wname: str, x: Node, ids: Node, layer: int, fused: bool = False) -> Node:
-        """Expert matmuls: out[t, u] = W[ids[t, u]] @ x[t] (or x[t, u]) -> [T, U, N].
-
-        `n_bytes` starts as the bound for min(E, T*U) distinct experts and the op
-        corrects it to the experts actually selected when it runs (known only then).
+        """Expert matmuls: out[t, u] = W[ids[t, u]] @ x[t] (or x[t, u]) -> [T, U, N], and the
+        number of distinct experts computed (what the op read: known only once it has run).
         With `fused`, W is the gate+up pair and the op also applies SiLU(gate) * up.
         """
         c, w = self.c, self.weight(wname)
-        per_expert = w.n_bytes // c.n_expert
-        n_used = min(c.n_expert, self.n_tokens * c.n_expert_used)
         n, k = w.shape[-2], w.shape[-1]
-        flops = 2 * self.n_tokens * c.n_expert_used * n * k * (2 if fused else 1)
-        node = self.op("MOE_FUSED_UP_GATE" if fused else "MUL_MAT_ID", _tensor_label(wname), None, x, ids,
-                       layer=layer, buffer=wname, n_bytes=per_expert * n_used, flops=flops)
+        cost = Cost(flops=2 * self.n_tokens * c.n_expert_used * n * k * (2 if fused else 1),
+                    bytes_per_expert=w.n_bytes // c.n_expert)
         expert_fn = _fused_expert if fused else _expert
 
         bound = _expert_kernel(w, fused)
@@ -311,19 +295,16 @@ class _Builder:
         def parallel(buf, x, ids, pool, times, out=ops.Out()):
             run = bound if buf is w else _expert_kernel(buf, fused)    # (a device's copy: bound now)
             if run is not None:
-                dst, n_experts = run(x, ids, pool, times, out)
-                node.n_bytes = per_expert * n_experts
-                return dst
+                return run(x, ids, pool, times, out)
             experts = torch.unique(ids).tolist()
-            node.n_bytes = per_expert * len(experts)
             dst = x.new_zeros(ids.shape[0], ids.shape[1], n)
             k = cpu_kernels.n_tasks(pool)
             groups = [experts[i::k] for i in range(k)]
             cpu_kernels.run_tasks([lambda g=g: [expert_fn(buf, x, ids, e, dst) for e in g] for g in groups if g],
                                   pool, times)
-            return dst
-        node.fn, node.parallel = _serial(parallel), parallel
-        return node
+            return dst, len(experts)
+        return self.op("MOE_FUSED_UP_GATE" if fused else "MUL_MAT_ID", _tensor_label(wname), _serial(parallel), x,
+                       ids, layer=layer, buffer=wname, parallel=parallel, cost=cost)
 
 
 def replaying(fn: Callable, out: ops.Out, n_past: Callable[[], int] | None = None) -> Callable:

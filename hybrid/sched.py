@@ -22,6 +22,11 @@ landed where it did (its cause, for `describe` and `hyprof model info`):
 With DeepSeek2, `-ngl 99 -ot "\\.ffn_.*_exps\\.=CPU"` gives two splits per MoE
 layer: [device: attention, router, shared expert, ...] [CPU: routed experts].
 
+Each backend compiles a split once per plan into a `Program`: its ops as `Step`s, each
+with the node's buffer (the backend's own copy) and its thread pool bound. One run loop,
+`run_program`, runs any backend's program and calls the backend's one recording hook
+per op (`begin_op` / `end_op`), with the op's bytes and flops from the node's `Cost`.
+
 `Scheduler.compute` then runs each split as ggml's `compute_splits` does: set up,
 copy its inputs to its backend, dispatch and compute (CPU: on the worker pool;
 devices: queued on their stream, run by the device while the host waits on it),
@@ -31,6 +36,8 @@ Every step goes to the recorder on the main lane; ops go to the lane that ran th
 
 from __future__ import annotations
 
+import functools
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -144,11 +151,72 @@ def _cut_splits(nodes, backends, backend_of) -> tuple[Split, ...]:
     return tuple(splits)
 
 
+@dataclass(frozen=True, eq=False, slots=True)
+class Step:
+    """One op of a backend's program, as that backend runs it: `run(*src_values)` with the
+    node's buffer (and, `pooled`, the CPU's thread pool) bound when the split was compiled."""
+    node: Node
+    run: Callable[..., Any]
+    pooled: bool = False        # shared by the CPU pool's threads: its events come from the pool
+
+
+Program = tuple[Step, ...]
+
+
+def serial_program(split: "Split", buffers: Mapping[str, Any]) -> Program:
+    """A split's ops each run whole by the thread that runs the program (a device's, or the
+    sequential `compute`'s)."""
+    return tuple(Step(node, functools.partial(node.fn, buffers[node.buffer] if node.buffer is not None else None))
+                 for node in split.nodes)
+
+
+def run_program(program: Program, values: dict, backend: Any, graph_id: int, i_split: int, n_kv: int) -> None:
+    """The run loop, the one every backend runs its programs with: each op's value from its
+    sources' values, and, when recording, the backend's hook around it (`begin_op` -> a
+    token, `end_op(token, step, graph_id, i_split, bytes, flops)`), the op's bytes and flops
+    from its node's cost at this evaluation's n_kv and the experts it computed."""
+    timed = backend.recorder.enabled
+    for step in program:
+        node = step.node
+        token = backend.begin_op() if timed else None
+        value = step.run(*[values[s] for s in node.srcs])
+        n_experts = 0
+        if node.cost.counts_experts:
+            value, n_experts = value
+        values[node] = value
+        if timed:
+            backend.end_op(token, step, graph_id, i_split, *node.cost.at(n_kv, n_experts))
+
+
+class _Unrecorded:
+    """The recorder of the sequential `compute`: nothing is recorded."""
+    enabled = False
+
+
+class _Sequential:
+    recorder = _Unrecorded()
+
+
+def compute(graph: Graph, input_values: Mapping[str, Any], buffers: Callable[[str], Any]) -> Any:
+    """Run every node in order on the calling thread and return the output's value: the
+    reference executor (no splits, no threads, no events). `buffers(name)` returns the
+    buffer (weight or cache) a node reads."""
+    values: dict[Node, Any] = {node: input_values[name] for name, node in graph.inputs.items()}
+    ops = [node for node in graph.nodes if not node.is_input]
+    split = Split(CPU, 0, len(graph.nodes), tuple(ops), ())
+    run_program(serial_program(split, {n.buffer: buffers(n.buffer) for n in ops if n.buffer is not None}),
+                values, _Sequential, -1, 0, graph.n_kv)
+    return values[graph.output]
+
+
 class Scheduler:
     """Runs split plans on a set of backends (`hybrid/backends/`), recording every step.
 
-    A backend has `name`, `is_device`, `compute(split, values, graph_id, i_split)`,
-    `to_device(value)` (host -> backend), `to_host(value)` and `synchronize()`.
+    A backend has `name`, `is_device`, `recorder`, `compile(split) -> Program`,
+    `compute(program, values, graph_id, i_split, n_kv)` (which runs `run_program`),
+    `begin_op()` / `end_op(...)`, `to_device(value)` (host -> backend), `to_host(value)`
+    and `synchronize()`. Programs are compiled once per plan (the engine reuses a plan for
+    every evaluation of a batch size) and kept while the plan lives.
     Each backend keeps its own values: `values[backend][node]` is a node's value
     in that backend's memory, the node's own output or a copy of it.
 
@@ -163,6 +231,14 @@ class Scheduler:
         self.backends = dict(backends)
         self.recorder = recorder
         self.lane = recorder.lane(MAIN_LANE)
+        self._programs: weakref.WeakKeyDictionary[SplitPlan, tuple[Program, ...]] = weakref.WeakKeyDictionary()
+
+    def programs(self, plan: SplitPlan) -> tuple[Program, ...]:
+        """Each split of the plan compiled by its backend, once per plan."""
+        programs = self._programs.get(plan)
+        if programs is None:
+            programs = self._programs[plan] = tuple(self.backends[s.backend].compile(s) for s in plan.splits)
+        return programs
 
     def compute(self, graph: Graph, plan: SplitPlan, inputs: Mapping[str, Any],
                 graph_id: int) -> Any:
@@ -171,16 +247,17 @@ class Scheduler:
         host = values[CPU]
         for name, node in graph.inputs.items():
             host[node] = inputs[name]
+        programs = self.programs(plan)
         try:
             for i_split, split in enumerate(plan.splits):
-                self._run_split(split, i_split, plan, values, graph_id, graph.output)
+                self._run_split(split, programs[i_split], i_split, plan, values, graph_id, graph)
         except BaseException:   # Ctrl-C or an op's error: leave no device work behind
             self._abandon()
             raise
         return host[graph.output]
 
-    def _run_split(self, split: Split, i_split: int, plan: SplitPlan,
-                   values: dict[str, dict], graph_id: int, output: Node) -> None:
+    def _run_split(self, split: Split, program: Program, i_split: int, plan: SplitPlan,
+                   values: dict[str, dict], graph_id: int, graph: Graph) -> None:
         rec, lane = self.recorder, self.lane
         on = rec.enabled
         t_split = rec.now() if on else 0
@@ -192,7 +269,8 @@ class Scheduler:
             src_backend = plan.backend_of[src]
             dst_values[src] = self._copy(src, values[src_backend][src], src_backend,
                                          split.backend, graph_id, i_split)
-        backend.compute(split, dst_values, graph_id, i_split)
+        backend.compute(program, dst_values, graph_id, i_split, graph.n_kv)
+        output = graph.output
         if backend.is_device:
             t = rec.now() if on else 0
             backend.synchronize()

@@ -88,7 +88,8 @@ def test_reused_graph_follows_the_cache(tiny_gguf, exact_baseline):
         greedy(engine, n_steps=3)
         c = engine.gguf.config
         kq = next(n for split in engine.last_plan.splits for n in split.nodes if n.name == "kq-0")
-    assert kq.n_bytes == 4 * (len(PROMPT) + 3) * c.n_head * c.n_embd_head_k
+    n_kv = len(PROMPT) + 3
+    assert kq.cost.at(n_kv)[0] == 4 * n_kv * c.n_head * c.n_embd_head_k
 
 
 @pytest.mark.parametrize("mla", [0, 1])
@@ -112,7 +113,7 @@ def test_flash_attention_follows_the_cache(tiny_gguf, mla, threads):
         expected = np.asarray(ref.forward(tokens[step:step + 1]))[-1]
         np.testing.assert_allclose(logits[step + 1].numpy(), expected, rtol=0, atol=2e-3)
     per_kv = 4 * (c.kv_lora_rank + c.n_rot) if mla else 4 * c.n_head * (c.n_embd_head_k + c.n_embd_head_v)
-    assert fattn.op == "FLASH_ATTN_EXT" and fattn.n_bytes == per_kv * (len(PROMPT) + 4)
+    assert fattn.op == "FLASH_ATTN_EXT" and fattn.cost.at(len(PROMPT) + 4)[0] == per_kv * (len(PROMPT) + 4)
 
 
 @pytest.mark.parametrize("fmoe,threads,kv_layout", [(0, 1, "kv_b"), (1, 2, "kv_b"), (1, 2, "k_b_v_b")])

@@ -22,7 +22,7 @@ from gguf_retype import retype_gguf
 from hybrid.gguf_model import load_model
 from hybrid import ops, weights
 from hybrid.model import Model, build_graph, rope_cos_sin
-from hybrid.graph import compute
+from hybrid.sched import compute
 from reference_deepseek2 import Deepseek2Reference
 
 PROMPT = [1, 5, 77, 300, 12, 9]
@@ -133,19 +133,28 @@ def test_graph_nodes_name_their_buffers(tiny_gguf):
     by_name = {n.name: n for n in graph.nodes}
     up = by_name["blk.1.ffn_up_exps"]
     assert up.op == "MUL_MAT_ID" and up.layer == 1 and up.buffer == "blk.1.ffn_up_exps.weight"
-    assert by_name["blk.0.ffn_up"].op == "MUL_MAT" and by_name["blk.0.ffn_up"].n_bytes > 0
+    assert by_name["blk.0.ffn_up"].op == "MUL_MAT" and by_name["blk.0.ffn_up"].cost.bytes > 0
     assert by_name["kq-2"].buffer == "cache_k_l2" and by_name["kqv-2"].buffer == "cache_v_l2"
-    assert all(n.flops > 0 for n in graph.nodes if n.op in ("MUL_MAT", "MUL_MAT_ID"))
+    assert all(n.cost.at(n_kv=1)[1] > 0 for n in graph.nodes if n.op in ("MUL_MAT", "MUL_MAT_ID"))
 
 
 def test_expert_bytes_are_the_selected_experts(tiny_gguf):
-    """MUL_MAT_ID reports the bytes of the experts it actually read once it has run."""
+    """MUL_MAT_ID tells how many distinct experts it computed: its cost is that many experts' bytes."""
     model = Model(load_model(tiny_gguf), n_ctx=16)
-    graph = model.graph(1)
-    compute(graph, model.inputs([7]), model.buffer)
-    c = model.config
-    up = next(n for n in graph.nodes if n.name == "blk.1.ffn_up_exps")
-    assert up.n_bytes == model.weights["blk.1.ffn_up_exps.weight"].n_bytes // c.n_expert * c.n_expert_used
+    graph = model.graph(3)
+    by_name = {n.name: n for n in graph.nodes}
+    up, topk = by_name["blk.1.ffn_up_exps"], by_name["ffn_moe_topk-1"]
+    values = {node: value for name, value in model.inputs([7, 8, 9]).items() for node in [graph.inputs[name]]}
+    for node in graph.nodes[len(graph.inputs):]:
+        buf = model.buffer(node.buffer) if node.buffer is not None else None
+        values[node] = node.fn(buf, *[values[s] for s in node.srcs])
+        if node is up:
+            values[node], n_experts = values[node]
+        elif node.cost.counts_experts:
+            values[node] = values[node][0]
+    assert n_experts == len(set(values[topk].flatten().tolist())) > model.config.n_expert_used
+    per_expert = model.weights["blk.1.ffn_up_exps.weight"].n_bytes // model.config.n_expert
+    assert up.cost.at(n_kv=3, n_experts=n_experts)[0] == per_expert * n_experts
 
 
 @pytest.mark.parametrize("rtr", [False, True])
@@ -170,6 +179,8 @@ def test_parallel_tasks_equal_fn(tiny_gguf, rtr, fmoe):
                 dst = node.parallel(buf, *args, shared_by, None)
                 torch.testing.assert_close(dst, values[id(node)], rtol=1e-4, atol=1e-6)
             n_checked += 1
+        if node.cost.counts_experts:      # (the value, the experts computed)
+            values[id(node)] = values[id(node)][0]
     pool.close()
     assert n_checked > 10
 

@@ -16,7 +16,8 @@ import torch
 from hybrid.backends.acc import AccBackend
 from hybrid.backends.cpu import CpuBackend
 from hybrid.cpu_kernels import n_tasks, run_tasks
-from hybrid.graph import Graph, Node, compute
+from hybrid.graph import Cost, Graph, Node
+from hybrid.sched import compute
 from hybrid.sched import Scheduler, describe, split_graph
 from profiler.recorder import Recorder
 

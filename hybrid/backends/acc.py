@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from hybrid.backends import keep_signals_off_this_thread
-from hybrid.sched import map_values
+from hybrid.sched import Program, Step, map_values, run_program, serial_program
 from profiler.recorder import Recorder
 
 
@@ -62,17 +62,29 @@ class AccBackend:
         self.name = name
         self.buffers = buffers
         self.recorder = recorder
+        self._lane = recorder.lane(name)
         self._queue: SimpleQueue = SimpleQueue()
         self._last: Fence | None = None
         self._error: BaseException | None = None   # the first error on the device thread
         self._thread = threading.Thread(target=self._run, name=f"hyprof-{name}", daemon=True)
         self._thread.start()
 
-    def compute(self, split, values: dict, graph_id: int, i_split: int) -> None:
-        """Queue the split on the device thread and return at once."""
+    def compile(self, split) -> Program:
+        return serial_program(split, self.buffers)
+
+    def compute(self, program: Program, values: dict, graph_id: int, i_split: int, n_kv: int) -> None:
+        """Queue the program on the device thread and return at once."""
         fence = Fence()
-        self._queue.put((split, values, graph_id, i_split, fence))
+        self._queue.put((program, values, graph_id, i_split, n_kv, fence))
         self._last = fence
+
+    def begin_op(self) -> int:
+        return self.recorder.now()
+
+    def end_op(self, t: int, step: Step, graph_id: int, i_split: int, n_bytes: int, flops: int) -> None:
+        node = step.node
+        self._lane.op(t, self.recorder.now() - t, graph_id, i_split, self.name, node.op, node.name, node.layer,
+                      n_bytes, flops, node.n_tokens)
 
     def synchronize(self) -> None:
         if self._last is not None:
@@ -94,19 +106,10 @@ class AccBackend:
 
     def _run(self) -> None:
         keep_signals_off_this_thread()
-        rec = self.recorder
-        lane = rec.lane(self.name)
-        name, buffers = self.name, self.buffers
         while (item := self._queue.get()) is not None:
-            split, values, graph_id, i_split, fence = item
+            program, values, graph_id, i_split, n_kv, fence = item
             try:
-                for node in split.nodes:
-                    t = rec.now() if rec.enabled else 0
-                    buf = buffers[node.buffer] if node.buffer is not None else None
-                    values[node] = node.fn(buf, *[values[s] for s in node.srcs])
-                    if rec.enabled:
-                        lane.op(t, rec.now() - t, graph_id, i_split, name, node.op, node.name,
-                                node.layer, node.n_bytes, node.flops, node.n_tokens)
+                run_program(program, values, self, graph_id, i_split, n_kv)
             except BaseException as e:  # raised on the host at its next synchronize
                 self._error = self._error or e
             fence.signal()

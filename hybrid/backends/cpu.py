@@ -6,9 +6,9 @@ inference, so it is measured here per worker and split, not guessed.
 
 The pool is native (`hybrid._kernels.Pool`, hybrid/_pool.c): the main thread
 works as thread 0 and `-t N` adds N-1 pthreads (lanes `cpu1`, `cpu2`, ...). A
-split's ops run in order on the main thread; an op with a `parallel` form is
-given the pool, and the main thread returns from it when its last chunk is
-done. The work is either native (the quantised matmuls of hybrid/cpu_kernels.py:
+split's ops run in order on the main thread; an op with a `parallel` form that is
+worth sharing (decided when the split is compiled, from the op's cost) is given
+the pool, and the main thread returns from it when its last chunk is done. The work is either native (the quantised matmuls of hybrid/cpu_kernels.py:
 rows cut into chunks that threads claim in C, no GIL anywhere) or a list of
 Python tasks (torch fallbacks), which pool threads run one at a time, each
 taking the GIL for its task. Torch runs single-threaded (the pool is the
@@ -24,19 +24,23 @@ counts as thread wakeup.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from hybrid._kernels import Pool
+from hybrid.graph import Node
 from hybrid.placement import CPU
+from hybrid.sched import Program, Step, run_program
 from profiler.recorder import Recorder, pool_op
 from profiler.schema import MAIN_LANE
 
 
 # An op with a `parallel` form is shared by the pool only when it reads at least
-# MIN_SPLIT_BYTES of weights or does MIN_SPLIT_FLOPS: below that, the main thread runs it
+# MIN_SPLIT_BYTES of weights (one expert's, for MUL_MAT_ID) or does MIN_SPLIT_FLOPS, or
+# attends over the KV cache (its cost grows with the depth): below that, the main thread runs it
 # alone. A native dispatch costs about a microsecond and the kernels stream ~10-20 GB/s
 # per thread, so a 64 KiB matmul (~4 us) already gains; below it, an op is mostly its
 # Python around the call (bench_hybrid.py). Python tasks (torch fallbacks) cost more per
@@ -73,31 +77,38 @@ class CpuBackend:
         self._times = np.zeros((n_threads, 3), np.int64)     # per op: first claim, end, chunks
         self._wakes = np.zeros(n_threads, np.int64)          # per split: when each worker saw it
 
-    def compute(self, split, values: dict, graph_id: int, i_split: int) -> None:
-        rec, pool, buffers = self.recorder, self.pool, self.buffers
-        main = self.lanes[0]
-        shared = self.n_threads > 1
+    def compile(self, split) -> Program:
+        """The split's ops with their buffers bound, each shared by the pool or run by the
+        main thread alone (`_worth_sharing`)."""
+        return tuple(self._step(node) for node in split.nodes)
+
+    def _step(self, node: Node) -> Step:
+        buf = self.buffers[node.buffer] if node.buffer is not None else None
+        if node.parallel is not None and self.n_threads > 1 and _worth_sharing(node):
+            parallel, pool, times = node.parallel, self.pool, self._times
+            return Step(node, lambda *srcs: parallel(buf, *srcs, pool, times), pooled=True)
+        return Step(node, functools.partial(node.fn, buf))
+
+    def compute(self, program: Program, values: dict, graph_id: int, i_split: int, n_kv: int) -> None:
         try:
-            for node in split.nodes:
-                t = rec.now() if rec.enabled else 0
-                buf = buffers[node.buffer] if node.buffer is not None else None
-                args = [values[s] for s in node.srcs]
-                if node.parallel is not None and shared and (
-                        node.n_bytes >= MIN_SPLIT_BYTES or node.flops >= MIN_SPLIT_FLOPS
-                        or node.n_tokens >= MIN_SPLIT_TOKENS):
-                    values[node] = node.parallel(buf, *args, pool, self._times)
-                    if rec.enabled:     # an op event per thread that ran chunks, with its share
-                        pool_op(self.lanes, self._times, rec.t0, t, graph_id, i_split, CPU, node.op,
-                                node.name, node.layer, node.n_bytes, node.flops, node.n_tokens)
-                else:
-                    values[node] = node.fn(buf, *args)
-                    if rec.enabled:
-                        main.op(t, rec.now() - t, graph_id, i_split, CPU, node.op, node.name,
-                                node.layer, node.n_bytes, node.flops, node.n_tokens)
+            run_program(program, values, self, graph_id, i_split, n_kv)
         finally:
-            dispatch = pool.end_split(self._wakes)
-            if dispatch and rec.enabled:
+            dispatch = self.pool.end_split(self._wakes)
+            if dispatch and self.recorder.enabled:
                 self._record_wakeups(dispatch, graph_id, i_split)
+
+    def begin_op(self) -> int:
+        return self.recorder.now()
+
+    def end_op(self, t: int, step: Step, graph_id: int, i_split: int, n_bytes: int, flops: int) -> None:
+        """An op event per thread that ran chunks of a pooled op, with its share; else one."""
+        node, rec = step.node, self.recorder
+        if step.pooled:
+            pool_op(self.lanes, self._times, rec.t0, t, graph_id, i_split, CPU, node.op, node.name, node.layer,
+                    n_bytes, flops, node.n_tokens)
+        else:
+            self.lanes[0].op(t, rec.now() - t, graph_id, i_split, CPU, node.op, node.name, node.layer, n_bytes,
+                             flops, node.n_tokens)
 
     def _record_wakeups(self, dispatch: int, graph_id: int, i_split: int) -> None:
         """Per worker, the split's dispatch until the worker saw it (and claimed its first chunk)."""
@@ -117,3 +128,9 @@ class CpuBackend:
     def close(self) -> None:
         self.pool.close()
         torch.set_num_threads(self._torch_threads)
+
+
+def _worth_sharing(node: Node) -> bool:
+    c = node.cost
+    return (c.bytes + c.bytes_per_expert >= MIN_SPLIT_BYTES or c.flops >= MIN_SPLIT_FLOPS
+            or c.bytes_per_kv > 0 or node.n_tokens >= MIN_SPLIT_TOKENS)

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import torch
 
-from hybrid.sched import map_values
+from hybrid.sched import Program, Step, map_values, run_program, serial_program
 from profiler.recorder import Recorder
 
 
@@ -43,22 +43,24 @@ class CudaBackend:
         self.stream.synchronize()
         self._anchor = self._record_anchor()
 
-    def compute(self, split, values: dict, graph_id: int, i_split: int) -> None:
-        """Queue the split's ops on the stream, each between two timing events."""
-        timed, anchor, buffers, stream = self._timed, self._anchor, self.buffers, self.stream
-        timing = self.recorder.enabled
-        with torch.cuda.stream(stream):
-            for node in split.nodes:
-                buf = buffers[node.buffer] if node.buffer is not None else None
-                args = [values[s] for s in node.srcs]
-                if timing:
-                    start, end = self._event(), self._event()
-                    start.record(stream)
-                    values[node] = node.fn(buf, *args)
-                    end.record(stream)
-                    timed.append((node, graph_id, i_split, start, end, anchor))
-                else:
-                    values[node] = node.fn(buf, *args)
+    def compile(self, split) -> Program:
+        return serial_program(split, self.buffers)
+
+    def compute(self, program: Program, values: dict, graph_id: int, i_split: int, n_kv: int) -> None:
+        """Queue the program's ops on the stream, each between two timing events."""
+        with torch.cuda.stream(self.stream):
+            run_program(program, values, self, graph_id, i_split, n_kv)
+
+    def begin_op(self) -> torch.cuda.Event:
+        start = self._event()
+        start.record(self.stream)
+        return start
+
+    def end_op(self, start: torch.cuda.Event, step: Step, graph_id: int, i_split: int, n_bytes: int,
+               flops: int) -> None:
+        end = self._event()
+        end.record(self.stream)
+        self._timed.append((step.node, graph_id, i_split, start, end, self._anchor, n_bytes, flops))
 
     def synchronize(self) -> None:
         """Wait for the stream, then turn the device times of its ops into op events."""
@@ -90,11 +92,11 @@ class CudaBackend:
 
     def _flush_timed(self) -> None:
         lane, name, free = self.lane, self.name, self._events
-        for node, graph_id, i_split, start, end, (anchor, anchor_ns) in self._timed:
+        for node, graph_id, i_split, start, end, (anchor, anchor_ns), n_bytes, flops in self._timed:
             ts = anchor_ns + int(anchor.elapsed_time(start) * 1e6)
             dur = int(start.elapsed_time(end) * 1e6)
-            lane.op(ts, dur, graph_id, i_split, name, node.op, node.name, node.layer,
-                    node.n_bytes, node.flops, node.n_tokens)
+            lane.op(ts, dur, graph_id, i_split, name, node.op, node.name, node.layer, n_bytes, flops,
+                    node.n_tokens)
             free.append(start)
             free.append(end)
         self._timed.clear()

@@ -2,6 +2,7 @@
 
 Public API (stable):
 
+    event_rep(timings, attribution)  -> repetition (row of attribution.reps) per event, -1 outside all
     event_test(timings, attribution) -> (test index per event, test names in first-seen order)
     op_table(timings, test_of_event)      -> GROUP rows keyed by (test, op, backend)
     copy_table(timings, test_of_event)    -> GROUP rows keyed by (test, direction "h2d"/"d2h"/"other", src, dst)
@@ -28,11 +29,16 @@ _GROUP_COLUMNS = [("count", np.int64), ("total_ns", np.int64), ("mean_ns", np.fl
                   ("bytes", np.int64), ("GBps", np.float64), ("pct", np.float64)]
 
 
+def event_rep(t: Timings, a: Attribution) -> np.ndarray:
+    """Which test repetition (row of `a.reps`) each event belongs to, by its start time (-1: none)."""
+    return window_index(t.events["ts"], a.reps["ts_ns"], a.reps["ts_ns"] + a.reps["wall_ns"])
+
+
 def event_test(t: Timings, a: Attribution) -> tuple[np.ndarray, tuple[str, ...]]:
     """Which test (by name, over all its repetitions) each event belongs to, by its start time (-1: none)."""
     names = tuple(dict.fromkeys(str(n) for n in a.reps["name"]))
     rep_test = np.array([names.index(str(n)) for n in a.reps["name"]], dtype=np.int64)
-    rep = window_index(t.events["ts"], a.reps["ts_ns"], a.reps["ts_ns"] + a.reps["wall_ns"])
+    rep = event_rep(t, a)
     return np.where(rep >= 0, rep_test[np.maximum(rep, 0)] if len(rep_test) else -1, -1), names
 
 

@@ -9,13 +9,18 @@ Public API (stable):
         (what contract v1 let the loader pass over), model_name; .to_json() -> dict in the
         `hyprof-report/1` contract.
     TestReport (frozen): one test (pp512, tg128, ...) over its repetitions:
-        name, kind, reps, n_tokens, wall_ns, tps, tps_std, rep_tps,
+        name, kind, reps, n_tokens, wall_ns (both summed over the repetitions),
+        tps, tps_std, rep_tps: llama-bench's avg_ts and stdev_ts, the mean and sample standard
+            deviation of each repetition's tokens / wall time (rep_tps), by the one definition of
+            profiler/rate.py that `hyprof run` prints too (JSON `tps` meant total tokens / total
+            wall before; the two differ when the repetitions do),
         reported_tps, reported_tps_std (the source engine's own figure, e.g. llama-bench's, or None),
         categories_ns {category: ns} (sums to wall_ns), overhead_ns, copy_ns {direction: ns},
         recording_ns (of `other`: the runner handing events to the timings writer, its `record`
         phases; what the profiling itself cost, which a run without -o does not pay),
         hidden [(category, under, ns)], bandwidth {...} (the DESIGN.md keys, GB/s),
-        category_bw {category: {"bytes", "busy_ns", "GBps"}}, whatif_tps {...},
+        category_bw {category: {"bytes", "busy_ns", "GBps"}}, whatif_tps {...} (analysis/whatif.py:
+            each repetition's wall projected, then the same avg_ts),
         ops, copies, layers, backends, splits: structured arrays (bandwidth.py GROUP rows with
         symbol ids replaced by names).
 """
@@ -31,6 +36,7 @@ from analysis.attribution import COPY_DIRECTIONS, Attribution, attribute
 from analysis.run_info import model_name
 from analysis.timings import Timings
 from analysis.whatif import whatif_tps
+from profiler.rate import rep_rates, token_rate
 from profiler.schema import CATEGORIES, OVERHEAD_CATEGORIES, RECORD_PHASE, REPORT_SCHEMA
 
 COMPUTE_CATEGORIES = tuple(c for c in CATEGORIES if c not in OVERHEAD_CATEGORIES)
@@ -66,7 +72,9 @@ class TestReport:
     splits: np.ndarray
 
     def ms_per_token(self, ns: float) -> float | None:
-        """A time of this test in ms per token; None when it processed no token."""
+        """A time of this test (summed over its repetitions) in ms per token; None when it processed
+        no token. The breakdown's unit, so that the categories add up to the wall: 1000 / tps, a mean
+        of per-repetition rates, is a little less when the repetitions differ."""
         return float(ns) / 1e6 / self.n_tokens if self.n_tokens else None
 
 
@@ -109,12 +117,11 @@ def build_report(t: Timings, peak_bw: float | None = None, attribution: Attribut
               "layers": bandwidth.layer_table(t, test_of_event), "backends": bandwidth.backend_table(t, test_of_event),
               "splits": bandwidth.split_table(t, test_of_event)}
     tables = {k: _named(v, t) for k, v in tables.items()}
-    claimed = (a.event_category >= 0) & (test_of_event >= 0)
-    category_bytes = np.bincount(test_of_event[claimed] * len(CATEGORIES) + a.event_category[claimed],
-                                 weights=t.events["bytes"][claimed].astype(np.float64),
-                                 minlength=len(names) * len(CATEGORIES)).reshape(len(names), len(CATEGORIES))
+    rep_of_event = bandwidth.event_rep(t, a)
+    category_bytes = _category_bytes_per_rep(t, a, rep_of_event)
+    backend_bytes = _backend_bytes_per_rep(t, rep_of_event, len(a.reps))
     recording = _recording_per_test(t, test_of_event, len(names))
-    tests = tuple(_test_report(i, name, a, tables, category_bytes[i], peaks, _reported_tps(t, a, name),
+    tests = tuple(_test_report(i, name, a, tables, category_bytes, backend_bytes, peaks, _reported_tps(t, a, name),
                                int(recording[i]))
                   for i, name in enumerate(names))
     accel = str((t.header.get("config") or {}).get("accel", ""))
@@ -152,6 +159,23 @@ def _named(table: np.ndarray, t: Timings) -> np.ndarray:
     return out
 
 
+def _category_bytes_per_rep(t: Timings, a: Attribution, rep_of_event: np.ndarray) -> np.ndarray:
+    """[repetition, category]: the bytes of the events each category claimed in each repetition."""
+    claimed = (a.event_category >= 0) & (rep_of_event >= 0)
+    return np.bincount(rep_of_event[claimed] * len(CATEGORIES) + a.event_category[claimed],
+                       weights=t.events["bytes"][claimed].astype(np.float64),
+                       minlength=len(a.reps) * len(CATEGORIES)).reshape(len(a.reps), len(CATEGORIES))
+
+
+def _backend_bytes_per_rep(t: Timings, rep_of_event: np.ndarray, n_reps: int) -> dict:
+    """{backend: bytes its ops read in each repetition}: the backends table's bytes, per repetition."""
+    ops = t.of_type("op") & (rep_of_event >= 0)
+    backends, which = np.unique(t.events["backend"][ops], return_inverse=True)
+    sums = np.bincount(rep_of_event[ops] * len(backends) + which, weights=t.events["bytes"][ops].astype(np.float64),
+                       minlength=n_reps * len(backends)).reshape(n_reps, len(backends))
+    return {t.sym(int(b)): sums[:, j] for j, b in enumerate(backends)}
+
+
 def _recording_per_test(t: Timings, test_of_event: np.ndarray, n_tests: int) -> np.ndarray:
     """Per test, the ns of `record` phases that start inside its repetitions."""
     ev = t.events
@@ -159,14 +183,15 @@ def _recording_per_test(t: Timings, test_of_event: np.ndarray, n_tests: int) -> 
     return np.bincount(test_of_event[mine], weights=ev["dur"][mine].astype(np.float64), minlength=n_tests)
 
 
-def _test_report(i: int, name: str, a: Attribution, tables: dict, cat_bytes: np.ndarray, peaks: dict,
-                 reported: tuple, recording_ns: int) -> TestReport:
+def _test_report(i: int, name: str, a: Attribution, tables: dict, rep_cat_bytes: np.ndarray, rep_backend_bytes: dict,
+                 peaks: dict, reported: tuple, recording_ns: int) -> TestReport:
     mine = a.reps["name"] == name
     reps = a.reps[mine]
     wall_ns = int(reps["wall_ns"].sum())
     n_tokens = int(reps["n_tokens"].sum())
     categories_ns = {c: int(reps[f"{c}_ns"].sum()) for c in CATEGORIES}
-    rep_tps = tuple(float(n / (w / 1e9)) if w > 0 else 0.0 for n, w in zip(reps["n_tokens"], reps["wall_ns"]))
+    tps, tps_std = token_rate(reps["n_tokens"], reps["wall_ns"])
+    cat_bytes = rep_cat_bytes[mine].sum(axis=0)
     hidden_ns = a.hidden_ns[mine].sum(axis=0)
     hidden = tuple((c, w, int(hidden_ns[ci, wi])) for ci, c in enumerate(CATEGORIES) if c in HIDDEN_REPORTED
                    for wi, w in enumerate(CATEGORIES) if hidden_ns[ci, wi] > 0)
@@ -181,17 +206,18 @@ def _test_report(i: int, name: str, a: Attribution, tables: dict, cat_bytes: np.
           "cpu_expert_bytes_per_token": expert["bytes"] / n_tokens if n_tokens else None,
           "cpu_peak_GBps": cpu_peak,
           "cpu_expert_fraction_of_peak": expert["GBps"] / cpu_peak if cpu_peak and expert["GBps"] else None}
-    backend_bytes = {str(r["backend"]): int(r["bytes"]) for r in mine_tables["backends"]}
+    whatif = whatif_tps(reps["n_tokens"], {c: reps[f"{c}_ns"] for c in CATEGORIES},
+                        rep_cat_bytes[mine, CATEGORIES.index("cpu_expert_matmul")], cpu_peak,
+                        {b: v[mine] for b, v in rep_backend_bytes.items()}, peaks)
     return TestReport(
         name=name, kind=str(reps["kind"][0]), reps=len(reps), n_tokens=n_tokens, wall_ns=wall_ns,
-        tps=n_tokens / (wall_ns / 1e9) if wall_ns else 0.0,
-        tps_std=float(np.std(rep_tps, ddof=1)) if len(rep_tps) > 1 else 0.0, rep_tps=rep_tps,
+        tps=tps, tps_std=tps_std, rep_tps=rep_rates(reps["n_tokens"], reps["wall_ns"]),
         reported_tps=reported[0], reported_tps_std=reported[1],
         categories_ns=categories_ns, overhead_ns=sum(categories_ns[c] for c in OVERHEAD_CATEGORIES),
         copy_ns={d: int(a.copy_ns[d][mine].sum()) for d in COPY_DIRECTIONS}, recording_ns=recording_ns,
         hidden=hidden,
         bandwidth=bw, category_bw=category_bw,
-        whatif_tps=whatif_tps(n_tokens, categories_ns, expert["bytes"], cpu_peak, backend_bytes, peaks),
+        whatif_tps=whatif,
         **mine_tables)
 
 

@@ -113,7 +113,10 @@ def _time_table(r: TestReport, source: str) -> Table:
                 f" (reported by {source}: {_f(r.reported_tps)} ± {_f(r.reported_tps_std)})")
     title = (f"{r.name}: {_f(r.tps)} ± {_f(r.tps_std)} t/s{reported} — {r.n_tokens} tokens in "
              f"{_f(r.wall_ns / 1e9, 3)} s ({r.reps} rep{'s' if r.reps != 1 else ''})")
-    return Table(title, ("category", "s", "%", "ms/token"), tuple(rows), _notes(r))
+    rate = () if r.reported_tps is None else (
+        f"t/s: llama-bench's statistic (mean ± sd of each repetition's tokens / wall) on this file's walls; "
+        f"{source}'s own used its clock, which also saw time no log line prints, so ours can be a little higher",)
+    return Table(title, ("category", "s", "%", "ms/token"), tuple(rows), rate + _notes(r))
 
 
 def _notes(r: TestReport) -> tuple:

@@ -7,6 +7,8 @@ The rule (`place`), as llama.cpp's loader has it (src/llama-model.cpp, load_tens
   `-ngl n_layer + 1` (or 99, or -1) offloads everything;
 - each `-ot REGEX=BACKEND` rule is tried in order with `re.search` on the tensor name,
   and the first match wins over everything above.
+The `-ot` text is read here too, for every command: `split_override_sets` is its grammar,
+`override_sets` `run`'s sweep of sets, `parse_override_rules` one set of compiled rules.
 Every tensor gets its backend and the cause, so `model info` can say why.
 """
 
@@ -45,30 +47,67 @@ class Placement:
         return [n for n, b in self.backend.items() if b == backend]
 
 
-def parse_override_rules(specs: Iterable[str], backends: Sequence[str] | None = None) -> list[OverrideRule]:
-    """`-ot` arguments (each may hold several comma-separated rules) -> rules in order.
+# The `-ot` grammar, one for every command. A value is a list of REGEX=BACKEND rules separated
+# by `;` or `,`. A piece without '=' is not a rule yet: it is joined, with the separator after
+# it, to the next piece, so the regex may hold either separator (`blk\.\d{1,2}\.=CPU`). The
+# separator after a whole rule is what it means: in `run`, as llama-bench, `,` ends a set and
+# `;` the next rule of the same set; elsewhere both just end a rule. An empty value is an empty set.
+_SEPARATORS = re.compile(r"([,;])")
 
-    A comma inside a regex quantifier (`blk\\.\\d{1,2}\\.`) does not split: a piece
-    without '=' is joined to the next one. Backend names are matched case-insensitively
-    against `backends` when given (else `place` checks them).
+
+def split_override_sets(value: str) -> list[list[str]]:
+    """One `-ot` value -> its `,`-separated sets, each a list of rule texts (see the grammar above).
+
+    `"a=CPU;b=CPU,c=CPU"` -> [["a=CPU", "b=CPU"], ["c=CPU"]]; `""` -> [[]]; a trailing `;` ends
+    nothing more, a trailing `,` starts an empty set (as llama-bench reads it).
     """
-    rules = []
-    for spec in specs:
-        pending = ""
-        for piece in spec.split(","):
-            pending = f"{pending},{piece}" if pending else piece
-            if "=" in pending:
-                rules.append(_parse_rule(pending, backends))
-                pending = ""
+    parts = _SEPARATORS.split(value)
+    sets: list[list[str]] = []
+    rules: list[str] = []
+    pending = ""
+    for piece, separator in zip(parts[::2], [*parts[1::2], ""]):
+        pending += piece
+        if pending and "=" not in pending:
+            if not separator:
+                raise UserError(f"-ot '{pending}': expected REGEX=BACKEND (missing '=')")
+            pending += separator
+            continue
         if pending:
-            raise UserError(f"-ot '{pending}': expected REGEX=BACKEND (missing '=')")
-    return rules
+            rules.append(pending)
+            pending = ""
+        if separator != ";":
+            sets.append(rules)
+            rules = []
+    return sets
+
+
+def override_sets(values: Iterable[str]) -> list[list[str]]:
+    """`run`'s -ot sweep, as llama-bench: every `,`-separated set of every -ot flag, in order.
+
+    Each rule is checked here (REGEX=BACKEND, a valid regex), before any engine is made;
+    the backend names are checked by `place`, which knows the backends.
+    """
+    sets = [rules for value in values for rules in split_override_sets(value)]
+    for rule in (rule for rules in sets for rule in rules):
+        _parse_rule(rule, None)
+    return sets
+
+
+def parse_override_rules(specs: Iterable[str], backends: Sequence[str] | None = None) -> list[OverrideRule]:
+    """The rules of `-ot` arguments in order, as one set: `generate`, `model info` and the engine.
+
+    `,` and `;` both separate rules here (there is no sweep to start a set of). Backend names
+    are matched case-insensitively against `backends` when given (else `place` checks them).
+    """
+    return [_parse_rule(rule, backends) for spec in specs for rules in split_override_sets(spec) for rule in rules]
 
 
 def _parse_rule(text: str, backends: Sequence[str] | None) -> OverrideRule:
     pattern, backend = text.rsplit("=", 1)
     if not pattern:
         raise UserError(f"-ot '{text}': empty regex before '='")
+    if not backend.strip():
+        raise UserError(f"-ot '{text}': empty backend after '='")
     try:
         regex = re.compile(pattern)
     except re.error as e:

@@ -18,6 +18,7 @@ from typing import Callable, Protocol, Sequence
 from profiler.errors import UserError
 from profiler.machine import host_machine
 from profiler.progress import progress_bar
+from profiler.rate import rep_rates, sample_stdev, token_rate
 from profiler.recorder import Recorder
 from profiler.schema import MAIN_LANE, RECORD_PHASE
 from profiler.sinks import TimingsWriter, check_timings_path, timings_header
@@ -153,15 +154,21 @@ class BenchResult:
 
     @property
     def samples_ts(self) -> tuple[float, ...]:
-        return tuple(self.test.n_tokens * 1e9 / ns for ns in self.samples_ns)
+        return rep_rates(self._n_tokens, self.samples_ns)
 
     @property
     def avg_ts(self) -> float:
-        return statistics.fmean(self.samples_ts)
+        """llama-bench's avg_ts, by the one definition `hyprof report` uses too (profiler/rate.py)."""
+        return token_rate(self._n_tokens, self.samples_ns)[0]
 
     @property
     def stddev_ts(self) -> float:
-        return _stdev(self.samples_ts)
+        return token_rate(self._n_tokens, self.samples_ns)[1]
+
+    @property
+    def _n_tokens(self) -> list[int]:
+        """The tokens of each repetition: the test's, every time."""
+        return [self.test.n_tokens] * len(self.samples_ns)
 
     @property
     def avg_ns(self) -> float:
@@ -169,7 +176,7 @@ class BenchResult:
 
     @property
     def stddev_ns(self) -> float:
-        return _stdev(self.samples_ns)
+        return sample_stdev(self.samples_ns)
 
     @property
     def backend(self) -> str:
@@ -178,11 +185,6 @@ class BenchResult:
         if accel.startswith("none"):
             return "CPU"
         return f"{accel.split()[0]}+CPU" + (" (emulated)" if "emulated" in accel else "")
-
-
-def _stdev(samples: Sequence[float]) -> float:
-    """The sample standard deviation, as llama-bench reports it; 0 for one sample."""
-    return statistics.stdev(samples) if len(samples) > 1 else 0.0
 
 
 # ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import orjson
 import pytest
 from rich.console import Console
@@ -11,6 +12,7 @@ from analysis.report import build_report
 from analysis.tables import report_tables
 from analysis.timings import load_lines
 from analysis.whatif import whatif_tps
+from profiler.rate import token_rate
 from profiler.schema import CATEGORIES
 
 MS = 1_000_000
@@ -148,13 +150,47 @@ def test_bandwidth_is_bytes_over_the_union_of_busy_time_and_op_table():
 
 
 def test_whatif_formulas():
-    cats = dict.fromkeys(CATEGORIES, 0) | {"cpu_expert_matmul": 6_000_000_000, "gpu_compute": 2_000_000_000,
-                                            "sched": 2_000_000_000}
-    w = whatif_tps(100, cats, cpu_expert_bytes=100 * 10**9, cpu_peak_GBps=50.0,
-                   backend_bytes={"CPU": 100 * 10**9, "CUDA0": 10**11}, backend_peak_GBps={"CPU": 50.0, "CUDA0": 1000.0})
+    cats = {c: np.array([0]) for c in CATEGORIES} | {"cpu_expert_matmul": np.array([6_000_000_000]),
+                                                     "gpu_compute": np.array([2_000_000_000]),
+                                                     "sched": np.array([2_000_000_000])}
+    w = whatif_tps(np.array([100]), cats, cpu_expert_bytes=np.array([100 * 10**9]), cpu_peak_GBps=50.0,
+                   backend_bytes={"CPU": np.array([100 * 10**9]), "CUDA0": np.array([10**11])},
+                   backend_peak_GBps={"CPU": 50.0, "CUDA0": 1000.0})
     assert w["no_overhead"] == pytest.approx(100 / 8)
     assert w["cpu_expert_at_peak"] == pytest.approx(100 / (10 - 6 + 2))
     assert w["bound"] == pytest.approx(100 / (2 + 0.1))
+
+
+def test_whatif_projects_each_repetition_then_takes_the_mean_rate():
+    """Two repetitions of 100 tokens: 2 s and 4 s of compute, 0 s and 4 s of overhead. Without the
+    overhead they take 2 s and 4 s: mean(50, 25) = 37.5 t/s, not 200 tokens / 6 s; measured, the
+    rate is mean(50, 12.5) = 31.25 t/s, not 200 / 10 s."""
+    cats = {c: np.array([0, 0]) for c in CATEGORIES} | {"cpu_other": np.array([2, 4]) * 10**9,
+                                                        "sched": np.array([0, 4]) * 10**9}
+    w = whatif_tps(np.array([100, 100]), cats, np.array([0, 0]), None, {}, {})
+    assert w["no_overhead"] == pytest.approx(37.5)
+    nothing_removed = whatif_tps(np.array([100, 100]), cats | {"sched": np.array([0, 0])}, np.array([0, 0]),
+                                 None, {}, {})
+    assert nothing_removed["no_overhead"] == token_rate([100, 100], [2 * 10**9, 4 * 10**9])[0]
+    (test,) = report_of(two_repetitions(walls_ms=(2, 8), overhead_ms=(0, 4))).tests
+    assert test.tps == pytest.approx(0.5 * (100 / 0.002 + 100 / 0.008))
+    assert test.whatif_tps["no_overhead"] == pytest.approx(0.5 * (100 / 0.002 + 100 / 0.004))
+
+
+def two_repetitions(walls_ms, overhead_ms):
+    """tg100 twice: each repetition one graph of one CPU op, `overhead_ms` of it split setup."""
+    events = [{"type": "meta", "schema": "hyprof-timings/1"}]
+    ts = 0
+    for rep, (wall, overhead) in enumerate(zip(walls_ms, overhead_ms)):
+        events += [{"type": "test", "ts": ts, "dur": wall * MS, "name": "tg100", "kind": "tg", "n_prompt": 0,
+                    "n_gen": 100, "depth": 0, "rep": rep, "n_tokens": 100},
+                   {"type": "graph", "ts": ts, "dur": wall * MS, "graph": rep, "n_tokens": 100, "n_past": 0},
+                   {"type": "phase", "ts": ts, "dur": overhead * MS, "graph": rep, "name": "split_setup",
+                    "tid": "main"},
+                   {"type": "op", "ts": ts + overhead * MS, "dur": (wall - overhead) * MS, "graph": rep, "split": 0,
+                    "backend": "CPU", "tid": "main", "op": "ADD", "name": "x", "layer": 0}]
+        ts += wall * MS
+    return events
 
 
 def test_the_runners_record_phases_are_the_recording_part_of_other():

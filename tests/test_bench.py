@@ -208,13 +208,21 @@ def test_cli_sweeps_override_sets_as_llama_bench(tmp_path, model, fake_hybrid_en
     assert rc == 0 and [r["overrides"] for r in rows] == [["a=CPU", "b=ACC0"], ["c=CPU"], []]
 
 
+def test_cli_keeps_a_comma_inside_a_regex_quantifier_in_one_rule(model, fake_hybrid_engine, capsys):
+    rc = cli("-m", model, "-p", "0", "-n", "1", "-r", "1", "-ot", r"blk\.\d{1,2}\.=CPU", "--output", "json")
+    std = capsys.readouterr()
+    assert rc == 0, std.err
+    assert [r["overrides"] for r in json.loads(std.out)] == [[r"blk\.\d{1,2}\.=CPU"]]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["-p", "0", "-n", "0"], "nothing to run"),
     (["-o", "{existing}"], "exists"),
     (["-o", "{file}/t.jsonl"], "not a directory"),
     (["-o", "{dir}", "--force"], "is a directory"),
     (["-m", "/no/such.gguf"], "no such file"),
-    (["-ot", "exps"], "REGEX=BACKEND"),
+    (["-ot", "exps"], "-ot 'exps': expected REGEX=BACKEND"),
+    (["-ot", "a=CPU;blk.(1=CPU"], "-ot 'blk.(1=CPU': invalid regex"),
     (["-r", "0"], "-r 0"),
     (["-t", "0"], "-t"),
 ])

@@ -8,7 +8,6 @@ worked out by hand from those lines, in microseconds.
 from __future__ import annotations
 
 import os
-import statistics
 from pathlib import Path
 
 import orjson
@@ -285,12 +284,9 @@ def test_real_sample_converts_and_matches_llama_bench():
     t = load_timings(SAMPLE)   # the analyzer's loader detects the format itself
     assert t.header["source"]["format"] == "ik_print_timing"
     a = attribute(t)
-    for name, table_tps in (("pp32", 10960.94), ("tg8", 3182.32)):
+    for name in ("pp32", "tg8"):      # their t/s beside llama-bench's: tests/test_rate.py
         reps = a.reps[a.reps["name"] == name]
         assert len(reps) == 2 and (reps["n_graphs"] == (1 if name == "pp32" else 8)).all()
-        tps = statistics.mean(reps["n_tokens"] / (reps["wall_ns"] / 1e9))
-        # llama-bench also times what no line prints (its own loop): within 2 %
-        assert tps == pytest.approx(table_tps, rel=0.02)
     _, evs = events(SAMPLE)
     experts = [o for o in of(evs, "op", graph=5) if "_exps" in o["name"]]
     # 3 MoE layers (2 of 5 dense) x (MOE_FUSED_UP_GATE + MUL_MAT_ID down)

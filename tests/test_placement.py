@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hybrid.config import ModelConfig
-from hybrid.placement import backend_loads, layer_of, parse_override_rules, place
+from hybrid.placement import (backend_loads, layer_of, override_sets, parse_override_rules, place,
+                              split_override_sets)
 from profiler.errors import UserError
 
 N_LAYER = 3
@@ -66,6 +67,30 @@ def test_comma_inside_a_quantifier_does_not_split():
     assert [(r.pattern, r.backend) for r in rules] == [(r"blk\.[0-9]{1,2}\.ffn", "CPU"), ("output", "ACC0")]
 
 
+@pytest.mark.parametrize("value, sets", [
+    (r"blk\.\d{1,2}\.=CPU", [[r"blk\.\d{1,2}\.=CPU"]]),
+    ("a=CPU;b=CPU,c=CPU", [["a=CPU", "b=CPU"], ["c=CPU"]]),
+    (r"a=CPU;blk\.\d{1,2}\.=CPU,c=CPU", [["a=CPU", r"blk\.\d{1,2}\.=CPU"], ["c=CPU"]]),
+    ("(a;b)=CPU", [["(a;b)=CPU"]]),
+    ("", [[]]),
+    ("a=CPU;", [["a=CPU"]]),
+    ("a=CPU,", [["a=CPU"], []]),
+])
+def test_override_grammar_splits_sets_at_commas_rules_at_semicolons_never_inside_a_regex(value, sets):
+    assert split_override_sets(value) == sets
+
+
+def test_run_sweeps_one_set_per_comma_or_flag():
+    assert override_sets([r"blk\.\d{1,2}\.=CPU"]) == [[r"blk\.\d{1,2}\.=CPU"]]
+    assert override_sets(["a=CPU;b=CPU,c=CPU"]) == [["a=CPU", "b=CPU"], ["c=CPU"]]
+    assert override_sets(["a=CPU", ""]) == [["a=CPU"], []]
+
+
+def test_one_set_elsewhere_semicolons_and_commas_alike():
+    rules = parse_override_rules(["a=CPU;b=ACC0,c=CPU", r"blk\.\d{1,2}\.=ACC0"], BACKENDS)
+    assert [str(r) for r in rules] == ["a=CPU", "b=ACC0", "c=CPU", r"blk\.\d{1,2}\.=ACC0"]
+
+
 def test_backend_names_are_case_insensitive():
     assert parse_override_rules(["exps=cpu,attn=acc0"], BACKENDS)[1].backend == "ACC0"
     rules = parse_override_rules(["exps=cuda0"])                 # checked later, by place
@@ -92,10 +117,15 @@ def test_rule_matching_nothing_warns():
     ("=CPU", "empty regex"),
     ("blk.(1=CPU", r"invalid regex 'blk.\(1': missing \), unterminated subpattern"),
     ("exps=GPU", r"unknown backend 'GPU' \(available: CPU, CUDA0, ACC0\)"),
+    ("a=CPU;b", r"^-ot 'b': expected REGEX=BACKEND"),
+    ("exps=", r"-ot 'exps=': empty backend after '='"),
 ])
-def test_bad_rules(spec, message):
+def test_bad_rules_are_refused_by_run_and_the_other_commands_alike(spec, message):
     with pytest.raises(UserError, match=message):
         parse_override_rules([spec], BACKENDS)
+    if "backend '" not in message:                    # run leaves backend names to `place`
+        with pytest.raises(UserError, match=message):
+            override_sets([spec])
 
 
 def test_unknown_backend_caught_by_place_too():

@@ -105,6 +105,7 @@ def test_imported_log_shows_llama_bench_tps_and_model_and_per_decode_breakdown(t
     assert main(["report", log, "--graphs", "--md", str(md)]) == 0
     out = capsys.readouterr().out
     assert "t/s (reported by llama-bench: 2,962.96 ± 0.00) — 4 tokens" in out and "deepseek2 16B Q4_0" in out
+    assert "t/s: llama-bench's statistic" in out and "llama-bench's own used its clock" in out
     assert "graphs (ms)" in out and "(reported by llama-bench: 2,962.96" in md.read_text()
     assert "CPU experts:" not in out                            # no bytes, no bandwidth line
 

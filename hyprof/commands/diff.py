@@ -12,7 +12,7 @@ runs with different repetitions still compare. Change % is relative to A.
 
 examples:
   hyprof run -ot '\\.ffn_.*_exps\\.=CPU' -o experts-cpu.jsonl
-  hyprof run -ot 'blk\\.[0-9]\\.ffn_.*_exps\\.=CUDA0,\\.ffn_.*_exps\\.=CPU' -o some-on-gpu.jsonl
+  hyprof run -ot 'blk\\.[0-9]\\.ffn_.*_exps\\.=CUDA0;\\.ffn_.*_exps\\.=CPU' -o some-on-gpu.jsonl
   hyprof diff experts-cpu.jsonl some-on-gpu.jsonl --plots
   hyprof diff fmoe0.jsonl fmoe1.jsonl --json
 """

@@ -41,9 +41,10 @@ def register(subparsers) -> None:
                    help="CPU threads, the main thread included (default: all cores)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
                    help="offload the last N layers and the output to the accelerator (99: all; default: 0)")
-    p.add_argument("-ot", "--override-tensor", action="append", default=[], metavar="REGEX=BACKEND",
-                   help="tensors whose name matches REGEX go to BACKEND (CPU, CUDA0, ACC0); repeatable, "
-                        "or comma-separated; the first matching rule wins")
+    p.add_argument("-ot", "--override-tensor", action="append", default=[], metavar="REGEX=BACKEND[;...]",
+                   help="tensors whose name matches REGEX go to BACKEND (CPU, CUDA0, ACC0); repeatable, or "
+                        "separated by ';' or ',' (both, as there is no sweep here; a piece without '=' belongs "
+                        "to the next rule, so `blk\\.\\d{1,2}\\.=CPU` is one rule); the first matching rule wins")
     p.add_argument("--accel", choices=("auto", "cuda", "emulated", "none"), default="auto",
                    help="the accelerator: CUDA when present (auto), CUDA or an error, the emulated ACC0, "
                         "or none (default: auto)")

@@ -26,8 +26,10 @@ INFO_EPILOG = """\
 placement (as llama.cpp):
   token_embd stays on the CPU. -ngl N puts the last N of the n_layer + 1 layers on
   the accelerator, the output layer counting as the last (-ngl 99: everything).
-  Each -ot REGEX=BACKEND rule (comma-separated or repeated) is tried in order with
-  re.search on the tensor name; the first match wins over -ngl.
+  Each -ot REGEX=BACKEND rule (repeated, or separated by `;` or `,`: both, as there
+  is no sweep here, and a piece without '=' belongs to the next rule, so a regex may
+  hold either) is tried in order with re.search on the tensor name; the first match
+  wins over -ngl.
 
 examples:
   hyprof model info tiny.gguf -ngl 99 -ot "\\.ffn_.*_exps\\.=CPU"
@@ -65,7 +67,7 @@ def register(subparsers) -> None:
     info.add_argument("model", metavar="FILE.gguf")
     info.add_argument("-ngl", "--n-gpu-layers", type=int, default=99, metavar="N",
                       help="last N layers (output counting as the last) on the accelerator (default: 99)")
-    info.add_argument("-ot", "--override-tensor", action="append", default=[], metavar="REGEX=BACKEND[,...]",
+    info.add_argument("-ot", "--override-tensor", action="append", default=[], metavar="REGEX=BACKEND[;...]",
                       help="placement rule overriding -ngl; repeatable, first match wins")
     info.add_argument("--accel", choices=("auto", "cuda", "emulated", "none"), default=None,
                       help="accelerator -ngl offloads to (default: CUDA0 if present, else ACC0 standing "

@@ -20,6 +20,11 @@ the one higher in this list wins and the report shows what was hidden):
   other              everything else (sampling, Python between graphs)
 overhead = thread_wakeup + copy + sync + sched + graph_build + other.
 
+t/s: as llama-bench's, the mean ± sample standard deviation over the repetitions
+of each one's tokens / wall time (the figure `hyprof run` prints for the same
+runs); the what-if t/s project each repetition's wall, then take the same mean.
+ms/token: a test's time summed over its repetitions, over its tokens.
+
 bandwidth: bytes read over the union of busy time (many lanes at once count
 once), so CPU expert GB/s compares with the machine's STREAM triad peak
 (`hyprof membw`, recorded in the timings header; --peak-bw overrides it).

@@ -23,9 +23,11 @@ the mean ± standard deviation over those repetitions.
 sweeps: -t, -p, -n, -d, -ngl, -mla, -fa, -fmoe, -rtr take comma lists (or repeat the
 flag); every combination of the engine flags is one table row per test.
 -ot follows llama-bench: `;` separates the rules of one set, `,` (or another
--ot) starts another set to sweep:
+-ot) starts another set to sweep, an empty -ot "" is the empty set. A piece
+without '=' belongs to the next rule, so a regex may hold `,` or `;`:
   -ot "\\.ffn_.*_exps\\.=CPU"         one set, one rule
   -ot "exps=CPU;blk\\.0\\.=CPU"       one set, two rules
+  -ot "blk\\.\\d{1,2}\\.=CPU"         one set, one rule (the `,` is the regex's)
   -ot "exps=CPU" -ot ""             two sets: experts on CPU, then none
 
 timings: -o FILE writes the header (model, config, machine, placement, the
@@ -96,6 +98,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hybrid.placement import override_sets
     from profiler.bench import run_bench, sweep, plan_tests
     from profiler.bench_output import RENDERERS
     from profiler.sinks import check_timings_path
@@ -132,17 +135,6 @@ def run(args: argparse.Namespace) -> int:
     if args.timings:
         print(f"timings: {args.timings}", file=sys.stderr)
     return 0
-
-
-def override_sets(values: list[str]) -> list[list[str]]:
-    """llama-bench's -ot: each flag and each `,`-part is one set of `;`-separated rules."""
-    sets = [[rule for rule in group.split(";") if rule]
-            for value in values for group in value.split(",")]
-    for rule in (rule for rules in sets for rule in rules):
-        regex, _, backend = rule.rpartition("=")
-        if not regex or not backend:
-            raise UserError(f"-ot {rule!r}: expected REGEX=BACKEND")
-    return sets
 
 
 def default_model(progress: bool) -> str:

@@ -29,6 +29,7 @@ from analysis.attribution import attribute
 from analysis.timings import load_lines
 from hybrid.backends.cpu import MIN_SPLIT_BYTES, CpuBackend
 from hybrid.engine import Engine
+from hybrid.builder import forms
 from hybrid.graph import Cost, Graph, Node
 from hybrid.sched import Scheduler, split_graph
 from profiler.recorder import Recorder
@@ -94,8 +95,10 @@ def pool_wakeups(threads: int, poll: int, n: int = 2000) -> list[int]:
     rec = Recorder(enabled=True)
     cpu = CpuBackend({}, threads, poll > 0, rec)
     x = Node("INPUT", "x", (), None)
-    op = Node("MUL_MAT", "noop", (x,), lambda _, v: v, cost=Cost(MIN_SPLIT_BYTES),    # big enough to split
-              parallel=lambda _, v, pool, times: pool.run_tasks([lambda: None] * pool.n_threads, times) or v)
+    op = Node("MUL_MAT", "noop", (x,), forms(lambda _, v: v,
+                                            lambda _, v, pool, times: pool.run_tasks([lambda: None] * pool.n_threads,
+                                                                                     times) or v),
+              cost=Cost(MIN_SPLIT_BYTES))    # big enough to split
     graph = Graph([x, op], {"x": x}, op)
     plan = split_graph(graph, lambda _: "CPU")
     sched = Scheduler({"CPU": cpu}, rec)

@@ -1,10 +1,11 @@
 """The hybrid engine: a model placed across backends, evaluated split by split.
 
 `Engine` ties the parts together: it loads a GGUF model (hybrid/gguf_model.py),
-places each tensor on a backend (`-ngl`, `-ot`, `--accel`; hybrid/placement.py),
-gives each device its own copy of the weights it holds and the KV cache of every
-layer whose attention it runs, builds the graph of each evaluation
-(hybrid/model.py), cuts it into splits and runs them (hybrid/sched.py) on the CPU
+places each tensor on a backend (`-ngl`, `-ot`, `--accel`; hybrid/placement.py) and
+each derived buffer (KV caches, fused experts) where its parent tensor is, gives
+each backend its buffers (a device its own copy of the weights it holds and the KV
+caches it allocates), builds the graph of each evaluation
+(hybrid/model.py, hybrid/models/), cuts it into splits and runs them (hybrid/sched.py) on the CPU
 worker pool and the accelerator (hybrid/backends/). It implements the runner's
 `BenchEngine` (profiler/bench.py), so `hyprof run` and `hyprof generate` drive it.
 
@@ -15,7 +16,6 @@ graph and its splits; `set_inputs`; `sample`) and the scheduler's events.
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 from typing import Any, Callable, Sequence
 
@@ -27,13 +27,13 @@ from hybrid.backends.cpu import CpuBackend
 from hybrid.gguf_model import load_model
 from hybrid.graph import Graph
 from hybrid.model import Model
-from hybrid.placement import CPU, available_backends, backend_loads, parse_override_rules, place
+from hybrid.placement import (CPU, available_backends, backend_loads, buffer_backends, parse_override_rules,
+                              place)
 from hybrid.sched import Scheduler, SplitPlan, split_graph
 from profiler.errors import UserError
 from profiler.recorder import Recorder
 from profiler.schema import MAIN_LANE
 
-_CACHE_BUFFER = re.compile(r"^cache_[kv]_l(\d+)$")
 MAX_GRAPHS = 8      # reusable graphs kept, one per batch size (pp, tg, depth prompts)
 
 
@@ -80,7 +80,7 @@ class Engine:
         self.n_vocab = c.n_vocab
         self.options = dict(threads=threads, n_gpu_layers=n_gpu_layers, overrides=list(overrides),
                             mla=mla, fa=fa, fmoe=fmoe, rtr=rtr, poll=poll)
-        self._buffer_backend = {name: self._backend_of(name) for name in self.model.buffer_names()}
+        self._buffer_backend = buffer_backends(self.placement, self.model.derived_buffers())
         self.backends: dict[str, Any] = {}
         try:
             self.backends[CPU] = CpuBackend(self._buffers_on(CPU, None), threads, poll,
@@ -95,47 +95,23 @@ class Engine:
         self.last_plan: SplitPlan | None = None
         self._greedy = ops.Greedy()          # the greedy token of eval(), by the logits' address
 
-    # -- placement -------------------------------------------------------------
-
-    def _backend_of(self, buffer: str) -> str:
-        """The backend holding a buffer: a stored tensor's placement; a fused expert
-        pair where its gate experts are; a layer's KV cache where its attention is."""
-        backend = self.placement.backend
-        if buffer in backend:
-            return backend[buffer]
-        m = _CACHE_BUFFER.match(buffer)
-        if m:
-            return backend[self._attention_weight(int(m.group(1)))]
-        if buffer.endswith("ffn_gate_up_exps.weight"):
-            return backend[buffer.replace("ffn_gate_up_exps", "ffn_gate_exps")]
-        raise KeyError(f"buffer {buffer!r} has no placement")
-
-    def _attention_weight(self, il: int) -> str:
-        """The tensor that decides where layer il's attention (and its cache) runs."""
-        name = f"blk.{il}.attn_kv_a_mqa.weight"
-        if name not in self.placement.backend:
-            raise UserError(f"{self.gguf.path}: layer {il} has no {name}")
-        return name
+    # -- placement ------------------------------------------------------------
 
     def _buffers_on(self, backend: str, device: torch.device | None) -> dict[str, Any]:
-        """The buffers a backend holds. A device (`device`: where its tensors live)
-        gets its own copy of its weights and its KV caches are allocated there; they
-        replace the host's in the model (whose graph builder reads only their shapes),
-        so no host copy is kept alive for a device."""
+        """The buffers a backend holds. The CPU reads the model's (host) weights and caches;
+        a device (`device`: where its tensors live) gets its own copy of its weights and
+        allocates its KV caches there, so the host holds no cache of a device's layer."""
         memo: dict[int, Any] = {}
         out = {}
-        caches, weights = self.model.cache.buffers, self.model.weights.buffers
         for name, b in self._buffer_backend.items():
             if b != backend:
                 continue
-            buf = self.model.buffer(name)
             if device is None:
-                out[name] = buf
-            elif name in caches:
-                out[name] = caches[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+                out[name] = self.model.buffer(name)
+            elif name in self.model.cache.layout:
+                out[name] = self.model.cache.allocate(name, device)
             else:   # a copy even on the CPU: the emulated device has memory of its own
-                out[name] = weights[name] = copy_buffer(buf, lambda t: t.to(device, copy=True),
-                                                        memo)
+                out[name] = copy_buffer(self.model.weights[name], lambda t: t.to(device, copy=True), memo)
         return out
 
     def _make_device(self, name: str):

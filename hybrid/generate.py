@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from hybrid.model import KVCache
+from hybrid.model import kv_cache_bytes
 from profiler.errors import UserError
 
 GiB = 1 << 30
@@ -67,14 +67,14 @@ def machine_ram_bytes() -> int:
 
 def ram_needed_bytes(gguf, n_ctx: int, mla: bool) -> int:
     """Weights (all pages of the file are touched within a few tokens) plus the KV cache."""
-    return gguf.tensor_data_bytes + KVCache.bytes_needed(gguf.config, n_ctx, mla)
+    return gguf.tensor_data_bytes + kv_cache_bytes(gguf.config, n_ctx, mla)
 
 
 def check_ram(gguf, n_ctx: int, mla: bool) -> None:
     """Refuse, before any weight is read, a model needing more RAM than the machine has."""
     need, have = ram_needed_bytes(gguf, n_ctx, mla), machine_ram_bytes()
     if need > have:
-        kv = KVCache.bytes_needed(gguf.config, n_ctx, mla)
+        kv = kv_cache_bytes(gguf.config, n_ctx, mla)
         raise UserError(f"{gguf.path}: needs {need / GiB:.1f} GiB of RAM (weights {gguf.tensor_data_bytes / GiB:.1f}"
                         f" GiB + KV cache {kv / GiB:.1f} GiB for {n_ctx} tokens), but this machine has "
                         f"{have / GiB:.1f} GiB")

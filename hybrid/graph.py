@@ -1,6 +1,6 @@
 """The compute graph of one evaluation, as ggml has it: a list of named op nodes.
 
-An architecture's graph builder (hybrid/model.py) describes a `Graph` per batch size;
+An architecture's graph builder (hybrid/models/, with hybrid/builder.py) describes a `Graph` per batch size;
 the scheduler (hybrid/sched.py) assigns each node a backend from the buffer it reads,
 cuts the list into splits and runs them. A node knows what it computes and what it
 costs, not where it runs. Nodes are immutable: what an op reads is a formula of the
@@ -10,7 +10,7 @@ evaluation (`Cost`), not a figure the op rewrites while it runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +32,18 @@ class Cost:
 
     @property
     def counts_experts(self) -> bool:
-        """Whether the op's fn returns (value, experts computed) instead of the value."""
+        """Whether the op's forms return (value, experts computed) instead of the value."""
         return self.bytes_per_expert != 0
+
+
+class Forms(NamedTuple):
+    """How an op runs on one buffer, made when a backend compiles its split (`Node.make`):
+    `serial(*src_values)` on the calling thread, and where the op has one, `parallel(*src_values,
+    pool, times)` shared by the threads of a CPU pool (a hybrid._kernels.Pool), filling `times`
+    as the pool does (hybrid/backends/cpu.py turns it into op events). An op that reads a
+    weight binds its kernels to the buffer it is given: the host's, or a device's own copy."""
+    serial: Callable[..., Any]
+    parallel: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -41,21 +51,17 @@ class Node:
     op: str                         # ggml op name: MUL_MAT, MUL_MAT_ID, RMS_NORM, ROPE, ...
     name: str                       # weight ops: the weight's GGUF name (blk.3.ffn_up_exps);
                                     # others: a node name with the layer (attn_norm-3)
-    srcs: tuple["Node", ...]        # inputs, in the order `fn` takes them
-    fn: Callable[..., Any] | None   # fn(buf, *src_values) -> value; None for graph inputs
+    srcs: tuple["Node", ...]        # inputs, in the order the op's forms take them
+    make: Callable[[Any], Forms] | None  # make(buf) -> the op's forms on buffer buf; None: a graph input
     buffer: str | None = None       # model buffer read: a GGUF weight name or a KV cache
                                     # (cache_k_l3); its placement decides the node's backend
     layer: int = -1
     cost: Cost = Cost()
     n_tokens: int = 0
-    # Ops that CPU workers can share: parallel(buf, *src_values, pool, times) -> value, the op
-    # run by every thread of `pool` (a hybrid._kernels.Pool; None: the calling thread alone),
-    # filling `times` as the pool does (hybrid/backends/cpu.py turns it into op events).
-    parallel: Callable[..., Any] | None = None
 
     @property
     def is_input(self) -> bool:
-        return self.fn is None
+        return self.make is None
 
 
 @dataclass(slots=True)

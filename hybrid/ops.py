@@ -83,7 +83,7 @@ def _native_call(out: Out | None, y: torch.Tensor, reads: tuple, fn, *args) -> t
     """Run the native op fn(*args), which writes y, and note the call in `out` when y is the
     memory `out` keeps, with the tensors `reads` whose addresses args hold (kept alive with
     it): a node whose inputs are the same objects at its next run can run the same call again
-    (`hybrid.model.replaying`), without this module's checks, which cost a cold op more than
+    (`hybrid.builder.replaying`), without this module's checks, which cost a cold op more than
     its arithmetic."""
     fn(*args)
     if out is not None:

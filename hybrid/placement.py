@@ -172,6 +172,19 @@ def place(tensor_names: Iterable[str], rules: Sequence[OverrideRule], n_gpu_laye
     return Placement(backend, cause, accel, tuple(warnings))
 
 
+def buffer_backends(placement: Placement, derived: Mapping[str, str]) -> dict[str, str]:
+    """Every buffer's backend: a stored tensor's placement, and a derived buffer (a layer's
+    KV cache, the fused gate+up experts; `derived`: name -> the stored tensor it derives
+    from) where its parent is, so a cache sits where its layer's attention runs and the
+    fused experts where their gate experts are."""
+    backends = dict(placement.backend)
+    for name, parent in derived.items():
+        if parent not in placement.backend:
+            raise UserError(f"{name} derives from tensor {parent}, which the model file does not have")
+        backends[name] = placement.backend[parent]
+    return backends
+
+
 # ---- what each backend holds and reads per token ----------------------------------------------
 
 @dataclass(frozen=True)

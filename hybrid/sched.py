@@ -36,7 +36,6 @@ Every step goes to the recorder on the main lane; ops go to the lane that ran th
 
 from __future__ import annotations
 
-import functools
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -153,8 +152,9 @@ def _cut_splits(nodes, backends, backend_of) -> tuple[Split, ...]:
 
 @dataclass(frozen=True, eq=False, slots=True)
 class Step:
-    """One op of a backend's program, as that backend runs it: `run(*src_values)` with the
-    node's buffer (and, `pooled`, the CPU's thread pool) bound when the split was compiled."""
+    """One op of a backend's program, as that backend runs it: `run(*src_values)`, one of the
+    node's forms on the backend's buffer (and, `pooled`, with the CPU's thread pool) bound
+    when the split was compiled."""
     node: Node
     run: Callable[..., Any]
     pooled: bool = False        # shared by the CPU pool's threads: its events come from the pool
@@ -166,7 +166,7 @@ Program = tuple[Step, ...]
 def serial_program(split: "Split", buffers: Mapping[str, Any]) -> Program:
     """A split's ops each run whole by the thread that runs the program (a device's, or the
     sequential `compute`'s)."""
-    return tuple(Step(node, functools.partial(node.fn, buffers[node.buffer] if node.buffer is not None else None))
+    return tuple(Step(node, node.make(buffers[node.buffer] if node.buffer is not None else None).serial)
                  for node in split.nodes)
 
 

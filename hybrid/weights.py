@@ -4,7 +4,7 @@ A weight stays in the form the GGUF file stores it: a torch view of the file's
 memory map (quantised blocks as uint8 rows, floats as themselves). A matmul
 dequantises a bounded chunk of rows at a time, so a Q4 model's resident memory
 is the file's pages it touches plus a few MiB of scratch, never an f32 copy
-(except of the small per-head attention weights, see `hybrid.model._head_weights`).
+(except of the small per-head attention weights, see `hybrid.builder._head_weights`).
 The CPU's weights that stay in the map are read through once at load (`fault_in`),
 so that no token waits on a page fault.
 
@@ -16,7 +16,7 @@ Python; the pack is about the size of the file's blocks, held in RAM.
 Native kernels (`hybrid.cpu_kernels`: int8 dot products on raw Q4_0/Q8_0
 blocks, at memory speed) take over every matmul on a stored Q4_0/Q8_0 weight
 held in CPU memory: `mul_mat` here, and the pool-shared forms in
-`hybrid.model`, all ask `native(w)`. They round each activation to 8 bits per
+`hybrid.builder`, all ask `native(w)`. They round each activation to 8 bits per
 block of 32 (as llama.cpp does on the CPU), so results move by ~1e-2 against a
 float matmul. Where the AVX-512 kernel is the one in use, the matmul weights
 placed on the CPU are also repacked at load into its interleaved 16-row blocks
@@ -267,6 +267,7 @@ class ModelWeights:
                  on_cpu: Callable[[str], bool] = lambda name: True):
         self.rtr, self.fmoe = rtr, fmoe
         self.buffers: dict[str, object] = {}
+        self.parents: dict[str, str] = {}       # derived buffer -> the stored tensor it derives from
         for name, info in model.tensors.items():
             w = Weight.from_tensor(info)
             if rtr and can_repack(w):
@@ -288,6 +289,7 @@ class ModelWeights:
                 if gate is not None:
                     name = f"blk.{il}.ffn_gate_up_exps.weight"
                     self.buffers[name] = GateUpExperts(name, gate, self.buffers[f"blk.{il}.ffn_up_exps.weight"])
+                    self.parents[name] = f"blk.{il}.ffn_gate_exps.weight"
 
     def __getitem__(self, name: str):
         return self.buffers[name]

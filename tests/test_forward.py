@@ -21,7 +21,8 @@ from gguf.constants import GGMLQuantizationType as T
 from gguf_retype import retype_gguf
 from hybrid.gguf_model import load_model
 from hybrid import ops, weights
-from hybrid.model import Model, build_graph, rope_cos_sin
+from hybrid.model import Model
+from hybrid.rope import rope_cos_sin
 from hybrid.sched import compute
 from reference_deepseek2 import Deepseek2Reference
 
@@ -125,7 +126,7 @@ def test_last_token_logits_equal_all_logits_row(tiny_gguf):
 def test_graph_nodes_name_their_buffers(tiny_gguf):
     """Weight ops carry the GGUF tensor they read; expert ops are MUL_MAT_ID on *_exps."""
     model = Model(load_model(tiny_gguf), n_ctx=16)
-    graph = build_graph(model, n_tokens=4, n_past=0)
+    graph = model.graph(4)
     names = set(model.buffer_names())
     for node in graph.nodes:
         if node.buffer is not None:
@@ -147,7 +148,7 @@ def test_expert_bytes_are_the_selected_experts(tiny_gguf):
     values = {node: value for name, value in model.inputs([7, 8, 9]).items() for node in [graph.inputs[name]]}
     for node in graph.nodes[len(graph.inputs):]:
         buf = model.buffer(node.buffer) if node.buffer is not None else None
-        values[node] = node.fn(buf, *[values[s] for s in node.srcs])
+        values[node] = node.make(buf).serial(*[values[s] for s in node.srcs])
         if node is up:
             values[node], n_experts = values[node]
         elif node.cost.counts_experts:
@@ -171,12 +172,15 @@ def test_parallel_tasks_equal_fn(tiny_gguf, rtr, fmoe):
     n_checked = 0
     pool = Pool(3, True)
     for node in graph.nodes:
-        buf = model.buffer(node.buffer) if node.buffer is not None else None
+        if node.is_input:
+            values[id(node)] = inputs[node.name]
+            continue
+        forms = node.make(model.buffer(node.buffer) if node.buffer is not None else None)
         args = [values[id(s)] for s in node.srcs]
-        values[id(node)] = inputs[node.name] if node.is_input else node.fn(buf, *args)
-        if node.parallel is not None:
+        values[id(node)] = forms.serial(*args)
+        if forms.parallel is not None:
             for shared_by in (None, pool):
-                dst = node.parallel(buf, *args, shared_by, None)
+                dst = forms.parallel(*args, shared_by, None)
                 torch.testing.assert_close(dst, values[id(node)], rtol=1e-4, atol=1e-6)
             n_checked += 1
         if node.cost.counts_experts:      # (the value, the experts computed)

@@ -510,10 +510,10 @@ def test_out_reuses_its_memory(rng, monkeypatch, native):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_a_replaying_node_runs_its_last_call_again_while_its_inputs_are_the_same(rng, monkeypatch, native):
-    """`hybrid.model.replaying`: with the same input objects (new contents, as from one token to
+    """`hybrid.builder.replaying`: with the same input objects (new contents, as from one token to
     the next) the node runs its last native call again, not its Python; another input object,
     or the torch path (no native call to replay), runs the Python. Values are right each time."""
-    from hybrid.model import replaying
+    from hybrid.builder import replaying
 
     monkeypatch.setattr(ops, "NATIVE", native)
     runs = []

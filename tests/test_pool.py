@@ -21,6 +21,7 @@ import torch
 from hybrid import cpu_kernels as ck
 from hybrid._kernels import Pool
 from hybrid.backends.cpu import CpuBackend
+from hybrid.builder import forms
 from hybrid.graph import Cost, Graph, Node
 from hybrid.sched import Scheduler, split_graph
 from profiler.recorder import Recorder
@@ -331,8 +332,8 @@ def test_backend_events_share_the_op_and_time_each_wakeup(poll):
     parallel = lambda w, x, ids, pool, times: ck.mul_mat_experts(w, ck.Q4_0, x, ids, pool=pool,  # noqa: E731
                                                                   times=times)[0]
     serial = lambda w, x, ids: parallel(w, x, ids, None, None)               # noqa: E731
-    exps = Node("MUL_MAT_ID", "blk.0.ffn_up_exps", (inp, sel), serial, buffer="w", cost=Cost(n_bytes, 10**6),
-                parallel=parallel)
+    exps = Node("MUL_MAT_ID", "blk.0.ffn_up_exps", (inp, sel), forms(serial, parallel), buffer="w",
+                cost=Cost(n_bytes, 10**6))
     graph = Graph([inp, sel, exps], {"x": inp, "ids": sel}, exps)
     rec = Recorder(enabled=True)
     cpu = CpuBackend({"w": gate}, 3, poll, rec)

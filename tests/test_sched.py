@@ -16,12 +16,19 @@ import torch
 from hybrid.backends.acc import AccBackend
 from hybrid.backends.cpu import CpuBackend
 from hybrid.cpu_kernels import n_tasks, run_tasks
-from hybrid.graph import Cost, Graph, Node
+from hybrid.builder import forms
+from hybrid.graph import Graph, Node
 from hybrid.sched import compute
 from hybrid.sched import Scheduler, describe, split_graph
 from profiler.recorder import Recorder
 
 D, N_EXPERT, N_USED = 8, 4, 2
+
+
+def node(op, name, srcs, fn, parallel=None, **kw) -> Node:
+    """A graph node from fn(buf, *src_values) (and parallel(buf, *src_values, pool, times));
+    fn None: a graph input."""
+    return Node(op, name, srcs, None if fn is None else forms(fn, parallel), **kw)
 
 
 def _parallel_matmul(w, x, pool, times):
@@ -50,7 +57,7 @@ def _parallel_experts(w, x, topk, pool, times):
 
 
 def synthetic_moe_graph(n_layer: int = 2, n_tokens: int = 3) -> Graph:
-    inp = Node("INPUT", "inp_embd", (), None, n_tokens=n_tokens)
+    inp = node("INPUT", "inp_embd", (), None, n_tokens=n_tokens)
     nodes = [inp]
 
     def add(node):
@@ -59,35 +66,35 @@ def synthetic_moe_graph(n_layer: int = 2, n_tokens: int = 3) -> Graph:
 
     cur = inp
     for il in range(n_layer):
-        norm = add(Node("RMS_NORM", f"blk.{il}.attn_norm", (cur,),
+        norm = add(node("RMS_NORM", f"blk.{il}.attn_norm", (cur,),
                         lambda w, x: torch.nn.functional.rms_norm(x, (D,)) * w,
                         buffer=f"blk.{il}.attn_norm.weight", layer=il))
-        attn = add(Node("MUL_MAT", f"blk.{il}.attn_q", (norm,), lambda w, x: x @ w.T,
+        attn = add(node("MUL_MAT", f"blk.{il}.attn_q", (norm,), lambda w, x: x @ w.T,
                         buffer=f"blk.{il}.attn_q.weight", layer=il,
                         parallel=_parallel_matmul))
-        res = add(Node("ADD", f"ffn_inp-{il}", (attn, cur), lambda _, a, b: a + b, layer=il))
-        fnorm = add(Node("RMS_NORM", f"blk.{il}.ffn_norm", (res,),
+        res = add(node("ADD", f"ffn_inp-{il}", (attn, cur), lambda _, a, b: a + b, layer=il))
+        fnorm = add(node("RMS_NORM", f"blk.{il}.ffn_norm", (res,),
                          lambda w, x: torch.nn.functional.rms_norm(x, (D,)) * w,
                          buffer=f"blk.{il}.ffn_norm.weight", layer=il))
-        logits = add(Node("MUL_MAT", f"blk.{il}.ffn_gate_inp", (fnorm,), lambda w, x: x @ w.T,
+        logits = add(node("MUL_MAT", f"blk.{il}.ffn_gate_inp", (fnorm,), lambda w, x: x @ w.T,
                           buffer=f"blk.{il}.ffn_gate_inp.weight", layer=il))
-        topk = add(Node("TOP_K", f"ffn_moe_topk-{il}", (logits,),
+        topk = add(node("TOP_K", f"ffn_moe_topk-{il}", (logits,),
                         lambda _, l: torch.topk(torch.softmax(l, -1), N_USED), layer=il))
-        exps = add(Node("MUL_MAT_ID", f"blk.{il}.ffn_up_exps", (fnorm, topk),
+        exps = add(node("MUL_MAT_ID", f"blk.{il}.ffn_up_exps", (fnorm, topk),
                         lambda w, x, tk: torch.stack([
                             tk[0][:, k:k + 1] * torch.einsum("td,tod->to", x, w[tk[1][:, k]])
                             for k in range(N_USED)]),
                         buffer=f"blk.{il}.ffn_up_exps.weight", layer=il,
                         parallel=_parallel_experts))
-        moe = add(Node("SUM_ROWS", f"ffn_moe_out-{il}", (exps,), lambda _, e: e.sum(0), layer=il))
-        shexp = add(Node("MUL_MAT", f"blk.{il}.ffn_up_shexp", (fnorm,), lambda w, x: x @ w.T,
+        moe = add(node("SUM_ROWS", f"ffn_moe_out-{il}", (exps,), lambda _, e: e.sum(0), layer=il))
+        shexp = add(node("MUL_MAT", f"blk.{il}.ffn_up_shexp", (fnorm,), lambda w, x: x @ w.T,
                          buffer=f"blk.{il}.ffn_up_shexp.weight", layer=il))
-        both = add(Node("ADD", f"ffn_out-{il}", (moe, shexp), lambda _, a, b: a + b, layer=il))
-        cur = add(Node("ADD", f"l_out-{il}", (both, res), lambda _, a, b: a + b, layer=il))
-    out_norm = add(Node("RMS_NORM", "output_norm", (cur,),
+        both = add(node("ADD", f"ffn_out-{il}", (moe, shexp), lambda _, a, b: a + b, layer=il))
+        cur = add(node("ADD", f"l_out-{il}", (both, res), lambda _, a, b: a + b, layer=il))
+    out_norm = add(node("RMS_NORM", "output_norm", (cur,),
                         lambda w, x: torch.nn.functional.rms_norm(x, (D,)) * w,
                         buffer="output_norm.weight"))
-    out = add(Node("MUL_MAT", "output", (out_norm,), lambda w, x: x @ w.T, buffer="output.weight",
+    out = add(node("MUL_MAT", "output", (out_norm,), lambda w, x: x @ w.T, buffer="output.weight",
                    parallel=_parallel_matmul))
     return Graph(nodes, {"inp_embd": inp}, out, n_tokens=n_tokens)
 
@@ -145,8 +152,8 @@ def test_split_rule_single_backend_is_one_split():
 
 
 def test_split_rule_weightless_graph_follows_sources():
-    a = Node("INPUT", "a", (), None)
-    b = Node("ADD", "b", (a, a), lambda _, x, y: x + y)
+    a = node("INPUT", "a", (), None)
+    b = node("ADD", "b", (a, a), lambda _, x, y: x + y)
     plan = split_graph(Graph([a, b], {"a": a}, b), lambda _: "ACC0")
     assert plan.causes == ("1.inp", "3.src") and [plan.backend_of[n] for n in (a, b)] == ["CPU", "CPU"]
 
@@ -193,8 +200,8 @@ def test_every_worker_runs_a_share_at_the_same_time(n_threads, poll):
     """Tasks that wait for each other can only finish if all workers run them at once."""
     import threading
     barrier = threading.Barrier(n_threads, timeout=10)
-    a = Node("INPUT", "a", (), None)
-    b = Node("MUL_MAT", "blk.0.ffn_up_exps", (a,), lambda w, x: x, buffer="w",
+    a = node("INPUT", "a", (), None)
+    b = node("MUL_MAT", "blk.0.ffn_up_exps", (a,), lambda w, x: x, buffer="w",
              parallel=lambda w, x, pool, times: run_tasks([barrier.wait] * pool.n_threads, pool, times) or x)
     graph = Graph([a, b], {"a": a}, b)
     rec = Recorder(enabled=True)
@@ -230,8 +237,8 @@ def test_worker_error_reaches_the_main_thread():
             raise ValueError("task failed")
         run_tasks([boom] * 4, pool, times)
         return x
-    a = Node("INPUT", "a", (), None)
-    b = Node("MUL_MAT", "b", (a,), lambda w, x: x, buffer="w", parallel=bad_parallel)
+    a = node("INPUT", "a", (), None)
+    b = node("MUL_MAT", "b", (a,), lambda w, x: x, buffer="w", parallel=bad_parallel)
     graph = Graph([a, b], {"a": a}, b)
     rec = Recorder(enabled=False)
     cpu = CpuBackend({"w": None}, 2, 0, rec)
@@ -240,7 +247,7 @@ def test_worker_error_reaches_the_main_thread():
         with pytest.raises(ValueError, match="task failed"):
             sched.compute(graph, split_graph(graph, lambda _: "CPU"), {"a": torch.ones(1)}, 0)
         # the pool still works afterwards
-        good = Node("MUL_MAT", "c", (a,), lambda w, x: x, buffer="w",
+        good = node("MUL_MAT", "c", (a,), lambda w, x: x, buffer="w",
                     parallel=lambda w, x, pool, times: run_tasks([lambda: None] * 2, pool, times) or x)
         g2 = Graph([a, good], {"a": a}, good)
         assert sched.compute(g2, split_graph(g2, lambda _: "CPU"), {"a": torch.ones(1)}, 1) == 1
@@ -249,8 +256,8 @@ def test_worker_error_reaches_the_main_thread():
 
 
 def test_device_error_is_raised_at_sync():
-    a = Node("INPUT", "a", (), None)
-    b = Node("MUL_MAT", "b", (a,), lambda w, x: 1 / 0, buffer="w")
+    a = node("INPUT", "a", (), None)
+    b = node("MUL_MAT", "b", (a,), lambda w, x: 1 / 0, buffer="w")
     graph = Graph([a, b], {"a": a}, b)
     rec = Recorder(enabled=False)
     acc = AccBackend({"w": None}, rec)

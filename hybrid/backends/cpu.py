@@ -24,7 +24,6 @@ counts as thread wakeup.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping
 
 import numpy as np
@@ -83,11 +82,11 @@ class CpuBackend:
         return tuple(self._step(node) for node in split.nodes)
 
     def _step(self, node: Node) -> Step:
-        buf = self.buffers[node.buffer] if node.buffer is not None else None
-        if node.parallel is not None and self.n_threads > 1 and _worth_sharing(node):
-            parallel, pool, times = node.parallel, self.pool, self._times
-            return Step(node, lambda *srcs: parallel(buf, *srcs, pool, times), pooled=True)
-        return Step(node, functools.partial(node.fn, buf))
+        forms = node.make(self.buffers[node.buffer] if node.buffer is not None else None)
+        if forms.parallel is not None and self.n_threads > 1 and _worth_sharing(node):
+            parallel, pool, times = forms.parallel, self.pool, self._times
+            return Step(node, lambda *srcs: parallel(*srcs, pool, times), pooled=True)
+        return Step(node, forms.serial)
 
     def compute(self, program: Program, values: dict, graph_id: int, i_split: int, n_kv: int) -> None:
         try:

@@ -28,7 +28,7 @@ from gguf.constants import GGMLQuantizationType
 
 from hybrid import cpu_kernels, ops
 from hybrid.graph import Cost, Forms, Graph, Node
-from hybrid.weights import GateUpExperts, mul_mat, native
+from hybrid.weights import GateUpExperts, mul_mat, native, on_device
 
 
 def _tensor_label(buffer: str) -> str:
@@ -299,6 +299,8 @@ class Builder:
         expert_fn = _fused_expert if fused else _expert
 
         def make(buf) -> Forms:
+            if on_device(buf):
+                return Forms(lambda x, ids: _experts_on_device(buf, x, ids, fused))
             bound, out = _expert_kernel(buf, fused), ops.Out()
 
             def parallel(x, ids, pool, times):
@@ -469,6 +471,33 @@ def _mul_mat_parallel(w, x: torch.Tensor, pool, times, out: ops.Out | None = Non
         dst[:, r0:r1] = mul_mat(w.rows(r0, r1), x)
     cpu_kernels.run_tasks(cpu_kernels.range_tasks(w.row_splits(cpu_kernels.n_tasks(pool)), task), pool, times)
     return dst
+
+
+def _experts_on_device(w, x: torch.Tensor, ids: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """MUL_MAT_ID on a GPU's dense expert weights (`weights.for_gpu`), the experts selected on
+    the device: nothing is read back to the host inside the split (a `.tolist()` or `.nonzero()`
+    would wait for the GPU in every MoE layer). -> ([T, U, N], the distinct experts used, a
+    device scalar that the backend reads with the op's times, after its sync).
+
+    With few slots (T * U <= E: generation) each slot's expert matrix is gathered and applied
+    (one batched GEMV, reading the used experts); with more (a prompt), every expert runs over
+    all slots and each slot keeps its own expert's rows (E GEMMs, E / U times the flops of the
+    selected ones, but no data-dependent shapes)."""
+    n_tok, n_used = ids.shape
+    n_expert = (w.gate if fused else w).shape[0]
+    xs = x if x.dim() == 3 else x[:, None, :].expand(n_tok, n_used, x.shape[-1])        # [T, U, K]
+
+    def apply(data: torch.Tensor) -> torch.Tensor:                                      # [E, N, K] -> [T, U, N]
+        if n_tok * n_used <= n_expert:
+            rows = torch.bmm(data[ids.reshape(-1)], xs.reshape(n_tok * n_used, -1, 1))
+            return rows.reshape(n_tok, n_used, -1)
+        y = xs.new_zeros(n_tok, n_used, data.shape[1])
+        for e in range(n_expert):
+            y += (ids == e)[..., None] * (xs @ data[e].T)
+        return y
+    dst = F.silu(apply(w.gate.data)) * apply(w.up.data) if fused else apply(w.data)
+    used = torch.zeros(n_expert, dtype=torch.bool, device=ids.device).index_fill_(0, ids.reshape(-1), True)
+    return dst, used.sum()
 
 
 def _expert_rows(x: torch.Tensor, ids: torch.Tensor, e: int):

@@ -30,6 +30,7 @@ from hybrid.model import Model
 from hybrid.placement import (CPU, available_backends, backend_loads, buffer_backends, parse_override_rules,
                               place)
 from hybrid.sched import Scheduler, SplitPlan, split_graph
+from hybrid.weights import Weight, for_gpu
 from profiler.errors import UserError
 from profiler.recorder import Recorder
 from profiler.schema import MAIN_LANE
@@ -99,9 +100,11 @@ class Engine:
 
     def _buffers_on(self, backend: str, device: torch.device | None) -> dict[str, Any]:
         """The buffers a backend holds. The CPU reads the model's (host) weights and caches;
-        a device (`device`: where its tensors live) gets its own copy of its weights and
-        allocates its KV caches there, so the host holds no cache of a device's layer."""
+        a device (`device`: where its tensors live) gets its own copy of its weights (a GPU:
+        dequantised once, `weights.for_gpu`) and allocates its KV caches there, so the host
+        holds no cache of a device's layer."""
         memo: dict[int, Any] = {}
+        gpu_memo: dict[str, Any] = {}
         out = {}
         for name, b in self._buffer_backend.items():
             if b != backend:
@@ -110,9 +113,14 @@ class Engine:
                 out[name] = self.model.buffer(name)
             elif name in self.model.cache.layout:
                 out[name] = self.model.cache.allocate(name, device)
+            elif device.type == "cuda":
+                out[name] = for_gpu(self.model.weights[name], self._stored, device, gpu_memo)
             else:   # a copy even on the CPU: the emulated device has memory of its own
                 out[name] = copy_buffer(self.model.weights[name], lambda t: t.to(device, copy=True), memo)
         return out
+
+    def _stored(self, name: str) -> Weight:
+        return Weight.from_tensor(self.gguf.tensors[name])
 
     def _make_device(self, name: str):
         if name.startswith("CUDA"):

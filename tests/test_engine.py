@@ -24,6 +24,7 @@ import torch
 
 from hybrid import cpu_kernels, weights
 from hybrid.engine import Engine
+from hybrid.gguf_model import load_model
 from hybrid.weights import Weight
 from profiler.errors import UserError
 from profiler.recorder import Recorder
@@ -408,3 +409,47 @@ def test_hyprof_run_with_the_real_engine_writes_a_valid_timings_file(tiny_gguf, 
     summary = check_timings_file(out, require_types=("test", "graph", "phase", "split", "op",
                                                      "copy", "wakeup", "sync"))
     assert {"main", "cpu1", "ACC0"} <= summary.lanes
+
+
+@pytest.mark.parametrize("n_tok", [1, 5])                   # gathered slots (T*U <= E), every expert
+@pytest.mark.parametrize("fused,per_slot", [(False, False), (True, False), (False, True)])
+def test_gpu_expert_matmuls_select_on_the_device(n_tok, fused, per_slot):
+    """The GPU's MUL_MAT_ID form (no read-back inside a split) equals each slot's expert applied
+    to its input, in both its forms, and counts the distinct experts used; run here on CPU
+    tensors, as it runs on a GPU's."""
+    from hybrid.builder import _experts_on_device
+    from hybrid.weights import GateUpExperts
+
+    g = torch.Generator().manual_seed(n_tok)
+    n_expert, n_used, n_out, n_in = 8, 3, 16, 32
+    dense = [Weight(f"w{i}", 0, (n_expert, n_out, n_in), torch.randn(n_expert, n_out, n_in, generator=g))
+             for i in range(2)]
+    w = GateUpExperts("gate_up", *dense) if fused else dense[0]
+    ids = torch.stack([torch.randperm(n_expert, generator=g)[:n_used] for _ in range(n_tok)])
+    x = torch.randn(n_tok, n_used, n_in, generator=g) if per_slot else torch.randn(n_tok, n_in, generator=g)
+    got, n_experts = _experts_on_device(w, x, ids, fused)
+    for t in range(n_tok):
+        for u in range(n_used):
+            xt = x[t, u] if per_slot else x[t]
+            e = int(ids[t, u])
+            want = dense[0].data[e] @ xt
+            if fused:
+                want = torch.nn.functional.silu(want) * (dense[1].data[e] @ xt)
+            torch.testing.assert_close(got[t, u], want, rtol=1e-5, atol=1e-5)
+    assert int(n_experts) == len(set(ids.flatten().tolist()))
+
+
+def test_gpu_weights_are_dequantised_once_at_load(tiny_gguf):
+    """A GPU's copy of a quantised weight is its float32 dequantisation, made from the stored
+    tensor; the fused pair shares its gate and up copies."""
+    from hybrid.weights import GateUpExperts, for_gpu
+
+    g = load_model(tiny_gguf)
+    stored = {name: Weight.from_tensor(info) for name, info in g.tensors.items()}
+    memo: dict = {}
+    name = "blk.1.ffn_up_exps.weight"
+    dense = for_gpu(stored[name], stored.__getitem__, torch.device("cpu"), memo)
+    assert dense.data.dtype == torch.float32 and dense.shape == stored[name].shape
+    torch.testing.assert_close(dense.data, stored[name].dequantize().reshape(dense.shape), rtol=0, atol=0)
+    pair = GateUpExperts("blk.1.ffn_gate_up_exps.weight", stored["blk.1.ffn_gate_exps.weight"], stored[name])
+    assert for_gpu(pair, stored.__getitem__, torch.device("cpu"), memo).up is dense

@@ -11,6 +11,10 @@ whose host time is read at the same moment. Op `ts` = anchor host time + the
 anchor-to-op elapsed time; the mapping is redone at every sync, so clock drift
 never accumulates.
 
+Programs hold no host synchronisation: the weights were dequantised once at load
+(`hybrid.weights.for_gpu`), and MUL_MAT_ID selects its experts on the device
+(`hybrid.builder._experts_on_device`), its expert count read with the op times.
+
 Copies go through pinned host staging buffers (kept per shape and dtype) and are
 synchronous, as ggml's `ggml_backend_tensor_copy` is: the host time of a copy is
 its real cost.
@@ -95,7 +99,8 @@ class CudaBackend:
         for node, graph_id, i_split, start, end, (anchor, anchor_ns), n_bytes, flops in self._timed:
             ts = anchor_ns + int(anchor.elapsed_time(start) * 1e6)
             dur = int(start.elapsed_time(end) * 1e6)
-            lane.op(ts, dur, graph_id, i_split, name, node.op, node.name, node.layer, n_bytes, flops,
+            # n_bytes: a device scalar where it counts the experts MUL_MAT_ID used, read now
+            lane.op(ts, dur, graph_id, i_split, name, node.op, node.name, node.layer, int(n_bytes), flops,
                     node.n_tokens)
             free.append(start)
             free.append(end)

@@ -29,6 +29,8 @@
  * it would. The exceptions are the ops given a hybrid._kernels.Pool (reached
  * through its capsule) for its threads to share (flash_attn, matmul_f32, and a
  * prompt's add, swiglu and scale_rows), which release it while the chunks run.
+ * GET_ROWS takes a type's block size and row dequantisation from the quant traits
+ * table (hybrid/quant_traits.h), also through a capsule of hybrid._kernels.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -52,6 +52,14 @@ static inline size_t q8_row_bytes(int64_t n_in) {
     return (size_t)((n_in / QK + GROUP_BLOCKS - 1) / GROUP_BLOCKS) * GROUP_BYTES;
 }
 
+/* A kernel whose arguments stay run-time values: neither inlined into its callers nor cloned
+ * for their constants (GCC's noipa; Clang does not clone). */
+#if defined(__clang__)
+#define KEEP_ARGS __attribute__((noinline))
+#else
+#define KEEP_ARGS __attribute__((noipa))
+#endif
+
 /* The R16 lane that holds row i of its block (see above). */
 static inline int r16_lane(int i) { return 4 * (i % 4) + i / 4; }
 

@@ -49,7 +49,7 @@ FP16_SCALE = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
 
 def random_blocks(rng, n_expert, n_out, n_in, ggml_type):
     """uint8 [n_expert, n_out, row_bytes]: random quants, a sane fp16 scale per block."""
-    bb = ck.BLOCK_BYTES[ggml_type]
+    bb = ck.TRAITS[ggml_type].block_bytes
     raw = rng.integers(0, 256, size=(n_expert, n_out, n_in // 32, bb), dtype=np.uint8)
     raw[..., :2] = FP16_SCALE
     return raw.reshape(n_expert, n_out, -1)
@@ -258,7 +258,7 @@ def main():
 
     for tname in args.types.split(","):
         ggml_type = TYPES[tname]
-        expert_bytes = 3 * N_FF * N_EMBD // 32 * ck.BLOCK_BYTES[ggml_type]      # gate, up, down
+        expert_bytes = 3 * N_FF * N_EMBD // 32 * ck.TRAITS[ggml_type].block_bytes      # gate, up, down
         n_layers = max(2, int(np.ceil(args.gb * 1e9 / (N_EXPERT * expert_bytes))))
         layers = make_layers(rng, n_layers, ggml_type)
         forms = [("stored", layers, ggml_type)]

@@ -1,5 +1,5 @@
 /* IEEE half floats, as GGUF stores block scales and F16 tensors: the one conversion that
- * the native modules (hybrid/_kernels.c, hybrid/_ops.c) share. Portable C, exact for every
+ * the native code shares (the quant traits table, the kernels). Portable C, exact for every
  * value (subnormals, infinities and NaNs included); the SIMD kernels convert with F16C. */
 #ifndef HYPROF_FP16_H
 #define HYPROF_FP16_H

@@ -29,6 +29,8 @@
  * it would. The exceptions are the ops given a hybrid._kernels.Pool (reached
  * through its capsule) for its threads to share (flash_attn, matmul_f32, and a
  * prompt's add, swiglu and scale_rows), which release it while the chunks run.
+ * GET_ROWS takes a type's block size and row dequantisation from the quant traits
+ * table (hybrid/quant_traits.h), also through a capsule of hybrid._kernels.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -37,13 +39,10 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "_fp16.h"
 #include "_pool.h"
 #include "_vecmath.h"
+#include "quant_traits.h"
 
-
-enum { TYPE_F32 = 0, TYPE_F16 = 1, TYPE_Q4_0 = 2, TYPE_Q8_0 = 8, TYPE_BF16 = 30 };   /* ggml type ids */
-#define QK 32                                                                          /* Q4_0/Q8_0 block */
 #define LANES 16                   /* partial sums per reduction: independent lanes the compiler vectorises */
 #define MAX_COLS 4096              /* top_k's scratch: experts per token at most */
 
@@ -646,51 +645,11 @@ static PyObject *py_expert_weights(PyObject *self, PyObject *const *args, Py_ssi
 
 /* --- GET_ROWS ---------------------------------------------------------------------------------- */
 
-static Py_ssize_t row_bytes_of(int type, Py_ssize_t n_cols) {
-    switch (type) {
-    case TYPE_F32: return n_cols * 4;
-    case TYPE_F16: case TYPE_BF16: return n_cols * 2;
-    case TYPE_Q4_0: return n_cols % QK ? -1 : n_cols / QK * 18;
-    case TYPE_Q8_0: return n_cols % QK ? -1 : n_cols / QK * 34;
-    default: return -1;
-    }
-}
-
-static void dequantize_row(int type, const uint8_t *src, Py_ssize_t n, float *out) {
-    switch (type) {
-    case TYPE_F32:
-        memcpy(out, src, (size_t)n * 4);
-        break;
-    case TYPE_F16:
-        for (Py_ssize_t i = 0; i < n; i++) out[i] = fp16_to_f32(load_u16(src + 2 * i));
-        break;
-    case TYPE_BF16:
-        for (Py_ssize_t i = 0; i < n; i++) {
-            uint32_t bits = (uint32_t)load_u16(src + 2 * i) << 16;
-            memcpy(out + i, &bits, 4);
-        }
-        break;
-    case TYPE_Q4_0:
-        for (Py_ssize_t b = 0; b < n / QK; b++, src += 18, out += QK) {
-            const float d = fp16_to_f32(load_u16(src));
-            for (int j = 0; j < QK / 2; j++) {
-                out[j] = ((src[2 + j] & 0x0f) - 8) * d;
-                out[j + QK / 2] = ((src[2 + j] >> 4) - 8) * d;
-            }
-        }
-        break;
-    case TYPE_Q8_0:
-        for (Py_ssize_t b = 0; b < n / QK; b++, src += 34, out += QK) {
-            const float d = fp16_to_f32(load_u16(src));
-            for (int j = 0; j < QK; j++) out[j] = (int8_t)src[2 + j] * d;
-        }
-        break;
-    }
-}
+static const quant_api_t *quant_api;                 /* hybrid._kernels' quant traits, imported on first use */
 
 /* get_rows(data, n_rows, row_bytes, type, n_cols, ids, n_ids, out): rows ids int64 [n_ids] of a
- * stored tensor data [n_rows, row_bytes] (F32, F16, BF16, Q4_0 or Q8_0) dequantised -> out
- * [n_ids, n_cols] */
+ * stored tensor data [n_rows, row_bytes] of any type the quant traits table dequantises (F32,
+ * F16, BF16, Q4_0, Q8_0) -> out [n_ids, n_cols] */
 static PyObject *py_get_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     const uint8_t *data;
     const int64_t *ids;
@@ -698,7 +657,9 @@ static PyObject *py_get_rows(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_ssize_t n_rows, row_bytes, type, n_cols, n_ids;
     if (parse("get_rows", args, nargs, "pnnnnpnp", &data, &n_rows, &row_bytes, &type, &n_cols, &ids, &n_ids, &out))
         return NULL;
-    if (row_bytes_of((int)type, n_cols) != row_bytes)
+    if (!quant_api && !(quant_api = PyCapsule_Import(QUANT_API_CAPSULE, 0))) return NULL;
+    const quant_traits_t *traits = quant_api->traits((int)type);
+    if (!traits || n_cols % traits->block_values || n_cols / traits->block_values * traits->block_bytes != row_bytes)
         return bad("get_rows: rows of %zd bytes are not %zd columns of ggml type %zd (or it has no native path)",
                    row_bytes, n_cols, type);
     for (Py_ssize_t i = 0; i < n_ids; i++)
@@ -707,7 +668,7 @@ static PyObject *py_get_rows(PyObject *self, PyObject *const *args, Py_ssize_t n
             return NULL;
         }
     for (Py_ssize_t i = 0; i < n_ids; i++)
-        dequantize_row((int)type, data + ids[i] * row_bytes, n_cols, out + i * n_cols);
+        traits->dequantize_row(data + ids[i] * row_bytes, n_cols, out + i * n_cols);
     Py_RETURN_NONE;
 }
 

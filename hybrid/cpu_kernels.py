@@ -1,4 +1,4 @@
-"""CPU matmuls on Q4_0 / Q8_0 weights as stored in the GGUF file (native, `hybrid._kernels`).
+"""CPU matmuls on quantised weights as stored in the GGUF file (native, `hybrid._kernels`).
 
 The CPU expert matmuls of a hybrid MoE run are bound by memory bandwidth: a
 generated token reads each selected expert once. These kernels read the GGUF
@@ -24,6 +24,10 @@ forms call with the pool, and `run_tasks` for the ops without a native kernel.
 Precision: the activation is rounded to 8 bits per 32-value block (scale
 amax/127), so results differ from a float matmul by at most
 sum_i |W_ji| * d_block(i) / 2; the weights themselves are used exactly.
+
+Which types have kernels, their block sizes, and which SIMD paths can read their
+repacked (R16) form come from the quant traits table (hybrid/quant_traits.h), as
+`TRAITS`; the paths this CPU runs are a set, `paths()`.
 """
 
 from __future__ import annotations
@@ -32,19 +36,24 @@ import numpy as np
 
 from hybrid import _kernels
 
-Q4_0, Q8_0 = 2, 8                                  # ggml type ids the kernels take
-BLOCK_BYTES = {Q4_0: 18, Q8_0: 34}                 # bytes per 32 weights
+Q4_0, Q8_0 = 2, 8                                  # ggml type ids
 R16 = _kernels.R16                                 # flag on a type: the blocks are `repack`ed
+# ggml type id -> its facts (name, block_values, block_bytes, activation, and the paths with
+# kernels, with R16 kernels, and where R16 is repacked at load); one entry per type the native
+# code reads (GET_ROWS too), those with a matmul kernel have an activation
+TRAITS = _kernels.TRAITS
+# the ggml types the path in use has matmul kernels for
+MATMUL_TYPES = frozenset(t for t, traits in TRAITS.items() if _kernels.DEFAULT_PATH in traits.kernels)
 
 
 def available() -> str:
-    """The SIMD path calls use by default: 'avx512vnni', 'avx2' or 'scalar'
-    (HYPROF_KERNELS=<path> at import forces a lower one)."""
-    return _kernels.PATHS[_kernels.DEFAULT_PATH]
+    """The SIMD path calls use by default: 'avx512vnni', 'avx2' or 'scalar', the first of
+    these this CPU runs, or the one HYPROF_KERNELS=<path> names at import."""
+    return _kernels.DEFAULT_PATH
 
 
 def paths() -> tuple[str, ...]:
-    """Every path this CPU can run, scalar first; tests compare them."""
+    """Every path this CPU can run (the set, scalar first); tests compare them."""
     return _kernels.PATHS
 
 
@@ -67,31 +76,41 @@ def _outputs(out) -> np.ndarray:
 
 
 def _path(path: str | None) -> int:
-    return -1 if path is None else _kernels.PATHS.index(path) if path in _kernels.PATHS else len(_kernels.PATHS)
+    if path is None:
+        return -1
+    if path not in _kernels.PATHS:
+        raise ValueError(f"kernel path {path!r} is not available on this CPU (it runs {', '.join(paths())})")
+    return _kernels.PATH_NAMES.index(path)
 
 
 def _n_in(w: np.ndarray, ggml_type: int) -> int:
-    stored = ggml_type & ~R16
-    if stored not in BLOCK_BYTES:
-        raise ValueError(f"ggml type {ggml_type} has no CPU kernel (Q4_0={Q4_0}, Q8_0={Q8_0})")
-    return w.shape[-1] // BLOCK_BYTES[stored] * 32
+    traits = TRAITS.get(ggml_type & ~R16)
+    if traits is None or traits.activation is None:
+        with_kernels = ", ".join(f"{t.name}={i}" for i, t in TRAITS.items() if t.activation)
+        raise ValueError(f"ggml type {ggml_type} has no CPU kernel ({with_kernels})")
+    return w.shape[-1] // traits.block_bytes * traits.block_values
 
 
-def repack(w: np.ndarray, ggml_type: int) -> np.ndarray | None:
-    """Stored Q4_0/Q8_0 blocks [..., n_out, row_bytes] -> the same bytes interleaved 16 rows at
-    a time for the AVX-512 kernel, or None where that kernel is not the one in use (another
-    CPU, HYPROF_KERNELS) or n_out is not a multiple of 16. A call on the result passes
-    `ggml_type | R16`, with row ranges in whole blocks of 16.
+def repack(w: np.ndarray, ggml_type: int, path: str | None = None) -> np.ndarray | None:
+    """Stored blocks [..., n_out, row_bytes] -> the same bytes interleaved 16 rows at a time
+    (the R16 layout, hybrid/kernels/kernels.h), or None where n_out is not a multiple of 16,
+    or where the path in use does not gain from it (`TRAITS[t].r16_first`: AVX-512 today).
+    A call on the result passes `ggml_type | R16`, with row ranges in whole blocks of 16,
+    on a path that reads R16 (`TRAITS[t].r16`). With `path`, the repack is that path's
+    (any path with R16 kernels gives the same bytes), whether or not it gains from it:
+    so tests reach the layout on every CPU through the scalar path.
 
-    Why: with one token, the kernel on stored rows spends its time moving each row's
+    Why: with one token, the AVX-512 kernel on stored rows spends its time moving each row's
     blocks into SIMD lanes, not waiting for memory; interleaved rows need no such moves,
     and Q4_0 generation streams ~25 % faster (benchmarks/bench_expert_matmul.py). llama.cpp
     repacks Q4_0 for its CPU kernels at load for the same reason."""
     w = _weights(w)
-    if available() != "avx512vnni" or w.ndim < 2 or w.shape[-2] % 16:
+    n_in = _n_in(w, ggml_type)
+    wanted = TRAITS[ggml_type].r16 if path else TRAITS[ggml_type].r16_first
+    if (path or available()) not in wanted or w.ndim < 2 or w.shape[-2] % 16:
         return None
     out = np.empty_like(w)
-    _kernels.repack_r16(np.ascontiguousarray(w), ggml_type, _n_in(w, ggml_type), out)
+    _kernels.repack_r16(np.ascontiguousarray(w), ggml_type, n_in, out, _path(path))
     return out
 
 

@@ -32,12 +32,14 @@ import torch
 import torch.nn.functional as F
 
 from hybrid import _ops
-from hybrid.quants import dequantize
+from hybrid._kernels import TRAITS
+from hybrid.quants import FLOAT_DTYPES, dequantize
 
 NATIVE = os.environ.get("HYPROF_OPS") != "torch"
 F32, I64 = torch.float32, torch.int64
-# ggml types GET_ROWS dequantises natively -> the dtype `hybrid.weights.Weight.data` holds them in
-NATIVE_GET_ROWS = {0: torch.float32, 1: torch.float16, 2: torch.uint8, 8: torch.uint8, 30: torch.bfloat16}
+# ggml types GET_ROWS dequantises natively (those of the quant traits table) -> the dtype
+# `hybrid.weights.Weight.data` holds them in: float types as themselves, quantised ones as uint8 blocks
+NATIVE_GET_ROWS = {t: FLOAT_DTYPES.get(t, torch.uint8) for t in TRAITS}
 KEEP_BYTES = 64 << 10           # an `Out` keeps outputs up to this size; larger ones are allocated per call
 # kq and kqv of larger batches run in torch: from ~32 tokens on, its blocked BLAS GEMM outruns the
 # plain C loops by more than its dispatch costs (the C loops win 2-3x at 1-8 tokens)

@@ -112,9 +112,9 @@ _BLOCK_DEQUANT = {
     T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q8_0: _q8_0,
     T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k,
 }
-_FLOAT_VIEW = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
+FLOAT_DTYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}   # as torch holds them
 
-SUPPORTED_TYPES = frozenset(_BLOCK_DEQUANT) | frozenset(_FLOAT_VIEW)
+SUPPORTED_TYPES = frozenset(_BLOCK_DEQUANT) | frozenset(FLOAT_DTYPES)
 
 
 def row_bytes(ggml_type: int, n_cols: int) -> int:
@@ -130,9 +130,9 @@ def dequantize(raw: torch.Tensor, ggml_type: int) -> torch.Tensor:
     float16); they are only converted.
     """
     qtype = T(ggml_type)
-    if qtype in _FLOAT_VIEW:
+    if qtype in FLOAT_DTYPES:
         if raw.dtype == torch.uint8:
-            raw = raw.contiguous().view(_FLOAT_VIEW[qtype])
+            raw = raw.contiguous().view(FLOAT_DTYPES[qtype])
         return raw.float()
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     lead = raw.shape[:-1]

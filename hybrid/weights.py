@@ -50,7 +50,7 @@ INT4_ROWS_PER_PACK = 256          # the pack cannot be sliced by rows, so pack r
 
 # ggml type -> kernel(weight, x [T, K] f32) -> [T, N] f32 (on the repacked blocks where the weight has them).
 MATMUL_KERNELS: dict[int, Callable[["Weight", torch.Tensor], torch.Tensor]] = {
-    t: lambda w, x: cpu_kernels.matmul(*w.kernel_blocks, x) for t in (T.Q4_0, T.Q8_0)}
+    t: lambda w, x: cpu_kernels.matmul(*w.kernel_blocks, x) for t in cpu_kernels.MATMUL_TYPES}
 
 
 def _torch_view(data: np.ndarray) -> torch.Tensor:

@@ -32,7 +32,7 @@ SCALES = np.array([0.01, -0.02, 0.5, 3e-6, -1e-7, 1.0], np.float16)  # incl. sub
 def raw_weights(rng, shape, ggml_type):
     """Random GGUF blocks: uniform quant bytes, fp16 scales drawn from SCALES."""
     *lead, n_in = shape
-    bb = ck.BLOCK_BYTES[ggml_type]
+    bb = ck.TRAITS[ggml_type].block_bytes
     raw = rng.integers(0, 256, size=(*lead, n_in // 32, bb), dtype=np.uint8)
     raw[..., :2] = rng.choice(SCALES, size=(*lead, n_in // 32)).view(np.uint8).reshape(*lead, n_in // 32, 2)
     return raw.reshape(*lead, n_in // 32 * bb)
@@ -49,7 +49,7 @@ def activations(rng, n, n_in):
 
 
 def decode_q8(xq, n_in):
-    """q8 rows -> the float64 activation the kernels multiply by (layout in _kernels.c)."""
+    """q8 rows -> the float64 activation the kernels multiply by (layout in hybrid/kernels/kernels.h)."""
     g = xq.reshape(xq.shape[0], -1, 256)
     lo = g[:, :, :64].view(np.int8).reshape(len(g), -1, 4, 16)
     hi = g[:, :, 64:128].view(np.int8).reshape(len(g), -1, 4, 16)
@@ -121,7 +121,7 @@ def test_prompt_kernel_tiles_and_row_blocks_match_scalar(ggml_type, n_tok):
     rng = np.random.default_rng(10 + n_tok)
     for n_out, n_in in [(1, 32), (15, 96), (16, 160), (33, 416), (50, 1408)]:
         raw, x = raw_weights(rng, (n_out, n_in), ggml_type), activations(rng, n_tok, n_in)
-        blocks = raw[:2].reshape(min(n_out, 2), -1, ck.BLOCK_BYTES[ggml_type])
+        blocks = raw[:2].reshape(min(n_out, 2), -1, ck.TRAITS[ggml_type].block_bytes)
         blocks[:, :, 2:] = 0x00 if ggml_type == ck.Q4_0 else 0x80           # all -8 / -128 weights ...
         blocks[:, :, :2] = SCALES[-1:].view(np.uint8)
         x[0] = np.abs(x[0]) + 1.0                                            # ... times positive activations
@@ -258,46 +258,103 @@ def test_bad_arguments_raise_value_errors():
         ck._kernels.mul_mat_id(raw, b"", ck.Q4_0, raw.shape[0], 160, x, None, 1, out, 0, 1, 0, 1, -1)
 
 
-needs_avx512 = pytest.mark.skipif(ck.available() != "avx512vnni", reason="repacking serves the AVX-512 kernel")
+def r16_paths(ggml_type):
+    """The paths this CPU runs that read the repacked (R16) layout: scalar everywhere, AVX-512 where present."""
+    return [path for path in ck.paths() if path in ck.TRAITS[ggml_type].r16]
 
 
-@needs_avx512
+def r16_layout(raw, ggml_type):
+    """Stored blocks [n_out, row_bytes] -> R16 bytes, written from the layout's description
+    (hybrid/kernels/kernels.h) in NumPy: per block of 16 rows and 32-weight block, the 16 scales
+    (row i in lane 4 (i % 4) + i // 4), then quad k of every lane (Q8_0 values + 128)."""
+    bb = ck.TRAITS[ggml_type].block_bytes
+    blocks = raw.reshape(-1, 16, raw.shape[-1] // bb, bb).transpose(0, 2, 1, 3)     # [row block, block, row, bytes]
+    lanes = blocks[:, :, [4 * (p % 4) + p // 4 for p in range(16)]]                   # lane p: row 4 (p % 4) + p // 4
+    quads = lanes[..., 2:].reshape(*lanes.shape[:3], -1, 4) ^ np.uint8(0x80 if ggml_type == ck.Q8_0 else 0)
+    r16 = np.concatenate([lanes[..., :2].reshape(*lanes.shape[:2], 32),
+                          quads.transpose(0, 1, 3, 2, 4).reshape(*lanes.shape[:2], -1)], axis=-1)
+    return r16.reshape(raw.shape)
+
+
+@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+def test_every_r16_path_repacks_to_the_described_layout(ggml_type):
+    rng = np.random.default_rng(22)
+    w = raw_weights(rng, (48, 416), ggml_type)
+    for path in r16_paths(ggml_type):
+        np.testing.assert_array_equal(ck.repack(w, ggml_type, path=path), r16_layout(w, ggml_type), err_msg=path)
+
+
+@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+def test_scalar_r16_kernel_gives_the_scalar_row_kernels_products(ggml_type):
+    """Bit for bit, for any token count: what the R16 tests check on the scalar path holds of its row kernel."""
+    rng = np.random.default_rng(23)
+    w = raw_weights(rng, (2, 32, 416), ggml_type)
+    packed = ck.repack(w, ggml_type, path="scalar")
+    for n_tok in (1, 3, 9, 17):
+        x, ids = activations(rng, n_tok, 416), rng.integers(0, 2, size=(n_tok, 1)).astype(np.int32)
+        want, got = (np.full((n_tok, 1, 32), np.nan, np.float32) for _ in range(2))
+        ck.mul_mat_id(w, ggml_type, x, ids, want, path="scalar")
+        ck.mul_mat_id(packed, ggml_type | ck.R16, x, ids, got, path="scalar")
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
 @pytest.mark.parametrize("n_tok", [1, 2, 5, 9])
 def test_repacked_weights_give_the_stored_weights_products(ggml_type, n_tok):
     """R16 blocks read in place give the float64 reference's products, for generation and
-    prompts, whole experts and 16-row ranges, plain and fused."""
+    prompts, whole experts and 16-row ranges, plain and fused, on every path that reads them."""
     rng = np.random.default_rng(20 + n_tok)
     gate, up = (raw_weights(rng, (4, 48, 416), ggml_type) for _ in range(2))
-    packed_gate, packed_up = ck.repack(gate, ggml_type), ck.repack(up, ggml_type)
-    assert packed_gate.shape == gate.shape and not np.array_equal(packed_gate, gate)
     ids = np.stack([rng.choice(4, 2, replace=False) for _ in range(n_tok)]).astype(np.int32)
     x = activations(rng, n_tok, 416)
     xr = decode_q8(ck.quantize_activations(x), 416)
-    for w_up, packed_w_up in ((None, None), (up, packed_up)):
-        for r0, r1 in ((0, 48), (16, 32)):
-            got = np.full((n_tok, 2, 48), np.nan, np.float32)
-            ck.mul_mat_id(packed_gate, ggml_type | ck.R16, x, ids, got, r0, r1, w_up=packed_w_up)
-            for t, k in np.ndindex(n_tok, 2):
-                g = xr[t] @ dequant(gate[ids[t, k]], ggml_type)[r0:r1].T
-                u = xr[t] @ dequant(up[ids[t, k]], ggml_type)[r0:r1].T
-                want = g if w_up is None else g * 0.5 * (1 + np.tanh(g / 2)) * u         # silu(g) * u
-                np.testing.assert_allclose(got[t, k, r0:r1], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-            assert np.isnan(got[..., :r0]).all() and np.isnan(got[..., r1:]).all()
+    for path in r16_paths(ggml_type):
+        packed_gate, packed_up = ck.repack(gate, ggml_type, path=path), ck.repack(up, ggml_type, path=path)
+        assert packed_gate.shape == gate.shape and not np.array_equal(packed_gate, gate)
+        for w_up, packed_w_up in ((None, None), (up, packed_up)):
+            for r0, r1 in ((0, 48), (16, 32)):
+                got = np.full((n_tok, 2, 48), np.nan, np.float32)
+                ck.mul_mat_id(packed_gate, ggml_type | ck.R16, x, ids, got, r0, r1, w_up=packed_w_up, path=path)
+                for t, k in np.ndindex(n_tok, 2):
+                    g = xr[t] @ dequant(gate[ids[t, k]], ggml_type)[r0:r1].T
+                    u = xr[t] @ dequant(up[ids[t, k]], ggml_type)[r0:r1].T
+                    want = g if w_up is None else g * 0.5 * (1 + np.tanh(g / 2)) * u         # silu(g) * u
+                    np.testing.assert_allclose(got[t, k, r0:r1], want, rtol=1e-4, atol=1e-4 * np.abs(want).max(),
+                                               err_msg=path)
+                assert np.isnan(got[..., :r0]).all() and np.isnan(got[..., r1:]).all()
 
 
-@needs_avx512
 def test_repacked_weights_refuse_what_they_cannot_do():
     rng = np.random.default_rng(21)
     w = raw_weights(rng, (32, 64), ck.Q4_0)
-    packed, x, out = ck.repack(w, ck.Q4_0), activations(rng, 1, 64), np.zeros((1, 32), np.float32)
-    assert ck.repack(w[:24], ck.Q4_0) is None                        # not whole blocks of 16 rows
+    packed, x, out = ck.repack(w, ck.Q4_0, path="scalar"), activations(rng, 1, 64), np.zeros((1, 32), np.float32)
+    assert ck.repack(w[:24], ck.Q4_0, path="scalar") is None             # not whole blocks of 16 rows
+    assert (ck.repack(w, ck.Q4_0) is None) == (ck.available() not in ck.TRAITS[ck.Q4_0].r16_first)   # not at load
     with pytest.raises(ValueError, match="whole blocks of 16"):
-        ck.mul_mat(packed, ck.Q4_0 | ck.R16, x, out, 0, 8)
-    with pytest.raises(ValueError, match="avx512vnni path"):
-        ck.mul_mat(packed, ck.Q4_0 | ck.R16, x, out, path="scalar")
+        ck.mul_mat(packed, ck.Q4_0 | ck.R16, x, out, 0, 8, path="scalar")
     with pytest.raises(ValueError, match="whole blocks of 16 rows"):
-        ck._kernels.repack_r16(w[:24], ck.Q4_0, 64, np.empty_like(w[:24]))
+        ck._kernels.repack_r16(w[:24], ck.Q4_0, 64, np.empty_like(w[:24]), ck._kernels.PATH_NAMES.index("scalar"))
+
+
+@pytest.mark.parametrize("path", [path for path in ck.paths() if path not in ck.TRAITS[ck.Q4_0].r16])
+def test_paths_without_r16_kernels_refuse_repacked_weights(path):
+    rng = np.random.default_rng(24)
+    w = raw_weights(rng, (16, 64), ck.Q4_0)
+    assert ck.repack(w, ck.Q4_0, path=path) is None
+    with pytest.raises(ValueError, match="R16 kernel"):
+        ck.mul_mat(ck.repack(w, ck.Q4_0, path="scalar"), ck.Q4_0 | ck.R16, activations(rng, 1, 64),
+                   np.zeros((1, 16), np.float32), path=path)
+
+
+def test_traits_agree_with_gguf():
+    """The table's blocks are gguf-py's, every path it lists is built, and a type with kernels has scalar ones."""
+    from gguf.constants import GGML_QUANT_SIZES
+    for ggml_type, traits in ck.TRAITS.items():
+        assert traits.name == T(ggml_type).name
+        assert (traits.block_values, traits.block_bytes) == GGML_QUANT_SIZES[T(ggml_type)]
+        assert set(traits.r16_first) <= set(traits.r16) <= set(traits.kernels) <= set(ck._kernels.PATH_NAMES)
+        assert not traits.activation or "scalar" in traits.r16
+    assert ck.MATMUL_TYPES == {ck.Q4_0, ck.Q8_0}
 
 
 def test_float_inputs_and_wide_ids_are_the_same_call():
@@ -315,11 +372,12 @@ def test_float_inputs_and_wide_ids_are_the_same_call():
     assert np.isnan(got[~mask]).all()
 
 
-def test_env_var_forces_the_scalar_path():
+def test_env_var_picks_any_path_of_the_set():
     code = "from hybrid import cpu_kernels as ck; print(ck.available())"
-    env = dict(os.environ, HYPROF_KERNELS="scalar")
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert run.stdout.strip() == "scalar"
+    for path in ck.paths():
+        env = dict(os.environ, HYPROF_KERNELS=path)
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert run.stdout.strip() == path
     env["HYPROF_KERNELS"] = "sve"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode != 0 and "HYPROF_KERNELS=sve" in run.stderr

@@ -42,7 +42,7 @@ def raw_weights(rng, shape, ggml_type) -> np.ndarray:
     """Random GGUF blocks with small fp16 scales (test_kernels.py tests the values; here only
     pooled against unpooled calls are compared, bit for bit)."""
     *lead, n_in = shape
-    raw = rng.integers(0, 256, size=(*lead, n_in // 32, ck.BLOCK_BYTES[ggml_type]), dtype=np.uint8)
+    raw = rng.integers(0, 256, size=(*lead, n_in // 32, ck.TRAITS[ggml_type].block_bytes), dtype=np.uint8)
     raw[..., :2] = np.array([0.01], np.float16).view(np.uint8)
     return raw.reshape(*lead, -1)
 

@@ -1,0 +1,111 @@
+/* The AVX2 path (Haswell, Zen 2 and later: AVX2, FMA, F16C), built with -mavx2 -mfma -mf16c:
+ * a q8_32 group as two 256-bit halves of 2 blocks each, int8 products by `vpmaddubsw`. */
+#include <immintrin.h>
+
+#include "kernels.h"
+
+/* Same bytes as quantize_q8_32_scalar (x * (1/d) in float, then round-to-nearest-even, the
+ * default MXCSR mode nearbyintf also uses). */
+void quantize_q8_32_avx2(const float *x, int64_t n_in, uint8_t *out) {
+    int64_t nb = n_in / QK;
+    memset(out, 0, q8_row_bytes(n_in));
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t b = 0; b < nb; b++) {
+        uint8_t *g = out + (b / GROUP_BLOCKS) * GROUP_BYTES;
+        int j = (int)(b % GROUP_BLOCKS);
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(x + b * QK + 8 * i);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+        __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        bytes = _mm256_permutevar8x32_epi32(bytes, order);             /* undo the per-lane packing */
+        _mm_storeu_si128((__m128i *)(g + 16 * j), _mm256_castsi256_si128(bytes));
+        _mm_storeu_si128((__m128i *)(g + 64 + 16 * j), _mm256_extracti128_si256(bytes, 1));
+        _mm_storeu_ps((float *)(g + 128 + 16 * j), _mm_set1_ps(d));
+        __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1)));
+        int32_t init[2] = {-8 * sum, -128 * sum};
+        memcpy(g + 192 + 16 * j, init, 8);
+    }
+}
+
+static inline __attribute__((always_inline)) __m256i dot_u8s8_256(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+/* One weight row (blocks of bb bytes) x NT tokens (1..4), type and NT constants after inlining. */
+static inline __attribute__((always_inline)) void
+row_dot_256(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *const *x, const int NT, float *res) {
+    const int64_t nh = nb / GROUP_BLOCKS * 2;           /* pairs of blocks in whole groups */
+    const __m256i m4 = _mm256_set1_epi8(15);
+    __m256 acc[TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t h = 0; h < nh; h++) {
+        const uint8_t *wp = w + h * 2 * bb;
+        const size_t xo = (size_t)(h / 2) * GROUP_BYTES + (size_t)(h % 2) * 32;
+        __m256 dw = _mm256_set_m128(_mm_set1_ps(_cvtsh_ss(load_u16(wp + bb))), _mm_set1_ps(_cvtsh_ss(load_u16(wp))));
+        __m256i lo, hi;
+        if (type == GGML_Q4_0) {
+            __m256i q = _mm256_loadu2_m128i((const __m128i *)(wp + bb + 2), (const __m128i *)(wp + 2));
+            lo = _mm256_and_si256(q, m4);
+            hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        } else {
+            lo = _mm256_loadu2_m128i((const __m128i *)(wp + bb + 2), (const __m128i *)(wp + 2));
+            hi = _mm256_loadu2_m128i((const __m128i *)(wp + bb + 18), (const __m128i *)(wp + 18));
+        }
+        for (int t = 0; t < NT; t++) {
+            __m256i xl = _mm256_loadu_si256((const __m256i *)(x[t] + xo));
+            __m256i xh = _mm256_loadu_si256((const __m256i *)(x[t] + xo + 64));
+            __m256i s;
+            if (type == GGML_Q4_0) {
+                s = _mm256_add_epi32(dot_u8s8_256(lo, xl), dot_u8s8_256(hi, xh));
+                s = _mm256_add_epi32(s, _mm256_blend_epi32(_mm256_setzero_si256(),
+                                                           _mm256_loadu_si256((const __m256i *)(x[t] + xo + 192)), 0x11));
+            } else {
+                s = _mm256_add_epi32(dot_u8s8_256(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(xl, lo)),
+                                     dot_u8s8_256(_mm256_sign_epi8(hi, hi), _mm256_sign_epi8(xh, hi)));
+            }
+            __m256 d = _mm256_mul_ps(dw, _mm256_loadu_ps((const float *)(x[t] + xo + 128)));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
+        v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        v = _mm_add_ss(v, _mm_movehdup_ps(v));
+        res[t] = _mm_cvtss_f32(v);
+    }
+    q8_blocks_dot(type, bb, w, nh * 2, nb, x, NT, res);
+}
+
+static inline __attribute__((always_inline)) void
+row_dot(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *const *x, int nt, float *res) {
+    switch (nt) {
+    case 1: row_dot_256(type, bb, w, nb, x, 1, res); break;
+    case 2: row_dot_256(type, bb, w, nb, x, 2, res); break;
+    case 3: row_dot_256(type, bb, w, nb, x, 3, res); break;
+    default: row_dot_256(type, bb, w, nb, x, 4, res); break;
+    }
+}
+
+/* ---- per type: no R16 kernels yet (AVX2 tiles come with issue 19) ---- */
+
+static void row_dot_q4_0(const uint8_t *w, int64_t nb, const uint8_t *const *x, int nt, float *res) {
+    row_dot(GGML_Q4_0, sizeof(block_q4_0), w, nb, x, nt, res);
+}
+static void row_dot_q8_0(const uint8_t *w, int64_t nb, const uint8_t *const *x, int nt, float *res) {
+    row_dot(GGML_Q8_0, sizeof(block_q8_0), w, nb, x, nt, res);
+}
+
+const quant_kernels_t AVX2_Q4_0 = {row_dot_q4_0, NULL, NULL, 0};
+const quant_kernels_t AVX2_Q8_0 = {row_dot_q8_0, NULL, NULL, 0};

@@ -1,0 +1,110 @@
+/* The quant traits table and the SIMD paths (declared in hybrid/quant_traits.h).
+ *
+ * Built with no target flags, as it runs before the CPU is known: the cpuid checks
+ * and the row dequantisations (portable C, exact) live here. The ISA files' kernels
+ * are listed only where setup.py built them (HYPROF_AVX2, HYPROF_AVX512: x86 only).
+ */
+#include "quant_traits.h"
+
+#include <string.h>
+
+#include "_fp16.h"
+#include "kernels/kernels.h"
+
+/* ---- dequantize a row of n values ---- */
+
+static void dequantize_f32(const uint8_t *src, int64_t n, float *out) { memcpy(out, src, (size_t)n * 4); }
+
+static void dequantize_f16(const uint8_t *src, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = fp16_to_f32(load_u16(src + 2 * i));
+}
+
+static void dequantize_bf16(const uint8_t *src, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t bits = (uint32_t)load_u16(src + 2 * i) << 16;
+        memcpy(out + i, &bits, 4);
+    }
+}
+
+static void dequantize_q4_0(const uint8_t *src, int64_t n, float *out) {
+    for (int64_t b = 0; b < n / QK; b++, src += sizeof(block_q4_0), out += QK) {
+        const float d = fp16_to_f32(load_u16(src));
+        for (int j = 0; j < QK / 2; j++) {
+            out[j] = ((src[2 + j] & 0x0f) - 8) * d;
+            out[j + QK / 2] = ((src[2 + j] >> 4) - 8) * d;
+        }
+    }
+}
+
+static void dequantize_q8_0(const uint8_t *src, int64_t n, float *out) {
+    for (int64_t b = 0; b < n / QK; b++, src += sizeof(block_q8_0), out += QK) {
+        const float d = fp16_to_f32(load_u16(src));
+        for (int j = 0; j < QK; j++) out[j] = (int8_t)src[2 + j] * d;
+    }
+}
+
+/* ---- the table ---- */
+
+#if HYPROF_AVX2
+#define AVX2_KERNELS(T) [PATH_AVX2] = &AVX2_##T,
+#else
+#define AVX2_KERNELS(T)
+#endif
+#if HYPROF_AVX512
+#define AVX512_KERNELS(T) [PATH_AVX512VNNI] = &AVX512_##T,
+#else
+#define AVX512_KERNELS(T)
+#endif
+
+const quant_traits_t QUANT_TRAITS[] = {
+    {GGML_F32, "F32", 1, 4, dequantize_f32, ACT_NONE, {NULL}},
+    {GGML_F16, "F16", 1, 2, dequantize_f16, ACT_NONE, {NULL}},
+    {GGML_BF16, "BF16", 1, 2, dequantize_bf16, ACT_NONE, {NULL}},
+    {GGML_Q4_0, "Q4_0", QK, sizeof(block_q4_0), dequantize_q4_0, ACT_Q8_32,
+     {[PATH_SCALAR] = &SCALAR_Q4_0, AVX2_KERNELS(Q4_0) AVX512_KERNELS(Q4_0)}},
+    {GGML_Q8_0, "Q8_0", QK, sizeof(block_q8_0), dequantize_q8_0, ACT_Q8_32,
+     {[PATH_SCALAR] = &SCALAR_Q8_0, AVX2_KERNELS(Q8_0) AVX512_KERNELS(Q8_0)}},
+};
+const int N_QUANT_TRAITS = sizeof(QUANT_TRAITS) / sizeof(QUANT_TRAITS[0]);
+
+const quant_traits_t *quant_traits(int type) {
+    for (int i = 0; i < N_QUANT_TRAITS; i++)
+        if (QUANT_TRAITS[i].type == type) return &QUANT_TRAITS[i];
+    return NULL;
+}
+
+/* ---- the paths ---- */
+
+static int cpu_runs_scalar(void) { return 1; }
+
+#if HYPROF_AVX2
+static int cpu_runs_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#endif
+
+#if HYPROF_AVX512
+static int cpu_runs_avx512vnni(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#endif
+
+const simd_path_t SIMD_PATHS[N_PATHS] = {
+    [PATH_SCALAR] = {"scalar", cpu_runs_scalar, quantize_q8_32_scalar},
+#if HYPROF_AVX2
+    [PATH_AVX2] = {"avx2", cpu_runs_avx2, quantize_q8_32_avx2},
+#else
+    [PATH_AVX2] = {"avx2", NULL, NULL},
+#endif
+#if HYPROF_AVX512
+    [PATH_AVX512VNNI] = {"avx512vnni", cpu_runs_avx512vnni, quantize_q8_32_avx512},
+#else
+    [PATH_AVX512VNNI] = {"avx512vnni", NULL, NULL},
+#endif
+};
+
+const int PATH_PREFERENCE[N_PATHS] = {PATH_AVX512VNNI, PATH_AVX2, PATH_SCALAR};

@@ -1,0 +1,84 @@
+/* The facts of each ggml type the native code reads, in one table (hybrid/quant_traits.c).
+ *
+ * Per type: its block (values and bytes), the row dequantisation GET_ROWS uses
+ * (hybrid/_ops.c), the activation format its dot product takes, and per SIMD path
+ * its kernels (hybrid/kernels/<path>.c), NULL where that path has none or was not
+ * built. Per path: its name, whether this CPU runs it, and its activation quantiser.
+ * The matmul driver (hybrid/_kernels.c) reads both tables; hybrid._kernels exports
+ * them to Python as TRAITS and PATHS, and to hybrid/_ops.c through a capsule.
+ *
+ * A new quant type adds its entry to the table and its kernels to the ISA files; a
+ * new instruction set adds its file, its path here and its column in the table.
+ */
+#ifndef HYPROF_QUANT_TRAITS_H
+#define HYPROF_QUANT_TRAITS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum { GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q8_0 = 8, GGML_BF16 = 30 };   /* ggml type ids */
+
+/* The blocks of the quantised types with kernels, as ggml stores them (ggml-common.h). */
+typedef struct { uint16_t d; uint8_t qs[16]; } block_q4_0;   /* 32 weights (nibble - 8) * d; byte j: values j, j+16 */
+typedef struct { uint16_t d; int8_t qs[32]; } block_q8_0;    /* 32 weights qs * d */
+
+/* The activation a type's dot product takes: "q8_32", 8-bit blocks of 32 in groups of four
+ * (the layout is in hybrid/kernels/kernels.h). The K-quants' 8-bit blocks of 256 with sums
+ * per 16 values will be the second. */
+enum { ACT_NONE = 0, ACT_Q8_32 = 1 };
+
+/* SIMD paths; a path is in the CPU's set when it was built and cpuid reports its features. */
+enum { PATH_SCALAR, PATH_AVX2, PATH_AVX512VNNI, N_PATHS };
+
+/* res[t] = dot(weight row w of nb blocks, activation row x[t]) for t < nt <= TILE. */
+typedef void (*row_dot_fn)(const uint8_t *w, int64_t nb, const uint8_t *const *x, int nt, float *res);
+/* res[16 t + i] = dot(row i of the R16 row block r of nb blocks, x[t]) for t < nt <= R16_TILE. */
+typedef void (*r16_dot_fn)(const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res);
+/* Rows [0, n_rows) (n_rows <= 16, row stride rb) of nb blocks -> one R16 row block at dst;
+ * `next`, if not NULL, is the next row block's first row, to prefetch. */
+typedef void (*repack_r16_fn)(const uint8_t *w, size_t rb, int n_rows, int64_t nb, uint8_t *dst,
+                              const uint8_t *next);
+typedef void (*dequantize_row_fn)(const uint8_t *src, int64_t n, float *out);
+typedef void (*quantize_row_fn)(const float *x, int64_t n_in, uint8_t *out);
+
+/* One type's kernels on one path. */
+typedef struct {
+    row_dot_fn row_dot;             /* on the blocks as stored */
+    r16_dot_fn r16_dot;             /* on the R16 layout; NULL: none */
+    repack_r16_fn repack_r16;       /* stored -> R16; set with r16_dot */
+    int r16_first;                  /* R16 outruns the row kernel: weights are repacked at load and
+                                       prompts repack as they go (else R16 serves explicit calls only) */
+} quant_kernels_t;
+
+typedef struct {
+    int type;                       /* ggml type id */
+    const char *name;
+    int64_t block_values, block_bytes;
+    dequantize_row_fn dequantize_row;            /* n values (whole blocks) -> float32 */
+    int activation;                              /* ACT_NONE: no matmul kernel */
+    const quant_kernels_t *kernels[N_PATHS];     /* per path; NULL: none */
+} quant_traits_t;
+
+typedef struct {
+    const char *name;
+    int (*cpu_runs)(void);          /* NULL: not built here */
+    quantize_row_fn quantize_q8_32; /* float32 row -> q8_32 activation row */
+} simd_path_t;
+
+extern const quant_traits_t QUANT_TRAITS[];
+extern const int N_QUANT_TRAITS;
+extern const simd_path_t SIMD_PATHS[N_PATHS];
+/* The default path is the first of these that the CPU runs. */
+extern const int PATH_PREFERENCE[N_PATHS];
+
+/* The traits of ggml type `type`, or NULL if the native code does not read it. */
+const quant_traits_t *quant_traits(int type);
+
+/* The table for another extension module (hybrid/_ops.c): hybrid._kernels holds this in a
+ * capsule named QUANT_API_CAPSULE. */
+typedef struct {
+    const quant_traits_t *(*traits)(int type);
+} quant_api_t;
+#define QUANT_API_CAPSULE "hybrid._kernels._quant_api"
+
+#endif

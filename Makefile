@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt setup.py $(wildcard hybrid/*.c hybrid/*.h) analysis/_jsonl.c profiler/_lanes.c
+$(STAMP): pyproject.toml constraints.txt setup.py $(wildcard hybrid/*.c hybrid/*.h hybrid/kernels/*.c hybrid/kernels/*.h) analysis/_jsonl.c profiler/_lanes.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'

@@ -307,11 +307,14 @@ def test_device_holds_its_own_copy_of_its_weights(tiny_gguf):
             assert buf.data.data_ptr() != host.data_ptr() and torch.equal(buf.data, host)
 
 
-@pytest.mark.skipif(cpu_kernels.available() not in cpu_kernels.TRAITS[cpu_kernels.Q4_0].r16_first,
-                    reason="the path in use reads the weights as stored")
-def test_only_the_cpu_weights_are_repacked(tiny_gguf):
+def test_only_the_cpu_weights_are_repacked(tiny_gguf, monkeypatch):
     """Q4_0 matmul weights placed on the CPU get R16 blocks for its kernel; the device's,
-    the embedding (read by rows) and the f32 norms stay as stored."""
+    the embedding (read by rows) and the f32 norms stay as stored. Where the path in use reads
+    the weights as stored, the choice is tested with the scalar path's repack (the engine is
+    only loaded)."""
+    if cpu_kernels.available() not in cpu_kernels.TRAITS[cpu_kernels.Q4_0].r16_first:
+        repack = cpu_kernels.repack
+        monkeypatch.setattr(cpu_kernels, "repack", lambda w, t: repack(w, t, path="scalar"))
     with Engine(str(tiny_gguf), threads=1, **PLACEMENTS["experts-cpu"]) as engine:
         weights = engine.model.weights.buffers
         packed = {name for name, w in weights.items() if getattr(w, "packed", None) is not None}

@@ -26,14 +26,11 @@ class Cost:
     bytes_per_expert: int = 0
 
     def at(self, n_kv: int, n_experts: int = 0) -> tuple[int, int]:
-        """(bytes, flops) of one run at n_kv attended positions having computed n_experts."""
+        """(bytes, flops) of one run at n_kv attended positions having computed n_experts
+        (`hybrid.sched.run_program` computes the same inline). An op with a per-expert part
+        returns (value, experts computed) instead of its value."""
         return (self.bytes + self.bytes_per_kv * n_kv + self.bytes_per_expert * n_experts,
                 self.flops + self.flops_per_kv * n_kv)
-
-    @property
-    def counts_experts(self) -> bool:
-        """Whether the op's forms return (value, experts computed) instead of the value."""
-        return self.bytes_per_expert != 0
 
 
 class Forms(NamedTuple):

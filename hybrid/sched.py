@@ -152,11 +152,12 @@ def _cut_splits(nodes, backends, backend_of) -> tuple[Split, ...]:
 
 @dataclass(frozen=True, eq=False, slots=True)
 class Step:
-    """One op of a backend's program, as that backend runs it: `run(*src_values)`, one of the
-    node's forms on the backend's buffer (and, `pooled`, with the CPU's thread pool) bound
-    when the split was compiled."""
+    """One op of a backend's program, as that backend runs it: `run(*src_values, *tail)`, one
+    of the node's forms on the backend's buffer, bound when the split was compiled; `tail`
+    is what the form takes last (a CPU pool and its times array, for a `pooled` step)."""
     node: Node
     run: Callable[..., Any]
+    tail: tuple = ()
     pooled: bool = False        # shared by the CPU pool's threads: its events come from the pool
 
 
@@ -172,20 +173,29 @@ def serial_program(split: "Split", buffers: Mapping[str, Any]) -> Program:
 
 def run_program(program: Program, values: dict, backend: Any, graph_id: int, i_split: int, n_kv: int) -> None:
     """The run loop, the one every backend runs its programs with: each op's value from its
-    sources' values, and, when recording, the backend's hook around it (`begin_op` -> a
+    sources' values, and, when recording, the backend's hook around it (`begin_op()` -> a
     token, `end_op(token, step, graph_id, i_split, bytes, flops)`), the op's bytes and flops
-    from its node's cost at this evaluation's n_kv and the experts it computed."""
+    from its node's `Cost` at this evaluation's n_kv and the experts it computed.
+
+    Written for its cost: it runs ~35 ops a layer per token, and each Python frame it adds
+    per op (a method, a property, a lambda) costs generation ~0.5 us a op with the
+    interpreter cold after the expert weights (`sched` in the report)."""
+    get = values.__getitem__
     timed = backend.recorder.enabled
+    begin, end = backend.begin_op, backend.end_op
     for step in program:
         node = step.node
-        token = backend.begin_op() if timed else None
-        value = step.run(*[values[s] for s in node.srcs])
+        cost = node.cost
+        token = begin() if timed else None
+        value = step.run(*map(get, node.srcs), *step.tail)
         n_experts = 0
-        if node.cost.counts_experts:
+        if cost.bytes_per_expert:                   # (value, experts computed)
             value, n_experts = value
         values[node] = value
         if timed:
-            backend.end_op(token, step, graph_id, i_split, *node.cost.at(n_kv, n_experts))
+            end(token, step, graph_id, i_split,
+                cost.bytes + cost.bytes_per_kv * n_kv + cost.bytes_per_expert * n_experts,
+                cost.flops + cost.flops_per_kv * n_kv)
 
 
 class _Unrecorded:
@@ -195,6 +205,7 @@ class _Unrecorded:
 
 class _Sequential:
     recorder = _Unrecorded()
+    begin_op = end_op = None
 
 
 def compute(graph: Graph, input_values: Mapping[str, Any], buffers: Callable[[str], Any]) -> Any:

@@ -151,7 +151,7 @@ def test_expert_bytes_are_the_selected_experts(tiny_gguf):
         values[node] = node.make(buf).serial(*[values[s] for s in node.srcs])
         if node is up:
             values[node], n_experts = values[node]
-        elif node.cost.counts_experts:
+        elif node.cost.bytes_per_expert:
             values[node] = values[node][0]
     assert n_experts == len(set(values[topk].flatten().tolist())) > model.config.n_expert_used
     per_expert = model.weights["blk.1.ffn_up_exps.weight"].n_bytes // model.config.n_expert
@@ -183,7 +183,7 @@ def test_parallel_tasks_equal_fn(tiny_gguf, rtr, fmoe):
                 dst = forms.parallel(*args, shared_by, None)
                 torch.testing.assert_close(dst, values[id(node)], rtol=1e-4, atol=1e-6)
             n_checked += 1
-        if node.cost.counts_experts:      # (the value, the experts computed)
+        if node.cost.bytes_per_expert:      # (the value, the experts computed)
             values[id(node)] = values[id(node)][0]
     pool.close()
     assert n_checked > 10

@@ -63,6 +63,7 @@ class AccBackend:
         self.buffers = buffers
         self.recorder = recorder
         self._lane = recorder.lane(name)
+        self.begin_op = recorder.now            # the run loop's hook before each op: its start
         self._queue: SimpleQueue = SimpleQueue()
         self._last: Fence | None = None
         self._error: BaseException | None = None   # the first error on the device thread
@@ -77,9 +78,6 @@ class AccBackend:
         fence = Fence()
         self._queue.put((program, values, graph_id, i_split, n_kv, fence))
         self._last = fence
-
-    def begin_op(self) -> int:
-        return self.recorder.now()
 
     def end_op(self, t: int, step: Step, graph_id: int, i_split: int, n_bytes: int, flops: int) -> None:
         node = step.node

@@ -72,6 +72,7 @@ class CpuBackend:
         self.recorder = recorder
         self.n_threads = n_threads
         self.pool = Pool(n_threads, poll * SPIN_NS_PER_POLL)
+        self.begin_op = recorder.now            # the run loop's hook before each op: its start
         self.lanes = (recorder.lane(MAIN_LANE),) + tuple(recorder.lane(f"cpu{i}") for i in range(1, n_threads))
         self._times = np.zeros((n_threads, 3), np.int64)     # per op: first claim, end, chunks
         self._wakes = np.zeros(n_threads, np.int64)          # per split: when each worker saw it
@@ -84,8 +85,7 @@ class CpuBackend:
     def _step(self, node: Node) -> Step:
         forms = node.make(self.buffers[node.buffer] if node.buffer is not None else None)
         if forms.parallel is not None and self.n_threads > 1 and _worth_sharing(node):
-            parallel, pool, times = forms.parallel, self.pool, self._times
-            return Step(node, lambda *srcs: parallel(*srcs, pool, times), pooled=True)
+            return Step(node, forms.parallel, (self.pool, self._times), pooled=True)
         return Step(node, forms.serial)
 
     def compute(self, program: Program, values: dict, graph_id: int, i_split: int, n_kv: int) -> None:
@@ -95,9 +95,6 @@ class CpuBackend:
             dispatch = self.pool.end_split(self._wakes)
             if dispatch and self.recorder.enabled:
                 self._record_wakeups(dispatch, graph_id, i_split)
-
-    def begin_op(self) -> int:
-        return self.recorder.now()
 
     def end_op(self, t: int, step: Step, graph_id: int, i_split: int, n_bytes: int, flops: int) -> None:
         """An op event per thread that ran chunks of a pooled op, with its share; else one."""

@@ -3,9 +3,9 @@
 An architecture file (hybrid/models/deepseek2.py, ...) says which ops a layer runs on
 which weights and values, with the model's maths in trailing shape comments; this module
 says how each op is computed and what it costs. So a second architecture is one more
-file of calls to these methods, and the speed machinery of the CPU path (native kernels
-bound once per node, output memory a node keeps, calls replayed while a reused graph's
-inputs are the same objects: `replaying`, `_view`) lives here, not in the model's maths.
+file of calls to these methods, and what the CPU path's speed asks of an op (native kernels
+bound once per node and buffer, output memory a node keeps, its native call noted so that
+a backend can capture it, `_capture`) lives here, not in the model's maths.
 
 The graph a builder makes is reusable: the number of cached tokens (`n_past`) is read
 from the graph when an op runs, not fixed when the graph is built, so one graph serves
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import weakref
 from typing import Callable
 
@@ -75,37 +74,43 @@ class Builder:
         return node
 
     def native(self, op: str, name: str, fn: Callable, *srcs: Node, dtype: torch.dtype = ops.F32,
-               shared: bool = False, **kw) -> Node:
+               shared: bool = False, n_past: Callable[[], int] | None = None, layer: int = -1,
+               buffer: str | None = None, n_bytes: int = 0, flops: int = 0, cost: Cost | None = None) -> Node:
         """An op that writes into memory the node keeps: fn(buf, *src_values, out), `out` an
-        `ops.Out` of `dtype`, run through `replaying`. `shared`: fn(buf, *src_values, pool, times,
-        out) is also the op's pool form, its rows shared by the CPU threads (for a prompt's batch,
-        see hybrid/backends/cpu.py)."""
-        run = replaying(fn, ops.Out(dtype))
-        if shared:
-            return self.op(op, name, _serial(run), *srcs, parallel=run, **kw)
-        return self.op(op, name, run, *srcs, **kw)
+        `ops.Out` of `dtype` where its native call is noted, so it can be captured (`_capture`;
+        `n_past`: the call's first argument is the depth, read at each run). `shared`:
+        fn(buf, *src_values, pool, times, out) is also the op's pool form, its rows shared by
+        the CPU threads (for a prompt's batch, see hybrid/backends/cpu.py)."""
+        out = ops.Out(dtype)
+        capture = _capture(out, n_past)
+
+        def make(buf) -> Forms:
+            if shared:
+                return Forms(lambda *srcs: fn(buf, *srcs, None, None, out), lambda *args: fn(buf, *args, out), capture)
+            return Forms(lambda *srcs: fn(buf, *srcs, out), None, capture)
+        return self.bound_op(op, name, make, *srcs, layer=layer, buffer=buffer, cost=cost or Cost(n_bytes, flops))
 
     def weight(self, name: str):
         return self.m.weights[name]
 
     def kv_op(self, op: str, name: str, fn: Callable, *srcs: Node, layer: int, buffer: str | None = None,
-              bytes_per_kv: int = 0, flops_per_kv: int = 0, parallel: bool = False) -> Node:
-        """An attention op over the n_kv = n_past + T cached positions: its bytes and flops
-        grow with n_kv. With `parallel`, fn is the op's pool form fn(buf, *src_values, pool, times)."""
-        cost = Cost(bytes_per_kv=bytes_per_kv, flops_per_kv=flops_per_kv)
-        if parallel:
-            return self.op(op, name, _serial(fn), *srcs, layer=layer, buffer=buffer, parallel=fn, cost=cost)
-        return self.op(op, name, fn, *srcs, layer=layer, buffer=buffer, cost=cost)
+              bytes_per_kv: int = 0, flops_per_kv: int = 0) -> Node:
+        """An attention op over the n_kv = n_past + T cached positions whose output's shape grows
+        with n_kv (-fa 0's kq and softmax), so it always runs live; its bytes and flops grow too."""
+        return self.op(op, name, fn, *srcs, layer=layer, buffer=buffer,
+                       cost=Cost(bytes_per_kv=bytes_per_kv, flops_per_kv=flops_per_kv))
 
     def kv_store(self, cache: str, layer: int, n_bytes: int, *srcs: Node) -> Node:
         """The CPY of this evaluation's rows (srcs: x, or x and its tail, see `ops.append_kv`)
         into a KV cache; its value is the cache, whose first n_past + T rows its readers take,
-        so it is the same object at every depth and the call replays with the depth of the moment."""
+        so it is the same memory at every depth and its call runs again with the depth of the moment."""
+        graph = self.graph
+
         def store(cache, *rows_and_out):
             *rows, out = rows_and_out
-            return ops.append_kv(cache, self.n_past, *rows, out=out)
-        return self.op("CPY", cache, replaying(store, ops.Out(), n_past=lambda: self.n_past), *srcs,
-                       layer=layer, buffer=cache, n_bytes=n_bytes)
+            return ops.append_kv(cache, graph.n_past, *rows, out=out)
+        return self.native("CPY", cache, store, *srcs, n_past=lambda: graph.n_past, layer=layer, buffer=cache,
+                           n_bytes=n_bytes)
 
     def mul_mat(self, wname: str, x: Node, layer: int, result: str | None = None) -> Node:
         """x [T, K] @ W^T -> [T, N]; workers split it by rows of W. The native form writes
@@ -115,9 +120,11 @@ class Builder:
         n, k = w.shape[-2], w.shape[-1]
         out = None if result == "fresh" else ops.Out(keep_bytes=None if result == "reused" else ops.KEEP_BYTES)
 
+        capture = None if out is None else _capture(out)
+
         def make(buf) -> Forms:
             parallel = _mul_mat_form(buf, out)
-            return Forms(lambda x: parallel(x, None, None), parallel)
+            return Forms(lambda x: parallel(x, None, None), parallel, capture)
         return self.bound_op("MUL_MAT", _tensor_label(wname), make, x, layer=layer, buffer=wname,
                              cost=Cost(w.n_bytes, 2 * self.n_tokens * n * k))
 
@@ -140,8 +147,10 @@ class Builder:
                            up, shared=True, layer=layer, flops=5 * self.n_tokens * width)
 
     def view(self, name: str, x: Node, make: Callable, layer: int = -1, op: str = "VIEW") -> Node:
-        """A view of x: make(x), a slice or reshape, no copy (made once per input object, `_view`)."""
-        return self.op(op, name, _view(make), x, layer=layer)
+        """A view of x: make(x), a slice or reshape, no copy; captured as the view itself."""
+        def make_view(_) -> Forms:
+            return Forms(make, None, _same)
+        return self.bound_op(op, name, make_view, x, layer=layer)
 
     def get_rows(self, name: str, wname: str, ids: Node) -> Node:
         """GET_ROWS: the rows ids [T] of a stored weight, dequantised -> [T, n_cols] (token_embd)."""
@@ -195,16 +204,16 @@ class Builder:
     def flash_attn(self, name: str, q: Node, k: Node, v: Node, layer: int, cache: str, scale: float,
                    bytes_per_kv: int, flops_per_kv: int, q_pe: Node | None = None) -> Node:
         """FLASH_ATTN_EXT (-fa 1): kq, the causal softmax and kqv as one op over the caches' values
-        k and v -> [T, H, Dv] (`ops.flash_attn`), its heads shared by the CPU threads; replayed
-        at each new depth."""
+        k and v -> [T, H, Dv] (`ops.flash_attn`), its heads shared by the CPU threads; captured
+        with the depth read at each run."""
         graph = self.graph
 
         def attend(_, q, k, v, *rest):                  # rest: [q_pe], pool, times, out
             *q_pe, pool, times, out = rest
             return ops.flash_attn(q, k, v, graph.n_past, scale, q_pe[0] if q_pe else None, out, pool, times)
-        run = replaying(attend, ops.Out(), n_past=lambda: graph.n_past)
-        return self.kv_op("FLASH_ATTN_EXT", name, run, q, k, v, *([q_pe] if q_pe else []), layer=layer,
-                          buffer=cache, bytes_per_kv=bytes_per_kv, flops_per_kv=flops_per_kv, parallel=True)
+        return self.native("FLASH_ATTN_EXT", name, attend, q, k, v, *([q_pe] if q_pe else []), shared=True,
+                           n_past=lambda: graph.n_past, layer=layer, buffer=cache,
+                           cost=Cost(bytes_per_kv=bytes_per_kv, flops_per_kv=flops_per_kv))
 
     def sigmoid(self, name: str, x: Node, layer: int) -> Node:
         return self.native("SIGMOID", name, lambda _, x, out: ops.sigmoid(x, out), x, layer=layer)
@@ -267,7 +276,7 @@ class Builder:
             return torch.einsum("hnk,thk->thn", wh, x[:, h0:h1])
 
         def make(buf) -> Forms:
-            bound = _native_heads_form(buf, n_head, (r0, r1)) if native(buf) and not transposed else None
+            bound, out = _native_heads_form(buf, n_head, (r0, r1)) if native(buf) and not transposed else (None, None)
 
             def parallel(x, pool, times):     # workers split the heads (native: each head's rows)
                 if bound is not None and x.dim() == 2:
@@ -280,7 +289,7 @@ class Builder:
                 bounds = cpu_kernels.row_splits(n_head, cpu_kernels.n_tasks(pool))
                 cpu_kernels.run_tasks(cpu_kernels.range_tasks(bounds, task), pool, times)
                 return dst
-            return Forms(lambda x: parallel(x, None, None), parallel)
+            return Forms(lambda x: parallel(x, None, None), parallel, None if out is None else _capture(out))
         share = (r1 - r0) / per_head
         # bytes: the share of the weight the op reads, as stored (what a GPU engine reads; the
         # f32 form that hyprof's torch path keeps, see _head_weights, is its own affair)
@@ -313,65 +322,41 @@ class Builder:
                 cpu_kernels.run_tasks([lambda g=g: [expert_fn(buf, x, ids, e, dst) for e in g] for g in groups if g],
                                       pool, times)
                 return dst, len(experts)
-            return Forms(lambda x, ids: parallel(x, ids, None, None), parallel)
+            return Forms(lambda x, ids: parallel(x, ids, None, None), parallel,
+                         None if bound is None else _capture(out, counts=True))
         return self.bound_op("MOE_FUSED_UP_GATE" if fused else "MUL_MAT_ID", _tensor_label(wname), make, x, ids,
                              layer=layer, buffer=wname, cost=cost)
 
 
-def replaying(fn: Callable, out: ops.Out, n_past: Callable[[], int] | None = None) -> Callable:
-    """A node's fn(buf, *src_values) from fn(buf, *src_values, out) that, while its buffer and
-    inputs are the same objects as at its last run, runs again the native call that run made
-    (`ops.Out.call`) instead of fn; with `n_past` (the depth now), a call that depends on the
-    cache's depth, which such calls take as their first argument, runs at the depth of the moment.
+def _capture(out: ops.Out, n_past: Callable[[], int] | None = None, counts: bool = False) -> Callable:
+    """`Forms.capture` for an op whose native call `out` notes (`hybrid.ops.Out.call`): the call
+    bound to the memory of the run that noted it. With `n_past`, the call's first argument is
+    the depth, read at each run (the cache's CPY, FLASH_ATTN_EXT); with `counts`, the call
+    returns the experts it computed (MUL_MAT_ID) and the op (value, experts)."""
+    def capture(value):
+        call = out.call                 # (fn, args, the tensors args point into: kept alive here)
+        if call is None:
+            return None
+        fn, args, _ = call
+        if counts:
+            return lambda *_, call=call: (value, fn(*args))
+        if n_past is None:
+            def run(*_, call=call):
+                fn(*args)
+                return value
+            return run
+        rest = args[1:]
 
-    Why: in a reused graph each node sees the same input objects at every token (the
-    memory its sources keep), and the call's addresses and sizes follow from them and
-    from the node's own constants. Run as Python, a ~1 us op costs 5-30 us after a
-    token's weights have gone through the caches (its torch checks and views are cold);
-    the replay is one Python frame and the call. Of the ops whose call changes with the
-    depth, the cache's CPY and FLASH_ATTN_EXT are built with `n_past`; the separate kq,
-    softmax and kqv (-fa 0), whose output shapes change with it too, are not built with it."""
-    last: list = []             # the buffer and inputs of the run whose call `out` holds
-
-    def run(buf, *args):
-        call = out.call
-        if (call is not None and len(last) == len(args) + 1 and last[0] is buf
-                and all(map(operator.is_, last[1:], args))):
-            if n_past is None:
-                call[0](*call[1])
-            else:
-                call[0](n_past(), *call[1][1:])
-            return out.tensor
-        out.call = None
-        y = fn(buf, *args, out)
-        last[:] = (buf, *args) if out.call is not None else ()
-        return y
-    return run
+        def run_at_depth(*_, call=call):
+            fn(n_past(), *rest)
+            return value
+        return run_at_depth
+    return capture
 
 
-def _per_object(make: Callable) -> Callable:
-    """get(x) -> make(x), made once per object x (the last one is held): a reused graph's
-    node sees the same input objects at every token."""
-    last = [None, None]
-
-    def get(x):
-        if last[0] is not x:
-            last[:] = x, make(x)
-        return last[1]
-    return get
-
-
-def _view(make: Callable) -> Callable:
-    """A view node's fn: the view make(x) made once per input object. Its input is the output
-    its source keeps from token to token (`ops.Out`), and a view that stays the same object
-    lets the op reading it reuse what it prepared for it (`cpu_kernels.bind_matmul`)."""
-    get = _per_object(make)
-    return lambda _, x: get(x)
-
-
-def _serial(parallel: Callable) -> Callable:
-    """An op's serial form from its `parallel` form: run on the calling thread alone (no pool)."""
-    return lambda *args: parallel(*args, None, None)
+def _same(value) -> Callable:
+    """`Forms.capture` of a view: the view itself (its source's memory is fixed)."""
+    return lambda *_: value
 
 
 def forms(fn: Callable, parallel: Callable | None = None) -> Callable[[object], Forms]:
@@ -390,12 +375,11 @@ def forms(fn: Callable, parallel: Callable | None = None) -> Callable[[object], 
 _HEAD_WEIGHTS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
-def _native_heads_form(w, n_head: int, rows: tuple[int, int]) -> Callable:
+def _native_heads_form(w, n_head: int, rows: tuple[int, int]) -> tuple[Callable, ops.Out]:
     """A per-head matmul whose input x [T, K] is shared by all heads, on the native kernel:
     MUL_MAT_ID with head h as expert h, rows `rows` of each head's rows -> [T, H, N]
     (on the repacked blocks where heads and rows are whole blocks of 16 rows).
-    -> run(x, pool, times), bound once per node with its output memory, the ids of its x and
-    the view of the rows it returns: binding and viewing per call cost ~25 us of cold Python."""
+    -> (run(x, pool, times), the `ops.Out` its call is noted in)."""
     per_head = w.shape[-2] if len(w.shape) == 3 else w.shape[0] // n_head
     r0, r1 = rows
     blocks, kind = w.kernel_blocks
@@ -403,13 +387,11 @@ def _native_heads_form(w, n_head: int, rows: tuple[int, int]) -> Callable:
         blocks, kind = w.data, w.ggml_type
     kernel = cpu_kernels.bind_mul_mat_id(blocks.reshape(n_head, per_head, -1), kind, rows=(r0, r1))
     out = ops.Out()
-    ids_of = _per_object(lambda x: _head_ids(x.shape[0], n_head))
-    rows_of = _per_object(lambda dst: dst[:, :, r0:r1])
 
     def run(x, pool, times):
-        dst, _ = kernel(x, ids_of(x), pool, times, out)      # into out [T, H, per_head]
-        return rows_of(dst)
-    return run
+        dst, _ = kernel(x, _head_ids(x.shape[0], n_head), pool, times, out)      # into out [T, H, per_head]
+        return dst[:, :, r0:r1]
+    return run, out
 
 
 @functools.lru_cache(maxsize=64)
@@ -445,12 +427,10 @@ def _expert_kernel(w, fused: bool) -> Callable | None:
 def _mul_mat_form(w, out: ops.Out | None) -> Callable:
     """MUL_MAT's pool form parallel(x, pool, times) on weight w (into `out`'s memory, if one),
     bound to w's native kernel once where it has one. A float32 weight (in llama.cpp's files
-    the MoE router's, 0.5 MiB) shares its rows natively and, into `out`, replays its call
-    (`replaying`): alone, one thread read it in ~50 us after a token's expert weights had
-    gone through the caches."""
+    the MoE router's, 0.5 MiB) shares its rows natively too: alone, one thread read it in
+    ~50 us after a token's expert weights had gone through the caches."""
     if w.ggml_type == GGMLQuantizationType.F32:
-        f32 = functools.partial(_mul_mat_f32, out=None) if out is None else replaying(_mul_mat_f32, out)
-        return functools.partial(f32, w)
+        return functools.partial(_mul_mat_f32, w, out=out)
     if not native(w):
         return functools.partial(_mul_mat_parallel, w, out=out)
     run = cpu_kernels.bind_matmul(*w.kernel_blocks)

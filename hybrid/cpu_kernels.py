@@ -179,37 +179,14 @@ def _is_rows(a: np.ndarray) -> bool:
     return a.dtype == np.float32 and a.flags.c_contiguous
 
 
-# A bound op keeps the NumPy views of its last input and output while together they are at
-# most this large: the sizes of generation, where the views are the cost; a prompt's larger
-# values are not held from one evaluation to the next.
-KEEP_VIEWS_BYTES = 1 << 20
-
-
-class _Views:
-    """The NumPy views the kernel call takes, made once per input object, not once per call.
-
-    A node of a reused graph gets the same input objects at every token (the outputs its
-    sources keep, `hybrid.ops.Out`) and writes into the same output, and with the caches
-    cold after a token's weights each `.numpy()`, `.shape` and dtype check costs
-    microseconds: ~15 us a matmul, with the other threads of the pool waiting for it.
-    The views are keyed by the input objects themselves (held, so an id is never reused)."""
-
-    __slots__ = ("key", "views")
-
-    def __init__(self):
-        self.key, self.views = (), ()
-
-    def get(self, key: tuple, make, keep: bool):
-        """make() -> (views..., output tensor) for the inputs `key`, or the last ones made for
-        the same objects; without `keep` (a fresh output each call) always made."""
-        k = self.key
-        if keep and len(k) == len(key) and all(a is b for a, b in zip(k, key)):
-            return self.views
-        views = make()
-        keep = keep and _is_rows(views[0]) and views[0].base is not None   # x's own memory, not a copy
-        held = sum(v.nbytes for v in views if isinstance(v, np.ndarray))
-        self.key, self.views = (key, views) if keep and held <= KEEP_VIEWS_BYTES else ((), ())
-        return views
+def _note(out, y, reads: tuple, args: tuple) -> None:
+    """Note the kernel call in `out` (`hybrid.ops.Out.call`) where it can run again as it is, so
+    that a program can capture it (`hybrid.sched.Captures`): it wrote the memory `out` keeps
+    and read its inputs' own memory (`reads`: pairs of a tensor and the array the call read,
+    not a contiguous copy of it)."""
+    if out is not None:
+        own = y is out.tensor and all(a.ctypes.data == t.data_ptr() for t, a in reads)
+        out.call = (_kernels.mul_mat_id, args, tuple(t for t, _ in reads)) if own else None
 
 
 def _output(out, shape):
@@ -232,16 +209,16 @@ def matmul(w_data, ggml_type: int, x, pool=None, times: np.ndarray | None = None
 
 def bind_matmul(w_data, ggml_type: int):
     """`matmul` with the weight's checks done once -> run(x, pool, times, out): the form a
-    graph node keeps, so that each evaluation is one Python frame around the kernel, and
-    with `out`, the views of the last x (`_Views`) reused."""
+    graph node keeps; with `out`, the call is noted there (`_note`)."""
     w = _weights(w_data)
     n_out, n_in = w.shape[0], _n_in(w, ggml_type)
-    last = _Views()
 
     def run(x, pool=None, times: np.ndarray | None = None, out=None):
-        xn, yn, y = last.get((x, out), lambda: (_rows(x), *_output(out, (x.shape[0], n_out))), out is not None)
-        _kernels.mul_mat_id(w, b"", ggml_type, 1, n_in, xn, None, 1, yn, 0, n_out, 0, 1, -1, pool,
-                            times)          # (the checks of `mul_mat` are the kernel's own, less the dtypes)
+        xn = _rows(x)
+        yn, y = _output(out, (x.shape[0], n_out))
+        args = (w, b"", ggml_type, 1, n_in, xn, None, 1, yn, 0, n_out, 0, 1, -1, pool, times)
+        _kernels.mul_mat_id(*args)          # (the checks of `mul_mat` are the kernel's own, less the dtypes)
+        _note(out, y, ((x, xn),), args)
         return y
     return run
 
@@ -263,13 +240,13 @@ def bind_mul_mat_id(w_data, ggml_type: int, w_up_data=None, rows: tuple[int, int
     w_up = b"" if w_up_data is None else _weights(w_up_data)
     n_expert, n_out, n_in = w.shape[0], w.shape[1], _n_in(w, ggml_type)
     r0, r1 = rows or (0, n_out)
-    last = _Views()
 
     def run(x, ids, pool=None, times: np.ndarray | None = None, out=None):
-        xn, idn, yn, y = last.get((x, ids, out), lambda: (_rows(x), _array(ids), *_output(out, (*ids.shape, n_out))),
-                                  out is not None)
-        n = _kernels.mul_mat_id(w, w_up, ggml_type, n_expert, n_in, xn, idn, idn.shape[-1], yn, r0, r1, 0,
-                                n_expert, -1, pool, times)
+        xn, idn = _rows(x), _array(ids)
+        yn, y = _output(out, (*ids.shape, n_out))
+        args = (w, w_up, ggml_type, n_expert, n_in, xn, idn, idn.shape[-1], yn, r0, r1, 0, n_expert, -1, pool, times)
+        n = _kernels.mul_mat_id(*args)
+        _note(out, y, ((x, xn),) + (((ids, idn),) if hasattr(ids, "data_ptr") else ()), args)   # (NumPy ids: their own)
         return y, n
     return run
 

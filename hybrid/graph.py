@@ -38,9 +38,15 @@ class Forms(NamedTuple):
     `serial(*src_values)` on the calling thread, and where the op has one, `parallel(*src_values,
     pool, times)` shared by the threads of a CPU pool (a hybrid._kernels.Pool), filling `times`
     as the pool does (hybrid/backends/cpu.py turns it into op events). An op that reads a
-    weight binds its kernels to the buffer it is given: the host's, or a device's own copy."""
+    weight binds its kernels to the buffer it is given: the host's, or a device's own copy.
+
+    `capture(value)`, where the op has one: after a run that gave `value`, the op bound to the
+    memory that run used (its native call with its addresses), run(*_) -> the same value, or
+    None where it cannot be (it ran in torch, or into fresh memory). A backend whose program's
+    memory is fixed captures it so (`hybrid.sched.Captures`), as a CUDA graph is captured."""
     serial: Callable[..., Any]
     parallel: Callable[..., Any] | None = None
+    capture: Callable[[Any], Callable[..., Any] | None] | None = None
 
 
 @dataclass(frozen=True, eq=False, slots=True)

@@ -84,9 +84,8 @@ def _new(out: Out | None, shape, dtype: torch.dtype = F32) -> torch.Tensor:
 def _native_call(out: Out | None, y: torch.Tensor, reads: tuple, fn, *args) -> torch.Tensor:
     """Run the native op fn(*args), which writes y, and note the call in `out` when y is the
     memory `out` keeps, with the tensors `reads` whose addresses args hold (kept alive with
-    it): a node whose inputs are the same objects at its next run can run the same call again
-    (`hybrid.builder.replaying`), without this module's checks, which cost a cold op more than
-    its arithmetic."""
+    it): a program whose memory is fixed can run the same call again (`hybrid.sched.Captures`),
+    without this module's checks, which cost a cold op more than its arithmetic."""
     fn(*args)
     if out is not None:
         out.call = (fn, args, reads) if y is out.tensor else None

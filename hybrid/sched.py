@@ -23,7 +23,8 @@ With DeepSeek2, `-ngl 99 -ot "\\.ffn_.*_exps\\.=CPU"` gives two splits per MoE
 layer: [device: attention, router, shared expert, ...] [CPU: routed experts].
 
 Each backend compiles a split once per plan into a `Program`: its ops as `Step`s, each
-with the node's buffer (the backend's own copy) and its thread pool bound. One run loop,
+with the node's buffer (the backend's own copy) and its thread pool bound; the CPU and
+the emulated ACC0 then capture each program at its first run (`Captures`). One run loop,
 `run_program`, runs any backend's program and calls the backend's one recording hook
 per op (`begin_op` / `end_op`), with the op's bytes and flops from the node's `Cost`.
 
@@ -39,6 +40,8 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
+
+import torch
 
 from hybrid.graph import Graph, Node
 from hybrid.placement import CPU
@@ -154,21 +157,91 @@ def _cut_splits(nodes, backends, backend_of) -> tuple[Split, ...]:
 class Step:
     """One op of a backend's program, as that backend runs it: `run(*src_values, *tail)`, one
     of the node's forms on the backend's buffer, bound when the split was compiled; `tail`
-    is what the form takes last (a CPU pool and its times array, for a `pooled` step)."""
+    is what the form takes last (a CPU pool and its times array, for a `pooled` step);
+    `srcs` the values it is given (none, once captured: its call holds their addresses)."""
     node: Node
     run: Callable[..., Any]
     tail: tuple = ()
     pooled: bool = False        # shared by the CPU pool's threads: its events come from the pool
+    capture: Callable[[Any], Callable[..., Any] | None] | None = None     # `Forms.capture`
+    srcs: tuple[Node, ...] | None = None      # None: the node's
+
+    def __post_init__(self):
+        if self.srcs is None:
+            object.__setattr__(self, "srcs", self.node.srcs)
 
 
-Program = tuple[Step, ...]
+@dataclass(frozen=True, eq=False)
+class Program:
+    """A split compiled by its backend: its steps in order, and the values it reads that it
+    does not compute (from other splits, or the graph's inputs)."""
+    steps: tuple[Step, ...]
+    inputs: tuple[Node, ...]
+
+    @classmethod
+    def of(cls, steps: tuple[Step, ...]) -> "Program":
+        made = {step.node for step in steps}
+        return cls(steps, tuple(dict.fromkeys(s for step in steps for s in step.node.srcs if s not in made)))
 
 
 def serial_program(split: "Split", buffers: Mapping[str, Any]) -> Program:
     """A split's ops each run whole by the thread that runs the program (a device's, or the
     sequential `compute`'s)."""
-    return tuple(Step(node, node.make(buffers[node.buffer] if node.buffer is not None else None).serial)
-                 for node in split.nodes)
+    steps = []
+    for node in split.nodes:
+        forms = node.make(buffers[node.buffer] if node.buffer is not None else None)
+        steps.append(Step(node, forms.serial, capture=forms.capture))
+    return Program.of(tuple(steps))
+
+
+class Captures:
+    """A backend's programs as captured at their first run, for a backend that computes on the
+    host's memory (the CPU, the emulated ACC0).
+
+    At its first run a program's inputs are copied into memory of its own (`slots`) and it runs
+    live (each op's Python checks its operands and calls its native kernel); then each op whose
+    operands are all fixed memory (slots, or what ops captured before it wrote) and that noted
+    its native call is captured (`Forms.capture`): from the next run on it is that call with
+    those addresses, the inputs copied into the slots first. Ops that ran in torch or into fresh
+    memory (a prompt's large values), and those reading their values, stay live. So a generated
+    token costs one call per op, not its Python (5-30 us an op, cold after the expert weights),
+    and no op asks whether its inputs are the objects of the last run: that they are is how the
+    captured program was made."""
+
+    def __init__(self):
+        self._done: weakref.WeakKeyDictionary[Program, tuple[Program, tuple]] = weakref.WeakKeyDictionary()
+
+    def run(self, program: Program, values: dict, backend: Any, graph_id: int, i_split: int, n_kv: int) -> None:
+        done = self._done.get(program)
+        if done is not None:
+            captured, slots = done
+            for node, slot in slots:
+                slot.copy_(values[node])
+                values[node] = slot
+            run_program(captured, values, backend, graph_id, i_split, n_kv)
+            return
+        slots = tuple((node, values[node].clone()) for node in program.inputs   # (other values stay live)
+                      if isinstance(values[node], torch.Tensor))
+        for node, slot in slots:
+            values[node] = slot
+        run_program(program, values, backend, graph_id, i_split, n_kv)
+        self._done[program] = _captured(program, values, {node for node, _ in slots}), slots
+
+
+def _captured(program: Program, values: dict, fixed: set) -> Program:
+    """The program after a live run that left `values`: each op captured where its operands
+    are `fixed` memory and it can be (`Forms.capture`), which makes its value fixed too."""
+    steps = []
+    for step in program.steps:
+        run = None
+        if step.capture is not None and all(s in fixed for s in step.node.srcs):
+            run = step.capture(values[step.node])
+        if run is None:
+            steps.append(step)
+        else:
+            steps.append(Step(step.node, run, (), step.pooled, srcs=()))
+            fixed.add(step.node)
+    return Program(tuple(steps), program.inputs)
 
 
 def run_program(program: Program, values: dict, backend: Any, graph_id: int, i_split: int, n_kv: int) -> None:
@@ -178,16 +251,16 @@ def run_program(program: Program, values: dict, backend: Any, graph_id: int, i_s
     from its node's `Cost` at this evaluation's n_kv and the experts it computed.
 
     Written for its cost: it runs ~35 ops a layer per token, and each Python frame it adds
-    per op (a method, a property, a lambda) costs generation ~0.5 us a op with the
+    per op (a method, a property, a lambda) costs generation ~0.5 us an op with the
     interpreter cold after the expert weights (`sched` in the report)."""
     get = values.__getitem__
     timed = backend.recorder.enabled
     begin, end = backend.begin_op, backend.end_op
-    for step in program:
+    for step in program.steps:
         node = step.node
         cost = node.cost
         token = begin() if timed else None
-        value = step.run(*map(get, node.srcs), *step.tail)
+        value = step.run(*map(get, step.srcs), *step.tail)
         n_experts = 0
         if cost.bytes_per_expert:                   # (value, experts computed)
             value, n_experts = value

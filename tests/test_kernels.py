@@ -412,10 +412,10 @@ def test_engine_forms_match_the_direct_calls():
 
 
 def test_a_bound_form_reads_each_call_what_its_inputs_hold_now():
-    """The bound forms keep the NumPy views of their last inputs (a node's inputs are the same
-    objects at every token): a call after the inputs' contents changed in place must see the
-    new contents, also where the view was a copy (x not contiguous), and without `out` each
-    call returns fresh memory (the graph's result outlives its evaluation)."""
+    """A bound form called again after its inputs' contents changed in place sees the new
+    contents, also where its view was a copy (x not contiguous); it notes its call in `out`
+    only where the call read x's own memory (a captured program runs that call again); without
+    `out` each call returns fresh memory (the graph's result outlives its evaluation)."""
     import torch
     from hybrid import ops
 
@@ -432,6 +432,7 @@ def test_a_bound_form_reads_each_call_what_its_inputs_hold_now():
             xr = decode_q8(ck.quantize_activations(x_in.numpy()), 160)
             y = matmul(x_in, None, None, out)
             assert y is out.tensor and np.all(np.abs(y.numpy() - xr @ w.T) <= exact_tolerance(w, xr))
+            assert (out.call is not None) == (x_in is xt)        # a call on a copy of x is not noted
             want = np.zeros((*ids.shape, 32), np.float32)
             ck.mul_mat_id(gate, ck.Q4_0, ck.quantize_activations(x_in.numpy()), ids_t.numpy(), want)
             dst, _ = experts(x_in, ids_t, None, None, out_id)

@@ -508,30 +508,6 @@ def test_out_reuses_its_memory(rng, monkeypatch, native):
     assert out.tensor is None or out.tensor.numel() < big.numel()
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_a_replaying_node_runs_its_last_call_again_while_its_inputs_are_the_same(rng, monkeypatch, native):
-    """`hybrid.builder.replaying`: with the same input objects (new contents, as from one token to
-    the next) the node runs its last native call again, not its Python; another input object,
-    or the torch path (no native call to replay), runs the Python. Values are right each time."""
-    from hybrid.builder import replaying
-
-    monkeypatch.setattr(ops, "NATIVE", native)
-    runs = []
-
-    def fn(_, a, b, out):
-        runs.append(1)
-        return ops.add(a, b, out)
-    node_fn = replaying(fn, ops.Out())
-    a, b = t32(rng.normal(size=(1, 40))), t32(rng.normal(size=(1, 40)))
-    for _ in range(3):
-        close(node_fn(None, a, b), a.double().numpy() + b.double().numpy())
-        a.mul_(-2.0)                                            # new contents, the same objects
-    assert len(runs) == (1 if native else 3)
-    c = a.clone()
-    close(node_fn(None, c, b), c.double().numpy() + b.double().numpy())
-    assert len(runs) == (2 if native else 4)
-
-
 def test_greedy_follows_the_logits_it_is_given(rng):
     """`ops.Greedy` works out the row once per logits tensor: new contents of the same tensor,
     and another tensor, give their own argmax."""

@@ -299,3 +299,48 @@ def test_split_rule_on_the_tiny_model(tiny_gguf):
     assert rows[5]["nodes"][-3:] == ["inp_out_ids", "result_norm", "output"]
     assert set(plan.causes) == {"1.inp", "1.buf", "2.dev_down", "2.dev_up", "2.rest_down"}
 
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_cpu_program_is_captured_at_its_first_run(monkeypatch, native):
+    """After its first run a CPU program's native ops are their noted calls over its own memory:
+    later runs run none of their Python, yet read their inputs' new contents (copied into that
+    memory) and give the values a live run gives; an op that ran in torch stays live, and so
+    does an op that reads its value. With the torch small ops (HYPROF_OPS=torch) all stays live."""
+    from types import SimpleNamespace
+
+    from hybrid import ops
+    from hybrid.builder import Builder
+
+    monkeypatch.setattr(ops, "NATIVE", native)
+    runs = []
+
+    def add(_, x, y, out):
+        runs.append("add")
+        return ops.add(x, y, out)
+
+    def torch_add(_, x, y):
+        runs.append("torch")
+        return x + y
+
+    b = Builder(SimpleNamespace(config=None), n_tokens=1, n_past=0)
+    a, c = b.input("a"), b.input("c")
+    s = b.native("ADD", "s", add, a, c)                 # captured
+    head = b.view("head", s, lambda x: x[:, :3])        # captured: a view of fixed memory
+    t = b.op("ADD", "t", torch_add, head, head)        # torch: live
+    b.graph.output = b.native("ADD", "u", add, t, head)      # reads a live value: live
+    graph = b.graph
+    rec = Recorder(enabled=True)
+    cpu = CpuBackend({}, 1, 0, rec)
+    try:
+        sched = Scheduler({"CPU": cpu}, rec)
+        plan = split_graph(graph, lambda _: "CPU")
+        for i in range(3):
+            x, y = torch.randn(1, 8), torch.randn(1, 8)         # new tensors each evaluation
+            out = sched.compute(graph, plan, {"a": x, "c": y}, i)
+            head_want = (x + y)[:, :3]
+            torch.testing.assert_close(out, 3 * head_want)
+    finally:
+        cpu.close()
+    later = ["torch", "add"] if native else ["add", "torch", "add"]
+    assert runs == ["add", "torch", "add"] + later * 2
+    assert [e["name"] for e in rec.drain() if e["type"] == "op"] == ["s", "head", "t", "u"] * 3

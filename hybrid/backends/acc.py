@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from hybrid.backends import keep_signals_off_this_thread
-from hybrid.sched import Program, Step, map_values, run_program, serial_program
+from hybrid.sched import Captures, Program, Step, map_values, serial_program
 from profiler.recorder import Recorder
 
 
@@ -63,6 +63,7 @@ class AccBackend:
         self.buffers = buffers
         self.recorder = recorder
         self._lane = recorder.lane(name)
+        self._captures = Captures()             # each program, captured at its first run (on the CPU's memory)
         self.begin_op = recorder.now            # the run loop's hook before each op: its start
         self._queue: SimpleQueue = SimpleQueue()
         self._last: Fence | None = None
@@ -107,7 +108,7 @@ class AccBackend:
         while (item := self._queue.get()) is not None:
             program, values, graph_id, i_split, n_kv, fence = item
             try:
-                run_program(program, values, self, graph_id, i_split, n_kv)
+                self._captures.run(program, values, self, graph_id, i_split, n_kv)
             except BaseException as e:  # raised on the host at its next synchronize
                 self._error = self._error or e
             fence.signal()

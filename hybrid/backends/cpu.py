@@ -32,7 +32,7 @@ import torch
 from hybrid._kernels import Pool
 from hybrid.graph import Node
 from hybrid.placement import CPU
-from hybrid.sched import Program, Step, run_program
+from hybrid.sched import Captures, Program, Step
 from profiler.recorder import Recorder, pool_op
 from profiler.schema import MAIN_LANE
 
@@ -76,21 +76,22 @@ class CpuBackend:
         self.lanes = (recorder.lane(MAIN_LANE),) + tuple(recorder.lane(f"cpu{i}") for i in range(1, n_threads))
         self._times = np.zeros((n_threads, 3), np.int64)     # per op: first claim, end, chunks
         self._wakes = np.zeros(n_threads, np.int64)          # per split: when each worker saw it
+        self._captures = Captures()                           # each program, captured at its first run
 
     def compile(self, split) -> Program:
         """The split's ops with their buffers bound, each shared by the pool or run by the
-        main thread alone (`_worth_sharing`)."""
-        return tuple(self._step(node) for node in split.nodes)
+        main thread alone (`_worth_sharing`); captured at its first run (`Captures`)."""
+        return Program.of(tuple(self._step(node) for node in split.nodes))
 
     def _step(self, node: Node) -> Step:
         forms = node.make(self.buffers[node.buffer] if node.buffer is not None else None)
         if forms.parallel is not None and self.n_threads > 1 and _worth_sharing(node):
-            return Step(node, forms.parallel, (self.pool, self._times), pooled=True)
-        return Step(node, forms.serial)
+            return Step(node, forms.parallel, (self.pool, self._times), pooled=True, capture=forms.capture)
+        return Step(node, forms.serial, capture=forms.capture)
 
     def compute(self, program: Program, values: dict, graph_id: int, i_split: int, n_kv: int) -> None:
         try:
-            run_program(program, values, self, graph_id, i_split, n_kv)
+            self._captures.run(program, values, self, graph_id, i_split, n_kv)
         finally:
             dispatch = self.pool.end_split(self._wakes)
             if dispatch and self.recorder.enabled:

@@ -43,7 +43,7 @@ def decode_bytes(model: Model, token: int) -> int:
     """Weight bytes read by one decode step: run its graph, then sum the ops' bytes (one token
     uses n_expert_used distinct experts per MoE layer)."""
     graph = model.graph(1)
-    compute(graph, model.inputs([token]), model.buffer)
+    compute(graph, model.inputs(graph, [token]), model.buffer)
     model.cache.n_past += 1
     n_kv, n_used = graph.n_kv, model.config.n_expert_used
     return sum(n.cost.at(n_kv, n_used)[0] for n in graph.nodes

@@ -53,10 +53,13 @@ class Builder:
         """Tokens already in the cache for the evaluation now running."""
         return self.graph.n_past
 
-    def input(self, name: str) -> Node:
+    def input(self, name: str, shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.long) -> Node:
+        """A graph input (token ids, positions: int64 [T]) in memory the graph owns: the same at
+        every evaluation, so a captured program reads it in place."""
         node = Node("INPUT", name, (), None, n_tokens=self.n_tokens)
         self.nodes.append(node)
         self.inputs[name] = node
+        self.graph.input_values[name] = torch.zeros(shape or (self.n_tokens,), dtype=dtype)
         return node
 
     def op(self, op: str, name: str, fn: Callable, *srcs: Node, layer: int = -1, buffer: str | None = None,

@@ -154,11 +154,11 @@ class Engine:
         self.last_plan = plan
         graph.n_past = n_past
         t = rec.now()
-        inputs = model.inputs(list(tokens))
+        model.inputs(graph, list(tokens))          # into the graph's own input memory
         if rec.enabled:
             lane.phase(t_graph, t - t_graph, graph_id, "graph_build")
             lane.phase(t, rec.now() - t, graph_id, "set_inputs")
-        result = self.scheduler.compute(graph, plan, inputs, graph_id)
+        result = self.scheduler.compute(graph, plan, None, graph_id)
         model.cache.n_past += len(tokens)
         if sample:
             t = rec.now()

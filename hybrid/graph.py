@@ -75,6 +75,8 @@ class Graph:
     n_tokens: int = 0
     n_past: int = 0                 # cached tokens before this evaluation; ops read it when they
                                     # run, so a graph is reused at the next depth (engine.py)
+    input_values: dict[str, Any] = field(default_factory=dict)   # the inputs' memory, the graph's
+                                    # own (refilled each evaluation: `hybrid.model.Model.inputs`)
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -88,7 +88,6 @@ class Model:
         self.weights = ModelWeights(gguf, rtr=rtr, fmoe=fmoe, progress=progress, on_cpu=on_cpu)
         self.cache = KVCache(self.arch.cache_layout(self.config, mla), self.n_ctx)
         self._host_caches: dict[str, torch.Tensor] = {}
-        self._inputs: dict[int, tuple] = {}     # per batch size: the input tensors, refilled
 
     def cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [n_ctx, n_rot/2] of every position (`rope_cos_sin`) on `device`: a table
@@ -120,24 +119,22 @@ class Model:
         """The graph evaluating the next n_tokens after what the cache holds."""
         return self.arch.build_graph(self, n_tokens, self.cache.n_past, all_logits, keep_output)
 
-    def inputs(self, tokens: list[int]) -> dict[str, torch.Tensor]:
-        """The graph's inputs: tokens and their positions, int64 [T]. The tensors of a batch
-        size are made once and refilled through NumPy: making them in torch cost ~0.1 ms a
-        generated token, with the interpreter and torch cold after the token's weights."""
-        n = len(tokens)
-        reused = self._inputs.get(n)
-        if reused is None:
-            if len(self._inputs) >= 8:
-                self._inputs.clear()
-            made = {"inp_tokens": torch.zeros(n, dtype=torch.long), "inp_pos": torch.zeros(n, dtype=torch.long)}
-            reused = self._inputs[n] = made, made["inp_tokens"].numpy(), made["inp_pos"].numpy()
-        made, token_ids, pos = reused
-        if n == 1:          # a generated token: item assignment, ~10 us less than a slice's cold
+    def inputs(self, graph: Graph, tokens: list[int]) -> dict[str, torch.Tensor]:
+        """The graph's inputs, tokens and their positions, written into the graph's own input
+        memory through NumPy views made once per graph (made in torch, the inputs cost ~0.1 ms a
+        generated token, with the interpreter and torch cold after the token's weights; a
+        `.numpy()` each, ~20 us)."""
+        values = graph.input_values
+        arrays = graph.meta.get("input_arrays")
+        if arrays is None:
+            arrays = graph.meta["input_arrays"] = values["inp_tokens"].numpy(), values["inp_pos"].numpy()
+        token_ids, pos = arrays
+        if len(tokens) == 1:          # a generated token: item assignment, ~10 us less than a slice's cold
             token_ids[0], pos[0] = tokens[0], self.cache.n_past
         else:
             token_ids[:] = tokens
-            pos[:] = range(self.cache.n_past, self.cache.n_past + n)
-        return made
+            pos[:] = range(self.cache.n_past, self.cache.n_past + len(tokens))
+        return values
 
     def forward(self, tokens: list[int], all_logits: bool = False,
                 run: Callable[[Graph, dict, Callable], torch.Tensor] = compute) -> torch.Tensor:
@@ -149,7 +146,7 @@ class Model:
         if self.cache.n_past + len(tokens) > self.n_ctx:
             raise ValueError(f"{self.cache.n_past + len(tokens)} tokens exceed the context of {self.n_ctx}")
         graph = self.graph(len(tokens), all_logits)
-        logits = run(graph, self.inputs(tokens), self.buffer)
+        logits = run(graph, self.inputs(graph, tokens), self.buffer)
         self.cache.n_past += len(tokens)
         return logits
 

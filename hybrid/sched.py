@@ -173,15 +173,19 @@ class Step:
 
 @dataclass(frozen=True, eq=False)
 class Program:
-    """A split compiled by its backend: its steps in order, and the values it reads that it
-    does not compute (from other splits, or the graph's inputs)."""
+    """A split compiled by its backend: its steps in order, the values it reads that it does
+    not compute, and of those the ones in memory fixed for the graph's life (`fixed`): the
+    graph's inputs, and the values copied in from other backends (copies land in memory
+    kept per node, `to_host` / `to_device`)."""
     steps: tuple[Step, ...]
     inputs: tuple[Node, ...]
+    fixed: frozenset[Node] = frozenset()
 
     @classmethod
-    def of(cls, steps: tuple[Step, ...]) -> "Program":
+    def of(cls, steps: tuple[Step, ...], copied: tuple[Node, ...] = ()) -> "Program":
         made = {step.node for step in steps}
-        return cls(steps, tuple(dict.fromkeys(s for step in steps for s in step.node.srcs if s not in made)))
+        inputs = tuple(dict.fromkeys(s for step in steps for s in step.node.srcs if s not in made))
+        return cls(steps, inputs, frozenset(n for n in inputs if n.is_input or n in copied))
 
 
 def serial_program(split: "Split", buffers: Mapping[str, Any]) -> Program:
@@ -191,18 +195,19 @@ def serial_program(split: "Split", buffers: Mapping[str, Any]) -> Program:
     for node in split.nodes:
         forms = node.make(buffers[node.buffer] if node.buffer is not None else None)
         steps.append(Step(node, forms.serial, capture=forms.capture))
-    return Program.of(tuple(steps))
+    return Program.of(tuple(steps), split.inputs)
 
 
 class Captures:
     """A backend's programs as captured at their first run, for a backend that computes on the
     host's memory (the CPU, the emulated ACC0).
 
-    At its first run a program's inputs are copied into memory of its own (`slots`) and it runs
-    live (each op's Python checks its operands and calls its native kernel); then each op whose
-    operands are all fixed memory (slots, or what ops captured before it wrote) and that noted
-    its native call is captured (`Forms.capture`): from the next run on it is that call with
-    those addresses, the inputs copied into the slots first. Ops that ran in torch or into fresh
+    At its first run a program's inputs that are not in fixed memory (`Program.fixed`: values
+    of the same backend's earlier splits) are copied into memory of its own (`slots`), and it
+    runs live (each op's Python checks its operands and calls its native kernel); then each op
+    whose operands are all fixed memory (fixed inputs, slots, or what ops captured before it
+    wrote) and that noted its native call is captured (`Forms.capture`): from the next run on
+    it is that call with those addresses, those inputs copied into the slots first. Ops that ran in torch or into fresh
     memory (a prompt's large values), and those reading their values, stay live. So a generated
     token costs one call per op, not its Python (5-30 us an op, cold after the expert weights),
     and no op asks whether its inputs are the objects of the last run: that they are is how the
@@ -221,11 +226,11 @@ class Captures:
             run_program(captured, values, backend, graph_id, i_split, n_kv)
             return
         slots = tuple((node, values[node].clone()) for node in program.inputs   # (other values stay live)
-                      if isinstance(values[node], torch.Tensor))
+                      if node not in program.fixed and isinstance(values[node], torch.Tensor))
         for node, slot in slots:
             values[node] = slot
         run_program(program, values, backend, graph_id, i_split, n_kv)
-        self._done[program] = _captured(program, values, {node for node, _ in slots}), slots
+        self._done[program] = _captured(program, values, {node for node, _ in slots} | program.fixed), slots
 
 
 def _captured(program: Program, values: dict, fixed: set) -> Program:
@@ -298,7 +303,8 @@ class Scheduler:
 
     A backend has `name`, `is_device`, `recorder`, `compile(split) -> Program`,
     `compute(program, values, graph_id, i_split, n_kv)` (which runs `run_program`),
-    `begin_op()` / `end_op(...)`, `to_device(value)` (host -> backend), `to_host(value)`
+    `begin_op()` / `end_op(...)`, `to_device(value, node)` (host -> backend), `to_host(value, node)`
+    (both into memory kept per node: a captured program reads its copied inputs in place)
     and `synchronize()`. Programs are compiled once per plan (the engine reuses a plan for
     every evaluation of a batch size) and kept while the plan lives.
     Each backend keeps its own values: `values[backend][node]` is a node's value
@@ -324,13 +330,21 @@ class Scheduler:
             programs = self._programs[plan] = tuple(self.backends[s.backend].compile(s) for s in plan.splits)
         return programs
 
-    def compute(self, graph: Graph, plan: SplitPlan, inputs: Mapping[str, Any],
+    def compute(self, graph: Graph, plan: SplitPlan, inputs: Mapping[str, Any] | None,
                 graph_id: int) -> Any:
-        """Evaluate one graph; returns the output's value on the host."""
+        """Evaluate one graph; returns the output's value on the host. Its inputs are the
+        graph's own input memory (`Graph.input_values`, filled by the caller: the engine's
+        `Model.inputs`), or, given `inputs`, these copied into it (made at the first call)."""
         values = {name: {} for name in self.backends}
         host = values[CPU]
+        own = graph.input_values
+        for name, value in (inputs or {}).items():
+            if name in own:
+                own[name].copy_(value)
+            else:
+                own[name] = value.clone()
         for name, node in graph.inputs.items():
-            host[node] = inputs[name]
+            host[node] = own[name]
         programs = self.programs(plan)
         try:
             for i_split, split in enumerate(plan.splits):
@@ -375,9 +389,9 @@ class Scheduler:
         t = rec.now() if rec.enabled else 0
         src_backend, dst_backend = self.backends[src], self.backends[dst]
         if src_backend.is_device:
-            value = src_backend.to_host(value)
+            value = src_backend.to_host(value, node)
         if dst_backend.is_device:
-            value = dst_backend.to_device(value)
+            value = dst_backend.to_device(value, node)
         if rec.enabled:
             self.lane.copy(t, rec.now() - t, graph_id, i_split, src, dst, nbytes(value),
                            node.name)

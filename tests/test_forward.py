@@ -145,7 +145,7 @@ def test_expert_bytes_are_the_selected_experts(tiny_gguf):
     graph = model.graph(3)
     by_name = {n.name: n for n in graph.nodes}
     up, topk = by_name["blk.1.ffn_up_exps"], by_name["ffn_moe_topk-1"]
-    values = {node: value for name, value in model.inputs([7, 8, 9]).items() for node in [graph.inputs[name]]}
+    values = {node: value for name, value in model.inputs(graph, [7, 8, 9]).items() for node in [graph.inputs[name]]}
     for node in graph.nodes[len(graph.inputs):]:
         buf = model.buffer(node.buffer) if node.buffer is not None else None
         values[node] = node.make(buf).serial(*[values[s] for s in node.srcs])
@@ -168,7 +168,7 @@ def test_parallel_tasks_equal_fn(tiny_gguf, rtr, fmoe):
     model = Model(load_model(tiny_gguf), n_ctx=16, rtr=rtr, fmoe=fmoe)
     graph = model.graph(5)
     values: dict[int, object] = {}
-    inputs = model.inputs([4, 8, 15, 16, 23])
+    inputs = model.inputs(graph, [4, 8, 15, 16, 23])
     n_checked = 0
     pool = Pool(3, True)
     for node in graph.nodes:

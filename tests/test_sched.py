@@ -323,7 +323,7 @@ def test_a_cpu_program_is_captured_at_its_first_run(monkeypatch, native):
         return x + y
 
     b = Builder(SimpleNamespace(config=None), n_tokens=1, n_past=0)
-    a, c = b.input("a"), b.input("c")
+    a, c = b.input("a", (1, 8), torch.float32), b.input("c", (1, 8), torch.float32)
     s = b.native("ADD", "s", add, a, c)                 # captured
     head = b.view("head", s, lambda x: x[:, :3])        # captured: a view of fixed memory
     t = b.op("ADD", "t", torch_add, head, head)        # torch: live
@@ -344,3 +344,21 @@ def test_a_cpu_program_is_captured_at_its_first_run(monkeypatch, native):
     later = ["torch", "add"] if native else ["add", "torch", "add"]
     assert runs == ["add", "torch", "add"] + later * 2
     assert [e["name"] for e in rec.drain() if e["type"] == "op"] == ["s", "head", "t", "u"] * 3
+
+
+def test_copies_land_in_memory_kept_per_node():
+    """ACC0's copies in and out go into memory kept per node (as a real device's staging
+    buffers): the same memory at every evaluation, holding that evaluation's contents, so a
+    captured CPU program reads its copied inputs in place; tuples are copied element-wise."""
+    acc = AccBackend({}, Recorder(enabled=False))
+    x_node, y_node = node("INPUT", "x", (), None), node("INPUT", "y", (), None)
+    try:
+        first = acc.to_host(torch.ones(2, 3), x_node)
+        again = acc.to_host(torch.full((2, 3), 7.0), x_node)
+        assert again.data_ptr() == first.data_ptr() and torch.equal(again, torch.full((2, 3), 7.0))
+        other = acc.to_device(torch.ones(2, 3), y_node)
+        assert other.data_ptr() != first.data_ptr()
+        pair = acc.to_host((torch.zeros(1), torch.arange(3)), y_node)
+        assert torch.equal(pair[1], torch.arange(3)) and pair[0].data_ptr() != pair[1].data_ptr()
+    finally:
+        acc.close()

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from hybrid.backends import keep_signals_off_this_thread
-from hybrid.sched import Captures, Program, Step, map_values, serial_program
+from hybrid.sched import Captures, Program, Step, serial_program
 from profiler.recorder import Recorder
 
 
@@ -50,10 +50,6 @@ class Fence:
             self._lock.acquire(timeout=0.05)
 
 
-def _clone(value: Any) -> Any:
-    return value.clone() if isinstance(value, torch.Tensor) else value
-
-
 class AccBackend:
     is_device = True
     emulated = True
@@ -64,6 +60,7 @@ class AccBackend:
         self.recorder = recorder
         self._lane = recorder.lane(name)
         self._captures = Captures()             # each program, captured at its first run (on the CPU's memory)
+        self._copies: dict[tuple, torch.Tensor] = {}     # copies in and out, kept per node (`_copy`)
         self.begin_op = recorder.now            # the run loop's hook before each op: its start
         self._queue: SimpleQueue = SimpleQueue()
         self._last: Fence | None = None
@@ -93,11 +90,25 @@ class AccBackend:
             error, self._error = self._error, None
             raise error
 
-    def to_device(self, value: Any) -> Any:
-        return map_values(_clone, value)
+    def to_device(self, value: Any, node) -> Any:
+        return self._copy(value, (node.name,))
 
-    def to_host(self, value: Any) -> Any:
-        return map_values(_clone, value)
+    def to_host(self, value: Any, node) -> Any:
+        return self._copy(value, (node.name,))
+
+    def _copy(self, value: Any, key: tuple) -> Any:
+        """A copy of value (a tensor, or a tuple of them) in memory kept per node name, shape and
+        dtype (a node is copied one way, once per graph): the same memory at every evaluation,
+        as a real device's staging buffers are, so a captured program reads it in place."""
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._copy(v, key + (i,)) for i, v in enumerate(value))
+        if not isinstance(value, torch.Tensor):
+            return value
+        key += (tuple(value.shape), value.dtype)
+        kept = self._copies.get(key)
+        if kept is None:
+            kept = self._copies[key] = torch.empty_like(value, memory_format=torch.contiguous_format)
+        return kept.copy_(value)
 
     def close(self) -> None:
         self._queue.put(None)

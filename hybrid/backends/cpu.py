@@ -81,7 +81,7 @@ class CpuBackend:
     def compile(self, split) -> Program:
         """The split's ops with their buffers bound, each shared by the pool or run by the
         main thread alone (`_worth_sharing`); captured at its first run (`Captures`)."""
-        return Program.of(tuple(self._step(node) for node in split.nodes))
+        return Program.of(tuple(self._step(node) for node in split.nodes), split.inputs)
 
     def _step(self, node: Node) -> Step:
         forms = node.make(self.buffers[node.buffer] if node.buffer is not None else None)
@@ -113,10 +113,10 @@ class CpuBackend:
         for i, wake in enumerate(self._wakes.tolist()[1:], start=1):
             self.lanes[i].wakeup(dispatch - t0, wake - dispatch, graph_id, i_split, CPU)
 
-    def to_device(self, value: Any) -> Any:
+    def to_device(self, value: Any, node=None) -> Any:
         return value
 
-    def to_host(self, value: Any) -> Any:
+    def to_host(self, value: Any, node=None) -> Any:
         return value
 
     def synchronize(self) -> None:

@@ -15,8 +15,8 @@ Programs hold no host synchronisation: the weights were dequantised once at load
 (`hybrid.weights.for_gpu`), and MUL_MAT_ID selects its experts on the device
 (`hybrid.builder._experts_on_device`), its expert count read with the op times.
 
-Copies go through pinned host staging buffers (kept per shape and dtype) and are
-synchronous, as ggml's `ggml_backend_tensor_copy` is: the host time of a copy is
+Copies go through pinned host staging buffers (kept per node name, shape and dtype: a
+copy to the host is read there in place) and are synchronous, as ggml's `ggml_backend_tensor_copy` is: the host time of a copy is
 its real cost.
 """
 
@@ -72,11 +72,13 @@ class CudaBackend:
         self._flush_timed()
         self._anchor = self._record_anchor()
 
-    def to_device(self, value: Any) -> Any:
+    def to_device(self, value: Any, node) -> Any:
         return map_values(self._h2d, value)
 
-    def to_host(self, value: Any) -> Any:
-        return map_values(self._d2h, value)
+    def to_host(self, value: Any, node) -> Any:
+        """Into pinned host memory kept per node name, shape and dtype (no further copy): the
+        same memory at every evaluation, so the CPU's captured program reads it in place."""
+        return map_values(lambda t: self._d2h(t, node.name), value)
 
     def close(self) -> None:
         self.stream.synchronize()
@@ -109,8 +111,8 @@ class CudaBackend:
 
     # -- copies ----------------------------------------------------------------
 
-    def _staging_for(self, t: torch.Tensor) -> torch.Tensor:
-        key = (tuple(t.shape), t.dtype)
+    def _staging_for(self, t: torch.Tensor, name: str = "") -> torch.Tensor:
+        key = (name, tuple(t.shape), t.dtype)
         buf = self._staging.get(key)
         if buf is None:
             buf = self._staging[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -129,11 +131,11 @@ class CudaBackend:
         self.stream.synchronize()        # the staging buffer is reused by the next copy
         return out
 
-    def _d2h(self, value: Any) -> Any:
+    def _d2h(self, value: Any, name: str) -> Any:
         if not isinstance(value, torch.Tensor):
             return value
-        staging = self._staging_for(value)
+        staging = self._staging_for(value, name)
         with torch.cuda.stream(self.stream):
             staging.copy_(value, non_blocking=True)
         self.stream.synchronize()
-        return staging.clone()
+        return staging

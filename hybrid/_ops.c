@@ -533,8 +533,8 @@ static inline rows_t head_rows(rows_t r, Py_ssize_t h) { return (rows_t){r.p ? r
 static void attn_head(void *ctx, int64_t h, int thread) {
     const attn_job_t *j = ctx;
     float *scores = j->scores + (size_t)thread * (size_t)(j->n_tokens * j->n_kv);
-    kq_rows(head_rows(j->q, h), j->n_q, head_rows(j->pe, h), j->n_pe, j->n_tokens, 1, head_rows(j->k, h / j->n_rep), 1,
-            j->n_kv, scores);
+    kq_rows(head_rows(j->q, h), j->n_q, head_rows(j->pe, h), j->n_pe, j->n_tokens, 1, head_rows(j->k, h / j->n_rep),
+            1, j->n_kv, scores);
     for (Py_ssize_t t = 0; t < j->n_tokens; t++)
         softmax_row(scores + t * j->n_kv, j->n_past + t + 1, j->n_kv, j->scale, scores + t * j->n_kv);
     kqv_rows(scores, j->n_tokens, 1, j->n_kv, head_rows(j->v, h / j->n_rep), 1, j->n_v, j->out + h * j->n_v,
@@ -558,7 +558,8 @@ static PyObject *py_flash_attn(PyObject *self, PyObject *const *args, Py_ssize_t
               &j.n_head, &j.n_rep, &scale, &j.out))
         return NULL;
     if (j.n_pe && !j.pe.p) return bad("flash_attn: a q_pe of %zd columns at a null address", j.n_pe);
-    if (j.n_rep == 0 || j.n_head % j.n_rep) return bad("flash_attn: %zd heads are not groups of %zd", j.n_head, j.n_rep);
+    if (j.n_rep == 0 || j.n_head % j.n_rep)
+        return bad("flash_attn: %zd heads are not groups of %zd", j.n_head, j.n_rep);
     j.scale = (float)scale;
     j.n_kv = j.n_past + j.n_tokens;
     pool_t *pool;

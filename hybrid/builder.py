@@ -257,6 +257,20 @@ class Builder:
         weighted = self.scale_rows(f"ffn_moe_weighted-{il}", down, weights, il, flops)  # [T, U, n_embd]
         return self.sum_experts(f"ffn_moe_out-{il}", weighted, il, flops)              # [T, n_embd]
 
+    def layers(self, attention: Callable, ffn: Callable) -> Node:
+        """The graph's inputs `inp_tokens` and `inp_pos` (int64 [T]), their embeddings, and every
+        layer's two pre-norm residual blocks: x + attention(b, il, attn_norm(x), pos), then x +
+        ffn(b, il, ffn_norm(x)) -> the last layer's x [T, n_embd] (the skeleton llama.cpp's
+        deepseek2 and qwen3moe graphs share; the model's maths are the two functions)."""
+        tokens, pos = self.input("inp_tokens"), self.input("inp_pos")
+        x = self.get_rows("token_embd", "token_embd.weight", tokens)                   # [T, n_embd]
+        for il in range(self.c.n_layer):
+            h = self.rms_norm(f"blk.{il}.attn_norm.weight", x, il, f"attn_norm-{il}")
+            x = self.add(f"ffn_inp-{il}", attention(self, il, h, pos), x, il)
+            h = self.rms_norm(f"blk.{il}.ffn_norm.weight", x, il, f"ffn_norm-{il}")
+            x = self.add(f"l_out-{il}", ffn(self, il, h), x, il)
+        return x
+
     def logits(self, x: Node, head: str, all_logits: bool, keep_output: bool) -> Graph:
         """The graph's output: `output_norm` then the head weight on the last layer's x [T, n_embd]
         -> logits [T, n_vocab] with `all_logits`, else of the last token only [1, n_vocab]; in

@@ -104,6 +104,14 @@ def test_qwen3moe_logits_match_reference(make_gguf, case, fa, fmoe):
     check_against_reference(make_gguf("qwen3-tiny", qtype, **overrides), TOL, fa=bool(fa), fmoe=bool(fmoe))
 
 
+def test_qwen3moe_head_tied_to_the_embedding(make_gguf, tmp_path):
+    """A file without output.weight: the head is token_embd, as llama.cpp loads it."""
+    from test_gguf_model import copy_gguf
+
+    path = copy_gguf(make_gguf("qwen3-tiny", "q8_0"), tmp_path / "tied.gguf", drop_tensors={"output.weight"})
+    check_against_reference(path, TOL, fa=True, fmoe=True)
+
+
 @pytest.mark.parametrize("fa", [0, 1])
 def test_qwen3moe_torch_ops_match_reference(make_gguf, monkeypatch, fa):
     """The torch path of NEOX rope, the per-head norms and GQA attention."""

@@ -181,12 +181,8 @@ def build_graph(model, n_tokens: int, n_past: int, all_logits: bool = False, kee
     """
     c = model.config
     b = Builder(model, n_tokens, n_past)
-    tokens, pos = b.input("inp_tokens"), b.input("inp_pos")
-    x = b.get_rows("token_embd", "token_embd.weight", tokens)                          # [T, n_embd]
-    for il in range(c.n_layer):
-        h = b.rms_norm(f"blk.{il}.attn_norm.weight", x, il, f"attn_norm-{il}")
-        x = b.add(f"ffn_inp-{il}", attention(b, il, h, pos), x, il)
-        h = b.rms_norm(f"blk.{il}.ffn_norm.weight", x, il, f"ffn_norm-{il}")
-        ffn = moe(b, il, h) if c.is_moe_layer(il) else feed_forward(b, il, h)
-        x = b.add(f"l_out-{il}", ffn, x, il)
+
+    def ffn(b: Builder, il: int, h: Node) -> Node:
+        return moe(b, il, h) if c.is_moe_layer(il) else feed_forward(b, il, h)
+    x = b.layers(attention, ffn)                                                        # [T, n_embd]
     return b.logits(x, "output.weight", all_logits, keep_output)

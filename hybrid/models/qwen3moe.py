@@ -76,14 +76,7 @@ def moe(b: Builder, il: int, h: Node) -> Node:
 def build_graph(model, n_tokens: int, n_past: int, all_logits: bool = False, keep_output: bool = False) -> Graph:
     """The graph of one evaluation, with deepseek2.build_graph's inputs, output and reuse. The
     head is `output`, or the tied `token_embd` in files without one (as llama.cpp loads them)."""
-    c = model.config
     b = Builder(model, n_tokens, n_past)
-    tokens, pos = b.input("inp_tokens"), b.input("inp_pos")
-    x = b.get_rows("token_embd", "token_embd.weight", tokens)                          # [T, n_embd]
-    for il in range(c.n_layer):
-        h = b.rms_norm(f"blk.{il}.attn_norm.weight", x, il, f"attn_norm-{il}")
-        x = b.add(f"ffn_inp-{il}", attention(b, il, h, pos), x, il)
-        h = b.rms_norm(f"blk.{il}.ffn_norm.weight", x, il, f"ffn_norm-{il}")
-        x = b.add(f"l_out-{il}", moe(b, il, h), x, il)
+    x = b.layers(attention, moe)                                                        # [T, n_embd]
     head = "output.weight" if "output.weight" in model.weights else "token_embd.weight"
     return b.logits(x, head, all_logits, keep_output)

@@ -124,18 +124,19 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t n
 
 /* --- ROPE -------------------------------------------------------------------------------------- */
 
-/* rope(x, rows, row_len, c0, width, r0, n_rot, rows_per_token, cos, sin, pos, n_pos, out): for
- * each row of x [rows, row_len], out's row [width] is x's columns [c0, c0+width) with the
- * consecutive pairs of columns [r0, r0+n_rot) rotated by the angles of position pos[row /
- * rows_per_token] (ggml's NORM mode): (a, b) -> (a cos - b sin, a sin + b cos), cos/sin
- * [n_pos, n_rot/2] a table over positions, already times the YaRN magnitude. */
+/* rope(x, rows, row_len, c0, width, r0, n_rot, rows_per_token, cos, sin, pos, n_pos, neox, out): for
+ * each row of x [rows, row_len], out's row [width] is x's columns [c0, c0+width) with the pairs of
+ * columns [r0, r0+n_rot) rotated by the angles of position pos[row / rows_per_token]: (a, b) -> (a cos
+ * - b sin, a sin + b cos), cos/sin [n_pos, n_rot/2] a table over positions, already times the YaRN
+ * magnitude. Pair p is columns (2p, 2p + 1) (ggml's NORM mode, neox 0) or (p, p + n_rot/2) (NEOX
+ * mode, neox 1: Qwen, Llama-style checkpoints). */
 static PyObject *py_rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     const float *x, *cs, *sn;
     const int64_t *pos;
     float *out;
-    Py_ssize_t rows, row_len, c0, width, r0, n_rot, per_token, n_pos;
-    if (parse("rope", args, nargs, "pnnnnnnnppnpp", &x, &rows, &row_len, &c0, &width, &r0, &n_rot, &per_token, &cs,
-              &sn, &pos, &n_pos, &out))
+    Py_ssize_t rows, row_len, c0, width, r0, n_rot, per_token, n_pos, neox;
+    if (parse("rope", args, nargs, "pnnnnnnnppnpnp", &x, &rows, &row_len, &c0, &width, &r0, &n_rot, &per_token, &cs,
+              &sn, &pos, &n_pos, &neox, &out))
         return NULL;
     if (n_rot % 2 || r0 < c0 || r0 + n_rot > c0 + width || c0 + width > row_len)
         return bad("rope: rotated columns [%zd, %zd) and kept [%zd, %zd) do not fit rows of %zd", r0, r0 + n_rot, c0,
@@ -146,7 +147,8 @@ static PyObject *py_rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs
             PyErr_Format(PyExc_IndexError, "rope: position %lld of a table of %zd", (long long)pos[t], n_pos);
             return NULL;
         }
-    Py_ssize_t half = n_rot / 2;
+    /* pair p: columns (p * step, p * step + second) */
+    const Py_ssize_t half = n_rot / 2, step = neox ? 1 : 2, second = neox ? half : 1;
     for (Py_ssize_t r = 0; r < rows; r++) {
         const int64_t p_row = pos[r / per_token] * half;
         const float *xr = x + r * row_len, *c = cs + p_row, *s = sn + p_row;
@@ -155,9 +157,10 @@ static PyObject *py_rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         const float *a = xr + r0;
         float *y = o + (r0 - c0);
         for (Py_ssize_t p = 0; p < half; p++) {
-            float x0 = a[2 * p], x1 = a[2 * p + 1];
-            y[2 * p] = x0 * c[p] - x1 * s[p];
-            y[2 * p + 1] = x0 * s[p] + x1 * c[p];
+            const Py_ssize_t i0 = p * step, i1 = i0 + second;
+            float x0 = a[i0], x1 = a[i1];
+            y[i0] = x0 * c[p] - x1 * s[p];
+            y[i1] = x0 * s[p] + x1 * c[p];
         }
     }
     Py_RETURN_NONE;
@@ -325,14 +328,14 @@ static PyObject *py_append_kv(PyObject *self, PyObject *const *args, Py_ssize_t 
 
 SIMD_CLONES
 static void kq_rows(rows_t q, Py_ssize_t n_q, rows_t pe, Py_ssize_t n_pe, Py_ssize_t n_tokens, Py_ssize_t n_head,
-                    rows_t k, Py_ssize_t n_kv, float *out) {
+                    rows_t k, Py_ssize_t n_rep, Py_ssize_t n_kv, float *out) {
     for (Py_ssize_t t0 = 0; t0 < n_tokens; t0 += TOKEN_BLOCK) {
         const Py_ssize_t t1 = t0 + TOKEN_BLOCK < n_tokens ? t0 + TOKEN_BLOCK : n_tokens;
         for (Py_ssize_t s = 0; s < n_kv; s += 4)
             for (Py_ssize_t h = 0; h < n_head; h++) {
                 const float *ks[4], *ks_pe[4];
                 for (int j = 0; j < 4; j++) {                   /* past the last key: it again, not stored */
-                    ks[j] = row(k, s + j < n_kv ? s + j : n_kv - 1, h);
+                    ks[j] = row(k, s + j < n_kv ? s + j : n_kv - 1, h / n_rep);
                     ks_pe[j] = ks[j] + n_q;
                 }
                 for (Py_ssize_t t = t0; t < t1; t++) {
@@ -346,19 +349,21 @@ static void kq_rows(rows_t q, Py_ssize_t n_q, rows_t pe, Py_ssize_t n_pe, Py_ssi
     }
 }
 
-/* kq(q, q_st, q_sh, n_q, pe, pe_st, pe_sh, n_pe, n_tokens, n_head, k, k_st, k_sh, n_kv, out): the
- * attention scores out [n_head, n_tokens, n_kv], out[h, t, s] = q[t, h] . k[s, h], each query the
- * n_q columns of q's row followed by the n_pe of pe's (MLA: q_nope absorbed, then q_pe, without
- * concatenating them; address 0 with n_pe 0: none), each key row n_q + n_pe columns. */
+/* kq(q, q_st, q_sh, n_q, pe, pe_st, pe_sh, n_pe, n_tokens, n_head, k, k_st, k_sh, n_rep, n_kv, out): the
+ * attention scores out [n_head, n_tokens, n_kv], out[h, t, s] = q[t, h] . k[s, h / n_rep], each query
+ * the n_q columns of q's row followed by the n_pe of pe's (MLA: q_nope absorbed, then q_pe, without
+ * concatenating them; address 0 with n_pe 0: none), each key row n_q + n_pe columns. n_rep: query
+ * heads per cached key head (grouped-query attention, GQA; 1: one each). */
 static PyObject *py_kq(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     rows_t q, pe, k;
     float *out;
-    Py_ssize_t n_q, n_pe, n_tokens, n_head, n_kv;
-    if (parse("kq", args, nargs, "pnnnonnnnnpnnnp", &q.p, &q.st, &q.sh, &n_q, &pe.p, &pe.st, &pe.sh, &n_pe, &n_tokens,
-              &n_head, &k.p, &k.st, &k.sh, &n_kv, &out))
+    Py_ssize_t n_q, n_pe, n_tokens, n_head, n_rep, n_kv;
+    if (parse("kq", args, nargs, "pnnnonnnnnpnnnnp", &q.p, &q.st, &q.sh, &n_q, &pe.p, &pe.st, &pe.sh, &n_pe, &n_tokens,
+              &n_head, &k.p, &k.st, &k.sh, &n_rep, &n_kv, &out))
         return NULL;
     if (n_pe && !pe.p) return bad("kq: a q_pe of %zd columns at a null address", n_pe);
-    kq_rows(q, n_q, pe, n_pe, n_tokens, n_head, k, n_kv, out);
+    if (n_rep == 0 || n_head % n_rep) return bad("kq: %zd heads are not groups of %zd", n_head, n_rep);
+    kq_rows(q, n_q, pe, n_pe, n_tokens, n_head, k, n_rep, n_kv, out);
     Py_RETURN_NONE;
 }
 
@@ -367,7 +372,7 @@ static PyObject *py_kq(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
 
 SIMD_CLONES
 static void kqv_rows(const float *kq, Py_ssize_t n_tokens, Py_ssize_t n_head, Py_ssize_t n_kv, rows_t v,
-                     Py_ssize_t n_v, float *out, Py_ssize_t out_st) {
+                     Py_ssize_t n_rep, Py_ssize_t n_v, float *out, Py_ssize_t out_st) {
     for (Py_ssize_t t = 0; t < n_tokens; t++)
         for (Py_ssize_t h = 0; h < n_head; h++) {
             const float *p = kq + (h * n_tokens + t) * n_kv;
@@ -376,30 +381,32 @@ static void kqv_rows(const float *kq, Py_ssize_t n_tokens, Py_ssize_t n_head, Py
             for (; c + KQV_COLS <= n_v; c += KQV_COLS) {
                 float acc[KQV_COLS] = {0};
                 for (Py_ssize_t s = 0; s < n_kv; s++) {
-                    const float *vs = row(v, s, h) + c;
+                    const float *vs = row(v, s, h / n_rep) + c;
                     for (int l = 0; l < KQV_COLS; l++) acc[l] += p[s] * vs[l];
                 }
                 memcpy(o + c, acc, sizeof acc);
             }
             for (; c < n_v; c++) {
                 float acc = 0;
-                for (Py_ssize_t s = 0; s < n_kv; s++) acc += p[s] * row(v, s, h)[c];
+                for (Py_ssize_t s = 0; s < n_kv; s++) acc += p[s] * row(v, s, h / n_rep)[c];
                 o[c] = acc;
             }
         }
 }
 
-/* kqv(kq, n_tokens, n_head, n_kv, v, v_st, v_sh, n_v, out): the attention output out [n_tokens,
- * n_head, n_v], out[t, h] = the sum over s of kq[h, t, s] v[s, h], kq [n_head, n_tokens, n_kv]
- * (the softmax), v's rows n_v columns. */
+/* kqv(kq, n_tokens, n_head, n_kv, v, v_st, v_sh, n_rep, n_v, out): the attention output out [n_tokens,
+ * n_head, n_v], out[t, h] = the sum over s of kq[h, t, s] v[s, h / n_rep], kq [n_head, n_tokens, n_kv]
+ * (the softmax), v's rows n_v columns, n_rep query heads per cached value head (as kq). */
 static PyObject *py_kqv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     const float *kq;
     rows_t v;
     float *out;
-    Py_ssize_t n_tokens, n_head, n_kv, n_v;
-    if (parse("kqv", args, nargs, "pnnnpnnnp", &kq, &n_tokens, &n_head, &n_kv, &v.p, &v.st, &v.sh, &n_v, &out))
+    Py_ssize_t n_tokens, n_head, n_kv, n_rep, n_v;
+    if (parse("kqv", args, nargs, "pnnnpnnnnp", &kq, &n_tokens, &n_head, &n_kv, &v.p, &v.st, &v.sh, &n_rep, &n_v,
+              &out))
         return NULL;
-    kqv_rows(kq, n_tokens, n_head, n_kv, v, n_v, out, n_head * n_v);
+    if (n_rep == 0 || n_head % n_rep) return bad("kqv: %zd heads are not groups of %zd", n_head, n_rep);
+    kqv_rows(kq, n_tokens, n_head, n_kv, v, n_rep, n_v, out, n_head * n_v);
     Py_RETURN_NONE;
 }
 
@@ -515,44 +522,49 @@ static PyObject *py_swiglu(PyObject *self, PyObject *const *args, Py_ssize_t nar
 
 typedef struct {
     rows_t q, pe, k, v;
-    Py_ssize_t n_q, n_pe, n_v, n_tokens, n_head, n_past, n_kv;
+    Py_ssize_t n_q, n_pe, n_v, n_tokens, n_head, n_rep, n_past, n_kv;
     float scale, *out, *scores;                       /* scores: [threads][n_tokens, n_kv] */
 } attn_job_t;
 
 static inline rows_t head_rows(rows_t r, Py_ssize_t h) { return (rows_t){r.p ? row(r, 0, h) : NULL, r.st, 0}; }
 
-/* Head h, every token: its scores in the thread's scratch, softmaxed in place, then times v. */
+/* Head h, every token: its scores in the thread's scratch, softmaxed in place, then times v (k and v
+ * of the head's group, h / n_rep). */
 static void attn_head(void *ctx, int64_t h, int thread) {
     const attn_job_t *j = ctx;
     float *scores = j->scores + (size_t)thread * (size_t)(j->n_tokens * j->n_kv);
-    kq_rows(head_rows(j->q, h), j->n_q, head_rows(j->pe, h), j->n_pe, j->n_tokens, 1, head_rows(j->k, h), j->n_kv,
-            scores);
+    kq_rows(head_rows(j->q, h), j->n_q, head_rows(j->pe, h), j->n_pe, j->n_tokens, 1, head_rows(j->k, h / j->n_rep),
+            1, j->n_kv, scores);
     for (Py_ssize_t t = 0; t < j->n_tokens; t++)
         softmax_row(scores + t * j->n_kv, j->n_past + t + 1, j->n_kv, j->scale, scores + t * j->n_kv);
-    kqv_rows(scores, j->n_tokens, 1, j->n_kv, head_rows(j->v, h), j->n_v, j->out + h * j->n_v, j->n_head * j->n_v);
+    kqv_rows(scores, j->n_tokens, 1, j->n_kv, head_rows(j->v, h / j->n_rep), 1, j->n_v, j->out + h * j->n_v,
+             j->n_head * j->n_v);
 }
 
 /* flash_attn(n_past, q, q_st, q_sh, n_q, pe, pe_st, pe_sh, n_pe, k, k_st, k_sh, v, v_st, v_sh, n_v, n_tokens,
- * n_head, scale, out, pool, times): the attention of n_tokens queries at positions n_past.. over the
- * n_kv = n_past + n_tokens cached ones, out [n_tokens, n_head, n_v] = softmax(scale q k^T, causal) v,
+ * n_head, n_rep, scale, out, pool, times): the attention of n_tokens queries at positions n_past.. over
+ * the n_kv = n_past + n_tokens cached ones, out [n_tokens, n_head, n_v] = softmax(scale q k^T, causal) v,
  * each query q's n_q columns then pe's n_pe (as kq), k's rows n_q + n_pe columns and v's n_v (rows
- * as kq and kqv read them: MLA's compressed cache serves as both, with head strides 0). With a
+ * as kq and kqv read them: MLA's compressed cache serves as both, with head strides 0; n_rep query
+ * heads per cached head, GQA). With a
  * hybrid._kernels.Pool the threads share out the heads (GIL released); None: this thread alone.
  * times: as the pool's (int64 [n_threads, 3]) or None. */
 static PyObject *py_flash_attn(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     attn_job_t j;
     double scale;
-    if (nargs != 22) return PyErr_Format(PyExc_TypeError, "flash_attn() takes 22 arguments (%zd given)", nargs);
-    if (parse("flash_attn", args, 20, "npnnnonnnpnnpnnnnndp", &j.n_past, &j.q.p, &j.q.st, &j.q.sh, &j.n_q, &j.pe.p,
+    if (nargs != 23) return PyErr_Format(PyExc_TypeError, "flash_attn() takes 23 arguments (%zd given)", nargs);
+    if (parse("flash_attn", args, 21, "npnnnonnnpnnpnnnnnndp", &j.n_past, &j.q.p, &j.q.st, &j.q.sh, &j.n_q, &j.pe.p,
               &j.pe.st, &j.pe.sh, &j.n_pe, &j.k.p, &j.k.st, &j.k.sh, &j.v.p, &j.v.st, &j.v.sh, &j.n_v, &j.n_tokens,
-              &j.n_head, &scale, &j.out))
+              &j.n_head, &j.n_rep, &scale, &j.out))
         return NULL;
     if (j.n_pe && !j.pe.p) return bad("flash_attn: a q_pe of %zd columns at a null address", j.n_pe);
+    if (j.n_rep == 0 || j.n_head % j.n_rep)
+        return bad("flash_attn: %zd heads are not groups of %zd", j.n_head, j.n_rep);
     j.scale = (float)scale;
     j.n_kv = j.n_past + j.n_tokens;
     pool_t *pool;
     Py_buffer times = {0};
-    if (pool_args("flash_attn", args[20], args[21], &pool, &times)) return NULL;
+    if (pool_args("flash_attn", args[21], args[22], &pool, &times)) return NULL;
     const int n_threads = pool ? pool_api->threads(pool) : 1;
     if (!(j.scores = malloc(sizeof(float) * (size_t)(n_threads * j.n_tokens * j.n_kv + 1)))) {
         if (times.obj) PyBuffer_Release(&times);
@@ -776,7 +788,7 @@ static PyObject *py_argmax(PyObject *self, PyObject *const *args, Py_ssize_t nar
 
 static PyMethodDef methods[] = {
     FASTCALL(rms_norm, "rms_norm(x, rows, row_len, c0, n, w, eps, out)"),
-    FASTCALL(rope, "rope(x, rows, row_len, c0, width, r0, n_rot, rows_per_token, cos, sin, pos, n_pos, out)"),
+    FASTCALL(rope, "rope(x, rows, row_len, c0, width, r0, n_rot, rows_per_token, cos, sin, pos, n_pos, neox, out)"),
     FASTCALL(softmax, "softmax(x, rows, n_cols, scale, n_tokens, n_past, out)"),
     FASTCALL(sigmoid, "sigmoid(x, n, out)"),
     FASTCALL(add, "add(a, n_a, b, n_b, out[, pool, times])"),
@@ -785,10 +797,10 @@ static PyMethodDef methods[] = {
     FASTCALL(swiglu, "swiglu(g, u, n, out[, pool, times])"),
     FASTCALL(append_kv,
              "append_kv(n_past, cache, n_ctx, n_tokens, n_head, x, x_st, x_sh, n_x, tail, tail_st, tail_sh, n_tail)"),
-    FASTCALL(kq, "kq(q, q_st, q_sh, n_q, pe, pe_st, pe_sh, n_pe, n_tokens, n_head, k, k_st, k_sh, n_kv, out)"),
-    FASTCALL(kqv, "kqv(kq, n_tokens, n_head, n_kv, v, v_st, v_sh, n_v, out)"),
+    FASTCALL(kq, "kq(q, q_st, q_sh, n_q, pe, pe_st, pe_sh, n_pe, n_tokens, n_head, k, k_st, k_sh, n_rep, n_kv, out)"),
+    FASTCALL(kqv, "kqv(kq, n_tokens, n_head, n_kv, v, v_st, v_sh, n_rep, n_v, out)"),
     FASTCALL(flash_attn, "flash_attn(n_past, q, q_st, q_sh, n_q, pe, pe_st, pe_sh, n_pe, k, k_st, k_sh, v, v_st, v_sh, "
-                         "n_v, n_tokens, n_head, scale, out, pool, times)"),
+                         "n_v, n_tokens, n_head, n_rep, scale, out, pool, times)"),
     FASTCALL(top_k, "top_k(sel, rows, n_cols, k, n_groups, n_groups_used, ids)"),
     FASTCALL(expert_weights, "expert_weights(probs, rows, n_expert, ids, k, norm, scale, out)"),
     FASTCALL(get_rows, "get_rows(data, n_rows, row_bytes, type, n_cols, ids, n_ids, out)"),

@@ -2,12 +2,12 @@
 
 The loader (`hybrid/gguf_model.py`) reads through these tables and the maker
 (`hybrid/make_model.py`) writes through them, so each key and each tensor shape is
-spelled once. Another MoE architecture (qwen3moe, mixtral) is one more `Arch` in
-`ARCHS`: a key table, its attention-layout hook and its tensor list.
+spelled once. Each MoE architecture (deepseek2, qwen3moe) is one `Arch` in `ARCHS`: a key
+table, its attention-layout hooks and its tensor list.
 
 Shapes are in NumPy/torch order (the reverse of ggml's `ne`): a 2-D weight is
 (n_out, n_in), `ffn_gate_exps` is (n_expert, n_ff_exp, n_embd). Facts follow
-llama.cpp's deepseek2 loader (src/models/deepseek2.cpp, src/llama-model.cpp).
+llama.cpp's loaders (src/models/deepseek2.cpp, qwen3moe.cpp, src/llama-model.cpp).
 """
 
 from __future__ import annotations
@@ -157,6 +157,47 @@ def _deepseek2_tensors(c: ModelConfig, optional: bool) -> dict[str, tuple[int, .
     return t
 
 
+QWEN3MOE_KEYS = COMMON_KEYS + (
+    Key("n_head_kv", "attention.head_count_kv", U32),
+    Key("n_embd_head_k", "attention.key_length", U32),
+    Key("n_embd_head_v", "attention.value_length", U32),
+)
+
+
+def _qwen3moe_read_layout(meta: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
+    """llama.cpp's defaults for the keys a file may leave out: as many kv heads as heads, a
+    head of n_embd / n_head (Qwen3-30B-A3B's key_length, 128, is not: its files carry it), the
+    rope over the whole head."""
+    head_k = fields.get("n_embd_head_k", fields["n_embd"] // fields["n_head"])
+    return {"n_head_kv": fields.get("n_head_kv", fields["n_head"]), "n_embd_head_k": head_k,
+            "n_embd_head_v": fields.get("n_embd_head_v", head_k), "n_rot": fields.get("n_rot", head_k)}
+
+
+def _qwen3moe_tensors(c: ModelConfig, optional: bool) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a qwen3moe file, in file order. `optional` adds `output.weight`, which
+    files with a head tied to the embedding (llama.cpp then reads token_embd) do not carry."""
+    q, kv = c.n_head * c.n_embd_head_k, c.n_head_kv * c.n_embd_head_k
+    t: dict[str, tuple[int, ...]] = {"token_embd.weight": (c.n_vocab, c.n_embd)}
+    for il in range(c.n_layer):
+        b = f"blk.{il}."
+        t[b + "attn_norm.weight"] = (c.n_embd,)
+        t[b + "attn_q.weight"] = (q, c.n_embd)
+        t[b + "attn_k.weight"] = (kv, c.n_embd)
+        t[b + "attn_v.weight"] = (c.n_head_kv * c.n_embd_head_v, c.n_embd)
+        t[b + "attn_output.weight"] = (c.n_embd, c.n_head * c.n_embd_head_v)
+        t[b + "attn_k_norm.weight"] = (c.n_embd_head_k,)
+        t[b + "attn_q_norm.weight"] = (c.n_embd_head_k,)
+        t[b + "ffn_norm.weight"] = (c.n_embd,)
+        t[b + "ffn_gate_inp.weight"] = (c.n_expert, c.n_embd)
+        t[b + "ffn_gate_exps.weight"] = (c.n_expert, c.n_ff_exp, c.n_embd)
+        t[b + "ffn_down_exps.weight"] = (c.n_expert, c.n_embd, c.n_ff_exp)
+        t[b + "ffn_up_exps.weight"] = (c.n_expert, c.n_ff_exp, c.n_embd)
+    t["output_norm.weight"] = (c.n_embd,)
+    if optional:
+        t["output.weight"] = (c.n_vocab, c.n_embd)
+    return t
+
+
 @dataclass(frozen=True)
 class Arch:
     name: str
@@ -164,11 +205,15 @@ class Arch:
     read_layout: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]
     write_layout: Callable[[ModelConfig], list[tuple[str, Any, GGUFValueType]]]
     tensors: Callable[[ModelConfig, bool], dict[str, tuple[int, ...]]]
+    # whether `hyprof model make` writes the optional tensors for this config
+    makes_optional: Callable[[ModelConfig], bool]
 
 
 ARCHS: dict[str, Arch] = {
-    "deepseek2": Arch("deepseek2", DEEPSEEK2_KEYS, _deepseek2_read_layout,
-                      _deepseek2_write_layout, _deepseek2_tensors),
+    "deepseek2": Arch("deepseek2", DEEPSEEK2_KEYS, _deepseek2_read_layout, _deepseek2_write_layout,
+                      _deepseek2_tensors, makes_optional=lambda c: c.expert_gating_func == 2),
+    "qwen3moe": Arch("qwen3moe", QWEN3MOE_KEYS, _qwen3moe_read_layout, lambda c: [], _qwen3moe_tensors,
+                     makes_optional=lambda c: True),
 }
 
 

@@ -131,7 +131,9 @@ class Builder:
         return self.bound_op("MUL_MAT", _tensor_label(wname), make, x, layer=layer, buffer=wname,
                              cost=Cost(w.n_bytes, 2 * self.n_tokens * n * k))
 
-    def rms_norm(self, wname: str, x: Node, layer: int, name: str, cols: slice = slice(None)) -> Node:
+    def rms_norm(self, wname: str, x: Node, layer: int, name: str, cols: slice = slice(None), heads: int = 1) -> Node:
+        """RMS_NORM then MUL by the weight, over the last dimension of x (its columns `cols`): of
+        [T, n], or per head of [T, heads, D] with one weight [D] for every head (Qwen3's q/k norm)."""
         eps = self.c.rms_eps
 
         # out: the node's output memory, reused by each evaluation of the graph (hybrid.ops.Out);
@@ -139,7 +141,7 @@ class Builder:
         def fn(w, x, out):
             return ops.rms_norm(x, w.data if w.data.dtype is torch.float32 else w.dequantize(), eps, cols, out)
         return self.native("RMS_NORM", name, fn, x, layer=layer, buffer=wname, n_bytes=self.weight(wname).n_bytes,
-                           flops=4 * self.n_tokens * self.weight(wname).shape[0])
+                           flops=4 * self.n_tokens * heads * self.weight(wname).shape[0])
 
     def add(self, name: str, a: Node, b: Node, layer: int) -> Node:
         return self.native("ADD", name, lambda _, a, b, pool, times, out: ops.add(a, b, out, pool, times), a, b,
@@ -163,15 +165,15 @@ class Builder:
             return ops.get_rows(w.data, w.ggml_type, w.shape[-1], ids, out)
         return self.native("GET_ROWS", name, fn, ids, buffer=wname, n_bytes=self.n_tokens * w.n_bytes // w.shape[0])
 
-    def rope(self, name: str, x: Node, pos: Node, layer: int, start: int, keep_from: int = 0,
-             flops: int = 0) -> Node:
-        """ROPE: x [T, ..., n] with its columns from `start` on rotated in consecutive pairs by the
-        angles of each token's position pos [T] (`ops.rope`); the output keeps x's columns from
-        `keep_from` on."""
+    def rope(self, name: str, x: Node, pos: Node, layer: int, start: int = 0, keep_from: int = 0,
+             flops: int = 0, neox: bool = False) -> Node:
+        """ROPE: x [T, ..., n] with its columns from `start` on rotated in pairs by the angles of
+        each token's position pos [T] (`ops.rope`): consecutive pairs (ggml's NORM mode), or with
+        `neox` the pairs (i, i + half) (NEOX mode); the output keeps x's columns from `keep_from` on."""
         cos_sin = self.m.cos_sin
 
         def fn(_, x, pos, out):
-            return ops.rope(x, cos_sin(pos.device), pos, start, keep_from, out)
+            return ops.rope(x, cos_sin(pos.device), pos, start, keep_from, out, neox)
         return self.native("ROPE", name, fn, x, pos, layer=layer, flops=flops)
 
     def kq(self, name: str, q: Node, k: Node, layer: int, cache: str, bytes_per_kv: int, flops_per_kv: int,
@@ -217,6 +219,70 @@ class Builder:
         return self.native("FLASH_ATTN_EXT", name, attend, q, k, v, *([q_pe] if q_pe else []), shared=True,
                            n_past=lambda: graph.n_past, layer=layer, buffer=cache,
                            cost=Cost(bytes_per_kv=bytes_per_kv, flops_per_kv=flops_per_kv))
+
+    def attention(self, layer: int, q: Node, k: Node, v: Node, scale: float, n_head: int, n_head_kv: int,
+                  head_k: int, head_v: int, k_tail: Node | None = None) -> Node:
+        """Standard attention of q [T, H, head_k] over the layer's caches (`cache_k_l{il}` and
+        `cache_v_l{il}`), after this evaluation's k [T, H_kv, head_k] and v [T, H_kv, head_v] are
+        stored in them -> [T, H, head_v]: one FLASH_ATTN_EXT (-fa 1), or kq, the causal softmax
+        (times `scale`) and kqv (-fa 0). With GQA (H_kv < H) query head h reads cached head
+        h // (H / H_kv), as llama.cpp's attention does; each cached position is read once. `k_tail`
+        [T, R]: each k row is k's then this tail, the same for every head (DeepSeek2's k_nope and
+        k_pe, stored without concatenating them, `ops.append_kv`)."""
+        T, il = self.n_tokens, layer
+        ck, cv = f"cache_k_l{il}", f"cache_v_l{il}"
+        k_all = self.kv_store(ck, il, 4 * T * n_head_kv * head_k, k, *([k_tail] if k_tail else []))
+        # k_all [n_ctx, H_kv, head_k]
+        v_all = self.kv_store(cv, il, 4 * T * n_head_kv * head_v, v)                # [n_ctx, H_kv, head_v]
+        if self.m.fa:
+            return self.flash_attn(f"__fattn__-{il}", q, k_all, v_all, il, ck, scale,
+                                   bytes_per_kv=4 * n_head_kv * (head_k + head_v),
+                                   flops_per_kv=n_head * T * (2 * head_k + 5 + 2 * head_v))
+        kq = self.kq(f"kq-{il}", q, k_all, il, ck, bytes_per_kv=4 * n_head_kv * head_k,
+                     flops_per_kv=2 * n_head * T * head_k)                             # [H, T, n_kv]
+        kq = self.causal_softmax(f"kq_soft_max-{il}", kq, il, scale, flops_per_kv=5 * n_head * T)
+        return self.kqv(f"kqv-{il}", kq, v_all, il, cv, bytes_per_kv=4 * n_head_kv * head_v,
+                        flops_per_kv=2 * n_head * T * head_v)
+
+    def routed_experts(self, layer: int, h: Node, ids: Node, weights: Node) -> Node:
+        """The routed experts' SwiGLU MLPs of normed input h [T, n_embd] for the chosen ids [T, U],
+        each output times its routing weight [T, U] and summed -> [T, n_embd] (llama.cpp's
+        build_moe_ffn after the router): the gate and up matmuls as one fused op with -fmoe."""
+        c, il, p = self.c, layer, f"blk.{layer}."
+        if self.m.fmoe:
+            act = self.mul_mat_id(p + "ffn_gate_up_exps.weight", h, ids, il, fused=True)  # [T, U, n_ff_exp]
+        else:
+            gate = self.mul_mat_id(p + "ffn_gate_exps.weight", h, ids, il)
+            up = self.mul_mat_id(p + "ffn_up_exps.weight", h, ids, il)
+            act = self.swiglu(f"ffn_moe_swiglu-{il}", gate, up, il, c.n_expert_used * c.n_ff_exp)
+        down = self.mul_mat_id(p + "ffn_down_exps.weight", act, ids, il)                 # [T, U, n_embd]
+        flops = self.n_tokens * c.n_expert_used * c.n_embd
+        weighted = self.scale_rows(f"ffn_moe_weighted-{il}", down, weights, il, flops)  # [T, U, n_embd]
+        return self.sum_experts(f"ffn_moe_out-{il}", weighted, il, flops)              # [T, n_embd]
+
+    def layers(self, attention: Callable, ffn: Callable) -> Node:
+        """The graph's inputs `inp_tokens` and `inp_pos` (int64 [T]), their embeddings, and every
+        layer's two pre-norm residual blocks: x + attention(b, il, attn_norm(x), pos), then x +
+        ffn(b, il, ffn_norm(x)) -> the last layer's x [T, n_embd] (the skeleton llama.cpp's
+        deepseek2 and qwen3moe graphs share; the model's maths are the two functions)."""
+        tokens, pos = self.input("inp_tokens"), self.input("inp_pos")
+        x = self.get_rows("token_embd", "token_embd.weight", tokens)                   # [T, n_embd]
+        for il in range(self.c.n_layer):
+            h = self.rms_norm(f"blk.{il}.attn_norm.weight", x, il, f"attn_norm-{il}")
+            x = self.add(f"ffn_inp-{il}", attention(self, il, h, pos), x, il)
+            h = self.rms_norm(f"blk.{il}.ffn_norm.weight", x, il, f"ffn_norm-{il}")
+            x = self.add(f"l_out-{il}", ffn(self, il, h), x, il)
+        return x
+
+    def logits(self, x: Node, head: str, all_logits: bool, keep_output: bool) -> Graph:
+        """The graph's output: `output_norm` then the head weight on the last layer's x [T, n_embd]
+        -> logits [T, n_vocab] with `all_logits`, else of the last token only [1, n_vocab]; in
+        memory the graph reuses with `keep_output` (see `hybrid.models.deepseek2.build_graph`)."""
+        if not all_logits:
+            x = self.view("inp_out_ids", x, lambda x: x[-1:], op="GET_ROWS")             # [1, n_embd]
+        x = self.rms_norm("output_norm.weight", x, -1, "result_norm")
+        self.graph.output = self.mul_mat(head, x, -1, result="reused" if keep_output else "fresh")
+        return self.graph
 
     def sigmoid(self, name: str, x: Node, layer: int) -> Node:
         return self.native("SIGMOID", name, lambda _, x, out: ops.sigmoid(x, out), x, layer=layer)

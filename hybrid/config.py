@@ -1,8 +1,8 @@
 """Model hyperparameters, read from GGUF metadata into one frozen dataclass.
 
-Field names follow llama.cpp's `llama_hparams`. Another MoE architecture
-(qwen3moe, mixtral) is one more entry in the key mapping of `hybrid/arch.py`,
-not a new dataclass: fields an architecture lacks keep their defaults.
+Field names follow llama.cpp's `llama_hparams`. Each MoE architecture (deepseek2,
+qwen3moe) is one entry in the key mapping of `hybrid/arch.py`, not a new
+dataclass: fields an architecture lacks keep their defaults.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ class ModelConfig:
     n_layer: int                   # block_count
     n_embd: int                    # embedding_length
     n_head: int                    # attention.head_count
-    n_head_kv: int                 # attention.head_count_kv (1 in the k_b/v_b layout)
+    n_head_kv: int                 # attention.head_count_kv (1 in the k_b/v_b layout; GQA's kv heads in qwen3moe)
     n_vocab: int
     n_ctx_train: int               # context_length
     rms_eps: float                 # attention.layer_norm_rms_epsilon
@@ -26,7 +26,7 @@ class ModelConfig:
     q_lora_rank: int = 0           # 0: plain attn_q, else attn_q_a/attn_q_a_norm/attn_q_b
     kv_lora_rank: int = 0
     n_rot: int = 0                 # rope.dimension_count (qk_rope_head_dim)
-    n_embd_head_k: int = 0         # per-head key size, nope + rope (192 on V2-Lite)
+    n_embd_head_k: int = 0         # per-head key size, nope + rope (192 on V2-Lite; 128 on Qwen3-30B-A3B)
     n_embd_head_v: int = 0         # per-head value size (128 on V2-Lite)
     kv_layout: str = "kv_b"        # "kv_b" (one attn_kv_b) or "k_b_v_b" (attn_k_b + attn_v_b)
 

@@ -1,10 +1,10 @@
-"""Write DeepSeek-shaped GGUF files with seeded random weights (`hyprof model make`).
+"""Write DeepSeek- and Qwen3-MoE-shaped GGUF files with seeded random weights (`hyprof model make`).
 
 Profiling needs models of real shapes, not real knowledge: the bytes an expert
 matmul streams depend on the shapes and the quantization, not on trained values.
 So a preset is a ModelConfig (gpt-fast style: a dict of fields), and every weight is
 seeded noise whose scale keeps activations finite and logits spread through every
-layer. Files carry every key llama.cpp's deepseek2 loader reads and a small byte-level
+layer. Files carry every key llama.cpp's deepseek2 or qwen3moe loader reads and a small byte-level
 BPE vocabulary, so llama.cpp loads them too (the oracle tests).
 
 Tensors are streamed: the header and all tensor infos are written first, then each
@@ -42,6 +42,12 @@ _DEEPSEEK_V2_LITE = dict(
     expert_weights_scale=1.0, expert_weights_norm=False, expert_gating_func=1,
 )
 
+_QWEN3_30B_A3B = dict(
+    arch="qwen3moe", n_layer=48, n_embd=2048, n_head=32, n_head_kv=4, n_vocab=151936,
+    n_ctx_train=40960, rms_eps=1e-6, n_ff=6144, n_rot=128, n_embd_head_k=128, n_embd_head_v=128,
+    rope_freq_base=1e6, n_expert=128, n_expert_used=8, n_ff_exp=768,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # A few MB, for tests: 1 dense + 2 MoE layers, q-LoRA attention (the V2/V3 form).
     "tiny": dict(
@@ -55,6 +61,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "deepseek-v2-lite-mini": {**_DEEPSEEK_V2_LITE, "n_layer": 4},
     # All 27 layers: ~9 GiB at Q4_0, 15.7 B parameters.
     "deepseek-v2-lite": _DEEPSEEK_V2_LITE,
+    # A few MB, for tests: 2 MoE layers, GQA (4 heads over 2 kv heads), heads wider than n_embd / n_head.
+    "qwen3-tiny": dict(
+        arch="qwen3moe", n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_vocab=512,
+        n_ctx_train=2048, rms_eps=1e-6, n_ff=128, n_rot=32, n_embd_head_k=32, n_embd_head_v=32,
+        rope_freq_base=1e6, n_expert=8, n_expert_used=2, n_ff_exp=32,
+    ),
+    # Exact Qwen3-30B-A3B shapes, 4 layers: ~2 GiB at Q4_0.
+    "qwen3-30b-a3b-mini": {**_QWEN3_30B_A3B, "n_layer": 4},
+    # All 48 layers: ~17 GiB at Q4_0, 30.5 B parameters.
+    "qwen3-30b-a3b": _QWEN3_30B_A3B,
 }
 
 QTYPES = {"q4_0": T.Q4_0, "q8_0": T.Q8_0, "f16": T.F16, "bf16": T.BF16, "f32": T.F32}
@@ -80,16 +96,16 @@ def preset_config(preset: str, n_layers: int | None = None, overrides: dict[str,
         raise UserError(f"unknown ModelConfig field(s) in overrides: {', '.join(unknown)}")
     fields.update(overrides or {})
     if n_layers is not None:
-        lo = fields["n_layer_dense_lead"] + 1
+        lo = fields.get("n_layer_dense_lead", 0) + 1
         if not lo <= n_layers <= MAX_LAYERS:
             raise UserError(f"--layers {n_layers}: out of range for preset {preset} (between {lo}, so that "
                             f"at least one layer is MoE, and {MAX_LAYERS}, llama.cpp's limit)")
-        if fields["q_lora_rank"] > 0 and n_layers in arches.DEEPSEEK2_LITE_LAYERS:
+        if fields.get("q_lora_rank", 0) > 0 and n_layers in arches.DEEPSEEK2_LITE_LAYERS:
             raise UserError(f"--layers {n_layers}: llama.cpp reads every deepseek2 file with 26 or 27 layers "
                             f"as V2-Lite, without q-LoRA, and preset {preset} uses q-LoRA; choose another count")
         fields["n_layer"] = n_layers
-    # The current mainline layout keeps one latent KV head (see DESIGN.md, "Models").
-    fields["n_head_kv"] = 1 if fields.get("kv_layout") == "k_b_v_b" else fields["n_head"]
+    if fields["arch"] == "deepseek2":   # the current mainline layout keeps one latent KV head (DESIGN.md, "Models")
+        fields["n_head_kv"] = 1 if fields.get("kv_layout") == "k_b_v_b" else fields["n_head"]
     config = ModelConfig(**fields)
     _validate(config, preset)
     return config
@@ -114,8 +130,11 @@ def _validate(c: ModelConfig, preset: str) -> None:
                                       and 0 < c.n_group_used < c.n_expert_groups):
         problems.append(f"expert groups {c.n_expert_groups} / used {c.n_group_used} with {c.n_expert} experts "
                         "(groups must divide the experts, 0 < used < groups)")
-    if c.n_embd_head_k <= c.n_rot:
+    if c.arch == "deepseek2" and c.n_embd_head_k <= c.n_rot:
         problems.append(f"n_embd_head_k {c.n_embd_head_k} must exceed the rope dimension {c.n_rot}")
+    if c.arch == "qwen3moe" and not (c.n_rot == c.n_embd_head_k == c.n_embd_head_v and c.n_head % c.n_head_kv == 0):
+        problems.append(f"heads {c.n_head} / kv heads {c.n_head_kv} of {c.n_embd_head_k} / {c.n_embd_head_v} with "
+                        f"rope {c.n_rot} (llama.cpp's qwen3moe: kv heads divide heads, rope = k = v head size)")
     if c.n_vocab < _N_BASE_TOKENS:
         problems.append(f"n_vocab {c.n_vocab} (at least {_N_BASE_TOKENS}: 256 byte tokens and BOS/EOS)")
     if problems:
@@ -134,7 +153,8 @@ def tensor_type(name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType) 
 
 def tensor_plan(config: ModelConfig, qtype: GGMLQuantizationType) -> dict[str, tuple[tuple[int, ...], GGMLQuantizationType]]:
     """Every tensor the file gets, in file order: name -> (shape, type)."""
-    shapes = arches.ARCHS[config.arch].tensors(config, config.expert_gating_func == 2)
+    arch = arches.ARCHS[config.arch]
+    shapes = arch.tensors(config, arch.makes_optional(config))
     return {name: (shape, tensor_type(name, shape, qtype)) for name, shape in shapes.items()}
 
 

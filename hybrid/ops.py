@@ -140,10 +140,11 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, cols: slice = slice(N
 
 
 def rope(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], pos: torch.Tensor, start: int,
-         keep_from: int = 0, out: Out | None = None) -> torch.Tensor:
-    """x[..., keep_from:] with its columns from `start` on rotated in consecutive pairs (ggml's
-    NORM mode) by the angles of each token's position: x [T, ..., n], pos int64 [T], and cos, sin
-    [n_pos, (n - start)/2] a table over positions (`hybrid.model.Model.cos_sin`).
+         keep_from: int = 0, out: Out | None = None, neox: bool = False) -> torch.Tensor:
+    """x[..., keep_from:] with its columns from `start` on rotated in pairs by the angles of each
+    token's position: x [T, ..., n], pos int64 [T], and cos, sin [n_pos, (n - start)/2] a table
+    over positions (`hybrid.model.Model.cos_sin`). Pair i is columns (2i, 2i + 1) of the rotated
+    part (ggml's NORM mode: DeepSeek2), or with `neox` (i, i + half) (NEOX mode: Qwen3).
 
     The q heads keep their unrotated part (keep_from 0); k_pe is the rotated tail alone
     (keep_from = start); either way the output is the only copy made."""
@@ -155,11 +156,15 @@ def rope(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], pos: torch
         rows = x.numel() // n
         return _native_call(out, y, (x, cos, sin, pos), _ops.rope, x.data_ptr(), rows, n, keep_from,
                             n - keep_from, start, n - start, rows // n_tok, cos.data_ptr(), sin.data_ptr(),
-                            pos.data_ptr(), cos.shape[0], y.data_ptr())
+                            pos.data_ptr(), cos.shape[0], int(neox), y.data_ptr())
     shape = (n_tok,) + (1,) * (x.dim() - 2) + (cos.shape[1],)
     cos, sin = cos[pos].reshape(shape), sin[pos].reshape(shape)
-    x0, x1 = x[..., start::2], x[..., start + 1::2]
-    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    if neox:
+        x0, x1 = x[..., start:].chunk(2, dim=-1)
+        rotated = torch.cat([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    else:
+        x0, x1 = x[..., start::2], x[..., start + 1::2]
+        rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
     return torch.cat([x[..., keep_from:start], rotated], dim=-1) if keep_from < start else rotated
 
 
@@ -215,45 +220,58 @@ def append_kv(cache: torch.Tensor, n_past: int, x: torch.Tensor, tail: torch.Ten
     return cache
 
 
+def _n_rep(n_head: int, cached: torch.Tensor) -> int:
+    """Query heads per head of a cache value [n_kv, H_kv, D] (grouped-query attention: query head h
+    reads cached head h // n_rep); 1 for MLA's [n_kv, D], which every head shares; 0 where H_kv
+    does not divide n_head (no native path)."""
+    if cached.dim() == 2:
+        return 1
+    return n_head // cached.shape[1] if n_head % cached.shape[1] == 0 else 0
+
+
+def _heads(n_head: int, cached: torch.Tensor) -> torch.Tensor:
+    """A cache value's heads repeated for the query heads that share them (GQA), for torch."""
+    return cached if cached.dim() == 2 else cached.repeat_interleave(n_head // cached.shape[1], dim=1)
+
+
 def kq(q: torch.Tensor, k: torch.Tensor, q_pe: torch.Tensor | None = None, out: Out | None = None) -> torch.Tensor:
-    """The attention scores (MUL_MAT kq) kq[h, t, s] = q[t, h] . k[s, h] -> [H, T, n_kv], for q
-    [T, H, D] and k [n_kv, H, D] (standard attention), or k [n_kv, D] that every head shares (MLA's
-    compressed cache) and q in two parts, q [T, H, D - R] and q_pe [T, H, R] (MLA: q_nope absorbed,
-    then the rotated part), multiplied as their concatenation without making it."""
+    """The attention scores (MUL_MAT kq) kq[h, t, s] = q[t, h] . k[s, h // n_rep] -> [H, T, n_kv], for
+    q [T, H, D] and k [n_kv, H_kv, D] (standard attention, H_kv = H / n_rep: fewer with GQA), or k
+    [n_kv, D] that every head shares (MLA's compressed cache) and q in two parts, q [T, H, D - R]
+    and q_pe [T, H, R] (MLA: q_nope absorbed, then the rotated part), multiplied as their
+    concatenation without making it."""
     n_tok, n_head, n_q = q.shape
     n_pe = 0 if q_pe is None else q_pe.shape[-1]
     n_kv = k.shape[0]
-    heads = k.dim() == 3
+    n_rep = _n_rep(n_head, k)
     if (n_tok <= MAX_NATIVE_ATTN_TOKENS and _rows(q, 3) and _rows(k, k.dim()) and k.shape[-1] == n_q + n_pe
-            and (not heads or k.shape[1] == n_head)
-            and (q_pe is None or _rows(q_pe, 3) and q_pe.shape[:2] == q.shape[:2])):
+            and n_rep and (q_pe is None or _rows(q_pe, 3) and q_pe.shape[:2] == q.shape[:2])):
         y = _new(out, (n_head, n_tok, n_kv))
         return _native_call(out, y, (q, q_pe, k), _ops.kq, *_rows_at(q), n_q, *_rows_at(q_pe), n_pe, n_tok,
-                            n_head, *_rows_at(k), n_kv, y.data_ptr())
+                            n_head, *_rows_at(k), n_rep, n_kv, y.data_ptr())
     q = q if q_pe is None else torch.cat([q, q_pe], dim=-1)
-    return torch.einsum("thd,shd->hts" if heads else "thd,sd->hts", q, k)
+    return torch.einsum("thd,shd->hts" if k.dim() == 3 else "thd,sd->hts", q, _heads(n_head, k))
 
 
 def kqv(kq: torch.Tensor, v: torch.Tensor, out: Out | None = None) -> torch.Tensor:
-    """The attention output (MUL_MAT kqv) kqv[t, h] = the sum over s of kq[h, t, s] v[s, h] ->
-    [T, H, Dv], for the softmax kq [H, T, n_kv] and v [n_kv, H, Dv] (standard attention), or v
-    [n_kv, Dv] that every head shares (MLA: the compressed cache's first Dv columns)."""
+    """The attention output (MUL_MAT kqv) kqv[t, h] = the sum over s of kq[h, t, s] v[s, h // n_rep]
+    -> [T, H, Dv], for the softmax kq [H, T, n_kv] and v [n_kv, H_kv, Dv] (standard attention, as
+    `kq`'s k), or v [n_kv, Dv] that every head shares (MLA: the compressed cache's first Dv columns)."""
     n_head, n_tok, n_kv = kq.shape
-    heads = v.dim() == 3
-    if (n_tok <= MAX_NATIVE_ATTN_TOKENS and _native(kq) and _rows(v, v.dim()) and v.shape[0] == n_kv
-            and (not heads or v.shape[1] == n_head)):
+    n_rep = _n_rep(n_head, v)
+    if (n_tok <= MAX_NATIVE_ATTN_TOKENS and _native(kq) and _rows(v, v.dim()) and v.shape[0] == n_kv and n_rep):
         y = _new(out, (n_tok, n_head, v.shape[-1]))
-        return _native_call(out, y, (kq, v), _ops.kqv, kq.data_ptr(), n_tok, n_head, n_kv, *_rows_at(v),
+        return _native_call(out, y, (kq, v), _ops.kqv, kq.data_ptr(), n_tok, n_head, n_kv, *_rows_at(v), n_rep,
                             v.shape[-1], y.data_ptr())
-    return torch.einsum("hts,shd->thd" if heads else "hts,sd->thd", kq, v)
+    return torch.einsum("hts,shd->thd" if v.dim() == 3 else "hts,sd->thd", kq, _heads(n_head, v))
 
 
 def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past: int, scale: float,
                q_pe: torch.Tensor | None = None, out: Out | None = None, pool=None, times=None) -> torch.Tensor:
     """FLASH_ATTN_EXT: the causal attention of T queries at positions n_past.. over the n_past + T
     first rows of the caches k and v -> [T, H, Dv]; kq, the causal softmax (times `scale`) and kqv
-    in one op, as `kq`, `softmax` and `kqv` lay out their operands (k, v: [n_ctx, H, D], or MLA's
-    [n_ctx, D] shared by every head, v then a view of k's first Dv columns).
+    in one op, as `kq`, `softmax` and `kqv` lay out their operands (k, v: [n_ctx, H_kv, D], H_kv
+    dividing H (GQA), or MLA's [n_ctx, D] shared by every head, v then a view of k's first Dv columns).
 
     Natively each head is one chunk of work: the scores stay in a thread's scratch instead of a
     [H, T, n_kv] tensor, and with a `pool` (`hybrid._kernels.Pool`, `times` as its jobs take)
@@ -261,14 +279,15 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past: int, s
     n_tok, n_head, n_q = q.shape
     n_pe = 0 if q_pe is None else q_pe.shape[-1]
     n_kv = n_past + n_tok
+    n_rep = _n_rep(n_head, k)
     if (n_tok <= MAX_NATIVE_ATTN_TOKENS and _rows(q, 3) and _rows(k, k.dim()) and _rows(v, k.dim())
             and k.shape[-1] == n_q + n_pe and k.shape[0] >= n_kv and v.shape[0] >= n_kv
-            and (k.dim() == 2 or k.shape[1] == n_head == v.shape[1])
+            and n_rep and (k.dim() == 2 or k.shape[1] == v.shape[1])
             and (q_pe is None or _rows(q_pe, 3) and q_pe.shape[:2] == q.shape[:2])):
         y = _new(out, (n_tok, n_head, v.shape[-1]))
         return _native_call(out, y, (q, q_pe, k, v), _ops.flash_attn, n_past, *_rows_at(q), n_q, *_rows_at(q_pe),
-                            n_pe, *_rows_at(k), *_rows_at(v), v.shape[-1], n_tok, n_head, scale, y.data_ptr(), pool,
-                            times)
+                            n_pe, *_rows_at(k), *_rows_at(v), v.shape[-1], n_tok, n_head, n_rep, scale, y.data_ptr(),
+                            pool, times)
     return _on_pool(pool, times, lambda: kqv(softmax(kq(q, k[:n_kv], q_pe), scale, n_past), v[:n_kv]))
 
 

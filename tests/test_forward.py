@@ -1,4 +1,4 @@
-"""The engine's logits against the independent float64 NumPy reference.
+"""The engine's logits against the independent float64 NumPy references (tests/reference_*.py).
 
 Every case runs a 6-token prompt batch and then 3 single-token steps through
 the KV cache, with -mla 0 and 1 and -fmoe 0 and 1. Tolerance: the largest
@@ -8,7 +8,8 @@ repacked into torch's int4 pack and multiplied in bfloat16 (~3e-3 per matmul),
 below 3e-2. bfloat16 rounding can flip a near-tied expert choice, and then the
 logits move further: it does on the plain-q tiny model (token 3, layer 2: expert
 7 instead of 4, error 7e-2), so the -rtr case runs on the q-LoRA one, which has
-no such tie.
+no such tie. The Qwen3-MoE cases (GQA, per-head q/k norms, NEOX rope) run with -fa 0 and 1
+and -fmoe 0 and 1 (-mla does not apply).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from hybrid.model import Model
 from hybrid.rope import rope_cos_sin
 from hybrid.sched import compute
 from reference_deepseek2 import Deepseek2Reference
+from reference_qwen3moe import Qwen3MoeReference
 
 PROMPT = [1, 5, 77, 300, 12, 9]
 STEPS = [3, 100, 42]
@@ -47,6 +49,15 @@ CASES = {
     "f16": ("f16", {}),
     "bf16-k_b_v_b": ("bf16", dict(kv_layout="k_b_v_b")),
 }
+QWEN3_CASES = {
+    "f32": ("f32", {}),
+    "f32-no-gqa-head-of-n_embd-over-n_head": ("f32", dict(n_head_kv=4, n_rot=16, n_embd_head_k=16,
+                                                          n_embd_head_v=16)),
+    "q4_0": ("q4_0", {}),
+    "q8_0": ("q8_0", {}),
+    "bf16": ("bf16", {}),
+}
+REFERENCES = {"deepseek2": Deepseek2Reference, "qwen3moe": Qwen3MoeReference}
 
 _references: dict = {}
 
@@ -61,7 +72,7 @@ def exact_matmuls(monkeypatch):
 
 def reference_logits(path) -> tuple[np.ndarray, list[np.ndarray]]:
     if path not in _references:
-        ref = Deepseek2Reference(path)
+        ref = REFERENCES[load_model(path).config.arch](path)
         _references[path] = (ref.forward(PROMPT), [ref.forward([t]) for t in STEPS])
     return _references[path]
 
@@ -84,6 +95,28 @@ def test_logits_match_reference(make_gguf, case, mla, fa, fmoe):
     qtype, overrides = CASES[case]
     check_against_reference(make_gguf("tiny", qtype, **overrides), TOL, mla=bool(mla), fa=bool(fa),
                             fmoe=bool(fmoe))
+
+
+@pytest.mark.parametrize("case", QWEN3_CASES)
+@pytest.mark.parametrize("fa,fmoe", [(0, 0), (1, 1)])
+def test_qwen3moe_logits_match_reference(make_gguf, case, fa, fmoe):
+    qtype, overrides = QWEN3_CASES[case]
+    check_against_reference(make_gguf("qwen3-tiny", qtype, **overrides), TOL, fa=bool(fa), fmoe=bool(fmoe))
+
+
+def test_qwen3moe_head_tied_to_the_embedding(make_gguf, tmp_path):
+    """A file without output.weight: the head is token_embd, as llama.cpp loads it."""
+    from test_gguf_model import copy_gguf
+
+    path = copy_gguf(make_gguf("qwen3-tiny", "q8_0"), tmp_path / "tied.gguf", drop_tensors={"output.weight"})
+    check_against_reference(path, TOL, fa=True, fmoe=True)
+
+
+@pytest.mark.parametrize("fa", [0, 1])
+def test_qwen3moe_torch_ops_match_reference(make_gguf, monkeypatch, fa):
+    """The torch path of NEOX rope, the per-head norms and GQA attention."""
+    monkeypatch.setattr(ops, "NATIVE", False)
+    check_against_reference(make_gguf("qwen3-tiny", "f32"), TOL, fa=bool(fa))
 
 
 @pytest.mark.parametrize("fa", [0, 1])

@@ -109,9 +109,22 @@ def test_presets_match_deepseek_v2_lite():
     assert dataclasses.replace(mini, n_layer=27) == lite
     tiny = preset_config("tiny")
     assert tiny.q_lora_rank > 0 and tiny.n_layer == 3 and tiny.n_expert == 8 and tiny.n_expert_used == 2
-    assert set(PRESETS) == {"tiny", "deepseek-v2-lite-mini", "deepseek-v2-lite"}
+    assert {"tiny", "deepseek-v2-lite-mini", "deepseek-v2-lite"} <= set(PRESETS)
     n_params = sum(int(np.prod(s)) for s, _ in tensor_plan(lite, T.Q4_0).values())
     assert 15.5e9 < n_params < 16.0e9                    # DeepSeek-V2-Lite: 15.7 B
+
+
+def test_presets_match_qwen3_30b_a3b(make_gguf):
+    full = preset_config("qwen3-30b-a3b")
+    assert (full.arch, full.n_layer, full.n_embd, full.n_head, full.n_head_kv, full.n_embd_head_k) == \
+        ("qwen3moe", 48, 2048, 32, 4, 128)
+    assert (full.n_expert, full.n_ff_exp, full.n_expert_used, full.rope_freq_base, full.n_vocab) == \
+        (128, 768, 8, 1e6, 151936)
+    assert dataclasses.replace(preset_config("qwen3-30b-a3b-mini"), n_layer=48) == full
+    n_params = sum(int(np.prod(s)) for s, _ in tensor_plan(full, T.Q4_0).values())
+    assert 30.0e9 < n_params < 31.0e9                    # Qwen3-30B-A3B: 30.5 B
+    made = load_model(make_gguf("qwen3-tiny", "q8_0")).config
+    assert made == preset_config("qwen3-tiny")            # every key written and read back
 
 
 def test_vocabulary_is_byte_level_bpe():
@@ -204,7 +217,7 @@ def test_truncated(tiny_gguf, tmp_path, keep):
 
 def test_unsupported_architecture(tiny_gguf, tmp_path):
     p = copy_gguf(tiny_gguf, tmp_path / "llama.gguf", arch="llama")
-    with pytest.raises(UserError, match=r"unsupported architecture 'llama' \(supported: deepseek2\)"):
+    with pytest.raises(UserError, match=r"unsupported architecture 'llama' \(supported: deepseek2, qwen3moe\)"):
         load_model(p)
 
 

@@ -19,9 +19,10 @@ def run(capsys, *argv):
     return rc, out, err
 
 
-def test_make_then_info_experts_on_cpu(tmp_path, capsys):
+@pytest.mark.parametrize("preset", ["tiny", "qwen3-tiny"])
+def test_make_then_info_experts_on_cpu(tmp_path, capsys, preset):
     path = tmp_path / "t.gguf"
-    rc, _, err = run(capsys, "model", "make", "--preset", "tiny", "-o", str(path), "--no-progress")
+    rc, _, err = run(capsys, "model", "make", "--preset", preset, "-o", str(path), "--no-progress")
     assert rc == 0 and "wrote" in err
     model = load_model(path)
     rc, out, _ = run(capsys, "model", "info", str(path), "-ngl", "99", "-ot", EXPERTS_ON_CPU,
@@ -71,7 +72,8 @@ def test_make_refuses_existing_output_unless_forced(tmp_path, capsys):
     (["--preset", "tiny", "--layers", "0"], "--layers 0: out of range"),
     (["--preset", "tiny", "--layers", "9999"], "--layers 9999: out of range"),
     (["--preset", "tiny", "--layers", "27"], "--layers 27: llama.cpp reads"),
-    (["--preset", "huge"], "--preset huge: unknown preset (available: tiny, deepseek-v2-lite-mini, deepseek-v2-lite)"),
+    (["--preset", "huge"], "--preset huge: unknown preset (available: tiny, deepseek-v2-lite-mini, deepseek-v2-lite, "
+                           "qwen3-tiny, qwen3-30b-a3b-mini, qwen3-30b-a3b)"),
     (["--preset", "tiny", "--type", "q4_k"], "--type q4_k: unknown type (available: q4_0, q8_0, f16, bf16, f32)"),
 ])
 def test_make_bad_arguments(tmp_path, capsys, argv, message):
@@ -96,6 +98,19 @@ def test_info_bad_rules(tiny_gguf, capsys, ot, message):
 def test_info_warns_for_rule_matching_nothing(tiny_gguf, capsys):
     rc, _, err = run(capsys, "model", "info", str(tiny_gguf), "-ot", "nothing=CPU", "--json")
     assert rc == 0 and "hyprof: warning: -ot rule 1 'nothing=CPU' matches no tensor" in err
+
+
+@pytest.mark.parametrize("drop,message", [
+    (dict(drop_tensors={"blk.1.attn_k_norm.weight"}), "missing tensor blk.1.attn_k_norm.weight required by qwen3moe"),
+    (dict(drop_keys={"qwen3moe.attention.head_count"}), "missing metadata key qwen3moe.attention.head_count"),
+])
+def test_info_qwen3moe_file_missing_a_tensor_or_key(make_gguf, tmp_path, capsys, drop, message):
+    """Bad input names what is missing in one line, exit 2."""
+    from test_gguf_model import copy_gguf
+
+    p = copy_gguf(make_gguf("qwen3-tiny", "q4_0"), tmp_path / "bad.gguf", **drop)
+    rc, _, err = run(capsys, "model", "info", str(p))
+    assert rc == 2 and err.count("\n") == 1 and message in err, err
 
 
 def test_info_bad_file(tmp_path, capsys):

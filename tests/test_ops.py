@@ -64,8 +64,9 @@ def ref_rms_norm(x, w, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-@pytest.mark.parametrize("shape", [(1, 2048), (3, 37), (5, 1)])
+@pytest.mark.parametrize("shape", [(1, 2048), (3, 37), (5, 1), (2, 4, 37)])
 def test_rms_norm(path, rng, shape):
+    """Row by row; [T, H, D] is Qwen3's per-head q/k norm (one weight [D] for every head)."""
     x = rng.normal(size=shape) * 3
     w = rng.normal(size=shape[-1])
     x32, w32 = t32(x), t32(w)
@@ -119,6 +120,23 @@ def test_rope_tail_only(path, rng):
     x = t32(rng.normal(size=(4, 9 + 10)))
     table = cos_sin(rng, 7, 5)
     close(ops.rope(x, table, pos, 9, keep_from=9), ref_rope(x.double().numpy()[:, 9:], *rows_of(table, pos)))
+
+
+def ref_rope_neox(x, cos, sin):
+    """x [T, ..., n] rotated in the pairs (i, i + n/2) (ggml's NEOX mode), cos/sin [T, n/2]."""
+    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (cos.shape[1],)
+    c, s = cos.reshape(shape), sin.reshape(shape)
+    x0, x1 = np.split(x, 2, axis=-1)
+    return np.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], -1)
+
+
+@pytest.mark.parametrize("pos", [[0], [7, 0, 31]])
+def test_rope_neox(path, rng, pos):
+    """Qwen3's q/k: [T, H, D] rotated whole, in NEOX pairs (i, i + D/2)."""
+    pos = torch.tensor(pos)
+    x = t32(rng.normal(size=(len(pos), 3, 18)))
+    table = cos_sin(rng, 32, 9)
+    close(ops.rope(x, table, pos, 0, neox=True), ref_rope_neox(x.double().numpy(), *rows_of(table, pos)))
 
 
 def ref_softmax(x, scale=1.0, masked=None):
@@ -195,6 +213,19 @@ def test_kq_and_kqv(path, rng, any_batch_native, n_tok, n_past):
     close(ops.kqv(pr, v), np.einsum("hts,shd->thd", pr.double().numpy(), vd), rtol=1e-6)
 
 
+@pytest.mark.parametrize("n_tok,n_past", [(1, 0), (3, 5), (11, 2)])
+def test_kq_and_kqv_grouped(path, rng, any_batch_native, n_tok, n_past):
+    """GQA: 6 query heads over 2 cached K/V heads, query head h reading cached head h // 3."""
+    n_head, n_head_kv, d, n_kv = 6, 2, 19, n_past + n_tok
+    q = t32(rng.normal(size=(n_tok, n_head, d)))
+    k = t32(rng.normal(size=(n_kv, n_head_kv, d)))
+    v = t32(rng.normal(size=(n_kv, n_head_kv, d)))
+    kd, vd = (np.repeat(t.double().numpy(), 3, axis=1) for t in (k, v))
+    close(ops.kq(q, k), np.einsum("thd,shd->hts", q.double().numpy(), kd), rtol=1e-6)
+    pr = t32(ref_softmax(rng.normal(size=(n_head, n_tok, n_kv)), masked=ref_masked(n_tok, n_past)))
+    close(ops.kqv(pr, v), np.einsum("hts,shd->thd", pr.double().numpy(), vd), rtol=1e-6)
+
+
 @pytest.mark.parametrize("n_tok,n_past", [(1, 0), (2, 7), (9, 30)])
 def test_kq_and_kqv_compressed(path, rng, any_batch_native, n_tok, n_past):
     """MLA: one cache row [L + R] per position for every head; q in two parts, q_nope absorbed
@@ -237,6 +268,11 @@ def test_flash_attn(path, rng, any_batch_native, n_tok, n_past, threads):
         close(got, want, rtol=1e-5)
         if threads:     # one chunk per head natively; torch's ops as one task of the pool
             assert times[:, 2].sum() == (n_head if path == "native" else 1)
+        k_grouped, v_grouped = k[:, :1].contiguous(), v[:, :1].contiguous()         # GQA: 5 heads read 1
+        got = ops.flash_attn(q, k_grouped, v_grouped, n_past, 0.3, pool=pool, times=times)
+        want = ref_attention(q.double().numpy(), np.repeat(k_grouped.double().numpy()[:n_kv], n_head, 1),
+                             np.repeat(v_grouped.double().numpy()[:n_kv], n_head, 1), n_past, 0.3)
+        close(got, want, rtol=1e-5)
         L, R = 35, 6
         q_abs, q_full = t32(rng.normal(size=(n_tok, n_head, L))), t32(rng.normal(size=(n_tok, n_head, 10 + R)))
         kv = t32(rng.normal(size=(n_ctx, L + R)))
@@ -458,20 +494,21 @@ F4, ID = np.zeros(64, np.float32), np.zeros(8, np.int64)
     lambda: _ops.add(addr(F4), -1, addr(F4), 1, addr(F4)),                        # negative size
     lambda: _ops.add(addr(F4), 10, addr(F4)),                                     # missing argument
     lambda: _ops.rms_norm(addr(F4), 2, 5, 3, 5, addr(F4), 1e-6, addr(F4)),        # columns past the row
-    lambda: _ops.rope(addr(F4), 2, 6, 0, 6, 3, 4, 1, addr(F4), addr(F4), addr(ID), 8, addr(F4)),
-    lambda: _ops.rope(addr(F4), 3, 6, 0, 6, 2, 4, 2, addr(F4), addr(F4), addr(ID), 8, addr(F4)),  # tokens of 2
-    lambda: _ops.rope(addr(F4), 2, 6, 0, 6, 2, 4, 1, addr(F4), addr(F4), addr(np.array([0, 8])), 8, addr(F4)),
+    lambda: _ops.rope(addr(F4), 2, 6, 0, 6, 3, 4, 1, addr(F4), addr(F4), addr(ID), 8, 0, addr(F4)),
+    lambda: _ops.rope(addr(F4), 3, 6, 0, 6, 2, 4, 2, addr(F4), addr(F4), addr(ID), 8, 0, addr(F4)),  # tokens of 2
+    lambda: _ops.rope(addr(F4), 2, 6, 0, 6, 2, 4, 1, addr(F4), addr(F4), addr(np.array([0, 8])), 8, 0, addr(F4)),
     lambda: _ops.softmax(addr(F4), 3, 4, 1.0, 2, 0, addr(F4)),                     # 3 rows, tokens of 2
     lambda: _ops.softmax(addr(F4), 3, 0, 1.0, 0, 0, addr(F4)),                     # rows of no columns
     lambda: _ops.append_kv(3, addr(F4), 4, 2, 1, addr(F4), 8, 0, 8, 0, 0, 0, 0),   # positions 3, 4 of 4
     lambda: _ops.append_kv(0, addr(F4), 4, 2, 1, addr(F4), 6, 0, 6, 0, 2, 0, 2),   # a tail at address 0
-    lambda: _ops.kq(addr(F4), 4, 4, 4, 0, 0, 0, 2, 1, 1, addr(F4), 6, 0, 3, addr(F4)),  # a q_pe at address 0
-    lambda: _ops.kqv(addr(F4), 1, 1, -3, addr(F4), 4, 0, 4, addr(F4)),             # negative size
-    lambda: _ops.flash_attn(0, addr(F4), 4, 4, 2, 0, 0, 0, 2, addr(F4), 4, 0, addr(F4), 4, 0, 4, 1, 1, 1.0,
+    lambda: _ops.kq(addr(F4), 4, 4, 4, 0, 0, 0, 2, 1, 1, addr(F4), 6, 0, 1, 3, addr(F4)),  # a q_pe at address 0
+    lambda: _ops.kqv(addr(F4), 1, 1, -3, addr(F4), 4, 0, 1, 4, addr(F4)),          # negative size
+    lambda: _ops.kqv(addr(F4), 1, 3, 2, addr(F4), 4, 0, 2, 4, addr(F4)),           # 3 heads, groups of 2
+    lambda: _ops.flash_attn(0, addr(F4), 4, 4, 2, 0, 0, 0, 2, addr(F4), 4, 0, addr(F4), 4, 0, 4, 1, 1, 1, 1.0,
                             addr(F4), None, None),                                  # a q_pe at address 0
-    lambda: _ops.flash_attn(0, addr(F4), 4, 4, 4, 0, 0, 0, 0, addr(F4), 4, 0, addr(F4), 4, 0, 4, 1, 1, 1.0,
+    lambda: _ops.flash_attn(0, addr(F4), 4, 4, 4, 0, 0, 0, 0, addr(F4), 4, 0, addr(F4), 4, 0, 4, 1, 1, 1, 1.0,
                             addr(F4), None, np.zeros(3, np.int64)),                 # times without a pool
-    lambda: _ops.flash_attn(0, addr(F4), 4, 4, 4, 0, 0, 0, 0, addr(F4), 4, 0, addr(F4), 4, 0, 4, 1, 1, 1.0,
+    lambda: _ops.flash_attn(0, addr(F4), 4, 4, 4, 0, 0, 0, 0, addr(F4), 4, 0, addr(F4), 4, 0, 4, 1, 1, 1, 1.0,
                             addr(F4), "pool", None),                                # not a Pool
     lambda: _ops.top_k(addr(F4), 1, 12, 13, 0, 0, addr(ID)),                       # k > columns
     lambda: _ops.top_k(addr(F4), 1, 12, 2, 5, 2, addr(ID)),                        # groups do not divide

@@ -5,6 +5,6 @@ cache buffer's row shape and parent tensor) and `build_graph(model, n_tokens, n_
 all_logits, keep_output) -> Graph`. A new architecture is one more module and one more entry.
 """
 
-from hybrid.models import deepseek2
+from hybrid.models import deepseek2, qwen3moe
 
-ARCHITECTURES = {"deepseek2": deepseek2}
+ARCHITECTURES = {"deepseek2": deepseek2, "qwen3moe": qwen3moe}

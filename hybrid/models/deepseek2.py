@@ -116,9 +116,9 @@ def attention(b: Builder, il: int, h: Node, pos: Node) -> Node:
     k_b, k_rows = (p + "attn_kv_b.weight", slice(0, nope)) if split_kv else (p + "attn_k_b.weight", slice(None))
     v_b, v_rows = (p + "attn_kv_b.weight", slice(nope, nope + head_v)) if split_kv else (p + "attn_v_b.weight",
                                                                                       slice(None))
-    ck, cv = f"cache_k_l{il}", f"cache_v_l{il}"
 
     if m.mla:
+        ck = f"cache_k_l{il}"
         q_nope = b.view(f"q_nope-{il}", q, lambda q: q[..., :nope], il)                 # [T, H, nope]
         q_pe = b.view(f"q_rope-{il}", q, lambda q: q[..., nope:], il)                   # [T, H, R]
         # q_nope absorbed into the latent space: k_b [H, L, nope] (or kv_b's k rows, transposed)
@@ -137,18 +137,7 @@ def attention(b: Builder, il: int, h: Node, pos: Node) -> Node:
     else:
         k_nope = b.per_head(k_b, kv_c, il, f"k_nope-{il}", H, k_rows, transposed=not split_kv)  # [T, H, nope]
         v = b.per_head(v_b, kv_c, il, f"v-{il}", H, v_rows)                             # [T, H, head_v]
-        k_all = b.kv_store(ck, il, 4 * T * H * head_k, k_nope, k_pe)                    # [n_ctx, H, head_k]
-        v_all = b.kv_store(cv, il, 4 * T * H * head_v, v)                               # [n_ctx, H, head_v]
-        if m.fa:
-            out = b.flash_attn(f"__fattn__-{il}", q, k_all, v_all, il, ck, scale,
-                               bytes_per_kv=4 * H * (head_k + head_v),
-                               flops_per_kv=H * T * (2 * head_k + 5 + 2 * head_v))     # [T, H, head_v]
-        else:
-            kq = b.kq(f"kq-{il}", q, k_all, il, ck, bytes_per_kv=4 * H * head_k,
-                      flops_per_kv=2 * H * T * head_k)                                 # [H, T, n_kv]
-            kq = b.causal_softmax(f"kq_soft_max-{il}", kq, il, scale, flops_per_kv=5 * H * T)
-            out = b.kqv(f"kqv-{il}", kq, v_all, il, cv, bytes_per_kv=4 * H * head_v,
-                        flops_per_kv=2 * H * T * head_v)                               # [T, H, head_v]
+        out = b.attention(il, q, k_nope, v, scale, H, H, head_k, head_v, k_tail=k_pe)   # [T, H, head_v]
     out = b.view(f"kqv_out-{il}", out, lambda o: o.reshape(T, H * head_v), il)          # [T, H * head_v]
     return b.mul_mat(p + "attn_output.weight", out, il)
 
@@ -177,16 +166,7 @@ def moe(b: Builder, il: int, h: Node) -> Node:
     ids = b.top_k(f"ffn_moe_topk-{il}", sel, il, c.n_expert_used, c.n_expert_groups, c.n_group_used)  # [T, U]
     weights = b.expert_weights(f"ffn_moe_weights-{il}", probs, ids, il, c.expert_weights_norm,
                                c.expert_weights_scale)                                  # [T, U]
-    if b.m.fmoe:
-        act = b.mul_mat_id(p + "ffn_gate_up_exps.weight", h, ids, il, fused=True)      # [T, U, n_ff_exp]
-    else:
-        gate = b.mul_mat_id(p + "ffn_gate_exps.weight", h, ids, il)
-        up = b.mul_mat_id(p + "ffn_up_exps.weight", h, ids, il)
-        act = b.swiglu(f"ffn_moe_swiglu-{il}", gate, up, il, c.n_expert_used * c.n_ff_exp)
-    down = b.mul_mat_id(p + "ffn_down_exps.weight", act, ids, il)                       # [T, U, n_embd]
-    flops = b.n_tokens * c.n_expert_used * c.n_embd
-    weighted = b.scale_rows(f"ffn_moe_weighted-{il}", down, weights, il, flops)       # [T, U, n_embd]
-    moe_out = b.sum_experts(f"ffn_moe_out-{il}", weighted, il, flops)                  # [T, n_embd]
+    moe_out = b.routed_experts(il, h, ids, weights)                                     # [T, n_embd]
     return b.add(f"ffn_out-{il}", moe_out, feed_forward(b, il, h, "_shexp"), il)
 
 
@@ -201,16 +181,8 @@ def build_graph(model, n_tokens: int, n_past: int, all_logits: bool = False, kee
     """
     c = model.config
     b = Builder(model, n_tokens, n_past)
-    tokens, pos = b.input("inp_tokens"), b.input("inp_pos")
-    x = b.get_rows("token_embd", "token_embd.weight", tokens)                          # [T, n_embd]
-    for il in range(c.n_layer):
-        h = b.rms_norm(f"blk.{il}.attn_norm.weight", x, il, f"attn_norm-{il}")
-        x = b.add(f"ffn_inp-{il}", attention(b, il, h, pos), x, il)
-        h = b.rms_norm(f"blk.{il}.ffn_norm.weight", x, il, f"ffn_norm-{il}")
-        ffn = moe(b, il, h) if c.is_moe_layer(il) else feed_forward(b, il, h)
-        x = b.add(f"l_out-{il}", ffn, x, il)
-    if not all_logits:
-        x = b.view("inp_out_ids", x, lambda x: x[-1:], op="GET_ROWS")                   # [1, n_embd]
-    x = b.rms_norm("output_norm.weight", x, -1, "result_norm")
-    b.graph.output = b.mul_mat("output.weight", x, -1, result="reused" if keep_output else "fresh")
-    return b.graph
+
+    def ffn(b: Builder, il: int, h: Node) -> Node:
+        return moe(b, il, h) if c.is_moe_layer(il) else feed_forward(b, il, h)
+    x = b.layers(attention, ffn)                                                        # [T, n_embd]
+    return b.logits(x, "output.weight", all_logits, keep_output)

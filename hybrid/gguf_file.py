@@ -17,6 +17,7 @@ first), u32 ggml type, u64 offset into the data, which starts at the next multip
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -32,6 +33,11 @@ T = GGMLQuantizationType
 SCALARS = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
            V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d"}
 DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4                      # ggml's GGML_MAX_DIMS
+# The fewest bytes a tensor info (name length, n_dims, one dim, type, offset) and a key/value (key
+# length, value type, a 1-byte value) take: a count the bytes left cannot hold is corrupt.
+MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8
+MIN_KV_BYTES = 8 + 4 + 1
 # Tensor types whose items NumPy holds as such; the others (quantised, BF16) are bytes.
 ITEM_DTYPES = {T.F32: np.float32, T.F16: np.float16, T.F64: np.float64, T.I8: np.int8, T.I16: np.int16,
                T.I32: np.int32, T.I64: np.int64}
@@ -63,7 +69,12 @@ class GGUFFile:
 
 def read_gguf(path: str | Path) -> GGUFFile:
     """Parse the file's header and map its tensor data; GGUFFormatError on bad bytes, OSError
-    (FileNotFoundError, IsADirectoryError, ...) where the file cannot be read."""
+    (FileNotFoundError, IsADirectoryError, ...) where the file cannot be read.
+
+    Every size the file states is checked against the bytes it has before it is used (a count
+    against the bytes left, a tensor's dims and offset against the file's end), so a corrupt or
+    hostile header is a message naming the key or tensor and the byte, never a wrong view.
+    """
     data = np.memmap(path, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)  # (mmap refuses 0 bytes)
     buf = memoryview(data)
     if bytes(buf[:4]) != struct.pack("<I", GGUF_MAGIC):
@@ -73,45 +84,68 @@ def read_gguf(path: str | Path) -> GGUFFile:
     if version not in (2, 3):
         raise GGUFFormatError(f"GGUF version {version}, which hyprof cannot read (it reads 2 and 3, little-endian)")
     n_tensors, n_kv = r.scalar("<Q"), r.scalar("<Q")
+    if n_tensors * MIN_TENSOR_INFO_BYTES + n_kv * MIN_KV_BYTES > r.left:
+        raise GGUFFormatError(f"truncated GGUF file: the header at byte 8 counts {n_tensors} tensors and {n_kv} "
+                              f"key/values, more than the {r.left} bytes after it can hold")
     fields, types = {}, {}
     for _ in range(n_kv):
+        r.what = f"a key at byte {r.at}"
         key = r.string()
+        if key in fields:
+            raise GGUFFormatError(f"corrupt GGUF file: key {key} (byte {r.at}) appears twice")
+        r.what = f"key {key}"
         vtype = r.value_type()
         if vtype == V.ARRAY:
             item = r.value_type()
+            if item == V.ARRAY:
+                raise GGUFFormatError(f"corrupt GGUF file: key {key} (byte {r.at}) is an array of arrays, "
+                                      "which GGUF does not allow")
             fields[key], types[key] = r.array(item, r.scalar("<Q")), (vtype, item)
         else:
             fields[key], types[key] = r.value(vtype), (vtype,)
     infos = []
-    for _ in range(n_tensors):
+    for i in range(n_tensors):
+        r.what = f"tensor info {i} at byte {r.at}"
         name = r.string()
+        r.what = f"tensor {name}"
         n_dims = r.scalar("<I")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise GGUFFormatError(f"corrupt GGUF file: tensor {name} (byte {r.at - 4}) has {n_dims} dimensions "
+                                  f"(1 to {MAX_DIMS})")
+        dims_at = r.at
         dims = tuple(int(d) for d in r.numbers("<u8", n_dims))
-        infos.append((name, r.scalar("<I"), dims, r.scalar("<Q")))
+        infos.append((name, dims_at, dims, r.scalar("<I"), r.scalar("<Q")))
     alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
         raise GGUFFormatError(f"corrupt GGUF file: general.alignment {alignment!r} is not a power of two")
     start = -(-r.at // alignment) * alignment
-    tensors = [_tensor(data, start, *info) for info in infos]
+    tensors = [_tensor(data, start, alignment, *info) for info in infos]
     if len({t.name for t in tensors}) != len(tensors):
         raise GGUFFormatError("corrupt GGUF file: two tensors share a name")
     return GGUFFile(version=version, fields=fields, types=types, tensors=tensors, data_offset=start)
 
 
-def _tensor(data: np.ndarray, start: int, name: str, raw_type: int, dims: tuple[int, ...],
-            offset: int) -> GGUFTensor:
+def _tensor(data: np.ndarray, start: int, alignment: int, name: str, dims_at: int, dims: tuple[int, ...],
+            raw_type: int, offset: int) -> GGUFTensor:
+    """One tensor's view, once its dims, type and offset are known to fit the file (`dims_at`: the
+    byte its dims start at, for messages). Sizes are Python integers: a product cannot wrap."""
     try:
         ggml_type = T(raw_type)
     except ValueError:
         raise GGUFFormatError(f"corrupt GGUF file: tensor {name} has unknown ggml type {raw_type}") from None
+    if min(dims) < 1:
+        raise GGUFFormatError(f"corrupt GGUF file: tensor {name} (byte {dims_at}) has dims {dims}; each must be >= 1")
     block, type_bytes = GGML_QUANT_SIZES[ggml_type]
-    n_elements = int(np.prod(dims, dtype=np.int64))
-    if dims and dims[0] % block:
+    if dims[0] % block:
         raise GGUFFormatError(f"corrupt GGUF file: tensor {name}'s rows of {dims[0]} are not whole {ggml_type.name} blocks")
-    n_bytes = n_elements // block * type_bytes
+    if offset % alignment:
+        raise GGUFFormatError(f"corrupt GGUF file: tensor {name}'s offset {offset} is not a multiple of the "
+                              f"alignment {alignment}")
+    n_bytes = math.prod(dims) // block * type_bytes
     at = start + offset
     if at + n_bytes > data.size:
-        raise GGUFFormatError(f"truncated GGUF file: tensor {name} ends at byte {at + n_bytes} of {data.size}")
+        raise GGUFFormatError(f"truncated GGUF file: tensor {name} (dims {dims}, {ggml_type.name}) ends at byte "
+                              f"{at + n_bytes} of {data.size}")
     shape = tuple(reversed(dims))
     raw = data[at:at + n_bytes]
     if ggml_type in ITEM_DTYPES:
@@ -122,15 +156,21 @@ def _tensor(data: np.ndarray, start: int, name: str, raw_type: int, dims: tuple[
 
 
 class _Cursor:
-    """Reads values from the front of the file's bytes, moving on past each."""
+    """Reads values from the front of the file's bytes, moving on past each; `what` names the
+    key or tensor being read, for messages."""
 
     def __init__(self, buf: memoryview, at: int = 0):
-        self.buf, self.at = buf, at
+        self.buf, self.at, self.what = buf, at, "the header"
+
+    @property
+    def left(self) -> int:
+        return len(self.buf) - self.at
 
     def _take(self, n: int) -> int:
         at = self.at
         if n < 0 or at + n > len(self.buf):
-            raise GGUFFormatError(f"truncated GGUF file: a value at byte {at} runs past its end ({len(self.buf)} bytes)")
+            raise GGUFFormatError(f"truncated GGUF file: {self.what}: {n} bytes at byte {at} run past its end "
+                                  f"({len(self.buf)} bytes)")
         self.at = at + n
         return at
 
@@ -143,7 +183,7 @@ class _Cursor:
         try:
             return V(raw)
         except ValueError:
-            raise GGUFFormatError(f"corrupt GGUF file: unknown value type {raw} at byte {self.at - 4}") from None
+            raise GGUFFormatError(f"corrupt GGUF file: {self.what}: unknown value type {raw} at byte {self.at - 4}") from None
 
     def string(self) -> str:
         n = self.scalar("<Q")
@@ -161,9 +201,10 @@ class _Cursor:
     def array(self, item: GGUFValueType, n: int) -> list:
         if item in SCALARS:
             return self.numbers(SCALARS[item], n).tolist()
-        if item == V.STRING:
-            return self._strings(n)
-        return [self.array(self.value_type(), self.scalar("<Q")) for _ in range(n)]   # nested
+        if n * 8 > self.left:       # each string takes at least its 8-byte length
+            raise GGUFFormatError(f"truncated GGUF file: {self.what}: {n} strings at byte {self.at} run past its "
+                                  f"end ({len(self.buf)} bytes)")
+        return self._strings(n)
 
     def _strings(self, n: int) -> list[str]:
         """n strings: one loop of slices (the bulk of a vocabulary's reading)."""
@@ -171,11 +212,13 @@ class _Cursor:
         unpack = struct.Struct("<Q").unpack_from
         for _ in range(n):
             if at + 8 > end:
-                raise GGUFFormatError(f"truncated GGUF file: a string at byte {at} runs past its end ({end} bytes)")
+                raise GGUFFormatError(f"truncated GGUF file: {self.what}: a string at byte {at} runs past its end "
+                                      f"({end} bytes)")
             length = unpack(buf, at)[0]
             at += 8
             if at + length > end:
-                raise GGUFFormatError(f"truncated GGUF file: a string at byte {at - 8} runs past its end ({end} bytes)")
+                raise GGUFFormatError(f"truncated GGUF file: {self.what}: a string at byte {at - 8} runs past its "
+                                      f"end ({end} bytes)")
             out.append(str(buf[at:at + length], "utf-8", "replace"))
             at += length
         self.at = at

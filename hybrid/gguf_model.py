@@ -120,14 +120,17 @@ def load_model(path: str | Path) -> GGUFModel:
     prefix = f"{arch_name}."
     try:
         fields = arches.config_fields(arch, {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)})
-    except KeyError as e:
-        raise UserError(f"{path}: missing metadata key {e.args[0]}") from None
+    except arches.MetadataError as e:
+        raise UserError(f"{path}: {e}") from None
     fields["n_vocab"] = _n_vocab(path, tensors, gguf)
     try:
         config = ModelConfig(**fields)
     except TypeError as e:
         raise UserError(f"{path}: incomplete metadata ({e})") from None
-
+    problems = arches.config_problems(config)
+    if problems:
+        raise UserError(f"{path}: {problems[0]}")
+    _check_tokenizer(path, gguf, config.n_vocab)
     _check_tensors(path, arch, config, tensors)
 
     return GGUFModel(path=path, config=config, tensors=tensors, metadata=meta,
@@ -167,6 +170,24 @@ def _n_vocab(path: Path, tensors: dict[str, TensorInfo], gguf: GGUFFile) -> int:
     return emb.shape[0]
 
 
+def _check_tokenizer(path: Path, gguf: GGUFFile, n_vocab: int) -> None:
+    """The vocabulary's arrays hold what the tokenizer reads, one entry per token, and the special
+    token ids are tokens."""
+    item_types = {"tokenizer.ggml.tokens": str, "tokenizer.ggml.merges": str, "tokenizer.ggml.token_type": int}
+    for key, item in item_types.items():
+        values = gguf.fields.get(key)
+        if values is not None and not (isinstance(values, list) and all(type(v) is item for v in values)):
+            raise UserError(f"{path}: {key} is not an array of {item.__name__} values")
+    types = gguf.fields.get("tokenizer.ggml.token_type")
+    if types is not None and len(types) != n_vocab:
+        raise UserError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries but token_embd.weight "
+                        f"has {n_vocab} rows")
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        token = gguf.fields.get(key)
+        if token is not None and not (type(token) is int and 0 <= token < n_vocab):
+            raise UserError(f"{path}: {key} is {token!r}, not a token id (0 to {n_vocab - 1})")
+
+
 def _check_tensors(path: Path, arch: arches.Arch, config: ModelConfig, tensors: dict[str, TensorInfo]) -> None:
     for t in tensors.values():
         if t.ggml_type not in SUPPORTED_TYPES:
@@ -180,5 +201,13 @@ def _check_tensors(path: Path, arch: arches.Arch, config: ModelConfig, tensors: 
                         f"with this file's hyperparameters")
     for name, shape in arch.tensors(config, True).items():
         if name in tensors and tensors[name].shape != shape:
-            raise UserError(f"{path}: tensor {name} has shape {tensors[name].shape}, "
-                            f"expected {shape} from the file's hyperparameters")
+            raise UserError(f"{path}: tensor {name} has shape {tensors[name].shape}, expected {shape}: "
+                            + _first_difference(tensors[name].shape, shape))
+
+
+def _first_difference(actual: tuple[int, ...], expected: tuple[arches.Dim, ...]) -> str:
+    """Which key the first mismatched dimension comes from, with both values."""
+    if len(actual) != len(expected):
+        return f"{len(actual)} dimensions, not {len(expected)}"
+    i = next(i for i, (a, e) in enumerate(zip(actual, expected)) if a != e)
+    return f"dimension {i} is {actual[i]}, but {expected[i].source} gives {int(expected[i])}"

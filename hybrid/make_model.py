@@ -76,7 +76,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 QTYPES = {"q4_0": T.Q4_0, "q8_0": T.Q8_0, "f16": T.F16, "bf16": T.BF16, "f32": T.F32}
 _FILE_TYPES = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.Q4_0: LlamaFileType.MOSTLY_Q4_0,
                T.Q8_0: LlamaFileType.MOSTLY_Q8_0, T.BF16: LlamaFileType.MOSTLY_BF16}
-MAX_LAYERS = 512                        # llama.cpp's LLAMA_MAX_LAYERS
 _CHUNK_ELEMENTS = 1 << 22               # rows generated and quantized at a time (16 MiB of float32)
 _RESIDUAL_OUTPUTS = ("attn_output.weight", "ffn_down.weight", "ffn_down_exps.weight", "ffn_down_shexp.weight")
 
@@ -97,9 +96,9 @@ def preset_config(preset: str, n_layers: int | None = None, overrides: dict[str,
     fields.update(overrides or {})
     if n_layers is not None:
         lo = fields.get("n_layer_dense_lead", 0) + 1
-        if not lo <= n_layers <= MAX_LAYERS:
+        if not lo <= n_layers <= arches.MAX_LAYERS:
             raise UserError(f"--layers {n_layers}: out of range for preset {preset} (between {lo}, so that "
-                            f"at least one layer is MoE, and {MAX_LAYERS}, llama.cpp's limit)")
+                            f"at least one layer is MoE, and {arches.MAX_LAYERS}, llama.cpp's limit)")
         if fields.get("q_lora_rank", 0) > 0 and n_layers in arches.DEEPSEEK2_LITE_LAYERS:
             raise UserError(f"--layers {n_layers}: llama.cpp reads every deepseek2 file with 26 or 27 layers "
                             f"as V2-Lite, without q-LoRA, and preset {preset} uses q-LoRA; choose another count")
@@ -118,23 +117,7 @@ def _validate(c: ModelConfig, preset: str) -> None:
         problems.append(f"{c.n_layer} layers with q-LoRA attention (llama.cpp reads every deepseek2 file "
                         f"with {' or '.join(map(str, arches.DEEPSEEK2_LITE_LAYERS))} layers as V2-Lite, "
                         "without q-LoRA); choose another layer count")
-    if c.kv_layout not in ("kv_b", "k_b_v_b"):
-        problems.append(f"kv_layout {c.kv_layout!r} (kv_b or k_b_v_b)")
-    if c.rope_scaling_type not in ("none", "linear", "yarn"):
-        problems.append(f"rope_scaling_type {c.rope_scaling_type!r} (none, linear or yarn)")
-    if c.expert_gating_func not in (1, 2):
-        problems.append(f"expert_gating_func {c.expert_gating_func} (1 softmax, 2 sigmoid)")
-    if not 0 < c.n_expert_used <= c.n_expert:
-        problems.append(f"n_expert_used {c.n_expert_used} with {c.n_expert} experts")
-    if c.n_expert_groups > 1 and not (c.n_expert % c.n_expert_groups == 0 and c.n_expert_groups < c.n_expert
-                                      and 0 < c.n_group_used < c.n_expert_groups):
-        problems.append(f"expert groups {c.n_expert_groups} / used {c.n_group_used} with {c.n_expert} experts "
-                        "(groups must divide the experts, 0 < used < groups)")
-    if c.arch == "deepseek2" and c.n_embd_head_k <= c.n_rot:
-        problems.append(f"n_embd_head_k {c.n_embd_head_k} must exceed the rope dimension {c.n_rot}")
-    if c.arch == "qwen3moe" and not (c.n_rot == c.n_embd_head_k == c.n_embd_head_v and c.n_head % c.n_head_kv == 0):
-        problems.append(f"heads {c.n_head} / kv heads {c.n_head_kv} of {c.n_embd_head_k} / {c.n_embd_head_v} with "
-                        f"rope {c.n_rot} (llama.cpp's qwen3moe: kv heads divide heads, rope = k = v head size)")
+    problems += arches.config_problems(c)
     if c.n_vocab < _N_BASE_TOKENS:
         problems.append(f"n_vocab {c.n_vocab} (at least {_N_BASE_TOKENS}: 256 byte tokens and BOS/EOS)")
     if problems:

@@ -140,8 +140,8 @@ def test_vocabulary_is_byte_level_bpe():
     (dict(kv_layout="mla"), "kv_layout"),
     (dict(expert_gating_func=3), "expert_gating_func"),
     (dict(n_expert_groups=3, n_group_used=1), "expert groups"),
-    (dict(n_expert_used=9), "n_expert_used"),
-    (dict(rope_scaling_type="ntk"), "rope_scaling_type"),
+    (dict(n_expert_used=9), "expert_used_count 9"),
+    (dict(rope_scaling_type="ntk"), "rope.scaling.type ntk"),
     (dict(no_such_field=1), "no_such_field"),
 ])
 def test_invalid_overrides(overrides, message):

@@ -18,7 +18,8 @@ first byte to the last. Whitespace outside strings is removed first. Bytes are
 read eight at a time through an unaligned uint64 view, so keys, digits and
 string hashes cost a few array operations per field, not per byte.
 
-Anything outside that shape (escapes, nesting, arrays, null, booleans or
+Anything outside that shape (bytes outside ASCII, which a JSON parser must check to be UTF-8,
+escapes, nesting, arrays, null, booleans or
 fractions in the wanted integer fields, wanted integers over 16 digits (18 compiled), wanted
 strings over 64 bytes (any length compiled)) returns None, and the caller parses those lines with a real JSON
 parser, which also words the errors: this is only a faster route to the same
@@ -110,7 +111,7 @@ class FlatReader:
         self._field_names = tuple(n.encode() for n in names)
 
     def parse(self, buf: bytes, n_lines: int) -> FlatColumns | None:
-        if n_lines == 0:
+        if n_lines == 0 or not buf.isascii():
             return None
         if _jsonl is not None:
             flat = self._parse_compiled(buf, n_lines)

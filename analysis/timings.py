@@ -81,6 +81,14 @@ TYPE_FIELDS = {t: tuple(f for f in COMMON_FIELDS if f != "type") + EVENT_FIELDS[
 FLOAT_FIELDS = ("tps", "tps_std")
 # Known fields not read: the graph's test (found by time instead) and the source's own names.
 UNREAD_FIELDS = frozenset({"test", "role", "incomplete", "label", "node"})
+# Integers beyond this are refused: the largest a double holds exactly (JSON readers such as the
+# trace viewers keep numbers as doubles), and far from int64's end, so ts + dur cannot wrap.
+MAX_INT = 2**53
+
+# The header's sections (objects) and the numbers in them that the analyses compute with.
+HEADER_OBJECTS = ("model", "config", "machine", "peak_bw", "placement", "source")
+HEADER_NUMBERS = {"model": ("size_bytes", "n_params", "n_expert", "n_expert_used"),
+                  "machine": ("cores", "mem_bytes")}
 
 # The fields read into columns, for the vectorised reader (analysis.flatjson).
 STR_FIELDS = ("type",) + tuple(sorted(STRING_FIELDS))
@@ -249,11 +257,10 @@ class _Symbols:
         self.names: list[str] = []
 
     def intern(self, values: list, field_name: str, where: Callable[[int], str]) -> np.ndarray:
+        i = next((i for i, v in enumerate(values) if v is not None and type(v) is not str), None)
+        if i is not None:
+            raise UserError(f"{where(i)}: field '{field_name}' must be a string, got {_shown(values[i])}")
         new = set(values) - self.ids.keys()
-        for v in new:
-            if not isinstance(v, str):
-                i = next(i for i, x in enumerate(values) if x is v or x == v)
-                raise UserError(f"{where(i)}: field '{field_name}' must be a string, got {v!r}")
         for v in sorted(new):
             self.ids[v] = len(self.names)
             self.names.append(v)
@@ -357,11 +364,25 @@ def _header_object(line: bytes, line_no: int, source: str):
 
 
 def _check_header(obj, line_no: int, source: str) -> dict:
+    """The meta line, with the sections and numbers the analyses read of the JSON types they read."""
     if not isinstance(obj, dict) or obj.get("type") != "meta":
         raise UserError(f"{source}:{line_no}: not a hyprof timings file (line 1 is not the "
                         f'{{"type": "meta", "schema": "{SCHEMA}"}} header)')
     if obj.get("schema") != SCHEMA:
-        raise UserError(f"{source}:{line_no}: schema {obj.get('schema')!r} is not {SCHEMA!r}")
+        raise UserError(f"{source}:{line_no}: schema {_shown(obj.get('schema'))} is not {SCHEMA!r}")
+    for section in HEADER_OBJECTS:
+        if obj.get(section) is not None and not isinstance(obj[section], dict):
+            raise UserError(f"{source}:{line_no}: header field '{section}' must be an object, "
+                            f"got {_shown(obj[section])}")
+    sweep = obj.get("sweep")
+    if sweep is not None and not (isinstance(sweep, list) and all(isinstance(c, dict) for c in sweep)):
+        raise UserError(f"{source}:{line_no}: header field 'sweep' must be a list of objects, got {_shown(sweep)}")
+    for section, names in HEADER_NUMBERS.items():
+        for name in names:
+            v = (obj.get(section) or {}).get(name)
+            if v is not None and not (type(v) in (int, float) and 0 <= v <= MAX_INT):
+                raise UserError(f"{source}:{line_no}: header field '{section}.{name}' must be a number "
+                                f"from 0 to 2**53, got {_shown(v)}")
     return obj
 
 
@@ -393,6 +414,9 @@ def _add_objects(objs: list[dict], numbers: list[int], acc: _Accumulator) -> Non
     except KeyError:
         i = next(i for i, o in enumerate(objs) if "type" not in o)
         raise UserError(f"{acc.source}:{numbers[i]}: event has no 'type'") from None
+    i = next((i for i, t in enumerate(types) if type(t) is not str), None)
+    if i is not None:
+        raise UserError(f"{acc.source}:{numbers[i]}: field 'type' must be a string, got {_shown(types[i])}")
     codes = np.fromiter(map(TYPE_CODES.get, types, [-1] * len(types)), dtype=np.int8, count=len(types))
     unknown = np.flatnonzero(codes < 0)
     if unknown.size:
@@ -453,16 +477,24 @@ def _field(sub: list[dict], f: str, where) -> tuple:
         return vals, present
     if f in UNREAD_FIELDS:
         return None, present
+    types = (int, bool, float) if f in FLOAT_FIELDS else (int, bool)
+    j = next((j for j, v in enumerate(vals) if type(v) not in types), None)
+    if j is not None:
+        raise UserError(f"{where(j)}: field '{f}' must be {'a number' if f in FLOAT_FIELDS else 'an integer'}, "
+                        f"got {_shown(vals[j])}")
+    j = next((j for j, v in enumerate(vals) if type(v) is int and not -MAX_INT <= v <= MAX_INT), None)
+    if j is not None:
+        raise UserError(f"{where(j)}: field '{f}' is {_shown(vals[j])}, beyond ±2**53")
     if f in FLOAT_FIELDS:
         vals = [np.nan if v == -1 and f not in o else v for v, o in zip(vals, sub)]
     arr = np.array(vals)
-    kinds = "iubf" if f in FLOAT_FIELDS else "iub"
-    if arr.dtype.kind not in kinds or arr.ndim != 1:
-        types = (int, bool, float) if f in FLOAT_FIELDS else (int, bool)
-        j = next(j for j, v in enumerate(vals) if type(v) not in types)
-        raise UserError(f"{where(j)}: field '{f}' must be {'a number' if f in FLOAT_FIELDS else 'an integer'}, "
-                        f"got {vals[j]!r}")
     return arr.astype(np.float64 if f in FLOAT_FIELDS else np.int64), present
+
+
+def _shown(value) -> str:
+    """A value for a one-line message: a long one cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _test_rows(values: dict, rows: np.ndarray, acc: _Accumulator, where) -> np.ndarray:
@@ -482,10 +514,7 @@ def _add_flat(flat: FlatColumns, acc: _Accumulator) -> bool:
     """Columns from the vectorised reader; False (add nothing) where the JSON parser must word an error."""
     new = acc.reader.strings[len(acc.reader_symbols):]
     if new:
-        try:
-            decoded = [b.decode() for b in new]
-        except UnicodeDecodeError:
-            return False
+        decoded = [b.decode() for b in new]     # (the reader takes ASCII lines only)
         acc.reader_symbols = np.append(acc.reader_symbols, acc.symbols.intern(decoded, "", str))
         acc.reader_types = np.append(acc.reader_types, [TYPE_CODES.get(s, -1) for s in decoded])
     type_id = flat.strs["type"]
@@ -494,6 +523,9 @@ def _add_flat(flat: FlatColumns, acc: _Accumulator) -> bool:
     (ts, has_ts), (dur, has_dur) = flat.ints["ts"], flat.ints["dur"]
     if (codes == -2).any() or not (has_ts | ~kept).all() or not (has_dur | ~kept).all() or (dur[kept] < 0).any():
         return False
+    floats = np.array([flat.floats[f][0] for f in FLOAT_FIELDS])
+    if (np.abs(flat.int_table[0]) > MAX_INT).any() or np.isinf(floats).any():
+        return False
     symbol_of = np.append(acc.reader_symbols, -1)
 
     unknown = np.flatnonzero(codes == -1)
@@ -501,7 +533,7 @@ def _add_flat(flat: FlatColumns, acc: _Accumulator) -> bool:
         acc.skipped_types[acc.symbols.names[acc.reader_symbols[i]]] += int(n)
     # all the fields of a kind at once, as [field, line] tables (absent fields already hold their fill)
     tables = (flat.int_table[0], _INT_FILL), (symbol_of[flat.str_table], -1), \
-        (np.array([flat.floats[f][0] for f in FLOAT_FIELDS]), np.nan)
+        (floats, np.nan)
     # a field the line's type does not carry is skipped, counted, and read as absent
     stray = np.where(kept, flat.key_mask & NOT_CARRIED[np.maximum(codes, 0)], 0)
     if stray.any():

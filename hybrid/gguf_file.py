@@ -92,13 +92,13 @@ def read_gguf(path: str | Path) -> GGUFFile:
         r.what = f"a key at byte {r.at}"
         key = r.string()
         if key in fields:
-            raise GGUFFormatError(f"corrupt GGUF file: key {key} (byte {r.at}) appears twice")
-        r.what = f"key {key}"
+            raise GGUFFormatError(f"corrupt GGUF file: key {printable_name(key)} (byte {r.at}) appears twice")
+        r.what = f"key {printable_name(key)}"
         vtype = r.value_type()
         if vtype == V.ARRAY:
             item = r.value_type()
             if item == V.ARRAY:
-                raise GGUFFormatError(f"corrupt GGUF file: key {key} (byte {r.at}) is an array of arrays, "
+                raise GGUFFormatError(f"corrupt GGUF file: {r.what} (byte {r.at}) is an array of arrays, "
                                       "which GGUF does not allow")
             fields[key], types[key] = r.array(item, r.scalar("<Q")), (vtype, item)
         else:
@@ -107,10 +107,10 @@ def read_gguf(path: str | Path) -> GGUFFile:
     for i in range(n_tensors):
         r.what = f"tensor info {i} at byte {r.at}"
         name = r.string()
-        r.what = f"tensor {name}"
+        r.what = f"tensor {printable_name(name)}"
         n_dims = r.scalar("<I")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise GGUFFormatError(f"corrupt GGUF file: tensor {name} (byte {r.at - 4}) has {n_dims} dimensions "
+            raise GGUFFormatError(f"corrupt GGUF file: {r.what} (byte {r.at - 4}) has {n_dims} dimensions "
                                   f"(1 to {MAX_DIMS})")
         dims_at = r.at
         dims = tuple(int(d) for d in r.numbers("<u8", n_dims))
@@ -129,22 +129,24 @@ def _tensor(data: np.ndarray, start: int, alignment: int, name: str, dims_at: in
             raw_type: int, offset: int) -> GGUFTensor:
     """One tensor's view, once its dims, type and offset are known to fit the file (`dims_at`: the
     byte its dims start at, for messages). Sizes are Python integers: a product cannot wrap."""
+    shown = printable_name(name)
     try:
         ggml_type = T(raw_type)
     except ValueError:
-        raise GGUFFormatError(f"corrupt GGUF file: tensor {name} has unknown ggml type {raw_type}") from None
+        raise GGUFFormatError(f"corrupt GGUF file: tensor {shown} has unknown ggml type {raw_type}") from None
     if min(dims) < 1:
-        raise GGUFFormatError(f"corrupt GGUF file: tensor {name} (byte {dims_at}) has dims {dims}; each must be >= 1")
+        raise GGUFFormatError(f"corrupt GGUF file: tensor {shown} (byte {dims_at}) has dims {dims}; each must be >= 1")
     block, type_bytes = GGML_QUANT_SIZES[ggml_type]
     if dims[0] % block:
-        raise GGUFFormatError(f"corrupt GGUF file: tensor {name}'s rows of {dims[0]} are not whole {ggml_type.name} blocks")
+        raise GGUFFormatError(f"corrupt GGUF file: tensor {shown}'s rows of {dims[0]} are not whole "
+                              f"{ggml_type.name} blocks")
     if offset % alignment:
-        raise GGUFFormatError(f"corrupt GGUF file: tensor {name}'s offset {offset} is not a multiple of the "
+        raise GGUFFormatError(f"corrupt GGUF file: tensor {shown}'s offset {offset} is not a multiple of the "
                               f"alignment {alignment}")
     n_bytes = math.prod(dims) // block * type_bytes
     at = start + offset
     if at + n_bytes > data.size:
-        raise GGUFFormatError(f"truncated GGUF file: tensor {name} (dims {dims}, {ggml_type.name}) ends at byte "
+        raise GGUFFormatError(f"truncated GGUF file: tensor {shown} (dims {dims}, {ggml_type.name}) ends at byte "
                               f"{at + n_bytes} of {data.size}")
     shape = tuple(reversed(dims))
     raw = data[at:at + n_bytes]
@@ -153,6 +155,11 @@ def _tensor(data: np.ndarray, start: int, alignment: int, name: str, dims_at: in
     else:
         view = raw.reshape(*shape[:-1], shape[-1] // block * type_bytes)
     return GGUFTensor(name=name, ggml_type=ggml_type, dims=dims, n_bytes=n_bytes, data_offset=at, data=view)
+
+
+def printable_name(text: str) -> str:
+    """A name from the file as a message shows it: on one line, and short."""
+    return text if text.isprintable() and len(text) <= 80 else ascii(text[:80])
 
 
 class _Cursor:
@@ -183,7 +190,8 @@ class _Cursor:
         try:
             return V(raw)
         except ValueError:
-            raise GGUFFormatError(f"corrupt GGUF file: {self.what}: unknown value type {raw} at byte {self.at - 4}") from None
+            raise GGUFFormatError(f"corrupt GGUF file: {self.what}: unknown value type {raw} "
+                                  f"at byte {self.at - 4}") from None
 
     def string(self) -> str:
         n = self.scalar("<Q")

@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType, quants
 
 from hybrid import arch as arches
 from hybrid.config import ModelConfig
-from hybrid.gguf_file import GGUFFile, GGUFFormatError, GGUFTensor, read_gguf
+from hybrid.gguf_file import GGUFFile, GGUFFormatError, GGUFTensor, printable_name, read_gguf
 from profiler.errors import UserError
 
 T = GGMLQuantizationType
@@ -191,8 +191,8 @@ def _check_tokenizer(path: Path, gguf: GGUFFile, n_vocab: int) -> None:
 def _check_tensors(path: Path, arch: arches.Arch, config: ModelConfig, tensors: dict[str, TensorInfo]) -> None:
     for t in tensors.values():
         if t.ggml_type not in SUPPORTED_TYPES:
-            raise UserError(f"{path}: tensor {t.name} has type {t.type_name}, which hyprof cannot compute "
-                            f"(supported: {', '.join(sorted(x.name for x in SUPPORTED_TYPES))})")
+            raise UserError(f"{path}: tensor {printable_name(t.name)} has type {t.type_name}, which hyprof "
+                            f"cannot compute (supported: {', '.join(sorted(x.name for x in SUPPORTED_TYPES))})")
     required = arch.tensors(config, False)
     missing = [n for n in required if n not in tensors]
     if missing:

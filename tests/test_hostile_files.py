@@ -150,11 +150,13 @@ def test_mutated_gguf_headers_load_or_are_refused_in_one_line(tiny_header, tmp_p
         assert_clean_end(*hyprof("model", "info", str(path), "--json"), f"header case {case}")
 
 
+@pytest.mark.parametrize("preset", ["tiny", "qwen3-tiny"])
 @fuzz_cases(20, 1000)
-def test_mutated_metadata_values_generate_or_are_refused_in_one_line(tiny_gguf, tmp_path, n_cases):
+def test_mutated_metadata_values_generate_or_are_refused_in_one_line(make_gguf, preset, tmp_path, n_cases):
     """Metadata values replaced by sizes that break things, then one `generate` step: what loads
     must run, since nothing inconsistent may reach a native op."""
-    data, slots = tiny_gguf.read_bytes(), scalar_slots(tiny_gguf)
+    model = make_gguf(preset, "q4_0")
+    data, slots = model.read_bytes(), scalar_slots(model)
     rng = random.Random(26)
     path = tmp_path / "m.gguf"
     for case in range(n_cases):

@@ -1,7 +1,7 @@
 """Forward-pass speed of the engine on the CPU alone: pp and tg tokens/s, bytes per token, RSS.
 
 deepseek-v2-lite-mini (DeepSeek-V2-Lite shapes, 4 layers) at Q4_0, made once into
-hyprof's cache directory; sequential `hybrid.sched.compute` (no scheduler, no
+hyprof's cache directory; sequential `hybrid.program.compute` (no scheduler, no
 accelerator), torch at -t threads. Figures:
   pp t/s    prompt of -p tokens evaluated as one batch
   tg t/s    -n single-token decode steps after it, with the KV cache
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from hybrid.gguf_model import load_model
-from hybrid.sched import compute
+from hybrid.program import compute
 from hybrid.model import Model
 from hyprof.commands.run import cached_model
 

@@ -181,7 +181,7 @@ def _is_rows(a: np.ndarray) -> bool:
 
 def _note(out, y, reads: tuple, args: tuple) -> None:
     """Note the kernel call in `out` (`hybrid.ops.Out.call`) where it can run again as it is, so
-    that a program can capture it (`hybrid.sched.Captures`): it wrote the memory `out` keeps
+    that a program can capture it (`hybrid.program.Captures`): it wrote the memory `out` keeps
     and read its inputs' own memory (`reads`: pairs of a tensor and the array the call read,
     not a contiguous copy of it)."""
     if out is not None:

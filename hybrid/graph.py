@@ -27,7 +27,7 @@ class Cost:
 
     def at(self, n_kv: int, n_experts: int = 0) -> tuple[int, int]:
         """(bytes, flops) of one run at n_kv attended positions having computed n_experts
-        (`hybrid.sched.run_program` computes the same inline). An op with a per-expert part
+        (`hybrid.program.run_program` computes the same inline). An op with a per-expert part
         returns (value, experts computed) instead of its value."""
         return (self.bytes + self.bytes_per_kv * n_kv + self.bytes_per_expert * n_experts,
                 self.flops + self.flops_per_kv * n_kv)
@@ -43,7 +43,7 @@ class Forms(NamedTuple):
     `capture(value)`, where the op has one: after a run that gave `value`, the op bound to the
     memory that run used (its native call with its addresses), run(*_) -> the same value, or
     None where it cannot be (it ran in torch, or into fresh memory). A backend whose program's
-    memory is fixed captures it so (`hybrid.sched.Captures`), as a CUDA graph is captured."""
+    memory is fixed captures it so (`hybrid.program.Captures`), as a CUDA graph is captured."""
     serial: Callable[..., Any]
     parallel: Callable[..., Any] | None = None
     capture: Callable[[Any], Callable[..., Any] | None] | None = None

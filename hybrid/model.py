@@ -16,7 +16,7 @@ from hybrid.config import ModelConfig
 from hybrid.graph import Graph
 from hybrid.models import ARCHITECTURES
 from hybrid.rope import rope_cos_sin
-from hybrid.sched import compute
+from hybrid.program import compute
 from hybrid.weights import ModelWeights
 from profiler.errors import UserError
 
@@ -140,7 +140,7 @@ class Model:
                 run: Callable[[Graph, dict, Callable], torch.Tensor] = compute) -> torch.Tensor:
         """Evaluate tokens after the cached ones, advance the cache, return logits.
 
-        `run` executes the graph: the sequential `hybrid.sched.compute` by
+        `run` executes the graph: the sequential `hybrid.program.compute` by
         default, or the scheduler's.
         """
         if self.cache.n_past + len(tokens) > self.n_ctx:

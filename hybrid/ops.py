@@ -84,7 +84,7 @@ def _new(out: Out | None, shape, dtype: torch.dtype = F32) -> torch.Tensor:
 def _native_call(out: Out | None, y: torch.Tensor, reads: tuple, fn, *args) -> torch.Tensor:
     """Run the native op fn(*args), which writes y, and note the call in `out` when y is the
     memory `out` keeps, with the tensors `reads` whose addresses args hold (kept alive with
-    it): a program whose memory is fixed can run the same call again (`hybrid.sched.Captures`),
+    it): a program whose memory is fixed can run the same call again (`hybrid.program.Captures`),
     without this module's checks, which cost a cold op more than its arithmetic."""
     fn(*args)
     if out is not None:

@@ -24,7 +24,7 @@ from hybrid.gguf_model import load_model
 from hybrid import ops, weights
 from hybrid.model import Model
 from hybrid.rope import rope_cos_sin
-from hybrid.sched import compute
+from hybrid.program import compute
 from reference_deepseek2 import Deepseek2Reference
 from reference_qwen3moe import Qwen3MoeReference
 

@@ -18,7 +18,7 @@ from hybrid.backends.cpu import CpuBackend
 from hybrid.cpu_kernels import n_tasks, run_tasks
 from hybrid.builder import forms
 from hybrid.graph import Graph, Node
-from hybrid.sched import compute
+from hybrid.program import compute
 from hybrid.sched import Scheduler, describe, split_graph
 from profiler.recorder import Recorder
 

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from hybrid.backends import keep_signals_off_this_thread
-from hybrid.sched import Captures, Program, Step, serial_program
+from hybrid.program import Captures, Program, Step, serial_program
 from profiler.recorder import Recorder
 
 

@@ -32,7 +32,7 @@ import torch
 from hybrid._kernels import Pool
 from hybrid.graph import Node
 from hybrid.placement import CPU
-from hybrid.sched import Captures, Program, Step
+from hybrid.program import Captures, Program, Step
 from profiler.recorder import Recorder, pool_op
 from profiler.schema import MAIN_LANE
 

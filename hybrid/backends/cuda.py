@@ -26,7 +26,8 @@ from typing import Any, Mapping
 
 import torch
 
-from hybrid.sched import Program, Step, map_values, run_program, serial_program
+from hybrid.program import Program, Step, run_program, serial_program
+from hybrid.sched import map_values
 from profiler.recorder import Recorder
 
 

@@ -20,6 +20,10 @@ logits), so both do the same work per step. Rows:
                              accelerator (`-ngl 99 -ot "\\.ffn_.*_exps\\.=CPU"`);
                              ACC0 computes on the same cores, so this row shows the
                              hybrid path's cost, not a GPU's speed
+  ik_llama.cpp -rtr 1        with --ik-bench PATH: ik_llama.cpp's own llama-bench (built
+                             outside the repo, ../shared/tools/build_ik_llama.sh) on the
+                             same file, tests, threads and repetitions, -fmoe 1 -rtr 1,
+                             once per round after hyprof; its own timing and tokens
 
 The weight bytes per token are computed from the file: every dense weight once per
 batch, one token_embd row per token, and of the routed experts n_expert_used of
@@ -27,7 +31,7 @@ n_expert per token (exact for tg; for a pp batch the expected share if routing w
 uniform, nearly all experts from a few dozen tokens on). GB/s = bytes/token x t/s.
 
     .venv/bin/python benchmarks/bench_vs_llamacpp.py [--model F.gguf] [--threads 2]
-        [-p 64,128] [-n 32] [-r 3] [--json] [--no-emulated]
+        [-p 64,128] [-n 32] [-r 3] [--json] [--no-emulated] [--ik-bench PATH/llama-bench]
 
 Without --model it uses `hyprof run`'s default model (deepseek-v2-lite-mini at
 Q4_0, made once and cached). On a shared machine the figures are noisy: the load
@@ -40,10 +44,11 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -53,6 +58,7 @@ from profiler.recorder import Recorder
 from profiler.schema import MAIN_LANE
 
 EXPERTS_ON_CPU = r"\.ffn_.*_exps\.=CPU"
+IK_LABEL = "ik_llama.cpp -rtr 1"
 SCHEMA = "hyprof-bench-vs-llamacpp/1"
 
 
@@ -209,6 +215,38 @@ class Row:
     GBps: float
 
 
+class Rates(NamedTuple):
+    """One test's per-repetition t/s as another engine's llama-bench printed them: what `_row`
+    reads of a `BenchResult` (llama-bench's avg_ts is their mean)."""
+    samples_ts: tuple[float, ...]
+
+    @property
+    def avg_ts(self) -> float:
+        return float(np.mean(self.samples_ts))
+
+
+def ik_llama_bench(binary: str, model: str, tests, threads: int, reps: int) -> list[Rates]:
+    """ik_llama.cpp's llama-bench on the same file and tests (-fmoe 1 -rtr 1: its fastest CPU
+    path), its per-repetition t/s as `BenchResult`s in `tests`' order (`-o json`)."""
+    prompts = sorted({t.n_prompt for t in tests if t.kind == "pp"}) or [0]
+    gens = sorted({t.n_gen for t in tests if t.kind == "tg"}) or [0]
+    cmd = [binary, "-m", model, "-t", str(threads), "-r", str(reps), "-fmoe", "1", "-rtr", "1", "-o", "json",
+           "-p", ",".join(map(str, prompts)), "-n", ",".join(map(str, gens))]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=3600)
+        rows = json.loads(done.stdout)
+    except (OSError, subprocess.SubprocessError, json.JSONDecodeError) as e:
+        raise UserError(f"--ik-bench {binary}: did not run ({str(e).splitlines()[0]})") from None
+    by_test = {(r["n_prompt"], r["n_gen"]): r["samples_ts"] for r in rows}
+    results = []
+    for t in tests:
+        samples = by_test.get((t.n_prompt, 0) if t.kind == "pp" else (0, t.n_gen))
+        if not samples:
+            raise UserError(f"--ik-bench {binary}: no {t.name} in its output")
+        results.append(Rates(tuple(float(v) for v in samples)))
+    return results
+
+
 def hyprof_configs(threads: int, emulated: bool) -> list[tuple[str, EngineConfig]]:
     """hyprof's rows: `hyprof run`'s defaults (-fmoe 1 -rtr 0 --poll 50), all on the
     CPU, and (`emulated`) experts on the CPU with the rest on ACC0."""
@@ -233,7 +271,7 @@ def _row(label: str, test, rounds: list[BenchResult], base: list[BenchResult] | 
 
 def compare(model: str, *, threads: int = 2, n_prompt: Sequence[int] = (64, 128),
             n_gen: Sequence[int] = (32,), reps: int = 3, rounds: int = 3, emulated: bool = True,
-            progress: bool = True) -> dict:
+            progress: bool = True, ik_bench: str | None = None) -> dict:
     """Run llama.cpp and hyprof on `model`, in turn, `rounds` times, and return every row,
     the llama.cpp build, the load average before and after, and why hyprof did not run,
     if it did not. Rounds, because this kind of machine's memory bandwidth moves by up
@@ -268,6 +306,8 @@ def compare(model: str, *, threads: int = 2, n_prompt: Sequence[int] = (64, 128)
     for _ in range(rounds):
         for label, make, config in engines:
             runs[label].append(run_bench(make, model, [config], tests, reps, progress=progress))
+        if ik_bench is not None:
+            runs.setdefault(IK_LABEL, []).append(ik_llama_bench(ik_bench, model, tests, threads, reps))
     out = [_row(label, test, [results[i] for results in per_round],
                 None if label == "llama.cpp" else [results[i] for results in runs["llama.cpp"]],
                 bytes_per_token[test.name])
@@ -295,7 +335,7 @@ def render(result: dict) -> str:
                                                      "of this CPU)",
                                               False: f" (not native: no {b['isa_missing']})",
                                               None: ""}[b["native"]],
-             "", "| engine | test | t/s | best t/s | hyprof/llama.cpp (median of rounds) | per round "
+             "", "| engine | test | t/s | best t/s | engine/llama.cpp (median of rounds) | per round "
              "| best/best | MB/token | GB/s |",
              "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     for r in result["rows"]:
@@ -336,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="run llama.cpp then hyprof K times in turn; ratios per round (default: 3)")
     p.add_argument("--no-emulated", action="store_true",
                    help="skip the experts-on-CPU, rest-on-ACC0 row")
+    p.add_argument("--ik-bench", metavar="PATH",
+                   help="ik_llama.cpp's llama-bench: add its -fmoe 1 -rtr 1 row on the same file and tests")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = p.parse_args(argv)
@@ -346,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = default_model(progress=not args.no_progress)
         result = compare(model, threads=args.threads, n_prompt=args.n_prompt,
                          n_gen=args.n_gen, reps=args.repetitions, rounds=args.rounds,
-                         emulated=not args.no_emulated, progress=not args.no_progress)
+                         emulated=not args.no_emulated, progress=not args.no_progress, ik_bench=args.ik_bench)
     except UserError as e:
         print(f"bench_vs_llamacpp: {e}", file=sys.stderr)
         return 2

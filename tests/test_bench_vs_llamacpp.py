@@ -60,6 +60,30 @@ def test_a_missing_model_is_one_line_and_exit_2(bench, capsys, tmp_path):
     assert err.count("\n") == 0 and str(missing) in err
 
 
+def test_ik_llama_bench_rows_follow_the_tests(bench, tmp_path):
+    """ik_llama.cpp's llama-bench is run with the tests' prompts and generations, -fmoe 1 -rtr 1,
+    and its per-repetition t/s land in the tests' order; a binary that fails, or prints no
+    row for a test, is one UserError naming --ik-bench."""
+    from profiler.bench import plan_tests
+    from profiler.errors import UserError
+
+    args_file = tmp_path / "args"
+    fake = tmp_path / "llama-bench"
+    rows = [{"n_prompt": 64, "n_gen": 0, "samples_ts": [300.0, 310.0]},
+            {"n_prompt": 0, "n_gen": 32, "samples_ts": [60.0, 62.0]}]
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {args_file}\necho '{json.dumps(rows)}'\n")
+    fake.chmod(0o755)
+    tests = plan_tests(n_prompt=[64], n_gen=[32])
+    got = bench.ik_llama_bench(str(fake), "m.gguf", tests, threads=2, reps=2)
+    assert [r.samples_ts for r in got] == [(300.0, 310.0), (60.0, 62.0)] and got[1].avg_ts == 61.0
+    assert args_file.read_text().split() == ["-m", "m.gguf", "-t", "2", "-r", "2", "-fmoe", "1", "-rtr", "1",
+                                             "-o", "json", "-p", "64", "-n", "32"]
+    with pytest.raises(UserError, match="--ik-bench .*no tg64"):
+        bench.ik_llama_bench(str(fake), "m.gguf", plan_tests(n_prompt=[64], n_gen=[64]), 2, 2)
+    with pytest.raises(UserError, match="--ik-bench .*did not run"):
+        bench.ik_llama_bench(str(tmp_path / "missing"), "m.gguf", tests, 2, 2)
+
+
 @pytest.mark.oracle
 def test_llama_cpp_engine_returns_the_greedy_token(bench, tiny_gguf):
     llama_cpp = pytest.importorskip("llama_cpp")

@@ -48,11 +48,6 @@ class Builder:
         self.graph = Graph([], {}, None, n_tokens=n_tokens, n_past=n_past)
         self.nodes, self.inputs = self.graph.nodes, self.graph.inputs
 
-    @property
-    def n_past(self) -> int:
-        """Tokens already in the cache for the evaluation now running."""
-        return self.graph.n_past
-
     def input(self, name: str, shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.long) -> Node:
         """A graph input (token ids, positions: int64 [T]) in memory the graph owns: the same at
         every evaluation, so a captured program reads it in place."""
@@ -122,7 +117,6 @@ class Builder:
         w = self.weight(wname)
         n, k = w.shape[-2], w.shape[-1]
         out = None if result == "fresh" else ops.Out(keep_bytes=None if result == "reused" else ops.KEEP_BYTES)
-
         capture = None if out is None else _capture(out)
 
         def make(buf) -> Forms:
@@ -512,8 +506,7 @@ def _mul_mat_f32(w, x: torch.Tensor, pool, times, out: ops.Out) -> torch.Tensor:
 
 
 def _mul_mat_parallel(w, x: torch.Tensor, pool, times, out: ops.Out | None = None) -> torch.Tensor:
-    if native(w):
-        return cpu_kernels.matmul(*w.kernel_blocks, x, pool, times, out)
+    """MUL_MAT's pool form on a weight without a native kernel: row ranges in torch, as tasks."""
     dst = x.new_empty(x.shape[0], w.shape[-2])
 
     def task(r0: int, r1: int) -> None:

@@ -8,6 +8,7 @@ runs are tested against).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -51,14 +52,7 @@ class KVCache:
 
     @property
     def n_bytes(self) -> int:
-        return sum(4 * self.n_ctx * _count(row) for row, _ in self.layout.values())
-
-
-def _count(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        return sum(4 * self.n_ctx * math.prod(row) for row, _ in self.layout.values())
 
 
 def kv_cache_bytes(config: ModelConfig, n_ctx: int, mla: bool) -> int:

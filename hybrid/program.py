@@ -77,8 +77,9 @@ class Captures:
     runs live (each op's Python checks its operands and calls its native kernel); then each op
     whose operands are all fixed memory (fixed inputs, slots, or what ops captured before it
     wrote) and that noted its native call is captured (`Forms.capture`): from the next run on
-    it is that call with those addresses, those inputs copied into the slots first. Ops that ran in torch or into fresh
-    memory (a prompt's large values), and those reading their values, stay live. So a generated
+    it is that call with those addresses, those inputs copied into the slots first. Ops that
+    ran in torch or into fresh memory (a prompt's large values), and those reading their
+    values, stay live. So a generated
     token costs one call per op, not its Python (5-30 us an op, cold after the expert weights),
     and no op asks whether its inputs are the objects of the last run: that they are is how the
     captured program was made."""

@@ -8,7 +8,8 @@ The pool is native (`hybrid._kernels.Pool`, hybrid/_pool.c): the main thread
 works as thread 0 and `-t N` adds N-1 pthreads (lanes `cpu1`, `cpu2`, ...). A
 split's ops run in order on the main thread; an op with a `parallel` form that is
 worth sharing (decided when the split is compiled, from the op's cost) is given
-the pool, and the main thread returns from it when its last chunk is done. The work is either native (the quantised matmuls of hybrid/cpu_kernels.py:
+the pool, and the main thread returns from it when its last chunk is done. The
+work is either native (the quantised matmuls of hybrid/cpu_kernels.py:
 rows cut into chunks that threads claim in C, no GIL anywhere) or a list of
 Python tasks (torch fallbacks), which pool threads run one at a time, each
 taking the GIL for its task. Torch runs single-threaded (the pool is the
@@ -113,10 +114,10 @@ class CpuBackend:
         for i, wake in enumerate(self._wakes.tolist()[1:], start=1):
             self.lanes[i].wakeup(dispatch - t0, wake - dispatch, graph_id, i_split, CPU)
 
-    def to_device(self, value: Any, node=None) -> Any:
+    def to_device(self, value: Any, node: Node) -> Any:
         return value
 
-    def to_host(self, value: Any, node=None) -> Any:
+    def to_host(self, value: Any, node: Node) -> Any:
         return value
 
     def synchronize(self) -> None:

@@ -16,7 +16,8 @@ Programs hold no host synchronisation: the weights were dequantised once at load
 (`hybrid.builder._experts_on_device`), its expert count read with the op times.
 
 Copies go through pinned host staging buffers (kept per node name, shape and dtype: a
-copy to the host is read there in place) and are synchronous, as ggml's `ggml_backend_tensor_copy` is: the host time of a copy is
+copy to the host is read there in place) and are synchronous, as ggml's
+`ggml_backend_tensor_copy` is: the host time of a copy is
 its real cost.
 """
 

@@ -19,6 +19,9 @@ Public API (stable; everything else in the analyzer builds on it):
         events          EventColumns: one array per EVENT_DTYPE field, one row per event, sorted by ts;
                         read like a structured array (events["ts"], events[mask] -> rows)
         tests           NumPy structured array, TEST_DTYPE, one row per `test` event
+        routes          NumPy structured array, ROUTE_DTYPE, one row per `route` event, sorted by ts:
+                        its experts are route_ids[first:first + n_ids] (token-major)
+        route_ids       int32, every route event's expert ids, one after another
         symbols         tuple of strings; every string field is an integer id into it (-1: absent)
         skipped_types   {unknown event type: count}
         skipped_fields  {unknown field: count}  (contract v1 allows both: the report notes them once)
@@ -85,6 +88,17 @@ UNREAD_FIELDS = frozenset({"test", "role", "incomplete", "label", "node"})
 # trace viewers keep numbers as doubles), and far from int64's end, so ts + dur cannot wrap.
 MAX_INT = 2**53
 
+# One row per `route` event (the experts a MoE layer chose in one graph); its ids live in one
+# array for all of them (`Timings.route_ids`), from `first` on.
+ROUTE_DTYPE = np.dtype([
+    ("ts", np.int64), ("graph", np.int32), ("layer", np.int32), ("n_tokens", np.int32),
+    ("first", np.int64), ("n_ids", np.int32),
+])
+# Fields whose value is a list (of integers): read by their event type's own code, never by the
+# flat reader (analysis.flatjson), which takes flat objects only.
+LIST_FIELDS = frozenset({"experts"})
+MAX_EXPERT_ID = 2**31 - 1
+
 # The header's sections (objects) and the numbers in them that the analyses compute with.
 HEADER_OBJECTS = ("model", "config", "machine", "peak_bw", "placement", "source")
 HEADER_NUMBERS = {"model": ("size_bytes", "n_params", "n_expert", "n_expert_used"),
@@ -93,7 +107,7 @@ HEADER_NUMBERS = {"model": ("size_bytes", "n_params", "n_expert", "n_expert_used
 # The fields read into columns, for the vectorised reader (analysis.flatjson).
 STR_FIELDS = ("type",) + tuple(sorted(STRING_FIELDS))
 INT_FIELDS = tuple(f for f in dict.fromkeys(COMMON_FIELDS + sum(EVENT_FIELDS.values(), ()) + ("config",))
-                   if f not in STR_FIELDS and f not in UNREAD_FIELDS)
+                   if f not in STR_FIELDS and f not in UNREAD_FIELDS and f not in LIST_FIELDS)
 READ_FIELDS = INT_FIELDS + STR_FIELDS + FLOAT_FIELDS
 _INT_FILL = np.array([0 if f in ZERO_WHEN_ABSENT else -1 for f in INT_FIELDS])
 # NOT_CARRIED[type code]: bit i set when an event of that type may not carry field READ_FIELDS[i]
@@ -144,6 +158,8 @@ class Timings:
     events: EventColumns
     tests: np.ndarray
     symbols: tuple[str, ...]
+    routes: np.ndarray = field(default_factory=lambda: np.empty(0, ROUTE_DTYPE))
+    route_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
     skipped_types: dict = field(default_factory=dict)
     skipped_fields: dict = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
@@ -302,6 +318,7 @@ class _Accumulator:
     events: _Rows
     symbols: _Symbols = field(default_factory=_Symbols)
     tests: list = field(default_factory=list)
+    routes: list = field(default_factory=list)      # (ROUTE_DTYPE rows, [their ids, one array each])
     skipped_types: Counter = field(default_factory=Counter)
     skipped_fields: Counter = field(default_factory=Counter)
     warnings: list = field(default_factory=list)
@@ -329,14 +346,42 @@ def _read(blocks: Iterator[tuple[bytes, bool]], acc: _Accumulator, header: dict 
         if not data:
             continue
         n_lines = 1 if final else count_lines(data)
-        flat = None if final else acc.reader.parse(data, n_lines)
+        flat, listed = None, []
+        if not final:
+            flat_lines, listed = _cut_listed(data)
+            flat = acc.reader.parse(flat_lines, n_lines - len(listed))
         if flat is None or not _add_flat(flat, acc):
             lines = [data] if final else data.split(b"\n")[:-1]
             objs, numbers = _parse_lines(lines, line_no, final, acc)
             if objs:
                 _add_objects(objs, numbers, acc)
+        else:
+            for i, line in listed:
+                objs, numbers = _parse_lines([line], line_no + i, False, acc)
+                if objs:
+                    _add_objects(objs, numbers, acc)
         line_no += n_lines
     return header, line_no
+
+
+def _cut_listed(data: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """The block's lines without a `[` (for the flat reader), and the others (a route's experts) as
+    (index in the block, line): few, a MoE layer's per graph, so the rest keeps the fast reader."""
+    at = data.find(b"[")
+    if at < 0:
+        return data, []
+    kept, listed, start, i = [], [], 0, 0
+    while at >= 0:
+        begin = data.rfind(b"\n", 0, at) + 1
+        end = data.find(b"\n", at) + 1
+        i += data.count(b"\n", start, begin)
+        kept.append(data[start:begin])
+        listed.append((i, data[begin:end - 1]))
+        i += 1
+        start = end
+        at = data.find(b"[", start)
+    kept.append(data[start:])
+    return b"".join(kept), listed
 
 
 def _finish(acc: _Accumulator, header: dict | None) -> Timings:
@@ -351,8 +396,10 @@ def _finish(acc: _Accumulator, header: dict | None) -> Timings:
     events = EventColumns(columns)
     tests = np.concatenate(acc.tests) if acc.tests else np.empty(0, TEST_DTYPE)
     tests = tests[np.argsort(tests["ts"], kind="stable")]
+    routes, route_ids = _route_table(acc.routes)
     return Timings(source=source, header=header, events=events, tests=tests,
-                   symbols=tuple(acc.symbols.names), skipped_types=dict(acc.skipped_types),
+                   symbols=tuple(acc.symbols.names), routes=routes, route_ids=route_ids,
+                   skipped_types=dict(acc.skipped_types),
                    skipped_fields=dict(acc.skipped_fields), warnings=tuple(acc.warnings))
 
 
@@ -448,6 +495,8 @@ def _add_objects(objs: list[dict], numbers: list[int], acc: _Accumulator) -> Non
                 out[f][rows] = col if f not in STRING_FIELDS else acc.symbols.intern(col, f, where)
         if type_name == "test":
             acc.tests.append(_test_rows(values, out[rows], acc, where))
+        if type_name == "route":
+            acc.routes.append(_route_rows(values["experts"], out[rows], where))
         if (out["dur"][rows] < 0).any():
             j = int(np.flatnonzero(out["dur"][rows] < 0)[0])
             raise UserError(f"{where(j)}: 'dur' is negative")
@@ -475,8 +524,8 @@ def _field(sub: list[dict], f: str, where) -> tuple:
         present = keyed
     if f in STRING_FIELDS:
         return vals, present
-    if f in UNREAD_FIELDS:
-        return None, present
+    if f in UNREAD_FIELDS or f in LIST_FIELDS:
+        return (vals if f in LIST_FIELDS else None), present
     types = (int, bool, float) if f in FLOAT_FIELDS else (int, bool)
     j = next((j for j, v in enumerate(vals) if type(v) not in types), None)
     if j is not None:
@@ -508,6 +557,38 @@ def _test_rows(values: dict, rows: np.ndarray, acc: _Accumulator, where) -> np.n
         else:
             out[name] = acc.symbols.intern(col, name, where) if name in STRING_FIELDS else col
     return out
+
+
+def _route_rows(experts: list | None, rows: np.ndarray, where) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Route rows of these events and their expert ids, each a list of n_tokens * n_expert_used ids."""
+    out = np.zeros(len(rows), ROUTE_DTYPE)
+    ids = []
+    for j, value in enumerate(experts or [None] * len(rows)):
+        if not isinstance(value, list) or not value or not all(type(v) is int for v in value):
+            raise UserError(f"{where(j)}: field 'experts' must be a non-empty list of expert ids, got {_shown(value)}")
+        arr = np.array(value, dtype=np.int64)
+        n_tokens = int(rows["n_tokens"][j])
+        if arr.min() < 0 or arr.max() > MAX_EXPERT_ID:
+            raise UserError(f"{where(j)}: field 'experts' holds {_shown(int(arr.min() if arr.min() < 0 else arr.max()))},"
+                            f" not an expert id (0 to 2**31 - 1)")
+        if n_tokens <= 0 or len(arr) % n_tokens:
+            raise UserError(f"{where(j)}: field 'experts' has {len(arr)} ids, not n_expert_used per token of "
+                            f"'n_tokens' {n_tokens}")
+        ids.append(arr.astype(np.int32))
+    for name in ("ts", "graph", "layer", "n_tokens"):
+        out[name] = rows[name]
+    out["n_ids"] = [len(a) for a in ids]
+    return out, ids
+
+
+def _route_table(parts: list) -> tuple[np.ndarray, np.ndarray]:
+    """The routes of every chunk, sorted by ts, and their ids in one array (`first` into it)."""
+    if not parts:
+        return np.empty(0, ROUTE_DTYPE), np.empty(0, np.int32)
+    routes = np.concatenate([rows for rows, _ in parts])
+    ids = [a for _, arrays in parts for a in arrays]
+    routes["first"] = np.concatenate([[0], np.cumsum(routes["n_ids"][:-1], dtype=np.int64)])
+    return routes[np.argsort(routes["ts"], kind="stable")], np.concatenate(ids)
 
 
 def _add_flat(flat: FlatColumns, acc: _Accumulator) -> bool:
@@ -666,8 +747,8 @@ def _load_parallel(source: str, progress: Callable[[int], None] | None, n: int) 
                 acc = _Accumulator(source, _Rows(0, rows))
                 lines = _read_range(acc, header, start, end, 1, lambda b: done.__setitem__(k, b))
                 tests = np.concatenate(acc.tests) if acc.tests else np.empty(0, TEST_DTYPE)
-                send.send((first_row, acc.events.n, lines, acc.symbols.names, tests, acc.skipped_types,
-                           acc.skipped_fields))
+                send.send((first_row, acc.events.n, lines, acc.symbols.names, tests, acc.routes,
+                           acc.skipped_types, acc.skipped_fields))
             except BaseException:       # the one-pass reader will say what and where
                 send.send(None)
 
@@ -698,7 +779,7 @@ def _load_parallel(source: str, progress: Callable[[int], None] | None, n: int) 
     if any(r is None for r in results):
         return None
     line_no = 2 + lines
-    for first_row, n_rows, n_lines, names, tests, skipped_types, skipped_fields in results:
+    for first_row, n_rows, n_lines, names, tests, routes, skipped_types, skipped_fields in results:
         renumber = np.append(own.symbols.intern(names, "", str), -1)     # index -1: absent stays -1
         at = own.events.n
         for f, column in own.events.take(n_rows).items():
@@ -710,6 +791,7 @@ def _load_parallel(source: str, progress: Callable[[int], None] | None, n: int) 
         for f in ("name", "kind"):
             tests[f] = renumber[tests[f]]
         own.tests.append(tests)
+        own.routes += routes
         own.skipped_types.update(skipped_types)
         own.skipped_fields.update(skipped_fields)
         line_no += n_lines

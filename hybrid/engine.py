@@ -210,7 +210,8 @@ class Engine:
         if self.accel is not None and self.accel.startswith("CUDA"):
             gpu = torch.cuda.get_device_name(int(self.accel[4:]))
         return {"model": {"path": str(g.path), "arch": g.config.arch, "size_bytes": g.size_bytes,
-                          "n_params": g.n_params, "ftype": g.ftype},
+                          "n_params": g.n_params, "ftype": g.ftype, "n_expert": g.config.n_expert,
+                          "n_expert_used": g.config.n_expert_used},
                 "config": {**self.options, "accel": self.accel_label},
                 "placement": placement, "machine": {"gpu": gpu}}
 

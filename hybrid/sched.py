@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from hybrid.graph import Graph, Node
 from hybrid.placement import CPU
+from hybrid.routes import record_routes
 from profiler.recorder import Recorder
 from profiler.schema import MAIN_LANE
 
@@ -205,6 +206,8 @@ class Scheduler:
         except BaseException:   # Ctrl-C or an op's error: leave no device work behind
             self._abandon()
             raise
+        if self.recorder.enabled and graph.routes:
+            record_routes(self.recorder, self.lane, graph, graph_id, lambda n: values[plan.backend_of[n]][n])
         return host[graph.output]
 
     def _run_split(self, split: Split, program: "Program", i_split: int, plan: SplitPlan,

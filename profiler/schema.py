@@ -18,6 +18,7 @@ EVENT_FIELDS = {
     "copy": ("src", "dst", "bytes", "name"),
     "wakeup": (),
     "sync": (),
+    "route": ("layer", "n_tokens", "experts"),  # experts: n_tokens * n_expert_used ids, token-major
 }
 EVENT_TYPES = tuple(EVENT_FIELDS)
 # Fields some writers add and readers know, beyond the ones above (optional: v1 readers skip

@@ -22,6 +22,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import orjson
 
 from profiler.errors import UserError
@@ -171,6 +172,11 @@ class PrintingLane(Lane):
         Lane.graph(self, ts, dur, graph, test, n_tokens, n_past)
         self._print(f"graph({test} #{graph}, {n_tokens} tokens @ {n_past}) "
                     f"[host/{self.tid}]: {_us(dur)} us")
+
+    def route(self, ts, dur, graph, layer, n_tokens, experts):
+        Lane.route(self, ts, dur, graph, layer, n_tokens, experts)
+        self._print(f"route(blk.{layer}) [host/{self.tid}]: {n_tokens} tokens, experts "
+                    f"{np.asarray(experts).tolist()}")
 
     def test(self, ts, dur, fields: dict):
         Lane.test(self, ts, dur, fields)

@@ -22,6 +22,7 @@ def record_one_of_each(lane) -> None:
     lane.op(90, 100, 7, 0, "ACC0", "MUL_MAT", "blk.0.attn_q", 0, 2048, 4096, 1)
     lane.wakeup(100, 15, 7, 0, "CPU")
     lane.sync(200, 300, 7, 0, "ACC0")
+    lane.route(600, 0, 7, 1, 2, np.array([3, 5, 0, 5]))
     lane.test(0, 2000, {"name": "tg1", "kind": "tg", "n_prompt": 0, "n_gen": 1, "depth": 0,
                         "rep": 0, "n_tokens": 1})
 
@@ -41,6 +42,8 @@ def test_every_event_type_comes_back_with_its_contract_fields():
     copy = next(e for e in events if e["type"] == "copy")
     assert (copy["src"], copy["dst"], copy["bytes"], copy["name"]) == ("CPU", "ACC0", 4096,
                                                                        "attn_norm-0")
+    route = next(e for e in events if e["type"] == "route")
+    assert (route["graph"], route["layer"], route["n_tokens"], route["experts"]) == (7, 1, 2, [3, 5, 0, 5])
     assert rec.drain() == []
 
 

@@ -4,6 +4,7 @@ Public API (stable):
 
     event_rep(timings, attribution)  -> repetition (row of attribution.reps) per event, -1 outside all
     event_test(timings, attribution) -> (test index per event, test names in first-seen order)
+    time_test(ts, attribution)       -> the same for any times (route events')
     op_table(timings, test_of_event)      -> GROUP rows keyed by (test, op, backend)
     copy_table(timings, test_of_event)    -> GROUP rows keyed by (test, direction "h2d"/"d2h"/"other", src, dst)
     layer_table(timings, test_of_event)   -> GROUP rows keyed by (test, layer, backend)
@@ -36,9 +37,14 @@ def event_rep(t: Timings, a: Attribution) -> np.ndarray:
 
 def event_test(t: Timings, a: Attribution) -> tuple[np.ndarray, tuple[str, ...]]:
     """Which test (by name, over all its repetitions) each event belongs to, by its start time (-1: none)."""
+    return time_test(t.events["ts"], a)
+
+
+def time_test(ts: np.ndarray, a: Attribution) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Which test each time (an event's start, a route's) falls in, as `event_test`."""
     names = tuple(dict.fromkeys(str(n) for n in a.reps["name"]))
     rep_test = np.array([names.index(str(n)) for n in a.reps["name"]], dtype=np.int64)
-    rep = event_rep(t, a)
+    rep = window_index(ts, a.reps["ts_ns"], a.reps["ts_ns"] + a.reps["wall_ns"])
     return np.where(rep >= 0, rep_test[np.maximum(rep, 0)] if len(rep_test) else -1, -1), names
 
 

@@ -3,7 +3,8 @@
 Public API (stable):
 
     write_plots(timings, report, attribution, out_dir, fmt="png", force=True) -> list[Path]
-        breakdown, timeline, ops, bandwidth and (when the run has depth tests) depth,
+        breakdown, timeline, ops, bandwidth, (when the run has depth tests) depth and (when it
+        recorded routes) experts,
         each written atomically as out_dir/<name>.<fmt>.
     write_diff_plot(diff, out_dir, fmt="png", force=True) -> Path
         out_dir/breakdown-diff.<fmt>: per test, run A's bar over run B's, in ms/token.
@@ -14,11 +15,13 @@ Public API (stable):
     plot_ops(tests, subtitle, top=10) -> Figure
     plot_bandwidth(tests, peak_GBps, subtitle) -> Figure
     plot_depth(series, subtitle) -> Figure
+    plot_experts(tests, subtitle) -> Figure     (tests with expert usage: TestReport.experts)
     CATEGORY_COLOURS {category: colour}
 
 Each plot function takes results (TestReport, TokenTimeline, DepthSeries) and
 only lays them out. Every drawn bar or line carries a gid (`category:<name>`,
-`backend:<name>`, `peak:<backend>`, `series:<test>`), so that tests can ask a
+`backend:<name>`, `peak:<backend>`, `series:<test>`, `usage:<test>`, `coverage:<test>`,
+`lru:<test>`), so that tests can ask a
 figure what it shows; figures are plain `Figure`s (no pyplot), saved with Agg.
 
 Colours are the Okabe-Ito palette (safe for the common colour-vision
@@ -48,7 +51,7 @@ from profiler.errors import UserError
 from profiler.files import atomic_output, check_output_path
 from profiler.schema import CATEGORIES
 
-PLOT_NAMES = ("breakdown", "timeline", "ops", "bandwidth", "depth")
+PLOT_NAMES = ("breakdown", "timeline", "ops", "bandwidth", "depth", "experts")
 CATEGORY_COLOURS = {
     "cpu_expert_matmul": "#D55E00",  # vermillion
     "cpu_other": "#E69F00",          # orange
@@ -382,6 +385,42 @@ def plot_depth(series: Sequence[DepthSeries], subtitle: str) -> Figure:
     return fig
 
 
+# ---------------------------------------------------------------- experts
+
+def plot_experts(tests: Sequence[TestReport], subtitle: str) -> Figure:
+    """Per test: a layer x expert heatmap of each layer's share of tokens, and the coverage curves:
+    the share of CPU expert bytes that pinning each layer's k hottest experts, or an LRU cache of
+    k per layer, would take off the CPU."""
+    fig = _new_figure(14, 1.4 + 3.2 * len(tests), "Which experts the tokens used, and what caching them would move",
+                      subtitle)
+    axes = fig.subplots(len(tests), 2, squeeze=False, width_ratios=[2.2, 1])
+    for (heat, curves), r in zip(axes, tests):
+        u = r.experts
+        share = 100 * u.counts / np.maximum(u.counts.sum(axis=1, keepdims=True), 1)
+        image = heat.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
+        image.set_gid(f"usage:{r.name}")
+        heat.set_yticks(range(len(u.layers)), [str(layer) for layer in u.layers], fontsize=7)
+        heat.set_ylabel("layer", fontsize=9)
+        heat.set_xlabel("expert", fontsize=9)
+        heat.set_title(f"{r.name}: share of the layer's {u.n_tokens} tokens that chose each expert "
+                       f"({u.n_expert_used} of {u.n_expert} each)", fontsize=10, loc="left")
+        fig.colorbar(image, ax=heat, label="% of the layer's choices", pad=0.01)
+        k = np.arange(1, u.n_expert + 1)
+        for shares, gid, label, colour in ((u.coverage, "coverage", "pin the k hottest", "#D55E00"),
+                                           (u.lru_hit, "lru", "LRU cache of k", "#0072B2")):
+            overall = 100 * u.overall(shares)
+            curves.plot(k, overall, color=colour, label=label, gid=f"{gid}:{r.name}")
+            curves.plot(list(u.ks), overall[np.asarray(u.ks) - 1], "o", color=colour, markersize=4)
+        curves.plot(k, 100 * k / u.n_expert, ":", color="#8C8C8C", label="uniform routing")
+        curves.set_xlim(0, u.n_expert)
+        curves.set_ylim(0, 100)
+        curves.set_xlabel("experts per layer on the GPU (k)", fontsize=9)
+        curves.set_ylabel("% of CPU expert bytes moved", fontsize=9)
+        curves.legend(fontsize=8, frameon=False, loc="lower right")
+        curves.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
 # ---------------------------------------------------------------- all plots of a report
 
 def plot_paths(out_dir: str | os.PathLike, fmt: str) -> dict[str, Path]:
@@ -404,6 +443,9 @@ def write_plots(t: Timings, report: Report, a: Attribution, out_dir: str | os.Pa
     series = depth_series(report, t)
     if series:
         figures["depth"] = plot_depth(series, sub)
+    routed = [r for r in report.tests if r.experts is not None]
+    if routed:
+        figures["experts"] = plot_experts(routed, sub)
     return [save(figures[name], paths[name], fmt, force) for name in PLOT_NAMES if name in figures]
 
 

@@ -22,7 +22,9 @@ Public API (stable):
         category_bw {category: {"bytes", "busy_ns", "GBps"}}, whatif_tps {...} (analysis/whatif.py:
             each repetition's wall projected, then the same avg_ts),
         ops, copies, layers, backends, splits: structured arrays (bandwidth.py GROUP rows with
-        symbol ids replaced by names).
+        symbol ids replaced by names),
+        experts: analysis.experts.ExpertUsage with its what-ifs, or None (no route events: an
+            ik_llama.cpp log carries no routing).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis import bandwidth
+from analysis import bandwidth, experts
 from analysis.attribution import COPY_DIRECTIONS, Attribution, attribute
 from analysis.run_info import model_name
 from analysis.timings import Timings
@@ -70,6 +72,7 @@ class TestReport:
     layers: np.ndarray
     backends: np.ndarray
     splits: np.ndarray
+    experts: experts.ExpertUsage | None = None
 
     def ms_per_token(self, ns: float) -> float | None:
         """A time of this test (summed over its repetitions) in ms per token; None when it processed
@@ -121,8 +124,9 @@ def build_report(t: Timings, peak_bw: float | None = None, attribution: Attribut
     category_bytes = _category_bytes_per_rep(t, a, rep_of_event)
     backend_bytes = _backend_bytes_per_rep(t, rep_of_event, len(a.reps))
     recording = _recording_per_test(t, test_of_event, len(names))
+    usage = experts.expert_usage(t, bandwidth.time_test(t.routes["ts"], a)[0], test_of_event, len(names))
     tests = tuple(_test_report(i, name, a, tables, category_bytes, backend_bytes, peaks, _reported_tps(t, a, name),
-                               int(recording[i]))
+                               int(recording[i]), usage[i])
                   for i, name in enumerate(names))
     accel = str((t.header.get("config") or {}).get("accel", ""))
     emulated = "emulated" in accel or any(b.startswith("ACC") for b in t.symbols)
@@ -184,7 +188,7 @@ def _recording_per_test(t: Timings, test_of_event: np.ndarray, n_tests: int) -> 
 
 
 def _test_report(i: int, name: str, a: Attribution, tables: dict, rep_cat_bytes: np.ndarray, rep_backend_bytes: dict,
-                 peaks: dict, reported: tuple, recording_ns: int) -> TestReport:
+                 peaks: dict, reported: tuple, recording_ns: int, usage: experts.ExpertUsage | None) -> TestReport:
     mine = a.reps["name"] == name
     reps = a.reps[mine]
     wall_ns = int(reps["wall_ns"].sum())
@@ -209,6 +213,12 @@ def _test_report(i: int, name: str, a: Attribution, tables: dict, rep_cat_bytes:
     whatif = whatif_tps(reps["n_tokens"], {c: reps[f"{c}_ns"] for c in CATEGORIES},
                         rep_cat_bytes[mine, CATEGORIES.index("cpu_expert_matmul")], cpu_peak,
                         {b: v[mine] for b, v in rep_backend_bytes.items()}, peaks)
+    if usage is not None:
+        devices = mine_tables["backends"][~np.char.startswith(np.char.upper(mine_tables["backends"]["backend"]), "CPU")]
+        busiest = devices[np.argmax(devices["bytes"])] if len(devices) else None
+        usage = experts.with_whatif(usage, experts.Rates(
+            ns_per_token=wall_ns / n_tokens if n_tokens else 0.0, cpu_expert_GBps=expert["GBps"],
+            gpu_GBps=float(busiest["GBps"]) if busiest is not None and busiest["GBps"] > 0 else None))
     return TestReport(
         name=name, kind=str(reps["kind"][0]), reps=len(reps), n_tokens=n_tokens, wall_ns=wall_ns,
         tps=tps, tps_std=tps_std, rep_tps=rep_rates(reps["n_tokens"], reps["wall_ns"]),
@@ -217,7 +227,7 @@ def _test_report(i: int, name: str, a: Attribution, tables: dict, rep_cat_bytes:
         copy_ns={d: int(a.copy_ns[d][mine].sum()) for d in COPY_DIRECTIONS}, recording_ns=recording_ns,
         hidden=hidden,
         bandwidth=bw, category_bw=category_bw,
-        whatif_tps=whatif,
+        whatif_tps=whatif, experts=usage,
         **mine_tables)
 
 
@@ -247,4 +257,5 @@ def _test_json(r: TestReport) -> dict:
         "whatif_tps": r.whatif_tps,
         "backends": _rows(r.backends), "ops": _rows(r.ops), "copies": _rows(r.copies),
         "layers": _rows(r.layers), "splits": _rows(r.splits),
+        "experts": r.experts.to_json() if r.experts is not None else None,
     }

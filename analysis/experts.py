@@ -20,8 +20,8 @@ the graph's tokens chose it, so an expert's traffic (bytes) is the graphs that u
 its size (`reads`). In generation (one token a graph) reads are the counts. Pinning the k
 hottest experts of every layer on the GPU moves the share `top_coverage` of each layer's
 reads off the CPU (chosen from the same run that scores it: the ceiling of a static list
-tuned on this workload); an LRU cache of C experts per layer, replayed over the recorded
-sequence of graphs from a cold start, moves the share it hits. Both are computed from LRU
+tuned on this workload); an LRU cache of C experts per layer, replayed over the test's recorded
+graphs (its repetitions one after another) from a cold start, moves the share it hits. Both are computed from LRU
 stack distances (Mattson et al., 1970: an access hits a cache of C iff fewer than C other
 experts were used since its expert last was), so every cache size comes from one replay.
 
@@ -170,13 +170,15 @@ def _cpu_expert_bytes(t: Timings, test_of_event: np.ndarray, n_tests: int) -> np
 
 def _test_usage(t: Timings, rows: np.ndarray, n_expert: int, n_used: int, cpu_bytes: np.ndarray) -> ExpertUsage:
     routes = t.routes[rows]                         # in time order: the sequence the cache replays
-    per_route = [t.route_ids[r["first"]:r["first"] + r["n_ids"]] for r in routes]
+    per_route = [t.route_ids[a:a + n] for a, n in zip(routes["first"].tolist(), routes["n_ids"].tolist())]
     layers, counts = layer_counts(np.repeat(routes["layer"], routes["n_ids"]), np.concatenate(per_route), n_expert)
     sizes = np.arange(1, n_expert + 1)
     reads = np.zeros_like(counts)
     lru_hit = np.zeros((len(layers), n_expert))
+    single = (routes["n_tokens"] == 1).tolist()     # a token's own top-k ids are distinct already
     for i, layer in enumerate(layers):
-        used = [distinct_in_order(ids) for ids, r in zip(per_route, routes) if r["layer"] == layer]
+        used = [per_route[j] if single[j] else distinct_in_order(per_route[j])
+                for j in np.flatnonzero(routes["layer"] == layer).tolist()]
         accesses = np.concatenate(used)
         reads[i] = np.bincount(accesses, minlength=n_expert)
         lru_hit[i] = lru_hit_rates(lru_stack_distances(accesses.tolist()), sizes)

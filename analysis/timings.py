@@ -16,10 +16,11 @@ Public API (stable; everything else in the analyzer builds on it):
     Timings (frozen):
         source          the file name, for messages and reports
         header          the meta line (line 1) as a dict
-        events          EventColumns: one array per EVENT_DTYPE field, one row per event, sorted by ts;
-                        read like a structured array (events["ts"], events[mask] -> rows)
+        events          EventColumns: one array per EVENT_DTYPE field, one row per event (but routes),
+                        sorted by ts; read like a structured array (events["ts"], events[mask] -> rows)
         tests           NumPy structured array, TEST_DTYPE, one row per `test` event
-        routes          NumPy structured array, ROUTE_DTYPE, one row per `route` event, sorted by ts:
+        routes          NumPy structured array, ROUTE_DTYPE, one row per `route` event, sorted by ts (kept
+                        out of `events`: they hold no time, and their ids no column):
                         its experts are route_ids[first:first + n_ids] (token-major)
         route_ids       int32, every route event's expert ids, one after another
         symbols         tuple of strings; every string field is an integer id into it (-1: absent)
@@ -47,6 +48,7 @@ import importlib.util
 import mmap
 import os
 from collections import Counter
+from itertools import chain
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Callable, Iterable, Iterator
@@ -318,7 +320,7 @@ class _Accumulator:
     events: _Rows
     symbols: _Symbols = field(default_factory=_Symbols)
     tests: list = field(default_factory=list)
-    routes: list = field(default_factory=list)      # (ROUTE_DTYPE rows, [their ids, one array each])
+    routes: list = field(default_factory=list)      # (ROUTE_DTYPE rows, their ids one after another)
     skipped_types: Counter = field(default_factory=Counter)
     skipped_fields: Counter = field(default_factory=Counter)
     warnings: list = field(default_factory=list)
@@ -355,11 +357,8 @@ def _read(blocks: Iterator[tuple[bytes, bool]], acc: _Accumulator, header: dict 
             objs, numbers = _parse_lines(lines, line_no, final, acc)
             if objs:
                 _add_objects(objs, numbers, acc)
-        else:
-            for i, line in listed:
-                objs, numbers = _parse_lines([line], line_no + i, False, acc)
-                if objs:
-                    _add_objects(objs, numbers, acc)
+        elif listed:
+            _add_objects(*_parse_listed(listed, line_no, acc), acc)
         line_no += n_lines
     return header, line_no
 
@@ -370,18 +369,33 @@ def _cut_listed(data: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
     at = data.find(b"[")
     if at < 0:
         return data, []
+    view = memoryview(data)             # (slices of a view are not copies: the join copies once)
     kept, listed, start, i = [], [], 0, 0
     while at >= 0:
         begin = data.rfind(b"\n", 0, at) + 1
         end = data.find(b"\n", at) + 1
         i += data.count(b"\n", start, begin)
-        kept.append(data[start:begin])
+        kept.append(view[start:begin])
         listed.append((i, data[begin:end - 1]))
         i += 1
         start = end
         at = data.find(b"[", start)
-    kept.append(data[start:])
+    kept.append(view[start:])
     return b"".join(kept), listed
+
+
+def _parse_listed(listed: list[tuple[int, bytes]], line_no: int, acc: _Accumulator) -> tuple[list, list]:
+    """The listed lines' objects and line numbers: parsed as one JSON array, or where that fails
+    (a line that is not JSON) line by line, for the message."""
+    try:
+        objs = orjson.loads(b"[" + b",".join(line for _, line in listed) + b"]")
+    except orjson.JSONDecodeError:
+        objs = None
+    if objs is None or not all(type(o) is dict for o in objs):
+        objs = []
+        for i, line in listed:
+            objs += _parse_lines([line], line_no + i, False, acc)[0]
+    return objs, [line_no + i for i, _ in listed]
 
 
 def _finish(acc: _Accumulator, header: dict | None) -> Timings:
@@ -500,7 +514,7 @@ def _add_objects(objs: list[dict], numbers: list[int], acc: _Accumulator) -> Non
         if (out["dur"][rows] < 0).any():
             j = int(np.flatnonzero(out["dur"][rows] < 0)[0])
             raise UserError(f"{where(j)}: 'dur' is negative")
-    kept = out[codes >= 0]
+    kept = out[(codes >= 0) & (codes != TYPE_CODES["route"])]        # routes: their own table
     for name, column in acc.events.take(len(kept)).items():
         column[:] = kept[name]
 
@@ -559,26 +573,34 @@ def _test_rows(values: dict, rows: np.ndarray, acc: _Accumulator, where) -> np.n
     return out
 
 
-def _route_rows(experts: list | None, rows: np.ndarray, where) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Route rows of these events and their expert ids, each a list of n_tokens * n_expert_used ids."""
+def _route_rows(experts: list | None, rows: np.ndarray, where) -> tuple[np.ndarray, np.ndarray]:
+    """Route rows of these events and all their expert ids in one array: each event's a non-empty
+    list of n_tokens * n_expert_used integer ids (checked for the whole chunk at once)."""
+    experts = experts or [None] * len(rows)
+    j = next((j for j, v in enumerate(experts) if type(v) is not list or not v), None)
+    flat = list(chain.from_iterable(experts)) if j is None else []
+    if j is None and not all(type(v) is int for v in flat):
+        j = next(j for j, v in enumerate(experts) if not all(type(e) is int for e in v))
+    if j is not None:
+        raise UserError(f"{where(j)}: field 'experts' must be a non-empty list of expert ids, "
+                        f"got {_shown(experts[j])}")
+    n_ids = np.fromiter(map(len, experts), dtype=np.int64, count=len(experts))
+    ids = np.array(flat, dtype=np.int64)
+    bad = (ids < 0) | (ids > MAX_EXPERT_ID)
+    if bad.any():
+        j = int(np.searchsorted(np.cumsum(n_ids), np.argmax(bad), side="right"))
+        raise UserError(f"{where(j)}: field 'experts' holds {int(ids[bad][0])}, not an expert id (0 to 2**31 - 1)")
+    n_tokens = rows["n_tokens"].astype(np.int64)
+    bad = (n_tokens <= 0) | (n_ids % np.maximum(n_tokens, 1) != 0)
+    if bad.any():
+        j = int(np.argmax(bad))
+        raise UserError(f"{where(j)}: field 'experts' has {n_ids[j]} ids, not n_expert_used per token of "
+                        f"'n_tokens' {n_tokens[j]}")
     out = np.zeros(len(rows), ROUTE_DTYPE)
-    ids = []
-    for j, value in enumerate(experts or [None] * len(rows)):
-        if not isinstance(value, list) or not value or not all(type(v) is int for v in value):
-            raise UserError(f"{where(j)}: field 'experts' must be a non-empty list of expert ids, got {_shown(value)}")
-        arr = np.array(value, dtype=np.int64)
-        n_tokens = int(rows["n_tokens"][j])
-        if arr.min() < 0 or arr.max() > MAX_EXPERT_ID:
-            raise UserError(f"{where(j)}: field 'experts' holds {_shown(int(arr.min() if arr.min() < 0 else arr.max()))},"
-                            f" not an expert id (0 to 2**31 - 1)")
-        if n_tokens <= 0 or len(arr) % n_tokens:
-            raise UserError(f"{where(j)}: field 'experts' has {len(arr)} ids, not n_expert_used per token of "
-                            f"'n_tokens' {n_tokens}")
-        ids.append(arr.astype(np.int32))
     for name in ("ts", "graph", "layer", "n_tokens"):
         out[name] = rows[name]
-    out["n_ids"] = [len(a) for a in ids]
-    return out, ids
+    out["n_ids"] = n_ids
+    return out, ids.astype(np.int32)
 
 
 def _route_table(parts: list) -> tuple[np.ndarray, np.ndarray]:
@@ -586,9 +608,8 @@ def _route_table(parts: list) -> tuple[np.ndarray, np.ndarray]:
     if not parts:
         return np.empty(0, ROUTE_DTYPE), np.empty(0, np.int32)
     routes = np.concatenate([rows for rows, _ in parts])
-    ids = [a for _, arrays in parts for a in arrays]
     routes["first"] = np.concatenate([[0], np.cumsum(routes["n_ids"][:-1], dtype=np.int64)])
-    return routes[np.argsort(routes["ts"], kind="stable")], np.concatenate(ids)
+    return routes[np.argsort(routes["ts"], kind="stable")], np.concatenate([ids for _, ids in parts])
 
 
 def _add_flat(flat: FlatColumns, acc: _Accumulator) -> bool:
@@ -602,7 +623,8 @@ def _add_flat(flat: FlatColumns, acc: _Accumulator) -> bool:
     codes = np.append(acc.reader_types, -2)[type_id]          # -1 unknown type, -2 no type
     kept = codes >= 0
     (ts, has_ts), (dur, has_dur) = flat.ints["ts"], flat.ints["dur"]
-    if (codes == -2).any() or not (has_ts | ~kept).all() or not (has_dur | ~kept).all() or (dur[kept] < 0).any():
+    if (codes == -2).any() or not (has_ts | ~kept).all() or not (has_dur | ~kept).all() or (dur[kept] < 0).any() \
+            or (codes == TYPE_CODES["route"]).any():        # a route without its list of experts
         return False
     floats = np.array([flat.floats[f][0] for f in FLOAT_FIELDS])
     if (np.abs(flat.int_table[0]) > MAX_INT).any() or np.isinf(floats).any():

@@ -187,6 +187,36 @@ def test_recording_routes_does_not_change_the_tokens_and_they_are_the_references
             assert set(ids[i]) == set(chosen[first + i, ev["layer"]][0].tolist()), (first + i, ev["layer"])
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("overrides", [(), (r"\.ffn_.*_exps\.=CPU",)], ids=["all-gpu", "experts-cpu"])
+def test_cuda_routes_are_read_after_the_graph_and_match_the_cpu_run(tiny_gguf, overrides, monkeypatch):
+    """Route ids that live on the GPU are read back once per graph, after its splits, and are the
+    CPU run's (both on the exact torch path)."""
+    from hybrid import weights
+    from hybrid.engine import Engine
+    from profiler.recorder import Recorder
+
+    monkeypatch.setattr(weights, "NATIVE", False)
+
+    def routes(accel, overrides):
+        rec = Recorder(enabled=True, print_timing=False)
+        with Engine(str(tiny_gguf), threads=2, accel=accel, n_gpu_layers=99, overrides=overrides,
+                    recorder=rec) as engine:
+            token = engine.eval([5, 17, 3, 9], "pp4")
+            for _ in range(3):
+                token = engine.eval([token], "tg")
+        events = rec.drain()
+        last_split_end = {}
+        for e in events:
+            if e["type"] == "split":
+                last_split_end[e["graph"]] = max(last_split_end.get(e["graph"], 0), e["ts"] + e["dur"])
+        got = [e for e in events if e["type"] == "route"]
+        assert all(e["ts"] >= last_split_end[e["graph"]] for e in got)
+        return [(e["layer"], [set(ids) for ids in np.reshape(e["experts"], (e["n_tokens"], -1)).tolist()])
+                for e in got]
+    assert routes("cuda", overrides) == routes("none", ())
+
+
 def test_qwen3moe_records_a_route_for_every_layer(make_gguf):
     from hybrid.engine import Engine
     from profiler.recorder import Recorder

@@ -44,7 +44,9 @@ def register(subparsers) -> None:
         description="Read a timings file (from `hyprof run -o`, or an ik_llama.cpp IK_PRINT_TIMING "
         "log) and show, per test: t/s, where the wall time went (each category in s, %% and "
         "ms/token), the op timing breakdown, copies, the CPU expert bandwidth against the "
-        "machine's peak, and what t/s would be without the overhead or at peak bandwidth.",
+        "machine's peak, what t/s would be without the overhead or at peak bandwidth, and (when the "
+        "run recorded routes) which experts the tokens chose and what keeping the hottest, or an LRU "
+        "cache of them, on the GPU would move off the CPU.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("timings", metavar="TIMINGS", help="timings.jsonl (contract v1) or an ik_llama.cpp log")
     p.add_argument("--json", action="store_true", help="print the hyprof-report/1 JSON instead of tables")
@@ -52,7 +54,7 @@ def register(subparsers) -> None:
                    help="also write a markdown report (default: reports/<TIMINGS name>.md)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --md FILE or --plots files")
     p.add_argument("--plots", nargs="?", const="", metavar="DIR",
-                   help="also draw the breakdown, timeline, ops, bandwidth and depth plots "
+                   help="also draw the breakdown, timeline, ops, bandwidth, depth and experts plots "
                    "(default DIR: reports/<TIMINGS name>/)")
     p.add_argument("--plot-format", choices=("png", "svg", "pdf"), default="png", help="plot file format (default: png)")
     p.add_argument("--peak-bw", type=float, metavar="GBPS",

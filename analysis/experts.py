@@ -43,6 +43,8 @@ from analysis.timings import Timings
 from profiler.errors import UserError
 from profiler.schema import EXPERT_TENSOR_MARK
 
+MAX_EXPERTS = 1 << 16       # far beyond any model's (DeepSeek-V3: 256); the heatmap and tables are per expert
+
 
 @dataclass(frozen=True)
 class Rates:
@@ -142,9 +144,12 @@ def expert_usage(t: Timings, test_of_route: np.ndarray, test_of_event: np.ndarra
         return [None] * n_tests
     model = t.header.get("model") or {}
     n_expert, n_used = model.get("n_expert"), model.get("n_expert_used")
-    if not n_expert or not n_used:
+    if n_expert is None or n_used is None:
         raise UserError(f"{t.source}: route events, but the header's model lacks n_expert / n_expert_used")
-    wrong = np.flatnonzero(t.routes["n_ids"] != t.routes["n_tokens"] * n_used)
+    if not (type(n_expert) is int and type(n_used) is int and 1 <= n_used <= n_expert <= MAX_EXPERTS):
+        raise UserError(f"{t.source}: the header's model.n_expert {n_expert!r} and n_expert_used {n_used!r} must be "
+                        f"whole numbers, 1 <= n_expert_used <= n_expert <= {MAX_EXPERTS}")
+    wrong = np.flatnonzero(t.routes["n_ids"] != t.routes["n_tokens"].astype(np.int64) * n_used)
     if wrong.size:
         r = t.routes[wrong[0]]
         raise UserError(f"{t.source}: a route event of graph {r['graph']}, layer {r['layer']} has {r['n_ids']} ids, "

@@ -589,11 +589,14 @@ def _route_rows(experts: list | None, rows: np.ndarray, where) -> tuple[np.ndarr
         raise UserError(f"{where(j)}: field 'experts' must be a non-empty list of expert ids, "
                         f"got {_shown(experts[j])}")
     n_ids = np.fromiter(map(len, experts), dtype=np.int64, count=len(experts))
+    at = next((i for i, v in enumerate(flat) if not 0 <= v <= MAX_EXPERT_ID), None)
+    if at is not None:
+        j = int(np.searchsorted(np.cumsum(n_ids), at, side="right"))
+        raise UserError(f"{where(j)}: field 'experts' holds {_shown(flat[at])}, not an expert id (0 to 2**31 - 1)")
+    if (rows["layer"] < 0).any():
+        j = int(np.argmax(rows["layer"] < 0))
+        raise UserError(f"{where(j)}: a route's 'layer' must be a layer index (>= 0), got {rows['layer'][j]}")
     ids = np.array(flat, dtype=np.int64)
-    bad = (ids < 0) | (ids > MAX_EXPERT_ID)
-    if bad.any():
-        j = int(np.searchsorted(np.cumsum(n_ids), np.argmax(bad), side="right"))
-        raise UserError(f"{where(j)}: field 'experts' holds {int(ids[bad][0])}, not an expert id (0 to 2**31 - 1)")
     n_tokens = rows["n_tokens"].astype(np.int64)
     bad = (n_tokens <= 0) | (n_ids % np.maximum(n_tokens, 1) != 0)
     if bad.any():

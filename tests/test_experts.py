@@ -248,6 +248,7 @@ def test_an_ik_llama_log_says_it_carries_no_routing():
     ([[1], [2]], "must be a non-empty list"),
     ([1, 2, 3], "has 3 ids, not n_expert_used per token of 'n_tokens' 2"),
     ([-1, 2], "holds -1, not an expert id"),
+    ([0, 2**64 - 1], "holds 18446744073709551615, not an expert id"),
 ])
 def test_bad_route_events_are_one_line_errors_naming_the_line(tmp_path, experts, message):
     events = routed_stream(lambda g, layer, n: [[0, 1]] * n, n_expert=8, n_used=2,
@@ -258,13 +259,30 @@ def test_bad_route_events_are_one_line_errors_naming_the_line(tmp_path, experts,
         report_of(tmp_path, events)
 
 
+def test_a_route_without_a_layer_index_is_refused(tmp_path):
+    events = routed_stream(lambda g, layer, n: [[0, 1]] * n, n_expert=8, n_used=2,
+                           tests=(("pp2", "pp", 2, 0, 0),), n_layers=1)
+    i = next(i for i, e in enumerate(events) if e["type"] == "route")
+    del events[i]["layer"]
+    with pytest.raises(UserError, match=f"t.jsonl:{i + 1}: a route's 'layer' must be a layer index"):
+        report_of(tmp_path, events)
+
+
 @pytest.mark.parametrize("ids, message", [
     ([[9]], "t.jsonl: a route event names expert 9, but the header's model.n_expert is 8"),
     ([[1, 2]], "t.jsonl: a route event of graph 0, layer 0 has 2 ids, not n_tokens 1 x the header's "
                "model.n_expert_used 1"),
+    ("n_expert", "t.jsonl: the header's model.n_expert 9007199254740992 and n_expert_used 1 must be whole numbers"),
+    ("n_expert_used", r"t.jsonl: the header's model.n_expert 8 and n_expert_used 6.0 must be whole numbers, "
+                      r"1 <= n_expert_used <= n_expert <= 65536"),
 ])
 def test_routes_the_header_contradicts_are_refused(tmp_path, ids, message):
-    events = routed_stream(lambda g, layer, n: ids, n_expert=8, n_used=1, tests=(("tg1", "tg", 0, 1, 0),))
+    events = routed_stream(lambda g, layer, n: ids if isinstance(ids, list) else [[1]], n_expert=8, n_used=1,
+                           tests=(("tg1", "tg", 0, 1, 0),))
+    if ids == "n_expert":
+        events[0]["model"]["n_expert"] = 2**53
+    elif ids == "n_expert_used":
+        events[0]["model"]["n_expert_used"] = 6.0
     with pytest.raises(UserError, match=message):
         report_of(tmp_path, events)
 

@@ -203,7 +203,7 @@ def _copy_table(r: TestReport) -> Table:
     return Table(f"{r.name}: copies", ("direction", "backends", "count", "MB", "total ms", "GB/s"), rows)
 
 
-HOTTEST_SHOWN = 3     # experts named per layer under the expert table
+HOTTEST_SHOWN = 5     # (layer, expert) pairs named under the expert table
 
 
 def _expert_table(r: TestReport) -> Table:
@@ -217,9 +217,12 @@ def _expert_table(r: TestReport) -> Table:
                      f"{_mb(pin['cpu_bytes_moved_per_token'])} / {_mb(cache['cpu_bytes_moved_per_token'])}",
                      _mb(cache["upload_bytes_per_token"]), _mb(pin["vram_bytes"]),
                      f"{_f(pin['tps'], 1)} / {_f(cache['tps'], 1)}"))
-    notes = [f"layer {layer} hottest: " + ", ".join(
-        f"#{e} {_f(100 * u.counts[i, e] / max(u.counts[i].sum(), 1), 1)} %"
-        for e in np.argsort(-u.counts[i], kind="stable")[:HOTTEST_SHOWN]) for i, layer in enumerate(u.layers)]
+    share = u.counts / np.maximum(u.counts.sum(axis=1, keepdims=True), 1)         # of each layer's choices
+    hottest = np.argsort(-share, axis=None, kind="stable")[:HOTTEST_SHOWN]
+    notes = ["hottest (share of its layer's choices; uniform: "
+             f"{_f(100 / u.n_expert, 1)} %): " + ", ".join(
+                 f"blk.{u.layers[i]} #{e} {_f(100 * share[i, e], 1)} %"
+                 for i, e in zip(*np.unravel_index(hottest, share.shape)))]
     notes.append("shares are of the CPU expert bytes (an expert's weights are read once per graph that uses it); "
                  "hottest pinned: chosen from this same run (a ceiling for a static list); LRU: replayed over the "
                  "recorded graphs from a cold cache, misses uploaded (assumed hidden behind compute)")

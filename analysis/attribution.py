@@ -236,7 +236,8 @@ def _repetitions(t: Timings, graph_rows: np.ndarray) -> np.ndarray:
 
 # The sweep flags, as llama-bench names its columns.
 SWEEP_FLAGS = {"threads": "t", "n_gpu_layers": "ngl", "overrides": "ot", "accel": "accel", "mla": "mla",
-               "fa": "fa", "fmoe": "fmoe", "rtr": "rtr", "poll": "poll"}
+               "fa": "fa", "fmoe": "fmoe", "rtr": "rtr", "poll": "poll", "n_ubatch": "ub", "n_cpu_moe": "ncmoe",
+               "no_op_offload": "nopo", "op_offload_min_batch": "offload-mb", "op_offload": "op-offload"}
 
 
 def sweep_labels(header: dict, configs) -> dict:

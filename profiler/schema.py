@@ -31,7 +31,11 @@ OPTIONAL_FIELDS = {
               "incomplete"),  # true: the log ended inside this graph
     "phase": ("label",),    # the source's own name for the phase (e.g. `sched_alloc_graph`)
     "op": ("node",),        # the node name the source printed, when `name` is the weight's
+    "copy": ("kind",),      # "weights": an op-offload upload of a host weight (absent: "act")
 }
+
+# A copy's `kind` when it is an op-offload upload of a host weight (absent: activations, "act").
+WEIGHTS_COPY = "weights"
 
 # Host phases that count as graph build in the attribution.
 GRAPH_BUILD_PHASES = ("graph_build", "set_inputs")

@@ -38,7 +38,7 @@ uploads the experts the batch uses: a prompt's experts cross the bus, a token's 
 CPU. --op-offload ik takes ik_llama.cpp's rule (also batch x n_expert_used >= minimum x
 n_expert); -nopo 1 turns it off. `hyprof report` shows the uploads and the batch where
 offloading starts to pay.
-  hyprof run -p 64 -n 4 -ngl 99 -ot "\.ffn_.*_exps\.=CPU" --accel emulated \
+  hyprof run -p 64 -n 4 -ngl 99 -ot "\\.ffn_.*_exps\\.=CPU" --accel emulated \\
       --op-offload-min-batch 16,32,64,128 -o t.jsonl
 
 timings: -o FILE writes the header (model, config, machine, placement, the

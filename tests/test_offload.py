@@ -1,0 +1,244 @@
+"""Op offload (llama.cpp's `1.off`), -ub and -ncmoe: which ops move, what is uploaded, and that
+the tokens never change.
+
+The rule is checked against llama.cpp's and ik_llama.cpp's conditions worked by hand; the
+engine on the tiny model (8 experts, 2 used, experts on the CPU, the rest on the emulated
+ACC0) must upload for a prompt of 64 (never for generated tokens), none with -nopo 1 or
+GGML_OP_OFFLOAD_MIN_BATCH=128, give the same tokens either way, and upload exactly the
+experts the batch used: as many as the CPU's own MUL_MAT_ID counted computing the same
+layer without offload.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybrid.engine import Engine
+from hybrid.offload import OpOffload, expert_runs, min_batch_from_env, staging_key
+from hybrid.placement import n_cpu_moe_rule, parse_override_rules
+from hybrid.weights import Weight
+from profiler.errors import UserError
+from profiler.recorder import Recorder
+
+EXPERTS_ON_CPU = r"\.ffn_.*_exps\.=CPU"
+PROMPT = [(7 * i + 3) % 200 for i in range(64)]
+HYBRID = dict(accel="emulated", n_gpu_layers=99, overrides=(EXPERTS_ON_CPU,), threads=2)
+
+
+def run(path, prompt=PROMPT, n_gen: int = 4, **options) -> tuple[list[int], list[dict], Engine]:
+    """A prompt then n_gen greedy tokens, recorded: (tokens, events, the closed engine)."""
+    rec = Recorder(enabled=True, print_timing=False)
+    with Engine(str(path), recorder=rec, **{**HYBRID, **options}) as engine:
+        tokens = [engine.eval(prompt, "pp")]
+        for _ in range(n_gen):
+            tokens.append(engine.eval(tokens[-1:], "tg"))
+    return tokens, rec.drain(), engine
+
+
+def uploads(events: list[dict]) -> list[dict]:
+    return [e for e in events if e["type"] == "copy" and e.get("kind") == "weights"]
+
+
+def graph_tokens(events: list[dict]) -> dict[int, int]:
+    return {e["graph"]: e["n_tokens"] for e in events if e["type"] == "graph"}
+
+
+# -- the rule --------------------------------------------------------------------------------
+
+def test_llama_cpp_rule_is_the_batch_against_the_minimum():
+    rule = OpOffload("ACC0", 32, "llama.cpp", n_expert=64, n_expert_used=6, weights=frozenset({"w", "e"}))
+    assert rule.wants("MUL_MAT_ID", "e", 32) and rule.wants("MOE_FUSED_UP_GATE", "e", 512)
+    assert not rule.wants("MUL_MAT_ID", "e", 31) and not rule.wants("MUL_MAT", "w", 1)
+    assert rule.wants("MUL_MAT", "w", 32)
+    assert not rule.wants("MUL_MAT", "cache_k_l0", 64)      # a KV cache is no weight buffer
+    assert not rule.wants("RMS_NORM", "w", 64)               # only matmuls are offloaded here
+    assert not OpOffload(None, 32, weights=frozenset({"e"})).wants("MUL_MAT_ID", "e", 4096)   # -nopo 1
+
+
+def test_ik_rule_asks_each_expert_for_the_minimum_on_average():
+    # 64 experts, 6 used, minimum 32: batch x 6 >= 32 x 64, i.e. batch >= 341.33 -> 342
+    rule = OpOffload("CUDA0", 32, "ik", n_expert=64, n_expert_used=6, weights=frozenset({"e", "w"}))
+    assert not rule.wants("MUL_MAT_ID", "e", 341) and rule.wants("MUL_MAT_ID", "e", 342)
+    assert rule.wants("MUL_MAT", "w", 32)                    # dense matmuls keep the plain minimum
+
+
+def test_bad_rule_settings_are_user_errors():
+    with pytest.raises(UserError, match="--op-offload"):
+        OpOffload("ACC0", 32, "fast")
+    with pytest.raises(UserError, match="min-batch 0"):
+        OpOffload("ACC0", 0)
+
+
+@pytest.mark.parametrize("text, value", [("", 32), ("128", 128), (" 8 ", 8)])
+def test_the_minimum_comes_from_the_environment_as_in_llama_cpp(text, value):
+    assert min_batch_from_env({"GGML_OP_OFFLOAD_MIN_BATCH": text}) == value
+    assert min_batch_from_env({}) == 32
+
+
+@pytest.mark.parametrize("text", ["x", "0", "-3", "1.5"])
+def test_a_bad_environment_minimum_is_named(text):
+    with pytest.raises(UserError, match="GGML_OP_OFFLOAD_MIN_BATCH"):
+        min_batch_from_env({"GGML_OP_OFFLOAD_MIN_BATCH": text})
+
+
+def test_used_experts_are_copied_in_runs_of_consecutive_ids():
+    assert expert_runs([0, 1, 2, 5, 7, 8]) == [(0, 3), (5, 6), (7, 9)]
+    assert expert_runs([]) == [] and expert_runs([63]) == [(63, 64)]
+
+
+def test_layers_share_expert_staging_by_role_and_other_weights_keep_their_own():
+    def w(name, shape):
+        return Weight(name, 2, shape, torch.zeros(1))
+    assert staging_key(w("blk.1.ffn_up_exps.weight", (8, 4, 18))) == staging_key(w("blk.2.ffn_up_exps.weight",
+                                                                                    (8, 4, 18)))
+    assert staging_key(w("blk.1.ffn_up_exps.weight", (8, 4, 18))) != staging_key(w("blk.1.ffn_gate_exps.weight",
+                                                                                    (8, 4, 18)))
+    assert staging_key(w("blk.1.attn_q.weight", (4, 18)))[0] == "blk.1.attn_q.weight"
+
+
+def test_ncmoe_is_one_rule_for_the_first_layers_experts():
+    assert n_cpu_moe_rule(0) == []
+    [rule] = parse_override_rules(n_cpu_moe_rule(3))
+    assert rule.backend == "CPU"
+    hits = [n for n in ("blk.0.ffn_up_exps.weight", "blk.2.ffn_gate_exps.weight", "blk.2.ffn_down_exps.weight",
+                        "blk.3.ffn_up_exps.weight", "blk.12.ffn_up_exps.weight", "blk.1.ffn_up_shexp.weight",
+                        "blk.1.ffn_gate_inp.weight") if rule.regex.search(n)]
+    assert hits == ["blk.0.ffn_up_exps.weight", "blk.2.ffn_gate_exps.weight", "blk.2.ffn_down_exps.weight"]
+
+
+# -- the engine ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def no_offload(tiny_gguf):
+    return run(tiny_gguf, no_op_offload=1)
+
+
+@pytest.mark.parametrize("fmoe", [0, 1])
+def test_a_prompt_uploads_its_experts_and_the_tokens_do_not_change(tiny_gguf, no_offload, fmoe):
+    tokens, events, engine = run(tiny_gguf, fmoe=fmoe)
+    reference = no_offload[0] if fmoe == 0 else run(tiny_gguf, no_op_offload=1, fmoe=fmoe)[0]
+    assert tokens == reference
+    n_tokens = graph_tokens(events)
+    ups = uploads(events)
+    assert ups and all(n_tokens[u["graph"]] == 64 for u in ups)          # the prompt's graph only
+    moe_layers = [il for il in range(engine.model.config.n_layer) if engine.model.config.is_moe_layer(il)]
+    names = {u["name"] for u in ups}
+    assert names == {f"blk.{il}.ffn_{p}_exps" for il in moe_layers for p in ("gate", "up", "down")}
+    assert all((u["src"], u["dst"], u["tid"]) == ("CPU", "ACC0", "main") for u in ups)
+    # 64 tokens x 2 of 8 experts: every expert is used, so each upload is its whole tensor
+    stored = engine.gguf.tensors
+    assert all(u["bytes"] == stored[u["name"] + ".weight"].n_bytes for u in ups)
+    ops = [e for e in events if e["type"] == "op" and "_exps" in e["name"]]
+    assert {e["backend"] for e in ops if n_tokens[e["graph"]] == 64} == {"ACC0"}
+    assert {e["backend"] for e in ops if n_tokens[e["graph"]] == 1} == {"CPU"}
+
+
+def test_nopo_and_a_higher_environment_minimum_upload_nothing(tiny_gguf, no_offload, monkeypatch):
+    tokens, events, _ = no_offload
+    assert not uploads(events)
+    monkeypatch.setenv("GGML_OP_OFFLOAD_MIN_BATCH", "128")
+    tokens_128, events_128, engine = run(tiny_gguf)
+    assert not uploads(events_128) and engine.offload.min_batch == 128
+    assert tokens_128 == tokens
+
+
+def test_only_the_experts_the_batch_used_are_uploaded(tiny_gguf):
+    """A batch of 2 tokens uses at most 4 of the 8 experts: each upload is those experts' rows,
+    as many as the CPU's MUL_MAT_ID computed for the same first MoE layer (whose input does not
+    depend on where experts ran) without offload."""
+    prompt = [11, 150]
+    _, off_events, engine = run(tiny_gguf, prompt=prompt, n_gen=0, op_offload_min_batch=2, fmoe=0)
+    _, cpu_events, _ = run(tiny_gguf, prompt=prompt, n_gen=0, no_op_offload=1, fmoe=0)
+    il = engine.model.config.n_layer_dense_lead
+    for part in ("gate", "up", "down"):
+        name = f"blk.{il}.ffn_{part}_exps"
+        info = engine.gguf.tensors[name + ".weight"]
+        per_expert = info.n_bytes // info.shape[0]
+        [upload] = [u for u in uploads(off_events) if u["name"] == name]
+        computed = sum(e["bytes"] for e in cpu_events if e["type"] == "op" and e["name"] == name)
+        assert upload["bytes"] == computed and upload["bytes"] % per_expert == 0
+        assert 0 < upload["bytes"] // per_expert <= 4
+
+
+def test_an_offloaded_op_starts_a_split_that_uploads_it(tiny_gguf):
+    with Engine(str(tiny_gguf), **HYBRID) as engine:
+        engine.eval(PROMPT, "pp")
+        plan = engine.last_plan
+        causes = dict(zip(engine._graphs[64][0].nodes, plan.causes))
+        offloaded = [n for n, c in causes.items() if c == "1.off"]
+        assert offloaded and all("_exps" in n.name for n in offloaded)
+        assert [s.upload for s in plan.splits if s.upload is not None] == offloaded
+        assert all(s.nodes[0] is s.upload and s.backend == "ACC0" for s in plan.splits if s.upload)
+        engine.eval([1], "tg")
+        assert not any(s.upload for s in engine.last_plan.splits)
+        assert "1.off" not in engine.last_plan.causes
+
+
+def test_offload_reaches_the_accelerator_even_when_it_holds_no_weight(tiny_gguf, no_offload):
+    """-ngl 0 with an accelerator: llama.cpp still offloads a prompt's matmuls to it."""
+    tokens, events, engine = run(tiny_gguf, n_gpu_layers=0, overrides=())
+    assert "ACC0" in engine.placement.accel and uploads(events)
+    assert {u["name"] for u in uploads(events)} >= {"output", "blk.0.attn_output"}
+    assert tokens == no_offload[0]
+
+
+def test_ubatch_runs_a_long_prompt_as_several_graphs(tiny_gguf, no_offload):
+    tokens, events, _ = run(tiny_gguf, n_ubatch=16, op_offload_min_batch=32)
+    pp_graphs = [e["n_tokens"] for e in events if e["type"] == "graph" and e["test"] == "pp"]
+    assert pp_graphs == [16, 16, 16, 16]
+    assert not uploads(events)            # each ubatch is below the minimum
+    _, events_20, _ = run(tiny_gguf, n_ubatch=20, n_gen=0)
+    assert [e["n_tokens"] for e in events_20 if e["type"] == "graph"] == [20, 20, 20, 4]
+
+
+def test_ncmoe_keeps_the_first_layers_experts_on_the_cpu(tiny_gguf):
+    with Engine(str(tiny_gguf), accel="emulated", n_gpu_layers=99, n_cpu_moe=2) as engine:
+        where = engine.placement.backend
+    assert {n: b for n, b in where.items() if "_exps" in n} == {
+        **{f"blk.1.ffn_{p}_exps.weight": "CPU" for p in ("gate", "up", "down")},
+        **{f"blk.2.ffn_{p}_exps.weight": "ACC0" for p in ("gate", "up", "down")}}
+    assert not engine.placement.warnings
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_ubatch=0), "-ub 0"), (dict(n_cpu_moe=-1), "-ncmoe -1"),
+    (dict(op_offload="fast"), "--op-offload fast")])
+def test_bad_engine_flags_are_user_errors(tiny_gguf, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        Engine(str(tiny_gguf), **{**HYBRID, **kwargs}).close()
+
+
+def test_hyprof_run_records_uploads_for_pp_and_none_with_nopo(tiny_gguf, tmp_path, capsys):
+    """The Done-when command on the tiny model: pp64 uploads, tg never, -nopo 1 none; the
+    timings file is valid contract v1 and its header says how the runs were configured."""
+    from contract import check_timings_file
+    from analysis.timings import load_timings
+    from hyprof.cli import main
+
+    out = tmp_path / "t.jsonl"
+    rc = main(["run", "-m", str(tiny_gguf), "-p", "64", "-n", "4", "-r", "1", "-t", "2", "-ngl", "99",
+               "-ot", EXPERTS_ON_CPU, "--accel", "emulated", "-nopo", "0,1", "-o", str(out), "--peak-bw", "10",
+               "--no-progress"])
+    assert rc == 0
+    assert "nopo" in capsys.readouterr().out
+    check_timings_file(out, require_types=("test", "graph", "copy"))
+    t = load_timings(out)
+    assert [c["no_op_offload"] for c in t.header["sweep"]] == [0, 1]
+    ev = t.events
+    weights = (ev["type"] == t.type_code("copy")) & (ev["kind"] == t.id("weights"))
+    tests = t.tests
+    for config, expect in ((0, True), (1, False)):
+        for name in ("pp64", "tg4"):
+            [test] = tests[(tests["config"] == config) & (tests["name"] == t.id(name))]
+            inside = weights & (ev["ts"] >= test["ts"]) & (ev["ts"] < test["ts"] + test["dur"])
+            assert inside.any() == (expect and name == "pp64"), (config, name)
+
+
+def test_a_bad_environment_minimum_stops_run_before_any_work(tiny_gguf, monkeypatch, capsys):
+    from hyprof.cli import main
+
+    monkeypatch.setenv("GGML_OP_OFFLOAD_MIN_BATCH", "lots")
+    assert main(["run", "-m", str(tiny_gguf), "-p", "8", "-n", "0", "--accel", "emulated", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "GGML_OP_OFFLOAD_MIN_BATCH='lots'" in err[0]

@@ -21,6 +21,9 @@ Public API (stable):
         hidden [(category, under, ns)], bandwidth {...} (the DESIGN.md keys, GB/s),
         category_bw {category: {"bytes", "busy_ns", "GBps"}}, whatif_tps {...} (analysis/whatif.py:
             each repetition's wall projected, then the same avg_ts),
+        uploads {"bytes", "s", "GBps", "count", "bytes_per_token"} (op-offload weight uploads) and
+        offload {...} (analysis/offload.py: at this test's batch, CPU or offload, and the batch where
+            they cross),
         ops, copies, layers, backends, splits: structured arrays (bandwidth.py GROUP rows with
         symbol ids replaced by names).
 """
@@ -33,6 +36,7 @@ import numpy as np
 
 from analysis import bandwidth
 from analysis.attribution import COPY_DIRECTIONS, Attribution, attribute
+from analysis.offload import offload_rates, offload_whatif, uploads
 from analysis.run_info import model_name
 from analysis.timings import Timings
 from analysis.whatif import whatif_tps
@@ -65,6 +69,8 @@ class TestReport:
     bandwidth: dict
     category_bw: dict
     whatif_tps: dict
+    uploads: dict
+    offload: dict
     ops: np.ndarray
     copies: np.ndarray
     layers: np.ndarray
@@ -121,8 +127,9 @@ def build_report(t: Timings, peak_bw: float | None = None, attribution: Attribut
     category_bytes = _category_bytes_per_rep(t, a, rep_of_event)
     backend_bytes = _backend_bytes_per_rep(t, rep_of_event, len(a.reps))
     recording = _recording_per_test(t, test_of_event, len(names))
+    rates = offload_rates(t)
     tests = tuple(_test_report(i, name, a, tables, category_bytes, backend_bytes, peaks, _reported_tps(t, a, name),
-                               int(recording[i]))
+                               int(recording[i]), uploads(t, test_of_event == i), rates)
                   for i, name in enumerate(names))
     accel = str((t.header.get("config") or {}).get("accel", ""))
     emulated = "emulated" in accel or any(b.startswith("ACC") for b in t.symbols)
@@ -184,9 +191,11 @@ def _recording_per_test(t: Timings, test_of_event: np.ndarray, n_tests: int) -> 
 
 
 def _test_report(i: int, name: str, a: Attribution, tables: dict, rep_cat_bytes: np.ndarray, rep_backend_bytes: dict,
-                 peaks: dict, reported: tuple, recording_ns: int) -> TestReport:
+                 peaks: dict, reported: tuple, recording_ns: int, test_uploads: dict, rates) -> TestReport:
     mine = a.reps["name"] == name
     reps = a.reps[mine]
+    graphs = a.graphs[np.isin(a.graphs["rep"], np.flatnonzero(mine))]
+    batch = int(graphs["n_tokens"].max()) if len(graphs) else 0
     wall_ns = int(reps["wall_ns"].sum())
     n_tokens = int(reps["n_tokens"].sum())
     categories_ns = {c: int(reps[f"{c}_ns"].sum()) for c in CATEGORIES}
@@ -218,6 +227,8 @@ def _test_report(i: int, name: str, a: Attribution, tables: dict, rep_cat_bytes:
         hidden=hidden,
         bandwidth=bw, category_bw=category_bw,
         whatif_tps=whatif,
+        uploads={**test_uploads, "bytes_per_token": test_uploads["bytes"] / n_tokens if n_tokens else None},
+        offload=offload_whatif(rates, batch) if batch else {},
         **mine_tables)
 
 
@@ -245,6 +256,8 @@ def _test_json(r: TestReport) -> dict:
         "category_bandwidth": {c: {"bytes": v["bytes"], "busy_s": _s(v["busy_ns"]), "GBps": v["GBps"]}
                                for c, v in r.category_bw.items()},
         "whatif_tps": r.whatif_tps,
+        "uploads": r.uploads,
+        "offload": r.offload,
         "backends": _rows(r.backends), "ops": _rows(r.ops), "copies": _rows(r.copies),
         "layers": _rows(r.layers), "splits": _rows(r.splits),
     }

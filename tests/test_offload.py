@@ -242,3 +242,68 @@ def test_a_bad_environment_minimum_stops_run_before_any_work(tiny_gguf, monkeypa
     assert main(["run", "-m", str(tiny_gguf), "-p", "8", "-n", "0", "--accel", "emulated", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "GGML_OP_OFFLOAD_MIN_BATCH='lots'" in err[0]
+
+
+# -- the report ------------------------------------------------------------------------------
+
+def hand_timings():
+    """Three graphs worked by hand (8 experts, 2 used, 8 MB of experts on the CPU):
+    a token on the CPU (2 MB read in 0.2 ms: 10 GB/s), 16 tokens on the CPU (1.6 GFLOP in 16 ms:
+    100 GFLOP/s), 16 tokens offloaded (8 MB uploaded in 4 ms: 2 GB/s; 1.6 GFLOP in 1.6 ms on
+    ACC0: 1000 GFLOP/s); 0.1 GFLOP of expert work per token throughout."""
+    import orjson
+    from analysis.timings import load_lines
+
+    header = {"type": "meta", "schema": "hyprof-timings/1", "model": {"n_expert": 8, "n_expert_used": 2},
+              "config": {"accel": "ACC0 (emulated)"},
+              "placement": {"CPU": {"bytes": 9_000_000, "tensors": 4, "expert_bytes": 8_000_000}}}
+    ms = 1_000_000
+    events = []
+    for g, (n_tok, backend, op_bytes, dur, upload) in enumerate(((1, "CPU", 2_000_000, ms // 5, None),
+                                                                  (16, "CPU", 8_000_000, 16 * ms, None),
+                                                                  (16, "ACC0", 8_000_000, ms * 8 // 5, 4 * ms))):
+        t0 = g * 100 * ms
+        events.append({"type": "graph", "ts": t0, "dur": 50 * ms, "graph": g, "n_tokens": n_tok, "n_past": 0})
+        t = t0 + ms
+        if upload:
+            events.append({"type": "copy", "ts": t, "dur": upload, "graph": g, "split": 1, "src": "CPU",
+                           "dst": "ACC0", "bytes": 8_000_000, "name": "blk.1.ffn_up_exps", "kind": "weights",
+                           "tid": "main"})
+            t += upload
+        events.append({"type": "op", "ts": t, "dur": dur, "graph": g, "split": 1, "backend": backend,
+                       "op": "MUL_MAT_ID", "name": "blk.1.ffn_up_exps", "layer": 1, "bytes": op_bytes,
+                       "flops": n_tok * 100_000_000, "n_tokens": n_tok, "tid": "main" if backend == "CPU" else backend})
+    return load_lines([orjson.dumps(header)] + [orjson.dumps(e) for e in events], "hand.jsonl")
+
+
+def test_the_crossover_is_the_hand_worked_batch():
+    """cpu(B) = max(used(B) / 10 GB/s, B x 0.1 GFLOP / 100 GFLOP/s) and offload(B) = used(B) / 2 GB/s
+    + B x 0.1 GFLOP / 1000 GFLOP/s with used(B) = 8 MB x (1 - 0.75^B): at B = 1, 1 ms against
+    1.1 ms; at B = 2, 2 ms against 1.75 + 0.2 ms: offloading pays from a batch of 2."""
+    from analysis.offload import crossover_batch, offload_rates, offload_seconds, uploads
+
+    t = hand_timings()
+    r = offload_rates(t)
+    assert (r.upload_GBps, r.cpu_expert_GBps, r.cpu_expert_GFLOPs, r.acc_expert_GFLOPs) == \
+        pytest.approx((2.0, 10.0, 100.0, 1000.0))
+    assert r.expert_flops_per_token == pytest.approx(1e8)
+    assert offload_seconds(r, 1) == pytest.approx((1e-3, 1.1e-3))
+    assert offload_seconds(r, 2) == pytest.approx((2e-3, 1.95e-3))
+    assert crossover_batch(r) == 2
+    assert uploads(t) == {"bytes": 8_000_000, "s": 0.004, "GBps": 2.0, "count": 1}
+
+
+def test_the_report_shows_uploads_and_the_crossover():
+    from analysis.report import build_report
+    from analysis.tables import report_tables
+
+    report = build_report(hand_timings())
+    [test] = report.to_json()["tests"]
+    assert test["uploads"] == {"bytes": 8_000_000, "s": 0.004, "GBps": 2.0, "count": 1,
+                               "bytes_per_token": 8_000_000 / 33}
+    assert test["copy_s"]["weights"] == pytest.approx(0.004) and test["copy_s"]["h2d"] == 0
+    assert (test["offload"]["batch"], test["offload"]["faster"], test["offload"]["crossover_batch"]) == \
+        (16, "offload", 2)
+    text = "\n".join(" ".join(map(str, row)) + "\n" + "\n".join(tbl.notes) for tbl in report_tables(report)
+                     for row in tbl.rows)
+    assert "weight uploads (h2d)" in text and "offloading pays from a batch of 2" in text

@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from hybrid.placement import is_expert_tensor
 from hybrid.weights import GateUpExperts, Weight
 from profiler.errors import UserError
 
@@ -132,9 +133,10 @@ def upload_runs(experts: list[int] | None, n_rows: int) -> list[tuple[int, int]]
 
 
 def staging_key(w: Weight) -> tuple:
-    """Which staging memory a stored tensor is uploaded into: expert tensors of every layer share
-    one per role, shape and type (blk.3.ffn_up_exps.weight -> ffn_up_exps.weight; splits run one
-    at a time, as ggml reuses its compute buffer), other weights keep one each (an op may cache
-    what it derives from its buffer, `hybrid.builder._head_weights`)."""
-    role = w.name.split(".", 2)[2] if len(w.shape) == 3 and w.name.startswith("blk.") else w.name
+    """Which staging memory a stored tensor is uploaded into: routed-expert tensors of every layer
+    share one per role, shape and type (blk.3.ffn_up_exps.weight -> ffn_up_exps.weight; splits run
+    one at a time, as ggml reuses its compute buffer, and an expert op derives nothing from its
+    buffer that it keeps), other weights keep one each (an op may keep what it derives from its
+    buffer: `hybrid.builder._head_weights`, the per-head attention weights, 3-D ones included)."""
+    role = w.name.split(".", 2)[2] if is_expert_tensor(w.name) and w.name.startswith("blk.") else w.name
     return role, w.shape, w.ggml_type

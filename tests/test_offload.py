@@ -95,6 +95,7 @@ def test_layers_share_expert_staging_by_role_and_other_weights_keep_their_own():
     assert staging_key(w("blk.1.ffn_up_exps.weight", (8, 4, 18))) != staging_key(w("blk.1.ffn_gate_exps.weight",
                                                                                     (8, 4, 18)))
     assert staging_key(w("blk.1.attn_q.weight", (4, 18)))[0] == "blk.1.attn_q.weight"
+    assert staging_key(w("blk.1.attn_k_b.weight", (4, 8, 18))) != staging_key(w("blk.2.attn_k_b.weight", (4, 8, 18)))
 
 
 def test_ncmoe_is_one_rule_for_the_first_layers_experts():
@@ -175,12 +176,16 @@ def test_an_offloaded_op_starts_a_split_that_uploads_it(tiny_gguf):
         assert "1.off" not in engine.last_plan.causes
 
 
-def test_offload_reaches_the_accelerator_even_when_it_holds_no_weight(tiny_gguf, no_offload):
-    """-ngl 0 with an accelerator: llama.cpp still offloads a prompt's matmuls to it."""
-    tokens, events, engine = run(tiny_gguf, n_gpu_layers=0, overrides=())
-    assert "ACC0" in engine.placement.accel and uploads(events)
-    assert {u["name"] for u in uploads(events)} >= {"output", "blk.0.attn_output"}
-    assert tokens == no_offload[0]
+@pytest.mark.parametrize("kv_layout", ["kv_b", "k_b_v_b"])
+def test_offload_reaches_the_accelerator_even_when_it_holds_no_weight(make_gguf, kv_layout):
+    """-ngl 0 with an accelerator: llama.cpp still offloads a prompt's matmuls to it, the
+    attention's per-head ones too (k_b_v_b's 3-D attn_k_b: staged per layer, not per role)."""
+    path = make_gguf("tiny", "q4_0", **({} if kv_layout == "kv_b" else {"kv_layout": kv_layout}))
+    tokens, events, engine = run(path, n_gpu_layers=0, overrides=())
+    reference, _, _ = run(path, n_gpu_layers=0, overrides=(), no_op_offload=1)
+    assert engine.placement.accel == "ACC0" and uploads(events)
+    assert {"output", "blk.0.attn_output", "blk.2.ffn_up_exps"} <= {u["name"] for u in uploads(events)}
+    assert tokens == reference
 
 
 def test_ubatch_runs_a_long_prompt_as_several_graphs(tiny_gguf, no_offload):
@@ -307,3 +312,26 @@ def test_the_report_shows_uploads_and_the_crossover():
     text = "\n".join(" ".join(map(str, row)) + "\n" + "\n".join(tbl.notes) for tbl in report_tables(report)
                      for row in tbl.rows)
     assert "weight uploads (h2d)" in text and "offloading pays from a batch of 2" in text
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("prompt", [PROMPT, [11, 150]], ids=["pp64-every-expert", "pp2-some-experts"])
+def test_cuda_uploads_through_pinned_staging_and_keeps_the_tokens(tiny_gguf, prompt, monkeypatch):
+    """The CUDA upload path: the used experts' stored rows through the pinned buffer, dequantised on
+    the device; the CPU weights take the exact path too (as CUDA's do) for a tight match."""
+    from hybrid import weights
+
+    monkeypatch.setattr(weights, "NATIVE", False)
+    options = dict(HYBRID, accel="cuda", op_offload_min_batch=2)
+    tokens, events, engine = run(tiny_gguf, prompt=prompt, **options)
+    reference, _, _ = run(tiny_gguf, prompt=prompt, **options, no_op_offload=1)
+    assert tokens == reference
+    ups = uploads(events)
+    assert ups and all((u["src"], u["dst"]) == ("CPU", "CUDA0") for u in ups)
+    stored = engine.gguf.tensors
+    for u in ups:
+        info = stored[u["name"] + ".weight"]
+        assert 0 < u["bytes"] <= info.n_bytes and u["bytes"] % (info.n_bytes // info.shape[0]) == 0
+    n_tokens = graph_tokens(events)
+    assert {e["backend"] for e in events if e["type"] == "op" and "_exps" in e["name"]
+            and n_tokens[e["graph"]] > 1} == {"CUDA0"}

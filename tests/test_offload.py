@@ -335,3 +335,32 @@ def test_cuda_uploads_through_pinned_staging_and_keeps_the_tokens(tiny_gguf, pro
     n_tokens = graph_tokens(events)
     assert {e["backend"] for e in events if e["type"] == "op" and "_exps" in e["name"]
             and n_tokens[e["graph"]] > 1} == {"CUDA0"}
+
+
+@pytest.mark.parametrize("ub, rule, offloaded", [(64, "llama.cpp", True), (16, "llama.cpp", False), (64, "ik", False)])
+def test_model_info_tells_whether_a_ubatch_offloads_the_cpu_experts(tiny_gguf, capsys, ub, rule, offloaded):
+    import json
+
+    from hybrid.gguf_model import load_model
+    from hyprof.cli import main
+
+    # tiny: 8 experts, 2 used; ik at minimum 32 needs a batch of 128
+    assert main(["model", "info", str(tiny_gguf), "-ngl", "99", "-ncmoe", "2", "-ub", str(ub), "--op-offload", rule,
+                 "--accel", "emulated", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    o = info["op_offload"]
+    expert_bytes = sum(t.n_bytes for n, t in load_model(str(tiny_gguf)).tensors.items() if n.startswith("blk.1.")
+                       and "_exps" in n)
+    assert (o["experts_offloaded"], o["to"], o["max_upload_bytes"]) == (offloaded, "ACC0", expert_bytes)
+    assert info["placement"]["backends"]["CPU"]["expert_bytes"] == expert_bytes
+
+
+def test_generate_takes_the_offload_flags(tiny_gguf, capsys):
+    from hyprof.cli import main
+
+    ids = []
+    for flags in (["-nopo", "1"], ["-ub", "5", "--op-offload-min-batch", "2"]):
+        assert main(["generate", "-m", str(tiny_gguf), "--prompt-ids", "1,17,42,99,7", "-n", "4", "-ngl", "99",
+                     "-ot", EXPERTS_ON_CPU, "--accel", "emulated", "-t", "2", "--ids", *flags]) == 0
+        ids.append(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ids[0] == ids[1]

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 
+from hyprof.offload_flags import add_offload_flags
 from profiler.errors import UserError
 
 MAKE_EPILOG = """\
@@ -76,18 +77,9 @@ def register(subparsers) -> None:
     info.add_argument("model", metavar="FILE.gguf")
     info.add_argument("-ngl", "--n-gpu-layers", type=int, default=99, metavar="N",
                       help="last N layers (output counting as the last) on the accelerator (default: 99)")
-    info.add_argument("-ncmoe", "--n-cpu-moe", type=int, default=0, metavar="N",
-                      help="routed experts of the first N layers on the CPU (default: 0)")
     info.add_argument("-ot", "--override-tensor", action="append", default=[], metavar="REGEX=BACKEND[;...]",
                       help="placement rule overriding -ngl; repeatable, first match wins")
-    info.add_argument("-ub", "--ubatch-size", type=int, default=512, metavar="N",
-                      help="the ubatch the op-offload line is told for (default: 512)")
-    info.add_argument("-nopo", "--no-op-offload", type=int, choices=(0, 1), default=0,
-                      help="1: no op offload (default: 0)")
-    info.add_argument("--op-offload-min-batch", type=int, metavar="N",
-                      help="the op-offload minimum batch (default: GGML_OP_OFFLOAD_MIN_BATCH, else 32)")
-    info.add_argument("--op-offload", choices=("llama.cpp", "ik"), default="llama.cpp",
-                      help="the op-offload rule (default: llama.cpp)")
+    add_offload_flags(info, "the ubatch the op-offload line is told for (default: 512)")
     info.add_argument("--accel", choices=("auto", "cuda", "emulated", "none"), default=None,
                       help="accelerator -ngl offloads to (default: CUDA0 if present, else ACC0 standing "
                            "in for a GPU, so that -ngl shows what an accelerator would hold)")

@@ -238,6 +238,27 @@ def test_hyprof_run_records_uploads_for_pp_and_none_with_nopo(tiny_gguf, tmp_pat
             [test] = tests[(tests["config"] == config) & (tests["name"] == t.id(name))]
             inside = weights & (ev["ts"] >= test["ts"]) & (ev["ts"] < test["ts"] + test["dur"])
             assert inside.any() == (expect and name == "pp64"), (config, name)
+    # the report: uploads in the offloaded pp64 only, and (both sides measured) the what-if
+    from analysis.report import build_report
+
+    by_name = {r.name: r for r in build_report(t).tests}
+    assert [n for n, r in by_name.items() if r.uploads["count"]] == ["pp64 [nopo=0]"]
+    offload = by_name["pp64 [nopo=0]"].offload
+    assert offload["batch"] == 64 and offload["faster"] in ("cpu", "offload") and "crossover_batch" in offload
+
+
+def test_a_higher_environment_minimum_records_no_upload_in_run(tiny_gguf, tmp_path, monkeypatch, capsys):
+    from analysis.timings import load_timings
+    from hyprof.cli import main
+
+    monkeypatch.setenv("GGML_OP_OFFLOAD_MIN_BATCH", "128")
+    out = tmp_path / "t.jsonl"
+    assert main(["run", "-m", str(tiny_gguf), "-p", "64", "-n", "4", "-r", "1", "-t", "2", "-ngl", "99",
+                 "-ot", EXPERTS_ON_CPU, "--accel", "emulated", "-o", str(out), "--peak-bw", "10",
+                 "--no-progress"]) == 0
+    t = load_timings(out)
+    assert t.header["config"]["op_offload_min_batch"] == 128
+    assert t.of_type("copy").any() and t.id("weights") == -1
 
 
 def test_a_bad_environment_minimum_stops_run_before_any_work(tiny_gguf, monkeypatch, capsys):

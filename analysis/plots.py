@@ -295,16 +295,20 @@ def plot_bandwidth(tests: Sequence[TestReport], peak_GBps: dict, subtitle: str) 
 
 def _bandwidth_items(r: TestReport) -> list[tuple[str, float, float, str]]:
     """(label, GB/s, bytes per token, gid) for each backend and compute category that read bytes,
-    each backend followed by its categories (so that its peak line spans them)."""
+    each backend followed by its categories (so that its peak line spans them); a label ends in
+    "(≤)" where the bytes are an upper bound (an imported batch's experts)."""
     per = max(r.n_tokens, 1)
     items = []
     for b in r.backends:
         if b["bytes"] <= 0 or b["busy_ns"] <= 0:
             continue
         backend = str(b["backend"])
-        items.append((f"all ops on {backend}", float(b["GBps"]), b["bytes"] / per, f"backend:{backend}"))
+        at_most = {True: " (≤)", False: ""}
+        items.append((f"all ops on {backend}{at_most[bool(b['bytes_ub'])]}", float(b["GBps"]), b["bytes"] / per,
+                      f"backend:{backend}"))
         on_cpu = backend.upper().startswith("CPU")
-        items += [(c, float(r.category_bw[c]["GBps"]), r.category_bw[c]["bytes"] / per, f"category:{c}")
+        items += [(c + at_most[r.category_bw[c]["upper_bound"]], float(r.category_bw[c]["GBps"]),
+                   r.category_bw[c]["bytes"] / per, f"category:{c}")
                   for c in COMPUTE_CATEGORIES if c.startswith("cpu") == on_cpu
                   and r.category_bw[c]["bytes"] > 0 and r.category_bw[c]["GBps"]]
     return items

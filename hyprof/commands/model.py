@@ -17,12 +17,19 @@ presets:
   deepseek-v2-lite-mini  DeepSeek-V2-Lite shapes (n_embd 2048, 64 experts x 1408,
                          6 used, 2 shared), 4 layers: ~1.4 GiB at q4_0
   deepseek-v2-lite       all 27 layers, 15.7 B parameters: ~8.8 GiB at q4_0
+  qwen3-tiny             2 MoE layers, 8 experts (2 used), GQA 4 heads over 2: for tests
+  qwen3-30b-a3b-mini     Qwen3-30B-A3B shapes (n_embd 2048, 128 experts x 768,
+                         8 used, GQA 32/4 heads of 128), 4 layers: ~2 GiB at q4_0
+  qwen3-30b-a3b          all 48 layers, 30.5 B parameters: ~17 GiB at q4_0
 Weights are seeded noise scaled to keep activations finite and logits spread;
 norms and the router stay F32, as llama.cpp quantizes. llama.cpp loads the files.
 
 examples:
   hyprof model make --preset tiny -o tiny.gguf
   hyprof model make --preset deepseek-v2-lite --layers 8 --type q8_0 -o lite8.gguf
+  hyprof model make --preset deepseek-v2-lite-mini --q-lora-rank 1536 -o mini-qlora.gguf
+      (V2-Lite shapes with DeepSeek-V2's q-LoRA attention: ik_llama.cpp takes a deepseek2
+      file without q-LoRA for V2-Lite only at 26 or 27 layers, so compare with it on this one)
 """
 
 INFO_EPILOG = """\
@@ -54,15 +61,19 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="model_command", metavar="make|info")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
-    mk = sub.add_parser("make", help="write a DeepSeek-shaped GGUF with seeded random weights",
-                        description="Write a DeepSeek2 GGUF model with seeded random weights, "
+    mk = sub.add_parser("make", help="write a DeepSeek2 or Qwen3-MoE GGUF with seeded random weights",
+                        description="Write a DeepSeek2 or Qwen3-MoE GGUF model with seeded random weights, "
                         "streaming tensor by tensor (the full preset needs ~1 GiB of memory).",
                         epilog=MAKE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     mk.add_argument("--preset", required=True, metavar="NAME",
-                    help="tiny | deepseek-v2-lite-mini | deepseek-v2-lite")
+                    help="tiny | deepseek-v2-lite-mini | deepseek-v2-lite | qwen3-tiny | "
+                         "qwen3-30b-a3b-mini | qwen3-30b-a3b")
     mk.add_argument("--layers", type=int, metavar="N", help="layer count instead of the preset's")
     mk.add_argument("--type", default="q4_0", metavar="T", dest="qtype",
                     help="q4_0 | q8_0 | f16 | bf16 | f32 (default: q4_0)")
+    mk.add_argument("--q-lora-rank", type=int, metavar="R",
+                    help="deepseek2 presets: q-LoRA attention of rank R (attn_q_a/attn_q_b, as DeepSeek-V2/V3: "
+                         "1536) instead of the preset's (0: a plain attn_q, as V2-Lite)")
     mk.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     mk.add_argument("-o", "--output", required=True, metavar="FILE.gguf", help="output file")
     mk.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -94,10 +105,24 @@ def make(args: argparse.Namespace) -> int:
 
     with progress_bar(0, f"making {args.output}", not args.no_progress, "MiB") as advance:
         config = make_model(args.output, args.preset, args.qtype, n_layers=args.layers, seed=args.seed,
+                            overrides=_q_lora_override(args.preset, args.q_lora_rank),
                             force=args.force, progress=lambda done, total: advance(
                                 completed=done >> 20, total=max(total >> 20, 1)))
     print(f"wrote {args.output}: {args.preset}, {config.n_layer} layers, {args.qtype.upper()}", file=sys.stderr)
     return 0
+
+
+def _q_lora_override(preset: str, rank: int | None) -> dict | None:
+    from hybrid.make_model import PRESETS
+    from profiler.errors import UserError
+
+    if rank is None:
+        return None
+    if PRESETS.get(preset, {}).get("arch") != "deepseek2":
+        raise UserError(f"--q-lora-rank: only the deepseek2 presets have q-LoRA attention, not {preset}")
+    if rank < 0:
+        raise UserError(f"--q-lora-rank {rank}: must be 0 (none) or a positive rank")
+    return {"q_lora_rank": rank}
 
 
 def show_info(args: argparse.Namespace) -> int:

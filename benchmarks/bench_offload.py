@@ -64,12 +64,12 @@ def main() -> None:
     print(f"\nmodel {Path(model).name}, {args.threads} threads, CPU {cpu_model()}, "
           f"SIMD path {cpu_kernels.available()}, load average {os.getloadavg()[0]:.1f} at the end "
           f"(ACC0 emulated: not GPU/PCIe figures)")
+    minimums = (*BATCHES, NO_OFFLOAD)
     print("pp t/s per offload minimum (rows) and prompt (columns); * = that prompt was offloaded")
     print(f"{'minimum':>10} " + " ".join(f"{f'pp{b}':>9}" for b in BATCHES))
     for m in minimums:
         cells = [f"{tps[m, b]:8.1f}{'*' if m != NO_OFFLOAD and m <= b else ' '}" for b in BATCHES]
         print(f"{m!s:>10} " + " ".join(cells))
-    minimums = (*BATCHES, NO_OFFLOAD)
 
     def mean_tps(b: int, offloaded: bool) -> float:
         return statistics.fmean(tps[m, b] for m in minimums if (m != NO_OFFLOAD and m <= b) == offloaded)

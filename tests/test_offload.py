@@ -385,3 +385,14 @@ def test_generate_takes_the_offload_flags(tiny_gguf, capsys):
                      "-ot", EXPERTS_ON_CPU, "--accel", "emulated", "-t", "2", "--ids", *flags]) == 0
         ids.append(capsys.readouterr().out.strip().splitlines()[-1])
     assert ids[0] == ids[1]
+
+
+def test_the_trace_names_uploads():
+    """`hyprof trace`: an upload's slice says upload (an activation copy's says copy)."""
+    from analysis.attribution import attribute
+    from analysis.trace import trace_events
+
+    t = hand_timings()
+    events, _ = trace_events(t, attribute(t))
+    names = {e["name"] for e in events if e.get("ph") == "X"}
+    assert "upload CPU→ACC0" in names and not any(n.startswith("copy ") for n in names)

@@ -109,7 +109,7 @@ def backend_table(t: Timings, test: np.ndarray) -> np.ndarray:
 
 def copy_table(t: Timings, test: np.ndarray) -> np.ndarray:
     ev = t.events
-    direction = copy_direction(t, ev["src"], ev["dst"])
+    direction = copy_direction(t, ev["src"], ev["dst"], ev["kind"])
     return _group(t, t.of_type("copy"), test,
                   [("direction", direction), ("src", ev["src"]), ("dst", ev["dst"])])
 

@@ -3,8 +3,8 @@
 Public API (stable):
 
     write_plots(timings, report, attribution, out_dir, fmt="png", force=True) -> list[Path]
-        breakdown, timeline, ops, bandwidth, (when the run has depth tests) depth and (when it
-        recorded routes) experts,
+        breakdown, timeline, timeline_offload (when the run uploaded weights), ops, bandwidth,
+        (when the run has depth tests) depth and (when it recorded routes) experts,
         each written atomically as out_dir/<name>.<fmt>.
     write_diff_plot(diff, out_dir, fmt="png", force=True) -> Path
         out_dir/breakdown-diff.<fmt>: per test, run A's bar over run B's, in ms/token.
@@ -51,7 +51,9 @@ from profiler.errors import UserError
 from profiler.files import atomic_output, check_output_path
 from profiler.schema import CATEGORIES
 
-PLOT_NAMES = ("breakdown", "timeline", "ops", "bandwidth", "depth", "experts")
+# timeline_offload: the timeline of a graph that uploaded weights (op offload), its uploads on the
+# copies lane; drawn only for a run that has some (the `timeline` is a generated token's)
+PLOT_NAMES = ("breakdown", "timeline", "timeline_offload", "ops", "bandwidth", "depth", "experts")
 CATEGORY_COLOURS = {
     "cpu_expert_matmul": "#D55E00",  # vermillion
     "cpu_other": "#E69F00",          # orange
@@ -444,6 +446,9 @@ def write_plots(t: Timings, report: Report, a: Attribution, out_dir: str | os.Pa
     tl = token_timeline(t, a)
     if tl is not None:
         figures["timeline"] = plot_timeline(tl, sub)
+    offloaded = next((r.name for r in report.tests if r.uploads["count"]), None)
+    if offloaded is not None:
+        figures["timeline_offload"] = plot_timeline(token_timeline(t, a, offloaded), sub)
     series = depth_series(report, t)
     if series:
         figures["depth"] = plot_depth(series, sub)

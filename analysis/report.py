@@ -27,6 +27,9 @@ Public API (stable):
         category_bw {category: {"bytes", "busy_ns", "GBps", "upper_bound"}}, whatif_tps {...}
             (analysis/whatif.py: each repetition's wall projected, then the same avg_ts),
         whatif_lower_bound (the whatif_tps keys that are lower bounds, see bandwidth),
+        uploads {"bytes", "s", "GBps", "count", "bytes_per_token"} (op-offload weight uploads) and
+        offload {...} (analysis/offload.py: at this test's batch, CPU or offload, and the batch where
+            they cross),
         ops, copies, layers, backends, splits: structured arrays (bandwidth.py GROUP rows with
         symbol ids replaced by names),
         experts: analysis.experts.ExpertUsage with its what-ifs, or None (no route events: an
@@ -41,6 +44,7 @@ import numpy as np
 
 from analysis import bandwidth, experts
 from analysis.attribution import COPY_DIRECTIONS, Attribution, attribute
+from analysis.offload import offload_rates, offload_whatif, uploads
 from analysis.run_info import model_name
 from analysis.timings import Timings
 from analysis.whatif import whatif_tps
@@ -74,6 +78,8 @@ class TestReport:
     category_bw: dict
     whatif_tps: dict
     whatif_lower_bound: tuple
+    uploads: dict
+    offload: dict
     ops: np.ndarray
     copies: np.ndarray
     layers: np.ndarray
@@ -133,8 +139,10 @@ def build_report(t: Timings, peak_bw: float | None = None, attribution: Attribut
     backend_bytes = _backend_bytes_per_rep(t, rep_of_event, len(a.reps))
     recording = _recording_per_test(t, test_of_event, len(names))
     usage = experts.expert_usage(t, bandwidth.time_test(t.routes["ts"], a)[0], test_of_event, len(names))
+    rates = offload_rates(t)
     tests = tuple(_test_report(i, name, a, tables, category_bytes, category_ub, backend_bytes, peaks,
-                               _reported_tps(t, a, name), int(recording[i]), usage[i])
+                               _reported_tps(t, a, name), int(recording[i]), uploads(t, test_of_event == i), rates,
+                               usage[i])
                   for i, name in enumerate(names))
     accel = str((t.header.get("config") or {}).get("accel", ""))
     emulated = "emulated" in accel or any(b.startswith("ACC") for b in t.symbols)
@@ -197,10 +205,12 @@ def _recording_per_test(t: Timings, test_of_event: np.ndarray, n_tests: int) -> 
 
 
 def _test_report(i: int, name: str, a: Attribution, tables: dict, rep_cat_bytes: np.ndarray, rep_cat_ub: np.ndarray,
-                 rep_backend_bytes: dict, peaks: dict, reported: tuple, recording_ns: int,
-                 usage: experts.ExpertUsage | None) -> TestReport:
+                 rep_backend_bytes: dict, peaks: dict, reported: tuple, recording_ns: int, test_uploads: dict,
+                 rates, usage: experts.ExpertUsage | None) -> TestReport:
     mine = a.reps["name"] == name
     reps = a.reps[mine]
+    graphs = a.graphs[np.isin(a.graphs["rep"], np.flatnonzero(mine))]
+    batch = int(graphs["n_tokens"].max()) if len(graphs) else 0
     wall_ns = int(reps["wall_ns"].sum())
     n_tokens = int(reps["n_tokens"].sum())
     categories_ns = {c: int(reps[f"{c}_ns"].sum()) for c in CATEGORIES}
@@ -242,6 +252,8 @@ def _test_report(i: int, name: str, a: Attribution, tables: dict, rep_cat_bytes:
         bandwidth=bw, category_bw=category_bw,
         whatif_tps=whatif, experts=usage,
         whatif_lower_bound=("cpu_expert_at_peak",) if expert["upper_bound"] and whatif["cpu_expert_at_peak"] else (),
+        uploads={**test_uploads, "bytes_per_token": test_uploads["bytes"] / n_tokens if n_tokens else None},
+        offload=offload_whatif(rates, batch) if batch else {},
         **mine_tables)
 
 
@@ -270,6 +282,8 @@ def _test_json(r: TestReport) -> dict:
                                    "upper_bound": v["upper_bound"]}
                                for c, v in r.category_bw.items()},
         "whatif_tps": r.whatif_tps, "whatif_lower_bound": list(r.whatif_lower_bound),
+        "uploads": r.uploads,
+        "offload": r.offload,
         "backends": _rows(r.backends), "ops": _rows(r.ops), "copies": _rows(r.copies),
         "layers": _rows(r.layers), "splits": _rows(r.splits),
         "experts": r.experts.to_json() if r.experts is not None else None,

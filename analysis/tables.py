@@ -20,6 +20,8 @@ from analysis.attribution import sweep_labels
 from analysis.report import COMPUTE_CATEGORIES, Report, TestReport
 from profiler.schema import CATEGORIES, OVERHEAD_CATEGORIES
 
+COPY_LABELS = {"weights": "weight uploads (h2d)"}     # copy directions as the tables name them
+
 
 @dataclass(frozen=True)
 class Table:
@@ -137,7 +139,7 @@ def _time_table(r: TestReport, source: str) -> Table:
     for c in OVERHEAD_CATEGORIES:
         rows.append(row(f"  {c}", r.categories_ns[c]))
         if c == "copy":
-            rows += [row(f"    {d}", ns) for d, ns in r.copy_ns.items() if ns]
+            rows += [row(f"    {COPY_LABELS.get(d, d)}", ns) for d, ns in r.copy_ns.items() if ns]
         if c == "other" and r.recording_ns:
             rows.append(row("    recording", r.recording_ns))
     rows.append(row("wall", r.wall_ns))
@@ -172,9 +174,27 @@ def _notes(r: TestReport) -> tuple:
     notes.append(f"what-if: {_f(w['no_overhead'], 1)} t/s with the overhead removed, "
                  f"{_at_least('cpu_expert_at_peak' in lower, _f(w['cpu_expert_at_peak'], 1))} t/s with the CPU "
                  f"experts at peak bandwidth, {_at_least('bound' in lower, _f(w['bound'], 1))} t/s hardware bound")
+    notes += _offload_notes(r)
     for c, under, ns in r.hidden:
         notes.append(f"hidden overlap: {c} {_f(ns / 1e9, 3)} s ran under {under}")
     return tuple(notes)
+
+
+def _offload_notes(r: TestReport) -> list[str]:
+    """The weight uploads, and at this test's batch whether offloading the CPU's experts beats
+    computing them there (analysis/offload.py), where the file measured what that needs."""
+    up, o = r.uploads, r.offload
+    notes = []
+    if up["count"]:
+        notes.append(f"weight uploads (op offload): {up['count']} copies, {_mb(up['bytes'])} MB in "
+                     f"{_ms(up['s'] * 1e9)} ms = {_f(up['GBps'], 2)} GB/s, {_mb(up['bytes_per_token'])} MB per token")
+    if o.get("faster"):
+        crossover = o["crossover_batch"]
+        notes.append(f"offload what-if at a batch of {o['batch']}: CPU experts {_ms(o['cpu_s'] * 1e9)} ms, uploaded "
+                     f"and computed on the accelerator {_ms(o['offload_s'] * 1e9)} ms a graph -> {o['faster']} is "
+                     f"faster; offloading pays from a batch of "
+                     f"{crossover if crossover is not None else 'more than 8192'} (GGML_OP_OFFLOAD_MIN_BATCH)")
+    return notes
 
 
 def _backend_table(r: TestReport, peaks: dict) -> Table:
@@ -198,7 +218,7 @@ def _op_table(r: TestReport) -> Table:
 
 
 def _copy_table(r: TestReport) -> Table:
-    rows = tuple((str(c["direction"]), f"{c['src'] or '?'} → {c['dst'] or '?'}", str(c["count"]), _mb(c["bytes"]),
+    rows = tuple((COPY_LABELS.get(str(c["direction"]), str(c["direction"])), f"{c['src'] or '?'} → {c['dst'] or '?'}", str(c["count"]), _mb(c["bytes"]),
                   _ms(c["total_ns"]), _f(c["GBps"], 2)) for c in r.copies)
     return Table(f"{r.name}: copies", ("direction", "backends", "count", "MB", "total ms", "GB/s"), rows)
 

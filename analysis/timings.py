@@ -69,6 +69,7 @@ EVENT_DTYPE = np.dtype([
     ("bytes", np.int64), ("bytes_ub", np.int8), ("flops", np.int64), ("n_tokens", np.int32),
     ("src", np.int32), ("dst", np.int32),
     ("n_past", np.int32), ("n_nodes", np.int32), ("n_inputs", np.int32),
+    ("kind", np.int32),     # a copy's kind ("weights": an op-offload upload), a test's (pp, tg)
 ])
 # One row per test repetition (the few fields only `test` events carry); `tps`/`tps_std` are
 # the source engine's own figures (NaN: none), `config` the sweep index (-1: none).

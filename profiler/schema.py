@@ -34,7 +34,11 @@ OPTIONAL_FIELDS = {
     "op": ("node",          # the node name the source printed, when `name` is the weight's
            "bytes_ub"),     # 1: `bytes` is an upper bound (an imported batch's experts, which its
                             # log does not name: analysis/model_bytes.py); absent or 0: exact
+    "copy": ("kind",),      # "weights": an op-offload upload of a host weight (absent: "act")
 }
+
+# A copy's `kind` when it is an op-offload upload of a host weight (absent: activations, "act").
+WEIGHTS_COPY = "weights"
 
 # Host phases that count as graph build in the attribution.
 GRAPH_BUILD_PHASES = ("graph_build", "set_inputs")

@@ -7,6 +7,9 @@ import dataclasses
 import json
 import sys
 
+from hyprof.offload_flags import add_offload_flags
+from profiler.errors import UserError
+
 MAKE_EPILOG = """\
 presets:
   tiny                   3 layers (1 dense + 2 MoE), 8 experts (2 used, 1 shared),
@@ -36,10 +39,17 @@ placement (as llama.cpp):
   Each -ot REGEX=BACKEND rule (repeated, or separated by `;` or `,`: both, as there
   is no sweep here, and a piece without '=' belongs to the next rule, so a regex may
   hold either) is tried in order with re.search on the tensor name; the first match
-  wins over -ngl.
+  wins over -ngl. -ncmoe N keeps the routed experts of the first N layers on the
+  CPU: one more rule, tried before the -ot ones.
+
+op offload: at a ubatch of -ub tokens (default 512), the CPU's expert matmuls run on
+  the accelerator when the batch reaches the minimum (as `hyprof run`: 32, or
+  GGML_OP_OFFLOAD_MIN_BATCH, or --op-offload-min-batch; -nopo 1: never), uploading
+  the experts the batch uses, at most all of the CPU's expert bytes per ubatch.
 
 examples:
   hyprof model info tiny.gguf -ngl 99 -ot "\\.ffn_.*_exps\\.=CPU"
+  hyprof model info tiny.gguf -ngl 99 -ncmoe 2 -ub 16
   hyprof model info tiny.gguf -ngl 2 --accel emulated --tensors
 """
 
@@ -80,6 +90,7 @@ def register(subparsers) -> None:
                       help="last N layers (output counting as the last) on the accelerator (default: 99)")
     info.add_argument("-ot", "--override-tensor", action="append", default=[], metavar="REGEX=BACKEND[;...]",
                       help="placement rule overriding -ngl; repeatable, first match wins")
+    add_offload_flags(info, "the ubatch the op-offload line is told for (default: 512)")
     info.add_argument("--accel", choices=("auto", "cuda", "emulated", "none"), default=None,
                       help="accelerator -ngl offloads to (default: CUDA0 if present, else ACC0 standing "
                            "in for a GPU, so that -ngl shows what an accelerator would hold)")
@@ -116,18 +127,33 @@ def _q_lora_override(preset: str, rank: int | None) -> dict | None:
 
 def show_info(args: argparse.Namespace) -> int:
     from hybrid.gguf_model import load_model
-    from hybrid.placement import available_backends, backend_loads, parse_override_rules, place
+    from hybrid.offload import OpOffload, min_batch_from_env
+    from hybrid.placement import available_backends, backend_loads, n_cpu_moe_rule, parse_override_rules, place
 
+    if args.n_cpu_moe < 0:
+        raise UserError(f"-ncmoe {args.n_cpu_moe}: the layer count must be >= 0")
+    if args.ubatch_size < 1:
+        raise UserError(f"-ub {args.ubatch_size}: the ubatch must be >= 1 token")
     model = load_model(args.model)
     backends, accel = available_backends(args.accel or "auto")
     if args.accel is None and accel is None:
         backends, accel = available_backends("emulated")
-    rules = parse_override_rules(args.override_tensor, backends)
+    rules = parse_override_rules([*n_cpu_moe_rule(args.n_cpu_moe), *args.override_tensor], backends)
     placement = place(model.tensors, rules, args.n_gpu_layers, model.config.n_layer, backends, accel)
     for w in placement.warnings:
         print(f"hyprof: warning: {w}", file=sys.stderr)
     loads = backend_loads({n: t.n_bytes for n, t in model.tensors.items()}, model.config, placement)
+    c = model.config
+    offload = OpOffload(None if args.no_op_offload else accel, args.op_offload_min_batch or min_batch_from_env(),
+                        args.op_offload, c.n_expert, c.n_expert_used,
+                        frozenset(n for n, t in model.tensors.items() if len(t.shape) == 3))
     result = info_result(model, placement, loads, args.n_gpu_layers, [str(r) for r in rules], args.tensors)
+    cpu_experts = [n for n in placement.names_on("CPU") if n in offload.weights]
+    result["op_offload"] = {"n_ubatch": args.ubatch_size, "min_batch": offload.min_batch, "rule": args.op_offload,
+                            "to": offload.accel,
+                            "experts_offloaded": bool(cpu_experts) and offload.wants("MUL_MAT_ID", cpu_experts[0],
+                                                                                     args.ubatch_size),
+                            "max_upload_bytes": sum(model.tensors[n].n_bytes for n in cpu_experts)}
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -213,6 +239,14 @@ def render_info(r: dict) -> None:
             for k in ("tensors", "bytes", "expert_bytes", "expert_bytes_per_token", "bytes_per_token")]
     t.add_row("total", str(sums[0]), _size(sums[1]), "100.0%", *map(_size, sums[2:]), style="bold")
     console.print(t)
+
+    o = r["op_offload"]
+    if o["experts_offloaded"]:
+        console.print(f"op offload at a ubatch of {o['n_ubatch']}: the CPU's expert matmuls run on {o['to']}, "
+                      f"uploading the experts each ubatch uses (at most {_size(o['max_upload_bytes'])})")
+    elif o["max_upload_bytes"]:
+        why = "op offload is off" if o["to"] is None else f"minimum {o['min_batch']}, rule {o['rule']}"
+        console.print(f"op offload at a ubatch of {o['n_ubatch']}: the CPU's expert matmuls stay on the CPU ({why})")
 
     if "tensors" in r:
         tt = Table(title="tensors", title_justify="left")

@@ -12,8 +12,8 @@ Public API (stable):
     top_coverage(reads, ks) -> [layer, k]: share of a layer's reads its k most-read experts carry
     lru_stack_distances(accesses) -> per access, its LRU stack distance (-1: first use)
     lru_hit_rates(distances, sizes) -> share of accesses a cache of each size would hit
-    ExpertUsage (frozen): n_expert, n_expert_used, n_graphs, layers, counts, reads, ks, coverage,
-        lru_sizes, lru_hit, cpu_bytes_per_read, whatif; .to_json()
+    ExpertUsage (frozen): n_expert, n_expert_used, n_graphs, n_tokens, layers, counts, reads, ks,
+        coverage, lru_hit, cpu_bytes_per_read, whatif; .overall(shares), .to_json()
 
 Why reads, not counts: a MUL_MAT_ID reads an expert's weights once per graph however many of
 the graph's tokens chose it, so an expert's traffic (bytes) is the graphs that used it times
@@ -21,12 +21,13 @@ its size (`reads`). In generation (one token a graph) reads are the counts. Pinn
 hottest experts of every layer on the GPU moves the share `top_coverage` of each layer's
 reads off the CPU (chosen from the same run that scores it: the ceiling of a static list
 tuned on this workload); an LRU cache of C experts per layer, replayed over the test's recorded
-graphs (its repetitions one after another) from a cold start, moves the share it hits. Both are computed from LRU
-stack distances (Mattson et al., 1970: an access hits a cache of C iff fewer than C other
-experts were used since its expert last was), so every cache size comes from one replay.
+graphs (its repetitions one after another) from a cold start, moves the share it hits. The
+replay computes LRU stack distances (Mattson et al., 1970: an access hits a cache of C iff fewer
+than C other experts were used since its expert last was), so every size comes from one pass.
 
 The what-if per token: bytes moved off the CPU = each layer's share times the CPU expert bytes
-it read; the projected t/s takes their time at the measured CPU expert bandwidth away and adds
+it read (the bytes of its expert ops that ran on the CPU: a layer whose experts are on the GPU,
+or a batch whose experts were offloaded, moves nothing, and its experts cost no VRAM here); the projected t/s takes their time at the measured CPU expert bandwidth away and adds
 them at the accelerator's measured bandwidth (none in the run: no projection). LRU misses are
 uploads (`upload_bytes_per_token`), assumed hidden behind compute; VRAM is the experts' size
 as stored (a GPU engine that dequantises them holds more).

@@ -247,7 +247,10 @@ def _expert_table(r: TestReport) -> Table:
                  "hottest pinned: chosen from this same run (a ceiling for a static list); LRU: replayed over the "
                  "recorded graphs from a cold cache, misses uploaded (assumed hidden behind compute)")
     notes.append("t/s: the moved bytes' time at the measured CPU expert bandwidth replaced by their time at the "
-                 "accelerator's measured bandwidth ('-': no accelerator ran in this test)")
+                 "accelerator's measured bandwidth ('-': no accelerator, or no CPU expert op, in this test)")
+    if not u.cpu_bytes_per_read.any():
+        notes.insert(0, "no expert op of this test ran on the CPU (its experts on the GPU, or its batch offloaded): "
+                        "the shares are of the experts' reads, and nothing would move")
     return Table(f"{r.name}: expert routing — {u.n_tokens} tokens in {u.n_graphs} graphs, {u.n_expert_used} of "
                  f"{u.n_expert} experts per token, {len(u.layers)} MoE layers",
                  ("experts per layer on GPU", "pinned hottest: % of bytes", "LRU cache: hit %",

@@ -149,6 +149,19 @@ def test_a_recorded_run_counts_tokens_times_experts_used_in_every_moe_layer(tmp_
     assert any("expert routing" in title for title in tables)
 
 
+def test_experts_that_ran_on_the_gpu_move_nothing(tmp_path):
+    events = routed_stream(lambda g, layer, n: [[g % 4, 4 + g % 4]], n_expert=8, n_used=2,
+                           tests=(("tg8", "tg", 0, 8, 0),))
+    events = [e for e in events if not (e.get("type") == "op" and "_exps" in e["name"])]     # experts elsewhere
+    _, report = report_of(tmp_path, events)
+    u = report.tests[0].experts
+    assert not u.cpu_bytes_per_read.any()
+    assert all(w["cpu_bytes_moved_per_token"] == 0 and w["vram_bytes"] == 0 and w["tps"] is None
+               for rows in u.whatif.values() for w in rows.values())
+    table = next(t for t in report_tables(report) if "expert routing" in t.title)
+    assert table.notes[0].startswith("no expert op of this test ran on the CPU")
+
+
 def test_recording_routes_does_not_change_the_tokens_and_they_are_the_references_choice(make_gguf):
     """The f32 tiny model on the emulated split (experts on the CPU): the same tokens with and without
     recording, and each recorded route the float64 reference's top-k."""

@@ -36,7 +36,7 @@ import numpy as np
 
 from hybrid import _kernels
 
-Q4_0, Q8_0 = 2, 8                                  # ggml type ids
+Q4_0, Q5_0, Q5_1, Q8_0, IQ4_NL = 2, 6, 7, 8, 20     # ggml type ids
 R16 = _kernels.R16                                 # flag on a type: the blocks are `repack`ed
 # ggml type id -> its facts (name, block_values, block_bytes, activation, and the paths with
 # kernels, with R16 kernels, and where R16 is repacked at load); one entry per type the native

@@ -26,22 +26,25 @@ static void dequantize_bf16(const uint8_t *src, int64_t n, float *out) {
     }
 }
 
-static void dequantize_q4_0(const uint8_t *src, int64_t n, float *out) {
-    for (int64_t b = 0; b < n / QK; b++, src += sizeof(block_q4_0), out += QK) {
-        const float d = fp16_to_f32(load_u16(src));
-        for (int j = 0; j < QK / 2; j++) {
-            out[j] = ((src[2 + j] & 0x0f) - 8) * d;
-            out[j + QK / 2] = ((src[2 + j] >> 4) - 8) * d;
-        }
+/* A q8_32 type's blocks: d * q (Q5_1: + m), in float32 as ggml and gguf-py compute it. */
+static inline void dequantize_q8_32_type(int type, size_t bb, const uint8_t *src, int64_t n, float *out) {
+    for (int64_t b = 0; b < n / QK; b++, src += bb, out += QK) {
+        const float d = fp16_to_f32(load_u16(src)), m = type == GGML_Q5_1 ? fp16_to_f32(load_u16(src + 2)) : 0.0f;
+        int32_t q[QK];
+        block_quants(type, src, q);
+        for (int i = 0; i < QK; i++) out[i] = type == GGML_Q5_1 ? d * (float)q[i] + m : d * (float)q[i];
     }
 }
 
-static void dequantize_q8_0(const uint8_t *src, int64_t n, float *out) {
-    for (int64_t b = 0; b < n / QK; b++, src += sizeof(block_q8_0), out += QK) {
-        const float d = fp16_to_f32(load_u16(src));
-        for (int j = 0; j < QK; j++) out[j] = (int8_t)src[2 + j] * d;
+#define DEQUANTIZE(T, block)                                                \
+    static void dequantize_##T(const uint8_t *src, int64_t n, float *out) { \
+        dequantize_q8_32_type(GGML_##T, sizeof(block), src, n, out);        \
     }
-}
+DEQUANTIZE(Q4_0, block_q4_0)
+DEQUANTIZE(Q5_0, block_q5_0)
+DEQUANTIZE(Q5_1, block_q5_1)
+DEQUANTIZE(Q8_0, block_q8_0)
+DEQUANTIZE(IQ4_NL, block_iq4_nl)
 
 /* ---- the table ---- */
 
@@ -60,10 +63,14 @@ const quant_traits_t QUANT_TRAITS[] = {
     {GGML_F32, "F32", 1, 4, dequantize_f32, ACT_NONE, {NULL}},
     {GGML_F16, "F16", 1, 2, dequantize_f16, ACT_NONE, {NULL}},
     {GGML_BF16, "BF16", 1, 2, dequantize_bf16, ACT_NONE, {NULL}},
-    {GGML_Q4_0, "Q4_0", QK, sizeof(block_q4_0), dequantize_q4_0, ACT_Q8_32,
-     {[PATH_SCALAR] = &SCALAR_Q4_0, AVX2_KERNELS(Q4_0) AVX512_KERNELS(Q4_0)}},
-    {GGML_Q8_0, "Q8_0", QK, sizeof(block_q8_0), dequantize_q8_0, ACT_Q8_32,
-     {[PATH_SCALAR] = &SCALAR_Q8_0, AVX2_KERNELS(Q8_0) AVX512_KERNELS(Q8_0)}},
+#define Q8_32_TYPE(T, block)                                     \
+    {GGML_##T, #T, QK, sizeof(block), dequantize_##T, ACT_Q8_32, \
+     {[PATH_SCALAR] = &SCALAR_##T, AVX2_KERNELS(T) AVX512_KERNELS(T)}}
+    Q8_32_TYPE(Q4_0, block_q4_0),
+    Q8_32_TYPE(Q5_0, block_q5_0),
+    Q8_32_TYPE(Q5_1, block_q5_1),
+    Q8_32_TYPE(Q8_0, block_q8_0),
+    Q8_32_TYPE(IQ4_NL, block_iq4_nl),
 };
 const int N_QUANT_TRAITS = sizeof(QUANT_TRAITS) / sizeof(QUANT_TRAITS[0]);
 

@@ -9,7 +9,8 @@ set-up in src/llama-context.cpp and ggml's rope_yarn), read as a specification.
 Slow by design; use it on the tiny presets only.
 
 `round_activations=True` models the engine's native CPU kernels (as llama.cpp's
-CPU backend): the input of every matmul on a Q4_0 or Q8_0 weight is first
+CPU backend): the input of every matmul on a weight of a type with 32-value blocks
+(Q4_0, Q5_0, Q5_1, Q8_0, IQ4_NL: ROUNDED_TYPES) is first
 rounded to 8 bits per block of 32 values, rint(x / d) * d with d = amax / 127.
 That includes the per-head up-projections of the compressed KV (attn_kv_b, and
 attn_v_b), which multiply the stored rows; attn_k_b is used transposed (its
@@ -27,6 +28,10 @@ import numpy as np
 from gguf import GGUFReader, GGMLQuantizationType
 from gguf import quants as gq
 
+
+# the types whose native kernels take 8-bit activations in blocks of 32 (hybrid/quant_traits.h)
+ROUNDED_TYPES = {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1,
+                 GGMLQuantizationType.Q8_0, GGMLQuantizationType.IQ4_NL}
 
 class Deepseek2Reference:
     """Holds float64 weights and a per-layer K/V cache; `forward(tokens)` -> logits."""
@@ -117,7 +122,7 @@ class Deepseek2Reference:
         """W @ x for the weight `name` (one expert of it with `expert`; `w`: a given view of it)."""
         if w is None:
             w = self.w[name] if expert is None else self.w[name][expert]
-        if self.round_activations and self.types[name] in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q8_0):
+        if self.round_activations and self.types[name] in ROUNDED_TYPES:
             blocks = x.reshape(-1, 32)
             d = np.abs(blocks).max(axis=1, keepdims=True) / 127
             x = (np.rint(blocks / np.where(d == 0, 1, d)) * d).reshape(x.shape)

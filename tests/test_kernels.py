@@ -1,7 +1,7 @@
-"""The native Q4_0/Q8_0 kernels against a float64 NumPy reference.
+"""The native kernels of the q8_32 types (Q4_0, Q5_0, Q5_1, Q8_0, IQ4_NL) against a float64 NumPy reference.
 
-The weights are random raw GGUF blocks (every nibble / int8 value, including
-Q8_0's -128, negative and subnormal fp16 scales), dequantised by gguf-py, the
+The weights are random raw GGUF blocks (every nibble / int8 value / fifth bit,
+including Q8_0's -128, negative and subnormal fp16 scales and mins), dequantised by gguf-py, the
 independent reference. The kernels quantise the activation to 8 bits per
 32-value block, so two references are used:
 - the exact one: the activation as the kernel rounded it (decoded from the q8
@@ -25,16 +25,23 @@ from gguf.quants import dequantize
 
 from hybrid import cpu_kernels as ck
 
-TYPES = {ck.Q4_0: T.Q4_0, ck.Q8_0: T.Q8_0}
+TYPES = {ck.Q4_0: T.Q4_0, ck.Q5_0: T.Q5_0, ck.Q5_1: T.Q5_1, ck.Q8_0: T.Q8_0, ck.IQ4_NL: T.IQ4_NL}
 SCALES = np.array([0.01, -0.02, 0.5, 3e-6, -1e-7, 1.0], np.float16)  # incl. subnormal fp16
+FP16_FIELDS = {ck.Q5_1: 2}                                           # d and m; the others: d alone
+# the quant byte of each type's most negative weight (Q5_1's: its largest, weights are d q + m)
+EXTREME_BYTE = {ck.Q4_0: 0x00, ck.Q5_0: 0x00, ck.Q5_1: 0xff, ck.Q8_0: 0x80, ck.IQ4_NL: 0x00}
+
+
+def fp16_bytes(ggml_type):
+    return 2 * FP16_FIELDS.get(ggml_type, 1)
 
 
 def raw_weights(rng, shape, ggml_type):
-    """Random GGUF blocks: uniform quant bytes, fp16 scales drawn from SCALES."""
+    """Random GGUF blocks: uniform quant bytes, fp16 scales (and mins) drawn from SCALES."""
     *lead, n_in = shape
-    bb = ck.TRAITS[ggml_type].block_bytes
+    bb, head = ck.TRAITS[ggml_type].block_bytes, fp16_bytes(ggml_type)
     raw = rng.integers(0, 256, size=(*lead, n_in // 32, bb), dtype=np.uint8)
-    raw[..., :2] = rng.choice(SCALES, size=(*lead, n_in // 32)).view(np.uint8).reshape(*lead, n_in // 32, 2)
+    raw[..., :head] = rng.choice(SCALES, size=(*lead, n_in // 32, head // 2)).view(np.uint8)
     return raw.reshape(*lead, n_in // 32 * bb)
 
 
@@ -62,7 +69,7 @@ def exact_tolerance(w, x):
     return 1e-5 * (np.abs(x) @ np.abs(w).T) + 1e-30
 
 
-@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("ggml_type", list(TYPES))
 @pytest.mark.parametrize("n_out,n_in,n_tok", [(1, 32, 1), (37, 96, 5), (8, 160, 4), (19, 2048 + 96, 9), (3, 1408, 2)])
 def test_mul_mat_matches_float64_reference(ggml_type, n_out, n_in, n_tok):
     rng = np.random.default_rng(n_out * n_in + n_tok)
@@ -94,11 +101,13 @@ def test_quantize_activations_rounds_each_block_to_nearest(path):
     sums = xq.reshape(3, -1, 256)[:, :, 192:].copy().view(np.int32).reshape(3, -1, 4, 4)
     np.testing.assert_array_equal(sums[..., 0].reshape(3, -1)[:, :7], -8 * q.sum(-1))
     np.testing.assert_array_equal(sums[..., 1].reshape(3, -1)[:, :7], -128 * q.sum(-1))
-    assert not sums[..., 2:].any()
+    dsums = sums[..., 2].copy().view(np.float32).reshape(3, -1)[:, :7]
+    np.testing.assert_array_equal(dsums, (d[..., 0] * q.sum(-1).astype(np.float32)).astype(np.float32))
+    assert not sums[..., 3].any() and not sums[:, 1, 3:].any()
     assert not xq.reshape(3, -1, 256)[:, 1, 3 * 16:64].any()          # the pad block is zero
 
 
-@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("ggml_type", list(TYPES))
 def test_simd_paths_agree_with_scalar(ggml_type):
     rng = np.random.default_rng(2)
     raw, x = raw_weights(rng, (64, 2048 + 160), ggml_type), activations(rng, 7, 2048 + 160)
@@ -112,7 +121,7 @@ def test_simd_paths_agree_with_scalar(ggml_type):
         assert np.all(np.abs(out - ref) <= 2 * tol), path
 
 
-@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("ggml_type", list(TYPES))
 @pytest.mark.parametrize("n_tok", [3, 4, 8, 9, 17])
 def test_prompt_kernel_tiles_and_row_blocks_match_scalar(ggml_type, n_tok):
     """From 4 tokens on (R16_MIN_TOKENS), AVX-512 takes the interleaved 16-row kernel: token
@@ -122,8 +131,9 @@ def test_prompt_kernel_tiles_and_row_blocks_match_scalar(ggml_type, n_tok):
     for n_out, n_in in [(1, 32), (15, 96), (16, 160), (33, 416), (50, 1408)]:
         raw, x = raw_weights(rng, (n_out, n_in), ggml_type), activations(rng, n_tok, n_in)
         blocks = raw[:2].reshape(min(n_out, 2), -1, ck.TRAITS[ggml_type].block_bytes)
-        blocks[:, :, 2:] = 0x00 if ggml_type == ck.Q4_0 else 0x80           # all -8 / -128 weights ...
-        blocks[:, :, :2] = SCALES[-1:].view(np.uint8)
+        head = fp16_bytes(ggml_type)
+        blocks[:, :, head:] = EXTREME_BYTE[ggml_type]                       # all extreme weights ...
+        blocks[:, :, :head] = np.tile(SCALES[-1:].view(np.uint8), head // 2)
         x[0] = np.abs(x[0]) + 1.0                                            # ... times positive activations
         xq = ck.quantize_activations(x)
         xr, w = decode_q8(xq, n_in), dequant(raw, ggml_type)
@@ -136,7 +146,7 @@ def test_prompt_kernel_tiles_and_row_blocks_match_scalar(ggml_type, n_tok):
             assert np.all(np.abs(out - ref) <= 2 * exact_tolerance(w, xr)), (path, n_out, n_in)
 
 
-@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("ggml_type", list(TYPES))
 def test_fused_gate_up_on_the_prompt_kernel(ggml_type):
     """Fused gate+up with every token on the same experts (the prompt kernel's case), odd rows."""
     rng = np.random.default_rng(11)
@@ -175,7 +185,7 @@ def moe_case(rng, ggml_type, n_expert=9, n_out=21, n_in=160, n_tok=7, n_used=3):
     return raw, ids, activations(rng, n_tok, n_in)
 
 
-@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("ggml_type", list(TYPES))
 def test_mul_mat_id_matches_per_slot_reference(ggml_type):
     rng = np.random.default_rng(4)
     raw, ids, x = moe_case(rng, ggml_type)
@@ -265,18 +275,26 @@ def r16_paths(ggml_type):
 
 def r16_layout(raw, ggml_type):
     """Stored blocks [n_out, row_bytes] -> R16 bytes, written from the layout's description
-    (hybrid/kernels/kernels.h) in NumPy: per block of 16 rows and 32-weight block, the 16 scales
-    (row i in lane 4 (i % 4) + i // 4), then quad k of every lane (Q8_0 values + 128)."""
-    bb = ck.TRAITS[ggml_type].block_bytes
+    (hybrid/kernels/kernels.h) in NumPy: per block of 16 rows and 32-weight block, the 16 values of
+    each fp16 field (row i in lane 4 (i % 4) + i // 4), the 5-bit types' masks (mask k, bit 4p + i:
+    the fifth bit of value 4k + i of lane p), then quad k of every lane (Q8_0 values + 128)."""
+    bb, head = ck.TRAITS[ggml_type].block_bytes, fp16_bytes(ggml_type)
     blocks = raw.reshape(-1, 16, raw.shape[-1] // bb, bb).transpose(0, 2, 1, 3)     # [row block, block, row, bytes]
     lanes = blocks[:, :, [4 * (p % 4) + p // 4 for p in range(16)]]                   # lane p: row 4 (p % 4) + p // 4
-    quads = lanes[..., 2:].reshape(*lanes.shape[:3], -1, 4) ^ np.uint8(0x80 if ggml_type == ck.Q8_0 else 0)
-    r16 = np.concatenate([lanes[..., :2].reshape(*lanes.shape[:2], 32),
-                          quads.transpose(0, 1, 3, 2, 4).reshape(*lanes.shape[:2], -1)], axis=-1)
-    return r16.reshape(raw.shape)
+    parts = [lanes[..., h:h + 2].reshape(*lanes.shape[:2], 32) for h in range(0, head, 2)]
+    quants = lanes[..., head:]
+    if ggml_type in (ck.Q5_0, ck.Q5_1):
+        bits = np.unpackbits(quants[..., :4], axis=-1, bitorder="little")           # [.., lane, value]
+        masks = bits.reshape(*bits.shape[:3], 8, 4).transpose(0, 1, 3, 2, 4)        # [.., k, lane, i]
+        parts.append(np.packbits(masks.reshape(*masks.shape[:3], 64), axis=-1, bitorder="little").reshape(
+            *lanes.shape[:2], 64))
+        quants = quants[..., 4:]
+    quads = quants.reshape(*lanes.shape[:3], -1, 4) ^ np.uint8(0x80 if ggml_type == ck.Q8_0 else 0)
+    parts.append(quads.transpose(0, 1, 3, 2, 4).reshape(*lanes.shape[:2], -1))
+    return np.concatenate(parts, axis=-1).reshape(raw.shape)
 
 
-@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("ggml_type", list(TYPES))
 def test_every_r16_path_repacks_to_the_described_layout(ggml_type):
     rng = np.random.default_rng(22)
     w = raw_weights(rng, (48, 416), ggml_type)
@@ -284,7 +302,7 @@ def test_every_r16_path_repacks_to_the_described_layout(ggml_type):
         np.testing.assert_array_equal(ck.repack(w, ggml_type, path=path), r16_layout(w, ggml_type), err_msg=path)
 
 
-@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("ggml_type", list(TYPES))
 def test_scalar_r16_kernel_gives_the_scalar_row_kernels_products(ggml_type):
     """Bit for bit, for any token count: what the R16 tests check on the scalar path holds of its row kernel."""
     rng = np.random.default_rng(23)
@@ -298,7 +316,7 @@ def test_scalar_r16_kernel_gives_the_scalar_row_kernels_products(ggml_type):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("ggml_type", list(TYPES))
 @pytest.mark.parametrize("n_tok", [1, 2, 5, 9])
 def test_repacked_weights_give_the_stored_weights_products(ggml_type, n_tok):
     """R16 blocks read in place give the float64 reference's products, for generation and
@@ -354,7 +372,7 @@ def test_traits_agree_with_gguf():
         assert (traits.block_values, traits.block_bytes) == GGML_QUANT_SIZES[T(ggml_type)]
         assert set(traits.r16_first) <= set(traits.r16) <= set(traits.kernels) <= set(ck._kernels.PATH_NAMES)
         assert not traits.activation or "scalar" in traits.r16
-    assert ck.MATMUL_TYPES == {ck.Q4_0, ck.Q8_0}
+    assert ck.MATMUL_TYPES == set(TYPES)
 
 
 def test_float_inputs_and_wide_ids_are_the_same_call():
@@ -445,7 +463,7 @@ def test_a_bound_form_reads_each_call_what_its_inputs_hold_now():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("ggml_type", list(TYPES))
 def test_deepseek_lite_expert_shapes(ggml_type):
     """gate/up [E, 1408, 2048] with x per token, down [E, 2048, 1408] with x per slot."""
     rng = np.random.default_rng(9)

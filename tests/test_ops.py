@@ -16,6 +16,7 @@ import torch
 from gguf.constants import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
 
+from gguf_retype import quantize_iq4_nl
 from hybrid import _ops, ops
 
 RTOL = 2e-6
@@ -402,7 +403,8 @@ def test_expert_weights(path, rng, norm, scale):
 def stored_rows(rng, qtype, n_rows=11, n_cols=256):
     """A token-embedding-like tensor as `hybrid.weights.Weight.data` holds it, and its values
     as gguf-py dequantises them (float64)."""
-    stored = gguf_quantize(rng.normal(size=(n_rows, n_cols)).astype(np.float32), qtype)
+    values = rng.normal(size=(n_rows, n_cols)).astype(np.float32)
+    stored = quantize_iq4_nl(values) if qtype == T.IQ4_NL else gguf_quantize(values, qtype)
     data = torch.from_numpy(stored)
     if qtype == T.BF16:
         data = data.view(torch.bfloat16)
@@ -439,7 +441,7 @@ def test_argmax(path, rng):
     assert ops.argmax(t32(x)) == 70001
 
 
-@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q4_0, T.Q8_0])
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q4_0, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL])
 def test_get_rows(path, rng, qtype):
     data, values = stored_rows(rng, qtype)
     ids = torch.tensor([3, 0, 10, 3])

@@ -9,25 +9,29 @@
  * Activation layout ("q8_32 rows"): each row of n_in floats becomes groups of
  * four 32-value blocks, 256 bytes per group, laid out for the SIMD kernels:
  *   [  0.. 63] int8: values 0..15 of block 0, of block 1, of block 2, of block 3
- *   [ 64..127] int8: values 16..31 of blocks 0..3 (the Q4_0 high nibbles' partners)
+ *   [ 64..127] int8: values 16..31 of blocks 0..3 (the 4-bit types' high nibbles' partners)
  *   [128..191] float32[16]: block scale d_j repeated 4 times (one 128-bit lane per block)
- *   [192..255] int32[16]: lane 4j holds -8 * sum(values of block j), lane 4j+1
- *             -128 * sum(values of block j), the other two 0
- * so one 512-bit register holds the low halves of four blocks, and the Q4_0
- * weights (nibble - 8) need no per-weight subtraction: the -8 enters as that
- * precomputed sum (-128 serves the R16 Q8_0 kernels, whose weights are offset by
- * +128 to be unsigned). A row with a block count not divisible by 4 is padded with
- * zero blocks. Every path reads this same layout and computes the same integer
- * block sums; only the float summation order differs.
+ *   [192..255] per block j, lanes 4j..4j+3: int32 -8 * sum(values of block j), int32
+ *             -128 * sum(values), float32 d_j * sum(values), 0
+ * so one 512-bit register holds the low halves of four blocks, and weights stored
+ * with an offset need no per-weight subtraction: Q4_0's (nibble - 8) takes the -8
+ * as that precomputed sum (Q5_0's -16 as twice it; -128 serves the kernels whose
+ * weights are offset by +128 to be unsigned), and Q5_1's min m enters as m times
+ * d_j * sum. A row with a block count not divisible by 4 is padded with zero
+ * blocks. Every path reads this same layout and computes the same integer block
+ * sums; only the float summation order differs.
  *
  * Repacked layout ("R16"): 16 weight rows interleaved, one row per 32-bit lane, so
  * that one `vpdpbusd` of a quad register with a broadcast activation quad gives 16
  * rows' partial sums at once, with no horizontal sum. For each 32-weight block b
  * of the 16 rows (16 blocks' bytes: a block of 16 rows starts where its first row would):
- *   [ 0.. 31] fp16[16]: the 16 rows' scales
- *   [32.. ]   quads: 64 bytes per quad k, 4 consecutive weights of each of the
- *             16 rows (Q4_0: 4 quads, quad k in the low nibbles and quad k+4 in
- *             the high ones; Q8_0: 8 quads, values + 128)
+ *   fp16[16] per fp16 field of the block (d; Q5_1: d, then m): the 16 rows' values
+ *   5-bit types: 8 uint64 masks, mask k bit 4p+i = the fifth bit of value 4k+i of the
+ *             row in lane p (a `vpaddb` under mask k adds the 16 to quad k below)
+ *   quads: 64 bytes per quad k, 4 consecutive weights of each of the 16 rows
+ *             (4-bit quants: 4 quads, quad k in the low nibbles and quad k+4 in the
+ *             high ones, so quad k holds values 4k..4k+3 either way; Q8_0: 8 quads,
+ *             values + 128)
  * The rows sit in the lanes in a transposed order (lane 4i+m holds row 4m+i: what
  * a 4x4 dword transpose gives), undone once per output. A short row block (fewer
  * than 16 rows) repeats its last row in the spare lanes.
@@ -41,7 +45,7 @@
 #include "../_fp16.h"
 #include "../quant_traits.h"
 
-#define QK 32                 /* values per block of the q8_32 activation, and of Q4_0 / Q8_0 */
+#define QK 32                 /* values per block of the q8_32 activation, and of the types that take it */
 #define GROUP_BLOCKS 4        /* blocks per q8_32 activation group */
 #define GROUP_BYTES 256
 #define TILE 4                /* tokens per row_dot call, at most */
@@ -63,22 +67,44 @@ static inline size_t q8_row_bytes(int64_t n_in) {
 /* The R16 lane that holds row i of its block (see above). */
 static inline int r16_lane(int i) { return 4 * (i % 4) + i / 4; }
 
-/* Integer dot of Q4_0 or Q8_0 block `wb` (its ggml type a constant where inlined) with block
- * j of q8_32 group `g`, times both scales: the reference every path agrees with. */
+static inline uint32_t load_u32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* The 32 quants of block wb (a q8_32 type, its ggml id a constant where inlined) as the integers
+ * its scale multiplies, in value order: a weight is d * q[i] (Q5_1: plus m). */
+static inline void block_quants(int type, const uint8_t *wb, int32_t q[QK]) {
+    const uint8_t *qs = wb + (type == GGML_Q5_0 ? 6 : type == GGML_Q5_1 ? 8 : 2);
+    const uint32_t qh = type == GGML_Q5_0 ? load_u32(wb + 2) : type == GGML_Q5_1 ? load_u32(wb + 4) : 0;
+    for (int i = 0; i < QK / 2; i++) {
+        int lo = qs[i] & 15, hi = qs[i] >> 4;
+        switch (type) {
+        case GGML_Q8_0: q[i] = (int8_t)wb[2 + i]; q[i + 16] = (int8_t)wb[18 + i]; break;
+        case GGML_Q4_0: q[i] = lo - 8; q[i + 16] = hi - 8; break;
+        case GGML_IQ4_NL: q[i] = KVALUES_IQ4NL[lo]; q[i + 16] = KVALUES_IQ4NL[hi]; break;
+        default:                                                        /* Q5_0, Q5_1 */
+            q[i] = lo | (int)((qh >> i) & 1) << 4;
+            q[i + 16] = hi | (int)((qh >> (i + 16)) & 1) << 4;
+            if (type == GGML_Q5_0) q[i] -= 16, q[i + 16] -= 16;
+        }
+    }
+}
+
+/* Dot of weight block `wb` (its ggml type a constant where inlined) with block j of q8_32 group
+ * `g`: the integer sum times both scales (Q5_1: plus m times d_j * sum(x)). The reference
+ * every path agrees with. */
 static inline float q8_block_dot(int type, const uint8_t *wb, const uint8_t *g, int j) {
     const int8_t *lo = (const int8_t *)(g + 16 * j), *hi = (const int8_t *)(g + 64 + 16 * j);
-    float dx, dw = fp16_to_f32(load_u16(wb));
+    float dx, xsum, dw = fp16_to_f32(load_u16(wb));
     memcpy(&dx, g + 128 + 16 * j, 4);
-    int32_t s = 0;
-    if (type == GGML_Q4_0) {
-        const uint8_t *qs = wb + 2;
-        memcpy(&s, g + 192 + 16 * j, 4);                /* -8 * sum(x) */
-        for (int i = 0; i < 16; i++) s += (qs[i] & 15) * lo[i] + (qs[i] >> 4) * hi[i];
-    } else {
-        const int8_t *qs = (const int8_t *)(wb + 2);
-        for (int i = 0; i < 16; i++) s += qs[i] * lo[i] + qs[16 + i] * hi[i];
-    }
-    return dw * dx * (float)s;
+    int32_t q[QK], s = 0;
+    block_quants(type, wb, q);
+    for (int i = 0; i < 16; i++) s += q[i] * lo[i] + q[i + 16] * hi[i];
+    if (type != GGML_Q5_1) return dw * dx * (float)s;
+    memcpy(&xsum, g + 200 + 16 * j, 4);
+    return dw * dx * (float)s + fp16_to_f32(load_u16(wb + 2)) * xsum;
 }
 
 /* Blocks [b0, nb) (of bb bytes) of one weight row against nt q8_32 rows, added into
@@ -93,17 +119,91 @@ static inline void q8_blocks_dot(int type, size_t bb, const uint8_t *w, int64_t 
     }
 }
 
+/* ---- the R16 layout, portably: the scalar path's repack, and the reference of the others' ---- */
+
+/* A type's R16 block: its fp16 fields, whether it has 5th-bit masks, its quant bytes (after the
+ * fp16 fields and qh in the stored block), and what is xor-ed into them. */
+typedef struct { int halves, masks; size_t quants; uint8_t flip; } r16_form_t;
+
+static inline r16_form_t r16_form(int type) {
+    switch (type) {
+    case GGML_Q8_0: return (r16_form_t){1, 0, 32, 0x80};
+    case GGML_Q5_0: return (r16_form_t){1, 1, 16, 0};
+    case GGML_Q5_1: return (r16_form_t){2, 1, 16, 0};
+    default: return (r16_form_t){1, 0, 16, 0};                     /* Q4_0, IQ4_NL */
+    }
+}
+
+/* Offsets in an R16 block: of the masks, and of quant byte q of the row in lane p (in quad q / 4). */
+static inline size_t r16_masks_at(r16_form_t f) { return 32 * (size_t)f.halves; }
+static inline size_t r16_quant_at(r16_form_t f, int p, size_t q) {
+    return r16_masks_at(f) + 64 * (size_t)f.masks + 64 * (q / 4) + 4 * (size_t)p + q % 4;
+}
+
+/* One stored block s <-> lane p of R16 block d (whose masks the caller zeroed before packing). */
+static inline void r16_pack_block(int type, const uint8_t *s, uint8_t *d, int p) {
+    const r16_form_t f = r16_form(type);
+    for (int h = 0; h < f.halves; h++) memcpy(d + 32 * h + 2 * p, s + 2 * h, 2);
+    const uint8_t *qs = s + 2 * f.halves + 4 * f.masks;
+    if (f.masks) {
+        const uint32_t qh = load_u32(s + 2 * f.halves);
+        for (int v = 0; v < QK; v++)                   /* value v = 4k + i: bit 4p + i of mask k */
+            d[r16_masks_at(f) + 8 * (v / 4) + p / 2] |= (uint8_t)(((qh >> v) & 1) << (4 * (p % 2) + v % 4));
+    }
+    for (size_t q = 0; q < f.quants; q++) d[r16_quant_at(f, p, q)] = qs[q] ^ f.flip;
+}
+
+static inline void r16_unpack_block(int type, const uint8_t *d, int p, uint8_t *s) {
+    const r16_form_t f = r16_form(type);
+    for (int h = 0; h < f.halves; h++) memcpy(s + 2 * h, d + 32 * h + 2 * p, 2);
+    uint8_t *qs = s + 2 * f.halves + 4 * f.masks;
+    if (f.masks) {
+        uint32_t qh = 0;
+        for (int v = 0; v < QK; v++)
+            qh |= (uint32_t)((d[r16_masks_at(f) + 8 * (v / 4) + p / 2] >> (4 * (p % 2) + v % 4)) & 1) << v;
+        memcpy(s + 2 * f.halves, &qh, 4);
+    }
+    for (size_t q = 0; q < f.quants; q++) qs[q] = d[r16_quant_at(f, p, q)] ^ f.flip;
+}
+
+/* Rows [0, n_rows) (row stride rb, n_rows <= 16) of nb blocks of bb bytes -> R16 blocks at dst. */
+static inline void r16_repack_rows(int type, size_t bb, const uint8_t *w, size_t rb, int n_rows, int64_t nb,
+                                   uint8_t *dst) {
+    const r16_form_t f = r16_form(type);
+    for (int64_t b = 0; b < nb; b++) {
+        uint8_t *d = dst + b * R16_ROWS * bb;
+        memset(d + r16_masks_at(f), 0, 64 * (size_t)f.masks);
+        for (int i = 0; i < R16_ROWS; i++)
+            r16_pack_block(type, w + (size_t)(i < n_rows ? i : n_rows - 1) * rb + b * bb, d, r16_lane(i));
+    }
+}
+
+/* An ISA file's kernels are written with the type as an argument (a constant after inlining); these
+ * bind them to type T as the table's function types: row_dot_T, and r16_dot_T and repack_r16_T. */
+#define BIND_ROW_DOT(T, block, row_dot)                                                                 \
+    static void row_dot_##T(const uint8_t *w, int64_t nb, const uint8_t *const *x, int nt, float *res) { \
+        row_dot(GGML_##T, sizeof(block), w, nb, x, nt, res);                                            \
+    }
+#define BIND_R16(T, block, r16_dot, repack)                                                              \
+    static void r16_dot_##T(const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res) { \
+        r16_dot(GGML_##T, sizeof(block), r, nb, x, nt, res);                                            \
+    }                                                                                                   \
+    static void repack_r16_##T(const uint8_t *w, size_t rb, int n_rows, int64_t nb, uint8_t *dst,        \
+                               const uint8_t *next) {                                                   \
+        repack(GGML_##T, sizeof(block), w, rb, n_rows, nb, dst, next);                                  \
+    }
+
 /* What each ISA file exports: its activation quantiser (the same bytes on every path) and
  * per type its kernels. The table (hybrid/quant_traits.c) is their one reader. */
 void quantize_q8_32_scalar(const float *x, int64_t n_in, uint8_t *out);
-extern const quant_kernels_t SCALAR_Q4_0, SCALAR_Q8_0;
+extern const quant_kernels_t SCALAR_Q4_0, SCALAR_Q5_0, SCALAR_Q5_1, SCALAR_Q8_0, SCALAR_IQ4_NL;
 #if HYPROF_AVX2
 void quantize_q8_32_avx2(const float *x, int64_t n_in, uint8_t *out);
-extern const quant_kernels_t AVX2_Q4_0, AVX2_Q8_0;
+extern const quant_kernels_t AVX2_Q4_0, AVX2_Q5_0, AVX2_Q5_1, AVX2_Q8_0, AVX2_IQ4_NL;
 #endif
 #if HYPROF_AVX512
 void quantize_q8_32_avx512(const float *x, int64_t n_in, uint8_t *out);
-extern const quant_kernels_t AVX512_Q4_0, AVX512_Q8_0;
+extern const quant_kernels_t AVX512_Q4_0, AVX512_Q5_0, AVX512_Q5_1, AVX512_Q8_0, AVX512_IQ4_NL;
 #endif
 
 #endif

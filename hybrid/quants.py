@@ -72,6 +72,17 @@ def _iq4_nl(b: torch.Tensor) -> torch.Tensor:
     return d * KVALUES_IQ4NL[_nibbles(b[:, 2:], 16).long()]
 
 
+def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d = _f16(b[:, :2])
+    scales_h = b[:, 2:4].contiguous().view(torch.int16).int() & 0xFFFF                   # [n, 1]
+    scales_l = torch.stack([b[:, 4:8] & 0x0F, b[:, 4:8] >> 4], dim=-1).reshape(n, 8).int()  # sub-block s: s/2, s%2
+    high = (scales_h >> (2 * torch.arange(8, dtype=torch.int32))) & 3
+    ls = (scales_l | (high << 4)) - 32
+    q = KVALUES_IQ4NL[_nibbles(b[:, 8:], 16).long()].reshape(n, 8, 32)
+    return ((d * ls.float()).unsqueeze(-1) * q).reshape(n, QK_K)
+
+
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b[:, :2])
     return d * b[:, 2:].contiguous().view(torch.int8).float()
@@ -134,7 +145,7 @@ def q4_groups(raw: torch.Tensor, ggml_type: int) -> tuple[torch.Tensor, torch.Te
 
 _BLOCK_DEQUANT = {
     T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q8_0: _q8_0, T.IQ4_NL: _iq4_nl,
-    T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k,
+    T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k, T.IQ4_XS: _iq4_xs,
 }
 FLOAT_DTYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}   # as torch holds them
 

@@ -132,15 +132,18 @@ def test_native_kernels_match_the_reference_with_rounded_activations(make_gguf, 
     np.testing.assert_allclose(logits, rounded, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q5_1, T.IQ4_NL], ids=lambda t: t.name)
-def test_native_kernels_of_other_32_value_types_load_and_run(make_gguf, tmp_path_factory, qtype):
-    """A file of Q5_0, Q5_1 or IQ4_NL weights runs on their native kernels (tests/test_kernels.py
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q5_1, T.IQ4_NL, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS], ids=lambda t: t.name)
+def test_native_kernels_of_other_types_load_and_run(make_gguf, tmp_path_factory, qtype):
+    """A file of Q5_0, Q5_1, IQ4_NL, K-quant or IQ4_XS weights (the 256-value ones in a tiny
+    variant with n_embd and n_ff_exp 256) runs on their native kernels (tests/test_kernels.py
     proves them exact on rounded inputs), within the rounding's own size of the exact reference
     (measured 0.09-0.12, logits up to ~12), with its greedy token. Not held to the rounded reference
     at 2e-5 as the Q4_0 file is: there, a value that the engine's float32 upstream puts on the other
     side of a rounding tie than the float64 reference does moves the logits by ~0.07 (seen for
     Q5_1 on the scalar and AVX2 paths)."""
-    path = retype_gguf(make_gguf("tiny", "f32"), tmp_path_factory.mktemp("retype") / f"{qtype.name}.gguf", qtype)
+    wide = dict(n_embd=256, n_ff=256, n_ff_exp=256) if qtype in (T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS) else {}
+    path = retype_gguf(make_gguf("tiny", "f32", **wide), tmp_path_factory.mktemp("retype") / f"{qtype.name}.gguf",
+                       qtype)
     with Engine(str(path), threads=2, fmoe=True, **PLACEMENTS["all-cpu"]) as engine:
         experts = engine.model.weights["blk.1.ffn_up_exps.weight"]
         assert experts.ggml_type == qtype and weights.native(experts)

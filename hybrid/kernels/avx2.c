@@ -136,14 +136,66 @@ row_dot(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *const 
     }
 }
 
+/* ---- the 256-value types: each block unpacked once (kernels.h), then against NT q8_K rows ----
+ * Per 32 values (two 16-value groups, one per 128-bit lane): |q| x (x with q's sign) by
+ * `vpmaddubsw` (|q| <= 127, so no pair saturates), then `vpmaddwd` with the groups' scales. */
+static inline __attribute__((always_inline)) void
+k_row_dot_256(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *const *x, const int NT, float *res) {
+    const int mins = type == GGML_Q4_K || type == GGML_Q5_K;
+    __m256 acc[TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        kblock_t k;
+        unpack_kblock(type, w + b * bb, &k);
+        __m256i q[8], sc[8];
+        for (int c = 0; c < 8; c++) {
+            q[c] = _mm256_loadu_si256((const __m256i *)(k.q + 32 * c));
+            sc[c] = _mm256_set_m128i(_mm_set1_epi16(k.sc[2 * c + 1]), _mm_set1_epi16(k.sc[2 * c]));
+        }
+        const __m256i mn = _mm256_loadu_si256((const __m256i *)k.mn);
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *xb = x[t] + b * Q8K_BLOCK_BYTES;
+            __m256i s = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xb + 32 * c));
+                const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(q[c], q[c]), _mm256_sign_epi8(xv, q[c]));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(p, sc[c]));
+            }
+            float dx;
+            memcpy(&dx, xb + Q8K_D, 4);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(k.d * dx), acc[t]);
+            if (mins) {                                       /* - dmin sum_g m_g sum(x of g) */
+                const __m256i m = _mm256_madd_epi16(mn, _mm256_loadu_si256((const __m256i *)(xb + Q8K_SUMS)));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(-k.dmin * dx), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
+        v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        v = _mm_add_ss(v, _mm_movehdup_ps(v));
+        res[t] = _mm_cvtss_f32(v);
+    }
+}
+
+static inline __attribute__((always_inline)) void
+k_row_dot(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *const *x, int nt, float *res) {
+    switch (nt) {
+    case 1: k_row_dot_256(type, bb, w, nb, x, 1, res); break;
+    case 2: k_row_dot_256(type, bb, w, nb, x, 2, res); break;
+    case 3: k_row_dot_256(type, bb, w, nb, x, 3, res); break;
+    default: k_row_dot_256(type, bb, w, nb, x, 4, res); break;
+    }
+}
+
 /* ---- per type: no R16 kernels yet (AVX2 tiles come with issue 19) ---- */
 
-#define AVX2_ROW_KERNELS(T, block)      \
-    BIND_ROW_DOT(T, block, row_dot)     \
-    const quant_kernels_t AVX2_##T = {row_dot_##T, NULL, NULL, 0};
-
-AVX2_ROW_KERNELS(Q4_0, block_q4_0)
-AVX2_ROW_KERNELS(Q5_0, block_q5_0)
-AVX2_ROW_KERNELS(Q5_1, block_q5_1)
-AVX2_ROW_KERNELS(Q8_0, block_q8_0)
-AVX2_ROW_KERNELS(IQ4_NL, block_iq4_nl)
+ROW_KERNELS(AVX2, Q4_0, block_q4_0, row_dot)
+ROW_KERNELS(AVX2, Q5_0, block_q5_0, row_dot)
+ROW_KERNELS(AVX2, Q5_1, block_q5_1, row_dot)
+ROW_KERNELS(AVX2, Q8_0, block_q8_0, row_dot)
+ROW_KERNELS(AVX2, IQ4_NL, block_iq4_nl, row_dot)
+ROW_KERNELS(AVX2, Q4_K, block_q4_K, k_row_dot)
+ROW_KERNELS(AVX2, Q5_K, block_q5_K, k_row_dot)
+ROW_KERNELS(AVX2, Q6_K, block_q6_K, k_row_dot)
+ROW_KERNELS(AVX2, IQ4_XS, block_iq4_xs, k_row_dot)

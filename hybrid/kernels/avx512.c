@@ -304,6 +304,66 @@ r16_dot_typed(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *
     r16_dot_tiles(type, bb, r, nb, x, nt, res, 0);
 }
 
+/* ---- the 256-value types: each block unpacked once (kernels.h), then against NT q8_K rows ----
+ * Per 64 values (four 16-value groups, one per 128-bit lane): |q| x (x with q's sign) by
+ * `vpdpbusd`, times each lane's group scale (so each lane holds its true partial sum, and float
+ * sums no large offsets); the mins as - dmin sum_g m_g sum(x of g), from the activation's sums
+ * by `vpmaddwd`. */
+static inline __attribute__((always_inline)) void
+k_row_dot_512(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *const *x, const int NT, float *res) {
+    const int mins = type == GGML_Q4_K || type == GGML_Q5_K;          /* (and their quants are >= 0) */
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), four = _mm512_set1_epi32(4);
+    __m512 acc[TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        kblock_t k;
+        unpack_kblock(type, w + b * bb, &k);
+        __m512i q[4], sc[4];
+        __mmask64 neg[4];
+        const __m512i sc_all = _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)k.sc));   /* one load */
+        __m512i at = spread;
+        for (int c = 0; c < 4; c++, at = _mm512_add_epi32(at, four)) {
+            /* (two 32-byte loads: the unpack stored 32 bytes at a time, and a 64-byte load of them
+             * would wait for the stores to retire instead of forwarding from them) */
+            q[c] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(k.q + 64 * c))),
+                                      _mm256_loadu_si256((const __m256i *)(k.q + 64 * c + 32)), 1);
+            neg[c] = mins ? 0 : _mm512_movepi8_mask(q[c]);
+            q[c] = mins ? q[c] : _mm512_abs_epi8(q[c]);
+            sc[c] = _mm512_permutexvar_epi32(at, sc_all);                   /* lane l: sc[4c + l / 4] */
+        }
+        const __m256i mn16 = _mm256_loadu_si256((const __m256i *)k.mn);
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *xb = x[t] + b * Q8K_BLOCK_BYTES;
+            __m512i s = zero;
+            for (int c = 0; c < 4; c++) {
+                __m512i xv = loadu_512(xb + 64 * c);
+                if (!mins) xv = _mm512_mask_sub_epi8(xv, neg[c], zero, xv);
+                s = _mm512_add_epi32(s, _mm512_mullo_epi32(_mm512_dpbusd_epi32(zero, q[c], xv), sc[c]));
+            }
+            float dx;
+            memcpy(&dx, xb + Q8K_D, 4);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(k.d * dx), acc[t]);
+            if (mins) {
+                const __m256i sums = _mm256_loadu_si256((const __m256i *)(xb + Q8K_SUMS));
+                const __m512i m = _mm512_zextsi256_si512(_mm256_madd_epi16(mn16, sums));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), _mm512_set1_ps(-k.dmin * dx), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
+}
+
+static inline __attribute__((always_inline)) void
+k_row_dot(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *const *x, int nt, float *res) {
+    switch (nt) {
+    case 1: k_row_dot_512(type, bb, w, nb, x, 1, res); break;
+    case 2: k_row_dot_512(type, bb, w, nb, x, 2, res); break;
+    case 3: k_row_dot_512(type, bb, w, nb, x, 3, res); break;
+    default: k_row_dot_512(type, bb, w, nb, x, 4, res); break;
+    }
+}
+
 /* ---- per type ---- */
 
 #define AVX512_KERNELS(T, block, r16_dot)       \
@@ -316,3 +376,8 @@ AVX512_KERNELS(Q8_0, block_q8_0, r16_dot_q4_or_q8)
 AVX512_KERNELS(Q5_0, block_q5_0, r16_dot_typed)
 AVX512_KERNELS(Q5_1, block_q5_1, r16_dot_typed)
 AVX512_KERNELS(IQ4_NL, block_iq4_nl, r16_dot_typed)
+
+ROW_KERNELS(AVX512, Q4_K, block_q4_K, k_row_dot)
+ROW_KERNELS(AVX512, Q5_K, block_q5_K, k_row_dot)
+ROW_KERNELS(AVX512, Q6_K, block_q6_K, k_row_dot)
+ROW_KERNELS(AVX512, IQ4_XS, block_iq4_xs, k_row_dot)

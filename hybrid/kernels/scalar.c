@@ -35,6 +35,8 @@ void quantize_q8_32_scalar(const float *x, int64_t n_in, uint8_t *out) {
     }
 }
 
+void quantize_q8_K(const float *x, int64_t n_in, uint8_t *out) { quantize_q8_K_row(x, n_in, out); }
+
 static inline void row_dot(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *const *x, int nt,
                            float *res) {
     for (int t = 0; t < nt; t++) res[t] = 0.0f;
@@ -75,3 +77,8 @@ SCALAR_KERNELS(Q5_0, block_q5_0)
 SCALAR_KERNELS(Q5_1, block_q5_1)
 SCALAR_KERNELS(Q8_0, block_q8_0)
 SCALAR_KERNELS(IQ4_NL, block_iq4_nl)
+
+ROW_KERNELS(SCALAR, Q4_K, block_q4_K, k_row_dot_portable)
+ROW_KERNELS(SCALAR, Q5_K, block_q5_K, k_row_dot_portable)
+ROW_KERNELS(SCALAR, Q6_K, block_q6_K, k_row_dot_portable)
+ROW_KERNELS(SCALAR, IQ4_XS, block_iq4_xs, k_row_dot_portable)

@@ -3,7 +3,8 @@
 Public API (stable):
 
     write_plots(timings, report, attribution, out_dir, fmt="png", force=True) -> list[Path]
-        breakdown, timeline, ops, bandwidth and (when the run has depth tests) depth,
+        breakdown, timeline, timeline_offload (when the run uploaded weights), ops, bandwidth and
+        (when the run has depth tests) depth,
         each written atomically as out_dir/<name>.<fmt>.
     write_diff_plot(diff, out_dir, fmt="png", force=True) -> Path
         out_dir/breakdown-diff.<fmt>: per test, run A's bar over run B's, in ms/token.
@@ -48,7 +49,9 @@ from profiler.errors import UserError
 from profiler.files import atomic_output, check_output_path
 from profiler.schema import CATEGORIES
 
-PLOT_NAMES = ("breakdown", "timeline", "ops", "bandwidth", "depth")
+# timeline_offload: the timeline of a graph that uploaded weights (op offload), its uploads on the
+# copies lane; drawn only for a run that has some (the `timeline` is a generated token's)
+PLOT_NAMES = ("breakdown", "timeline", "timeline_offload", "ops", "bandwidth", "depth")
 CATEGORY_COLOURS = {
     "cpu_expert_matmul": "#D55E00",  # vermillion
     "cpu_other": "#E69F00",          # orange
@@ -292,16 +295,20 @@ def plot_bandwidth(tests: Sequence[TestReport], peak_GBps: dict, subtitle: str) 
 
 def _bandwidth_items(r: TestReport) -> list[tuple[str, float, float, str]]:
     """(label, GB/s, bytes per token, gid) for each backend and compute category that read bytes,
-    each backend followed by its categories (so that its peak line spans them)."""
+    each backend followed by its categories (so that its peak line spans them); a label ends in
+    "(≤)" where the bytes are an upper bound (an imported batch's experts)."""
     per = max(r.n_tokens, 1)
     items = []
     for b in r.backends:
         if b["bytes"] <= 0 or b["busy_ns"] <= 0:
             continue
         backend = str(b["backend"])
-        items.append((f"all ops on {backend}", float(b["GBps"]), b["bytes"] / per, f"backend:{backend}"))
+        at_most = {True: " (≤)", False: ""}
+        items.append((f"all ops on {backend}{at_most[bool(b['bytes_ub'])]}", float(b["GBps"]), b["bytes"] / per,
+                      f"backend:{backend}"))
         on_cpu = backend.upper().startswith("CPU")
-        items += [(c, float(r.category_bw[c]["GBps"]), r.category_bw[c]["bytes"] / per, f"category:{c}")
+        items += [(c + at_most[r.category_bw[c]["upper_bound"]], float(r.category_bw[c]["GBps"]),
+                   r.category_bw[c]["bytes"] / per, f"category:{c}")
                   for c in COMPUTE_CATEGORIES if c.startswith("cpu") == on_cpu
                   and r.category_bw[c]["bytes"] > 0 and r.category_bw[c]["GBps"]]
     return items
@@ -401,6 +408,9 @@ def write_plots(t: Timings, report: Report, a: Attribution, out_dir: str | os.Pa
     tl = token_timeline(t, a)
     if tl is not None:
         figures["timeline"] = plot_timeline(tl, sub)
+    offloaded = next((r.name for r in report.tests if r.uploads["count"]), None)
+    if offloaded is not None:
+        figures["timeline_offload"] = plot_timeline(token_timeline(t, a, offloaded), sub)
     series = depth_series(report, t)
     if series:
         figures["depth"] = plot_depth(series, sub)

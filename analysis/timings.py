@@ -2,12 +2,13 @@
 
 Public API (stable; everything else in the analyzer builds on it):
 
-    load_timings(path, progress=None) -> Timings
+    load_timings(path, progress=None, model=None) -> Timings
         Read a `timings.jsonl` (`progress(bytes_read)` is called after each block,
         for a progress bar); files of PARALLEL_MIN_BYTES or more are read on every
         core, in forked processes (Linux). A file that does not start with a JSON object is
         handed to `analysis.ik_log` (the ik_llama.cpp log importer) when that module
-        exists and recognises it.
+        exists and recognises it, with `model` (analysis.model_bytes.read_model of the
+        model file the log ran) for its ops' bytes; a timings file refuses `model`.
     load_lines(lines, source) -> Timings
         The same from an iterable of lines (bytes or str, one JSON object each);
         `source` names the input in messages. Importers of other engines' logs
@@ -29,7 +30,7 @@ Public API (stable; everything else in the analyzer builds on it):
 
 Why columns: a run has millions of events; per-event Python objects would make
 the report slower than the run. Strings are stored once, HTA style, as ids.
-Absent integer fields are -1, absent `bytes`/`flops` are 0, absent `tps`/`tps_std`
+Absent integer fields are -1, absent `bytes`/`bytes_ub`/`flops` are 0, absent `tps`/`tps_std`
 NaN. Known optional fields that only echo a source's own names (`role`, `label`,
 `node`, `incomplete`: profiler.schema.OPTIONAL_FIELDS) are accepted and not read.
 
@@ -60,9 +61,10 @@ EVENT_DTYPE = np.dtype([
     ("type", np.int8), ("ts", np.int64), ("dur", np.int64),
     ("tid", np.int32), ("backend", np.int32), ("graph", np.int32), ("split", np.int32),
     ("op", np.int32), ("name", np.int32), ("layer", np.int32),
-    ("bytes", np.int64), ("flops", np.int64), ("n_tokens", np.int32),
+    ("bytes", np.int64), ("bytes_ub", np.int8), ("flops", np.int64), ("n_tokens", np.int32),
     ("src", np.int32), ("dst", np.int32),
     ("n_past", np.int32), ("n_nodes", np.int32), ("n_inputs", np.int32),
+    ("kind", np.int32),     # a copy's kind ("weights": an op-offload upload), a test's (pp, tg)
 ])
 # One row per test repetition (the few fields only `test` events carry); `tps`/`tps_std` are
 # the source engine's own figures (NaN: none), `config` the sweep index (-1: none).
@@ -72,7 +74,7 @@ TEST_DTYPE = np.dtype([
     ("n_tokens", np.int32), ("config", np.int32), ("tps", np.float64), ("tps_std", np.float64),
 ])
 STRING_FIELDS = frozenset({"tid", "backend", "op", "name", "src", "dst", "kind"})
-ZERO_WHEN_ABSENT = frozenset({"bytes", "flops"})
+ZERO_WHEN_ABSENT = frozenset({"bytes", "bytes_ub", "flops"})
 REQUIRED_FIELDS = ("ts", "dur")
 TYPE_CODES = {t: i for i, t in enumerate(EVENT_TYPES)}
 # Fields each type may carry (beyond `type`); a field outside its type's list is unknown.
@@ -92,7 +94,7 @@ HEADER_NUMBERS = {"model": ("size_bytes", "n_params", "n_expert", "n_expert_used
 
 # The fields read into columns, for the vectorised reader (analysis.flatjson).
 STR_FIELDS = ("type",) + tuple(sorted(STRING_FIELDS))
-INT_FIELDS = tuple(f for f in dict.fromkeys(COMMON_FIELDS + sum(EVENT_FIELDS.values(), ()) + ("config",))
+INT_FIELDS = tuple(f for f in dict.fromkeys(COMMON_FIELDS + sum(EVENT_FIELDS.values(), ()) + ("config", "bytes_ub"))
                    if f not in STR_FIELDS and f not in UNREAD_FIELDS)
 READ_FIELDS = INT_FIELDS + STR_FIELDS + FLOAT_FIELDS
 _INT_FILL = np.array([0 if f in ZERO_WHEN_ABSENT else -1 for f in INT_FIELDS])
@@ -169,7 +171,7 @@ class Timings:
         return self.events["type"] == TYPE_CODES[name]
 
 
-def load_timings(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> Timings:
+def load_timings(path: str | os.PathLike, progress: Callable[[int], None] | None = None, model=None) -> Timings:
     source = os.fspath(path)
     if not os.path.exists(source):
         raise UserError(f"{source}: no such file")
@@ -182,8 +184,11 @@ def load_timings(path: str | os.PathLike, progress: Callable[[int], None] | None
     if not head.startswith(b"{"):
         ik_log = _ik_log_importer()
         if ik_log is not None and ik_log.looks_like_ik_log(source):
-            return load_lines(ik_log.convert(source), source)
+            return load_lines(ik_log.convert(source, model=model), source)
         raise UserError(f"{source}: not a hyprof timings file (line 1 is not a JSON object)")
+    if model is not None:
+        raise UserError(f"--model {model.path}: only for another engine's log; {source} is a timings file, "
+                        "whose ops carry their bytes")
     size = os.path.getsize(source)
     cores = _cores()
     if size >= PARALLEL_MIN_BYTES and cores > 1:

@@ -9,7 +9,7 @@ recorded so far, merged in time order, as contract-v1 dicts for a sink.
 API (stable; the internals may change):
     rec = Recorder(enabled=True, print_timing=None); lane = rec.lane("main")
     lane.op(ts, dur, graph, split, backend, op, name, layer, nbytes, flops, n_tokens)
-    lane.copy(ts, dur, graph, split, src, dst, nbytes, name)
+    lane.copy(ts, dur, graph, split, src, dst, nbytes, name, kind)   # kind None: activations
     lane.split(ts, dur, graph, split, backend, n_nodes, n_inputs)
     lane.wakeup(ts, dur, graph, split, backend)
     lane.sync(ts, dur, graph, split, backend)
@@ -49,7 +49,7 @@ from profiler import _lanes
 COLUMNS = {
     "op": ("ts", "dur", "graph", "split", "backend", "op", "name", "layer", "bytes", "flops",
            "n_tokens"),
-    "copy": ("ts", "dur", "graph", "split", "src", "dst", "bytes", "name"),
+    "copy": ("ts", "dur", "graph", "split", "src", "dst", "bytes", "name", "kind"),
     "split": ("ts", "dur", "graph", "split", "backend", "n_nodes", "n_inputs"),
     "wakeup": ("ts", "dur", "graph", "split", "backend"),
     "sync": ("ts", "dur", "graph", "split", "backend"),
@@ -58,8 +58,9 @@ COLUMNS = {
     "test": ("ts", "dur", "fields"),
 }
 
-OPTIONAL_FIELDS = ("graph", "split", "backend")     # common fields that may not apply
-STRING_FIELDS = frozenset({"backend", "op", "name", "src", "dst", "test"})   # the rest count something
+OPTIONAL_FIELDS = ("graph", "split", "backend", "kind")     # fields that may not apply (a copy's kind:
+                                                            # None for activations, the default)
+STRING_FIELDS = frozenset({"backend", "op", "name", "src", "dst", "test", "kind"})   # the rest count something
 
 
 def _line_fields(kind: str) -> tuple:

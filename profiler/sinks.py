@@ -28,7 +28,7 @@ from profiler.errors import UserError
 from profiler.files import check_output_path, new_file_mode
 from profiler._lanes import format_events
 from profiler.recorder import Batch, Lane, event_dict
-from profiler.schema import SCHEMA
+from profiler.schema import SCHEMA, WEIGHTS_COPY
 
 _json_line = functools.partial(orjson.dumps,
                                option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
@@ -147,9 +147,10 @@ class PrintingLane(Lane):
         Lane.op(self, ts, dur, graph, split, backend, op, name, layer, nbytes, flops, n_tokens)
         self._print(f"{op}({name}) [{backend}/{self.tid}]: {_us(dur)} us")
 
-    def copy(self, ts, dur, graph, split, src, dst, nbytes, name):
-        Lane.copy(self, ts, dur, graph, split, src, dst, nbytes, name)
-        self._print(f"copy({name}) [{src}->{dst}/{self.tid}]: {_us(dur)} us")
+    def copy(self, ts, dur, graph, split, src, dst, nbytes, name, kind):
+        Lane.copy(self, ts, dur, graph, split, src, dst, nbytes, name, kind)
+        what = "upload" if kind == WEIGHTS_COPY else "copy"
+        self._print(f"{what}({name}) [{src}->{dst}/{self.tid}]: {_us(dur)} us")
 
     def split(self, ts, dur, graph, split, backend, n_nodes, n_inputs):
         Lane.split(self, ts, dur, graph, split, backend, n_nodes, n_inputs)

@@ -24,7 +24,9 @@ class FakeEngine:
 
     def __init__(self, model_path: str, *, threads: int, n_gpu_layers: int,
                  overrides: Sequence[str], accel: str, mla: int, fa: int, fmoe: int, rtr: int,
-                 poll: int, recorder: Recorder, n_layer: int = 2,
+                 poll: int, recorder: Recorder, n_ubatch: int = 512, n_cpu_moe: int = 0,
+                 no_op_offload: int = 0, op_offload_min_batch: int | None = None, op_offload: str = "llama.cpp",
+                 n_layer: int = 2,
                  interrupt_at_graph: int | None = None):
         self.recorder = recorder
         self.model_path = model_path
@@ -85,7 +87,7 @@ class FakeEngine:
         t = self.recorder.now()
         _spin()
         if self.recorder.enabled:
-            self.main.copy(t, self.recorder.now() - t, graph, split, src, dst, n_bytes, name)
+            self.main.copy(t, self.recorder.now() - t, graph, split, src, dst, n_bytes, name, None)
 
     def _acc_split(self, graph: int, split: int, layer: int, n_tokens: int) -> None:
         rec = self.recorder

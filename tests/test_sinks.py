@@ -85,7 +85,7 @@ def test_print_timing_lines(capsys):
     rec = Recorder(print_timing=True)
     main, worker, acc = rec.lane("main"), rec.lane("cpu1"), rec.lane("ACC0")
     main.phase(0, 35_000, 4, "graph_build")
-    main.copy(0, 12_000, 4, 0, "CPU", "ACC0", 64, "inp_embd")
+    main.copy(0, 12_000, 4, 0, "CPU", "ACC0", 64, "inp_embd", None)
     main.split(0, 41_000, 4, 1, "CPU", 8, 1)
     worker.wakeup(0, 1_499, 4, 1, "CPU")
     worker.op(0, 812_000, 4, 1, "CPU", "MUL_MAT_ID", "blk.3.ffn_up_exps", 3, 1, 1, 1)
@@ -124,7 +124,7 @@ ints = st.integers(-2**40, 2**62)
 @given(st.lists(st.one_of(
     st.tuples(st.just("op"), ints, ints, st.none() | ints, st.none() | ints,
               st.none() | st.sampled_from(["CPU", "ACC0"]), names, names, ints, ints, ints, ints),
-    st.tuples(st.just("copy"), ints, ints, ints, ints, names, names, ints, names),
+    st.tuples(st.just("copy"), ints, ints, ints, ints, names, names, ints, names, st.none() | st.just("weights")),
     st.tuples(st.just("phase"), ints, ints, st.none() | ints, names),
     st.tuples(st.just("graph"), ints, ints, ints, names, ints, ints),
     st.tuples(st.just("wakeup"), ints, ints, ints, ints, st.just("CPU")),

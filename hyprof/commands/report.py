@@ -35,6 +35,8 @@ examples:
   hyprof report timings.jsonl --json > report.json
   hyprof report timings.jsonl --md            (writes reports/timings.md)
   hyprof report timings.jsonl --plots         (writes reports/timings/*.png)
+  hyprof report ik.log --model model.gguf     (an ik_llama.cpp IK_PRINT_TIMING log, with the
+                                               bytes its expert ops read taken from the model)
 """
 
 
@@ -55,6 +57,10 @@ def register(subparsers) -> None:
                    help="also draw the breakdown, timeline, ops, bandwidth and depth plots "
                    "(default DIR: reports/<TIMINGS name>/)")
     p.add_argument("--plot-format", choices=("png", "svg", "pdf"), default="png", help="plot file format (default: png)")
+    p.add_argument("--model", metavar="FILE.gguf",
+                   help="for an imported log: the model file it ran, whose tensor table gives each expert op "
+                   "the bytes it read (a log has none), so the report shows the CPU expert GB/s; a batch's "
+                   "figure is an upper bound (≤), as its log does not say which experts it used")
     p.add_argument("--peak-bw", type=float, metavar="GBPS",
                    help="the CPU's peak memory bandwidth in GB/s (default: the one measured in the header)")
     p.add_argument("--layers", action="store_true", help="also show ops per layer and backend")
@@ -84,8 +90,12 @@ def run(args: argparse.Namespace) -> int:
         for path in plot_paths(plots_dir, args.plot_format).values():
             check_output_path(path, force=args.force or not args.plots, flag="--plots")
 
+    model = None
+    if args.model is not None:
+        from analysis.model_bytes import read_model
+        model = read_model(args.model)
     keep_freed_memory()
-    timings = _load_with_progress(args.timings)
+    timings = _load_with_progress(args.timings, model)
     from analysis.attribution import attribute
     attribution = attribute(timings)
     report = build_report(timings, peak_bw=args.peak_bw, attribution=attribution)
@@ -117,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_with_progress(path: str):
+def _load_with_progress(path: str, model):
     """Load the timings, with a progress bar on stderr for files that take a while."""
     import os
 
@@ -127,4 +137,4 @@ def _load_with_progress(path: str):
     size = os.path.getsize(path) if os.path.isfile(path) else 0
     with progress_bar(max(size >> 20, 1), f"reading {Path(path).name}", unit="MiB",
                       enabled=size > 64 << 20 and sys.stderr.isatty()) as advance:
-        return load_timings(path, progress=lambda done: advance(completed=done >> 20))
+        return load_timings(path, progress=lambda done: advance(completed=done >> 20), model=model)

@@ -310,13 +310,8 @@ k_row_dot(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *cons
 
 /* ---- per type: R16 kernels for Q4_0 and Q8_0 ---- */
 
-#define AVX2_KERNELS(T, block)                  \
-    BIND_ROW_DOT(T, block, row_dot)             \
-    BIND_R16(T, block, r16_dot, repack_r16)     \
-    const quant_kernels_t AVX2_##T = {row_dot_##T, r16_dot_##T, repack_r16_##T, 1};
-
-AVX2_KERNELS(Q4_0, block_q4_0)
-AVX2_KERNELS(Q8_0, block_q8_0)
+R16_KERNELS(AVX2, Q4_0, block_q4_0, row_dot, r16_dot, repack_r16, 1)
+R16_KERNELS(AVX2, Q8_0, block_q8_0, row_dot, r16_dot, repack_r16, 1)
 ROW_KERNELS(AVX2, Q5_0, block_q5_0, row_dot)
 ROW_KERNELS(AVX2, Q5_1, block_q5_1, row_dot)
 ROW_KERNELS(AVX2, IQ4_NL, block_iq4_nl, row_dot)

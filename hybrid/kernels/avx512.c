@@ -366,16 +366,11 @@ k_row_dot(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *cons
 
 /* ---- per type ---- */
 
-#define AVX512_KERNELS(T, block, r16_dot)       \
-    BIND_ROW_DOT(T, block, row_dot)             \
-    BIND_R16(T, block, r16_dot, repack_r16)     \
-    const quant_kernels_t AVX512_##T = {row_dot_##T, r16_dot_##T, repack_r16_##T, 1};
-
-AVX512_KERNELS(Q4_0, block_q4_0, r16_dot_q4_or_q8)
-AVX512_KERNELS(Q8_0, block_q8_0, r16_dot_q4_or_q8)
-AVX512_KERNELS(Q5_0, block_q5_0, r16_dot_typed)
-AVX512_KERNELS(Q5_1, block_q5_1, r16_dot_typed)
-AVX512_KERNELS(IQ4_NL, block_iq4_nl, r16_dot_typed)
+R16_KERNELS(AVX512, Q4_0, block_q4_0, row_dot, r16_dot_q4_or_q8, repack_r16, 1)
+R16_KERNELS(AVX512, Q8_0, block_q8_0, row_dot, r16_dot_q4_or_q8, repack_r16, 1)
+R16_KERNELS(AVX512, Q5_0, block_q5_0, row_dot, r16_dot_typed, repack_r16, 1)
+R16_KERNELS(AVX512, Q5_1, block_q5_1, row_dot, r16_dot_typed, repack_r16, 1)
+R16_KERNELS(AVX512, IQ4_NL, block_iq4_nl, row_dot, r16_dot_typed, repack_r16, 1)
 
 ROW_KERNELS(AVX512, Q4_K, block_q4_K, k_row_dot)
 ROW_KERNELS(AVX512, Q5_K, block_q5_K, k_row_dot)

@@ -391,6 +391,11 @@ static inline void k_row_dot_portable(int type, size_t bb, const uint8_t *w, int
     static void row_dot_##T(const uint8_t *w, int64_t nb, const uint8_t *const *x, int nt, float *res) { \
         row_dot(GGML_##T, sizeof(block), w, nb, x, nt, res);                                            \
     }
+/* A path's kernels of type T with R16 ones (r16_first: repacked at load), PATH_T. */
+#define R16_KERNELS(PATH, T, block, row_dot, r16_dot, repack, r16_first) \
+    BIND_ROW_DOT(T, block, row_dot)                                         \
+    BIND_R16(T, block, r16_dot, repack)                                     \
+    const quant_kernels_t PATH##_##T = {row_dot_##T, r16_dot_##T, repack_r16_##T, r16_first};
 /* A path's kernels of type T without R16 ones: PATH_T. */
 #define ROW_KERNELS(PATH, T, block, row_dot)    \
     BIND_ROW_DOT(T, block, row_dot)             \

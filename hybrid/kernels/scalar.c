@@ -67,16 +67,11 @@ static inline void repack_r16(int type, size_t bb, const uint8_t *w, size_t rb, 
     r16_repack_rows(type, bb, w, rb, n_rows, nb, dst);
 }
 
-#define SCALAR_KERNELS(T, block)                \
-    BIND_ROW_DOT(T, block, row_dot)             \
-    BIND_R16(T, block, r16_dot, repack_r16)     \
-    const quant_kernels_t SCALAR_##T = {row_dot_##T, r16_dot_##T, repack_r16_##T, 0};
-
-SCALAR_KERNELS(Q4_0, block_q4_0)
-SCALAR_KERNELS(Q5_0, block_q5_0)
-SCALAR_KERNELS(Q5_1, block_q5_1)
-SCALAR_KERNELS(Q8_0, block_q8_0)
-SCALAR_KERNELS(IQ4_NL, block_iq4_nl)
+R16_KERNELS(SCALAR, Q4_0, block_q4_0, row_dot, r16_dot, repack_r16, 0)
+R16_KERNELS(SCALAR, Q5_0, block_q5_0, row_dot, r16_dot, repack_r16, 0)
+R16_KERNELS(SCALAR, Q5_1, block_q5_1, row_dot, r16_dot, repack_r16, 0)
+R16_KERNELS(SCALAR, Q8_0, block_q8_0, row_dot, r16_dot, repack_r16, 0)
+R16_KERNELS(SCALAR, IQ4_NL, block_iq4_nl, row_dot, r16_dot, repack_r16, 0)
 
 ROW_KERNELS(SCALAR, Q4_K, block_q4_K, k_row_dot_portable)
 ROW_KERNELS(SCALAR, Q5_K, block_q5_K, k_row_dot_portable)

@@ -2,7 +2,9 @@
 
 DeepSeek-V2-Lite expert shapes (n_embd 2048, n_ff_exp 1408, 64 experts, 6
 used per token), random GGUF blocks for several layers (>= 1 GB, far beyond
-the last-level cache). Each step runs one MoE layer's expert matmuls (fused
+the last-level cache); for the 256-value types (Q4_K, Q5_K, Q6_K, IQ4_XS) the
+1408-wide down rows are in the type llama.cpp's quantizer falls back to (Q5_0,
+Q5_1, Q8_0, IQ4_NL), as in those files. Each step runs one MoE layer's expert matmuls (fused
 gate+up, then down, as with -fmoe) for fresh random expert ids, cycling
 through the layers, so every step reads its experts from DRAM, as in a real
 token. Figures: GB/s = bytes of the touched experts as stored / wall time
@@ -24,6 +26,8 @@ disturbed run, and the ratio to the triad of the same rounds is the figure to
 read. Medians are printed beside.
 
     .venv/bin/python benchmarks/bench_expert_matmul.py [--quick]
+    .venv/bin/python benchmarks/bench_expert_matmul.py --types q4_0,q5_0,iq4_nl --paths avx2,avx512vnni \
+        --tokens 1 --threads 2 --no-torch
 """
 
 from __future__ import annotations
@@ -43,22 +47,47 @@ from hybrid.quants import dequantize
 from profiler.membw import measure_stream
 
 N_EMBD, N_FF, N_EXPERT, N_USED = 2048, 1408, 64, 6
-TYPES = {"q4_0": ck.Q4_0, "q8_0": ck.Q8_0}
+TYPES = {"q4_0": ck.Q4_0, "q5_0": ck.Q5_0, "q5_1": ck.Q5_1, "q8_0": ck.Q8_0, "iq4_nl": ck.IQ4_NL,
+         "q4_k": ck.Q4_K, "q5_k": ck.Q5_K, "q6_k": ck.Q6_K, "iq4_xs": ck.IQ4_XS}
+# the type llama.cpp's quantizer stores a tensor in when its rows are not whole 256-value blocks:
+# DeepSeek-V2-Lite's 1408-wide down rows in its Q4_K, Q5_K, Q6_K and IQ4_XS files
+FALLBACK = {ck.Q4_K: ck.Q5_0, ck.Q5_K: ck.Q5_1, ck.Q6_K: ck.Q8_0, ck.IQ4_XS: ck.IQ4_NL}
+SHAPES = dict(gate=(N_FF, N_EMBD), up=(N_FF, N_EMBD), down=(N_EMBD, N_FF))
 FP16_SCALE = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+FP16_AT = {ck.Q5_1: (0, 2), ck.Q4_K: (0, 2), ck.Q5_K: (0, 2), ck.Q6_K: (208,)}   # d (and m, dmin); others: d at 0
+
+
+def tensor_type(ggml_type, n_in):
+    return ggml_type if n_in % ck.TRAITS[ggml_type].block_values == 0 else FALLBACK[ggml_type]
 
 
 def random_blocks(rng, n_expert, n_out, n_in, ggml_type):
-    """uint8 [n_expert, n_out, row_bytes]: random quants, a sane fp16 scale per block."""
-    bb = ck.TRAITS[ggml_type].block_bytes
-    raw = rng.integers(0, 256, size=(n_expert, n_out, n_in // 32, bb), dtype=np.uint8)
-    raw[..., :2] = FP16_SCALE
+    """uint8 [n_expert, n_out, row_bytes]: random quants, sane fp16 scales (and mins) per block."""
+    bb, bv = ck.TRAITS[ggml_type].block_bytes, ck.TRAITS[ggml_type].block_values
+    raw = rng.integers(0, 256, size=(n_expert, n_out, n_in // bv, bb), dtype=np.uint8)
+    for at in FP16_AT.get(ggml_type, (0,)):
+        raw[..., at:at + 2] = FP16_SCALE
     return raw.reshape(n_expert, n_out, -1)
 
 
 def make_layers(rng, n_layers, ggml_type):
-    return [dict(gate=random_blocks(rng, N_EXPERT, N_FF, N_EMBD, ggml_type),
-                 up=random_blocks(rng, N_EXPERT, N_FF, N_EMBD, ggml_type),
-                 down=random_blocks(rng, N_EXPERT, N_EMBD, N_FF, ggml_type)) for _ in range(n_layers)]
+    """Per layer {tensor: (blocks, its type)}: the type, or its fallback where rows are not whole blocks."""
+    return [{name: (random_blocks(rng, N_EXPERT, n_out, n_in, tensor_type(ggml_type, n_in)),
+                    tensor_type(ggml_type, n_in)) for name, (n_out, n_in) in SHAPES.items()} for _ in range(n_layers)]
+
+
+def bytes_per_expert(ggml_type):
+    """Bytes of one expert's gate, up and down as stored."""
+    return sum(n_out * n_in // ck.TRAITS[t].block_values * ck.TRAITS[t].block_bytes
+               for n_out, n_in in SHAPES.values() for t in [tensor_type(ggml_type, n_in)])
+
+
+def repacked(layers, path):
+    """The layers with each tensor whose type `path` repacks at load (r16_first) repacked, or None if none is."""
+    if not any(path in ck.TRAITS[t].r16_first for t in (t for _, t in layers[0].values())):
+        return None
+    return [{name: (ck.repack(w, t, path=path), t | ck.R16) if path in ck.TRAITS[t].r16_first else (w, t)
+             for name, (w, t) in layer.items()} for layer in layers]
 
 
 def routing(rng, n_steps, n_tokens):
@@ -90,20 +119,22 @@ def run_workers(n_threads, work):
     return time.perf_counter() - t0, max(cpu)
 
 
-def native_steps(layers, ggml_type, ids, pool):
+def native_steps(layers, ids, pool, path):
     """Seconds for all steps (wall, and on-CPU per thread): per step, fused gate+up then
-    down, every call shared by the pool's threads as in the engine."""
+    down, every call shared by the pool's threads as in the engine, on SIMD path `path`."""
     n_tokens = ids.shape[1]
+    gate_type, down_type = layers[0]["gate"][1] & ~ck.R16, layers[0]["down"][1] & ~ck.R16
     x = np.random.default_rng(0).standard_normal((n_tokens, N_EMBD)).astype(np.float32)
-    xq = ck.quantize_activations(x)
-    hq = ck.quantize_activations(np.random.default_rng(1).standard_normal((n_tokens * N_USED, N_FF)).astype(np.float32))
+    xq = ck.quantize_activations(x, path=path, ggml_type=gate_type)
+    h_in = np.random.default_rng(1).standard_normal((n_tokens * N_USED, N_FF)).astype(np.float32)
+    hq = ck.quantize_activations(h_in, path=path, ggml_type=down_type)
     h = np.empty((n_tokens, N_USED, N_FF), np.float32)
     y = np.empty((n_tokens, N_USED, N_EMBD), np.float32)
     t0, c0 = time.perf_counter(), time.process_time()
     for s, step_ids in enumerate(ids):
-        layer = layers[s % len(layers)]
-        ck.mul_mat_id(layer["gate"], ggml_type, xq, step_ids, h, w_up=layer["up"], pool=pool)
-        ck.mul_mat_id(layer["down"], ggml_type, hq, step_ids, y, pool=pool)
+        (gate, gate_kind), (up, _), (down, down_kind) = (layers[s % len(layers)][k] for k in ("gate", "up", "down"))
+        ck.mul_mat_id(gate, gate_kind, xq, step_ids, h, w_up=up, path=path, pool=pool)
+        ck.mul_mat_id(down, down_kind, hq, step_ids, y, path=path, pool=pool)
     return time.perf_counter() - t0, (time.process_time() - c0) / pool.n_threads
 
 
@@ -154,10 +185,9 @@ def torch_steps(layers, ids, n_threads, matmul):
         return run_workers(n_threads, work)
 
 
-def dequant_matmul(ggml_type):
-    def matmul(layer, name, e, x):
-        return F.linear(x, dequantize(torch.from_numpy(layer[name][e]), ggml_type))
-    return matmul
+def dequant_matmul(layer, name, e, x):
+    blocks, ggml_type = layer[name]
+    return F.linear(x, dequantize(torch.from_numpy(blocks[e]), ggml_type))
 
 
 def bf16_layers(n_layers):
@@ -235,11 +265,18 @@ def main():
     ap.add_argument("--gb", type=float, default=1.2, help="GB of expert weights per type (>= 1 to defeat the cache)")
     ap.add_argument("--tokens", default="1,64,512", help="batch sizes: 1 = tg, others pp")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--types", default="q4_0,q8_0")
+    ap.add_argument("--types", default="q4_0,q8_0", help=f"of {','.join(TYPES)}")
+    ap.add_argument("--paths", default=ck.available(),
+                    help=f"SIMD paths of the native kernels, of those this CPU runs ({','.join(ck.paths())}); "
+                         "weights are repacked for those that repack at load")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch paths (the previous path)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds")
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
+    paths = args.paths.split(",")
+    for path in paths:
+        if path not in ck.paths():
+            ap.error(f"--paths: {path} is not one this CPU runs ({', '.join(ck.paths())})")
     thread_counts = [int(t) for t in args.threads.split(",")]
     rng = np.random.default_rng(0)
     print(f"kernel path: {ck.available()} (of {', '.join(ck.paths())})")
@@ -258,27 +295,26 @@ def main():
 
     for tname in args.types.split(","):
         ggml_type = TYPES[tname]
-        expert_bytes = 3 * N_FF * N_EMBD // 32 * ck.TRAITS[ggml_type].block_bytes      # gate, up, down
-        n_layers = max(2, int(np.ceil(args.gb * 1e9 / (N_EXPERT * expert_bytes))))
+        eb = bytes_per_expert(ggml_type)
+        n_layers = max(2, int(np.ceil(args.gb * 1e9 / (N_EXPERT * eb))))
         layers = make_layers(rng, n_layers, ggml_type)
-        forms = [("stored", layers, ggml_type)]
-        if ck.repack(layers[0]["gate"], ggml_type) is not None:
-            forms.append(("repacked", [{k: ck.repack(w, ggml_type) for k, w in layer.items()} for layer in layers],
-                          ggml_type | ck.R16))
-        print(f"{tname}: {n_layers} layers, {n_layers * N_EXPERT * expert_bytes / 1e9:.2f} GB of experts")
+        forms = [(path, "stored", layers) for path in paths]
+        forms += [(path, "repacked", r) for path in paths for r in [repacked(layers, path)] if r is not None]
+        down = ck.TRAITS[layers[0]["down"][1]].name
+        print(f"{tname}: {n_layers} layers, {n_layers * N_EXPERT * eb / 1e9:.2f} GB of experts (down in {down})")
         for n_tokens in tokens:
             steps, rounds = plan(n_tokens, args.quick)
             ids = routing(rng, rounds * steps, n_tokens).reshape(rounds, steps, n_tokens, N_USED)
             for n in thread_counts:
                 pool = Pool(n, True)
-                for form, form_layers, kind in forms:
-                    native_steps(form_layers, kind, ids[0, :1], pool)                  # warm-up
-                    measure(tname, f"native {ck.available()}, {form}", n, ids, expert_bytes,
-                            lambda i: native_steps(form_layers, kind, i, pool))
+                for path, form, form_layers in forms:
+                    native_steps(form_layers, ids[0, :1], pool, path)                  # warm-up
+                    measure(tname, f"native {path}, {form}", n, ids, eb,
+                            lambda i: native_steps(form_layers, i, pool, path))
                 pool.close()
                 if not args.no_torch and n_tokens <= 64:
-                    measure(tname, "torch dequant + f32", n, ids[:2, :1], expert_bytes,
-                            lambda i: torch_steps(layers, i, n, dequant_matmul(ggml_type)))
+                    measure(tname, "torch dequant + f32", n, ids[:2, :1], eb,
+                            lambda i: torch_steps(layers, i, n, dequant_matmul))
         del layers, forms
 
     if not args.no_torch:

@@ -6,7 +6,8 @@
  * for GGUF block layouts, and dequantising first multiplies the bytes moved.
  * As in ggml, the activation is quantised once to 8-bit blocks, and every dot
  * product is an int8 one (AVX-512 VNNI `vpdpbusd`, AVX2 `vpmaddubsw`), scaled
- * per 32-weight block in float.
+ * per block in float (32 weights; the K-quants and IQ4_XS per 16 or 32 of their 256-weight
+ * blocks, with activations in blocks of 256).
  *
  * This file is what every type and SIMD path shares: the checks, the activation
  * quantisation, the walk over rows, tokens and experts, the worker pool's chunks.
@@ -40,6 +41,11 @@ static int default_path;           /* HYPROF_KERNELS, else the first of PATH_PRE
 
 static size_t weight_row_bytes(const quant_traits_t *traits, int64_t n_in) {
     return (size_t)(n_in / traits->block_values * traits->block_bytes);
+}
+
+/* Bytes of one quantised activation row of n_in values for the type's dot product. */
+static size_t act_row_bytes(const quant_traits_t *traits, int64_t n_in) {
+    return traits->activation == ACT_Q8_K ? q8k_row_bytes(n_in) : q8_row_bytes(n_in);
 }
 
 /* matmul_rows by the row kernel: for many tokens the loops are blocked so that a
@@ -141,7 +147,7 @@ static int parse_path(int path) {
 /* The traits of a type with a matmul kernel, or NULL with an exception. */
 static const quant_traits_t *matmul_traits(int type, Py_ssize_t n_in) {
     const quant_traits_t *traits = quant_traits(type);
-    if (!traits || traits->activation != ACT_Q8_32) {
+    if (!traits || traits->activation == ACT_NONE) {
         PyErr_Format(PyExc_ValueError, "ggml type %d has no CPU matmul kernel", type);
         return NULL;
     }
@@ -177,16 +183,16 @@ static int check_size(const Py_buffer *b, Py_ssize_t want, const char *name) {
 }
 
 /* An activation argument: float32 rows of n_in, which the call quantises (as ggml's
- * CPU matmul quantises src1 first), or q8 rows already quantised (uint8,
- * q8_row_bytes(n_in) each: one input shared by several calls). -> its number of
- * rows, with *floats set if they are float32 rows; or -1 with an exception. */
-static Py_ssize_t activation_rows(const Py_buffer *view, Py_ssize_t n_in, int *floats) {
+ * CPU matmul quantises src1 first), or q8 rows already quantised for the type (uint8,
+ * act_row_bytes each: one input shared by several calls). -> its number of rows, with
+ * *floats set if they are float32 rows; or -1 with an exception. */
+static Py_ssize_t activation_rows(const Py_buffer *view, const quant_traits_t *traits, Py_ssize_t n_in, int *floats) {
     *floats = view->format && strcmp(view->format, "f") == 0;
     if (!*floats && view->format && strcmp(view->format, "B") != 0) {
         PyErr_Format(PyExc_ValueError, "x: expected float32 rows or uint8 q8 rows, got format '%s'", view->format);
         return -1;
     }
-    const Py_ssize_t row = *floats ? n_in * (Py_ssize_t)sizeof(float) : (Py_ssize_t)q8_row_bytes(n_in);
+    const Py_ssize_t row = *floats ? n_in * (Py_ssize_t)sizeof(float) : (Py_ssize_t)act_row_bytes(traits, n_in);
     if (view->len % row) {
         PyErr_Format(PyExc_ValueError, "x: %zd bytes is not a whole number of %s rows of n_in=%zd", view->len,
                      *floats ? "float32" : "q8", n_in);
@@ -195,30 +201,30 @@ static Py_ssize_t activation_rows(const Py_buffer *view, Py_ssize_t n_in, int *f
     return view->len / row;
 }
 
-static void quantize_rows(int path, const float *x, Py_ssize_t n_rows, int64_t n_in, uint8_t *out) {
-    const quantize_row_fn quantize_row = SIMD_PATHS[path].quantize_q8_32;
-    for (Py_ssize_t r = 0; r < n_rows; r++) quantize_row(x + r * n_in, n_in, out + r * q8_row_bytes(n_in));
+static void quantize_rows(int path, const quant_traits_t *traits, const float *x, Py_ssize_t n_rows, int64_t n_in,
+                          uint8_t *out) {
+    const quantize_row_fn quantize_row =
+        traits->activation == ACT_Q8_K ? SIMD_PATHS[path].quantize_q8_K : SIMD_PATHS[path].quantize_q8_32;
+    for (Py_ssize_t r = 0; r < n_rows; r++) quantize_row(x + r * n_in, n_in, out + r * act_row_bytes(traits, n_in));
 }
 
 static PyObject *py_quantize_q8(PyObject *self, PyObject *args) {
     Py_buffer x, out;
     Py_ssize_t n_in;
-    int path;
-    if (!PyArg_ParseTuple(args, "y*nw*i", &x, &n_in, &out, &path)) return NULL;
+    int path, type = GGML_Q4_0;
+    if (!PyArg_ParseTuple(args, "y*nw*i|i", &x, &n_in, &out, &path, &type)) return NULL;
     PyObject *ret = NULL;
-    if (n_in <= 0 || n_in % QK) {
-        PyErr_Format(PyExc_ValueError, "n_in must be a positive multiple of %d, got %zd", QK, n_in);
-        goto done;
-    }
+    const quant_traits_t *traits = matmul_traits(type, n_in);
+    if (!traits) goto done;
     Py_ssize_t n_rows = x.len / (Py_ssize_t)sizeof(float) / n_in;
     if ((path = parse_path(path)) < 0) goto done;
     if (x.len != n_rows * n_in * (Py_ssize_t)sizeof(float)) {
         PyErr_Format(PyExc_ValueError, "x: %zd bytes is not a whole number of float32 rows of %zd", x.len, n_in);
         goto done;
     }
-    if (check_size(&out, n_rows * (Py_ssize_t)q8_row_bytes(n_in), "out")) goto done;
+    if (check_size(&out, n_rows * (Py_ssize_t)act_row_bytes(traits, n_in), "out")) goto done;
     Py_BEGIN_ALLOW_THREADS
-    quantize_rows(path, x.buf, n_rows, n_in, out.buf);
+    quantize_rows(path, traits, x.buf, n_rows, n_in, out.buf);
     Py_END_ALLOW_THREADS
     ret = Py_None;
     Py_INCREF(ret);
@@ -395,7 +401,7 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
     const quant_traits_t *traits = matmul_traits(type & ~TYPE_R16, n_in);
     const quant_kernels_t *k;
     if (!traits || (path = parse_path(path)) < 0 || !(k = path_kernels(traits, path, packed))) goto done;
-    Py_ssize_t rb = (Py_ssize_t)weight_row_bytes(traits, n_in), xb = (Py_ssize_t)q8_row_bytes(n_in);
+    Py_ssize_t rb = (Py_ssize_t)weight_row_bytes(traits, n_in), xb = (Py_ssize_t)act_row_bytes(traits, n_in);
     if (n_expert <= 0 || n_used <= 0 || w.len % (n_expert * rb)) {
         PyErr_Format(PyExc_ValueError, "weight: %zd bytes is not %zd experts of whole rows of n_in=%zd", w.len, n_expert, n_in);
         goto done;
@@ -409,7 +415,7 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
     }
     int floats;
     if (PyObject_GetBuffer(x_obj, &x, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0 ||
-        (n_x = activation_rows(&x, n_in, &floats)) < 0 || !(id = parse_ids(ids_obj, n_x, &n_slots)))
+        (n_x = activation_rows(&x, traits, n_in, &floats)) < 0 || !(id = parse_ids(ids_obj, n_x, &n_slots)))
         goto done;
     Py_ssize_t n_tok = n_slots / n_used;
     if (n_tok * n_used != n_slots) {
@@ -446,7 +452,7 @@ static PyObject *py_mul_mat_id(PyObject *self, PyObject *args) {
     int busy = 0, no_memory = 0;
     int64_t n_runs = 0;
     Py_BEGIN_ALLOW_THREADS
-    if (floats) quantize_rows(path, x.buf, n_x, n_in, xq);
+    if (floats) quantize_rows(path, traits, x.buf, n_x, n_in, xq);
     {
         for (Py_ssize_t s = 0; s < n_slots; s++) start[id[s] + 1]++;
         for (Py_ssize_t e = 0; e < n_expert; e++) start[e + 1] += start[e];
@@ -551,14 +557,17 @@ done:
     return ret;
 }
 
-static PyObject *py_q8_row_bytes(PyObject *self, PyObject *arg) {
-    Py_ssize_t n_in = PyLong_AsSsize_t(arg);
-    if (n_in == -1 && PyErr_Occurred()) return NULL;
-    return PyLong_FromSize_t(q8_row_bytes(n_in));
+static PyObject *py_q8_row_bytes(PyObject *self, PyObject *args) {
+    Py_ssize_t n_in;
+    int type = GGML_Q4_0;
+    if (!PyArg_ParseTuple(args, "n|i", &n_in, &type)) return NULL;
+    const quant_traits_t *traits = matmul_traits(type, n_in);
+    return traits ? PyLong_FromSize_t(act_row_bytes(traits, n_in)) : NULL;
 }
 
 static PyMethodDef methods[] = {
-    {"quantize_q8", py_quantize_q8, METH_VARARGS, "quantize_q8(x_f32, n_in, out_u8, path): rows of x -> q8 rows"},
+    {"quantize_q8", py_quantize_q8, METH_VARARGS,
+     "quantize_q8(x_f32, n_in, out_u8, path, type=Q4_0): rows of x -> q8 rows of the activation type's dot takes"},
     {"mul_mat_id", py_mul_mat_id, METH_VARARGS,
      "mul_mat_id(w, w_up, type, n_expert, n_in, x, ids, n_used, out, r0, r1, a0, a1, path, pool=None, times=None) "
      "-> experts computed. x: float32 or q8 rows; ids: int32/int64 or None (a plain matmul); "
@@ -566,7 +575,8 @@ static PyMethodDef methods[] = {
     {"repack_r16", py_repack_r16, METH_VARARGS,
      "repack_r16(w, type, n_in, out, path=-1): stored rows (a multiple of 16) -> R16 blocks, the same size; "
      "a call on them passes type | R16"},
-    {"q8_row_bytes", py_q8_row_bytes, METH_O, "q8_row_bytes(n_in): bytes of one quantised activation row"},
+    {"q8_row_bytes", py_q8_row_bytes, METH_VARARGS,
+     "q8_row_bytes(n_in, type=Q4_0): bytes of one quantised activation row for the type's dot product"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -589,7 +599,7 @@ static PyStructSequence_Field trait_fields[] = {
     {"name", "the ggml type's name"},
     {"block_values", "values per block"},
     {"block_bytes", "bytes per block"},
-    {"activation", "the activation format its dot product takes ('q8_32'); None: no matmul kernel"},
+    {"activation", "the activation format its dot product takes ('q8_32', 'q8_K'); None: no matmul kernel"},
     {"kernels", "the paths built with its matmul kernels"},
     {"r16", "those of them with kernels on the repacked (R16) layout"},
     {"r16_first", "those of them where R16 outruns the stored rows: the engine repacks at load"},
@@ -612,7 +622,8 @@ static PyObject *traits_dict(void) {
         }
         PyObject *values[7] = {PyUnicode_FromString(t->name), PyLong_FromLongLong(t->block_values),
                                PyLong_FromLongLong(t->block_bytes),
-                               t->activation == ACT_Q8_32 ? PyUnicode_FromString("q8_32") : Py_NewRef(Py_None),
+                               t->activation == ACT_Q8_32 ? PyUnicode_FromString("q8_32")
+                               : t->activation == ACT_Q8_K ? PyUnicode_FromString("q8_K") : Py_NewRef(Py_None),
                                path_names(kernels), path_names(r16), path_names(r16_first)};
         PyObject *item = PyStructSequence_New(type), *key = PyLong_FromLong(t->type);
         int ok = item && key;

@@ -21,9 +21,9 @@ row. The engine's entry points, at the end of this module, are one call per op
 (a cold op's Python costs more than a small matmul): `matmul` (MUL_MAT, torch in
 and out) and `mul_mat_experts` (MUL_MAT_ID), which the graph nodes' `parallel`
 forms call with the pool, and `run_tasks` for the ops without a native kernel.
-Precision: the activation is rounded to 8 bits per 32-value block (scale
-amax/127), so results differ from a float matmul by at most
-sum_i |W_ji| * d_block(i) / 2; the weights themselves are used exactly.
+Precision: the activation is rounded to 8 bits per block (scale amax/127; blocks
+of 32 values, or 256 for the K-quants and IQ4_XS), so results differ from a float
+matmul by at most sum_i |W_ji| * d_block(i) / 2; the weights themselves are used exactly.
 
 Which types have kernels, their block sizes, and which SIMD paths can read their
 repacked (R16) form come from the quant traits table (hybrid/quant_traits.h), as
@@ -36,7 +36,8 @@ import numpy as np
 
 from hybrid import _kernels
 
-Q4_0, Q8_0 = 2, 8                                  # ggml type ids
+Q4_0, Q5_0, Q5_1, Q8_0, IQ4_NL = 2, 6, 7, 8, 20     # ggml type ids: 32-value blocks (q8_32 activations)
+Q4_K, Q5_K, Q6_K, IQ4_XS = 12, 13, 14, 23           # 256-value blocks (q8_K activations)
 R16 = _kernels.R16                                 # flag on a type: the blocks are `repack`ed
 # ggml type id -> its facts (name, block_values, block_bytes, activation, and the paths with
 # kernels, with R16 kernels, and where R16 is repacked at load); one entry per type the native
@@ -114,21 +115,24 @@ def repack(w: np.ndarray, ggml_type: int, path: str | None = None) -> np.ndarray
     return out
 
 
-def q8_row_bytes(n_in: int) -> int:
-    """Bytes of one quantised activation row of n_in values."""
-    return _kernels.q8_row_bytes(n_in)
+def q8_row_bytes(n_in: int, ggml_type: int = Q4_0) -> int:
+    """Bytes of one quantised activation row of n_in values, in the format the type's dot
+    product takes (`TRAITS[t].activation`: q8_32 rows, or q8_K rows for the 256-value types)."""
+    return _kernels.q8_row_bytes(n_in, ggml_type)
 
 
-def quantize_activations(x, out: np.ndarray | None = None, path: str | None = None) -> np.ndarray:
-    """float32 [n_rows, n_in] (n_in a multiple of 32) -> q8 rows, uint8 [n_rows, q8_row_bytes(n_in)].
+def quantize_activations(x, out: np.ndarray | None = None, path: str | None = None,
+                         ggml_type: int = Q4_0) -> np.ndarray:
+    """float32 [n_rows, n_in] (n_in a multiple of the type's block) -> q8 rows for matmuls on
+    weights of `ggml_type`, uint8 [n_rows, q8_row_bytes(n_in, ggml_type)].
 
     One quantised input serves every matmul that reads the same x (gate and up
     of all experts); `out` may be a preallocated buffer reused per token."""
     x = np.ascontiguousarray(_array(x), dtype=np.float32)
     n_in = x.shape[-1]
     if out is None:
-        out = np.empty((x.size // max(n_in, 1), q8_row_bytes(n_in)), np.uint8)
-    _kernels.quantize_q8(x, n_in, out, _path(path))
+        out = np.empty((x.size // max(n_in, 1), q8_row_bytes(n_in, ggml_type)), np.uint8)
+    _kernels.quantize_q8(x, n_in, out, _path(path), ggml_type)
     return out
 
 

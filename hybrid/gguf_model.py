@@ -27,7 +27,8 @@ T = GGMLQuantizationType
 
 # Types the engine computes with: those hybrid/quants.py dequantizes (spelled here without
 # importing torch; tests/test_quants.py checks that the two agree).
-SUPPORTED_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K})
+SUPPORTED_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.Q4_K, T.Q5_K,
+                             T.Q6_K, T.IQ4_XS})
 
 _TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
                      "tokenizer.ggml.scores")

@@ -381,7 +381,8 @@ def get_rows(data: torch.Tensor, ggml_type: int, n_cols: int, ids: torch.Tensor,
              out: Out | None = None) -> torch.Tensor:
     """Rows ids [T] of a stored tensor (`hybrid.weights.Weight.data`: the GGUF blocks as uint8
     rows, or float values) dequantised -> float32 [T, n_cols]: the token embeddings' GET_ROWS.
-    F32, F16, BF16, Q4_0 and Q8_0 natively; other types through `hybrid.quants`."""
+    F32, F16, BF16 and the native kernels' types (hybrid/quant_traits.h) natively; other types
+    through `hybrid.quants`."""
     if (NATIVE and NATIVE_GET_ROWS.get(ggml_type) is data.dtype and data.is_cpu and data.is_contiguous()
             and data.dim() == 2 and _ids(ids)):
         y = _new(out, (ids.numel(), n_cols))

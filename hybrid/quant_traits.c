@@ -26,22 +26,39 @@ static void dequantize_bf16(const uint8_t *src, int64_t n, float *out) {
     }
 }
 
-static void dequantize_q4_0(const uint8_t *src, int64_t n, float *out) {
-    for (int64_t b = 0; b < n / QK; b++, src += sizeof(block_q4_0), out += QK) {
-        const float d = fp16_to_f32(load_u16(src));
-        for (int j = 0; j < QK / 2; j++) {
-            out[j] = ((src[2 + j] & 0x0f) - 8) * d;
-            out[j + QK / 2] = ((src[2 + j] >> 4) - 8) * d;
-        }
+/* A q8_32 type's blocks: d * q (Q5_1: + m), in float32 as ggml and gguf-py compute it. */
+static inline void dequantize_q8_32_type(int type, size_t bb, const uint8_t *src, int64_t n, float *out) {
+    for (int64_t b = 0; b < n / QK; b++, src += bb, out += QK) {
+        const float d = fp16_to_f32(load_u16(src)), m = type == GGML_Q5_1 ? fp16_to_f32(load_u16(src + 2)) : 0.0f;
+        int32_t q[QK];
+        block_quants(type, src, q);
+        for (int i = 0; i < QK; i++) out[i] = type == GGML_Q5_1 ? d * (float)q[i] + m : d * (float)q[i];
     }
 }
 
-static void dequantize_q8_0(const uint8_t *src, int64_t n, float *out) {
-    for (int64_t b = 0; b < n / QK; b++, src += sizeof(block_q8_0), out += QK) {
-        const float d = fp16_to_f32(load_u16(src));
-        for (int j = 0; j < QK; j++) out[j] = (int8_t)src[2 + j] * d;
+/* A 256-value type's blocks: (d sc) q - (dmin m) per 16 values, in float32 in gguf-py's order. */
+static inline void dequantize_k_type(int type, size_t bb, const uint8_t *src, int64_t n, float *out) {
+    for (int64_t b = 0; b < n / QK_K; b++, src += bb, out += QK_K) {
+        kblock_t k;
+        unpack_kblock(type, src, &k);
+        for (int i = 0; i < QK_K; i++)
+            out[i] = k.d * (float)k.sc[i / 16] * (float)k.q[i] - k.dmin * (float)k.mn[i / 16];
     }
 }
+
+#define DEQUANTIZE(T, block, dequantize)                                    \
+    static void dequantize_##T(const uint8_t *src, int64_t n, float *out) { \
+        dequantize(GGML_##T, sizeof(block), src, n, out);                   \
+    }
+DEQUANTIZE(Q4_0, block_q4_0, dequantize_q8_32_type)
+DEQUANTIZE(Q5_0, block_q5_0, dequantize_q8_32_type)
+DEQUANTIZE(Q5_1, block_q5_1, dequantize_q8_32_type)
+DEQUANTIZE(Q8_0, block_q8_0, dequantize_q8_32_type)
+DEQUANTIZE(IQ4_NL, block_iq4_nl, dequantize_q8_32_type)
+DEQUANTIZE(Q4_K, block_q4_K, dequantize_k_type)
+DEQUANTIZE(Q5_K, block_q5_K, dequantize_k_type)
+DEQUANTIZE(Q6_K, block_q6_K, dequantize_k_type)
+DEQUANTIZE(IQ4_XS, block_iq4_xs, dequantize_k_type)
 
 /* ---- the table ---- */
 
@@ -60,10 +77,19 @@ const quant_traits_t QUANT_TRAITS[] = {
     {GGML_F32, "F32", 1, 4, dequantize_f32, ACT_NONE, {NULL}},
     {GGML_F16, "F16", 1, 2, dequantize_f16, ACT_NONE, {NULL}},
     {GGML_BF16, "BF16", 1, 2, dequantize_bf16, ACT_NONE, {NULL}},
-    {GGML_Q4_0, "Q4_0", QK, sizeof(block_q4_0), dequantize_q4_0, ACT_Q8_32,
-     {[PATH_SCALAR] = &SCALAR_Q4_0, AVX2_KERNELS(Q4_0) AVX512_KERNELS(Q4_0)}},
-    {GGML_Q8_0, "Q8_0", QK, sizeof(block_q8_0), dequantize_q8_0, ACT_Q8_32,
-     {[PATH_SCALAR] = &SCALAR_Q8_0, AVX2_KERNELS(Q8_0) AVX512_KERNELS(Q8_0)}},
+/* a type with kernels: its block of `values`, the activation its dot product takes */
+#define QUANT_TYPE(T, block, values, activation)                            \
+    {GGML_##T, #T, values, sizeof(block), dequantize_##T, activation,       \
+     {[PATH_SCALAR] = &SCALAR_##T, AVX2_KERNELS(T) AVX512_KERNELS(T)}}
+    QUANT_TYPE(Q4_0, block_q4_0, QK, ACT_Q8_32),
+    QUANT_TYPE(Q5_0, block_q5_0, QK, ACT_Q8_32),
+    QUANT_TYPE(Q5_1, block_q5_1, QK, ACT_Q8_32),
+    QUANT_TYPE(Q8_0, block_q8_0, QK, ACT_Q8_32),
+    QUANT_TYPE(IQ4_NL, block_iq4_nl, QK, ACT_Q8_32),
+    QUANT_TYPE(Q4_K, block_q4_K, QK_K, ACT_Q8_K),
+    QUANT_TYPE(Q5_K, block_q5_K, QK_K, ACT_Q8_K),
+    QUANT_TYPE(Q6_K, block_q6_K, QK_K, ACT_Q8_K),
+    QUANT_TYPE(IQ4_XS, block_iq4_xs, QK_K, ACT_Q8_K),
 };
 const int N_QUANT_TRAITS = sizeof(QUANT_TRAITS) / sizeof(QUANT_TRAITS[0]);
 
@@ -94,16 +120,16 @@ static int cpu_runs_avx512vnni(void) {
 #endif
 
 const simd_path_t SIMD_PATHS[N_PATHS] = {
-    [PATH_SCALAR] = {"scalar", cpu_runs_scalar, quantize_q8_32_scalar},
+    [PATH_SCALAR] = {"scalar", cpu_runs_scalar, quantize_q8_32_scalar, quantize_q8_K},
 #if HYPROF_AVX2
-    [PATH_AVX2] = {"avx2", cpu_runs_avx2, quantize_q8_32_avx2},
+    [PATH_AVX2] = {"avx2", cpu_runs_avx2, quantize_q8_32_avx2, quantize_q8_K},
 #else
-    [PATH_AVX2] = {"avx2", NULL, NULL},
+    [PATH_AVX2] = {"avx2", NULL, NULL, NULL},
 #endif
 #if HYPROF_AVX512
-    [PATH_AVX512VNNI] = {"avx512vnni", cpu_runs_avx512vnni, quantize_q8_32_avx512},
+    [PATH_AVX512VNNI] = {"avx512vnni", cpu_runs_avx512vnni, quantize_q8_32_avx512, quantize_q8_K},
 #else
-    [PATH_AVX512VNNI] = {"avx512vnni", NULL, NULL},
+    [PATH_AVX512VNNI] = {"avx512vnni", NULL, NULL, NULL},
 #endif
 };
 

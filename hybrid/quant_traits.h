@@ -16,16 +16,34 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum { GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q8_0 = 8, GGML_BF16 = 30 };   /* ggml type ids */
+enum {                                                        /* ggml type ids */
+    GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8, GGML_Q4_K = 12,
+    GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_IQ4_NL = 20, GGML_IQ4_XS = 23, GGML_BF16 = 30
+};
 
-/* The blocks of the quantised types with kernels, as ggml stores them (ggml-common.h). */
-typedef struct { uint16_t d; uint8_t qs[16]; } block_q4_0;   /* 32 weights (nibble - 8) * d; byte j: values j, j+16 */
-typedef struct { uint16_t d; int8_t qs[32]; } block_q8_0;    /* 32 weights qs * d */
+/* The blocks of the quantised types with kernels, as ggml stores them (ggml-common.h): 32 weights
+ * each, fp16 scales first. 4-bit quants pack values j and j+16 in byte j's low and high nibbles;
+ * the 5-bit ones add bit j of qh (little-endian) as value j's fifth bit. */
+typedef struct { uint16_t d; uint8_t qs[16]; } block_q4_0;                   /* (q - 8) * d */
+typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; } block_q5_0;   /* (q - 16) * d */
+typedef struct { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; } block_q5_1; /* q * d + m */
+typedef struct { uint16_t d; int8_t qs[32]; } block_q8_0;                    /* qs * d */
+typedef struct { uint16_t d; uint8_t qs[16]; } block_iq4_nl;                 /* KVALUES_IQ4NL[q] * d */
 
-/* The activation a type's dot product takes: "q8_32", 8-bit blocks of 32 in groups of four
- * (the layout is in hybrid/kernels/kernels.h). The K-quants' 8-bit blocks of 256 with sums
- * per 16 values will be the second. */
-enum { ACT_NONE = 0, ACT_Q8_32 = 1 };
+/* The K-quants and IQ4_XS: 256 weights per block in sub-blocks of 32 (Q6_K: 16) with scales of
+ * their own, 6-bit scales and mins packed in 12 bytes for Q4_K and Q5_K (see k_scales_mins). */
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4_K;   /* d sc q - dmin m */
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } block_q5_K;
+typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } block_q6_K;   /* d sc (q - 32) */
+typedef struct { uint16_t d, scales_h; uint8_t scales_l[4]; uint8_t qs[128]; } block_iq4_xs;  /* d (ls - 32) kv[q] */
+
+/* IQ4_NL's 16 levels (ggml's kvalues_iq4nl): a non-linear 4-bit grid, denser near zero. */
+static const int8_t KVALUES_IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+/* The activation a type's dot product takes (layouts in hybrid/kernels/kernels.h): "q8_32", 8-bit
+ * blocks of 32 in groups of four, with each block's sum; "q8_K", 8-bit blocks of 256 with the sums
+ * of each 16 values (as ggml's Q8_K), for the types with 256-value blocks. */
+enum { ACT_NONE = 0, ACT_Q8_32 = 1, ACT_Q8_K = 2 };
 
 /* SIMD paths; a path is in the CPU's set when it was built and cpuid reports its features. */
 enum { PATH_SCALAR, PATH_AVX2, PATH_AVX512VNNI, N_PATHS };
@@ -63,6 +81,7 @@ typedef struct {
     const char *name;
     int (*cpu_runs)(void);          /* NULL: not built here */
     quantize_row_fn quantize_q8_32; /* float32 row -> q8_32 activation row */
+    quantize_row_fn quantize_q8_K;  /* float32 row -> q8_K activation row */
 } simd_path_t;
 
 extern const quant_traits_t QUANT_TRAITS[];

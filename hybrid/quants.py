@@ -14,6 +14,9 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 QK_K = 256
+# IQ4_NL's 16 non-uniform levels (ggml's kvalues_iq4nl)
+KVALUES_IQ4NL = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                             dtype=torch.float32)
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -46,6 +49,38 @@ def _q4_0(b: torch.Tensor) -> torch.Tensor:
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
     d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
     return d * _nibbles(b[:, 4:], 16).float() + m
+
+
+def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """The 5-bit types' qh bytes [n, 4] -> bit j of the little-endian word as [n, 32] (0 or 16)."""
+    bits = qh.reshape(-1, 4, 1) >> torch.arange(8, dtype=torch.uint8)
+    return ((bits & 1) << 4).reshape(qh.shape[0], 32)
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[:, :2])
+    return ((_nibbles(b[:, 6:], 16) | _fifth_bits(b[:, 2:6])).to(torch.int8) - 16).float() * d
+
+
+def _q5_1(b: torch.Tensor) -> torch.Tensor:
+    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
+    return d * (_nibbles(b[:, 8:], 16) | _fifth_bits(b[:, 4:8])).float() + m
+
+
+def _iq4_nl(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[:, :2])
+    return d * KVALUES_IQ4NL[_nibbles(b[:, 2:], 16).long()]
+
+
+def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d = _f16(b[:, :2])
+    scales_h = b[:, 2:4].contiguous().view(torch.int16).int() & 0xFFFF                   # [n, 1]
+    scales_l = torch.stack([b[:, 4:8] & 0x0F, b[:, 4:8] >> 4], dim=-1).reshape(n, 8).int()  # sub-block s: s/2, s%2
+    high = (scales_h >> (2 * torch.arange(8, dtype=torch.int32))) & 3
+    ls = (scales_l | (high << 4)) - 32
+    q = KVALUES_IQ4NL[_nibbles(b[:, 8:], 16).long()].reshape(n, 8, 32)
+    return ((d * ls.float()).unsqueeze(-1) * q).reshape(n, QK_K)
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
@@ -109,8 +144,8 @@ def q4_groups(raw: torch.Tensor, ggml_type: int) -> tuple[torch.Tensor, torch.Te
 
 
 _BLOCK_DEQUANT = {
-    T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q8_0: _q8_0,
-    T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k,
+    T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q8_0: _q8_0, T.IQ4_NL: _iq4_nl,
+    T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k, T.IQ4_XS: _iq4_xs,
 }
 FLOAT_DTYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}   # as torch holds them
 

@@ -13,16 +13,18 @@ into torch's int4 weight-only pack (`_weight_int4pack_mm_for_cpu`, groups of 32)
 where the matmul runs in bfloat16 from packed nibbles instead of unpacking in
 Python; the pack is about the size of the file's blocks, held in RAM.
 
-Native kernels (`hybrid.cpu_kernels`: int8 dot products on raw Q4_0/Q8_0
-blocks, at memory speed) take over every matmul on a stored Q4_0/Q8_0 weight
-held in CPU memory: `mul_mat` here, and the pool-shared forms in
-`hybrid.builder`, all ask `native(w)`. They round each activation to 8 bits per
-block of 32 (as llama.cpp does on the CPU), so results move by ~1e-2 against a
-float matmul. Where the AVX-512 kernel is the one in use, the matmul weights
-placed on the CPU are also repacked at load into its interleaved 16-row blocks
-(`Weight.packed`, the same size; llama.cpp repacks Q4_0 at load for its CPU
-kernels too), which the native matmuls read instead: process memory, while the
-file's pages stay in the page cache. `HYPROF_KERNELS=torch` in the environment at import (`NATIVE`)
+Native kernels (`hybrid.cpu_kernels`: int8 dot products on raw blocks, Q4_0,
+Q5_0, Q5_1, Q8_0 and IQ4_NL of 32 weights, Q4_K, Q5_K, Q6_K and IQ4_XS of 256)
+take over every matmul on a stored weight of those types held in CPU memory:
+`mul_mat` here, and the pool-shared forms in `hybrid.builder`, all ask
+`native(w)`. They round each activation to 8 bits per block of 32 (256 for the
+K-quants and IQ4_XS, as llama.cpp does on the CPU), so results move by ~1e-2
+against a float matmul. Where the path in use has an interleaved kernel for the
+type (`TRAITS[t].r16_first`: AVX-512 for the 32-weight types, AVX2 for Q4_0 and
+Q8_0), the matmul weights placed on the CPU are also repacked at load into its
+16-row blocks (`Weight.packed`, the same size; llama.cpp repacks Q4_0 at load for
+its CPU kernels too), which the native matmuls read instead: process memory,
+while the file's pages stay in the page cache. `HYPROF_KERNELS=torch` in the environment at import (`NATIVE`)
 selects the exact dequantise-then-matmul path instead; any other value (a SIMD
 path name, see `hybrid.cpu_kernels.available`) or none keeps the kernels.
 Weights on a CUDA device take the torch path, dequantised once at load (`for_gpu`).

@@ -1,8 +1,10 @@
 """Rewrite a made F32 GGUF with its weight matrices in another quant type, through gguf-py only.
 
-`hyprof model make` writes F32/F16/BF16/Q8_0/Q4_0; the engine also reads Q4_1
-and the K-quants, which gguf-py cannot quantize. Q4_1 is quantized from the
-weights; for Q4_K, Q5_K and Q6_K the blocks are random (uniform quants, 6-bit
+`hyprof model make` writes F32/F16/BF16/Q8_0/Q4_0; the engine also reads Q4_1,
+Q5_0, Q5_1, IQ4_NL and the K-quants. Q4_1, Q5_0 and Q5_1 are quantized from the
+weights by gguf-py, IQ4_NL by `quantize_iq4_nl` here (nearest level, the block's
+largest magnitude on the extreme level, as ggml starts its search); gguf-py cannot
+quantize the K-quants and IQ4_XS, so for Q4_K, Q5_K, Q6_K and IQ4_XS the blocks are random (uniform quants, 6-bit
 scales, mins that centre each group) with fp16 scales set so the weights keep
 the original tensor's standard deviation. The reference dequantises whatever is
 stored, so random blocks test the engine's decoding as well as real ones.
@@ -34,6 +36,10 @@ def _k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
 def random_k_blocks(qtype: T, n_blocks: int, std: float, rng: np.random.Generator) -> np.ndarray:
     _, type_size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    if qtype == T.IQ4_XS:                    # w = d * (ls - 32) * kv[q], ls uniform in 0..63, q in 0..15
+        levels = np.array(gq.IQ4_NL.kvalues, dtype=np.float64)
+        raw[:, 0:2] = _fp16_bytes(np.full(n_blocks, std / np.sqrt(np.mean((np.arange(64) - 32) ** 2) * np.mean(levels ** 2))))
+        return raw
     if qtype == T.Q6_K:                      # w = d * scale * (q - 32), q uniform in 0..63 (sd 18.5)
         scales = rng.integers(8, 32, size=(n_blocks, 16)) * rng.choice([-1, 1], size=(n_blocks, 16))
         raw[:, 192:208] = scales.astype(np.int8).view(np.uint8)
@@ -47,6 +53,19 @@ def random_k_blocks(qtype: T, n_blocks: int, std: float, rng: np.random.Generato
     raw[:, 2:4] = raw[:, 0:2]                                 # dmin = d
     raw[:, 4:16] = _k_scales(sc, m)
     return raw
+
+
+def quantize_iq4_nl(values: np.ndarray) -> np.ndarray:
+    """float32 [..., n] -> IQ4_NL blocks [..., n / 32 * 18]: d = x_max / -127 (x_max the value of largest
+    magnitude, so it lands on the level -127), each weight on the level nearest x / d."""
+    levels = np.array(gq.IQ4_NL.kvalues, dtype=np.float32)
+    x = values.reshape(-1, 32).astype(np.float32)
+    x_max = np.take_along_axis(x, np.abs(x).argmax(-1)[:, None], -1)
+    d = (x_max / -127.0).astype(np.float16)
+    inv = np.where(d != 0, 1 / np.where(d != 0, d.astype(np.float32), 1), 0)
+    q = np.abs(x[:, :, None] * inv[:, :, None] - levels).argmin(-1).astype(np.uint8)
+    blocks = np.concatenate([d.view(np.uint8), q[:, :16] | (q[:, 16:] << 4)], axis=-1)
+    return blocks.reshape(*values.shape[:-1], -1)
 
 
 def retype_gguf(src, dst, qtype: T, seed: int = 0):
@@ -66,10 +85,12 @@ def retype_gguf(src, dst, qtype: T, seed: int = 0):
         if keep:
             writer.add_tensor(t.name, values, raw_dtype=t.tensor_type)
             continue
-        if qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
+        if qtype in (T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS):
             n_blocks = values.size // block_size
             blocks = random_k_blocks(qtype, n_blocks, float(values.std()), rng)
             data = blocks.reshape(*values.shape[:-1], -1)
+        elif qtype == T.IQ4_NL:
+            data = quantize_iq4_nl(values)
         else:
             data = gq.quantize(values, qtype)
         writer.add_tensor(t.name, data, raw_dtype=qtype)

@@ -9,8 +9,9 @@ set-up in src/llama-context.cpp and ggml's rope_yarn), read as a specification.
 Slow by design; use it on the tiny presets only.
 
 `round_activations=True` models the engine's native CPU kernels (as llama.cpp's
-CPU backend): the input of every matmul on a Q4_0 or Q8_0 weight is first
-rounded to 8 bits per block of 32 values, rint(x / d) * d with d = amax / 127.
+CPU backend): the input of every matmul on a weight of a quantised type with native
+kernels (ROUNDED_TYPES) is first rounded to 8 bits per block of 32 values (256 for the
+K-quants and IQ4_XS), rint(x / d) * d with d = amax / 127.
 That includes the per-head up-projections of the compressed KV (attn_kv_b, and
 attn_v_b), which multiply the stored rows; attn_k_b is used transposed (its
 columns), which the engine computes on exact dequantised values, so the input
@@ -27,6 +28,11 @@ import numpy as np
 from gguf import GGUFReader, GGMLQuantizationType
 from gguf import quants as gq
 
+
+# the types whose native kernels take 8-bit activations -> values per activation block (hybrid/quant_traits.h)
+ROUNDED_TYPES = {GGMLQuantizationType.Q4_0: 32, GGMLQuantizationType.Q5_0: 32, GGMLQuantizationType.Q5_1: 32,
+                 GGMLQuantizationType.Q8_0: 32, GGMLQuantizationType.IQ4_NL: 32, GGMLQuantizationType.Q4_K: 256,
+                 GGMLQuantizationType.Q5_K: 256, GGMLQuantizationType.Q6_K: 256, GGMLQuantizationType.IQ4_XS: 256}
 
 class Deepseek2Reference:
     """Holds float64 weights and a per-layer K/V cache; `forward(tokens)` -> logits."""
@@ -117,8 +123,8 @@ class Deepseek2Reference:
         """W @ x for the weight `name` (one expert of it with `expert`; `w`: a given view of it)."""
         if w is None:
             w = self.w[name] if expert is None else self.w[name][expert]
-        if self.round_activations and self.types[name] in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q8_0):
-            blocks = x.reshape(-1, 32)
+        if self.round_activations and self.types[name] in ROUNDED_TYPES:
+            blocks = x.reshape(-1, ROUNDED_TYPES[self.types[name]])
             d = np.abs(blocks).max(axis=1, keepdims=True) / 127
             x = (np.rint(blocks / np.where(d == 0, 1, d)) * d).reshape(x.shape)
         return w @ x

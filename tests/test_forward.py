@@ -222,9 +222,11 @@ def test_parallel_tasks_equal_fn(tiny_gguf, rtr, fmoe):
     assert n_checked > 10
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS],
+                         ids=lambda t: t.name)
 def test_other_quant_types_match_reference(make_gguf, tmp_path_factory, qtype):
-    """Q4_1 and the K-quants (256-weight blocks: a tiny variant with n_embd and n_ff_exp 256)."""
+    """Q4_1, Q5_0, Q5_1, IQ4_NL, the K-quants and IQ4_XS (256-weight blocks: a tiny variant with
+    n_embd and n_ff_exp 256), on the exact path (the native kernels: tests/test_engine.py)."""
     src = make_gguf("tiny", "f32", n_embd=256, n_ff=256, n_ff_exp=256)
     path = retype_gguf(src, tmp_path_factory.mktemp("retype") / f"tiny-{qtype.name}.gguf", qtype)
     types = {t.ggml_type for t in load_model(path).tensors.values()}

@@ -222,15 +222,16 @@ def test_unsupported_architecture(tiny_gguf, tmp_path):
 
 
 def test_unsupported_tensor_type(tiny_gguf, tmp_path):
-    """IQ4_NL has Q4_0's block size and bytes, so retyping one tensor keeps the file consistent."""
-    p = tmp_path / "iq4.gguf"
+    """I32 has F32's 4 bytes a value, so retyping the router keeps the file consistent."""
+    p = tmp_path / "i32.gguf"
     p.write_bytes(tiny_gguf.read_bytes())
     reader = GGUFReader(p, "r+")
-    t = next(t for t in reader.tensors if t.name == "blk.2.ffn_up_exps.weight")
-    t.field.parts[4][0] = T.IQ4_NL
+    t = next(t for t in reader.tensors if t.name == "blk.2.ffn_gate_inp.weight")
+    assert t.tensor_type == T.F32
+    t.field.parts[4][0] = T.I32
     reader.data.flush()
     del reader
-    with pytest.raises(UserError, match=r"tensor blk.2.ffn_up_exps.weight has type IQ4_NL"):
+    with pytest.raises(UserError, match=r"tensor blk.2.ffn_gate_inp.weight has type I32, which hyprof cannot"):
         load_model(p)
 
 

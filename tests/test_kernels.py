@@ -1,14 +1,16 @@
-"""The native Q4_0/Q8_0 kernels against a float64 NumPy reference.
+"""The native kernels against a float64 NumPy reference: the types of 32-value blocks (Q4_0,
+Q5_0, Q5_1, Q8_0, IQ4_NL, activations in q8_32 rows) and of 256-value blocks (Q4_K, Q5_K, Q6_K,
+IQ4_XS, activations in q8_K rows).
 
-The weights are random raw GGUF blocks (every nibble / int8 value, including
-Q8_0's -128, negative and subnormal fp16 scales), dequantised by gguf-py, the
+The weights are random raw GGUF blocks (every nibble / int8 value / high bit / 6-bit scale,
+including Q8_0's -128, negative and subnormal fp16 scales and mins), dequantised by gguf-py, the
 independent reference. The kernels quantise the activation to 8 bits per
-32-value block, so two references are used:
+block (32 values, or 256 for the K-quants and IQ4_XS), so two references are used:
 - the exact one: the activation as the kernel rounded it (decoded from the q8
   rows), where only float32 summation error remains (bounded by 1e-5 of
   sum |w x|, since at most ~100 float32 partial sums of 2^-24 error each);
 - the honest one: the true float activation, where the error is bounded by
-  rounding: |x - x_q| <= d/2 per value, d = amax(block)/127, so
+  rounding: |x - x_q| <= d/2 per value, d = amax(activation block)/127, so
   |y - W x| <= sum_i |W_ji| d_i / 2 (plus the float32 term).
 Every SIMD path is compared with the scalar one, which is always correct.
 """
@@ -25,17 +27,49 @@ from gguf.quants import dequantize
 
 from hybrid import cpu_kernels as ck
 
-TYPES = {ck.Q4_0: T.Q4_0, ck.Q8_0: T.Q8_0}
+TYPES = {ck.Q4_0: T.Q4_0, ck.Q5_0: T.Q5_0, ck.Q5_1: T.Q5_1, ck.Q8_0: T.Q8_0, ck.IQ4_NL: T.IQ4_NL,
+         ck.Q4_K: T.Q4_K, ck.Q5_K: T.Q5_K, ck.Q6_K: T.Q6_K, ck.IQ4_XS: T.IQ4_XS}
+R16_TYPES = [t for t in TYPES if ck.TRAITS[t].r16]                  # the 32-value types
 SCALES = np.array([0.01, -0.02, 0.5, 3e-6, -1e-7, 1.0], np.float16)  # incl. subnormal fp16
+FP16_AT = {ck.Q5_1: (0, 2), ck.Q4_K: (0, 2), ck.Q5_K: (0, 2), ck.Q6_K: (208,)}   # d (and m, dmin); others: d at 0
+# bytes [start, end) of each type's quants and the byte that makes its most negative weight (Q5_1's,
+# Q4_K's and Q5_K's: the largest, their weights being d q + m, d sc q - dmin m)
+EXTREME = {ck.Q4_0: (2, 18, 0x00), ck.Q5_0: (2, 22, 0x00), ck.Q5_1: (4, 24, 0xff), ck.Q8_0: (2, 34, 0x80),
+           ck.IQ4_NL: (2, 18, 0x00), ck.Q4_K: (16, 144, 0xff), ck.Q5_K: (16, 176, 0xff), ck.Q6_K: (0, 192, 0x00),
+           ck.IQ4_XS: (8, 136, 0x00)}
+
+
+def width(ggml_type, n_in):
+    """A row width of the same block count as n_in has in blocks of 32, in the type's blocks."""
+    return n_in // 32 * ck.TRAITS[ggml_type].block_values
 
 
 def raw_weights(rng, shape, ggml_type):
-    """Random GGUF blocks: uniform quant bytes, fp16 scales drawn from SCALES."""
+    """Random GGUF blocks: uniform bytes, fp16 scales (and mins) drawn from SCALES."""
     *lead, n_in = shape
-    bb = ck.TRAITS[ggml_type].block_bytes
-    raw = rng.integers(0, 256, size=(*lead, n_in // 32, bb), dtype=np.uint8)
-    raw[..., :2] = rng.choice(SCALES, size=(*lead, n_in // 32)).view(np.uint8).reshape(*lead, n_in // 32, 2)
-    return raw.reshape(*lead, n_in // 32 * bb)
+    bb, bv = ck.TRAITS[ggml_type].block_bytes, ck.TRAITS[ggml_type].block_values
+    raw = rng.integers(0, 256, size=(*lead, n_in // bv, bb), dtype=np.uint8)
+    for at in FP16_AT.get(ggml_type, (0,)):
+        raw[..., at:at + 2] = rng.choice(SCALES, size=(*lead, n_in // bv, 1)).view(np.uint8)
+    return raw.reshape(*lead, n_in // bv * bb)
+
+
+def quantize(x, ggml_type, path=None):
+    return ck.quantize_activations(x, path=path, ggml_type=ggml_type)
+
+
+def decode(xq, n_in, ggml_type):
+    """Activation rows of the type's format -> the float64 values the kernels multiply by."""
+    if ck.TRAITS[ggml_type].activation == "q8_32":
+        return decode_q8(xq, n_in)
+    b = xq.reshape(xq.shape[0], -1, 320)
+    d = b[:, :, 288:292].copy().view(np.float32).astype(np.float64)
+    return (b[:, :, :256].view(np.int8) * d).reshape(len(b), -1)
+
+
+def act_block(ggml_type):
+    """Values per activation block: 32, or 256 (q8_K)."""
+    return 32 if ck.TRAITS[ggml_type].activation == "q8_32" else 256
 
 
 def dequant(raw, ggml_type):
@@ -44,7 +78,8 @@ def dequant(raw, ggml_type):
 
 def activations(rng, n, n_in):
     x = rng.standard_normal((n, n_in)).astype(np.float32) * rng.choice([1e-3, 1.0, 30.0], size=(n, 1))
-    x[:, 32:64] = 0.0 if n_in >= 64 else x[:, 32:64]          # an all-zero block: scale 0
+    x[:, 32:64] = 0.0 if n_in >= 64 else x[:, 32:64]          # an all-zero block: scale 0 ...
+    x[:, 256:512] = 0.0 if n_in >= 768 else x[:, 256:512]     # ... in q8_K rows too
     return x.astype(np.float32)
 
 
@@ -62,19 +97,20 @@ def exact_tolerance(w, x):
     return 1e-5 * (np.abs(x) @ np.abs(w).T) + 1e-30
 
 
-@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("ggml_type", list(TYPES))
 @pytest.mark.parametrize("n_out,n_in,n_tok", [(1, 32, 1), (37, 96, 5), (8, 160, 4), (19, 2048 + 96, 9), (3, 1408, 2)])
 def test_mul_mat_matches_float64_reference(ggml_type, n_out, n_in, n_tok):
     rng = np.random.default_rng(n_out * n_in + n_tok)
+    n_in, blk = width(ggml_type, n_in), act_block(ggml_type)
     raw, x = raw_weights(rng, (n_out, n_in), ggml_type), activations(rng, n_tok, n_in)
     w = dequant(raw, ggml_type)
-    xq = ck.quantize_activations(x)
+    xq = quantize(x, ggml_type)
     for path in ck.paths():
         out = np.full((n_tok, n_out), np.nan, np.float32)
         ck.mul_mat(raw, ggml_type, xq, out, path=path)
-        xr = decode_q8(xq, n_in)
+        xr = decode(xq, n_in, ggml_type)
         assert np.all(np.abs(out - xr @ w.T) <= exact_tolerance(w, xr)), path
-        d = np.repeat(np.abs(x.reshape(n_tok, -1, 32)).max(-1) / 127, 32, axis=-1)
+        d = np.repeat(np.abs(x.reshape(n_tok, -1, blk)).max(-1) / 127, blk, axis=-1)
         bound = (d / 2) @ np.abs(w).T * (1 + 1e-5) + exact_tolerance(w, x)
         assert np.all(np.abs(out - x.astype(np.float64) @ w.T) <= bound), path
 
@@ -94,25 +130,45 @@ def test_quantize_activations_rounds_each_block_to_nearest(path):
     sums = xq.reshape(3, -1, 256)[:, :, 192:].copy().view(np.int32).reshape(3, -1, 4, 4)
     np.testing.assert_array_equal(sums[..., 0].reshape(3, -1)[:, :7], -8 * q.sum(-1))
     np.testing.assert_array_equal(sums[..., 1].reshape(3, -1)[:, :7], -128 * q.sum(-1))
-    assert not sums[..., 2:].any()
+    dsums = sums[..., 2].copy().view(np.float32).reshape(3, -1)[:, :7]
+    np.testing.assert_array_equal(dsums, (d[..., 0] * q.sum(-1).astype(np.float32)).astype(np.float32))
+    assert not sums[..., 3].any() and not sums[:, 1, 3:].any()
     assert not xq.reshape(3, -1, 256)[:, 1, 3 * 16:64].any()          # the pad block is zero
 
 
-@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("path", ck.paths())
+def test_q8_K_rows_round_each_256_block_to_nearest_with_sums_of_16(path):
+    rng = np.random.default_rng(13)
+    x = activations(rng, 3, 768)
+    x[0, :256] = np.r_[127.0, np.arange(255) % 64 - 31.5]            # d = 1: exact .5 ties, rounded half to even
+    xq = quantize(x, ck.Q4_K, path=path)
+    assert xq.shape == (3, 3 * 320) and ck.q8_row_bytes(768, ck.Q4_K) == 3 * 320
+    blocks = x.reshape(3, -1, 256)
+    d = (np.abs(blocks).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
+    q = np.clip(np.rint(blocks * inv), -127, 127)
+    np.testing.assert_array_equal(decode(xq, 768, ck.Q4_K), (q * d.astype(np.float64)).reshape(3, -1))
+    b = xq.reshape(3, -1, 320)
+    np.testing.assert_array_equal(b[:, :, 256:288].copy().view(np.int16), q.reshape(3, 3, 16, 16).sum(-1))
+    assert not b[:, :, 292:].any() and not b[:, 1, :256].any()         # the all-zero block: d 0, values 0
+
+
+@pytest.mark.parametrize("ggml_type", list(TYPES))
 def test_simd_paths_agree_with_scalar(ggml_type):
     rng = np.random.default_rng(2)
-    raw, x = raw_weights(rng, (64, 2048 + 160), ggml_type), activations(rng, 7, 2048 + 160)
-    xq = ck.quantize_activations(x)
+    n_in = width(ggml_type, 2048 + 160)
+    raw, x = raw_weights(rng, (64, n_in), ggml_type), activations(rng, 7, n_in)
+    xq = quantize(x, ggml_type)
     ref = np.zeros((7, 64), np.float32)
     ck.mul_mat(raw, ggml_type, xq, ref, path="scalar")
-    tol = exact_tolerance(dequant(raw, ggml_type), decode_q8(xq, 2048 + 160))
+    tol = exact_tolerance(dequant(raw, ggml_type), decode(xq, n_in, ggml_type))
     for path in ck.paths()[1:]:
         out = np.zeros_like(ref)
         ck.mul_mat(raw, ggml_type, xq, out, path=path)
         assert np.all(np.abs(out - ref) <= 2 * tol), path
 
 
-@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("ggml_type", list(TYPES))
 @pytest.mark.parametrize("n_tok", [3, 4, 8, 9, 17])
 def test_prompt_kernel_tiles_and_row_blocks_match_scalar(ggml_type, n_tok):
     """From 4 tokens on (R16_MIN_TOKENS), AVX2 and AVX-512 take the interleaved 16-row kernel: token
@@ -120,13 +176,16 @@ def test_prompt_kernel_tiles_and_row_blocks_match_scalar(ggml_type, n_tok):
     the 4-block activation group, and the extreme products must all agree."""
     rng = np.random.default_rng(10 + n_tok)
     for n_out, n_in in [(1, 32), (15, 96), (16, 160), (33, 416), (50, 1408)]:
+        n_in = width(ggml_type, n_in)
         raw, x = raw_weights(rng, (n_out, n_in), ggml_type), activations(rng, n_tok, n_in)
         blocks = raw[:2].reshape(min(n_out, 2), -1, ck.TRAITS[ggml_type].block_bytes)
-        blocks[:, :, 2:] = 0x00 if ggml_type == ck.Q4_0 else 0x80           # all -8 / -128 weights ...
-        blocks[:, :, :2] = SCALES[-1:].view(np.uint8)
+        start, end, byte = EXTREME[ggml_type]
+        blocks[:, :, start:end] = byte                                       # all extreme weights ...
+        for at in FP16_AT.get(ggml_type, (0,)):
+            blocks[:, :, at:at + 2] = SCALES[-1:].view(np.uint8)
         x[0] = np.abs(x[0]) + 1.0                                            # ... times positive activations
-        xq = ck.quantize_activations(x)
-        xr, w = decode_q8(xq, n_in), dequant(raw, ggml_type)
+        xq = quantize(x, ggml_type)
+        xr, w = decode(xq, n_in, ggml_type), dequant(raw, ggml_type)
         ref = np.zeros((n_tok, n_out), np.float32)
         ck.mul_mat(raw, ggml_type, xq, ref, path="scalar")
         assert np.all(np.abs(ref - xr @ w.T) <= exact_tolerance(w, xr))
@@ -136,14 +195,15 @@ def test_prompt_kernel_tiles_and_row_blocks_match_scalar(ggml_type, n_tok):
             assert np.all(np.abs(out - ref) <= 2 * exact_tolerance(w, xr)), (path, n_out, n_in)
 
 
-@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("ggml_type", list(TYPES))
 def test_fused_gate_up_on_the_prompt_kernel(ggml_type):
     """Fused gate+up with every token on the same experts (the prompt kernel's case), odd rows."""
     rng = np.random.default_rng(11)
-    gate, up = (raw_weights(rng, (3, 37, 224), ggml_type) for _ in range(2))
+    n_in = width(ggml_type, 224)
+    gate, up = (raw_weights(rng, (3, 37, n_in), ggml_type) for _ in range(2))
     ids = np.tile(np.array([[2, 0]], np.int32), (11, 1))
-    xq = ck.quantize_activations(activations(rng, 11, 224))
-    xr = decode_q8(xq, 224)
+    xq = quantize(activations(rng, 11, n_in), ggml_type)
+    xr = decode(xq, n_in, ggml_type)
     for path in ck.paths():
         h = np.zeros((11, 2, 37), np.float32)
         ck.mul_mat_id(gate, ggml_type, xq, ids, h, w_up=up, path=path)
@@ -175,16 +235,16 @@ def moe_case(rng, ggml_type, n_expert=9, n_out=21, n_in=160, n_tok=7, n_used=3):
     return raw, ids, activations(rng, n_tok, n_in)
 
 
-@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("ggml_type", list(TYPES))
 def test_mul_mat_id_matches_per_slot_reference(ggml_type):
     rng = np.random.default_rng(4)
-    raw, ids, x = moe_case(rng, ggml_type)
+    raw, ids, x = moe_case(rng, ggml_type, n_in=width(ggml_type, 160))
     w = dequant(raw, ggml_type)                                        # [n_expert, n_out, n_in]
     n_tok, n_used = ids.shape
     per_slot = activations(rng, n_tok * n_used, x.shape[1])            # the down form: one input per slot
     for xs, rows in [(x, lambda t, k: t), (per_slot, lambda t, k: t * n_used + k)]:
-        xq = ck.quantize_activations(xs)
-        xr = decode_q8(xq, xs.shape[1])
+        xq = quantize(xs, ggml_type)
+        xr = decode(xq, xs.shape[1], ggml_type)
         for path in ck.paths():
             out = np.full((n_tok, n_used, w.shape[1]), np.nan, np.float32)
             ck.mul_mat_id(raw, ggml_type, xq, ids, out, path=path)
@@ -237,7 +297,7 @@ def test_bad_arguments_raise_value_errors():
     with pytest.raises(ValueError, match="out: expected"):
         ck.mul_mat_id(raw, ck.Q4_0, xq, ids, out[:, :1].copy())
     with pytest.raises(ValueError, match="no CPU kernel"):
-        ck.mul_mat(raw[0], 12, xq, out)
+        ck.mul_mat(raw[0], 3, xq, out)                               # Q4_1: no kernel
     with pytest.raises(ValueError, match="float32"):
         ck.mul_mat(raw[0], ck.Q4_0, xq, out.astype(np.float64))
     with pytest.raises(ValueError, match="whole rows"):
@@ -265,18 +325,26 @@ def r16_paths(ggml_type):
 
 def r16_layout(raw, ggml_type):
     """Stored blocks [n_out, row_bytes] -> R16 bytes, written from the layout's description
-    (hybrid/kernels/kernels.h) in NumPy: per block of 16 rows and 32-weight block, the 16 scales
-    (row i in lane 4 (i % 4) + i // 4), then quad k of every lane (Q8_0 values + 128)."""
-    bb = ck.TRAITS[ggml_type].block_bytes
+    (hybrid/kernels/kernels.h) in NumPy: per block of 16 rows and 32-weight block, the 16 values of
+    each fp16 field (row i in lane 4 (i % 4) + i // 4), the 5-bit types' masks (mask k, bit 4p + i:
+    the fifth bit of value 4k + i of lane p), then quad k of every lane (Q8_0 values + 128)."""
+    bb, head = ck.TRAITS[ggml_type].block_bytes, 2 * len(FP16_AT.get(ggml_type, (0,)))
     blocks = raw.reshape(-1, 16, raw.shape[-1] // bb, bb).transpose(0, 2, 1, 3)     # [row block, block, row, bytes]
     lanes = blocks[:, :, [4 * (p % 4) + p // 4 for p in range(16)]]                   # lane p: row 4 (p % 4) + p // 4
-    quads = lanes[..., 2:].reshape(*lanes.shape[:3], -1, 4) ^ np.uint8(0x80 if ggml_type == ck.Q8_0 else 0)
-    r16 = np.concatenate([lanes[..., :2].reshape(*lanes.shape[:2], 32),
-                          quads.transpose(0, 1, 3, 2, 4).reshape(*lanes.shape[:2], -1)], axis=-1)
-    return r16.reshape(raw.shape)
+    parts = [lanes[..., h:h + 2].reshape(*lanes.shape[:2], 32) for h in range(0, head, 2)]
+    quants = lanes[..., head:]
+    if ggml_type in (ck.Q5_0, ck.Q5_1):
+        bits = np.unpackbits(quants[..., :4], axis=-1, bitorder="little")           # [.., lane, value]
+        masks = bits.reshape(*bits.shape[:3], 8, 4).transpose(0, 1, 3, 2, 4)        # [.., k, lane, i]
+        parts.append(np.packbits(masks.reshape(*masks.shape[:3], 64), axis=-1, bitorder="little").reshape(
+            *lanes.shape[:2], 64))
+        quants = quants[..., 4:]
+    quads = quants.reshape(*lanes.shape[:3], -1, 4) ^ np.uint8(0x80 if ggml_type == ck.Q8_0 else 0)
+    parts.append(quads.transpose(0, 1, 3, 2, 4).reshape(*lanes.shape[:2], -1))
+    return np.concatenate(parts, axis=-1).reshape(raw.shape)
 
 
-@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("ggml_type", R16_TYPES)
 def test_every_r16_path_repacks_to_the_described_layout(ggml_type):
     rng = np.random.default_rng(22)
     w = raw_weights(rng, (48, 416), ggml_type)
@@ -284,7 +352,7 @@ def test_every_r16_path_repacks_to_the_described_layout(ggml_type):
         np.testing.assert_array_equal(ck.repack(w, ggml_type, path=path), r16_layout(w, ggml_type), err_msg=path)
 
 
-@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("ggml_type", R16_TYPES)
 def test_scalar_r16_kernel_gives_the_scalar_row_kernels_products(ggml_type):
     """Bit for bit, for any token count: what the R16 tests check on the scalar path holds of its row kernel."""
     rng = np.random.default_rng(23)
@@ -298,7 +366,7 @@ def test_scalar_r16_kernel_gives_the_scalar_row_kernels_products(ggml_type):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("ggml_type", R16_TYPES)
 @pytest.mark.parametrize("n_tok", [1, 2, 5, 9])
 def test_repacked_weights_give_the_stored_weights_products(ggml_type, n_tok):
     """R16 blocks read in place give the float64 reference's products, for generation and
@@ -339,12 +407,14 @@ def test_repacked_weights_refuse_what_they_cannot_do():
 @pytest.mark.parametrize("ggml_type,path", [(t, path) for t in ck.MATMUL_TYPES for path in ck.paths()
                                              if path not in ck.TRAITS[t].r16])
 def test_paths_without_r16_kernels_refuse_repacked_weights(ggml_type, path):
+    """(The 256-value types have no R16 layout on any path: any bytes stand for one.)"""
     rng = np.random.default_rng(24)
-    w = raw_weights(rng, (16, 64), ggml_type)
+    n_in = width(ggml_type, 64)
+    w = raw_weights(rng, (16, n_in), ggml_type)
     assert ck.repack(w, ggml_type, path=path) is None
+    packed = ck.repack(w, ggml_type, path="scalar") if ggml_type in R16_TYPES else w
     with pytest.raises(ValueError, match="R16 kernel"):
-        ck.mul_mat(ck.repack(w, ggml_type, path="scalar"), ggml_type | ck.R16, activations(rng, 1, 64),
-                   np.zeros((1, 16), np.float32), path=path)
+        ck.mul_mat(packed, ggml_type | ck.R16, activations(rng, 1, n_in), np.zeros((1, 16), np.float32), path=path)
 
 
 def test_traits_agree_with_gguf():
@@ -354,8 +424,9 @@ def test_traits_agree_with_gguf():
         assert traits.name == T(ggml_type).name
         assert (traits.block_values, traits.block_bytes) == GGML_QUANT_SIZES[T(ggml_type)]
         assert set(traits.r16_first) <= set(traits.r16) <= set(traits.kernels) <= set(ck._kernels.PATH_NAMES)
-        assert not traits.activation or "scalar" in traits.r16
-    assert ck.MATMUL_TYPES == {ck.Q4_0, ck.Q8_0}
+        assert not traits.activation or "scalar" in traits.kernels
+        assert not traits.r16 or "scalar" in traits.r16
+    assert ck.MATMUL_TYPES == set(TYPES)
 
 
 def test_float_inputs_and_wide_ids_are_the_same_call():
@@ -446,16 +517,18 @@ def test_a_bound_form_reads_each_call_what_its_inputs_hold_now():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
+@pytest.mark.parametrize("ggml_type", list(TYPES))
 def test_deepseek_lite_expert_shapes(ggml_type):
     """gate/up [E, 1408, 2048] with x per token, down [E, 2048, 1408] with x per slot."""
     rng = np.random.default_rng(9)
     ids = np.stack([rng.choice(8, 6, replace=False) for _ in range(5)]).astype(np.int32)
     for n_out, n_in, n_x in [(1408, 2048, 5), (2048, 1408, 30)]:
+        if n_in % ck.TRAITS[ggml_type].block_values:
+            continue                                  # (1408-wide rows: not whole 256-value blocks)
         raw = raw_weights(rng, (8, n_out, n_in), ggml_type)
         w = dequant(raw.reshape(-1, raw.shape[-1]), ggml_type).reshape(8, n_out, n_in)
-        xq = ck.quantize_activations(activations(rng, n_x, n_in))
-        xr = decode_q8(xq, n_in)
+        xq = quantize(activations(rng, n_x, n_in), ggml_type)
+        xr = decode(xq, n_in, ggml_type)
         out = np.zeros((5, 6, n_out), np.float32)
         ck.mul_mat_id(raw, ggml_type, xq, ids, out)
         for t, k in np.ndindex(5, 6):

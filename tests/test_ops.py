@@ -16,6 +16,7 @@ import torch
 from gguf.constants import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
 
+from gguf_retype import quantize_iq4_nl, random_k_blocks
 from hybrid import _ops, ops
 
 RTOL = 2e-6
@@ -402,7 +403,11 @@ def test_expert_weights(path, rng, norm, scale):
 def stored_rows(rng, qtype, n_rows=11, n_cols=256):
     """A token-embedding-like tensor as `hybrid.weights.Weight.data` holds it, and its values
     as gguf-py dequantises them (float64)."""
-    stored = gguf_quantize(rng.normal(size=(n_rows, n_cols)).astype(np.float32), qtype)
+    values = rng.normal(size=(n_rows, n_cols)).astype(np.float32)
+    if qtype in (T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS):                   # (gguf-py has no quantizer for these)
+        stored = random_k_blocks(qtype, n_rows * n_cols // 256, 1.0, rng).reshape(n_rows, -1)
+    else:
+        stored = quantize_iq4_nl(values) if qtype == T.IQ4_NL else gguf_quantize(values, qtype)
     data = torch.from_numpy(stored)
     if qtype == T.BF16:
         data = data.view(torch.bfloat16)
@@ -439,7 +444,8 @@ def test_argmax(path, rng):
     assert ops.argmax(t32(x)) == 70001
 
 
-@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q4_0, T.Q8_0])
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q4_0, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.Q4_K, T.Q5_K,
+                                   T.Q6_K, T.IQ4_XS])
 def test_get_rows(path, rng, qtype):
     data, values = stored_rows(rng, qtype)
     ids = torch.tensor([3, 0, 10, 3])
@@ -514,7 +520,7 @@ F4, ID = np.zeros(64, np.float32), np.zeros(8, np.int64)
     lambda: _ops.top_k(addr(F4), 1, 12, 2, 5, 2, addr(ID)),                        # groups do not divide
     lambda: _ops.get_rows(addr(F4), 2, 18, 2, 32, addr(np.array([2])), 1, addr(F4)),   # row 2 of 2
     lambda: _ops.get_rows(addr(F4), 2, 18, 8, 32, addr(np.array([0])), 1, addr(F4)),   # Q8_0 rows are 34 bytes
-    lambda: _ops.get_rows(addr(F4), 2, 144, 12, 256, addr(np.array([0])), 1, addr(F4)),  # Q4_K: not native
+    lambda: _ops.get_rows(addr(F4), 2, 20, 3, 32, addr(np.array([0])), 1, addr(F4)),   # Q4_1: not native
     lambda: _ops.expert_weights(addr(F4), 1, 4, addr(np.array([0, 4])), 2, 0, 0.0, addr(F4)),  # expert 4 of 4
 ])
 def test_bad_calls_raise(call):

@@ -13,7 +13,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from hybrid.quants import SUPPORTED_TYPES, dequantize, row_bytes
 
 # byte offsets of the fp16 scale fields inside one block
-FP16_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q8_0: [0], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
+FP16_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0], T.IQ4_NL: [0], T.Q4_K: [0, 2],
+               T.Q5_K: [0, 2], T.Q6_K: [208], T.IQ4_XS: [0]}
 
 
 def random_blocks(qtype: T, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
@@ -56,5 +57,6 @@ def test_rows_keep_leading_shape():
 
 def test_supported_types_are_the_documented_ones():
     from hybrid import gguf_model
-    assert SUPPORTED_TYPES == {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K}
+    assert SUPPORTED_TYPES == {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.Q4_K,
+                               T.Q5_K, T.Q6_K, T.IQ4_XS}
     assert gguf_model.SUPPORTED_TYPES == SUPPORTED_TYPES      # the loader accepts what the engine computes

@@ -34,8 +34,10 @@ void quantize_q8_32_avx2(const float *x, int64_t n_in, uint8_t *out) {
         __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
         int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1)));
-        int32_t init[2] = {-8 * sum, -128 * sum};
+        const int32_t init[2] = {-8 * sum, -128 * sum};
+        const float dsum = d * (float)sum;
         memcpy(g + 192 + 16 * j, init, 8);
+        memcpy(g + 200 + 16 * j, &dsum, 4);
     }
 }
 
@@ -43,40 +45,76 @@ static inline __attribute__((always_inline)) __m256i dot_u8s8_256(__m256i u, __m
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-/* One weight row (blocks of bb bytes) x NT tokens (1..4), type and NT constants after inlining. */
+/* Signed x signed (|w| <= 127, so no pair of products saturates): |w| as the unsigned operand, x
+ * with w's sign as the signed one. */
+static inline __attribute__((always_inline)) __m256i dot_s8s8_256(__m256i w, __m256i x) {
+    return dot_u8s8_256(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+
+/* The fifth bits of two 5-bit blocks' 16 values: bits 0..15 of a -> bytes 0..15 of the low lane,
+ * of b -> the high lane, each 16 where set, else 0. */
+static inline __attribute__((always_inline)) __m256i fifth_bits_256(uint32_t a, uint32_t b) {
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201);
+    __m256i v = _mm256_set_m128i(_mm_set1_epi16((short)b), _mm_set1_epi16((short)a));
+    v = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, spread), bit), bit);
+    return _mm256_and_si256(v, _mm256_set1_epi8(16));
+}
+
+/* One weight row (blocks of bb bytes) x NT tokens (1..4), type and NT constants after inlining.
+ * Two blocks per step: lo holds values 0..15 of each (one per 128-bit lane), hi values 16..31. */
 static inline __attribute__((always_inline)) void
 row_dot_256(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *const *x, const int NT, float *res) {
     const int64_t nh = nb / GROUP_BLOCKS * 2;           /* pairs of blocks in whole groups */
     const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i kvalues = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)KVALUES_IQ4NL));
+    const size_t qs = type == GGML_Q5_0 ? 6 : type == GGML_Q5_1 ? 8 : 2;     /* offset of the quants */
     __m256 acc[TILE];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t h = 0; h < nh; h++) {
         const uint8_t *wp = w + h * 2 * bb;
         const size_t xo = (size_t)(h / 2) * GROUP_BYTES + (size_t)(h % 2) * 32;
         __m256 dw = _mm256_set_m128(_mm_set1_ps(_cvtsh_ss(load_u16(wp + bb))), _mm_set1_ps(_cvtsh_ss(load_u16(wp))));
+        __m256 dm = _mm256_set_m128(_mm_set1_ps(_cvtsh_ss(load_u16(wp + bb + 2))),       /* Q5_1's mins */
+                                    _mm_set1_ps(_cvtsh_ss(load_u16(wp + 2))));
         __m256i lo, hi;
-        if (type == GGML_Q4_0) {
-            __m256i q = _mm256_loadu2_m128i((const __m128i *)(wp + bb + 2), (const __m128i *)(wp + 2));
-            lo = _mm256_and_si256(q, m4);
-            hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-        } else {
+        if (type == GGML_Q8_0) {
             lo = _mm256_loadu2_m128i((const __m128i *)(wp + bb + 2), (const __m128i *)(wp + 2));
             hi = _mm256_loadu2_m128i((const __m128i *)(wp + bb + 18), (const __m128i *)(wp + 18));
+        } else {
+            __m256i q = _mm256_loadu2_m128i((const __m128i *)(wp + bb + qs), (const __m128i *)(wp + qs));
+            lo = _mm256_and_si256(q, m4);
+            hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        }
+        if (type == GGML_Q5_0 || type == GGML_Q5_1) {
+            const uint32_t qa = load_u32(wp + qs - 4), qb = load_u32(wp + bb + qs - 4);
+            lo = _mm256_or_si256(lo, fifth_bits_256(qa & 0xffff, qb & 0xffff));
+            hi = _mm256_or_si256(hi, fifth_bits_256(qa >> 16, qb >> 16));
+        } else if (type == GGML_IQ4_NL) {
+            lo = _mm256_shuffle_epi8(kvalues, lo);
+            hi = _mm256_shuffle_epi8(kvalues, hi);
         }
         for (int t = 0; t < NT; t++) {
             __m256i xl = _mm256_loadu_si256((const __m256i *)(x[t] + xo));
             __m256i xh = _mm256_loadu_si256((const __m256i *)(x[t] + xo + 64));
             __m256i s;
-            if (type == GGML_Q4_0) {
-                s = _mm256_add_epi32(dot_u8s8_256(lo, xl), dot_u8s8_256(hi, xh));
-                s = _mm256_add_epi32(s, _mm256_blend_epi32(_mm256_setzero_si256(),
-                                                           _mm256_loadu_si256((const __m256i *)(x[t] + xo + 192)), 0x11));
+            if (type == GGML_Q8_0 || type == GGML_IQ4_NL) {
+                s = _mm256_add_epi32(dot_s8s8_256(lo, xl), dot_s8s8_256(hi, xh));
             } else {
-                s = _mm256_add_epi32(dot_u8s8_256(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(xl, lo)),
-                                     dot_u8s8_256(_mm256_sign_epi8(hi, hi), _mm256_sign_epi8(xh, hi)));
+                s = _mm256_add_epi32(dot_u8s8_256(lo, xl), dot_u8s8_256(hi, xh));
+                if (type != GGML_Q5_1) {                       /* -8 * sum(x) (Q5_0: twice it), lanes 0 and 4 */
+                    __m256i init = _mm256_blend_epi32(_mm256_setzero_si256(),
+                                                      _mm256_loadu_si256((const __m256i *)(x[t] + xo + 192)), 0x11);
+                    s = _mm256_add_epi32(s, type == GGML_Q5_0 ? _mm256_slli_epi32(init, 1) : init);
+                }
             }
             __m256 d = _mm256_mul_ps(dw, _mm256_loadu_ps((const float *)(x[t] + xo + 128)));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[t]);
+            if (type == GGML_Q5_1)                             /* m * d_x * sum(x), lanes 2 and 6 */
+                acc[t] = _mm256_fmadd_ps(dm, _mm256_blend_ps(_mm256_setzero_ps(),
+                                                             _mm256_loadu_ps((const float *)(x[t] + xo + 192)), 0x44),
+                                         acc[t]);
         }
     }
     for (int t = 0; t < NT; t++) {
@@ -218,27 +256,66 @@ repack_r16(int type, size_t bb, const uint8_t *w, size_t rb, int n_rows, int64_t
     }
 }
 
-/* ---- per type ---- */
+/* ---- the 256-value types: each block unpacked once (kernels.h), then against NT q8_K rows ----
+ * Per 32 values (two 16-value groups, one per 128-bit lane): |q| x (x with q's sign) by
+ * `vpmaddubsw` (|q| <= 127, so no pair saturates), then `vpmaddwd` with the groups' scales. */
+static inline __attribute__((always_inline)) void
+k_row_dot_256(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *const *x, const int NT, float *res) {
+    const int mins = type == GGML_Q4_K || type == GGML_Q5_K;
+    __m256 acc[TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        kblock_t k;
+        unpack_kblock(type, w + b * bb, &k);
+        __m256i q[8], sc[8];
+        for (int c = 0; c < 8; c++) {
+            q[c] = _mm256_loadu_si256((const __m256i *)(k.q + 32 * c));
+            sc[c] = _mm256_set_m128i(_mm_set1_epi16(k.sc[2 * c + 1]), _mm_set1_epi16(k.sc[2 * c]));
+        }
+        const __m256i mn = _mm256_loadu_si256((const __m256i *)k.mn);
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *xb = x[t] + b * Q8K_BLOCK_BYTES;
+            __m256i s = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xb + 32 * c));
+                const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(q[c], q[c]), _mm256_sign_epi8(xv, q[c]));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(p, sc[c]));
+            }
+            float dx;
+            memcpy(&dx, xb + Q8K_D, 4);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(k.d * dx), acc[t]);
+            if (mins) {                                       /* - dmin sum_g m_g sum(x of g) */
+                const __m256i m = _mm256_madd_epi16(mn, _mm256_loadu_si256((const __m256i *)(xb + Q8K_SUMS)));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(-k.dmin * dx), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
+        v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        v = _mm_add_ss(v, _mm_movehdup_ps(v));
+        res[t] = _mm_cvtss_f32(v);
+    }
+}
 
-static void row_dot_q4_0(const uint8_t *w, int64_t nb, const uint8_t *const *x, int nt, float *res) {
-    row_dot(GGML_Q4_0, sizeof(block_q4_0), w, nb, x, nt, res);
-}
-static void row_dot_q8_0(const uint8_t *w, int64_t nb, const uint8_t *const *x, int nt, float *res) {
-    row_dot(GGML_Q8_0, sizeof(block_q8_0), w, nb, x, nt, res);
-}
-
-static void r16_dot_q4_0(const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res) {
-    r16_dot(GGML_Q4_0, sizeof(block_q4_0), r, nb, x, nt, res);
-}
-static void r16_dot_q8_0(const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res) {
-    r16_dot(GGML_Q8_0, sizeof(block_q8_0), r, nb, x, nt, res);
-}
-static void repack_r16_q4_0(const uint8_t *w, size_t rb, int n_rows, int64_t nb, uint8_t *dst, const uint8_t *next) {
-    repack_r16(GGML_Q4_0, sizeof(block_q4_0), w, rb, n_rows, nb, dst, next);
-}
-static void repack_r16_q8_0(const uint8_t *w, size_t rb, int n_rows, int64_t nb, uint8_t *dst, const uint8_t *next) {
-    repack_r16(GGML_Q8_0, sizeof(block_q8_0), w, rb, n_rows, nb, dst, next);
+static inline __attribute__((always_inline)) void
+k_row_dot(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *const *x, int nt, float *res) {
+    switch (nt) {
+    case 1: k_row_dot_256(type, bb, w, nb, x, 1, res); break;
+    case 2: k_row_dot_256(type, bb, w, nb, x, 2, res); break;
+    case 3: k_row_dot_256(type, bb, w, nb, x, 3, res); break;
+    default: k_row_dot_256(type, bb, w, nb, x, 4, res); break;
+    }
 }
 
-const quant_kernels_t AVX2_Q4_0 = {row_dot_q4_0, r16_dot_q4_0, repack_r16_q4_0, 1};
-const quant_kernels_t AVX2_Q8_0 = {row_dot_q8_0, r16_dot_q8_0, repack_r16_q8_0, 1};
+/* ---- per type: R16 kernels for Q4_0 and Q8_0 ---- */
+
+R16_KERNELS(AVX2, Q4_0, block_q4_0, row_dot, r16_dot, repack_r16, 1)
+R16_KERNELS(AVX2, Q8_0, block_q8_0, row_dot, r16_dot, repack_r16, 1)
+ROW_KERNELS(AVX2, Q5_0, block_q5_0, row_dot)
+ROW_KERNELS(AVX2, Q5_1, block_q5_1, row_dot)
+ROW_KERNELS(AVX2, IQ4_NL, block_iq4_nl, row_dot)
+ROW_KERNELS(AVX2, Q4_K, block_q4_K, k_row_dot)
+ROW_KERNELS(AVX2, Q5_K, block_q5_K, k_row_dot)
+ROW_KERNELS(AVX2, Q6_K, block_q6_K, k_row_dot)
+ROW_KERNELS(AVX2, IQ4_XS, block_iq4_xs, k_row_dot)

@@ -26,8 +26,10 @@ void quantize_q8_32_avx512(const float *x, int64_t n_in, uint8_t *out) {
         _mm_storeu_si128((__m128i *)(g + 16 * j), _mm512_cvtsepi32_epi8(q0));
         _mm_storeu_si128((__m128i *)(g + 64 + 16 * j), _mm512_cvtsepi32_epi8(q1));
         _mm_storeu_ps((float *)(g + 128 + 16 * j), _mm_set1_ps(d));
-        int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)), init[2] = {-8 * sum, -128 * sum};
+        const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)), init[2] = {-8 * sum, -128 * sum};
+        const float dsum = d * (float)sum;
         memcpy(g + 192 + 16 * j, init, 8);
+        memcpy(g + 200 + 16 * j, &dsum, 4);
     }
 }
 
@@ -49,29 +51,41 @@ static inline __attribute__((always_inline)) __m512 scales_x4_512(const uint8_t 
     return _mm512_permutexvar_ps(bcast, _mm512_castps128_ps512(_mm_cvtph_ps(h)));
 }
 
+/* IQ4_NL's levels + 128 (unsigned, for vpdpbusd) in each 128-bit lane: a nibble's `vpshufb` index. */
+static inline __attribute__((always_inline)) __m512i iq4nl_levels_512(void) {
+    return _mm512_xor_si512(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)KVALUES_IQ4NL)),
+                            _mm512_set1_epi8((char)0x80));
+}
+
+/* The fifth bits of 4 blocks (qh at p, stride bb) as byte masks: *lo bit 16j + i = bit i of block
+ * j's qh (values 0..15, lane j of the low-nibble register), *hi bit 16j + i = bit 16 + i. */
+static inline __attribute__((always_inline)) void fifth_bits_x4(const uint8_t *p, size_t bb, __mmask64 *lo,
+                                                                 __mmask64 *hi) {
+    uint64_t l = 0, h = 0;
+    for (int j = 0; j < 4; j++) {
+        const uint64_t qh = load_u32(p + j * bb);
+        l |= (qh & 0xffff) << 16 * j;
+        h |= (qh >> 16) << 16 * j;
+    }
+    *lo = _cvtu64_mask64(l);
+    *hi = _cvtu64_mask64(h);
+}
+
 /* One weight row x NT tokens (1..4, a constant after inlining). One row at a time:
  * two rows sharing the activation loads ran faster in cache but ~2x slower from DRAM. */
 static inline __attribute__((always_inline)) void
 row_dot_512(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *const *x, const int NT, float *res) {
     const int64_t ng = nb / GROUP_BLOCKS;
-    const __m512i m4 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+    const __m512i m4 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512(), sixteen = _mm512_set1_epi8(16);
+    const __m512i levels = iq4nl_levels_512();
+    const size_t qs = type == GGML_Q5_0 ? 6 : type == GGML_Q5_1 ? 8 : 2;     /* offset of the quants */
     __m512 acc[TILE];
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
         const uint8_t *wg = w + g * GROUP_BLOCKS * bb;
         const size_t xo = (size_t)g * GROUP_BYTES;
         __m512 dw = scales_x4_512(wg, bb);
-        if (type == GGML_Q4_0) {
-            __m512i q = load_x4_512(wg + 2, bb);
-            __m512i lo = _mm512_and_si512(q, m4), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
-            for (int t = 0; t < NT; t++) {
-                __m512i s = _mm512_maskz_loadu_epi32(0x1111, x[t] + xo + 192);   /* -8 * sum(x) */
-                s = _mm512_dpbusd_epi32(s, lo, loadu_512(x[t] + xo));
-                s = _mm512_dpbusd_epi32(s, hi, loadu_512(x[t] + xo + 64));
-                __m512 d = _mm512_mul_ps(dw, _mm512_loadu_ps((const float *)(x[t] + xo + 128)));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[t]);
-            }
-        } else {
+        if (type == GGML_Q8_0) {
             /* signed x signed: |w| as the unsigned operand, x with w's sign as the signed one */
             __m512i lo = load_x4_512(wg + 2, bb), hi = load_x4_512(wg + 18, bb);
             __mmask64 nlo = _mm512_movepi8_mask(lo), nhi = _mm512_movepi8_mask(hi);
@@ -83,6 +97,35 @@ row_dot_512(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *co
                 s = _mm512_dpbusd_epi32(s, hi, _mm512_mask_sub_epi8(xh, nhi, zero, xh));
                 __m512 d = _mm512_mul_ps(dw, _mm512_loadu_ps((const float *)(x[t] + xo + 128)));
                 acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[t]);
+            }
+        } else {
+            /* unsigned weights: the 4-bit types' nibbles (IQ4_NL's levels + 128), Q5's with their fifth
+             * bit; their offset enters as a multiple of sum(x) (kernels.h) */
+            __m512i q = load_x4_512(wg + qs, bb);
+            __m512i lo = _mm512_and_si512(q, m4), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+            __m512 dm = _mm512_setzero_ps();
+            if (type == GGML_Q5_0 || type == GGML_Q5_1) {
+                __mmask64 blo, bhi;
+                fifth_bits_x4(wg + qs - 4, bb, &blo, &bhi);
+                lo = _mm512_mask_add_epi8(lo, blo, lo, sixteen);
+                hi = _mm512_mask_add_epi8(hi, bhi, hi, sixteen);
+                if (type == GGML_Q5_1) dm = scales_x4_512(wg + 2, bb);
+            } else if (type == GGML_IQ4_NL) {
+                lo = _mm512_shuffle_epi8(levels, lo);
+                hi = _mm512_shuffle_epi8(levels, hi);
+            }
+            for (int t = 0; t < NT; t++) {
+                __m512i s;
+                if (type == GGML_Q4_0) s = _mm512_maskz_loadu_epi32(0x1111, x[t] + xo + 192);    /* -8 * sum(x) */
+                else if (type == GGML_Q5_0) s = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(0x1111, x[t] + xo + 192), 1);
+                else if (type == GGML_IQ4_NL) s = _mm512_maskz_loadu_epi32(0x2222, x[t] + xo + 192);   /* -128 * sum */
+                else s = zero;
+                s = _mm512_dpbusd_epi32(s, lo, loadu_512(x[t] + xo));
+                s = _mm512_dpbusd_epi32(s, hi, loadu_512(x[t] + xo + 64));
+                __m512 d = _mm512_mul_ps(dw, _mm512_loadu_ps((const float *)(x[t] + xo + 128)));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[t]);
+                if (type == GGML_Q5_1)                                  /* m * d_x * sum(x): lanes 4j + 2 */
+                    acc[t] = _mm512_fmadd_ps(dm, _mm512_maskz_loadu_ps(0x4444, x[t] + xo + 192), acc[t]);
             }
         }
     }
@@ -120,7 +163,10 @@ static inline __attribute__((always_inline)) void
 repack_r16_body(int type, size_t bb, const uint8_t *w, size_t rb, int n_rows, int64_t nb, uint8_t *dst,
                 const uint8_t *next, const int full) {
     const size_t sb = R16_ROWS * bb;
-    const int halves = (int)(bb - 2) / 16;                /* 16-byte halves of the quants */
+    const r16_form_t form = r16_form(type);
+    const size_t qs = 2 * (size_t)form.halves + 4 * (size_t)form.masks;    /* where the stored quants start */
+    const size_t masks = r16_masks_at(form), quads = r16_quant_at(form, 0, 0);
+    const int halves = (int)form.quants / 16;             /* 16-byte halves of the quants */
     int32_t idx[16];                           /* lane p: row r16_lane(p) (the transpose is its own inverse) */
     size_t row[16];
     for (int i = 0; i < 16; i++) row[i] = (size_t)(full || i < n_rows ? i : n_rows - 1) * rb;
@@ -132,9 +178,20 @@ repack_r16_body(int type, size_t bb, const uint8_t *w, size_t rb, int n_rows, in
         if (next)
             for (size_t o = (size_t)b * 16 * bb; o < (size_t)(b + 1) * 16 * bb; o += 64)
                 _mm_prefetch((const char *)(next + o), _MM_HINT_T0);
-        for (int p = 0; p < 16; p++) memcpy(d + 2 * p, s + idx[p], 2);     /* (faster than a gather) */
+        for (int f = 0; f < form.halves; f++)
+            for (int p = 0; p < 16; p++) memcpy(d + 32 * f + 2 * p, s + idx[p] + 2 * f, 2);   /* (faster than a gather) */
+        if (form.masks) {
+            uint32_t qh[16];
+            for (int p = 0; p < 16; p++) qh[p] = load_u32(s + idx[p] + qs - 4);
+            const __m512i v = _mm512_loadu_si512(qh), m4 = _mm512_set1_epi32(15);
+            for (int k = 0; k < 8; k++) {       /* mask k: nibble k of each lane's qh, lane p at bit 4p */
+                __m128i n = _mm512_cvtepi32_epi8(_mm512_and_si512(_mm512_srli_epi32(v, 4 * k), m4));
+                n = _mm_maddubs_epi16(n, _mm_set1_epi16(0x1001));                 /* pairs: n[2i] + 16 n[2i+1] */
+                _mm_storel_epi64((__m128i *)(d + masks + 8 * k), _mm_packus_epi16(n, n));
+            }
+        }
         for (int h = 0; h < halves; h++) {
-            const uint8_t *q = s + 2 + 16 * h;
+            const uint8_t *q = s + qs + 16 * h;
             __m512i a[4];                          /* a[m], lane i: 16 quant bytes of row 4m+i */
             for (int m = 0; m < 4; m++) {
                 if (full) {
@@ -150,7 +207,7 @@ repack_r16_body(int type, size_t bb, const uint8_t *w, size_t rb, int n_rows, in
             __m512i c[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
                             _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
             for (int k = 0; k < 4; k++)
-                _mm512_storeu_si512(d + 32 + 64 * (4 * h + k), type == GGML_Q4_0 ? c[k] : _mm512_xor_si512(c[k], flip));
+                _mm512_storeu_si512(d + quads + 64 * (4 * h + k), form.flip ? _mm512_xor_si512(c[k], flip) : c[k]);
         }
     }
 }
@@ -162,77 +219,160 @@ repack_r16(int type, size_t bb, const uint8_t *w, size_t rb, int n_rows, int64_t
     else repack_r16_body(type, bb, w, rb, n_rows, nb, dst, next, 0);
 }
 
-/* nb R16 blocks at r x NT tokens -> res[t * 16 + row], rows in natural order. */
+/* nb R16 blocks at r x NT tokens -> res[t * 16 + row], rows in natural order. With Q4_OR_Q8 (a
+ * constant) the type is Q4_0 or Q8_0 and may be a run-time value (see r16_dot_q4_or_q8): the other
+ * types' steps are then compiled out; else the type is a constant after inlining. */
 static inline __attribute__((always_inline)) void
-r16_dot_512(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, const int NT, float *res) {
+r16_dot_512(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, const int NT, float *res,
+            const int Q4_OR_Q8) {
     const size_t sb = R16_ROWS * bb;
-    const __m512i m4 = _mm512_set1_epi8(15);
-    const int init = type == GGML_Q4_0 ? 192 : 196;           /* -8 or -128 times sum(x) */
+    const int q5 = !Q4_OR_Q8 && (type == GGML_Q5_0 || type == GGML_Q5_1), q5_1 = !Q4_OR_Q8 && type == GGML_Q5_1;
+    const int iq4 = !Q4_OR_Q8 && type == GGML_IQ4_NL;
+    const r16_form_t form = r16_form(q5_1 ? GGML_Q5_1 : q5 ? GGML_Q5_0 : GGML_Q4_0);   /* (Q8_0's: no masks) */
+    const size_t masks = r16_masks_at(form), quads = r16_quant_at(form, 0, 0);
+    const __m512i m4 = _mm512_set1_epi8(15), sixteen = _mm512_set1_epi8(16), levels = iq4nl_levels_512();
     __m512 acc[R16_TILE];
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = r + b * sb;
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+        const __m512 dm = q5_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : _mm512_setzero_ps();
         __m512i q[8];
-        if (type == GGML_Q4_0) {
+        if (type == GGML_Q8_0) {
+            for (int k = 0; k < 8; k++) q[k] = loadu_512(p + quads + 64 * k);
+        } else {
             for (int k = 0; k < 4; k++) {
-                __m512i v = loadu_512(p + 32 + 64 * k);
+                __m512i v = loadu_512(p + quads + 64 * k);
                 q[k] = _mm512_and_si512(v, m4);
                 q[k + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
             }
-        } else {
-            for (int k = 0; k < 8; k++) q[k] = loadu_512(p + 32 + 64 * k);
         }
+        if (q5)
+            for (int k = 0; k < 8; k++) {
+                uint64_t bits;
+                memcpy(&bits, p + masks + 8 * k, 8);
+                q[k] = _mm512_mask_add_epi8(q[k], _cvtu64_mask64(bits), q[k], sixteen);
+            }
+        if (iq4)
+            for (int k = 0; k < 8; k++) q[k] = _mm512_shuffle_epi8(levels, q[k]);
         const size_t xo = (size_t)(b / GROUP_BLOCKS) * GROUP_BYTES + (size_t)(b % GROUP_BLOCKS) * 16;
         for (int t = 0; t < NT; t++) {
             const uint8_t *g = x[t] + xo;
-            __m512i s = _mm512_set1_epi32(load_i32(g + init));
+            /* the weights' offset times sum(x): -8 (Q4_0), -16 (Q5_0), -128 (Q8_0 and IQ4_NL stored + 128) */
+            const int32_t init = Q4_OR_Q8 ? load_i32(g + (type == GGML_Q4_0 ? 192 : 196))
+                               : type == GGML_Q4_0 ? load_i32(g + 192) : type == GGML_Q5_0 ? 2 * load_i32(g + 192)
+                               : type == GGML_Q5_1 ? 0 : load_i32(g + 196);
+            __m512i s = _mm512_set1_epi32(init);
             for (int k = 0; k < 4; k++) s = _mm512_dpbusd_epi32(s, q[k], _mm512_set1_epi32(load_i32(g + 4 * k)));
             for (int k = 0; k < 4; k++) s = _mm512_dpbusd_epi32(s, q[k + 4], _mm512_set1_epi32(load_i32(g + 64 + 4 * k)));
             __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(*(const float *)(g + 128)));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[t]);
+            if (q5_1) acc[t] = _mm512_fmadd_ps(dm, _mm512_set1_ps(*(const float *)(g + 200)), acc[t]);
         }
     }
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     for (int t = 0; t < NT; t++) _mm512_storeu_ps(res + 16 * t, _mm512_permutexvar_ps(order, acc[t]));
 }
 
-/* The type stays a run-time argument here (KEEP_ARGS), as before the per-type entry points: GCC's
- * schedule of the loop specialised per type ran 10-13 % slower in cache (Q4_0, 1-4 tokens). */
-static KEEP_ARGS void
-r16_dot(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res) {
+static inline __attribute__((always_inline)) void
+r16_dot_tiles(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res,
+              const int Q4_OR_Q8) {
     switch (nt) {
-    case 1: r16_dot_512(type, bb, r, nb, x, 1, res); break;
-    case 2: r16_dot_512(type, bb, r, nb, x, 2, res); break;
-    case 3: r16_dot_512(type, bb, r, nb, x, 3, res); break;
-    case 4: r16_dot_512(type, bb, r, nb, x, 4, res); break;
-    case 5: r16_dot_512(type, bb, r, nb, x, 5, res); break;
-    case 6: r16_dot_512(type, bb, r, nb, x, 6, res); break;
-    case 7: r16_dot_512(type, bb, r, nb, x, 7, res); break;
-    default: r16_dot_512(type, bb, r, nb, x, 8, res); break;
+    case 1: r16_dot_512(type, bb, r, nb, x, 1, res, Q4_OR_Q8); break;
+    case 2: r16_dot_512(type, bb, r, nb, x, 2, res, Q4_OR_Q8); break;
+    case 3: r16_dot_512(type, bb, r, nb, x, 3, res, Q4_OR_Q8); break;
+    case 4: r16_dot_512(type, bb, r, nb, x, 4, res, Q4_OR_Q8); break;
+    case 5: r16_dot_512(type, bb, r, nb, x, 5, res, Q4_OR_Q8); break;
+    case 6: r16_dot_512(type, bb, r, nb, x, 6, res, Q4_OR_Q8); break;
+    case 7: r16_dot_512(type, bb, r, nb, x, 7, res, Q4_OR_Q8); break;
+    default: r16_dot_512(type, bb, r, nb, x, 8, res, Q4_OR_Q8); break;
+    }
+}
+
+/* Q4_0 and Q8_0 share one R16 kernel, their type a run-time argument (KEEP_ARGS), as before the
+ * per-type entry points: GCC's schedule of the loop specialised per type ran 10-13 % slower in
+ * cache (Q4_0, 1-4 tokens); and with the later types' steps compiled in as run-time branches,
+ * 4 tokens ran ~15 % slower. */
+static KEEP_ARGS void
+r16_dot_q4_or_q8(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res) {
+    r16_dot_tiles(type, bb, r, nb, x, nt, res, 1);
+}
+
+/* The later types' R16 kernels, each specialised for its type. */
+static inline __attribute__((always_inline)) void
+r16_dot_typed(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res) {
+    r16_dot_tiles(type, bb, r, nb, x, nt, res, 0);
+}
+
+/* ---- the 256-value types: each block unpacked once (kernels.h), then against NT q8_K rows ----
+ * Per 64 values (four 16-value groups, one per 128-bit lane): |q| x (x with q's sign) by
+ * `vpdpbusd`, times each lane's group scale (so each lane holds its true partial sum, and float
+ * sums no large offsets); the mins as - dmin sum_g m_g sum(x of g), from the activation's sums
+ * by `vpmaddwd`. */
+static inline __attribute__((always_inline)) void
+k_row_dot_512(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *const *x, const int NT, float *res) {
+    const int mins = type == GGML_Q4_K || type == GGML_Q5_K;          /* (and their quants are >= 0) */
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), four = _mm512_set1_epi32(4);
+    __m512 acc[TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        kblock_t k;
+        unpack_kblock(type, w + b * bb, &k);
+        __m512i q[4], sc[4];
+        __mmask64 neg[4];
+        const __m512i sc_all = _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)k.sc));   /* one load */
+        __m512i at = spread;
+        for (int c = 0; c < 4; c++, at = _mm512_add_epi32(at, four)) {
+            /* (two 32-byte loads: the unpack stored 32 bytes at a time, and a 64-byte load of them
+             * would wait for the stores to retire instead of forwarding from them) */
+            q[c] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(k.q + 64 * c))),
+                                      _mm256_loadu_si256((const __m256i *)(k.q + 64 * c + 32)), 1);
+            neg[c] = mins ? 0 : _mm512_movepi8_mask(q[c]);
+            q[c] = mins ? q[c] : _mm512_abs_epi8(q[c]);
+            sc[c] = _mm512_permutexvar_epi32(at, sc_all);                   /* lane l: sc[4c + l / 4] */
+        }
+        const __m256i mn16 = _mm256_loadu_si256((const __m256i *)k.mn);
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *xb = x[t] + b * Q8K_BLOCK_BYTES;
+            __m512i s = zero;
+            for (int c = 0; c < 4; c++) {
+                __m512i xv = loadu_512(xb + 64 * c);
+                if (!mins) xv = _mm512_mask_sub_epi8(xv, neg[c], zero, xv);
+                s = _mm512_add_epi32(s, _mm512_mullo_epi32(_mm512_dpbusd_epi32(zero, q[c], xv), sc[c]));
+            }
+            float dx;
+            memcpy(&dx, xb + Q8K_D, 4);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(k.d * dx), acc[t]);
+            if (mins) {
+                const __m256i sums = _mm256_loadu_si256((const __m256i *)(xb + Q8K_SUMS));
+                const __m512i m = _mm512_zextsi256_si512(_mm256_madd_epi16(mn16, sums));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), _mm512_set1_ps(-k.dmin * dx), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
+}
+
+static inline __attribute__((always_inline)) void
+k_row_dot(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *const *x, int nt, float *res) {
+    switch (nt) {
+    case 1: k_row_dot_512(type, bb, w, nb, x, 1, res); break;
+    case 2: k_row_dot_512(type, bb, w, nb, x, 2, res); break;
+    case 3: k_row_dot_512(type, bb, w, nb, x, 3, res); break;
+    default: k_row_dot_512(type, bb, w, nb, x, 4, res); break;
     }
 }
 
 /* ---- per type ---- */
 
-static void row_dot_q4_0(const uint8_t *w, int64_t nb, const uint8_t *const *x, int nt, float *res) {
-    row_dot(GGML_Q4_0, sizeof(block_q4_0), w, nb, x, nt, res);
-}
-static void row_dot_q8_0(const uint8_t *w, int64_t nb, const uint8_t *const *x, int nt, float *res) {
-    row_dot(GGML_Q8_0, sizeof(block_q8_0), w, nb, x, nt, res);
-}
-static void r16_dot_q4_0(const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res) {
-    r16_dot(GGML_Q4_0, sizeof(block_q4_0), r, nb, x, nt, res);
-}
-static void r16_dot_q8_0(const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res) {
-    r16_dot(GGML_Q8_0, sizeof(block_q8_0), r, nb, x, nt, res);
-}
-static void repack_r16_q4_0(const uint8_t *w, size_t rb, int n_rows, int64_t nb, uint8_t *dst, const uint8_t *next) {
-    repack_r16(GGML_Q4_0, sizeof(block_q4_0), w, rb, n_rows, nb, dst, next);
-}
-static void repack_r16_q8_0(const uint8_t *w, size_t rb, int n_rows, int64_t nb, uint8_t *dst, const uint8_t *next) {
-    repack_r16(GGML_Q8_0, sizeof(block_q8_0), w, rb, n_rows, nb, dst, next);
-}
+R16_KERNELS(AVX512, Q4_0, block_q4_0, row_dot, r16_dot_q4_or_q8, repack_r16, 1)
+R16_KERNELS(AVX512, Q8_0, block_q8_0, row_dot, r16_dot_q4_or_q8, repack_r16, 1)
+R16_KERNELS(AVX512, Q5_0, block_q5_0, row_dot, r16_dot_typed, repack_r16, 1)
+R16_KERNELS(AVX512, Q5_1, block_q5_1, row_dot, r16_dot_typed, repack_r16, 1)
+R16_KERNELS(AVX512, IQ4_NL, block_iq4_nl, row_dot, r16_dot_typed, repack_r16, 1)
 
-const quant_kernels_t AVX512_Q4_0 = {row_dot_q4_0, r16_dot_q4_0, repack_r16_q4_0, 1};
-const quant_kernels_t AVX512_Q8_0 = {row_dot_q8_0, r16_dot_q8_0, repack_r16_q8_0, 1};
+ROW_KERNELS(AVX512, Q4_K, block_q4_K, k_row_dot)
+ROW_KERNELS(AVX512, Q5_K, block_q5_K, k_row_dot)
+ROW_KERNELS(AVX512, Q6_K, block_q6_K, k_row_dot)
+ROW_KERNELS(AVX512, IQ4_XS, block_iq4_xs, k_row_dot)

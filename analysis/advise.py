@@ -393,8 +393,9 @@ def rate_table(rates: Rates) -> list[dict]:
 
 
 def advice_json(ranked: Sequence[Advice], rates: Rates, *, model: str, accel: str, emulated: bool,
-                vram_budget: int, n_ctx: int, threads: int, chosen: int = 0) -> dict:
-    """The `hyprof-advice/1` contract."""
+                vram_budget: int, n_ctx: int, threads: int, n_placements: int, chosen: int = 0) -> dict:
+    """The `hyprof-advice/1` contract (`n_placements`: the distinct placements considered, of which
+    `candidates` lists those that fit)."""
     def one(rank_: int, a: Advice) -> dict:
         out = {"rank": rank_, "placement": a.candidate.words, "ot": list(a.candidate.ot), "ngl": a.candidate.ngl,
                "n_cpu_moe": a.n_cpu_moe, "ot_with_n_cpu_moe": list(a.candidate.sides) if a.n_cpu_moe is not None else None,
@@ -409,7 +410,7 @@ def advice_json(ranked: Sequence[Advice], rates: Rates, *, model: str, accel: st
         return out
     return {"schema": ADVICE_SCHEMA, "model": model, "accel": accel, "emulated": emulated,
             "vram_budget_bytes": vram_budget, "n_ctx": n_ctx, "threads": threads, "n_prompt": rates.n_prompt,
-            "chosen": chosen, "rates": rate_table(rates),
+            "chosen": chosen, "n_placements": n_placements, "rates": rate_table(rates),
             "overhead_us": {"graph": {k: v / 1e3 for k, v in rates.graph_ns.items()},
                             "split": [{"kind": k, "backend": b, "us": v / 1e3} for (k, b), v in rates.split_ns.items()]},
             "notes": list(rates.notes),

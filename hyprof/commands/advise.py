@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     if args.verify:
         ranked = _verify(ranked, args, model_path, accel, rates.n_prompt)
     result = advise.advice_json(ranked, rates, model=model_path, accel=accel, emulated=accel.startswith("ACC"),
-                                vram_budget=args.vram, n_ctx=args.ctx_size, threads=args.threads)
+                                vram_budget=args.vram, n_ctx=args.ctx_size, threads=args.threads,
+                                n_placements=len(plans))
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -275,7 +276,8 @@ def _render(result: dict, top: int) -> None:
         console.print(f"note: {note}", highlight=False, markup=False)
     shown = result["candidates"][:top]
     verified = any("measured_tg_tps" in c for c in shown)
-    t = Table(box=box.SIMPLE_HEAD, title=f"best {len(shown)} of {len(result['candidates'])} placements that fit, "
+    t = Table(box=box.SIMPLE_HEAD, title=f"best {len(shown)} of the {len(result['candidates'])} placements that fit "
+              f"(of {result['n_placements']}), "
               f"by predicted tg t/s (pp: {result['n_prompt']} tokens)", title_justify="left")
     cols = ["#", "placement", "VRAM MiB", "tg t/s", "pp t/s", "bottleneck"]
     if verified:

@@ -233,8 +233,9 @@ def measure_rates(t: Timings, attribution: Attribution | None = None) -> Rates:
     first = np.zeros(n, np.int64)
     first[inverse[::-1]] = ops[::-1]                 # an event of each op, for its op, backend, kind
     op_kind, backend = kind[first], ev["backend"][first]
-    classes = np.array([CLASSES.index(op_class(t.sym(int(o)), t.sym(int(m))))
-                        for o, m in zip(ev["op"][first], ev["name"][first])], dtype=np.int64)
+    pairs, pair_of_op = np.unique(np.stack([ev["op"][first], ev["name"][first]], axis=1), axis=0, return_inverse=True)
+    classes = np.array([CLASSES.index(op_class(t.sym(int(o)), t.sym(int(m)))) for o, m in pairs],
+                       dtype=np.int64)[pair_of_op.reshape(-1)]
     units = {u: np.bincount(inverse, weights=ev[u][ops].astype(np.float64), minlength=n) for u in ("bytes", "flops")}
 
     rates = {}
@@ -387,8 +388,11 @@ def rate_table(rates: Rates) -> list[dict]:
     rows = []
     for (kind, backend, cls), r in sorted(rates.op.items()):
         per_s = 1.0 / r.ns_per_unit if r.ns_per_unit else None    # units per ns = G units per s
-        rows.append({"kind": kind, "backend": backend, "class": cls, "us_per_op": r.ns_per_op / 1e3,
-                     "GBps" if kind == "tg" else "GFLOPps": per_s, "ops": r.n_ops, "source": r.source})
+        row = {"kind": kind, "backend": backend, "class": cls, "us_per_op": r.ns_per_op / 1e3,
+               "GBps" if kind == "tg" else "GFLOPps": per_s, "ops": r.n_ops, "source": r.source}
+        if kind == "tg" and backend == "CPU" and per_s and rates.cpu_peak_GBps:
+            row["fraction_of_peak"] = per_s / rates.cpu_peak_GBps      # the expert-path efficiency
+        rows.append(row)
     return rows
 
 
@@ -410,7 +414,8 @@ def advice_json(ranked: Sequence[Advice], rates: Rates, *, model: str, accel: st
         return out
     return {"schema": ADVICE_SCHEMA, "model": model, "accel": accel, "emulated": emulated,
             "vram_budget_bytes": vram_budget, "n_ctx": n_ctx, "threads": threads, "n_prompt": rates.n_prompt,
-            "chosen": chosen, "n_placements": n_placements, "rates": rate_table(rates),
+            "chosen": chosen, "n_placements": n_placements, "cpu_peak_GBps": rates.cpu_peak_GBps,
+            "rates": rate_table(rates),
             "overhead_us": {"graph": {k: v / 1e3 for k, v in rates.graph_ns.items()},
                             "split": [{"kind": k, "backend": b, "us": v / 1e3} for (k, b), v in rates.split_ns.items()]},
             "notes": list(rates.notes),

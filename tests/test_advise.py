@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from analysis.advise import (CLASSIC_RULE, Rate, Rates, Work, candidates, measure_rates, n_cpu_moe_rules, predict,
-                             prompt_upload_ns)
+                             prompt_upload_ns, rate_table)
 from analysis.timings import load_lines
 from analysis.whatif import whatif_tps
 from hyprof.cli import main
@@ -48,6 +48,8 @@ def test_seed_deepseek_lite_reproduced_from_its_profile():
                            None, {}, {})["no_overhead"]
     assert p.no_overhead_tps == pytest.approx(reference, rel=0.02)
     assert round(p.no_overhead_tps, 1) == 66.3
+    (cpu_row,) = [r for r in rate_table(rates) if r["backend"] == "CPU"]
+    assert round(cpu_row["fraction_of_peak"], 3) == 0.867        # the report's, of the header's 64 GB/s
 
 
 def test_seed_projected_to_another_placement():
@@ -260,3 +262,12 @@ def test_advise_calibrates_ranks_and_verifies(tiny_gguf, tmp_path, capsys):
     assert all(r["source"] == "measured" for r in out["rates"])
     svg = plot.read_text()
     assert 'id="chosen"' in svg and 'id="budget"' in svg and 'id="measured:1"' in svg
+
+
+def test_auto_without_a_gpu_says_how_to_use_the_emulated_one(tiny_gguf, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: --accel auto takes it")
+    assert main(["advise", "-m", str(tiny_gguf), "--vram", "1GiB"]) == 2
+    assert "--accel emulated" in capsys.readouterr().err

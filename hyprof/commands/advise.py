@@ -265,8 +265,11 @@ def _render(result: dict, top: int) -> None:
     for r in result["rates"]:
         unit = "GB/s" if r["kind"] == "tg" else "GFLOP/s"
         value = r.get("GBps", r.get("GFLOPps"))
+        source = r["source"]
+        if "fraction_of_peak" in r:
+            source += f", {100 * r['fraction_of_peak']:.0f}% of the {result['cpu_peak_GBps']:.1f} GB/s triad"
         rates.add_row(r["kind"], r["backend"], r["class"], f"{r['us_per_op']:.1f}",
-                      f"{value:,.2f} {unit}" if value else "-", str(r["ops"]), r["source"])
+                      f"{value:,.2f} {unit}" if value else "-", str(r["ops"]), source)
     console.print(rates)
     over = result["overhead_us"]
     console.print("overhead: " + ", ".join(f"{k} evaluation {v:,.0f} us" for k, v in over["graph"].items()) + "; "

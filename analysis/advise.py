@@ -6,7 +6,8 @@ Public API (stable):
         every placement worth asking about (see "Candidates" below), each as `-ngl` plus `-ot`
         rules that send tensors to the CPU only, so that they paste into llama.cpp as they are.
     n_cpu_moe_rules(n, moe_layers) -> [rule]   llama.cpp's --n-cpu-moe N as -ot rules
-    measure_rates(timings, attribution=None) -> Rates     the rates of a profile (a calibration run)
+    measure_rates(*timings) -> Rates   the rates of profiles (calibration runs), their samples pooled
+    samples(timings) -> Samples         what one profile measured: per op, split and evaluation
     declare_rates(rates, accel, gpu_GBps=None, gpu_tflops=None) -> Rates
     predict(work, rates, kind) -> Prediction   one evaluation's time, term by term
     prompt_upload_ns(upload_bytes, pcie_GBps) -> ns   the op-offload upload term of a prompt
@@ -214,8 +215,25 @@ def _graph_kinds(t: Timings, a: Attribution) -> tuple[np.ndarray, np.ndarray]:
     return kind, rep
 
 
-def measure_rates(t: Timings, attribution: Attribution | None = None) -> Rates:
-    """The rates of the module docstring, from a profile's pp and tg repetitions."""
+@dataclass(frozen=True)
+class Samples:
+    """What one profile measured, by name (so that profiles pool): per op its kind, backend, class,
+    bytes, flops and span; per split its kind, backend and overhead; per repetition its kind and
+    overhead per evaluation."""
+    ops: np.ndarray
+    splits: np.ndarray
+    reps: np.ndarray
+    n_prompt: int
+    cpu_peak_GBps: float | None
+
+
+OP_SAMPLE = np.dtype([("kind", "U2"), ("backend", "U16"), ("class", "U8"), ("bytes", np.float64),
+                      ("flops", np.float64), ("ns", np.float64)])
+OVERHEAD_SAMPLE = np.dtype([("kind", "U2"), ("backend", "U16"), ("ns", np.float64)])
+
+
+def samples(t: Timings, attribution: Attribution | None = None) -> Samples:
+    """The ops, splits and evaluations of a profile's pp and tg repetitions (see the module docstring)."""
     a = attribution if attribution is not None else attribute(t)
     ev = t.events
     kind, rep = _graph_kinds(t, a)
@@ -229,55 +247,59 @@ def measure_rates(t: Timings, attribution: Attribution | None = None) -> Rates:
     end = np.zeros(n, np.int64)
     np.minimum.at(start, inverse, ev["ts"][ops])
     np.maximum.at(end, inverse, ev["ts"][ops] + ev["dur"][ops])
-    span = end - start
     first = np.zeros(n, np.int64)
     first[inverse[::-1]] = ops[::-1]                 # an event of each op, for its op, backend, kind
-    op_kind, backend = kind[first], ev["backend"][first]
     pairs, pair_of_op = np.unique(np.stack([ev["op"][first], ev["name"][first]], axis=1), axis=0, return_inverse=True)
-    classes = np.array([CLASSES.index(op_class(t.sym(int(o)), t.sym(int(m)))) for o, m in pairs],
-                       dtype=np.int64)[pair_of_op.reshape(-1)]
-    units = {u: np.bincount(inverse, weights=ev[u][ops].astype(np.float64), minlength=n) for u in ("bytes", "flops")}
-
-    rates = {}
-    for k, kname in enumerate(KINDS):
-        for b in np.unique(backend[op_kind == k]):
-            for c, cname in enumerate(CLASSES):
-                sel = (op_kind == k) & (backend == b) & (classes == c)
-                if not sel.any():
-                    continue
-                if cname == "glue":
-                    per_op, per_unit = float(span[sel].mean()), 0.0
-                else:
-                    per_op, per_unit = _fit(units[UNITS[kname]][sel], span[sel])
-                rates[kname, t.sym(int(b)), cname] = Rate(per_op, per_unit, int(sel.sum()))
+    op_rows = np.zeros(n, OP_SAMPLE)
+    op_rows["kind"] = np.array(KINDS)[kind[first]] if n else []
+    op_rows["backend"] = [t.sym(int(b)) for b in ev["backend"][first]]
+    op_rows["class"] = np.array([op_class(t.sym(int(o)), t.sym(int(m))) for o, m in pairs] or [""])[pair_of_op.reshape(-1)]
+    for u in ("bytes", "flops"):
+        op_rows[u] = np.bincount(inverse, weights=ev[u][ops].astype(np.float64), minlength=n)
+    op_rows["ns"] = end - start
 
     # a split's overhead: its span less its ops' spans
+    op_ns_in: dict = {}
+    for (g, s, _), ns in zip(uniq, op_rows["ns"]):
+        op_ns_in[g, s] = op_ns_in.get((g, s), 0.0) + ns
     splits = np.flatnonzero(t.of_type("split") & (kind >= 0))
-    op_ns_in = {}
-    for (g, s, _), ns in zip(uniq, span):
-        op_ns_in[g, s] = op_ns_in.get((g, s), 0) + int(ns)
-    split_ns = {}
-    for k, kname in enumerate(KINDS):
-        mine = splits[kind[splits] == k]
-        for b in np.unique(ev["backend"][mine]):
-            rows = mine[ev["backend"][mine] == b]
-            over = [ev["dur"][i] - op_ns_in.get((ev["graph"][i], ev["split"][i]), 0) for i in rows]
-            split_ns[kname, t.sym(int(b))] = max(float(np.mean(over)), 0.0)
+    split_rows = np.zeros(len(splits), OVERHEAD_SAMPLE)
+    for j, i in enumerate(splits):
+        split_rows[j] = (KINDS[kind[i]], t.sym(int(ev["backend"][i])),
+                         ev["dur"][i] - op_ns_in.get((ev["graph"][i], ev["split"][i]), 0.0))
 
-    # an evaluation's overhead: the repetition's wall less its splits and record phases, per graph
+    # an evaluation's overhead: its repetition's wall less the splits and record phases, per graph
     record = t.of_type("phase") & np.isin(ev["name"], t.ids(lambda s: s == RECORD_PHASE))
-    graph_ns, n_prompt = {}, 0
-    for k, kname in enumerate(KINDS):
-        reps = np.flatnonzero(np.array([rk == kname for rk in a.reps["kind"]], dtype=bool))
-        if not len(reps):
-            continue
-        inside = np.array([ev["dur"][(rep == r) & (t.of_type("split") | record)].sum() for r in reps], dtype=np.float64)
-        per_graph = (a.reps["wall_ns"][reps] - inside) / np.maximum(a.reps["n_graphs"][reps], 1)
-        graph_ns[kname] = max(float(per_graph.mean()), 0.0)
-        if kname == "pp":
-            n_prompt = int(a.reps["n_tokens"][reps][0])
+    inside = t.of_type("split") | record
+    rep_rows = np.zeros(len(a.reps), OVERHEAD_SAMPLE)
+    for r, row in enumerate(a.reps):
+        inside_ns = ev["dur"][(rep == r) & inside].sum()
+        rep_rows[r] = (row["kind"] if row["kind"] in KINDS else "", "", (row["wall_ns"] - inside_ns) / max(row["n_graphs"], 1))
+    pp = a.reps["n_tokens"][a.reps["kind"] == "pp"]
     peak = (t.header.get("peak_bw") or {}).get("CPU") or {}
-    return Rates(rates, split_ns, graph_ns, n_prompt, cpu_peak_GBps=peak.get("GBps") if isinstance(peak, dict) else None)
+    return Samples(op_rows, split_rows, rep_rows[rep_rows["kind"] != ""], int(pp[0]) if len(pp) else 0,
+                   peak.get("GBps") if isinstance(peak, dict) else None)
+
+
+def measure_rates(*profiles: Timings) -> Rates:
+    """The rates of the module docstring, from the pooled pp and tg repetitions of the profiles."""
+    taken = [samples(t) for t in profiles]
+    ops = np.concatenate([s.ops for s in taken])
+    splits = np.concatenate([s.splits for s in taken])
+    reps = np.concatenate([s.reps for s in taken])
+    rates = {}
+    for kname, backend, cname in sorted(set(zip(ops["kind"], ops["backend"], ops["class"]))):
+        sel = (ops["kind"] == kname) & (ops["backend"] == backend) & (ops["class"] == cname)
+        if cname == "glue":
+            per_op, per_unit = float(ops["ns"][sel].mean()), 0.0
+        else:
+            per_op, per_unit = _fit(ops[UNITS[kname]][sel], ops["ns"][sel])
+        rates[kname, backend, cname] = Rate(per_op, per_unit, int(sel.sum()))
+    split_ns = {(k, b): max(float(splits["ns"][(splits["kind"] == k) & (splits["backend"] == b)].mean()), 0.0)
+                for k, b in sorted(set(zip(splits["kind"], splits["backend"])))}
+    graph_ns = {k: max(float(reps["ns"][reps["kind"] == k].mean()), 0.0) for k in sorted(set(reps["kind"]))}
+    return Rates(rates, split_ns, graph_ns, max(s.n_prompt for s in taken),
+                 cpu_peak_GBps=next((s.cpu_peak_GBps for s in taken if s.cpu_peak_GBps), None))
 
 
 def declare_rates(rates: Rates, accel: str, gpu_GBps: float | None = None, gpu_tflops: float | None = None) -> Rates:

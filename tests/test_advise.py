@@ -271,3 +271,20 @@ def test_auto_without_a_gpu_says_how_to_use_the_emulated_one(tiny_gguf, capsys):
         pytest.skip("this machine has a CUDA GPU: --accel auto takes it")
     assert main(["advise", "-m", str(tiny_gguf), "--vram", "1GiB"]) == 2
     assert "--accel emulated" in capsys.readouterr().err
+
+
+def test_advise_reads_rates_from_a_profile(tiny_gguf, tmp_path, capsys):
+    """--profile: no calibration; the pp test of the profile sets the prompt the pp rates are for."""
+    timings = tmp_path / "t.jsonl"
+    assert main(["run", "-m", str(tiny_gguf), "--accel", "emulated", "-t", "1", "-p", "6", "-n", "3", "-r", "1",
+                 "-ot", CLASSIC_RULE, "-o", str(timings), "--no-progress", "--peak-bw", "20"]) == 0
+    capsys.readouterr()
+    assert main(["advise", "-m", str(tiny_gguf), "--vram", "1GiB", "--accel", "emulated", "-c", "64",
+                 "--profile", str(timings), "--json", "--no-progress", "--gpu-bw", "500"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_prompt"] == 6 and out["cpu_peak_GBps"] == 20.0
+    sources = {(r["kind"], r["backend"], r["class"]): r["source"] for r in out["rates"]}
+    assert sources["tg", "CPU", "expert"] == "measured"
+    assert sources["tg", "ACC0", "expert"] == "declared --gpu-bw 500"       # the profile ran none there
+    assert ("tg", "CPU", "matmul") not in sources                           # borrowed when predicting, not shown
+    assert len(out["candidates"]) == out["n_placements"]                    # 1 GiB: everything fits

@@ -31,8 +31,10 @@ how it decides:
   4. prediction: per evaluation, the ops' times on their backends plus the
      overheads of its splits (the engine's own split rule on its own graph); see
      analysis/advise.py for the cost model. Ranked by predicted tg t/s.
-  5. --verify N runs the top N with `hyprof run`'s engine (tg and pp, -r reps)
-     and prints measured beside predicted.
+  5. --verify N runs the top N with `hyprof run`'s engine (tg and pp, -r reps),
+     then calibrates again and predicts from both calibrations, so that the
+     predictions bracket the verification in time (a shared machine's load
+     drifts), and prints measured beside predicted.
 
 -ot: the table joins a candidate's rules with ',' (llama-cli, llama-server,
 ik_llama.cpp); for llama-bench or `hyprof run` join them with ';' (a ',' there
@@ -114,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from hybrid.gguf_model import load_model
     from hybrid.placement import available_backends
     from hybrid.plans import Planner
+    from analysis.timings import load_timings
     from profiler.files import check_output_path
     from hyprof.commands.run import default_model
 
@@ -131,17 +134,24 @@ def run(args: argparse.Namespace) -> int:
     if accel is None:
         raise UserError("--accel auto: torch sees no CUDA GPU; --accel emulated advises for the emulated ACC0")
     gguf = load_model(model_path)
-    planner = Planner(gguf, backends=backends, accel=accel, n_ctx=args.ctx_size, n_prompt=args.n_prompt,
+    profiles = [load_timings(args.profile)] if args.profile else []
+    n_prompt = advise.samples(profiles[0]).n_prompt if profiles else args.n_prompt
+    planner = Planner(gguf, backends=backends, accel=accel, n_ctx=args.ctx_size, n_prompt=n_prompt or args.n_prompt,
                       n_kv=args.n_gen // 2)
     plans = _plans(planner, advise.candidates(gguf.tensors, gguf.config.n_layer, accel))
     _check_budget(args.vram, plans[0][1], args.ctx_size)
     fitting = [(c, p, n) for c, p, n in plans if p.vram_bytes <= args.vram]
 
-    rates = _rates(args, model_path, accel, gguf, planner)
-    rates = advise.declare_rates(rates, accel, args.gpu_bw, args.gpu_tflops)
+    if not profiles:
+        profiles.append(_calibrate(args, model_path, accel, gguf))
+    rates = advise.declare_rates(advise.measure_rates(*profiles), accel, args.gpu_bw, args.gpu_tflops)
     ranked = advise.rank(_advice(c, p, n, rates, args.pcie_bw) for c, p, n in fitting)
     if args.verify:
-        ranked = _verify(ranked, args, model_path, accel, rates.n_prompt)
+        measured = _verify(ranked[:args.verify], args, model_path, accel, rates.n_prompt)
+        if not args.profile:        # bracket the verification: calibrate again after it, predict from both
+            profiles.append(_calibrate(args, model_path, accel, gguf))
+            rates = advise.declare_rates(advise.measure_rates(*profiles), accel, args.gpu_bw, args.gpu_tflops)
+        ranked = advise.rank(_advice(c, p, n, rates, args.pcie_bw, measured.get(c)) for c, p, n in fitting)
     result = advise.advice_json(ranked, rates, model=model_path, accel=accel, emulated=accel.startswith("ACC"),
                                 vram_budget=args.vram, n_ctx=args.ctx_size, threads=args.threads,
                                 n_placements=len(plans))
@@ -194,13 +204,11 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):,.1f} MiB"
 
 
-def _rates(args, model_path: str, accel: str, gguf, planner):
-    """The rates: from --profile, else from two calibration runs (see the epilog)."""
-    from analysis.advise import measure_rates, n_cpu_moe_rules
+def _calibrate(args, model_path: str, accel: str, gguf):
+    """Two short runs of this engine (see the epilog), their timings loaded."""
+    from analysis.advise import n_cpu_moe_rules
     from analysis.timings import load_timings
 
-    if args.profile:
-        return measure_rates(load_timings(args.profile))
     moe_layers = sorted({int(n.split(".")[1]) for n in gguf.tensors if "_exps." in n})
     last = moe_layers[-1] if moe_layers else 0
     placements = [(99, tuple(n_cpu_moe_rules(last, moe_layers))), (0, ())]
@@ -210,7 +218,7 @@ def _rates(args, model_path: str, accel: str, gguf, planner):
             print("hyprof: calibrating: 2 short runs of this engine measure its rates on this machine",
                   file=sys.stderr)
         _bench(args, model_path, accel, placements, reps=2, timings=path)
-        return measure_rates(load_timings(path))
+        return load_timings(path)
 
 
 def _bench(args, model_path: str, accel: str, placements, reps: int, timings: str | None = None,
@@ -227,27 +235,24 @@ def _bench(args, model_path: str, accel: str, placements, reps: int, timings: st
                      peak_bw=_peak_bw(None, not args.no_progress), progress=not args.no_progress)
 
 
-def _advice(candidate, plan, n_cpu_moe, rates, pcie_GBps):
+def _advice(candidate, plan, n_cpu_moe, rates, pcie_GBps, measured: dict | None = None):
     from analysis.advise import Advice, Work, predict
 
+    measured = measured or {}
     return Advice(candidate, n_cpu_moe, plan.vram_bytes, plan.vram_parts,
                   tg=predict(Work(**plan.work["tg"]), rates, "tg"),
-                  pp=predict(Work(**plan.work["pp"]), rates, "pp", pcie_GBps=pcie_GBps))
+                  pp=predict(Work(**plan.work["pp"]), rates, "pp", pcie_GBps=pcie_GBps),
+                  measured_tg_tps=measured.get("tg"), measured_pp_tps=measured.get("pp"))
 
 
-def _verify(ranked, args, model_path: str, accel: str, n_prompt: int):
-    """The top --verify candidates run, their measured t/s set beside the predicted."""
-    import dataclasses
-
-    top = ranked[:args.verify]
+def _verify(top, args, model_path: str, accel: str, n_prompt: int) -> dict:
+    """{candidate: {"tg": t/s, "pp": t/s}}: the candidates run with `hyprof run`'s engine."""
     results = _bench(args, model_path, accel, [(a.candidate.ngl, a.candidate.ot) for a in top],
                      reps=args.repetitions, n_prompt=n_prompt)
-    measured = {}
+    measured: dict = {}
     for r in results:
-        measured.setdefault(r.config_index, {})[r.test.kind] = r.avg_ts
-    top = [dataclasses.replace(a, measured_tg_tps=measured[i].get("tg"), measured_pp_tps=measured[i].get("pp"))
-           for i, a in enumerate(top)]
-    return top + ranked[args.verify:]
+        measured.setdefault(top[r.config_index].candidate, {})[r.test.kind] = r.avg_ts
+    return measured
 
 
 def _render(result: dict, top: int) -> None:

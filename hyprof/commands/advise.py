@@ -113,12 +113,12 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from analysis import advise
+    from analysis.timings import load_timings
     from hybrid.gguf_model import load_model
     from hybrid.placement import available_backends
     from hybrid.plans import Planner
-    from analysis.timings import load_timings
-    from profiler.files import check_output_path
     from hyprof.commands.run import default_model
+    from profiler.files import check_output_path
 
     if args.verify < 0:
         raise UserError(f"--verify {args.verify}: must be >= 0")
@@ -283,26 +283,25 @@ def _render(result: dict, top: int) -> None:
     for note in result["notes"]:
         console.print(f"note: {note}", highlight=False, markup=False)
     shown = result["candidates"][:top]
-    verified = any("measured_tg_tps" in c for c in shown)
     t = Table(box=box.SIMPLE_HEAD, title=f"best {len(shown)} of the {len(result['candidates'])} placements that fit "
-              f"(of {result['n_placements']}), "
-              f"by predicted tg t/s (pp: {result['n_prompt']} tokens)", title_justify="left")
-    cols = ["#", "placement", "VRAM MiB", "tg t/s", "pp t/s", "bottleneck"]
-    if verified:
-        cols[4:4] = ["tg measured", "error"]
-        cols[-1:-1] = ["pp measured", "error"]
-    for col in cols:
+              f"(of {result['n_placements']}), by predicted tg t/s (pp: {result['n_prompt']} tokens)",
+              title_justify="left")
+    for col in ("#", "placement", "VRAM MiB", "tg t/s", "pp t/s", "bottleneck"):
         t.add_column(col, justify="left" if col in ("placement", "bottleneck") else "right")
     for c in shown:
-        row = [str(c["rank"]), c["placement"], f"{c['vram_bytes'] / (1 << 20):,.0f}", f"{c['tg_tps']:,.2f}"]
-        if verified:
-            row += _measured(c, "tg")
-        row.append(f"{c['pp_tps']:,.1f}")
-        if verified:
-            row += _measured(c, "pp")
-        row.append(c["bottleneck"])
-        t.add_row(*row)
+        t.add_row(str(c["rank"]), c["placement"], f"{c['vram_bytes'] / (1 << 20):,.0f}", f"{c['tg_tps']:,.2f}",
+                  f"{c['pp_tps']:,.1f}", c["bottleneck"])
     console.print(t)
+    verified = [c for c in result["candidates"] if "measured_tg_tps" in c]
+    if verified:
+        v = Table(box=box.SIMPLE_HEAD, title="verified: predicted against measured (error: predicted / measured - 1)",
+                  title_justify="left")
+        for col in ("#", "tg predicted", "tg measured", "error", "pp predicted", "pp measured", "error"):
+            v.add_column(col, justify="right")
+        for c in verified:
+            v.add_row(str(c["rank"]), f"{c['tg_tps']:,.2f}", *_measured(c, "tg"), f"{c['pp_tps']:,.1f}",
+                      *_measured(c, "pp"))
+        console.print(v)
     console.print("to paste (llama-cli, llama-server, ik_llama.cpp):", style="bold", highlight=False, markup=False)
     for c in shown:
         ot = f' -ot "{",".join(c["ot"])}"' if c["ot"] else ""

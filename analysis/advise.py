@@ -391,7 +391,7 @@ class Advice:
     vram_bytes: int
     vram_parts: dict                # weights, kv_cache, compute: bytes
     tg: Prediction
-    pp: Prediction
+    pp: Prediction | None           # None: the rates came from a profile without a pp test
     measured_tg_tps: float | None = None
     measured_pp_tps: float | None = None
 
@@ -426,13 +426,13 @@ def advice_json(ranked: Sequence[Advice], rates: Rates, *, model: str, accel: st
         out = {"rank": rank_, "placement": a.candidate.words, "ot": list(a.candidate.ot), "ngl": a.candidate.ngl,
                "n_cpu_moe": a.n_cpu_moe, "ot_with_n_cpu_moe": list(a.candidate.sides) if a.n_cpu_moe is not None else None,
                "vram_bytes": a.vram_bytes, "vram_parts": a.vram_parts,
-               "tg_tps": a.tg.tps, "pp_tps": a.pp.tps, "tg_no_overhead_tps": a.tg.no_overhead_tps,
+               "tg_tps": a.tg.tps, "pp_tps": a.pp.tps if a.pp else None, "tg_no_overhead_tps": a.tg.no_overhead_tps,
                "bottleneck": a.bottleneck, "tg_terms_ms": {k: v / 1e6 for k, v in a.tg.terms_ns.items()}}
         if a.measured_tg_tps is not None or a.measured_pp_tps is not None:
             out["measured_tg_tps"] = a.measured_tg_tps
             out["measured_pp_tps"] = a.measured_pp_tps
             out["tg_error"] = a.tg.tps / a.measured_tg_tps - 1 if a.measured_tg_tps else None
-            out["pp_error"] = a.pp.tps / a.measured_pp_tps - 1 if a.measured_pp_tps else None
+            out["pp_error"] = a.pp.tps / a.measured_pp_tps - 1 if a.measured_pp_tps and a.pp else None
         return out
     return {"schema": ADVICE_SCHEMA, "model": model, "accel": accel, "emulated": emulated,
             "vram_budget_bytes": vram_budget, "n_ctx": n_ctx, "threads": threads, "n_prompt": rates.n_prompt,

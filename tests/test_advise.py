@@ -288,3 +288,14 @@ def test_advise_reads_rates_from_a_profile(tiny_gguf, tmp_path, capsys):
     assert sources["tg", "ACC0", "expert"] == "declared --gpu-bw 500"       # the profile ran none there
     assert ("tg", "CPU", "matmul") not in sources                           # borrowed when predicting, not shown
     assert len(out["candidates"]) == out["n_placements"]                    # 1 GiB: everything fits
+
+
+def test_a_profile_without_a_prompt_test_predicts_no_pp(tiny_gguf, tmp_path, capsys):
+    timings = tmp_path / "t.jsonl"
+    assert main(["run", "-m", str(tiny_gguf), "--accel", "emulated", "-t", "1", "-p", "0", "-n", "3", "-r", "1",
+                 "-o", str(timings), "--no-progress", "--peak-bw", "20"]) == 0
+    capsys.readouterr()
+    assert main(["advise", "-m", str(tiny_gguf), "--vram", "1GiB", "--accel", "emulated", "-c", "64",
+                 "--profile", str(timings), "--no-progress", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "by predicted tg t/s" in out and "to paste" in out

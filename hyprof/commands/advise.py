@@ -241,7 +241,7 @@ def _advice(candidate, plan, n_cpu_moe, rates, pcie_GBps, measured: dict | None 
     measured = measured or {}
     return Advice(candidate, n_cpu_moe, plan.vram_bytes, plan.vram_parts,
                   tg=predict(Work(**plan.work["tg"]), rates, "tg"),
-                  pp=predict(Work(**plan.work["pp"]), rates, "pp", pcie_GBps=pcie_GBps),
+                  pp=predict(Work(**plan.work["pp"]), rates, "pp", pcie_GBps=pcie_GBps) if "pp" in rates.graph_ns else None,
                   measured_tg_tps=measured.get("tg"), measured_pp_tps=measured.get("pp"))
 
 
@@ -290,7 +290,7 @@ def _render(result: dict, top: int) -> None:
         t.add_column(col, justify="left" if col in ("placement", "bottleneck") else "right")
     for c in shown:
         t.add_row(str(c["rank"]), c["placement"], f"{c['vram_bytes'] / (1 << 20):,.0f}", f"{c['tg_tps']:,.2f}",
-                  f"{c['pp_tps']:,.1f}", c["bottleneck"])
+                  _tps(c["pp_tps"]), c["bottleneck"])
     console.print(t)
     verified = [c for c in result["candidates"] if "measured_tg_tps" in c]
     if verified:
@@ -299,7 +299,7 @@ def _render(result: dict, top: int) -> None:
         for col in ("#", "tg predicted", "tg measured", "error", "pp predicted", "pp measured", "error"):
             v.add_column(col, justify="right")
         for c in verified:
-            v.add_row(str(c["rank"]), f"{c['tg_tps']:,.2f}", *_measured(c, "tg"), f"{c['pp_tps']:,.1f}",
+            v.add_row(str(c["rank"]), f"{c['tg_tps']:,.2f}", *_measured(c, "tg"), _tps(c["pp_tps"]),
                       *_measured(c, "pp"))
         console.print(v)
     console.print("to paste (llama-cli, llama-server, ik_llama.cpp):", style="bold", highlight=False, markup=False)
@@ -310,11 +310,13 @@ def _render(result: dict, top: int) -> None:
         console.print(f"  {c['rank']:>2}  -ngl {c['ngl']}{ot}{same}", highlight=False, markup=False, soft_wrap=True)
 
 
+def _tps(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
 def _measured(c: dict, kind: str) -> list[str]:
-    got = c.get(f"measured_{kind}_tps")
-    if got is None:
-        return ["", ""]
-    return [f"{got:,.2f}", f"{100 * c[f'{kind}_error']:+.1f}%"]
+    got, error = c.get(f"measured_{kind}_tps"), c.get(f"{kind}_error")
+    return [_tps(got), "-" if error is None else f"{100 * error:+.1f}%"]
 
 
 def _plot_format(path: str) -> str:

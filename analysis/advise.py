@@ -22,9 +22,11 @@ into backend splits (hybrid/sched.py). Its predicted time is
     T = graph_ns[kind]                                   per evaluation: graph build, inputs,
                                                           sampling, the host between graphs
       + sum over its splits   split_ns[kind, backend]    per split: setup, input copies, thread
-                                                          wakeup and join (CPU), queue and sync
-                                                          (devices): everything a split costs
-                                                          beyond its ops
+                              + n_ops x gap_ns[kind, backend]   wakeup and join (CPU), queue and
+                                                          sync (devices), and per op of the split
+                                                          the gap before it (the run loop, a CPU
+                                                          op's dispatch to the workers): all a
+                                                          split costs beyond its ops' own time
       + sum over its ops      ns_per_op[kind, backend, class]
                               + units x ns_per_unit[kind, backend, class]
 
@@ -43,7 +45,8 @@ Every rate comes from a profile (`measure_rates`): each op's time is the span of
 (a CPU op runs on several worker lanes at once), `ns_per_op` and `ns_per_unit` are a least-
 squares line through (units, time) of that class's ops on that backend (through the origin
 when the line would be negative or the sizes do not vary), a split's overhead is its span less
-its ops', and an evaluation's is its share of the repetition's wall less its splits' spans and
+its ops' (a line through (ops in the split, that overhead) gives `split_ns` and `gap_ns`: the
+two calibration runs' splits hold 1 to 2 and about a hundred ops), and an evaluation's is its share of the repetition's wall less its splits' spans and
 less the profiler's own `record` phases (a run without -o does not pay those). A class a
 profile never ran on a backend borrows the nearest measured rate (`expert` <-> `matmul` on
 the same backend, glue from the other backend) and says so in `Rates.notes`.
@@ -67,6 +70,7 @@ ik_llama.cpp as they are, whatever the accelerator is called there.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -168,9 +172,15 @@ class Rate:
 
 
 @dataclass(frozen=True)
+class SplitRate:
+    ns: float                       # per split
+    gap_ns: float = 0.0             # per op of the split
+
+
+@dataclass(frozen=True)
 class Rates:
     op: dict                        # (kind, backend, class) -> Rate
-    split_ns: dict                  # (kind, backend) -> ns per split
+    split_ns: dict                  # (kind, backend) -> SplitRate
     graph_ns: dict                  # kind -> ns per evaluation
     n_prompt: int                   # the prompt batch the pp figures were measured at
     notes: tuple[str, ...] = ()
@@ -189,11 +199,12 @@ class Rates:
                 return Rate(r.ns_per_op, r.ns_per_unit, 0, f"borrowed from {b} {c}")
         return Rate(0.0, 0.0, 0, "unmeasured: counted as free")
 
-    def split(self, kind: str, backend: str) -> float:
+    def split(self, kind: str, backend: str) -> SplitRate:
+        """A backend's split overhead; one never measured: the costliest measured split of the kind."""
         if (kind, backend) in self.split_ns:
             return self.split_ns[kind, backend]
         others = [v for (k, _), v in self.split_ns.items() if k == kind]
-        return max(others, default=0.0)
+        return max(others, key=lambda r: r.ns, default=SplitRate(0.0))
 
 
 def _fit(units: np.ndarray, ns: np.ndarray) -> tuple[float, float]:
@@ -204,6 +215,16 @@ def _fit(units: np.ndarray, ns: np.ndarray) -> tuple[float, float]:
         if intercept >= 0 and slope > 0:
             return float(intercept), float(slope)
     return 0.0, float(ns.sum() / max(units.sum(), 1))
+
+
+def _split_fit(n_ops: np.ndarray, ns: np.ndarray) -> SplitRate:
+    """A split's overhead as a line through (its ops, its overhead), or their mean where the op
+    counts hardly vary or the line would be negative."""
+    if n_ops.max() >= 1.5 * max(n_ops.min(), 1):
+        gap, per_split = np.polyfit(n_ops.astype(np.float64), ns, 1)
+        if gap >= 0 and per_split >= 0:
+            return SplitRate(float(per_split), float(gap))
+    return SplitRate(max(float(ns.mean()), 0.0))
 
 
 def _graph_kinds(t: Timings, a: Attribution) -> tuple[np.ndarray, np.ndarray]:
@@ -229,7 +250,7 @@ class Samples:
 
 OP_SAMPLE = np.dtype([("kind", "U2"), ("backend", "U16"), ("class", "U8"), ("bytes", np.float64),
                       ("flops", np.float64), ("ns", np.float64)])
-OVERHEAD_SAMPLE = np.dtype([("kind", "U2"), ("backend", "U16"), ("ns", np.float64)])
+OVERHEAD_SAMPLE = np.dtype([("kind", "U2"), ("backend", "U16"), ("n_ops", np.int64), ("ns", np.float64)])
 
 
 def samples(t: Timings, attribution: Attribution | None = None) -> Samples:
@@ -261,12 +282,13 @@ def samples(t: Timings, attribution: Attribution | None = None) -> Samples:
     # a split's overhead: its span less its ops' spans
     op_ns_in: dict = {}
     for (g, s, _), ns in zip(uniq, op_rows["ns"]):
-        op_ns_in[g, s] = op_ns_in.get((g, s), 0.0) + ns
+        n_ops, total = op_ns_in.get((g, s), (0, 0.0))
+        op_ns_in[g, s] = n_ops + 1, total + ns
     splits = np.flatnonzero(t.of_type("split") & (kind >= 0))
     split_rows = np.zeros(len(splits), OVERHEAD_SAMPLE)
     for j, i in enumerate(splits):
-        split_rows[j] = (KINDS[kind[i]], t.sym(int(ev["backend"][i])),
-                         ev["dur"][i] - op_ns_in.get((ev["graph"][i], ev["split"][i]), 0.0))
+        n_ops, total = op_ns_in.get((ev["graph"][i], ev["split"][i]), (0, 0.0))
+        split_rows[j] = (KINDS[kind[i]], t.sym(int(ev["backend"][i])), n_ops, ev["dur"][i] - total)
 
     # an evaluation's overhead: its repetition's wall less the splits and record phases, per graph
     record = t.of_type("phase") & np.isin(ev["name"], t.ids(lambda s: s == RECORD_PHASE))
@@ -274,7 +296,8 @@ def samples(t: Timings, attribution: Attribution | None = None) -> Samples:
     rep_rows = np.zeros(len(a.reps), OVERHEAD_SAMPLE)
     for r, row in enumerate(a.reps):
         inside_ns = ev["dur"][(rep == r) & inside].sum()
-        rep_rows[r] = (row["kind"] if row["kind"] in KINDS else "", "", (row["wall_ns"] - inside_ns) / max(row["n_graphs"], 1))
+        rep_rows[r] = (row["kind"] if row["kind"] in KINDS else "", "", 0,
+                       (row["wall_ns"] - inside_ns) / max(row["n_graphs"], 1))
     pp = a.reps["n_tokens"][a.reps["kind"] == "pp"]
     peak = (t.header.get("peak_bw") or {}).get("CPU") or {}
     return Samples(op_rows, split_rows, rep_rows[rep_rows["kind"] != ""], int(pp[0]) if len(pp) else 0,
@@ -295,8 +318,10 @@ def measure_rates(*profiles: Timings) -> Rates:
         else:
             per_op, per_unit = _fit(ops[UNITS[kname]][sel], ops["ns"][sel])
         rates[kname, backend, cname] = Rate(per_op, per_unit, int(sel.sum()))
-    split_ns = {(k, b): max(float(splits["ns"][(splits["kind"] == k) & (splits["backend"] == b)].mean()), 0.0)
-                for k, b in sorted(set(zip(splits["kind"], splits["backend"])))}
+    split_ns = {}
+    for k, b in sorted(set(zip(splits["kind"], splits["backend"]))):
+        sel = (splits["kind"] == k) & (splits["backend"] == b)
+        split_ns[k, b] = _split_fit(splits["n_ops"][sel], splits["ns"][sel])
     graph_ns = {k: max(float(reps["ns"][reps["kind"] == k].mean()), 0.0) for k in sorted(set(reps["kind"]))}
     return Rates(rates, split_ns, graph_ns, max(s.n_prompt for s in taken),
                  cpu_peak_GBps=next((s.cpu_peak_GBps for s in taken if s.cpu_peak_GBps), None))
@@ -367,7 +392,9 @@ def predict(work: Work, rates: Rates, kind: str, upload_bytes: int = 0, pcie_GBp
     upload = prompt_upload_ns(upload_bytes, pcie_GBps) if kind == "pp" else 0.0
     if upload:
         terms["uploads"] = upload
-    overhead = rates.graph_ns.get(kind, 0.0) + sum(rates.split(kind, b) for b in work.splits)
+    n_ops = Counter(row[0] for row in work.ops)
+    overhead = rates.graph_ns.get(kind, 0.0) + sum(rates.split(kind, b).ns for b in work.splits) \
+        + sum(n * rates.split(kind, b).gap_ns for b, n in n_ops.items())
     compute = sum(terms.values())
     terms["overhead"] = overhead
     total = compute + overhead
@@ -439,6 +466,7 @@ def advice_json(ranked: Sequence[Advice], rates: Rates, *, model: str, accel: st
             "chosen": chosen, "n_placements": n_placements, "cpu_peak_GBps": rates.cpu_peak_GBps,
             "rates": rate_table(rates),
             "overhead_us": {"graph": {k: v / 1e3 for k, v in rates.graph_ns.items()},
-                            "split": [{"kind": k, "backend": b, "us": v / 1e3} for (k, b), v in rates.split_ns.items()]},
+                            "split": [{"kind": k, "backend": b, "us": v.ns / 1e3, "us_per_op": v.gap_ns / 1e3}
+                                      for (k, b), v in rates.split_ns.items()]},
             "notes": list(rates.notes),
             "candidates": [one(i + 1, a) for i, a in enumerate(ranked)]}

@@ -118,8 +118,9 @@ def test_rates_of_a_profile_hand_worked():
     assert r.op["tg", "ACC0", "glue"].ns_per_op == pytest.approx(7_000)
     ex = r.op["tg", "CPU", "expert"]     # one size: through the origin, 1 ms per 2 lanes x 5 MB
     assert (ex.ns_per_op, ex.ns_per_unit, ex.n_ops) == (0.0, pytest.approx(1_000_000 / 10e6), 4)
-    assert r.split_ns["tg", "ACC0"] == pytest.approx(30_000 + 40_000)
-    assert r.split_ns["tg", "CPU"] == pytest.approx(60_000 + 10_000)
+    assert r.split_ns["tg", "ACC0"].ns == pytest.approx(30_000 + 40_000)      # 5 ops in every split: a mean
+    assert r.split_ns["tg", "CPU"].ns == pytest.approx(60_000 + 10_000)
+    assert r.split_ns["tg", "CPU"].gap_ns == 0.0
     assert r.graph_ns["tg"] == pytest.approx(100_000)     # the record phases are not the engine's
     assert r.rate("tg", "CPU", "glue").source == "borrowed from ACC0 glue"
     assert r.rate("tg", "CPU", "matmul").source == "borrowed from CPU expert"
@@ -299,3 +300,16 @@ def test_a_profile_without_a_prompt_test_predicts_no_pp(tiny_gguf, tmp_path, cap
                  "--profile", str(timings), "--no-progress", "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "by predicted tg t/s" in out and "to paste" in out
+
+
+def test_split_overhead_is_a_line_through_the_ops_it_holds():
+    """Splits of 2 and of 100 ops (the two calibration runs): 50 us a split plus 3 us before each op."""
+    from analysis.advise import SplitRate, _split_fit
+
+    n_ops = np.array([2, 2, 100, 100])
+    assert _split_fit(n_ops, 50_000 + 3_000.0 * n_ops) == SplitRate(pytest.approx(50_000), pytest.approx(3_000))
+    assert _split_fit(np.array([5, 5]), np.array([10.0, 30.0])) == SplitRate(20.0)
+    work = Work(ops=(("CPU", "ADD", "a", 0, 0),) * 4, splits=("CPU", "CPU"), n_tokens=1)
+    rates = Rates({("tg", "CPU", "glue"): Rate(1_000.0, 0.0, 1)}, {("tg", "CPU"): SplitRate(50_000.0, 3_000.0)},
+                  {"tg": 7_000.0}, 0)
+    assert predict(work, rates, "tg").ns == pytest.approx(7_000 + 2 * 50_000 + 4 * 3_000 + 4 * 1_000)

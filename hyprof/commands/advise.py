@@ -278,7 +278,8 @@ def _render(result: dict, top: int) -> None:
     console.print(rates)
     over = result["overhead_us"]
     console.print("overhead: " + ", ".join(f"{k} evaluation {v:,.0f} us" for k, v in over["graph"].items()) + "; "
-                  + ", ".join(f"{s['kind']} {s['backend']} split {s['us']:,.0f} us" for s in over["split"]),
+                  + ", ".join(f"{s['kind']} {s['backend']} split {s['us']:,.0f} us + {s['us_per_op']:,.1f} us an op"
+                            for s in over["split"]),
                   highlight=False, markup=False)
     for note in result["notes"]:
         console.print(f"note: {note}", highlight=False, markup=False)

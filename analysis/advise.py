@@ -42,9 +42,9 @@ a CUDA GPU's too, else `--gpu-bw` stands in). For pp, `1 / ns_per_unit` is the f
 over `--pcie-bw` (`prompt_upload_ns`). t/s is n_tokens / T.
 
 Every rate comes from a profile (`measure_rates`): each op's time is the span of its events
-(a CPU op runs on several worker lanes at once), `ns_per_op` and `ns_per_unit` are a least-
-squares line through (units, time) of that class's ops on that backend (through the origin
-when the line would be negative or the sizes do not vary), a split's overhead is its span less
+(a CPU op runs on several worker lanes at once), `ns_per_op` and `ns_per_unit` are the least-
+squares line through (units, time) of that class's ops on that backend (neither negative;
+through the origin where the sizes do not vary), a split's overhead is its span less
 its ops' (a line through (ops in the split, that overhead) gives `split_ns` and `gap_ns`: the
 two calibration runs' splits hold 1 to 2 and about a hundred ops), and an evaluation's is its share of the repetition's wall less its splits' spans and
 less the profiler's own `record` phases (a run without -o does not pay those). A class a
@@ -207,24 +207,20 @@ class Rates:
         return max(others, key=lambda r: r.ns, default=SplitRate(0.0))
 
 
-def _fit(units: np.ndarray, ns: np.ndarray) -> tuple[float, float]:
-    """(ns per op, ns per unit): the least-squares line through the ops, or through the origin
-    when the line's intercept or slope would be negative or the sizes hardly vary."""
-    if units.max() >= 1.5 * max(units.min(), 1):
-        slope, intercept = np.polyfit(units.astype(np.float64), ns.astype(np.float64), 1)
-        if intercept >= 0 and slope > 0:
-            return float(intercept), float(slope)
-    return 0.0, float(ns.sum() / max(units.sum(), 1))
-
-
-def _split_fit(n_ops: np.ndarray, ns: np.ndarray) -> SplitRate:
-    """A split's overhead as a line through (its ops, its overhead), or their mean where the op
-    counts hardly vary or the line would be negative."""
-    if n_ops.max() >= 1.5 * max(n_ops.min(), 1):
-        gap, per_split = np.polyfit(n_ops.astype(np.float64), ns, 1)
-        if gap >= 0 and per_split >= 0:
-            return SplitRate(float(per_split), float(gap))
-    return SplitRate(max(float(ns.mean()), 0.0))
+def _line(x: np.ndarray, y: np.ndarray, constant_x: str) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line through the points with neither negative: the
+    free line if it is so, else the better of the line through the origin and the flat line.
+    Where x hardly varies no line is determined: `constant_x` says which the points measure, the
+    slope (the bytes an op reads: its time per byte) or the intercept (a split's fixed overhead)."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    if x.max() < 1.5 * max(x.min(), 1):
+        return (0.0, float(y.sum() / max(x.sum(), 1))) if constant_x == "slope" else (max(float(y.mean()), 0.0), 0.0)
+    slope, intercept = np.polyfit(x, y, 1)
+    if intercept >= 0 and slope >= 0:
+        return float(intercept), float(slope)
+    through_origin = (0.0, max(float((x * y).sum() / (x * x).sum()), 0.0))
+    flat = (max(float(y.mean()), 0.0), 0.0)
+    return min(through_origin, flat, key=lambda line: float(((line[0] + line[1] * x - y) ** 2).sum()))
 
 
 def _graph_kinds(t: Timings, a: Attribution) -> tuple[np.ndarray, np.ndarray]:
@@ -316,12 +312,12 @@ def measure_rates(*profiles: Timings) -> Rates:
         if cname == "glue":
             per_op, per_unit = float(ops["ns"][sel].mean()), 0.0
         else:
-            per_op, per_unit = _fit(ops[UNITS[kname]][sel], ops["ns"][sel])
+            per_op, per_unit = _line(ops[UNITS[kname]][sel], ops["ns"][sel], "slope")
         rates[kname, backend, cname] = Rate(per_op, per_unit, int(sel.sum()))
     split_ns = {}
     for k, b in sorted(set(zip(splits["kind"], splits["backend"]))):
         sel = (splits["kind"] == k) & (splits["backend"] == b)
-        split_ns[k, b] = _split_fit(splits["n_ops"][sel], splits["ns"][sel])
+        split_ns[k, b] = SplitRate(*_line(splits["n_ops"][sel], splits["ns"][sel], "intercept"))
     graph_ns = {k: max(float(reps["ns"][reps["kind"] == k].mean()), 0.0) for k in sorted(set(reps["kind"]))}
     return Rates(rates, split_ns, graph_ns, max(s.n_prompt for s in taken),
                  cpu_peak_GBps=next((s.cpu_peak_GBps for s in taken if s.cpu_peak_GBps), None))

@@ -8,8 +8,8 @@ import numpy as np
 import orjson
 import pytest
 
-from analysis.advise import (CLASSIC_RULE, Rate, Rates, Work, candidates, measure_rates, n_cpu_moe_rules, predict,
-                             prompt_upload_ns, rate_table)
+from analysis.advise import (CLASSIC_RULE, Rate, Rates, SplitRate, Work, _line, candidates, measure_rates,
+                             n_cpu_moe_rules, predict, prompt_upload_ns, rate_table)
 from analysis.timings import load_lines
 from analysis.whatif import whatif_tps
 from hyprof.cli import main
@@ -304,11 +304,13 @@ def test_a_profile_without_a_prompt_test_predicts_no_pp(tiny_gguf, tmp_path, cap
 
 def test_split_overhead_is_a_line_through_the_ops_it_holds():
     """Splits of 2 and of 100 ops (the two calibration runs): 50 us a split plus 3 us before each op."""
-    from analysis.advise import SplitRate, _split_fit
-
     n_ops = np.array([2, 2, 100, 100])
-    assert _split_fit(n_ops, 50_000 + 3_000.0 * n_ops) == SplitRate(pytest.approx(50_000), pytest.approx(3_000))
-    assert _split_fit(np.array([5, 5]), np.array([10.0, 30.0])) == SplitRate(20.0)
+    assert _line(n_ops, 50_000 + 3_000.0 * n_ops, "intercept") == (pytest.approx(50_000), pytest.approx(3_000))
+    assert _line(np.array([5, 5]), np.array([10.0, 30.0]), "intercept") == (20.0, 0.0)
+    assert _line(np.array([5, 5]), np.array([10.0, 30.0]), "slope") == (0.0, 4.0)
+    # a line that would cross below zero: the better of through-the-origin and flat
+    assert _line(np.array([1, 2, 3]), np.array([0.0, 1.0, 5.0]), "intercept") == (0.0, pytest.approx(17 / 14))
+    assert _line(np.array([1, 2, 3]), np.array([5.0, 4.0, 4.0]), "intercept") == (pytest.approx(13 / 3), 0.0)
     work = Work(ops=(("CPU", "ADD", "a", 0, 0),) * 4, splits=("CPU", "CPU"), n_tokens=1)
     rates = Rates({("tg", "CPU", "glue"): Rate(1_000.0, 0.0, 1)}, {("tg", "CPU"): SplitRate(50_000.0, 3_000.0)},
                   {"tg": 7_000.0}, 0)

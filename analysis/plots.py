@@ -437,7 +437,7 @@ def plot_advice(advice: Sequence, chosen: int, vram_budget: int, subtitle: str) 
     measured = [(m, a.measured_tg_tps, a.tg.tps) for m, a in zip(mib, advice) if a.measured_tg_tps]
     for i, (m, got, predicted) in enumerate(measured):
         ax.plot([m, m], [predicted, got], color="#444444", linewidth=0.8)
-        ax.scatter([m], [got], s=60, facecolors="none", edgecolors="black", gid=f"measured:{i}",
+        ax.scatter([m], [got], s=60, facecolors="none", edgecolors="black", gid=f"measured:{i}", zorder=4,
                    label="measured (--verify)" if i == 0 else None)
     best = advice[chosen]
     ax.scatter([mib[chosen]], [tps[chosen]], s=220, marker="*", color=CATEGORY_COLOURS["cpu_expert_matmul"],

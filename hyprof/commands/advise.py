@@ -34,7 +34,8 @@ how it decides:
   5. --verify N runs the top N with `hyprof run`'s engine (tg and pp, -r reps),
      then calibrates again and predicts from both calibrations, so that the
      predictions bracket the verification in time (a shared machine's load
-     drifts), and prints measured beside predicted.
+     drifts), and prints measured beside predicted. The final ranking may
+     then move a verified candidate down, or an unverified one up.
 
 -ot: the table joins a candidate's rules with ',' (llama-cli, llama-server,
 ik_llama.cpp); for llama-bench or `hyprof run` join them with ';' (a ',' there

@@ -247,7 +247,8 @@ def test_bad_arguments(tiny_gguf, capsys, argv, message):
 def test_advise_calibrates_ranks_and_verifies(tiny_gguf, tmp_path, capsys):
     plot = tmp_path / "advice.svg"
     argv = ["advise", "-m", str(tiny_gguf), "--vram", "1.6MiB", "--accel", "emulated", "-t", "1", "-c", "64",
-            "-p", "8", "-n", "4", "-r", "1", "--verify", "2", "--json", "--no-progress", "--plot", str(plot)]
+            "-p", "8", "-n", "4", "-r", "1", "--verify", "2", "--json", "--no-progress", "--plot", str(plot),
+            "--peak-bw", "25"]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["schema"] == "hyprof-advice/1" and out["emulated"] and out["n_prompt"] == 8
@@ -261,6 +262,7 @@ def test_advise_calibrates_ranks_and_verifies(tiny_gguf, tmp_path, capsys):
     assert all("measured_tg_tps" not in c for c in cands[2:])
     assert {r["backend"] for r in out["rates"]} == {"CPU", "ACC0"}            # both measured by calibration
     assert all(r["source"] == "measured" for r in out["rates"])
+    assert out["cpu_peak_GBps"] == 25.0
     svg = plot.read_text()
     assert 'id="chosen"' in svg and 'id="budget"' in svg and 'id="measured:1"' in svg
 

@@ -99,6 +99,9 @@ def register(subparsers) -> None:
                    help="generated tokens of the tg test (default: 32)")
     p.add_argument("-r", "--repetitions", type=_positive(int), default=3, metavar="N",
                    help="repetitions of each verified test (default: 3; calibration runs 2)")
+    p.add_argument("--peak-bw", type=_positive(float), metavar="GBPS",
+                   help="the CPU's peak memory bandwidth the rates are set against, instead of "
+                   "`hyprof membw`'s (measured once per thread count, cached)")
     p.add_argument("--profile", metavar="TIMINGS.jsonl",
                    help="take the rates from this run of `hyprof run -o` instead of calibrating")
     p.add_argument("--top", type=_positive(int), default=10, metavar="N", help="candidates shown (default: 10)")
@@ -233,7 +236,7 @@ def _bench(args, model_path: str, accel: str, placements, reps: int, timings: st
                for ngl, rules in placements]
     tests = plan_tests(n_prompt=[n_prompt or args.n_prompt], n_gen=[args.n_gen], pg=[], depths=[0])
     return run_bench(make_engine, model_path, configs, tests, reps, timings=timings, force=True,
-                     peak_bw=_peak_bw(None, not args.no_progress), progress=not args.no_progress)
+                     peak_bw=_peak_bw(args.peak_bw, not args.no_progress), progress=not args.no_progress)
 
 
 def _advice(candidate, plan, n_cpu_moe, rates, pcie_GBps, measured: dict | None = None):
@@ -273,7 +276,7 @@ def _render(result: dict, top: int) -> None:
         value = r.get("GBps", r.get("GFLOPps"))
         source = r["source"]
         if "fraction_of_peak" in r:
-            source += f", {100 * r['fraction_of_peak']:.0f}% of the {result['cpu_peak_GBps']:.1f} GB/s triad"
+            source += f", {100 * r['fraction_of_peak']:.0f}% of the {result['cpu_peak_GBps']:.1f} GB/s peak"
         rates.add_row(r["kind"], r["backend"], r["class"], f"{r['us_per_op']:.1f}",
                       f"{value:,.2f} {unit}" if value else "-", str(r["ops"]), source)
     console.print(rates)

@@ -26,7 +26,8 @@ demo: $(STAMP)
 # The suite, then the tests of the native paths again on every other SIMD path this CPU has
 # (HYPROF_KERNELS) and with the torch small ops (HYPROF_OPS), so that a machine with AVX-512
 # also proves the AVX2 and scalar paths its users' CPUs take.
-PATH_TESTS := tests/test_kernels.py tests/test_ops.py tests/test_engine.py tests/test_forward.py tests/test_sched.py
+PATH_TESTS := tests/test_kernels.py tests/test_ops.py tests/test_engine.py tests/test_forward.py tests/test_sched.py \
+	tests/test_offload.py
 test: $(STAMP)
 	$(PY) -m pytest -q
 	@for path in $$($(PY) -c 'from hybrid import cpu_kernels as k; print(*sorted(set(k.paths()) - {k.available()}))'); do \

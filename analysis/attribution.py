@@ -13,7 +13,8 @@ Public API (stable):
                         ts_ns, wall_ns, <category>_ns, <category>_busy_ns
         hidden_ns       int64 [n_reps, n_categories, n_categories]: time category c was active
                         but lost to the higher category w (hidden_ns[r, c, w])
-        copy_ns         {"h2d"|"d2h"|"other": int64 array per rep}: attributed copy time by direction
+        copy_ns         {"h2d"|"d2h"|"other"|"weights": int64 array per rep}: attributed copy time by
+                        direction; "weights" are op-offload uploads (host to device, not in "h2d")
 
 `<category>_ns` of a graph sum exactly to its `wall_ns`, and of a repetition
 to its `wall_ns` (time between its graphs is `other`). `<category>_busy_ns` is
@@ -36,14 +37,15 @@ import numpy as np
 
 from analysis.intervals import merge, window_index
 from analysis.timings import Timings
-from profiler.schema import CATEGORIES, EXPERT_TENSOR_MARK, GRAPH_BUILD_PHASES, MAIN_LANE
+from profiler.schema import CATEGORIES, EXPERT_TENSOR_MARK, GRAPH_BUILD_PHASES, MAIN_LANE, WEIGHTS_COPY
 from profiler.errors import UserError
 
 N_CAT = len(CATEGORIES)
 CAT = {c: i for i, c in enumerate(CATEGORIES)}
 OTHER = CAT["other"]
 SCHED_PHASES = ("split_setup",)
-COPY_DIRECTIONS = ("h2d", "d2h", "other")  # attributed in this order when they overlap
+# attributed in this order when they overlap; "weights": op-offload uploads of host weights (h2d)
+COPY_DIRECTIONS = ("h2d", "d2h", "other", "weights")
 # winner of a set of active categories (a bitmask over the claimable ones): its lowest bit
 _WINNER = np.array([OTHER] + [(m & -m).bit_length() - 1 for m in range(1, 1 << OTHER)], dtype=np.int8)
 
@@ -236,7 +238,8 @@ def _repetitions(t: Timings, graph_rows: np.ndarray) -> np.ndarray:
 
 # The sweep flags, as llama-bench names its columns.
 SWEEP_FLAGS = {"threads": "t", "n_gpu_layers": "ngl", "overrides": "ot", "accel": "accel", "mla": "mla",
-               "fa": "fa", "fmoe": "fmoe", "rtr": "rtr", "poll": "poll"}
+               "fa": "fa", "fmoe": "fmoe", "rtr": "rtr", "poll": "poll", "n_ubatch": "ub", "n_cpu_moe": "ncmoe",
+               "no_op_offload": "nopo", "op_offload_min_batch": "offload-mb", "op_offload": "op-offload"}
 
 
 def sweep_labels(header: dict, configs) -> dict:
@@ -257,15 +260,18 @@ def sweep_labels(header: dict, configs) -> dict:
     return labels
 
 
-def copy_direction(t: Timings, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Index into COPY_DIRECTIONS: host to device, device to host, anything else."""
+def copy_direction(t: Timings, src: np.ndarray, dst: np.ndarray, kind: np.ndarray) -> np.ndarray:
+    """Index into COPY_DIRECTIONS: a weight upload (a copy of kind `weights`), else host to
+    device, device to host, anything else."""
     no_lane = np.full(src.shape, -1)
     src_cpu, dst_cpu = is_cpu_backend(t, src, no_lane), is_cpu_backend(t, dst, no_lane)
-    return np.where(src_cpu & ~dst_cpu, 0, np.where(~src_cpu & dst_cpu, 1, 2))
+    direction = np.where(src_cpu & ~dst_cpu, 0, np.where(~src_cpu & dst_cpu, 1, 2))
+    weights = t.id(WEIGHTS_COPY)        # -1, as absent kinds are, when no copy is an upload
+    return np.where((kind == weights) & (weights >= 0), COPY_DIRECTIONS.index("weights"), direction)
 
 
 def _copy_unions(t: Timings) -> list:
     copies = t.events[t.of_type("copy")]
-    direction = copy_direction(t, copies["src"], copies["dst"])
+    direction = copy_direction(t, copies["src"], copies["dst"], copies["kind"])
     end = copies["ts"] + copies["dur"]
     return [merge(copies["ts"][direction == d], end[direction == d]) for d in range(len(COPY_DIRECTIONS))]

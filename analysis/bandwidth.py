@@ -4,6 +4,7 @@ Public API (stable):
 
     event_rep(timings, attribution)  -> repetition (row of attribution.reps) per event, -1 outside all
     event_test(timings, attribution) -> (test index per event, test names in first-seen order)
+    time_test(ts, attribution)       -> the same for any times (route events')
     op_table(timings, test_of_event)      -> GROUP rows keyed by (test, op, backend)
     copy_table(timings, test_of_event)    -> GROUP rows keyed by (test, direction "h2d"/"d2h"/"other", src, dst)
     layer_table(timings, test_of_event)   -> GROUP rows keyed by (test, layer, backend)
@@ -12,8 +13,10 @@ Public API (stable):
 
 A GROUP row holds: test, key columns, count, total_ns (sum of durations),
 mean_ns, busy_ns (union of the intervals: what the memory bus saw when many
-lanes ran at once), bytes, GBps (bytes / busy_ns; bytes per ns is GB/s) and
-pct (share of the test's summed durations in that table). Events outside all
+lanes ran at once), bytes, bytes_ub (true: some of those bytes are an upper bound,
+an imported batch's experts, so bytes and GBps are at most that), GBps (bytes /
+busy_ns; bytes per ns is GB/s) and pct (share of the test's summed durations in
+that table). Events outside all
 test repetitions are left out.
 """
 
@@ -26,7 +29,7 @@ from analysis.intervals import busy_ns, window_index
 from analysis.timings import Timings
 
 _GROUP_COLUMNS = [("count", np.int64), ("total_ns", np.int64), ("mean_ns", np.float64), ("busy_ns", np.int64),
-                  ("bytes", np.int64), ("GBps", np.float64), ("pct", np.float64)]
+                  ("bytes", np.int64), ("bytes_ub", np.bool_), ("GBps", np.float64), ("pct", np.float64)]
 
 
 def event_rep(t: Timings, a: Attribution) -> np.ndarray:
@@ -36,9 +39,14 @@ def event_rep(t: Timings, a: Attribution) -> np.ndarray:
 
 def event_test(t: Timings, a: Attribution) -> tuple[np.ndarray, tuple[str, ...]]:
     """Which test (by name, over all its repetitions) each event belongs to, by its start time (-1: none)."""
+    return time_test(t.events["ts"], a)
+
+
+def time_test(ts: np.ndarray, a: Attribution) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Which test each time (an event's start, a route's) falls in, as `event_test`."""
     names = tuple(dict.fromkeys(str(n) for n in a.reps["name"]))
     rep_test = np.array([names.index(str(n)) for n in a.reps["name"]], dtype=np.int64)
-    rep = event_rep(t, a)
+    rep = window_index(ts, a.reps["ts_ns"], a.reps["ts_ns"] + a.reps["wall_ns"])
     return np.where(rep >= 0, rep_test[np.maximum(rep, 0)] if len(rep_test) else -1, -1), names
 
 
@@ -63,7 +71,7 @@ def _group(t: Timings, sel: np.ndarray, test: np.ndarray, keys: list[tuple[str, 
            extra: list[tuple[str, object]] = ()) -> np.ndarray:
     """Group the selected events by (test, *keys); keys are integer columns (symbol ids or numbers)."""
     sel = np.flatnonzero(sel & (test >= 0))
-    ts, dur, nbytes = (t.events[f][sel] for f in ("ts", "dur", "bytes"))   # the columns, not whole rows
+    ts, dur, nbytes, ub = (t.events[f][sel] for f in ("ts", "dur", "bytes", "bytes_ub"))   # the columns, not whole rows
     inverse, uniq = groups([test[sel]] + [k[sel] for _, k in keys])
     n = len(uniq)
     dtype = [("test", np.int32)] + [(name, np.int64) for name, _ in keys] + list(extra) + _GROUP_COLUMNS
@@ -74,6 +82,7 @@ def _group(t: Timings, sel: np.ndarray, test: np.ndarray, keys: list[tuple[str, 
     out["count"] = np.bincount(inverse, minlength=n)
     out["total_ns"] = np.bincount(inverse, weights=dur.astype(np.float64), minlength=n).round()
     out["bytes"] = np.bincount(inverse, weights=nbytes.astype(np.float64), minlength=n).round()
+    out["bytes_ub"] = np.bincount(inverse, weights=(ub > 0) & (nbytes > 0), minlength=n) > 0
     out["busy_ns"] = busy_ns(ts, ts + dur, inverse, n)
     out["mean_ns"] = out["total_ns"] / np.maximum(out["count"], 1)
     out["GBps"] = np.where(out["busy_ns"] > 0, out["bytes"] / np.maximum(out["busy_ns"], 1), 0.0)
@@ -100,7 +109,7 @@ def backend_table(t: Timings, test: np.ndarray) -> np.ndarray:
 
 def copy_table(t: Timings, test: np.ndarray) -> np.ndarray:
     ev = t.events
-    direction = copy_direction(t, ev["src"], ev["dst"])
+    direction = copy_direction(t, ev["src"], ev["dst"], ev["kind"])
     return _group(t, t.of_type("copy"), test,
                   [("direction", direction), ("src", ev["src"]), ("dst", ev["dst"])])
 

@@ -7,7 +7,10 @@ Public API (stable):
     Diff (frozen): a, b (the Reports), tests (TestDiff, ...), only_a, only_b (test names in one run only);
         .to_json() -> dict in the `hyprof-diff/1` shape
     TestDiff (frozen): name, a, b (TestReports), tps_change_pct,
-        categories (CategoryChange per category, then "wall"), ops (OpChange, largest |change| first)
+        categories (CategoryChange per category, then "wall"), ops (OpChange, largest |change| first),
+        experts (ExpertChange, or None unless both runs recorded routes of the same model shape)
+    ExpertChange (frozen): layers, moved (per layer: the share of its expert choices that moved,
+        the total variation distance of A's and B's distributions; 0 same usage, 1 disjoint), mean_moved
     CategoryChange / OpChange (frozen): a_ms, b_ms (ms per token), change_ms, change_pct (of A; None when A is 0)
 
 Tests are matched by name. Times are compared per token, not in seconds, so
@@ -17,6 +20,8 @@ that runs with different repetitions or token counts still compare.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from analysis.report import Report, TestReport
 from analysis.run_info import describe_run
@@ -46,6 +51,13 @@ class OpChange:
 
 
 @dataclass(frozen=True)
+class ExpertChange:
+    layers: tuple
+    moved: tuple
+    mean_moved: float
+
+
+@dataclass(frozen=True)
 class TestDiff:
     name: str
     a: TestReport
@@ -53,6 +65,7 @@ class TestDiff:
     tps_change_pct: float | None
     categories: tuple
     ops: tuple
+    experts: ExpertChange | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +81,11 @@ class Diff:
                 "only_a": list(self.only_a), "only_b": list(self.only_b),
                 "tests": [{"name": d.name, "a_tps": d.a.tps, "b_tps": d.b.tps, "tps_change_pct": d.tps_change_pct,
                            "ms_per_token": [vars(c) for c in d.categories],
-                           "ops": [vars(o) for o in d.ops]} for d in self.tests]}
+                           "ops": [vars(o) for o in d.ops],
+                           "experts": None if d.experts is None else
+                           {"mean_moved": d.experts.mean_moved,
+                            "moved": dict(zip(map(str, d.experts.layers), d.experts.moved))}}
+                          for d in self.tests]}
 
 
 def _pct(a: float, b: float) -> float | None:
@@ -91,7 +108,18 @@ def _test_diff(ra: TestReport, rb: TestReport, top_ops: int) -> TestDiff:
         x, y = ra.ms_per_token(a_ns) or 0.0, rb.ms_per_token(b_ns) or 0.0
         cats.append(CategoryChange(c, x, y, y - x, _pct(x, y)))
     return TestDiff(name=ra.name, a=ra, b=rb, tps_change_pct=_pct(ra.tps, rb.tps), categories=tuple(cats),
-                    ops=_op_changes(ra, rb)[:top_ops])
+                    ops=_op_changes(ra, rb)[:top_ops], experts=_expert_change(ra, rb))
+
+
+def _expert_change(ra: TestReport, rb: TestReport) -> ExpertChange | None:
+    """Per MoE layer, how much of the expert usage moved between the runs (total variation distance
+    of the two distributions of choices: half the summed |share A - share B| over the experts)."""
+    ua, ub = ra.experts, rb.experts
+    if ua is None or ub is None or ua.layers != ub.layers or ua.n_expert != ub.n_expert:
+        return None
+    pa, pb = (u.counts / np.maximum(u.counts.sum(axis=1, keepdims=True), 1) for u in (ua, ub))
+    moved = 0.5 * np.abs(pa - pb).sum(axis=1)
+    return ExpertChange(ua.layers, tuple(float(m) for m in moved), float(moved.mean()))
 
 
 def _op_changes(ra: TestReport, rb: TestReport) -> tuple:
@@ -130,4 +158,24 @@ def diff_tables(d: Diff) -> list[Table]:
                             tuple((o.op, o.backend, _f(o.a_ms), _f(o.b_ms), _f(o.change_ms, sign=True),
                                    _f(o.change_pct, 1, sign=True) if o.a_ms else "new")
                                   for o in t.ops)))
+        if t.experts is not None:
+            tables.append(_expert_table(t))
     return tables
+
+
+def _expert_table(t: TestDiff) -> Table:
+    ua, ub, change = t.a.experts, t.b.experts, t.experts
+    k = ua.ks[len(ua.ks) // 2]
+
+    def hottest(u, i: int) -> str:
+        e = int(np.argmax(u.counts[i]))
+        return f"#{e} {_f(100 * u.counts[i, e] / max(u.counts[i].sum(), 1), 1)} %"
+    rows = tuple((str(layer), _f(100 * moved, 1), hottest(ua, i), hottest(ub, i),
+                  f"{_f(100 * ua.coverage[i, k - 1], 1)} → {_f(100 * ub.coverage[i, k - 1], 1)}",
+                  f"{_f(100 * ua.lru_hit[i, k - 1], 1)} → {_f(100 * ub.lru_hit[i, k - 1], 1)}")
+                 for i, (layer, moved) in enumerate(zip(change.layers, change.moved)))
+    return Table(f"{t.name}: expert usage A → B — {_f(100 * change.mean_moved, 1)} % of the choices moved "
+                 f"(mean over {len(change.layers)} MoE layers)",
+                 ("layer", "% moved", "A hottest", "B hottest", f"top-{k} % of bytes", f"LRU-{k} hit %"), rows,
+                 ("% moved: half the summed |A share - B share| over the experts (0: the same usage, "
+                  "100: no expert in common)",))

@@ -28,8 +28,9 @@ header needs the model; a row is printed after its test) and which decodes belon
 to which repetition; the second emits events, one graph at a time.
 
 Public API: `looks_like_ik_log(path)`, `scan(path) -> Scan`,
-`convert(path, scan=None) -> Iterator[str]` (JSONL lines without newline, header
-first), `RULES` and `explain()`.
+`convert(path, scan=None, model=None) -> Iterator[str]` (JSONL lines without newline,
+header first; `model`: analysis.model_bytes.read_model of the model file, for the
+expert ops' bytes), `RULES` and `explain()`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ from typing import Iterable, Iterator
 
 import orjson
 
+from analysis.model_bytes import ModelWeights, check_log
 from profiler.errors import UserError
+from profiler.membw import cached_result
 from profiler.schema import MAIN_LANE, SCHEMA
 
 FORMAT = "ik_print_timing"
@@ -78,7 +81,8 @@ RULES: tuple[Rule, ...] = (
     Rule("expert_op", "OP(node-L): N us on the CPU, OP in MUL_MAT_ID, MOE_FUSED_UP_GATE, "
          "or node ffn_moe_{up,gate,down,up_gate}-L",
          "op backend=CPU tid=main, name=blk.L.ffn_{up,gate,down,up_gate}_exps (MOE_FUSED_UP_GATE: "
-         "ffn_up_gate_exps; other nodes: <node>_exps), node=printed name",
+         "ffn_up_gate_exps; other nodes: <node>_exps), node=printed name; with --model, bytes = the "
+         "experts' bytes in the model file (bytes_ub=1 for a batch: an upper bound)",
          "cpu_expert_matmul", "thread 0 ran a matmul over expert weights; the weight-style name "
                               "carries the `_exps` mark the analyzer keys on"),
     Rule("op", "OP(node-L): N us on the CPU (any other op: ffn_moe_logits/probs/topk/weights*, "
@@ -472,12 +476,15 @@ def fields_of_test(row: BenchRow) -> dict:
 
 @dataclass
 class Scan:
-    """What the first pass learnt: llama-bench rows, each graph's role, the CUDA devices."""
+    """What the first pass learnt: llama-bench rows, each graph's role, the CUDA devices, and
+    what a model file must have to be the one the log was produced from."""
     path: str
     stats: Stats
     rows: list                  # BenchRow, in order
     roles: list                 # per graph index: (Role, row index) or None
     cuda_devices: list          # device numbers seen in CUDA graph lines, in first-seen order
+    expert_weights: dict        # expert weight an op reads -> (line number, line text) of its first op
+    top_layer: tuple | None     # (highest layer in a node name, its line number)
 
 
 def scan(path: str | os.PathLike) -> Scan:
@@ -487,12 +494,20 @@ def scan(path: str | os.PathLike) -> Scan:
     rows: list[BenchRow] = []
     roles: list = []
     devices: list[int] = []
+    expert_weights: dict = {}
+    top_layer = None
     since_row = 0
     for seg in segments(_read_lines(path), stats):
         if isinstance(seg, (Graph, Loose)):
             for it in _walk(seg.items):
                 if it.kind == "cuda_graph" and int(it.arg) not in devices:
                     devices.append(int(it.arg))
+                if it.kind == "op":
+                    name, node, layer = op_name(it.key, it.arg, "CPU")
+                    if node is not None:
+                        expert_weights.setdefault(name, (it.line_no, f"{it.key}({it.arg})"))
+                    if layer is not None and (top_layer is None or layer > top_layer[0]):
+                        top_layer = (layer, it.line_no)
                 if it.children and it.total_us > it.us:
                     stats.stretched += 1
                     stats.stretched_us += it.total_us - it.us
@@ -516,7 +531,7 @@ def scan(path: str | os.PathLike) -> Scan:
             since_row = 0
     roles += [None] * since_row
     stats.graphs_without_test = sum(1 for r in roles if r is None)
-    return Scan(path, stats, rows, roles, devices)
+    return Scan(path, stats, rows, roles, devices, expert_weights, top_layer)
 
 
 def _walk(items: list[Item]) -> Iterator[Item]:
@@ -537,13 +552,18 @@ def _count(text: str) -> int | None:
     return round(float(m.group(1)) * {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[m.group(2)]) if m else None
 
 
-def header(sc: Scan) -> dict:
-    """The meta line: the model and config from the first llama-bench row where present."""
+def header(sc: Scan, model_file: ModelWeights | None = None) -> dict:
+    """The meta line: the model and config from the first llama-bench row where present, the
+    model file's path, size and expert counts where one was given (`source.bytes` says how
+    the op bytes were made of it)."""
     row = sc.rows[0].columns if sc.rows else {}
     desc = row.get("model", "")
     model = {"path": None, "desc": desc or None, "arch": desc.split()[0] if desc else None,
              "size_bytes": _size_bytes(row.get("size", "")), "n_params": _count(row.get("params", "")),
              "ftype": desc.split()[-1] if len(desc.split()) > 1 else None}
+    if model_file is not None:
+        model.update(path=model_file.path, size_bytes=model_file.size_bytes, arch=model_file.arch or model["arch"],
+                     n_expert=model_file.n_expert, n_expert_used=model_file.n_expert_used)
     config = {"threads": _int_cell(sc.rows[0], "threads") if sc.rows else None,
               "accel": f"CUDA{sc.cuda_devices[0]}" if sc.cuda_devices else "none"}
     for column, key in (("ngl", "n_gpu_layers"), ("mla", "mla"), ("fa", "fa"), ("fmoe", "fmoe"), ("rtr", "rtr"),
@@ -558,13 +578,26 @@ def header(sc: Scan) -> dict:
         importer = f"hyprof {version('hyprof')}"
     except Exception:  # not installed: the tool name is enough
         importer = "hyprof"
+    source = {"format": FORMAT, "path": sc.path, "importer": importer, "note": NOTE,
+              "backend": row.get("backend"), "bench_rows": [r.columns for r in sc.rows],
+              "lines": sc.stats.as_dict(),
+              "bytes": model_file.header() if model_file is not None else
+              {"from": None, "rule": "none: the log carries no byte counts (give the model file: --model)"}}
     return {"type": "meta", "schema": SCHEMA, "tool": "ik_llama.cpp",
             "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "model": model, "config": config, "machine": {"cpu": None, "gpu": None},
-            "peak_bw": {}, "placement": {},
-            "source": {"format": FORMAT, "path": sc.path, "importer": importer, "note": NOTE,
-                       "backend": row.get("backend"), "bench_rows": [r.columns for r in sc.rows],
-                       "lines": sc.stats.as_dict()}}
+            "peak_bw": _peak_here(config.get("threads")), "placement": {}, "source": source}
+
+
+def _peak_here(threads: int | None) -> dict:
+    """The CPU peak `hyprof membw -t THREADS` measured on this machine, if it has (the log names
+    no machine: the peak is right when the log ran here; `report --peak-bw` replaces it)."""
+    result = cached_result(threads) if threads else None
+    if result is None:
+        return {}
+    return {"CPU": {"GBps": round(result.triad_GBps, 3),
+                    "method": f"`hyprof membw` where the log was imported, {result.cpu} (right if the log ran "
+                              f"there): {result.method}"}}
 
 
 # ---------------------------------------------------------------- pass 2: laying out
@@ -575,8 +608,9 @@ US = 1000  # ns per printed microsecond
 class _Layout:
     """Lays items end to end from a cursor and turns them into contract-v1 events."""
 
-    def __init__(self, devices: list[int]):
+    def __init__(self, devices: list[int], model: ModelWeights | None):
         self.gpu = f"CUDA{devices[0]}" if devices else None
+        self.model = model
         self.out: list[dict] = []
         self.t = 0
 
@@ -641,9 +675,12 @@ class _Layout:
             quantize_us += q.us
         dur = self.span(it)
         if it.kind == "op":
+            weight = (self.model.expert_bytes(name, n_tokens)
+                      if self.model is not None and node is not None and n_tokens else None)
             self.emit({"type": "op", "ts": self.t, "dur": dur - quantize_us * US, "graph": graph,
                        "split": split, "backend": backend, "tid": lane, "op": it.key, "name": name,
-                       "node": node, "layer": layer, "n_tokens": n_tokens})
+                       "node": node, "layer": layer, "n_tokens": n_tokens,
+                       "bytes": weight[0] if weight else None, "bytes_ub": 1 if weight and weight[1] else None})
         self.t = t0 + dur
 
     # --- graph_compute: splits
@@ -733,13 +770,19 @@ def op_name(op: str, node: str, backend: str) -> tuple[str, str | None, int | No
 
 # ---------------------------------------------------------------- convert
 
-def convert(path: str | os.PathLike, sc: Scan | None = None) -> Iterator[str]:
-    """Contract-v1 JSONL lines (no newline) for an IK_PRINT_TIMING log: header, then events."""
+def convert(path: str | os.PathLike, sc: Scan | None = None, model: ModelWeights | None = None) -> Iterator[str]:
+    """Contract-v1 JSONL lines (no newline) for an IK_PRINT_TIMING log: header, then events.
+    With the `model` file the log was produced from, expert ops carry the bytes they read
+    (analysis/model_bytes.py); a model that does not fit the log is refused before the header."""
     path = os.fspath(path)
     sc = sc if sc is not None else scan(path)
+    if model is not None:
+        row = sc.rows[0].columns.get("model", "").split() if sc.rows else []
+        check_log(model, path, sc.expert_weights, sc.top_layer, sc.stats.cuda_splits_without_ops == 0,
+                  row[0] if row else None)
     dumps = orjson.dumps
-    yield dumps(header(sc)).decode()
-    lay = _Layout(sc.cuda_devices)
+    yield dumps(header(sc, model)).decode()
+    lay = _Layout(sc.cuda_devices, model)
     n_graph = 0
     rep_start: dict = {}
     for seg in segments(_read_lines(path), Stats()):

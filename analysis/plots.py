@@ -3,7 +3,8 @@
 Public API (stable):
 
     write_plots(timings, report, attribution, out_dir, fmt="png", force=True) -> list[Path]
-        breakdown, timeline, ops, bandwidth and (when the run has depth tests) depth,
+        breakdown, timeline, timeline_offload (when the run uploaded weights), ops, bandwidth,
+        (when the run has depth tests) depth and (when it recorded routes) experts,
         each written atomically as out_dir/<name>.<fmt>.
     write_diff_plot(diff, out_dir, fmt="png", force=True) -> Path
         out_dir/breakdown-diff.<fmt>: per test, run A's bar over run B's, in ms/token.
@@ -14,13 +15,15 @@ Public API (stable):
     plot_ops(tests, subtitle, top=10) -> Figure
     plot_bandwidth(tests, peak_GBps, subtitle) -> Figure
     plot_depth(series, subtitle) -> Figure
+    plot_experts(tests, subtitle) -> Figure     (tests with expert usage: TestReport.experts)
     plot_advice(advice, chosen, vram_budget, subtitle) -> Figure
         `hyprof advise`: predicted tg t/s against accelerator memory for every candidate.
     CATEGORY_COLOURS {category: colour}
 
 Each plot function takes results (TestReport, TokenTimeline, DepthSeries) and
 only lays them out. Every drawn bar or line carries a gid (`category:<name>`,
-`backend:<name>`, `peak:<backend>`, `series:<test>`), so that tests can ask a
+`backend:<name>`, `peak:<backend>`, `series:<test>`, `usage:<test>`, `coverage:<test>`,
+`lru:<test>`), so that tests can ask a
 figure what it shows; figures are plain `Figure`s (no pyplot), saved with Agg.
 
 Colours are the Okabe-Ito palette (safe for the common colour-vision
@@ -50,7 +53,9 @@ from profiler.errors import UserError
 from profiler.files import atomic_output, check_output_path
 from profiler.schema import CATEGORIES
 
-PLOT_NAMES = ("breakdown", "timeline", "ops", "bandwidth", "depth")
+# timeline_offload: the timeline of a graph that uploaded weights (op offload), its uploads on the
+# copies lane; drawn only for a run that has some (the `timeline` is a generated token's)
+PLOT_NAMES = ("breakdown", "timeline", "timeline_offload", "ops", "bandwidth", "depth", "experts")
 CATEGORY_COLOURS = {
     "cpu_expert_matmul": "#D55E00",  # vermillion
     "cpu_other": "#E69F00",          # orange
@@ -294,16 +299,20 @@ def plot_bandwidth(tests: Sequence[TestReport], peak_GBps: dict, subtitle: str) 
 
 def _bandwidth_items(r: TestReport) -> list[tuple[str, float, float, str]]:
     """(label, GB/s, bytes per token, gid) for each backend and compute category that read bytes,
-    each backend followed by its categories (so that its peak line spans them)."""
+    each backend followed by its categories (so that its peak line spans them); a label ends in
+    "(≤)" where the bytes are an upper bound (an imported batch's experts)."""
     per = max(r.n_tokens, 1)
     items = []
     for b in r.backends:
         if b["bytes"] <= 0 or b["busy_ns"] <= 0:
             continue
         backend = str(b["backend"])
-        items.append((f"all ops on {backend}", float(b["GBps"]), b["bytes"] / per, f"backend:{backend}"))
+        at_most = {True: " (≤)", False: ""}
+        items.append((f"all ops on {backend}{at_most[bool(b['bytes_ub'])]}", float(b["GBps"]), b["bytes"] / per,
+                      f"backend:{backend}"))
         on_cpu = backend.upper().startswith("CPU")
-        items += [(c, float(r.category_bw[c]["GBps"]), r.category_bw[c]["bytes"] / per, f"category:{c}")
+        items += [(c + at_most[r.category_bw[c]["upper_bound"]], float(r.category_bw[c]["GBps"]),
+                   r.category_bw[c]["bytes"] / per, f"category:{c}")
                   for c in COMPUTE_CATEGORIES if c.startswith("cpu") == on_cpu
                   and r.category_bw[c]["bytes"] > 0 and r.category_bw[c]["GBps"]]
     return items
@@ -384,6 +393,42 @@ def plot_depth(series: Sequence[DepthSeries], subtitle: str) -> Figure:
     return fig
 
 
+# ---------------------------------------------------------------- experts
+
+def plot_experts(tests: Sequence[TestReport], subtitle: str) -> Figure:
+    """Per test: a layer x expert heatmap of each layer's share of tokens, and the coverage curves:
+    the share of CPU expert bytes that pinning each layer's k hottest experts, or an LRU cache of
+    k per layer, would take off the CPU."""
+    fig = _new_figure(14, 1.4 + 3.2 * len(tests), "Which experts the tokens used, and what caching them would move",
+                      subtitle)
+    axes = fig.subplots(len(tests), 2, squeeze=False, width_ratios=[2.2, 1])
+    for (heat, curves), r in zip(axes, tests):
+        u = r.experts
+        share = 100 * u.counts / np.maximum(u.counts.sum(axis=1, keepdims=True), 1)
+        image = heat.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
+        image.set_gid(f"usage:{r.name}")
+        heat.set_yticks(range(len(u.layers)), [str(layer) for layer in u.layers], fontsize=7)
+        heat.set_ylabel("layer", fontsize=9)
+        heat.set_xlabel("expert", fontsize=9)
+        heat.set_title(f"{r.name}: share of the layer's {u.n_tokens} tokens that chose each expert "
+                       f"({u.n_expert_used} of {u.n_expert} each)", fontsize=10, loc="left")
+        fig.colorbar(image, ax=heat, label="% of the layer's choices", pad=0.01)
+        k = np.arange(1, u.n_expert + 1)
+        for shares, gid, label, colour in ((u.coverage, "coverage", "pin the k hottest", "#D55E00"),
+                                           (u.lru_hit, "lru", "LRU cache of k", "#0072B2")):
+            overall = 100 * u.overall(shares)
+            curves.plot(k, overall, color=colour, label=label, gid=f"{gid}:{r.name}")
+            curves.plot(list(u.ks), overall[np.asarray(u.ks) - 1], "o", color=colour, markersize=4)
+        curves.plot(k, 100 * k / u.n_expert, ":", color="#8C8C8C", label="uniform routing")
+        curves.set_xlim(0, u.n_expert)
+        curves.set_ylim(0, 100)
+        curves.set_xlabel("experts per layer on the GPU (k)", fontsize=9)
+        curves.set_ylabel("% of CPU expert bytes moved", fontsize=9)
+        curves.legend(fontsize=8, frameon=False, loc="lower right")
+        curves.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
 # ---------------------------------------------------------------- all plots of a report
 
 def plot_paths(out_dir: str | os.PathLike, fmt: str) -> dict[str, Path]:
@@ -403,9 +448,15 @@ def write_plots(t: Timings, report: Report, a: Attribution, out_dir: str | os.Pa
     tl = token_timeline(t, a)
     if tl is not None:
         figures["timeline"] = plot_timeline(tl, sub)
+    offloaded = next((r.name for r in report.tests if r.uploads["count"]), None)
+    if offloaded is not None:
+        figures["timeline_offload"] = plot_timeline(token_timeline(t, a, offloaded), sub)
     series = depth_series(report, t)
     if series:
         figures["depth"] = plot_depth(series, sub)
+    routed = [r for r in report.tests if r.experts is not None]
+    if routed:
+        figures["experts"] = plot_experts(routed, sub)
     return [save(figures[name], paths[name], fmt, force) for name in PLOT_NAMES if name in figures]
 
 

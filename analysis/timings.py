@@ -2,12 +2,13 @@
 
 Public API (stable; everything else in the analyzer builds on it):
 
-    load_timings(path, progress=None) -> Timings
+    load_timings(path, progress=None, model=None) -> Timings
         Read a `timings.jsonl` (`progress(bytes_read)` is called after each block,
         for a progress bar); files of PARALLEL_MIN_BYTES or more are read on every
         core, in forked processes (Linux). A file that does not start with a JSON object is
         handed to `analysis.ik_log` (the ik_llama.cpp log importer) when that module
-        exists and recognises it.
+        exists and recognises it, with `model` (analysis.model_bytes.read_model of the
+        model file the log ran) for its ops' bytes; a timings file refuses `model`.
     load_lines(lines, source) -> Timings
         The same from an iterable of lines (bytes or str, one JSON object each);
         `source` names the input in messages. Importers of other engines' logs
@@ -16,9 +17,13 @@ Public API (stable; everything else in the analyzer builds on it):
     Timings (frozen):
         source          the file name, for messages and reports
         header          the meta line (line 1) as a dict
-        events          EventColumns: one array per EVENT_DTYPE field, one row per event, sorted by ts;
-                        read like a structured array (events["ts"], events[mask] -> rows)
+        events          EventColumns: one array per EVENT_DTYPE field, one row per event (but routes),
+                        sorted by ts; read like a structured array (events["ts"], events[mask] -> rows)
         tests           NumPy structured array, TEST_DTYPE, one row per `test` event
+        routes          NumPy structured array, ROUTE_DTYPE, one row per `route` event, sorted by ts (kept
+                        out of `events`: they hold no time, and their ids no column):
+                        its experts are route_ids[first:first + n_ids] (token-major)
+        route_ids       int32, every route event's expert ids, one after another
         symbols         tuple of strings; every string field is an integer id into it (-1: absent)
         skipped_types   {unknown event type: count}
         skipped_fields  {unknown field: count}  (contract v1 allows both: the report notes them once)
@@ -29,7 +34,7 @@ Public API (stable; everything else in the analyzer builds on it):
 
 Why columns: a run has millions of events; per-event Python objects would make
 the report slower than the run. Strings are stored once, HTA style, as ids.
-Absent integer fields are -1, absent `bytes`/`flops` are 0, absent `tps`/`tps_std`
+Absent integer fields are -1, absent `bytes`/`bytes_ub`/`flops` are 0, absent `tps`/`tps_std`
 NaN. Known optional fields that only echo a source's own names (`role`, `label`,
 `node`, `incomplete`: profiler.schema.OPTIONAL_FIELDS) are accepted and not read.
 
@@ -44,6 +49,7 @@ import importlib.util
 import mmap
 import os
 from collections import Counter
+from itertools import chain
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Callable, Iterable, Iterator
@@ -60,9 +66,10 @@ EVENT_DTYPE = np.dtype([
     ("type", np.int8), ("ts", np.int64), ("dur", np.int64),
     ("tid", np.int32), ("backend", np.int32), ("graph", np.int32), ("split", np.int32),
     ("op", np.int32), ("name", np.int32), ("layer", np.int32),
-    ("bytes", np.int64), ("flops", np.int64), ("n_tokens", np.int32),
+    ("bytes", np.int64), ("bytes_ub", np.int8), ("flops", np.int64), ("n_tokens", np.int32),
     ("src", np.int32), ("dst", np.int32),
     ("n_past", np.int32), ("n_nodes", np.int32), ("n_inputs", np.int32),
+    ("kind", np.int32),     # a copy's kind ("weights": an op-offload upload), a test's (pp, tg)
 ])
 # One row per test repetition (the few fields only `test` events carry); `tps`/`tps_std` are
 # the source engine's own figures (NaN: none), `config` the sweep index (-1: none).
@@ -72,7 +79,7 @@ TEST_DTYPE = np.dtype([
     ("n_tokens", np.int32), ("config", np.int32), ("tps", np.float64), ("tps_std", np.float64),
 ])
 STRING_FIELDS = frozenset({"tid", "backend", "op", "name", "src", "dst", "kind"})
-ZERO_WHEN_ABSENT = frozenset({"bytes", "flops"})
+ZERO_WHEN_ABSENT = frozenset({"bytes", "bytes_ub", "flops"})
 REQUIRED_FIELDS = ("ts", "dur")
 TYPE_CODES = {t: i for i, t in enumerate(EVENT_TYPES)}
 # Fields each type may carry (beyond `type`); a field outside its type's list is unknown.
@@ -85,6 +92,17 @@ UNREAD_FIELDS = frozenset({"test", "role", "incomplete", "label", "node"})
 # trace viewers keep numbers as doubles), and far from int64's end, so ts + dur cannot wrap.
 MAX_INT = 2**53
 
+# One row per `route` event (the experts a MoE layer chose in one graph); its ids live in one
+# array for all of them (`Timings.route_ids`), from `first` on.
+ROUTE_DTYPE = np.dtype([
+    ("ts", np.int64), ("graph", np.int32), ("layer", np.int32), ("n_tokens", np.int32),
+    ("first", np.int64), ("n_ids", np.int32),
+])
+# Fields whose value is a list (of integers): read by their event type's own code, never by the
+# flat reader (analysis.flatjson), which takes flat objects only.
+LIST_FIELDS = frozenset({"experts"})
+MAX_EXPERT_ID = 2**31 - 1
+
 # The header's sections (objects) and the numbers in them that the analyses compute with.
 HEADER_OBJECTS = ("model", "config", "machine", "peak_bw", "placement", "source")
 HEADER_NUMBERS = {"model": ("size_bytes", "n_params", "n_expert", "n_expert_used"),
@@ -92,8 +110,8 @@ HEADER_NUMBERS = {"model": ("size_bytes", "n_params", "n_expert", "n_expert_used
 
 # The fields read into columns, for the vectorised reader (analysis.flatjson).
 STR_FIELDS = ("type",) + tuple(sorted(STRING_FIELDS))
-INT_FIELDS = tuple(f for f in dict.fromkeys(COMMON_FIELDS + sum(EVENT_FIELDS.values(), ()) + ("config",))
-                   if f not in STR_FIELDS and f not in UNREAD_FIELDS)
+INT_FIELDS = tuple(f for f in dict.fromkeys(COMMON_FIELDS + sum(EVENT_FIELDS.values(), ()) + ("config", "bytes_ub"))
+                   if f not in STR_FIELDS and f not in UNREAD_FIELDS and f not in LIST_FIELDS)
 READ_FIELDS = INT_FIELDS + STR_FIELDS + FLOAT_FIELDS
 _INT_FILL = np.array([0 if f in ZERO_WHEN_ABSENT else -1 for f in INT_FIELDS])
 # NOT_CARRIED[type code]: bit i set when an event of that type may not carry field READ_FIELDS[i]
@@ -144,6 +162,8 @@ class Timings:
     events: EventColumns
     tests: np.ndarray
     symbols: tuple[str, ...]
+    routes: np.ndarray = field(default_factory=lambda: np.empty(0, ROUTE_DTYPE))
+    route_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
     skipped_types: dict = field(default_factory=dict)
     skipped_fields: dict = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
@@ -169,7 +189,7 @@ class Timings:
         return self.events["type"] == TYPE_CODES[name]
 
 
-def load_timings(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> Timings:
+def load_timings(path: str | os.PathLike, progress: Callable[[int], None] | None = None, model=None) -> Timings:
     source = os.fspath(path)
     if not os.path.exists(source):
         raise UserError(f"{source}: no such file")
@@ -182,8 +202,11 @@ def load_timings(path: str | os.PathLike, progress: Callable[[int], None] | None
     if not head.startswith(b"{"):
         ik_log = _ik_log_importer()
         if ik_log is not None and ik_log.looks_like_ik_log(source):
-            return load_lines(ik_log.convert(source), source)
+            return load_lines(ik_log.convert(source, model=model), source)
         raise UserError(f"{source}: not a hyprof timings file (line 1 is not a JSON object)")
+    if model is not None:
+        raise UserError(f"--model {model.path}: only for another engine's log; {source} is a timings file, "
+                        "whose ops carry their bytes")
     size = os.path.getsize(source)
     cores = _cores()
     if size >= PARALLEL_MIN_BYTES and cores > 1:
@@ -302,6 +325,7 @@ class _Accumulator:
     events: _Rows
     symbols: _Symbols = field(default_factory=_Symbols)
     tests: list = field(default_factory=list)
+    routes: list = field(default_factory=list)      # (ROUTE_DTYPE rows, their ids one after another)
     skipped_types: Counter = field(default_factory=Counter)
     skipped_fields: Counter = field(default_factory=Counter)
     warnings: list = field(default_factory=list)
@@ -329,14 +353,54 @@ def _read(blocks: Iterator[tuple[bytes, bool]], acc: _Accumulator, header: dict 
         if not data:
             continue
         n_lines = 1 if final else count_lines(data)
-        flat = None if final else acc.reader.parse(data, n_lines)
+        flat, listed = None, []
+        if not final:
+            flat_lines, listed = _cut_listed(data)
+            flat = acc.reader.parse(flat_lines, n_lines - len(listed))
         if flat is None or not _add_flat(flat, acc):
             lines = [data] if final else data.split(b"\n")[:-1]
             objs, numbers = _parse_lines(lines, line_no, final, acc)
             if objs:
                 _add_objects(objs, numbers, acc)
+        elif listed:
+            _add_objects(*_parse_listed(listed, line_no, acc), acc)
         line_no += n_lines
     return header, line_no
+
+
+def _cut_listed(data: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """The block's lines without a `[` (for the flat reader), and the others (a route's experts) as
+    (index in the block, line): few, a MoE layer's per graph, so the rest keeps the fast reader."""
+    at = data.find(b"[")
+    if at < 0:
+        return data, []
+    view = memoryview(data)             # (slices of a view are not copies: the join copies once)
+    kept, listed, start, i = [], [], 0, 0
+    while at >= 0:
+        begin = data.rfind(b"\n", 0, at) + 1
+        end = data.find(b"\n", at) + 1
+        i += data.count(b"\n", start, begin)
+        kept.append(view[start:begin])
+        listed.append((i, data[begin:end - 1]))
+        i += 1
+        start = end
+        at = data.find(b"[", start)
+    kept.append(view[start:])
+    return b"".join(kept), listed
+
+
+def _parse_listed(listed: list[tuple[int, bytes]], line_no: int, acc: _Accumulator) -> tuple[list, list]:
+    """The listed lines' objects and line numbers: parsed as one JSON array, or where that fails
+    (a line that is not JSON) line by line, for the message."""
+    try:
+        objs = orjson.loads(b"[" + b",".join(line for _, line in listed) + b"]")
+    except orjson.JSONDecodeError:
+        objs = None
+    if objs is None or not all(type(o) is dict for o in objs):
+        objs = []
+        for i, line in listed:
+            objs += _parse_lines([line], line_no + i, False, acc)[0]
+    return objs, [line_no + i for i, _ in listed]
 
 
 def _finish(acc: _Accumulator, header: dict | None) -> Timings:
@@ -351,8 +415,10 @@ def _finish(acc: _Accumulator, header: dict | None) -> Timings:
     events = EventColumns(columns)
     tests = np.concatenate(acc.tests) if acc.tests else np.empty(0, TEST_DTYPE)
     tests = tests[np.argsort(tests["ts"], kind="stable")]
+    routes, route_ids = _route_table(acc.routes)
     return Timings(source=source, header=header, events=events, tests=tests,
-                   symbols=tuple(acc.symbols.names), skipped_types=dict(acc.skipped_types),
+                   symbols=tuple(acc.symbols.names), routes=routes, route_ids=route_ids,
+                   skipped_types=dict(acc.skipped_types),
                    skipped_fields=dict(acc.skipped_fields), warnings=tuple(acc.warnings))
 
 
@@ -448,10 +514,12 @@ def _add_objects(objs: list[dict], numbers: list[int], acc: _Accumulator) -> Non
                 out[f][rows] = col if f not in STRING_FIELDS else acc.symbols.intern(col, f, where)
         if type_name == "test":
             acc.tests.append(_test_rows(values, out[rows], acc, where))
+        if type_name == "route":
+            acc.routes.append(_route_rows(values["experts"], out[rows], where))
         if (out["dur"][rows] < 0).any():
             j = int(np.flatnonzero(out["dur"][rows] < 0)[0])
             raise UserError(f"{where(j)}: 'dur' is negative")
-    kept = out[codes >= 0]
+    kept = out[(codes >= 0) & (codes != TYPE_CODES["route"])]        # routes: their own table
     for name, column in acc.events.take(len(kept)).items():
         column[:] = kept[name]
 
@@ -475,8 +543,8 @@ def _field(sub: list[dict], f: str, where) -> tuple:
         present = keyed
     if f in STRING_FIELDS:
         return vals, present
-    if f in UNREAD_FIELDS:
-        return None, present
+    if f in UNREAD_FIELDS or f in LIST_FIELDS:
+        return (vals if f in LIST_FIELDS else None), present
     types = (int, bool, float) if f in FLOAT_FIELDS else (int, bool)
     j = next((j for j, v in enumerate(vals) if type(v) not in types), None)
     if j is not None:
@@ -510,6 +578,48 @@ def _test_rows(values: dict, rows: np.ndarray, acc: _Accumulator, where) -> np.n
     return out
 
 
+def _route_rows(experts: list | None, rows: np.ndarray, where) -> tuple[np.ndarray, np.ndarray]:
+    """Route rows of these events and all their expert ids in one array: each event's a non-empty
+    list of n_tokens * n_expert_used integer ids (checked for the whole chunk at once)."""
+    experts = experts or [None] * len(rows)
+    j = next((j for j, v in enumerate(experts) if type(v) is not list or not v), None)
+    flat = list(chain.from_iterable(experts)) if j is None else []
+    if j is None and not all(type(v) is int for v in flat):
+        j = next(j for j, v in enumerate(experts) if not all(type(e) is int for e in v))
+    if j is not None:
+        raise UserError(f"{where(j)}: field 'experts' must be a non-empty list of expert ids, "
+                        f"got {_shown(experts[j])}")
+    n_ids = np.fromiter(map(len, experts), dtype=np.int64, count=len(experts))
+    at = next((i for i, v in enumerate(flat) if not 0 <= v <= MAX_EXPERT_ID), None)
+    if at is not None:
+        j = int(np.searchsorted(np.cumsum(n_ids), at, side="right"))
+        raise UserError(f"{where(j)}: field 'experts' holds {_shown(flat[at])}, not an expert id (0 to 2**31 - 1)")
+    if (rows["layer"] < 0).any():
+        j = int(np.argmax(rows["layer"] < 0))
+        raise UserError(f"{where(j)}: a route's 'layer' must be a layer index (>= 0), got {rows['layer'][j]}")
+    ids = np.array(flat, dtype=np.int64)
+    n_tokens = rows["n_tokens"].astype(np.int64)
+    bad = (n_tokens <= 0) | (n_ids % np.maximum(n_tokens, 1) != 0)
+    if bad.any():
+        j = int(np.argmax(bad))
+        raise UserError(f"{where(j)}: field 'experts' has {n_ids[j]} ids, not n_expert_used per token of "
+                        f"'n_tokens' {n_tokens[j]}")
+    out = np.zeros(len(rows), ROUTE_DTYPE)
+    for name in ("ts", "graph", "layer", "n_tokens"):
+        out[name] = rows[name]
+    out["n_ids"] = n_ids
+    return out, ids.astype(np.int32)
+
+
+def _route_table(parts: list) -> tuple[np.ndarray, np.ndarray]:
+    """The routes of every chunk, sorted by ts, and their ids in one array (`first` into it)."""
+    if not parts:
+        return np.empty(0, ROUTE_DTYPE), np.empty(0, np.int32)
+    routes = np.concatenate([rows for rows, _ in parts])
+    routes["first"] = np.concatenate([[0], np.cumsum(routes["n_ids"][:-1], dtype=np.int64)])
+    return routes[np.argsort(routes["ts"], kind="stable")], np.concatenate([ids for _, ids in parts])
+
+
 def _add_flat(flat: FlatColumns, acc: _Accumulator) -> bool:
     """Columns from the vectorised reader; False (add nothing) where the JSON parser must word an error."""
     new = acc.reader.strings[len(acc.reader_symbols):]
@@ -521,7 +631,8 @@ def _add_flat(flat: FlatColumns, acc: _Accumulator) -> bool:
     codes = np.append(acc.reader_types, -2)[type_id]          # -1 unknown type, -2 no type
     kept = codes >= 0
     (ts, has_ts), (dur, has_dur) = flat.ints["ts"], flat.ints["dur"]
-    if (codes == -2).any() or not (has_ts | ~kept).all() or not (has_dur | ~kept).all() or (dur[kept] < 0).any():
+    if (codes == -2).any() or not (has_ts | ~kept).all() or not (has_dur | ~kept).all() or (dur[kept] < 0).any() \
+            or (codes == TYPE_CODES["route"]).any():        # a route without its list of experts
         return False
     floats = np.array([flat.floats[f][0] for f in FLOAT_FIELDS])
     if (np.abs(flat.int_table[0]) > MAX_INT).any() or np.isinf(floats).any():
@@ -666,8 +777,8 @@ def _load_parallel(source: str, progress: Callable[[int], None] | None, n: int) 
                 acc = _Accumulator(source, _Rows(0, rows))
                 lines = _read_range(acc, header, start, end, 1, lambda b: done.__setitem__(k, b))
                 tests = np.concatenate(acc.tests) if acc.tests else np.empty(0, TEST_DTYPE)
-                send.send((first_row, acc.events.n, lines, acc.symbols.names, tests, acc.skipped_types,
-                           acc.skipped_fields))
+                send.send((first_row, acc.events.n, lines, acc.symbols.names, tests, acc.routes,
+                           acc.skipped_types, acc.skipped_fields))
             except BaseException:       # the one-pass reader will say what and where
                 send.send(None)
 
@@ -698,7 +809,7 @@ def _load_parallel(source: str, progress: Callable[[int], None] | None, n: int) 
     if any(r is None for r in results):
         return None
     line_no = 2 + lines
-    for first_row, n_rows, n_lines, names, tests, skipped_types, skipped_fields in results:
+    for first_row, n_rows, n_lines, names, tests, routes, skipped_types, skipped_fields in results:
         renumber = np.append(own.symbols.intern(names, "", str), -1)     # index -1: absent stays -1
         at = own.events.n
         for f, column in own.events.take(n_rows).items():
@@ -710,6 +821,7 @@ def _load_parallel(source: str, progress: Callable[[int], None] | None, n: int) 
         for f in ("name", "kind"):
             tests[f] = renumber[tests[f]]
         own.tests.append(tests)
+        own.routes += routes
         own.skipped_types.update(skipped_types)
         own.skipped_fields.update(skipped_fields)
         line_no += n_lines

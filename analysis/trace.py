@@ -39,7 +39,7 @@ from analysis.timeline import COPIES_LANE, draw_category, event_lanes
 from analysis.timings import Timings
 from profiler.errors import UserError
 from profiler.files import atomic_output, check_output_path
-from profiler.schema import CATEGORIES, EVENT_TYPES
+from profiler.schema import CATEGORIES, EVENT_TYPES, WEIGHTS_COPY
 
 HOST_PID = 1
 US = 1000.0                       # ns per µs: the format's time unit
@@ -196,9 +196,10 @@ def _describe(kind: str, c: dict, i: int, sym: tuple, test_rep: dict) -> tuple[s
         args = {"tensor": sym[c["name"][i]], "backend": sym[c["backend"][i]], "layer": c["layer"][i],
                 "bytes": c["bytes"][i], "n_tokens": c["n_tokens"][i]}
         return sym[c["op"][i]] or sym[c["name"][i]] or "op", args
-    if kind == "copy":
+    if kind == "copy":       # an op-offload upload (kind `weights`) says so
         src, dst = sym[c["src"][i]], sym[c["dst"][i]]
-        return f"copy {src}→{dst}", {"tensor": sym[c["name"][i]], "src": src, "dst": dst, "bytes": c["bytes"][i]}
+        what = "upload" if sym[c["kind"][i]] == WEIGHTS_COPY else "copy"
+        return f"{what} {src}→{dst}", {"tensor": sym[c["name"][i]], "src": src, "dst": dst, "bytes": c["bytes"][i]}
     if kind == "split":
         backend = sym[c["backend"][i]]
         return f"split {c['split'][i]}: {backend}", {"backend": backend, "n_nodes": c["n_nodes"][i],

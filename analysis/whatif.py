@@ -16,7 +16,8 @@ same statistic and agree when nothing is projected away:
   token's CPU experts wait on the GPU's attention and back); backends without a known peak
   count as free, so this is an upper limit.
 Rates are None where a peak is unknown, or there are no tokens, or a repetition is projected
-to no time at all.
+to no time at all; cpu_expert_at_peak also where CPU experts ran without saying what they read
+(an imported log without its model file).
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def whatif_tps(n_tokens: np.ndarray, categories_ns: dict, cpu_expert_bytes: np.n
     wall = sum(categories_ns[c] for c in CATEGORIES)
     compute = wall - sum(categories_ns[c] for c in OVERHEAD_CATEGORIES)
     at_peak = None
-    if cpu_peak_GBps:       # bytes / (GB/s) is ns
-        at_peak = _rate(n_tokens, wall - categories_ns["cpu_expert_matmul"] + cpu_expert_bytes / cpu_peak_GBps)
+    expert_ns = categories_ns["cpu_expert_matmul"]
+    if cpu_peak_GBps and not ((expert_ns > 0) & (cpu_expert_bytes <= 0)).any():     # bytes / (GB/s) is ns
+        at_peak = _rate(n_tokens, wall - expert_ns + cpu_expert_bytes / cpu_peak_GBps)
     bound_ns = sum((backend_bytes[b] / backend_peak_GBps[b] for b in backend_bytes if backend_peak_GBps.get(b)),
                    np.zeros(len(n_tokens)))
     return {"no_overhead": _rate(n_tokens, compute), "cpu_expert_at_peak": at_peak,

@@ -10,7 +10,7 @@ token. Figures: GB/s = bytes of the touched experts as stored / wall time
 run as the engine runs them: on the CPU backend's worker pool (hybrid/_pool.c,
 spinning, the caller as thread 0), each call's guided chunks of (expert, row block)
 units claimed by whichever thread is free, on the blocks as stored ("stored") and
-repacked at load into the AVX-512 kernel's interleaved 16-row blocks
+repacked at load into the SIMD kernels' interleaved 16-row blocks
 ("repacked", what the engine reads on such CPUs); torch paths split the experts
 between Python threads, torch at 1 thread each.
 

@@ -6,12 +6,15 @@
    - `record`: one `lane.op(...)` call, as an engine's worker makes it;
    - `clock`: one `rec.now()` (an engine reads it about twice per event);
    - `drain+write`: `rec.drain_batches()` plus `TimingsWriter.write_batches` (lines
-     formatted natively from the lanes' cells, one flush), paid once per graph for all of its events.
+     formatted natively from the lanes' cells, one flush), paid once per graph for all of its events;
+     `drain+write route`: the same for `route` events (a token's 6 expert ids, written through
+     orjson), one per MoE layer per graph.
 2. Overhead on a real run (target: ratio >= 0.98): one engine generates tokens,
    graphs alternating between recorded (and written to a timings file, as the
    runner does) and not; tg t/s of each is one over its median graph time, and
    the ratio is recorded / not recorded. Also the CPU time per graph of all
-   threads, which other processes on a shared machine disturb less. Needs
+   threads, which other processes on a shared machine disturb less, and of a recorded
+   graph the time spent copying out its routes and recording them (`record_routes`). Needs
    hybrid.engine; without -m it uses the default model that `hyprof run` makes
    and caches.
 """
@@ -24,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 from profiler.recorder import Recorder
 from profiler.sinks import TimingsWriter
@@ -78,14 +83,25 @@ def read_clock(rec: Recorder):
     return run
 
 
-def drain_and_write(rec: Recorder, writer: TimingsWriter):
+def an_op(lane, i: int) -> None:
+    lane.op(i, 1000, 3, 1, "CPU", "MUL_MAT_ID", "blk.3.ffn_up_exps", 3, 123456, 789012, 1)
+
+
+ROUTE = np.array([3, 17, 22, 40, 51, 63])       # a token's experts, 6 of 64 (DeepSeek-V2-Lite)
+
+
+def a_route(lane, i: int) -> None:
+    lane.route(i, 0, 3, i % 26 + 1, 1, ROUTE)
+
+
+def drain_and_write(rec: Recorder, writer: TimingsWriter, record=an_op):
     """The drain plus the writer for n events recorded just before, as the runner
     does after each graph; only the drain and the write are timed."""
     lane = rec.lane("cpu1")
 
     def run(n: int) -> int:
         for i in range(n):
-            lane.op(i, 1000, 3, 1, "CPU", "MUL_MAT_ID", "blk.3.ffn_up_exps", 3, 123456, 789012, 1)
+            record(lane, i)
         t0 = CLOCK()
         writer.write_batches(rec.drain_batches())
         return CLOCK() - t0
@@ -97,6 +113,7 @@ def bench_recorder() -> None:
     with tempfile.TemporaryDirectory() as d, \
             TimingsWriter(Path(d) / "t.jsonl", {"type": "meta"}) as writer:
         drain = per_event_ns(drain_and_write(Recorder(print_timing=False), writer))
+        drain_routes = per_event_ns(drain_and_write(Recorder(print_timing=False), writer, a_route))
     record = per_event_ns(record_ops(Recorder(print_timing=False)))
     clock = per_event_ns(read_clock(Recorder(print_timing=False)))
     loop = per_event_ns(empty_loop)
@@ -106,6 +123,7 @@ def bench_recorder() -> None:
             ("record (lane.op call)", record, "target <= 1000"),
             ("clock (rec.now())", clock, "an engine reads it ~2x per event"),
             ("drain+write", drain, "once per graph, for all its events"),
+            ("drain+write route", drain_routes, "a MoE layer's route, once per graph"),
             ("empty loop", loop, "included in the figures above")):
         print(f"  {what:22s} {best:7.0f} / {median:7.0f}   {note}")
 
@@ -116,11 +134,20 @@ def bench_overhead(model: str | None, n_gen: int, rounds: int, threads: int) -> 
     positions and the same disturbance from the rest of the machine; t/s of each is
     one over its median graph time."""
     try:
+        from hybrid import sched
         from hybrid.engine import make_engine
     except ImportError as e:
         print(f"overhead: skipped, no engine ({e})")
         return
     from hyprof.commands.run import default_model
+
+    record_routes, routes_ns = sched.record_routes, []
+
+    def timed_routes(*args) -> None:           # what copying out and recording a graph's routes costs
+        t0 = CLOCK()
+        record_routes(*args)
+        routes_ns.append(CLOCK() - t0)
+    sched.record_routes = timed_routes
 
     path = model or default_model(progress=False)
     rec = Recorder(enabled=True, print_timing=False)
@@ -145,6 +172,7 @@ def bench_overhead(model: str | None, n_gen: int, rounds: int, threads: int) -> 
                     cpu_ns[recording].append(time.process_time_ns() - c0)
         n_events = writer.n_events
     engine.close()
+    sched.record_routes = record_routes
     on, off = (1e9 / statistics.median(graph_ns[r]) for r in (True, False))
     mean_on, mean_off = (1e9 / statistics.fmean(graph_ns[r]) for r in (True, False))
     print(f"overhead on tg, {Path(path).name}, -t {threads}, ACC0 emulated, experts on CPU, "
@@ -158,6 +186,9 @@ def bench_overhead(model: str | None, n_gen: int, rounds: int, threads: int) -> 
     print(f"  CPU time per graph, all threads: {cpu_on / 1e6:.2f} ms recorded, "
           f"{cpu_off / 1e6:.2f} ms not (ratio {cpu_off / cpu_on:.3f}; less disturbed by "
           "other processes than wall time)")
+    routes = statistics.median(routes_ns)
+    print(f"  of a recorded graph, its routes (copy out + route events): {routes / 1e3:.1f} us of CPU time "
+          f"(median) = {100 * routes / cpu_on:.2f} % of its CPU time; their lines: drain+write route")
 
 
 def main() -> int:

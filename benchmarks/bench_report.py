@@ -4,7 +4,8 @@
 
 Writes a synthetic timings file shaped like a hybrid DeepSeek run (per token and
 layer: a GPU split with attention ops and a sync, copies both ways, a CPU split
-with wakeups and expert matmuls on several lanes), once, then times each stage
+with wakeups and expert matmuls on several lanes, and each layer's route: 6 of 64
+experts, skewed), once, then times each stage
 and prints the figures and the peak memory next to the size of the columns.
 The target (issue 6) is 1 M events/s end to end on the 2-core development machine;
 wall time there depends on what else runs, so the CPU seconds are printed too.
@@ -29,6 +30,7 @@ from analysis.timings import load_timings
 
 LAYERS = 27
 LANES = ("main", "cpu1", "cpu2", "cpu3")
+N_EXPERT, N_EXPERT_USED = 64, 6
 GPU_OPS = ("RMS_NORM", "MUL_MAT", "MUL_MAT", "ROPE", "SOFT_MAX", "MUL_MAT", "ADD", "MUL_MAT")
 
 
@@ -66,6 +68,10 @@ def _graph_lines(graph: int, ts: int, n_past: int) -> tuple[list[str], int]:
                      f'"dst":"CUDA0","bytes":8192,"name":"blk.{layer}.ffn_out","tid":"main"}}')
         ts += 330000
         split += 1
+    for layer in range(LAYERS):
+        experts = ",".join(str((graph * layer + k * k) % N_EXPERT) for k in range(N_EXPERT_USED))
+        lines.append(f'{{"type":"route","ts":{ts},"dur":0,"graph":{graph},"layer":{layer},"n_tokens":1,'
+                     f'"experts":[{experts}],"tid":"main"}}')
     lines.append(f'{{"type":"phase","ts":{ts},"dur":20000,"graph":{graph},"tid":"main","name":"sample"}}')
     ts += 20000
     lines.append(f'{{"type":"graph","ts":{t0},"dur":{ts - t0},"graph":{graph},"test":"tg","n_tokens":1,'
@@ -77,7 +83,8 @@ def _graph_lines(graph: int, ts: int, n_past: int) -> tuple[list[str], int]:
 
 
 def write_synthetic(path: str, n_events: int, tokens_per_rep: int = 128) -> int:
-    header = ('{"type":"meta","schema":"hyprof-timings/1","tool":"bench_report","config":{"threads":4,'
+    header = ('{"type":"meta","schema":"hyprof-timings/1","tool":"bench_report",'
+              f'"model":{{"n_expert":{N_EXPERT},"n_expert_used":{N_EXPERT_USED}}},"config":{{"threads":4,'
               '"accel":"CUDA0"},"peak_bw":{"CPU":{"GBps":64.0,"method":"synthetic"}}}')
     written, graph, ts = 0, 0, 0
     with open(path, "w") as f:

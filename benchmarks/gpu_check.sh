@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Everything a lent CUDA GPU should check, in one call (about 5-8 minutes on an H100):
-# build the native extensions, run the `cuda` tests, then a hybrid `hyprof run` (experts
-# on the CPU, the rest on CUDA0) and an all-GPU one, with their reports and plots under $OUT
-# (at most 8 files come back from the device tool: 2 reports, the cuda tests' log, 5 plots).
+# build the native extensions, run the `cuda` tests (the op-offload upload path among them),
+# then a hybrid `hyprof run` (experts on the CPU, the rest on CUDA0; pp512 with op offload, its
+# experts uploaded over PCIe, and without, -nopo 1, so the report has both sides of the
+# crossover) and an all-GPU one, with their reports and plots under $OUT (at most 8 files come
+# back from the device tool: 2 reports, the cuda tests' log, 5 plots).
 #
 # The device machine has python3 with torch, pytest, numpy, rich and matplotlib, but no
 # package registry: gguf and orjson travel as wheels. Once, here, in the repo's root:
@@ -30,9 +32,9 @@ echo "== pytest -m cuda"
 python3 -m pytest -q -p no:cacheprovider -m cuda tests/ 2>&1 | tee "$OUT/pytest-cuda.log"
 
 THREADS=$(( $(nproc) < 16 ? $(nproc) : 16 ))
-echo "== hybrid: experts on the CPU (-t $THREADS), the rest on CUDA0"
+echo "== hybrid: experts on the CPU (-t $THREADS), the rest on CUDA0; op offload on and off"
 python3 -m hyprof run -p 512 -n 64 -r 3 -t "$THREADS" --accel cuda -ngl 99 -ot '\.ffn_.*_exps\.=CPU' \
-    -o "$OUT/hybrid.jsonl" --force --no-progress
+    -nopo 0,1 -o "$OUT/hybrid.jsonl" --force --no-progress
 python3 -m hyprof report "$OUT/hybrid.jsonl" --md "$OUT/hybrid.md" --plots "$OUT/plots" --force
 
 echo "== all on CUDA0 (MUL_MAT_ID on the device)"

@@ -292,10 +292,13 @@ class Builder:
 
     def top_k(self, name: str, sel: Node, layer: int, k: int, n_groups: int = 0, n_groups_used: int = 0) -> Node:
         """TOP_K: the k best columns of each row of sel [T, E] -> int64 [T, k], group-limited where
-        n_groups > 1 (`ops.top_k`)."""
+        n_groups > 1 (`ops.top_k`); the graph's `routes` (the experts a layer chose, recorded
+        after each evaluation) are these nodes."""
         def fn(_, sel, out):
             return ops.top_k(sel, k, n_groups, n_groups_used, out)
-        return self.native("TOP_K", name, fn, sel, dtype=torch.int64, layer=layer)
+        node = self.native("TOP_K", name, fn, sel, dtype=torch.int64, layer=layer)
+        self.graph.routes.append(node)
+        return node
 
     def expert_weights(self, name: str, probs: Node, ids: Node, layer: int, norm: bool, scale: float) -> Node:
         """GET_ROWS of the routing weights probs [T, E] at the chosen ids [T, U], normalised to sum

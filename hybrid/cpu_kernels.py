@@ -94,7 +94,7 @@ def _n_in(w: np.ndarray, ggml_type: int) -> int:
 def repack(w: np.ndarray, ggml_type: int, path: str | None = None) -> np.ndarray | None:
     """Stored blocks [..., n_out, row_bytes] -> the same bytes interleaved 16 rows at a time
     (the R16 layout, hybrid/kernels/kernels.h), or None where n_out is not a multiple of 16,
-    or where the path in use does not gain from it (`TRAITS[t].r16_first`: AVX-512 today).
+    or where the path in use does not gain from it (`TRAITS[t].r16_first`: AVX2 and AVX-512 today).
     A call on the result passes `ggml_type | R16`, with row ranges in whole blocks of 16,
     on a path that reads R16 (`TRAITS[t].r16`). With `path`, the repack is that path's
     (any path with R16 kernels gives the same bytes), whether or not it gains from it:

@@ -1,7 +1,7 @@
 """Open a GGUF MoE model: its hyperparameters, vocabulary and memory-mapped tensors.
 
 `load_model` never copies weights: every `TensorInfo.data` is a view into the
-file's `numpy.memmap` (hybrid/gguf_file.py), so a 9 GiB model costs page cache, not
+file's `numpy.memmap` (profiler/gguf_file.py), so a 9 GiB model costs page cache, not
 heap, and only the pages a forward pass touches are read from disk. Everything a
 file might get wrong (not a GGUF, truncated, unknown architecture, a tensor type the
 engine cannot compute, a missing or misshapen tensor) is a one-line `UserError`
@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType, quants
 
 from hybrid import arch as arches
 from hybrid.config import ModelConfig
-from hybrid.gguf_file import GGUFFile, GGUFFormatError, GGUFTensor, printable_name, read_gguf
+from profiler.gguf_file import GGUFFile, GGUFFormatError, GGUFTensor, printable_name, read_gguf
 from profiler.errors import UserError
 
 T = GGMLQuantizationType

@@ -78,6 +78,8 @@ class Graph:
     input_values: dict[str, Any] = field(default_factory=dict)   # the inputs' memory, the graph's
                                     # own (refilled each evaluation: `hybrid.model.Model.inputs`)
     meta: dict[str, Any] = field(default_factory=dict)
+    routes: list[Node] = field(default_factory=list)   # each MoE layer's TOP_K (int64 [T, U]), in
+                                    # layer order: the experts it chose, read after the graph (routes.py)
 
     @property
     def n_kv(self) -> int:

@@ -9,6 +9,8 @@ The rule (`place`), as llama.cpp's loader has it (src/llama-model.cpp, load_tens
   and the first match wins over everything above.
 The `-ot` text is read here too, for every command: `split_override_sets` is its grammar,
 `override_sets` `run`'s sweep of sets, `parse_override_rules` one set of compiled rules.
+`-ncmoe N` (llama.cpp's --n-cpu-moe) is one more such rule, made by `n_cpu_moe_rule` and
+tried before the -ot rules, as llama-bench puts it first.
 Every tensor gets its backend and the cause, so `model info` can say why.
 """
 
@@ -100,6 +102,17 @@ def parse_override_rules(specs: Iterable[str], backends: Sequence[str] | None = 
     are matched case-insensitively against `backends` when given (else `place` checks them).
     """
     return [_parse_rule(rule, backends) for spec in specs for rules in split_override_sets(spec) for rule in rules]
+
+
+def n_cpu_moe_rule(n_layers: int) -> list[str]:
+    """`-ncmoe N` as -ot rule text: the routed experts of layers 0 .. N-1 on the CPU (llama.cpp's
+    `llm_ffn_exps_block_regex`, one rule per layer there, one alternation here, so that the dense
+    leading layers, which have no experts, raise no "matches no tensor" warning of their own).
+    [] for 0."""
+    if n_layers <= 0:
+        return []
+    layers = "|".join(map(str, range(n_layers)))
+    return [rf"blk\.({layers})\.ffn_(up|down|gate)_exps=CPU"]
 
 
 def _parse_rule(text: str, backends: Sequence[str] | None) -> OverrideRule:

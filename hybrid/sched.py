@@ -7,7 +7,9 @@ landed where it did (its cause, for `describe` and `hyprof model info`):
 
   1. `1.inp`: graph inputs are set on the host, so they live on the CPU.
      `1.buf`: an op that reads a buffer (a weight or a KV cache) runs on the
-     backend holding that buffer, so weights never move.
+     backend holding that buffer, so weights never move, except that
+     `1.off`: a matmul on a host weight whose batch is big enough runs on the
+     accelerator, which uploads the weight (op offload, hybrid/offload.py).
   2. Weightless ops follow their neighbours along the graph, devices first:
      `2.dev_down` / `2.dev_up` spread device placements down and then up the
      node list, stopping at CPU nodes, then `2.rest_down` / `2.rest_up` spread
@@ -18,6 +20,9 @@ landed where it did (its cause, for `describe` and `hyprof model info`):
   4. Maximal runs of same-backend nodes become splits; each split's inputs are
      the values it reads that were computed on another backend. A value is
      copied to a backend once per graph, by the first split there that needs it.
+     An offloaded op starts a split of its own, as in ggml: the split uploads its
+     weight (a MUL_MAT_ID's used experts only, known once the earlier splits have
+     run) before it computes.
 
 With DeepSeek2, `-ngl 99 -ot "\\.ffn_.*_exps\\.=CPU"` gives two splits per MoE
 layer: [device: attention, router, shared expert, ...] [CPU: routed experts].
@@ -28,7 +33,9 @@ the scheduler keeps with the plan and runs at every evaluation.
 `Scheduler.compute` then runs each split as ggml's `compute_splits` does: set up,
 copy its inputs to its backend, dispatch and compute (CPU: on the worker pool;
 devices: queued on their stream, run by the device while the host waits on it),
-and the split computing the graph's output reads it back to the host.
+and the split computing the graph's output reads it back to the host. A split
+that starts with an offloaded op first reads the batch's expert ids back and
+uploads the experts they use (`_upload`: a `copy` event of kind `weights` each).
 Every step goes to the recorder on the main lane; ops go to the lane that ran them.
 """
 
@@ -39,9 +46,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from hybrid.graph import Graph, Node
+from hybrid.offload import OpOffload, stored_parts, used_experts
 from hybrid.placement import CPU
+from hybrid.routes import record_routes
 from profiler.recorder import Recorder
-from profiler.schema import MAIN_LANE
+from profiler.schema import MAIN_LANE, WEIGHTS_COPY
 
 if TYPE_CHECKING:
     from hybrid.program import Program
@@ -55,6 +64,7 @@ class Split:
     i_end: int                    # one past its last node
     nodes: tuple[Node, ...]       # the ops it runs, in order (graph inputs belong to no split)
     inputs: tuple[Node, ...]      # values computed on another backend, copied here first
+    upload: Node | None = None    # an offloaded op (its first node): its host weight is uploaded first
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,33 +78,38 @@ class SplitPlan:
         return sum(len(s.inputs) for s in self.splits)
 
 
-def split_graph(graph: Graph, buffer_backend: Callable[[str], str]) -> SplitPlan:
+def split_graph(graph: Graph, buffer_backend: Callable[[str], str], offload: OpOffload | None = None) -> SplitPlan:
     """The split rule: assign every node a backend and cut the graph into splits.
 
     `buffer_backend(name)` is the backend holding a weight or KV-cache buffer (from
-    the placement). The passes are described in the module docstring.
+    the placement); `offload` says which ops on host weights go to the accelerator
+    (None: none). The passes are described in the module docstring.
     """
     nodes = graph.nodes
     backends: list[str | None] = [None] * len(nodes)
     causes: list[str] = [""] * len(nodes)
-    _assign_by_buffer(nodes, backends, causes, buffer_backend)
+    _assign_by_buffer(nodes, backends, causes, buffer_backend, offload)
     _expand(nodes, backends, causes, "2.dev_down", reverse=False, devices_only=True)
     _expand(nodes, backends, causes, "2.dev_up", reverse=True, devices_only=True)
     _expand(nodes, backends, causes, "2.rest_down", reverse=False, devices_only=False)
     _expand(nodes, backends, causes, "2.rest_up", reverse=True, devices_only=False)
     backend_of = _assign_leftovers(nodes, backends, causes)
-    return SplitPlan(splits=_cut_splits(nodes, backends, backend_of),
+    return SplitPlan(splits=_cut_splits(nodes, backends, causes, backend_of),
                      causes=tuple(causes),
                      backend_of=backend_of)
 
 
-def _assign_by_buffer(nodes, backends, causes, buffer_backend) -> None:
-    """Pass 1: inputs on the host; ops that read a buffer where the buffer is."""
+def _assign_by_buffer(nodes, backends, causes, buffer_backend, offload) -> None:
+    """Pass 1: inputs on the host; ops that read a buffer where the buffer is, or, for a big
+    batch's matmul on a host weight, on the accelerator (`OpOffload.wants`)."""
     for i, node in enumerate(nodes):
         if node.is_input:
             backends[i], causes[i] = CPU, "1.inp"
         elif node.buffer is not None:
             backends[i], causes[i] = buffer_backend(node.buffer), "1.buf"
+            if (backends[i] == CPU and offload is not None
+                    and offload.wants(node.op, node.buffer, node.n_tokens)):
+                backends[i], causes[i] = offload.accel, "1.off"
 
 
 def _expand(nodes, backends, causes, cause: str, *, reverse: bool, devices_only: bool) -> None:
@@ -123,8 +138,9 @@ def _assign_leftovers(nodes, backends, causes) -> dict[Node, str]:
     return backend_of
 
 
-def _cut_splits(nodes, backends, backend_of) -> tuple[Split, ...]:
-    """Pass 4: maximal same-backend runs, each with the inputs it must copy in."""
+def _cut_splits(nodes, backends, causes, backend_of) -> tuple[Split, ...]:
+    """Pass 4: maximal same-backend runs, each with the inputs it must copy in; an offloaded
+    op starts a new one, which uploads its weight."""
     splits: list[Split] = []
     copied: set[tuple[Node, str]] = set()   # (value, backend) already copied this graph
     run: list[Node] = []
@@ -133,13 +149,14 @@ def _cut_splits(nodes, backends, backend_of) -> tuple[Split, ...]:
 
     def close(i_end: int) -> None:
         if run:
-            splits.append(Split(backends[i_start], i_start, i_end, tuple(run), tuple(inputs)))
+            splits.append(Split(backends[i_start], i_start, i_end, tuple(run), tuple(inputs),
+                                run[0] if causes[i_start] == "1.off" else None))
 
     for i, node in enumerate(nodes):
         if node.is_input:
             continue
         b = backends[i]
-        if not run or b != backends[i_start]:
+        if not run or b != backends[i_start] or causes[i] == "1.off":
             close(i)
             run, inputs, i_start = [], [], i
         run.append(node)
@@ -205,6 +222,8 @@ class Scheduler:
         except BaseException:   # Ctrl-C or an op's error: leave no device work behind
             self._abandon()
             raise
+        if self.recorder.enabled and graph.routes:
+            record_routes(self.recorder, self.lane, graph, graph_id, lambda n: values[plan.backend_of[n]][n])
         return host[graph.output]
 
     def _run_split(self, split: Split, program: "Program", i_split: int, plan: SplitPlan,
@@ -220,6 +239,8 @@ class Scheduler:
             src_backend = plan.backend_of[src]
             dst_values[src] = self._copy(src, values[src_backend][src], src_backend,
                                          split.backend, graph_id, i_split)
+        if split.upload is not None:
+            self._upload(split.upload, backend, dst_values, graph_id, i_split)
         backend.compute(program, dst_values, graph_id, i_split, graph.n_kv)
         output = graph.output
         if backend.is_device:
@@ -247,8 +268,22 @@ class Scheduler:
             value = dst_backend.to_device(value, node)
         if rec.enabled:
             self.lane.copy(t, rec.now() - t, graph_id, i_split, src, dst, nbytes(value),
-                           node.name)
+                           node.name, None)
         return value
+
+    def _upload(self, node: Node, backend: Any, values: dict, graph_id: int, i_split: int) -> None:
+        """Op offload's upload: the host weight of `node` into the device's staging memory, of a
+        MUL_MAT_ID only the rows of the experts its batch uses (its ids, computed by an earlier
+        split on this device, which the scheduler has synchronised, read back first), one
+        `copy` event of kind `weights` per stored tensor."""
+        rec = self.recorder
+        experts = None if node.op == "MUL_MAT" else used_experts(values[node.srcs[1]])
+        for name in stored_parts(self.backends[CPU].buffers[node.buffer]):
+            t = rec.now() if rec.enabled else 0
+            n_bytes = backend.upload(name, experts)
+            if rec.enabled:
+                self.lane.copy(t, rec.now() - t, graph_id, i_split, CPU, backend.name, n_bytes,
+                               name.removesuffix(".weight"), WEIGHTS_COPY)
 
     def _abandon(self) -> None:
         """Wait for every device to finish what was queued, ignoring its errors."""
@@ -278,6 +313,7 @@ def map_values(fn: Callable[[Any], Any], value: Any) -> Any:
 def describe(plan: SplitPlan) -> list[dict]:
     """The plan as plain rows, one per split: what it runs and what it copies in."""
     return [{"split": i, "backend": s.backend, "n_nodes": len(s.nodes),
-             "nodes": [n.name for n in s.nodes], "inputs": [n.name for n in s.inputs]}
+             "nodes": [n.name for n in s.nodes], "inputs": [n.name for n in s.inputs],
+             "upload": None if s.upload is None else s.upload.name}
             for i, s in enumerate(plan.splits)]
 

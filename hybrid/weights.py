@@ -69,7 +69,7 @@ class Weight:
     ggml_type: int
     shape: tuple[int, ...]
     data: torch.Tensor
-    # the same blocks repacked for the AVX-512 kernel (`cpu_kernels.repack`), same shape and
+    # the same blocks repacked for the AVX2 / AVX-512 kernels (`cpu_kernels.repack`), same shape and
     # size, where the weight is on the CPU and can be; the native matmuls read these instead
     packed: np.ndarray | None = None
 

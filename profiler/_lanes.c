@@ -1,12 +1,13 @@
 /* The recorder's lanes, native: each event appended as 64-bit cells, turned into JSON lines at the drain.
 
    configure(kinds)     once, from profiler/recorder.py: per event type, in the order of Lane's
-                        methods (op, copy, split, wakeup, sync, phase, graph, test), (name, fields)
+                        methods (op, copy, split, wakeup, sync, phase, graph, test, route), (name, fields)
                         with fields a tuple of (prefix: bytes, flags: int) per value, the prefix
                         being what its line has before the value (`{"type":"op","ts":` first,
                         `,"name":` after). flags: STR, a JSON string; OPTIONAL, None leaves the
                         field out; OBJECT, the value is kept as it is and the line made by the
-                        caller (a test's free-form fields). Other values are integers.
+                        caller (a test's free-form fields, a route's expert ids). Other values are
+                        integers.
    Lane(tid)            lane.op(ts, dur, ...), lane.copy(...), ...: append one event, its values
                         in field order; take() -> Batch or None: the events since the last take;
                         clear(): forget them.
@@ -38,8 +39,8 @@
 #include <string.h>
 
 enum { INT = 0, STR = 1, OPTIONAL = 2, OBJECT = 4 };
-enum { N_KINDS = 8, MAX_FIELDS = 16, OP = 0 };
-static const char *kind_names[N_KINDS] = {"op", "copy", "split", "wakeup", "sync", "phase", "graph", "test"};
+enum { N_KINDS = 9, MAX_FIELDS = 16, OP = 0 };
+static const char *kind_names[N_KINDS] = {"op", "copy", "split", "wakeup", "sync", "phase", "graph", "test", "route"};
 
 /* An event's cells: a header, then one cell per value: the integer, the interned string's id,
    or (kept as an object) a new reference. The header holds the type, the value count, and one
@@ -317,6 +318,7 @@ LANE_METHOD(sync, 4)
 LANE_METHOD(phase, 5)
 LANE_METHOD(graph, 6)
 LANE_METHOD(test, 7)
+LANE_METHOD(route, 8)
 
 static PyObject *lane_take(Lane *self, PyObject *unused) {
     if (!self->n_events) Py_RETURN_NONE;
@@ -370,6 +372,7 @@ static PyMethodDef lane_methods[] = {
     FASTCALL(phase, "phase(ts, dur, graph, name)"),
     FASTCALL(graph, "graph(ts, dur, graph, test, n_tokens, n_past)"),
     FASTCALL(test, "test(ts, dur, fields)"),
+    FASTCALL(route, "route(ts, dur, graph, layer, n_tokens, experts)"),
     {"take", (PyCFunction)lane_take, METH_NOARGS, "take() -> Batch of the events since the last take, or None"},
     {"clear", (PyCFunction)lane_clear, METH_NOARGS, "clear(): forget the events since the last take"},
     {NULL, NULL, 0, NULL},
@@ -663,7 +666,7 @@ static PyObject *configure(PyObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 bad:
     PyErr_SetString(PyExc_ValueError, "configure: a tuple of (name, ((prefix bytes, flags), ...)) per event type, "
-                                      "in the order op, copy, split, wakeup, sync, phase, graph, test; "
+                                      "in the order op, copy, split, wakeup, sync, phase, graph, test, route; "
                                       "ts and dur first, as integers");
     return NULL;
 }

@@ -61,7 +61,8 @@ class MakeEngine(Protocol):
 
     def __call__(self, model_path: str, *, threads: int, n_gpu_layers: int,
                  overrides: Sequence[str], accel: str, mla: int, fa: int, fmoe: int, rtr: int,
-                 poll: int, recorder: Recorder) -> BenchEngine: ...
+                 poll: int, recorder: Recorder, n_ubatch: int, n_cpu_moe: int, no_op_offload: int,
+                 op_offload_min_batch: int | None, op_offload: str) -> BenchEngine: ...
 
 
 # ---------------------------------------------------------------------------
@@ -80,21 +81,31 @@ class EngineConfig:
     fmoe: int = 1
     rtr: int = 0
     poll: int = 50
+    n_ubatch: int = 512
+    n_cpu_moe: int = 0
+    no_op_offload: int = 0
+    op_offload_min_batch: int | None = None     # None: the engine's default (GGML_OP_OFFLOAD_MIN_BATCH, 32)
+    op_offload: str = "llama.cpp"               # the op-offload rule (llama.cpp | ik)
 
     def as_dict(self) -> dict:
-        return {"threads": self.threads, "n_gpu_layers": self.n_gpu_layers,
+        return {"threads": self.threads, "n_gpu_layers": self.n_gpu_layers, "n_cpu_moe": self.n_cpu_moe,
                 "overrides": list(self.overrides), "accel": self.accel, "mla": self.mla,
-                "fa": self.fa, "fmoe": self.fmoe, "rtr": self.rtr, "poll": self.poll}
+                "fa": self.fa, "fmoe": self.fmoe, "rtr": self.rtr, "poll": self.poll, "n_ubatch": self.n_ubatch,
+                "no_op_offload": self.no_op_offload, "op_offload_min_batch": self.op_offload_min_batch,
+                "op_offload": self.op_offload}
 
 
 def sweep(*, threads: Sequence[int], n_gpu_layers: Sequence[int],
           override_sets: Sequence[Sequence[str]], accel: str, mla: Sequence[int] = (0,),
           fa: Sequence[int] = (1,), fmoe: Sequence[int] = (1,), rtr: Sequence[int] = (0,),
-          poll: Sequence[int] = (50,)) -> list[EngineConfig]:
+          poll: Sequence[int] = (50,), n_ubatch: Sequence[int] = (512,), n_cpu_moe: Sequence[int] = (0,),
+          no_op_offload: Sequence[int] = (0,), op_offload_min_batch: Sequence[int | None] = (None,),
+          op_offload: str = "llama.cpp") -> list[EngineConfig]:
     """Every combination of the swept values, in llama-bench's order (the last flag varies fastest)."""
-    return [EngineConfig(t, ngl, tuple(ot), accel, m, a, f, r, p)
-            for t, ngl, ot, m, a, f, r, p in itertools.product(
-                threads, n_gpu_layers, override_sets or [()], mla, fa, fmoe, rtr, poll)]
+    return [EngineConfig(t, ngl, tuple(ot), accel, m, a, f, r, p, ub, ncmoe, nopo, mb, op_offload)
+            for t, ngl, ncmoe, ot, m, a, f, r, p, ub, nopo, mb in itertools.product(
+                threads, n_gpu_layers, n_cpu_moe, override_sets or [()], mla, fa, fmoe, rtr, poll, n_ubatch,
+                no_op_offload, op_offload_min_batch)]
 
 
 @dataclass(frozen=True)
@@ -223,7 +234,10 @@ def run_bench(make_engine: MakeEngine, model_path: str, configs: Sequence[Engine
             engine = make_engine(model_path, threads=config.threads,
                                  n_gpu_layers=config.n_gpu_layers, overrides=config.overrides,
                                  accel=config.accel, mla=config.mla, fa=config.fa, fmoe=config.fmoe,
-                                 rtr=config.rtr, poll=config.poll, recorder=recorder)
+                                 rtr=config.rtr, poll=config.poll, recorder=recorder,
+                                 n_ubatch=config.n_ubatch, n_cpu_moe=config.n_cpu_moe,
+                                 no_op_offload=config.no_op_offload,
+                                 op_offload_min_batch=config.op_offload_min_batch, op_offload=config.op_offload)
             try:
                 header = engine.header()
                 machine = _machine(header)

@@ -14,7 +14,15 @@ from typing import Sequence
 from profiler.bench import BenchResult
 
 MD_COLUMNS = ("model", "size", "params", "backend", "threads", "ngl", "ot", "test", "t/s")
-_RIGHT = {"size", "params", "threads", "ngl", "test", "t/s"}
+_RIGHT = {"size", "params", "threads", "ngl", "test", "t/s", "n_ubatch", "n_cpu_moe", "nopo", "offload_mb"}
+# Columns shown before `test` only when some row's value is not llama-bench's default, as
+# llama-bench does: (column, the value of a result, the default).
+OPTIONAL_MD_COLUMNS = (
+    ("n_ubatch", lambda r: r.config.n_ubatch, 512),
+    ("n_cpu_moe", lambda r: r.config.n_cpu_moe, 0),
+    ("nopo", lambda r: r.config.no_op_offload, 0),
+    ("offload_mb", lambda r: r.config.op_offload_min_batch, None),
+)
 
 
 def result_fields(r: BenchResult) -> dict:
@@ -38,6 +46,11 @@ def result_fields(r: BenchResult) -> dict:
         "fmoe": r.config.fmoe,
         "rtr": r.config.rtr,
         "poll": r.config.poll,
+        "n_ubatch": r.config.n_ubatch,
+        "n_cpu_moe": r.config.n_cpu_moe,
+        "no_op_offload": r.config.no_op_offload,
+        "op_offload_min_batch": r.engine_config.get("op_offload_min_batch", r.config.op_offload_min_batch),
+        "op_offload": r.config.op_offload,
         "test": r.test.name,
         "kind": r.test.kind,
         "n_prompt": r.test.n_prompt,
@@ -54,19 +67,23 @@ def result_fields(r: BenchResult) -> dict:
 
 
 def render_markdown(results: Sequence[BenchResult]) -> str:
+    extra = [(name, value) for name, value, default in OPTIONAL_MD_COLUMNS
+             if any(value(r) != default for r in results)]
+    columns = MD_COLUMNS[:-2] + tuple(name for name, _ in extra) + MD_COLUMNS[-2:]
     rows = [[_model_type(r), _size(r.model.get("size_bytes") or 0),
              _params(r.model.get("n_params") or 0), r.backend, str(r.config.threads),
-             str(r.config.n_gpu_layers), _ot(r.config.overrides), r.test.name,
-             f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}"] for r in results]
-    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(MD_COLUMNS)]
+             str(r.config.n_gpu_layers), _ot(r.config.overrides)]
+            + [str(value(r)) for _, value in extra]
+            + [r.test.name, f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}"] for r in results]
+    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(columns)]
 
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if name in _RIGHT else c.ljust(w)
-                                 for c, w, name in zip(cells, widths, MD_COLUMNS)) + " |"
+                                 for c, w, name in zip(cells, widths, columns)) + " |"
 
     rule = "| " + " | ".join("-" * (w - 1) + (":" if name in _RIGHT else "-")
-                             for w, name in zip(widths, MD_COLUMNS)) + " |"
-    return "\n".join([line(MD_COLUMNS), rule] + [line(row) for row in rows]) + "\n"
+                             for w, name in zip(widths, columns)) + " |"
+    return "\n".join([line(columns), rule] + [line(row) for row in rows]) + "\n"
 
 
 def render_json(results: Sequence[BenchResult]) -> str:

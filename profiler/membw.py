@@ -138,6 +138,26 @@ def _cache_key(threads: int) -> str:
     return f"{machine['cpu']}|{machine['cores']} cores|{threads} threads"
 
 
+def _read_cache() -> dict:
+    try:
+        cache = json.loads((cache_dir() / CACHE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def cached_result(threads: int, array_bytes: int | None = None) -> StreamResult | None:
+    """This machine's cached STREAM result for `threads` threads (any array size when None), or
+    None: what an imported log's report compares with, without measuring for seconds."""
+    entry = _read_cache().get(_cache_key(threads))
+    if not isinstance(entry, dict) or (array_bytes is not None and entry.get("array_bytes") != array_bytes):
+        return None
+    try:
+        return StreamResult(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()})
+    except TypeError:       # written by another version: measure again
+        return None
+
+
 def cached_stream(threads: int, *, array_bytes: int | None = None,
                   runs: int = DEFAULT_RUNS, refresh: bool = False,
                   progress: bool = True) -> tuple[StreamResult, bool]:
@@ -145,21 +165,15 @@ def cached_stream(threads: int, *, array_bytes: int | None = None,
     the cache (keyed by CPU model, cores and threads). Returns it and whether it came
     from the cache. `array_bytes`: each array's size, DEFAULT_ARRAY_BYTES if None."""
     array_bytes = array_bytes or DEFAULT_ARRAY_BYTES
-    path = cache_dir() / CACHE_FILE
-    key = _cache_key(threads)
-    try:
-        cache = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        cache = {}
-    entry = cache.get(key)
-    if entry and not refresh and entry.get("array_bytes") == array_bytes:
-        entry = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}
-        return StreamResult(**entry), True
+    cached = None if refresh else cached_result(threads, array_bytes)
+    if cached is not None:
+        return cached, True
     with progress_bar(2 * runs, f"membw: STREAM copy + triad, {threads} threads",
                       progress) as advance:
         result = measure_stream(threads, array_bytes, runs, advance)
-    cache[key] = asdict(result)
-    with atomic_output(path, force=True, flag="cache") as f:
+    cache = _read_cache()
+    cache[_cache_key(threads)] = asdict(result)
+    with atomic_output(cache_dir() / CACHE_FILE, force=True, flag="cache") as f:
         json.dump(cache, f, indent=1)
     return result, False
 

@@ -9,13 +9,14 @@ recorded so far, merged in time order, as contract-v1 dicts for a sink.
 API (stable; the internals may change):
     rec = Recorder(enabled=True, print_timing=None); lane = rec.lane("main")
     lane.op(ts, dur, graph, split, backend, op, name, layer, nbytes, flops, n_tokens)
-    lane.copy(ts, dur, graph, split, src, dst, nbytes, name)
+    lane.copy(ts, dur, graph, split, src, dst, nbytes, name, kind)   # kind None: activations
     lane.split(ts, dur, graph, split, backend, n_nodes, n_inputs)
     lane.wakeup(ts, dur, graph, split, backend)
     lane.sync(ts, dur, graph, split, backend)
     lane.phase(ts, dur, graph, name)
     lane.graph(ts, dur, graph, test, n_tokens, n_past)
     lane.test(ts, dur, fields)            # rare: one per test repetition
+    lane.route(ts, dur, graph, layer, n_tokens, experts)   # experts: int array [n_tokens * n_expert_used]
     pool_op(lanes, times, t0, ts, ...)    # an op a worker pool shared, as events on its lanes
     rec.next_graph() -> int               # a graph id unique over the recorder's life
     rec.drain() -> list[dict]
@@ -40,6 +41,7 @@ import time
 from itertools import count
 from operator import itemgetter
 
+import numpy as np
 import orjson
 
 from profiler import _lanes
@@ -49,17 +51,20 @@ from profiler import _lanes
 COLUMNS = {
     "op": ("ts", "dur", "graph", "split", "backend", "op", "name", "layer", "bytes", "flops",
            "n_tokens"),
-    "copy": ("ts", "dur", "graph", "split", "src", "dst", "bytes", "name"),
+    "copy": ("ts", "dur", "graph", "split", "src", "dst", "bytes", "name", "kind"),
     "split": ("ts", "dur", "graph", "split", "backend", "n_nodes", "n_inputs"),
     "wakeup": ("ts", "dur", "graph", "split", "backend"),
     "sync": ("ts", "dur", "graph", "split", "backend"),
     "phase": ("ts", "dur", "graph", "name"),
     "graph": ("ts", "dur", "graph", "test", "n_tokens", "n_past"),
     "test": ("ts", "dur", "fields"),
+    "route": ("ts", "dur", "graph", "layer", "n_tokens", "experts"),
 }
 
-OPTIONAL_FIELDS = ("graph", "split", "backend")     # common fields that may not apply
-STRING_FIELDS = frozenset({"backend", "op", "name", "src", "dst", "test"})   # the rest count something
+OPTIONAL_FIELDS = ("graph", "split", "backend", "kind")     # fields that may not apply (a copy's kind:
+                                                            # None for activations, the default)
+STRING_FIELDS = frozenset({"backend", "op", "name", "src", "dst", "test", "kind"})   # the rest count something
+OBJECT_FIELDS = frozenset({("test", "fields"), ("route", "experts")})    # kept as given, written by orjson
 
 
 def _line_fields(kind: str) -> tuple:
@@ -68,7 +73,7 @@ def _line_fields(kind: str) -> tuple:
     names = COLUMNS[kind]
     prefixes = [b'{"type":' + orjson.dumps(kind) + b","] + [b","] * (len(names) - 1)
     return tuple((prefix + orjson.dumps(name) + b":",
-                  (_lanes.OBJECT if kind == "test" and name == "fields" else
+                  (_lanes.OBJECT if (kind, name) in OBJECT_FIELDS else
                    _lanes.STR if name in STRING_FIELDS else 0)
                   | (_lanes.OPTIONAL if name in OPTIONAL_FIELDS else 0))
                  for prefix, name in zip(prefixes, names))
@@ -95,7 +100,8 @@ pool_op = _lanes.pool_op
 
 def event_dict(kind: str, tid: str, values: tuple) -> dict:
     """One event as its contract-v1 dict: an optional common field (`graph`, `split`, `backend`)
-    that is None does not apply and is left out; a `dur` below zero is written as 0."""
+    that is None does not apply and is left out; a `dur` below zero is written as 0; a route's
+    experts are a list."""
     if kind == "test":
         ts, dur, fields = values
         return {"type": "test", "ts": int(ts), "dur": max(int(dur), 0), "tid": tid, **fields}
@@ -103,6 +109,8 @@ def event_dict(kind: str, tid: str, values: tuple) -> dict:
     for name, value in zip(COLUMNS[kind][2:], values[2:]):
         if value is not None or name not in OPTIONAL_FIELDS:
             ev[name] = value
+    if kind == "route":                 # the ids as recorded (a NumPy array) -> a JSON list
+        ev["experts"] = np.asarray(ev["experts"]).tolist()
     ev["tid"] = tid
     return ev
 

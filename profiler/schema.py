@@ -19,6 +19,7 @@ EVENT_FIELDS = {
     "copy": ("src", "dst", "bytes", "name"),
     "wakeup": (),
     "sync": (),
+    "route": ("layer", "n_tokens", "experts"),  # experts: n_tokens * n_expert_used ids, token-major
 }
 EVENT_TYPES = tuple(EVENT_FIELDS)
 # Fields some writers add and readers know, beyond the ones above (optional: v1 readers skip
@@ -31,8 +32,14 @@ OPTIONAL_FIELDS = {
     "graph": ("role",       # why an untimed graph ran: "warmup", "depth" (imported logs)
               "incomplete"),  # true: the log ended inside this graph
     "phase": ("label",),    # the source's own name for the phase (e.g. `sched_alloc_graph`)
-    "op": ("node",),        # the node name the source printed, when `name` is the weight's
+    "op": ("node",          # the node name the source printed, when `name` is the weight's
+           "bytes_ub"),     # 1: `bytes` is an upper bound (an imported batch's experts, which its
+                            # log does not name: analysis/model_bytes.py); absent or 0: exact
+    "copy": ("kind",),      # "weights": an op-offload upload of a host weight (absent: "act")
 }
+
+# A copy's `kind` when it is an op-offload upload of a host weight (absent: activations, "act").
+WEIGHTS_COPY = "weights"
 
 # Host phases that count as graph build in the attribution.
 GRAPH_BUILD_PHASES = ("graph_build", "set_inputs")

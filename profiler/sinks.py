@@ -22,13 +22,14 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import orjson
 
 from profiler.errors import UserError
 from profiler.files import check_output_path, new_file_mode
 from profiler._lanes import format_events
 from profiler.recorder import Batch, Lane, event_dict
-from profiler.schema import SCHEMA
+from profiler.schema import SCHEMA, WEIGHTS_COPY
 
 _json_line = functools.partial(orjson.dumps,
                                option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
@@ -147,9 +148,10 @@ class PrintingLane(Lane):
         Lane.op(self, ts, dur, graph, split, backend, op, name, layer, nbytes, flops, n_tokens)
         self._print(f"{op}({name}) [{backend}/{self.tid}]: {_us(dur)} us")
 
-    def copy(self, ts, dur, graph, split, src, dst, nbytes, name):
-        Lane.copy(self, ts, dur, graph, split, src, dst, nbytes, name)
-        self._print(f"copy({name}) [{src}->{dst}/{self.tid}]: {_us(dur)} us")
+    def copy(self, ts, dur, graph, split, src, dst, nbytes, name, kind):
+        Lane.copy(self, ts, dur, graph, split, src, dst, nbytes, name, kind)
+        what = "upload" if kind == WEIGHTS_COPY else "copy"
+        self._print(f"{what}({name}) [{src}->{dst}/{self.tid}]: {_us(dur)} us")
 
     def split(self, ts, dur, graph, split, backend, n_nodes, n_inputs):
         Lane.split(self, ts, dur, graph, split, backend, n_nodes, n_inputs)
@@ -171,6 +173,11 @@ class PrintingLane(Lane):
         Lane.graph(self, ts, dur, graph, test, n_tokens, n_past)
         self._print(f"graph({test} #{graph}, {n_tokens} tokens @ {n_past}) "
                     f"[host/{self.tid}]: {_us(dur)} us")
+
+    def route(self, ts, dur, graph, layer, n_tokens, experts):
+        Lane.route(self, ts, dur, graph, layer, n_tokens, experts)
+        self._print(f"route(blk.{layer}) [host/{self.tid}]: {n_tokens} tokens, experts "
+                    f"{np.asarray(experts).tolist()}")
 
     def test(self, ts, dur, fields: dict):
         Lane.test(self, ts, dur, fields)

@@ -6,7 +6,8 @@ type present, so many graphs). It checks what a reader relies on: the header's
 fields, each event's fields, and that ids are consistent in time: every event
 of a split inside that split's interval, every event of a graph inside the
 graph's, every graph inside a test repetition of the same name whose token
-count its graphs add up to.
+count its graphs add up to; a route's experts are n_tokens x the header's
+n_expert_used ids below its n_expert.
 """
 
 from __future__ import annotations
@@ -68,9 +69,11 @@ def check_timings_file(path: str | Path, *, tol_ns: int = 0, partial_tail: bool 
 
     graphs = _index_graphs(by_type["graph"], path)
     splits = _index_splits(by_type["split"], graphs, path, tol_ns)
-    for kind in ("op", "copy", "wakeup", "sync", "phase"):
+    for kind in ("op", "copy", "wakeup", "sync", "phase", "route"):
         for i, ev in by_type[kind]:
             _check_inside(ev, graphs, splits, f"{path}:{i}", tol_ns)
+    for i, ev in by_type["route"]:
+        _check_route(ev, summary.header["model"], f"{path}:{i}")
     summary.n_graphs_outside_tests = _check_tests(by_type["test"], by_type["graph"], path,
                                                   partial_tail)
     missing = [t for t in require_types if not summary.counts[t]]
@@ -109,6 +112,15 @@ def check_event(ev: dict, where: str) -> None:
     if ev["type"] in ("op", "split", "wakeup", "sync"):
         lacking += [f for f in ("backend",) if f not in ev]
     assert not lacking, f"{where}: {ev['type']} event lacks {lacking}"
+
+
+def _check_route(ev: dict, model: dict, where: str) -> None:
+    n_expert, n_used = model.get("n_expert"), model.get("n_expert_used")
+    assert n_expert and n_used, f"{where}: route event, but the header's model lacks n_expert / n_expert_used"
+    ids = ev["experts"]
+    assert isinstance(ids, list) and len(ids) == ev["n_tokens"] * n_used, \
+        f"{where}: route experts has {len(ids)} ids, not n_tokens {ev['n_tokens']} x n_expert_used {n_used}"
+    assert all(type(e) is int and 0 <= e < n_expert for e in ids), f"{where}: route experts not all in [0, {n_expert})"
 
 
 def _index_graphs(graph_events, path) -> dict:

@@ -3,7 +3,8 @@
 It computes nothing, but records what a hybrid CPU + ACC0 evaluation records,
 with real clock readings: graph build and input phases, an accelerator split
 (input copy, attention ops, sync), a CPU split (a wakeup per worker, expert
-matmuls on the worker lanes, copy back), a sampling phase. Tests of the runner,
+matmuls on the worker lanes, copy back), each layer's route (experts chosen round
+robin: token t of the graph, slot u -> expert (n_past + t + u) % N_EXPERT), a sampling phase. Tests of the runner,
 sinks and (later) analysis run on it without torch or a model file.
 """
 
@@ -11,7 +12,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from profiler.recorder import Recorder
+
+N_EXPERT, N_EXPERT_USED = 8, 2
 
 
 def _spin(n: int = 200) -> None:
@@ -24,7 +29,9 @@ class FakeEngine:
 
     def __init__(self, model_path: str, *, threads: int, n_gpu_layers: int,
                  overrides: Sequence[str], accel: str, mla: int, fa: int, fmoe: int, rtr: int,
-                 poll: int, recorder: Recorder, n_layer: int = 2,
+                 poll: int, recorder: Recorder, n_ubatch: int = 512, n_cpu_moe: int = 0,
+                 no_op_offload: int = 0, op_offload_min_batch: int | None = None, op_offload: str = "llama.cpp",
+                 n_layer: int = 2,
                  interrupt_at_graph: int | None = None):
         self.recorder = recorder
         self.model_path = model_path
@@ -43,7 +50,8 @@ class FakeEngine:
 
     def header(self) -> dict:
         return {"model": {"path": self.model_path, "arch": "deepseek2", "size_bytes": 123456,
-                          "n_params": 2_000_000, "ftype": "Q4_0"},
+                          "n_params": 2_000_000, "ftype": "Q4_0", "n_expert": N_EXPERT,
+                          "n_expert_used": N_EXPERT_USED},
                 "config": self.config,
                 "placement": {"CPU": {"bytes": 100000, "tensors": 12},
                               "ACC0": {"bytes": 23456, "tensors": 30}},
@@ -69,6 +77,10 @@ class FakeEngine:
                 raise KeyboardInterrupt
             self._cpu_split(graph, split + 1, layer, len(tokens))
             split += 2
+        if rec.enabled:
+            experts = (self.n_past + np.arange(len(tokens))[:, None] + np.arange(N_EXPERT_USED)) % N_EXPERT
+            for layer in range(self.n_layer):
+                self.main.route(rec.now(), 0, graph, layer, len(tokens), experts.reshape(-1))
         self._phase(graph, "sample")
         if rec.enabled:
             self.main.graph(t_graph, rec.now() - t_graph, graph, test, len(tokens), self.n_past)
@@ -85,7 +97,7 @@ class FakeEngine:
         t = self.recorder.now()
         _spin()
         if self.recorder.enabled:
-            self.main.copy(t, self.recorder.now() - t, graph, split, src, dst, n_bytes, name)
+            self.main.copy(t, self.recorder.now() - t, graph, split, src, dst, n_bytes, name, None)
 
     def _acc_split(self, graph: int, split: int, layer: int, n_tokens: int) -> None:
         rec = self.recorder

@@ -82,7 +82,8 @@ def test_deepseek_lite_replay_json(deepseek):
     assert round(test["whatif_tps"]["no_overhead"]) == 66
     assert test["whatif_tps"]["cpu_expert_at_peak"] == pytest.approx(640 / (11.53 - 8.42 + 730e6 * 640 / 64e9))
     assert test["whatif_tps"]["bound"] == pytest.approx(64e9 / 730e6)       # only the CPU's peak is known
-    assert test["copy_s"] == pytest.approx({"h2d": 0.0, "d2h": 0.23, "other": 0.0})
+    assert test["copy_s"] == pytest.approx({"h2d": 0.0, "d2h": 0.23, "other": 0.0, "weights": 0.0})
+    assert test["uploads"] == {"bytes": 0, "s": 0.0, "GBps": None, "count": 0, "bytes_per_token": 0.0}
     assert test["hidden_s"] == [{"category": "sync", "under": "gpu_compute", "s": pytest.approx(1.23)}]
     assert orjson.loads(orjson.dumps(deepseek.to_json()))["schema"] == "hyprof-report/1"
 

@@ -1,4 +1,4 @@
-"""hybrid/gguf_file.py against gguf-py's GGUFReader, the independent reference: files that
+"""profiler/gguf_file.py against gguf-py's GGUFReader, the independent reference: files that
 gguf-py writes read back as gguf-py reads them (every key, value and value type; every
 tensor's name, type, shape and bytes), and bad bytes stop with a message, never a crash."""
 
@@ -9,7 +9,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, GGUFValueType as V, GGUFWriter, quants
 
-from hybrid.gguf_file import GGUFFormatError, read_gguf
+from profiler.gguf_file import GGUFFormatError, read_gguf
 
 
 def assert_reads_as_gguf_py(path) -> None:
@@ -98,4 +98,74 @@ def test_bad_bytes_are_named(every_type, tmp_path):
     data[first_type:first_type + 4] = (99).to_bytes(4, "little")
     p.write_bytes(bytes(data))
     with pytest.raises(GGUFFormatError, match="unknown value type 99"):
+        read_gguf(p)
+
+
+# ---------------------------------------------------------------- every type's bytes (profiler/ggml_types.py)
+
+def test_type_table_agrees_with_gguf_py():
+    """Every id gguf-py (mainline's) knows has its name and block sizes; Q8_1, whose blocks the two
+    engines size differently and no file stores, is the one left out."""
+    from gguf import GGML_QUANT_SIZES
+
+    from profiler.ggml_types import TRAITS, GGMLType
+    for t in T:
+        if t == T.Q8_1:
+            assert int(t) not in {int(g) for g in GGMLType}
+            continue
+        mine = GGMLType(int(t))
+        assert mine.name == t.name and mine == t
+        assert (TRAITS[mine].block, TRAITS[mine].type_size, TRAITS[mine].row_meta) == (*GGML_QUANT_SIZES[t], 0), t
+
+
+def test_bits_per_weight_and_rows_by_hand():
+    from profiler.ggml_types import GGMLType as G, row_bytes
+
+    def bits(t, n=256 * 28):
+        return row_bytes(t, n) * 8 / n
+
+    # block bytes from ggml-common.h's structs: IQ4_NL = fp16 d + 16 bytes of nibbles per 32
+    hand = {G.Q4_0: 4.5, G.IQ4_NL: 4.5, G.Q5_0: 5.5, G.Q8_0: 8.5, G.Q4_K: 4.5, G.Q5_K: 5.5, G.Q6_K: 6.5625,
+            G.Q2_K: 2.625, G.Q3_K: 3.4375, G.IQ4_XS: 4.25, G.F16: 16, G.BF16: 16, G.F32: 32,
+            G.Q6_0: 6.5, G.IQ4_K: 4.5, G.IQ5_K: 5.5, G.IQ6_K: 6.625, G.IQ2_K: 2.375, G.IQ3_K: 3.4375}
+    for t, b in hand.items():
+        assert bits(t) == b, t.name
+    # ik_llama.cpp's repacked forms store their base type's blocks, interleaved: the same bytes
+    for repacked, base in ((G.Q4_0_R8, G.Q4_0), (G.Q8_0_R8, G.Q8_0), (G.IQ4_NL_R4, G.IQ4_NL), (G.Q4_K_R4, G.Q4_K),
+                           (G.Q6_K_R4, G.Q6_K), (G.IQ4_XS_R8, G.IQ4_XS), (G.IQ4_K_R4, G.IQ4_K), (G.Q5_0_R4, G.Q5_0),
+                           (G.BF16_R16, G.BF16), (G.IQ4_KS_R4, G.IQ4_KS)):
+        assert row_bytes(repacked, 7168) == row_bytes(base, 7168), repacked.name
+    # types with a per-row scale beside the blocks (ggml_row_size = row_meta + blocks)
+    assert row_bytes(G.IQ4_KS, 7168) == 4 + 28 * 136            # one f32 row scale
+    assert row_bytes(G.IQ2_KT, 4096) == 4 + 16 * 68
+    assert row_bytes(G.IQ2_KS, 2048) == 2 + 8 * 70              # one f16 row scale
+    assert row_bytes(G.IQ1_S_R4, 128) == 2 + 4 * 6             # 24-byte block over 4 rows of 32: 6 a row
+
+
+def _hand_made_gguf(tensors: list[tuple[str, tuple, int, int]]) -> bytes:
+    """A GGUF v3 file with no key/values and the given (name, ggml dims, type id, data bytes) tensors."""
+    import struct
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 0)
+    offset, infos = 0, b""
+    for name, dims, type_id, n_bytes in tensors:
+        infos += struct.pack("<Q", len(name)) + name.encode() + struct.pack("<I", len(dims))
+        infos += struct.pack(f"<{len(dims)}Q", *dims) + struct.pack("<IQ", type_id, offset)
+        offset += -(-n_bytes // 32) * 32
+    start = -(-(len(head) + len(infos)) // 32) * 32
+    return (head + infos).ljust(start, b"\0") + bytes(offset)
+
+
+def test_ik_llama_types_read_with_their_row_bytes(tmp_path):
+    from profiler.ggml_types import GGMLType as G
+    p = tmp_path / "ik.gguf"
+    # IQ4_KS_R4 [256 x 4]: 4 rows of (4 + 136); Q4_0_R8 [64 x 8]: 8 rows of 2 x 18; IQ2_KT [256 x 3 x 2]
+    p.write_bytes(_hand_made_gguf([("a", (256, 4), 344, 4 * 140), ("b", (64, 8), 202, 8 * 36),
+                                   ("c", (256, 3, 2), 153, 6 * 72)]))
+    a, b, c = read_gguf(p).tensors
+    assert (a.ggml_type, a.n_bytes, a.data.shape) == (G.IQ4_KS_R4, 560, (4, 140))
+    assert (b.ggml_type, b.n_bytes, b.data.shape) == (G.Q4_0_R8, 288, (8, 36))
+    assert (c.ggml_type, c.n_bytes, c.data.shape) == (G.IQ2_KT, 432, (2, 3, 72))
+    assert c.data_offset - b.data_offset == 288 and b.data_offset - a.data_offset == 576   # 560 padded to 32
+    p.write_bytes(_hand_made_gguf([("x", (256, 4), 203, 0)]))        # no ggml type 203
+    with pytest.raises(GGUFFormatError, match="tensor x has unknown ggml type 203"):
         read_gguf(p)

@@ -20,7 +20,7 @@ import orjson
 import pytest
 from gguf import GGUFReader, GGUFValueType
 
-from hybrid.gguf_file import read_gguf
+from profiler.gguf_file import read_gguf
 from hyprof.cli import main
 from hybrid_stream import engine_run, hybrid_stream, write_stream
 

@@ -156,7 +156,7 @@ def test_cuda_pp_attribution_by_hand():
                    "gpu_compute": 130, "thread_wakeup": 30, "copy": 30, "sched": 85,
                    "graph_build": 313, "other": 2}
     a = attribute(load_lines(ik_log.convert(CUDA_PP), "cuda"))
-    assert {d: int(v[0]) // US for d, v in a.copy_ns.items()} == {"h2d": 8, "d2h": 20, "other": 2}
+    assert {d: int(v[0]) // US for d, v in a.copy_ns.items()} == {"h2d": 8, "d2h": 20, "other": 2, "weights": 0}
 
 
 # ---------------------------------------------------------------- damaged logs

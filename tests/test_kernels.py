@@ -115,7 +115,7 @@ def test_simd_paths_agree_with_scalar(ggml_type):
 @pytest.mark.parametrize("ggml_type", [ck.Q4_0, ck.Q8_0])
 @pytest.mark.parametrize("n_tok", [3, 4, 8, 9, 17])
 def test_prompt_kernel_tiles_and_row_blocks_match_scalar(ggml_type, n_tok):
-    """From 4 tokens on (R16_MIN_TOKENS), AVX-512 takes the interleaved 16-row kernel: token
+    """From 4 tokens on (R16_MIN_TOKENS), AVX2 and AVX-512 take the interleaved 16-row kernel: token
     counts off its 8-token tile, row counts off 16 (a short last block), block counts off
     the 4-block activation group, and the extreme products must all agree."""
     rng = np.random.default_rng(10 + n_tok)
@@ -259,7 +259,7 @@ def test_bad_arguments_raise_value_errors():
 
 
 def r16_paths(ggml_type):
-    """The paths this CPU runs that read the repacked (R16) layout: scalar everywhere, AVX-512 where present."""
+    """The paths this CPU runs that read the repacked (R16) layout: scalar everywhere, AVX2 and AVX-512 where present."""
     return [path for path in ck.paths() if path in ck.TRAITS[ggml_type].r16]
 
 
@@ -336,13 +336,14 @@ def test_repacked_weights_refuse_what_they_cannot_do():
         ck._kernels.repack_r16(w[:24], ck.Q4_0, 64, np.empty_like(w[:24]), ck._kernels.PATH_NAMES.index("scalar"))
 
 
-@pytest.mark.parametrize("path", [path for path in ck.paths() if path not in ck.TRAITS[ck.Q4_0].r16])
-def test_paths_without_r16_kernels_refuse_repacked_weights(path):
+@pytest.mark.parametrize("ggml_type,path", [(t, path) for t in ck.MATMUL_TYPES for path in ck.paths()
+                                             if path not in ck.TRAITS[t].r16])
+def test_paths_without_r16_kernels_refuse_repacked_weights(ggml_type, path):
     rng = np.random.default_rng(24)
-    w = raw_weights(rng, (16, 64), ck.Q4_0)
-    assert ck.repack(w, ck.Q4_0, path=path) is None
+    w = raw_weights(rng, (16, 64), ggml_type)
+    assert ck.repack(w, ggml_type, path=path) is None
     with pytest.raises(ValueError, match="R16 kernel"):
-        ck.mul_mat(ck.repack(w, ck.Q4_0, path="scalar"), ck.Q4_0 | ck.R16, activations(rng, 1, 64),
+        ck.mul_mat(ck.repack(w, ggml_type, path="scalar"), ggml_type | ck.R16, activations(rng, 1, 64),
                    np.zeros((1, 16), np.float32), path=path)
 
 

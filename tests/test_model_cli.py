@@ -44,6 +44,30 @@ def test_make_then_info_experts_on_cpu(tmp_path, capsys, preset):
     assert r["config"]["n_expert"] == 8 and r["model"]["ftype"] == "Q4_0"
 
 
+@pytest.mark.parametrize("rank", [0, 48])
+def test_make_with_q_lora_rank(tmp_path, capsys, rank):
+    """The preset's attention form replaced: no q-LoRA (attn_q) or another rank (attn_q_a rows)."""
+    path = tmp_path / "t.gguf"
+    rc, _, err = run(capsys, "model", "make", "--preset", "tiny", "--q-lora-rank", str(rank), "-o", str(path),
+                     "--no-progress")
+    assert rc == 0, err
+    model = load_model(path)
+    assert model.config.q_lora_rank == rank
+    if rank:
+        assert model.tensors["blk.0.attn_q_a.weight"].shape[0] == rank and "blk.0.attn_q.weight" not in model.tensors
+    else:
+        assert "blk.0.attn_q.weight" in model.tensors and "blk.0.attn_q_a.weight" not in model.tensors
+
+
+@pytest.mark.parametrize("preset,rank,message", [("qwen3-tiny", 16, "only the deepseek2 presets"),
+                                                 ("tiny", -1, "--q-lora-rank -1")])
+def test_make_refuses_a_q_lora_rank_it_cannot_write(tmp_path, capsys, preset, rank, message):
+    path = tmp_path / "t.gguf"
+    rc, _, err = run(capsys, "model", "make", "--preset", preset, "--q-lora-rank", str(rank), "-o", str(path),
+                     "--no-progress")
+    assert rc == 2 and message in err and "Traceback" not in err and not path.exists()
+
+
 def test_info_table(tiny_gguf, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     rc, out, _ = run(capsys, "model", "info", str(tiny_gguf), "-ot", EXPERTS_ON_CPU, "--accel", "emulated")

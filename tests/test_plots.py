@@ -7,8 +7,8 @@ from hybrid_stream import engine_run, hybrid_stream, write_stream
 
 from analysis.attribution import attribute
 from analysis.depth import depth_series
-from analysis.plots import (CATEGORY_COLOURS, plot_bandwidth, plot_breakdown, plot_depth, plot_ops, plot_timeline,
-                            write_plots)
+from analysis.plots import (CATEGORY_COLOURS, plot_bandwidth, plot_breakdown, plot_depth, plot_experts, plot_ops,
+                            plot_timeline, write_plots)
 from analysis.report import build_report
 from analysis.run_info import describe_run
 from analysis.timeline import token_timeline
@@ -121,7 +121,10 @@ def test_engine_made_timings(engine, tmp_path):
     assert {"category:gpu_compute", "category:cpu_expert_matmul", "backend:ACC0", "backend:CPU"} <= gids(fig)
     assert "EMULATED" in texts(fig) or "emulated" in texts(fig)
     names = [p.name for p in write_plots(t, report, a, tmp_path)]
-    assert names == ["breakdown.png", "timeline.png", "ops.png", "bandwidth.png", "depth.png"]
+    assert names == ["breakdown.png", "timeline.png", "ops.png", "bandwidth.png", "depth.png", "experts.png"]
+    routed = [r for r in report.tests if r.experts is not None]
+    assert [r.name for r in routed] == [r.name for r in report.tests]      # every test recorded its routes
+    assert {f"{kind}:tg3" for kind in ("usage", "coverage", "lru")} <= gids(plot_experts(routed, ""))
 
 
 def test_cli_plots_default_dir_and_refuses_existing_explicit_dir(hand, tmp_path, monkeypatch, capsys):

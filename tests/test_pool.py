@@ -152,7 +152,8 @@ def test_idle_workers_spin_for_spin_ns_then_sleep_and_wake_for_the_next_job():
         p.end_split(np.zeros(3, np.int64))
         used = _cpu_seconds(workers)
         time.sleep(0.1)
-        assert _cpu_seconds(workers) - used > 0.02          # spinning inside the bound
+        assert _cpu_seconds(workers) - used > 0.005         # spinning inside the bound (a loaded machine
+                                                             # gives two spinners less than their 0.2 s)
         time.sleep(0.3)
         used = _cpu_seconds(workers)
         time.sleep(0.3)

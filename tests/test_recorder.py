@@ -18,10 +18,12 @@ def record_one_of_each(lane) -> None:
     lane.graph(0, 1000, 7, "tg1", 1, 5)
     lane.phase(10, 20, 7, "graph_build")
     lane.split(40, 500, 7, 0, "ACC0", 12, 2)
-    lane.copy(50, 30, 7, 0, "CPU", "ACC0", 4096, "attn_norm-0")
+    lane.copy(50, 30, 7, 0, "CPU", "ACC0", 4096, "attn_norm-0", None)
+    lane.copy(60, 20, 7, 0, "CPU", "ACC0", 8192, "blk.1.ffn_up_exps", "weights")
     lane.op(90, 100, 7, 0, "ACC0", "MUL_MAT", "blk.0.attn_q", 0, 2048, 4096, 1)
     lane.wakeup(100, 15, 7, 0, "CPU")
     lane.sync(200, 300, 7, 0, "ACC0")
+    lane.route(600, 0, 7, 1, 2, np.array([3, 5, 0, 5]))
     lane.test(0, 2000, {"name": "tg1", "kind": "tg", "n_prompt": 0, "n_gen": 1, "depth": 0,
                         "rep": 0, "n_tokens": 1})
 
@@ -30,7 +32,7 @@ def test_every_event_type_comes_back_with_its_contract_fields():
     rec = Recorder(enabled=True, print_timing=False)
     record_one_of_each(rec.lane("main"))
     events = rec.drain()
-    assert sorted(e["type"] for e in events) == sorted(EVENT_FIELDS)
+    assert sorted(set(e["type"] for e in events)) == sorted(EVENT_FIELDS)
     for ev in events:
         assert ev["tid"] == "main"
         assert set(EVENT_FIELDS[ev["type"]]) <= set(ev), ev
@@ -38,9 +40,13 @@ def test_every_event_type_comes_back_with_its_contract_fields():
     assert op == {"type": "op", "ts": 90, "dur": 100, "graph": 7, "split": 0, "backend": "ACC0",
                   "op": "MUL_MAT", "name": "blk.0.attn_q", "layer": 0, "bytes": 2048,
                   "flops": 4096, "n_tokens": 1, "tid": "main"}
-    copy = next(e for e in events if e["type"] == "copy")
+    copy, upload = (e for e in events if e["type"] == "copy")
     assert (copy["src"], copy["dst"], copy["bytes"], copy["name"]) == ("CPU", "ACC0", 4096,
                                                                        "attn_norm-0")
+    assert "kind" not in copy                   # activations: the default kind, left out
+    assert (upload["bytes"], upload["name"], upload["kind"]) == (8192, "blk.1.ffn_up_exps", "weights")
+    route = next(e for e in events if e["type"] == "route")
+    assert (route["graph"], route["layer"], route["n_tokens"], route["experts"]) == (7, 1, 2, [3, 5, 0, 5])
     assert rec.drain() == []
 
 

@@ -85,12 +85,13 @@ def test_print_timing_lines(capsys):
     rec = Recorder(print_timing=True)
     main, worker, acc = rec.lane("main"), rec.lane("cpu1"), rec.lane("ACC0")
     main.phase(0, 35_000, 4, "graph_build")
-    main.copy(0, 12_000, 4, 0, "CPU", "ACC0", 64, "inp_embd")
+    main.copy(0, 12_000, 4, 0, "CPU", "ACC0", 64, "inp_embd", None)
     main.split(0, 41_000, 4, 1, "CPU", 8, 1)
     worker.wakeup(0, 1_499, 4, 1, "CPU")
     worker.op(0, 812_000, 4, 1, "CPU", "MUL_MAT_ID", "blk.3.ffn_up_exps", 3, 1, 1, 1)
     acc.op(0, 9_000, 4, 0, "ACC0", "ROPE", "q_rope-3", 3, 0, 1, 1)
     main.sync(0, 500, 4, 0, "ACC0")
+    main.route(0, 0, 4, 3, 1, np.array([7, 2]))
     main.graph(0, 2_000_000, 4, "tg128", 1, 17)
     assert capsys.readouterr().err.splitlines() == [
         "graph_build(...) [host/main]: 35 us",
@@ -100,9 +101,10 @@ def test_print_timing_lines(capsys):
         "MUL_MAT_ID(blk.3.ffn_up_exps) [CPU/cpu1]: 812 us",
         "ROPE(q_rope-3) [ACC0/ACC0]: 9 us",
         "sync(.0.) [ACC0/main]: 1 us",
+        "route(blk.3) [host/main]: 1 tokens, experts [7, 2]",
         "graph(tg128 #4, 1 tokens @ 17) [host/main]: 2000 us",
     ]
-    assert len(rec.drain()) == 8
+    assert len(rec.drain()) == 9
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
@@ -124,11 +126,13 @@ ints = st.integers(-2**40, 2**62)
 @given(st.lists(st.one_of(
     st.tuples(st.just("op"), ints, ints, st.none() | ints, st.none() | ints,
               st.none() | st.sampled_from(["CPU", "ACC0"]), names, names, ints, ints, ints, ints),
-    st.tuples(st.just("copy"), ints, ints, ints, ints, names, names, ints, names),
+    st.tuples(st.just("copy"), ints, ints, ints, ints, names, names, ints, names, st.none() | st.just("weights")),
     st.tuples(st.just("phase"), ints, ints, st.none() | ints, names),
     st.tuples(st.just("graph"), ints, ints, ints, names, ints, ints),
     st.tuples(st.just("wakeup"), ints, ints, ints, ints, st.just("CPU")),
     st.tuples(st.just("test"), ints, ints, st.fixed_dictionaries({"name": names, "rep": ints})),
+    st.tuples(st.just("route"), ints, ints, ints, ints, ints,
+              st.lists(st.integers(0, 255), min_size=1, max_size=8).map(np.array)),
 ), max_size=60), st.sampled_from(["main", "cpu1", 'odd"%lane']), st.booleans())
 def test_the_native_lines_are_the_events_drain_gives(tmp_path_factory, events, tid, odd_value):
     """The writer's native formatter writes exactly drain()'s dicts, in drain()'s order;

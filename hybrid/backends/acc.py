@@ -8,6 +8,10 @@ host must synchronize before reading what it computed. It computes with torch on
 the CPU, so its figures say nothing about GPUs; every output that used it says
 "emulated". Its ops are recorded on its own lane, `ACC0`.
 
+An op offloaded to it (hybrid/offload.py) reads its host weight from staging memory
+of its own, into which each upload copies the rows used (`upload`): a memory copy on
+the host, so an emulated upload's GB/s are the host's memory bandwidth, not a bus's.
+
 It never spins: a GPU waiting for work, and a host waiting for a GPU, leave the
 CPU cores to others, and here the cores it would spin on are the ones the
 emulated device and the CPU workers compute on. (`--poll` is a CPU thread-pool
@@ -19,12 +23,14 @@ from __future__ import annotations
 
 import threading
 from queue import SimpleQueue
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from hybrid.backends import keep_signals_off_this_thread
+from hybrid.offload import split_buffers, staging_key, upload_runs
 from hybrid.program import Captures, Program, Step, serial_program
+from hybrid.weights import Weight
 from profiler.recorder import Recorder
 
 
@@ -54,9 +60,14 @@ class AccBackend:
     is_device = True
     emulated = True
 
-    def __init__(self, buffers: Mapping[str, Any], recorder: Recorder, name: str = "ACC0"):
+    def __init__(self, buffers: Mapping[str, Any], recorder: Recorder, name: str = "ACC0",
+                 host: Callable[[str], Any] | None = None, stored: Callable[[str], Weight] | None = None):
+        """`host(name)`: a host buffer, `stored(name)`: a stored tensor (the engine's), for the ops
+        offloaded here."""
         self.name = name
         self.buffers = buffers
+        self.host, self.stored = host, stored
+        self._staging: dict[tuple, Weight] = {}   # offloaded weights' memory (`staging_key`)
         self.recorder = recorder
         self._lane = recorder.lane(name)
         self._captures = Captures()             # each program, captured at its first run (on the CPU's memory)
@@ -69,7 +80,26 @@ class AccBackend:
         self._thread.start()
 
     def compile(self, split) -> Program:
-        return serial_program(split, self.buffers)
+        return serial_program(split, split_buffers(split, self.buffers, self.host, self._stage))
+
+    def upload(self, name: str, experts: list[int] | None) -> int:
+        """Op offload: the rows of stored tensor `name` for `experts` (None: all) into its
+        staging memory; the bytes copied."""
+        w = self.stored(name)
+        dst = self._stage(name).data
+        n_bytes = 0
+        for e0, e1 in upload_runs(experts, w.shape[0]):
+            n_bytes += dst[e0:e1].copy_(w.data[e0:e1]).nbytes
+        return n_bytes
+
+    def _stage(self, name: str) -> Weight:
+        """The staging weight of stored tensor `name`: zeroed memory of its shape and type, shared
+        by the layers' tensors of one role (`staging_key`)."""
+        w = self.stored(name)
+        key = staging_key(w)
+        if key not in self._staging:
+            self._staging[key] = Weight(key[0], w.ggml_type, w.shape, torch.zeros_like(w.data))
+        return self._staging[key]
 
     def compute(self, program: Program, values: dict, graph_id: int, i_split: int, n_kv: int) -> None:
         """Queue the program on the device thread and return at once."""

@@ -15,6 +15,11 @@ Programs hold no host synchronisation: the weights were dequantised once at load
 (`hybrid.weights.for_gpu`), and MUL_MAT_ID selects its experts on the device
 (`hybrid.builder._experts_on_device`), its expert count read with the op times.
 
+An op offloaded here (hybrid/offload.py) reads a float32 copy of its host weight in device
+memory, into which each upload puts the rows used: copied from the file's map into a pinned
+staging buffer, sent asynchronously on the stream as the stored (quantised) bytes, the bus's
+real load, and dequantised there (`upload`).
+
 Copies go through pinned host staging buffers (kept per node name, shape and dtype: a
 copy to the host is read there in place) and are synchronous, as ggml's
 `ggml_backend_tensor_copy` is: the host time of a copy is
@@ -23,12 +28,17 @@ its real cost.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
+from gguf.constants import GGMLQuantizationType
+
+from hybrid import quants
+from hybrid.offload import split_buffers, staging_key, upload_runs
 from hybrid.program import Program, Step, run_program, serial_program
 from hybrid.sched import map_values
+from hybrid.weights import Weight
 from profiler.recorder import Recorder
 
 
@@ -36,10 +46,17 @@ class CudaBackend:
     is_device = True
     emulated = False
 
-    def __init__(self, buffers: Mapping[str, Any], recorder: Recorder, index: int = 0):
+    def __init__(self, buffers: Mapping[str, Any], recorder: Recorder, index: int = 0,
+                 host: Callable[[str], Any] | None = None, stored: Callable[[str], Weight] | None = None):
+        """`host(name)`: a host buffer, `stored(name)`: a stored tensor (the engine's), for the ops
+        offloaded here."""
         self.name = f"CUDA{index}"
         self.device = torch.device("cuda", index)
         self.buffers = buffers
+        self.host, self.stored = host, stored
+        # offloaded weights (`staging_key`): (float32 Weight the op reads, stored bytes on the device,
+        # pinned host staging of the stored bytes)
+        self._uploads: dict[tuple, tuple[Weight, torch.Tensor, torch.Tensor]] = {}
         self.recorder = recorder
         self.lane = recorder.lane(self.name)
         self.stream = torch.cuda.Stream(self.device)
@@ -50,7 +67,36 @@ class CudaBackend:
         self._anchor = self._record_anchor()
 
     def compile(self, split) -> Program:
-        return serial_program(split, self.buffers)
+        return serial_program(split, split_buffers(split, self.buffers, self.host, self._stage))
+
+    def upload(self, name: str, experts: list[int] | None) -> int:
+        """Op offload: the rows of stored tensor `name` for `experts` (None: all), each run through
+        the pinned staging buffer and sent on the stream, then dequantised into the float32 weight
+        the op reads; waits for the stream (the host's time is the upload's). The bytes sent."""
+        w = self.stored(name)
+        dense, raw, pinned = self._staging_of(name)
+        n_bytes = 0
+        with torch.cuda.stream(self.stream):
+            for e0, e1 in upload_runs(experts, w.shape[0]):
+                pinned[e0:e1].copy_(w.data[e0:e1])
+                raw[e0:e1].copy_(pinned[e0:e1], non_blocking=True)
+                dense.data[e0:e1] = quants.dequantize(raw[e0:e1], w.ggml_type).reshape(dense.data[e0:e1].shape)
+                n_bytes += pinned[e0:e1].nbytes
+        self.stream.synchronize()       # the pinned buffer is refilled by the next upload
+        return n_bytes
+
+    def _stage(self, name: str) -> Weight:
+        return self._staging_of(name)[0]
+
+    def _staging_of(self, name: str) -> tuple[Weight, torch.Tensor, torch.Tensor]:
+        w = self.stored(name)
+        key = staging_key(w)
+        if key not in self._uploads:
+            dense = torch.zeros(w.shape, dtype=torch.float32, device=self.device)
+            self._uploads[key] = (Weight(key[0], int(GGMLQuantizationType.F32), w.shape, dense),
+                                  torch.zeros_like(w.data, device=self.device),
+                                  torch.empty(w.data.shape, dtype=w.data.dtype, pin_memory=True))
+        return self._uploads[key]
 
     def compute(self, program: Program, values: dict, graph_id: int, i_split: int, n_kv: int) -> None:
         """Queue the program's ops on the stream, each between two timing events."""
@@ -86,6 +132,7 @@ class CudaBackend:
         self.stream.synchronize()
         self._timed.clear()
         self._staging.clear()
+        self._uploads.clear()
 
     # -- timing --------------------------------------------------------------
 

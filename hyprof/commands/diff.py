@@ -22,8 +22,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "diff", help="compare two timings files: t/s and each category per test, ops that changed most",
         description="Compare two runs (say, two placements, or -fmoe 0 against 1): per test, t/s and "
-        "each time category in ms/token side by side with the change, and the ops whose time "
-        "changed most.",
+        "each time category in ms/token side by side with the change, the ops whose time "
+        "changed most, and (when both recorded routes) how much of each MoE layer's expert usage moved.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", metavar="A.jsonl", help="the baseline run")
     p.add_argument("b", metavar="B.jsonl", help="the run compared with it")

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from hyprof.offload_flags import add_offload_flags
 from profiler.errors import UserError
 
 EPILOG = """\
@@ -41,6 +42,7 @@ def register(subparsers) -> None:
                    help="CPU threads, the main thread included (default: all cores)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
                    help="offload the last N layers and the output to the accelerator (99: all; default: 0)")
+    add_offload_flags(p, "the prompt runs as graphs of at most N tokens (default: 512)")
     p.add_argument("-ot", "--override-tensor", action="append", default=[], metavar="REGEX=BACKEND[;...]",
                    help="tensors whose name matches REGEX go to BACKEND (CPU, CUDA0, ACC0); repeatable, or "
                         "separated by ';' or ',' (both, as there is no sweep here; a piece without '=' belongs "
@@ -92,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
     check_ram(gguf, n_ctx, bool(args.mla))
     engine = Engine(args.model, threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                     overrides=args.override_tensor, accel=args.accel, mla=args.mla, fa=args.fa, fmoe=args.fmoe,
-                    rtr=args.rtr, poll=args.poll, n_ctx=n_ctx)
+                    rtr=args.rtr, poll=args.poll, n_ctx=n_ctx, n_ubatch=args.ubatch_size, n_cpu_moe=args.n_cpu_moe,
+                    no_op_offload=args.no_op_offload, op_offload_min_batch=args.op_offload_min_batch,
+                    op_offload=args.op_offload)
     for warning in engine.placement.warnings:
         print(f"hyprof: warning: {warning}", file=sys.stderr)
 

@@ -26,10 +26,14 @@ def register(subparsers) -> None:
         "repetition a test carrying the table's t/s. Durations are laid end to end in log order; "
         "lines of other programs are skipped and counted. --explain prints how each kind of "
         "line is classified.",
-        epilog="Example: hyprof import ik bench.log -o reports/bench.jsonl && "
+        epilog="Example: hyprof import ik bench.log --model model.gguf -o reports/bench.jsonl && "
         "hyprof report reports/bench.jsonl")
     ik.add_argument("log", nargs="?", metavar="LOG", help="the IK_PRINT_TIMING log")
     ik.add_argument("-o", "--output", metavar="TIMINGS", help="timings file to write (.jsonl)")
+    ik.add_argument("--model", metavar="FILE.gguf",
+                    help="the model file the log ran: its tensor table gives each expert op the bytes it "
+                    "read (the log has none), for the report's CPU expert GB/s; a batch's figure is an "
+                    "upper bound (bytes_ub), as the log does not say which experts it used")
     ik.add_argument("--force", action="store_true", help="overwrite TIMINGS if it exists")
     ik.add_argument("--explain", action="store_true",
                     help="print the line classification rules (and convert if LOG and -o are given)")
@@ -57,10 +61,14 @@ def run_ik(args: argparse.Namespace) -> int:
         raise UserError(f"{args.log}: no IK_PRINT_TIMING lines (OP(name): N us, ggml_barrier(...), "
                         "graph_compute(...)) in its first MiB; is it ik_llama.cpp output built "
                         "with IK_PRINT_TIMING=1?")
+    model = None
+    if args.model is not None:
+        from analysis.model_bytes import read_model
+        model = read_model(args.model)
     scan = ik_log.scan(args.log)
     n_events = 0
     with atomic_output(args.output, force=args.force) as f:
-        for line in ik_log.convert(args.log, scan):
+        for line in ik_log.convert(args.log, scan, model):
             f.write(line)
             f.write("\n")
             n_events += 1

@@ -7,6 +7,9 @@ import dataclasses
 import json
 import sys
 
+from hyprof.offload_flags import add_offload_flags
+from profiler.errors import UserError
+
 MAKE_EPILOG = """\
 presets:
   tiny                   3 layers (1 dense + 2 MoE), 8 experts (2 used, 1 shared),
@@ -14,12 +17,19 @@ presets:
   deepseek-v2-lite-mini  DeepSeek-V2-Lite shapes (n_embd 2048, 64 experts x 1408,
                          6 used, 2 shared), 4 layers: ~1.4 GiB at q4_0
   deepseek-v2-lite       all 27 layers, 15.7 B parameters: ~8.8 GiB at q4_0
+  qwen3-tiny             2 MoE layers, 8 experts (2 used), GQA 4 heads over 2: for tests
+  qwen3-30b-a3b-mini     Qwen3-30B-A3B shapes (n_embd 2048, 128 experts x 768,
+                         8 used, GQA 32/4 heads of 128), 4 layers: ~2 GiB at q4_0
+  qwen3-30b-a3b          all 48 layers, 30.5 B parameters: ~17 GiB at q4_0
 Weights are seeded noise scaled to keep activations finite and logits spread;
 norms and the router stay F32, as llama.cpp quantizes. llama.cpp loads the files.
 
 examples:
   hyprof model make --preset tiny -o tiny.gguf
   hyprof model make --preset deepseek-v2-lite --layers 8 --type q8_0 -o lite8.gguf
+  hyprof model make --preset deepseek-v2-lite-mini --q-lora-rank 1536 -o mini-qlora.gguf
+      (V2-Lite shapes with DeepSeek-V2's q-LoRA attention: ik_llama.cpp takes a deepseek2
+      file without q-LoRA for V2-Lite only at 26 or 27 layers, so compare with it on this one)
 """
 
 INFO_EPILOG = """\
@@ -29,10 +39,17 @@ placement (as llama.cpp):
   Each -ot REGEX=BACKEND rule (repeated, or separated by `;` or `,`: both, as there
   is no sweep here, and a piece without '=' belongs to the next rule, so a regex may
   hold either) is tried in order with re.search on the tensor name; the first match
-  wins over -ngl.
+  wins over -ngl. -ncmoe N keeps the routed experts of the first N layers on the
+  CPU: one more rule, tried before the -ot ones.
+
+op offload: at a ubatch of -ub tokens (default 512), the CPU's expert matmuls run on
+  the accelerator when the batch reaches the minimum (as `hyprof run`: 32, or
+  GGML_OP_OFFLOAD_MIN_BATCH, or --op-offload-min-batch; -nopo 1: never), uploading
+  the experts the batch uses, at most all of the CPU's expert bytes per ubatch.
 
 examples:
   hyprof model info tiny.gguf -ngl 99 -ot "\\.ffn_.*_exps\\.=CPU"
+  hyprof model info tiny.gguf -ngl 99 -ncmoe 2 -ub 16
   hyprof model info tiny.gguf -ngl 2 --accel emulated --tensors
 """
 
@@ -44,15 +61,19 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="model_command", metavar="make|info")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
-    mk = sub.add_parser("make", help="write a DeepSeek-shaped GGUF with seeded random weights",
-                        description="Write a DeepSeek2 GGUF model with seeded random weights, "
+    mk = sub.add_parser("make", help="write a DeepSeek2 or Qwen3-MoE GGUF with seeded random weights",
+                        description="Write a DeepSeek2 or Qwen3-MoE GGUF model with seeded random weights, "
                         "streaming tensor by tensor (the full preset needs ~1 GiB of memory).",
                         epilog=MAKE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     mk.add_argument("--preset", required=True, metavar="NAME",
-                    help="tiny | deepseek-v2-lite-mini | deepseek-v2-lite")
+                    help="tiny | deepseek-v2-lite-mini | deepseek-v2-lite | qwen3-tiny | "
+                         "qwen3-30b-a3b-mini | qwen3-30b-a3b")
     mk.add_argument("--layers", type=int, metavar="N", help="layer count instead of the preset's")
     mk.add_argument("--type", default="q4_0", metavar="T", dest="qtype",
                     help="q4_0 | q8_0 | f16 | bf16 | f32 (default: q4_0)")
+    mk.add_argument("--q-lora-rank", type=int, metavar="R",
+                    help="deepseek2 presets: q-LoRA attention of rank R (attn_q_a/attn_q_b, as DeepSeek-V2/V3: "
+                         "1536) instead of the preset's (0: a plain attn_q, as V2-Lite)")
     mk.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     mk.add_argument("-o", "--output", required=True, metavar="FILE.gguf", help="output file")
     mk.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -69,6 +90,7 @@ def register(subparsers) -> None:
                       help="last N layers (output counting as the last) on the accelerator (default: 99)")
     info.add_argument("-ot", "--override-tensor", action="append", default=[], metavar="REGEX=BACKEND[;...]",
                       help="placement rule overriding -ngl; repeatable, first match wins")
+    add_offload_flags(info, "the ubatch the op-offload line is told for (default: 512)")
     info.add_argument("--accel", choices=("auto", "cuda", "emulated", "none"), default=None,
                       help="accelerator -ngl offloads to (default: CUDA0 if present, else ACC0 standing "
                            "in for a GPU, so that -ngl shows what an accelerator would hold)")
@@ -83,26 +105,55 @@ def make(args: argparse.Namespace) -> int:
 
     with progress_bar(0, f"making {args.output}", not args.no_progress, "MiB") as advance:
         config = make_model(args.output, args.preset, args.qtype, n_layers=args.layers, seed=args.seed,
+                            overrides=_q_lora_override(args.preset, args.q_lora_rank),
                             force=args.force, progress=lambda done, total: advance(
                                 completed=done >> 20, total=max(total >> 20, 1)))
     print(f"wrote {args.output}: {args.preset}, {config.n_layer} layers, {args.qtype.upper()}", file=sys.stderr)
     return 0
 
 
+def _q_lora_override(preset: str, rank: int | None) -> dict | None:
+    from hybrid.make_model import PRESETS
+    from profiler.errors import UserError
+
+    if rank is None:
+        return None
+    if PRESETS.get(preset, {}).get("arch") != "deepseek2":
+        raise UserError(f"--q-lora-rank: only the deepseek2 presets have q-LoRA attention, not {preset}")
+    if rank < 0:
+        raise UserError(f"--q-lora-rank {rank}: must be 0 (none) or a positive rank")
+    return {"q_lora_rank": rank}
+
+
 def show_info(args: argparse.Namespace) -> int:
     from hybrid.gguf_model import load_model
-    from hybrid.placement import available_backends, backend_loads, parse_override_rules, place
+    from hybrid.offload import OpOffload, min_batch_from_env
+    from hybrid.placement import available_backends, backend_loads, n_cpu_moe_rule, parse_override_rules, place
 
+    if args.n_cpu_moe < 0:
+        raise UserError(f"-ncmoe {args.n_cpu_moe}: the layer count must be >= 0")
+    if args.ubatch_size < 1:
+        raise UserError(f"-ub {args.ubatch_size}: the ubatch must be >= 1 token")
     model = load_model(args.model)
     backends, accel = available_backends(args.accel or "auto")
     if args.accel is None and accel is None:
         backends, accel = available_backends("emulated")
-    rules = parse_override_rules(args.override_tensor, backends)
+    rules = parse_override_rules([*n_cpu_moe_rule(args.n_cpu_moe), *args.override_tensor], backends)
     placement = place(model.tensors, rules, args.n_gpu_layers, model.config.n_layer, backends, accel)
     for w in placement.warnings:
         print(f"hyprof: warning: {w}", file=sys.stderr)
     loads = backend_loads({n: t.n_bytes for n, t in model.tensors.items()}, model.config, placement)
+    c = model.config
+    offload = OpOffload(None if args.no_op_offload else accel, args.op_offload_min_batch or min_batch_from_env(),
+                        args.op_offload, c.n_expert, c.n_expert_used,
+                        frozenset(n for n, t in model.tensors.items() if len(t.shape) == 3))
     result = info_result(model, placement, loads, args.n_gpu_layers, [str(r) for r in rules], args.tensors)
+    cpu_experts = [n for n in placement.names_on("CPU") if n in offload.weights]
+    result["op_offload"] = {"n_ubatch": args.ubatch_size, "min_batch": offload.min_batch, "rule": args.op_offload,
+                            "to": offload.accel,
+                            "experts_offloaded": bool(cpu_experts) and offload.wants("MUL_MAT_ID", cpu_experts[0],
+                                                                                     args.ubatch_size),
+                            "max_upload_bytes": sum(model.tensors[n].n_bytes for n in cpu_experts)}
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -188,6 +239,14 @@ def render_info(r: dict) -> None:
             for k in ("tensors", "bytes", "expert_bytes", "expert_bytes_per_token", "bytes_per_token")]
     t.add_row("total", str(sums[0]), _size(sums[1]), "100.0%", *map(_size, sums[2:]), style="bold")
     console.print(t)
+
+    o = r["op_offload"]
+    if o["experts_offloaded"]:
+        console.print(f"op offload at a ubatch of {o['n_ubatch']}: the CPU's expert matmuls run on {o['to']}, "
+                      f"uploading the experts each ubatch uses (at most {_size(o['max_upload_bytes'])})")
+    elif o["max_upload_bytes"]:
+        why = "op offload is off" if o["to"] is None else f"minimum {o['min_batch']}, rule {o['rule']}"
+        console.print(f"op offload at a ubatch of {o['n_ubatch']}: the CPU's expert matmuls stay on the CPU ({why})")
 
     if "tensors" in r:
         tt = Table(title="tensors", title_justify="left")

@@ -35,6 +35,8 @@ examples:
   hyprof report timings.jsonl --json > report.json
   hyprof report timings.jsonl --md            (writes reports/timings.md)
   hyprof report timings.jsonl --plots         (writes reports/timings/*.png)
+  hyprof report ik.log --model model.gguf     (an ik_llama.cpp IK_PRINT_TIMING log, with the
+                                               bytes its expert ops read taken from the model)
 """
 
 
@@ -44,7 +46,9 @@ def register(subparsers) -> None:
         description="Read a timings file (from `hyprof run -o`, or an ik_llama.cpp IK_PRINT_TIMING "
         "log) and show, per test: t/s, where the wall time went (each category in s, %% and "
         "ms/token), the op timing breakdown, copies, the CPU expert bandwidth against the "
-        "machine's peak, and what t/s would be without the overhead or at peak bandwidth.",
+        "machine's peak, what t/s would be without the overhead or at peak bandwidth, and (when the "
+        "run recorded routes) which experts the tokens chose and what keeping the hottest, or an LRU "
+        "cache of them, on the GPU would move off the CPU.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("timings", metavar="TIMINGS", help="timings.jsonl (contract v1) or an ik_llama.cpp log")
     p.add_argument("--json", action="store_true", help="print the hyprof-report/1 JSON instead of tables")
@@ -52,9 +56,13 @@ def register(subparsers) -> None:
                    help="also write a markdown report (default: reports/<TIMINGS name>.md)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --md FILE or --plots files")
     p.add_argument("--plots", nargs="?", const="", metavar="DIR",
-                   help="also draw the breakdown, timeline, ops, bandwidth and depth plots "
+                   help="also draw the breakdown, timeline, ops, bandwidth, depth and experts plots "
                    "(default DIR: reports/<TIMINGS name>/)")
     p.add_argument("--plot-format", choices=("png", "svg", "pdf"), default="png", help="plot file format (default: png)")
+    p.add_argument("--model", metavar="FILE.gguf",
+                   help="for an imported log: the model file it ran, whose tensor table gives each expert op "
+                   "the bytes it read (a log has none), so the report shows the CPU expert GB/s; a batch's "
+                   "figure is an upper bound (≤), as its log does not say which experts it used")
     p.add_argument("--peak-bw", type=float, metavar="GBPS",
                    help="the CPU's peak memory bandwidth in GB/s (default: the one measured in the header)")
     p.add_argument("--layers", action="store_true", help="also show ops per layer and backend")
@@ -84,8 +92,12 @@ def run(args: argparse.Namespace) -> int:
         for path in plot_paths(plots_dir, args.plot_format).values():
             check_output_path(path, force=args.force or not args.plots, flag="--plots")
 
+    model = None
+    if args.model is not None:
+        from analysis.model_bytes import read_model
+        model = read_model(args.model)
     keep_freed_memory()
-    timings = _load_with_progress(args.timings)
+    timings = _load_with_progress(args.timings, model)
     from analysis.attribution import attribute
     attribution = attribute(timings)
     report = build_report(timings, peak_bw=args.peak_bw, attribution=attribution)
@@ -117,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_with_progress(path: str):
+def _load_with_progress(path: str, model):
     """Load the timings, with a progress bar on stderr for files that take a while."""
     import os
 
@@ -127,4 +139,4 @@ def _load_with_progress(path: str):
     size = os.path.getsize(path) if os.path.isfile(path) else 0
     with progress_bar(max(size >> 20, 1), f"reading {Path(path).name}", unit="MiB",
                       enabled=size > 64 << 20 and sys.stderr.isatty()) as advance:
-        return load_timings(path, progress=lambda done: advance(completed=done >> 20))
+        return load_timings(path, progress=lambda done: advance(completed=done >> 20), model=model)

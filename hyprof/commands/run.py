@@ -20,8 +20,9 @@ tests (as llama-bench):
 Each test runs once to warm up, then -r times from an empty KV cache; t/s is
 the mean ± standard deviation over those repetitions.
 
-sweeps: -t, -p, -n, -d, -ngl, -mla, -fa, -fmoe, -rtr take comma lists (or repeat the
-flag); every combination of the engine flags is one table row per test.
+sweeps: -t, -p, -n, -d, -ngl, -ncmoe, -ub, -mla, -fa, -fmoe, -rtr, -nopo,
+--op-offload-min-batch take comma lists (or repeat the flag); every combination of the
+engine flags is one table row per test.
 -ot follows llama-bench: `;` separates the rules of one set, `,` (or another
 -ot) starts another set to sweep, an empty -ot "" is the empty set. A piece
 without '=' belongs to the next rule, so a regex may hold `,` or `;`:
@@ -29,6 +30,16 @@ without '=' belongs to the next rule, so a regex may hold `,` or `;`:
   -ot "exps=CPU;blk\\.0\\.=CPU"       one set, two rules
   -ot "blk\\.\\d{1,2}\\.=CPU"         one set, one rule (the `,` is the regex's)
   -ot "exps=CPU" -ot ""             two sets: experts on CPU, then none
+
+op offload (as llama.cpp's scheduler): with experts on the CPU (-ot, -ncmoe), a matmul on
+a host weight whose batch (a ubatch's tokens, -ub) is at least the minimum (32, or
+GGML_OP_OFFLOAD_MIN_BATCH, or --op-offload-min-batch) runs on the accelerator, which first
+uploads the experts the batch uses: a prompt's experts cross the bus, a token's run on the
+CPU. --op-offload ik takes ik_llama.cpp's rule (also batch x n_expert_used >= minimum x
+n_expert); -nopo 1 turns it off. `hyprof report` shows the uploads and the batch where
+offloading starts to pay.
+  hyprof run -p 64 -n 4 -ngl 99 -ot "\\.ffn_.*_exps\\.=CPU" --accel emulated \\
+      --op-offload-min-batch 16,32,64,128 -o t.jsonl
 
 timings: -o FILE writes the header (model, config, machine, placement, the
 CPU's peak bandwidth from `hyprof membw`, cached) and every event of every
@@ -66,6 +77,20 @@ def register(subparsers) -> None:
                    help=f"CPU threads (default: {os.cpu_count()})")
     p.add_argument("-ngl", "--n-gpu-layers", type=_ints, action="append", metavar="N[,N]",
                    help="last N repeating layers (and output) on the accelerator (default: 99)")
+    p.add_argument("-ncmoe", "--n-cpu-moe", type=_ints, action="append", metavar="N[,N]",
+                   help="keep the routed experts of the first N layers on the CPU, as an -ot rule tried "
+                   "before the -ot ones (default: 0)")
+    p.add_argument("-ub", "--ubatch-size", type=_ints, action="append", metavar="N[,N]",
+                   help="ubatch: a prompt longer than N tokens runs as several graphs of at most N "
+                   "(default: 512)")
+    p.add_argument("-nopo", "--no-op-offload", type=_switches, action="append", metavar="0|1",
+                   help="1: no op offload, a host weight's ops stay on the CPU whatever the batch (default: 0)")
+    p.add_argument("--op-offload-min-batch", type=_ints, action="append", metavar="N[,N]",
+                   help="the smallest batch whose ops on host weights are offloaded (default: "
+                   "GGML_OP_OFFLOAD_MIN_BATCH, else 32)")
+    p.add_argument("--op-offload", choices=("llama.cpp", "ik"), default="llama.cpp",
+                   help="the op-offload rule: llama.cpp's (batch >= minimum) or ik_llama.cpp's (also "
+                   "batch x n_expert_used >= minimum x n_expert) (default: llama.cpp)")
     p.add_argument("-ot", "--override-tensor", action="append", default=[],
                    metavar="REGEX=BACKEND[;...][,...]",
                    help="placement rules overriding -ngl, first match wins (see below)")
@@ -109,9 +134,21 @@ def run(args: argparse.Namespace) -> int:
                     n_gpu_layers=_flat(args.n_gpu_layers, [99]),
                     override_sets=override_sets(args.override_tensor), accel=args.accel,
                     mla=_flat(args.mla, [0]), fa=_flat(args.fa, [1]), fmoe=_flat(args.fmoe, [1]),
-                    rtr=_flat(args.rtr, [0]), poll=_flat(args.poll, [50]))
+                    rtr=_flat(args.rtr, [0]), poll=_flat(args.poll, [50]),
+                    n_ubatch=_flat(args.ubatch_size, [512]), n_cpu_moe=_flat(args.n_cpu_moe, [0]),
+                    no_op_offload=_flat(args.no_op_offload, [0]),
+                    op_offload_min_batch=_flat(args.op_offload_min_batch, [None]), op_offload=args.op_offload)
     if any(c.threads < 1 for c in configs):
         raise UserError("-t: thread counts must be >= 1")
+    if any(c.n_ubatch < 1 for c in configs):
+        raise UserError("-ub: ubatch sizes must be >= 1")
+    if any(c.n_cpu_moe < 0 for c in configs):
+        raise UserError("-ncmoe: layer counts must be >= 0")
+    if any(c.op_offload_min_batch is not None and c.op_offload_min_batch < 1 for c in configs):
+        raise UserError("--op-offload-min-batch: minimum batches must be >= 1")
+    if not any(c.op_offload_min_batch for c in configs):
+        from hybrid.offload import min_batch_from_env
+        min_batch_from_env()        # a bad GGML_OP_OFFLOAD_MIN_BATCH is told before any work
     if any(not 0 <= c.poll <= 100 for c in configs):
         raise UserError("--poll: levels must be in 0..100")
     if args.timings is not None:
@@ -193,5 +230,5 @@ def _pair(text: str) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def _flat(lists: list[list[int]] | None, default: list[int]) -> list[int]:
+def _flat(lists: list[list[int]] | None, default: list) -> list:
     return [v for values in lists for v in values] if lists else default

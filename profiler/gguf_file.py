@@ -1,6 +1,11 @@
 """The GGUF container read directly: header, key/values, tensor infos, and each tensor's
 bytes as a view of one read-only memory map.
 
+It lives in `profiler` because both layers above read model files: the engine loads one
+(hybrid/gguf_model.py), and the analyzer takes the weight bytes of another engine's ops
+from one (analysis/model_bytes.py) without importing the engine or torch. Tensor types are
+profiler/ggml_types.py's, so files quantised by ik_llama.cpp (IQ4_KS, `_R8`, ...) read too.
+
 Why not gguf-py's `GGUFReader` (which tests/reference_deepseek2.py keeps using, to stay
 independent of this): it builds a NumPy view for every item of every array, so opening a
 file with a 100K-token vocabulary (tokens, token types, merges: ~300K items) takes ~5 s,
@@ -25,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
+from gguf import GGUF_MAGIC, GGUFValueType
+
+from profiler.ggml_types import TRAITS, GGMLType, row_bytes
 
 V = GGUFValueType
-T = GGMLQuantizationType
+T = GGMLType
 
 SCALARS = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
            V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d"}
@@ -51,7 +58,7 @@ class GGUFFormatError(ValueError):
 @dataclass(frozen=True)
 class GGUFTensor:
     name: str
-    ggml_type: GGMLQuantizationType
+    ggml_type: GGMLType            # compares equal to gguf-py's GGMLQuantizationType of its id
     dims: tuple[int, ...]          # ggml order: dims[0] is the row length
     n_bytes: int
     data_offset: int               # from the start of the file
@@ -136,14 +143,15 @@ def _tensor(data: np.ndarray, start: int, alignment: int, name: str, dims_at: in
         raise GGUFFormatError(f"corrupt GGUF file: tensor {shown} has unknown ggml type {raw_type}") from None
     if min(dims) < 1:
         raise GGUFFormatError(f"corrupt GGUF file: tensor {shown} (byte {dims_at}) has dims {dims}; each must be >= 1")
-    block, type_bytes = GGML_QUANT_SIZES[ggml_type]
+    block = TRAITS[ggml_type].block
     if dims[0] % block:
         raise GGUFFormatError(f"corrupt GGUF file: tensor {shown}'s rows of {dims[0]} are not whole "
                               f"{ggml_type.name} blocks")
     if offset % alignment:
         raise GGUFFormatError(f"corrupt GGUF file: tensor {shown}'s offset {offset} is not a multiple of the "
                               f"alignment {alignment}")
-    n_bytes = math.prod(dims) // block * type_bytes
+    row = row_bytes(ggml_type, dims[0])
+    n_bytes = math.prod(dims[1:]) * row
     at = start + offset
     if at + n_bytes > data.size:
         raise GGUFFormatError(f"truncated GGUF file: tensor {shown} (dims {dims}, {ggml_type.name}) ends at byte "
@@ -153,7 +161,7 @@ def _tensor(data: np.ndarray, start: int, alignment: int, name: str, dims_at: in
     if ggml_type in ITEM_DTYPES:
         view = raw.view(ITEM_DTYPES[ggml_type]).reshape(shape)
     else:
-        view = raw.reshape(*shape[:-1], shape[-1] // block * type_bytes)
+        view = raw.reshape(*shape[:-1], row)
     return GGUFTensor(name=name, ggml_type=ggml_type, dims=dims, n_bytes=n_bytes, data_offset=at, data=view)
 
 

@@ -370,9 +370,10 @@ class Prediction:
 def prompt_upload_ns(upload_bytes: int, pcie_GBps: float | None) -> float:
     """The op-offload upload term of a prompt: the host experts' bytes that a split uploads to
     the accelerator (DESIGN.md, "Op offload") over the PCIe bandwidth. This engine's `hyprof
-    run` does not offload yet (issue 21), so the planner passes 0 bytes and the term is 0;
-    once it offloads, the uploaded bytes of each CPU-held op with a batch at the offload
-    minimum go here."""
+    run` offloads now (issue 21), but `hyprof advise` plans, calibrates and verifies prompts
+    with op offload off (-nopo 1), so the planner passes 0 bytes and the term is 0; to model
+    it, plan the pp graph with the engine's `OpOffload` (hybrid/sched.py) and pass the used
+    experts' bytes of the offloaded ops, with analysis/offload.py's measured upload GB/s."""
     return upload_bytes / pcie_GBps if pcie_GBps and upload_bytes else 0.0
 
 

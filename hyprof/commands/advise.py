@@ -37,6 +37,10 @@ how it decides:
      drifts), and prints measured beside predicted. The final ranking may
      then move a verified candidate down, or an unverified one up.
 
+pp: predicted, calibrated and verified with op offload off (-nopo 1): the
+prompt's op-offload uploads are not modelled yet; tg (one token a batch) never
+offloads.
+
 -ot: the table joins a candidate's rules with ',' (llama-cli, llama-server,
 ik_llama.cpp); for llama-bench or `hyprof run` join them with ';' (a ',' there
 starts another set to sweep). --json lists them one by one.
@@ -227,13 +231,14 @@ def _calibrate(args, model_path: str, accel: str, gguf):
 
 def _bench(args, model_path: str, accel: str, placements, reps: int, timings: str | None = None,
            n_prompt: int | None = None):
-    """`hyprof run`'s engine on each (ngl, rules): a pp and a tg test, `reps` repetitions."""
+    """`hyprof run`'s engine on each (ngl, rules): a pp and a tg test, `reps` repetitions, op offload
+    off (-nopo 1): the cost model does not model the prompt's uploads yet (`prompt_upload_ns`)."""
     from hybrid.engine import make_engine
     from hyprof.commands.run import _peak_bw
     from profiler.bench import EngineConfig, plan_tests, run_bench
 
-    configs = [EngineConfig(args.threads, ngl, tuple(rules), "emulated" if accel.startswith("ACC") else "cuda")
-               for ngl, rules in placements]
+    configs = [EngineConfig(args.threads, ngl, tuple(rules), "emulated" if accel.startswith("ACC") else "cuda",
+                            no_op_offload=1) for ngl, rules in placements]
     tests = plan_tests(n_prompt=[n_prompt or args.n_prompt], n_gen=[args.n_gen], pg=[], depths=[0])
     return run_bench(make_engine, model_path, configs, tests, reps, timings=timings, force=True,
                      peak_bw=_peak_bw(args.peak_bw, not args.no_progress), progress=not args.no_progress)
@@ -289,7 +294,7 @@ def _render(result: dict, top: int) -> None:
         console.print(f"note: {note}", highlight=False, markup=False)
     shown = result["candidates"][:top]
     t = Table(box=box.SIMPLE_HEAD, title=f"best {len(shown)} of the {len(result['candidates'])} placements that fit "
-              f"(of {result['n_placements']}), by predicted tg t/s (pp: {result['n_prompt']} tokens)",
+              f"(of {result['n_placements']}), by predicted tg t/s (pp: {result['n_prompt']} tokens, -nopo 1)",
               title_justify="left")
     for col in ("#", "placement", "VRAM MiB", "tg t/s", "pp t/s", "bottleneck"):
         t.add_column(col, justify="left" if col in ("placement", "bottleneck") else "right")

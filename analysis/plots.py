@@ -16,6 +16,8 @@ Public API (stable):
     plot_bandwidth(tests, peak_GBps, subtitle) -> Figure
     plot_depth(series, subtitle) -> Figure
     plot_experts(tests, subtitle) -> Figure     (tests with expert usage: TestReport.experts)
+    plot_advice(advice, chosen, vram_budget, subtitle) -> Figure
+        `hyprof advise`: predicted tg t/s against accelerator memory for every candidate.
     CATEGORY_COLOURS {category: colour}
 
 Each plot function takes results (TestReport, TokenTimeline, DepthSeries) and
@@ -471,3 +473,31 @@ def write_diff_plot(diff: Diff, out_dir: str | os.PathLike, fmt: str = "png", fo
                     for side, r in (("A", diff.a), ("B", diff.b)))
     fig = plot_breakdown(groups, sub, per_token=True, title="Where a token's time goes: A against B")
     return save(fig, path, fmt, force)
+
+
+# ---------------------------------------------------------------- advice
+
+def plot_advice(advice: Sequence, chosen: int, vram_budget: int, subtitle: str) -> Figure:
+    """Predicted tg t/s against the accelerator memory of every candidate that fits (analysis.advise.Advice,
+    ranked), the chosen one starred, measured rates (after --verify) as hollow circles above or below."""
+    fig = _new_figure(10, 6, "Predicted generation rate of each placement", subtitle)
+    ax = fig.subplots()
+    mib = np.array([a.vram_bytes for a in advice], dtype=np.float64) / (1 << 20)
+    tps = np.array([a.tg.tps for a in advice])
+    ax.scatter(mib, tps, s=18, color=DEVICE_COLOUR, alpha=0.7, label="candidate (predicted)", gid="candidates")
+    measured = [(m, a.measured_tg_tps, a.tg.tps) for m, a in zip(mib, advice) if a.measured_tg_tps]
+    for i, (m, got, predicted) in enumerate(measured):
+        ax.plot([m, m], [predicted, got], color="#444444", linewidth=0.8)
+        ax.scatter([m], [got], s=60, facecolors="none", edgecolors="black", gid=f"measured:{i}", zorder=4,
+                   label="measured (--verify)" if i == 0 else None)
+    best = advice[chosen]
+    ax.scatter([mib[chosen]], [tps[chosen]], s=220, marker="*", color=CATEGORY_COLOURS["cpu_expert_matmul"],
+               zorder=3, gid="chosen", label=f"chosen: {textwrap.shorten(best.candidate.words, 60)}")
+    ax.axvline(vram_budget / (1 << 20), color="#444444", linestyle="--", linewidth=1, gid="budget",
+               label=f"--vram {vram_budget / (1 << 20):,.0f} MiB")
+    ax.set_xlabel("accelerator memory: weights + KV cache + compute buffer (MiB)", fontsize=9)
+    ax.set_ylabel("tg t/s", fontsize=9)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return fig

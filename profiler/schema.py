@@ -6,6 +6,7 @@ analyzer agree on spelling without importing each other.
 
 SCHEMA = "hyprof-timings/1"
 REPORT_SCHEMA = "hyprof-report/1"
+ADVICE_SCHEMA = "hyprof-advice/1"
 
 # Event types and the fields each may carry beyond the common ones.
 COMMON_FIELDS = ("type", "ts", "dur", "graph", "split", "backend", "tid")

@@ -106,7 +106,7 @@ def register(subparsers) -> None:
                    help="fused MoE up/gate (default: 1)")
     p.add_argument("-rtr", type=_switches, action="append", metavar="0|1",
                    help="repack 4-bit weights at load into torch's int4 pack (default: 0; slow to load, "
-                   "and the native Q4_0/Q8_0 kernels on the stored blocks are faster)")
+                   "and the native kernels on the GGUF blocks, which the engine repacks itself where that wins, are faster)")
     p.add_argument("--poll", type=_ints, action="append", metavar="0..100",
                    help="worker polling level: idle CPU workers spin up to N x 2 ms between splits "
                    "before sleeping, as ggml's --poll (default: 50)")

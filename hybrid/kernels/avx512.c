@@ -219,6 +219,13 @@ repack_r16(int type, size_t bb, const uint8_t *w, size_t rb, int n_rows, int64_t
     else repack_r16_body(type, bb, w, rb, n_rows, nb, dst, next, 0);
 }
 
+/* 64 bytes as two 32-byte loads: an R16 block of Q4_0 (288 bytes) or Q8_0 (544) puts every other
+ * block's quads across cache lines, and a 64-byte load there is a split load. */
+static inline __attribute__((always_inline)) __m512i load_halves_512(const uint8_t *p) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)),
+                              _mm256_loadu_si256((const __m256i *)(p + 32)), 1);
+}
+
 /* nb R16 blocks at r x NT tokens -> res[t * 16 + row], rows in natural order. With Q4_OR_Q8 (a
  * constant) the type is Q4_0 or Q8_0 and may be a run-time value (see r16_dot_q4_or_q8): the other
  * types' steps are then compiled out; else the type is a constant after inlining. */
@@ -239,10 +246,10 @@ r16_dot_512(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *co
         const __m512 dm = q5_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : _mm512_setzero_ps();
         __m512i q[8];
         if (type == GGML_Q8_0) {
-            for (int k = 0; k < 8; k++) q[k] = loadu_512(p + quads + 64 * k);
+            for (int k = 0; k < 8; k++) q[k] = load_halves_512(p + quads + 64 * k);
         } else {
             for (int k = 0; k < 4; k++) {
-                __m512i v = loadu_512(p + quads + 64 * k);
+                __m512i v = load_halves_512(p + quads + 64 * k);
                 q[k] = _mm512_and_si512(v, m4);
                 q[k + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
             }

@@ -316,7 +316,8 @@ def _render(result: dict, top: int) -> None:
     for c in shown:
         ot = f' -ot "{",".join(c["ot"])}"' if c["ot"] else ""
         sides = f' -ot "{",".join(c["ot_with_n_cpu_moe"])}"' if c["ot_with_n_cpu_moe"] else ""
-        same = "" if c["n_cpu_moe"] is None else f"   = -ngl {c['ngl']} -ncmoe {c['n_cpu_moe']}{sides}"
+        # the -ncmoe form where there is one (-ncmoe 0 would only repeat the line)
+        same = "" if not c["n_cpu_moe"] else f"   = -ngl {c['ngl']} -ncmoe {c['n_cpu_moe']}{sides}"
         console.print(f"  {c['rank']:>2}  -ngl {c['ngl']}{ot}{same}", highlight=False, markup=False, soft_wrap=True)
 
 

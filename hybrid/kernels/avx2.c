@@ -167,17 +167,14 @@ static inline __attribute__((always_inline)) __m256i fifth_bits_32(uint32_t m) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit), _mm256_set1_epi8(16));
 }
 
-/* nb R16 blocks at r x NT tokens (1 or 2) -> res[t * 16 + row], rows in natural order. With
- * Q4_OR_Q8 (a constant) the type is Q4_0 or Q8_0 and may be a run-time value (see r16_dot_q4_or_q8):
- * the other types' steps are then compiled out; else the type is a constant after inlining. */
+/* nb R16 blocks at r x NT tokens (1..4) -> res[t * 16 + row], rows in natural order; the type and
+ * NT constants after inlining. */
 static inline __attribute__((always_inline)) void
-r16_dot_256(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, const int NT, float *res,
-            const int Q4_OR_Q8) {
+r16_dot_256(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, const int NT, float *res) {
     const size_t sb = R16_ROWS * bb;
-    const int q5 = !Q4_OR_Q8 && (type == GGML_Q5_0 || type == GGML_Q5_1), q5_1 = !Q4_OR_Q8 && type == GGML_Q5_1;
-    const int iq4 = !Q4_OR_Q8 && type == GGML_IQ4_NL, nibbles = type != GGML_Q8_0;
-    const int is_signed = !nibbles || iq4;
-    const r16_form_t form = r16_form(q5_1 ? GGML_Q5_1 : q5 ? GGML_Q5_0 : GGML_Q4_0);   /* (Q8_0's: no masks) */
+    const int q5 = type == GGML_Q5_0 || type == GGML_Q5_1, q5_1 = type == GGML_Q5_1, iq4 = type == GGML_IQ4_NL;
+    const int nibbles = type != GGML_Q8_0, is_signed = !nibbles || iq4;
+    const r16_form_t form = r16_form(type);
     const size_t masks = r16_masks_at(form), quads = r16_quant_at(form, 0, 0);
     const int run = q5 ? 4 : 8;                          /* unsigned quads summed in int16 */
     const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
@@ -190,7 +187,7 @@ r16_dot_256(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *co
         for (int h = 0; h < 2; h++) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
             const __m256 dm = q5_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 32 + 16 * h)))
-                                                : _mm256_setzero_ps();
+                                   : _mm256_setzero_ps();
             __m256i q[8];
             int8_t ws[8][32] __attribute__((aligned(32)));
             if (nibbles) {
@@ -246,33 +243,21 @@ r16_dot_256(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *co
     }
 }
 
-/* Tiles of tokens. Q4_0 and Q8_0 take pairs: two tokens' accumulators and one half's weights fill
- * the 16 registers. The later types take 4 (their unpacking per half, fifth bits or level lookups,
- * is more to share; the weights spill to the stack): in cache, 1 thread, this Xeon, 4 and 8 tokens
- * ran 25 % (Q5_0, Q5_1) and 10 % (IQ4_NL) faster than in pairs, 1 and 2 tokens 2-5 % slower. */
+/* Tiles of 4 tokens: the unpacked weights of a half (spilled to the stack where they do not fit
+ * in registers beside 8 accumulators) serve 4 tokens; each type's kernel specialised for it.
+ * Against token pairs (and, for Q4_0 and Q8_0, their former shared kernel of a run-time type),
+ * in cache, 1 thread, this Xeon: 4 and 8 tokens 20-28 % faster (IQ4_NL 10 %), 1 token Q8_0
+ * 25 % faster, the others 2-5 % slower. */
 static inline __attribute__((always_inline)) void
-r16_dot_pairs(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res,
-              const int Q4_OR_Q8) {
-    const int tile = Q4_OR_Q8 ? 2 : 4;
-    for (int t = 0; t < nt; t += tile) {
-        const int n = nt - t < tile ? nt - t : tile;
-        if (n == 1) r16_dot_256(type, bb, r, nb, x + t, 1, res + 16 * t, Q4_OR_Q8);
-        else if (n == 2) r16_dot_256(type, bb, r, nb, x + t, 2, res + 16 * t, Q4_OR_Q8);
-        else if (n == 3) r16_dot_256(type, bb, r, nb, x + t, 3, res + 16 * t, Q4_OR_Q8);
-        else r16_dot_256(type, bb, r, nb, x + t, 4, res + 16 * t, Q4_OR_Q8);
+r16_dot(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res) {
+    for (int t = 0; t < nt; t += 4) {
+        switch (nt - t) {
+        case 1: r16_dot_256(type, bb, r, nb, x + t, 1, res + 16 * t); break;
+        case 2: r16_dot_256(type, bb, r, nb, x + t, 2, res + 16 * t); break;
+        case 3: r16_dot_256(type, bb, r, nb, x + t, 3, res + 16 * t); break;
+        default: r16_dot_256(type, bb, r, nb, x + t, 4, res + 16 * t); break;
+        }
     }
-}
-
-/* Q4_0 and Q8_0 share one R16 kernel, their type a run-time argument (KEEP_ARGS), as they did
- * before the later types had R16 kernels; those are specialised each for its type. */
-static KEEP_ARGS void
-r16_dot_q4_or_q8(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res) {
-    r16_dot_pairs(type, bb, r, nb, x, nt, res, 1);
-}
-
-static inline __attribute__((always_inline)) void
-r16_dot_typed(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res) {
-    r16_dot_pairs(type, bb, r, nb, x, nt, res, 0);
 }
 
 /* Rows [0, n_rows) of w (row stride rb) -> R16 blocks at dst, as the AVX-512 repack does it with
@@ -379,11 +364,11 @@ k_row_dot(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *cons
 
 /* ---- per type ---- */
 
-R16_KERNELS(AVX2, Q4_0, block_q4_0, row_dot, r16_dot_q4_or_q8, repack_r16, 1)
-R16_KERNELS(AVX2, Q8_0, block_q8_0, row_dot, r16_dot_q4_or_q8, repack_r16, 1)
-R16_KERNELS(AVX2, Q5_0, block_q5_0, row_dot, r16_dot_typed, repack_r16, 1)
-R16_KERNELS(AVX2, Q5_1, block_q5_1, row_dot, r16_dot_typed, repack_r16, 1)
-R16_KERNELS(AVX2, IQ4_NL, block_iq4_nl, row_dot, r16_dot_typed, repack_r16, 1)
+R16_KERNELS(AVX2, Q4_0, block_q4_0, row_dot, r16_dot, repack_r16, 1)
+R16_KERNELS(AVX2, Q8_0, block_q8_0, row_dot, r16_dot, repack_r16, 1)
+R16_KERNELS(AVX2, Q5_0, block_q5_0, row_dot, r16_dot, repack_r16, 1)
+R16_KERNELS(AVX2, Q5_1, block_q5_1, row_dot, r16_dot, repack_r16, 1)
+R16_KERNELS(AVX2, IQ4_NL, block_iq4_nl, row_dot, r16_dot, repack_r16, 1)
 ROW_KERNELS(AVX2, Q4_K, block_q4_K, k_row_dot)
 ROW_KERNELS(AVX2, Q5_K, block_q5_K, k_row_dot)
 ROW_KERNELS(AVX2, Q6_K, block_q6_K, k_row_dot)

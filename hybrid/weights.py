@@ -20,10 +20,10 @@ take over every matmul on a stored weight of those types held in CPU memory:
 `native(w)`. They round each activation to 8 bits per block of 32 (256 for the
 K-quants and IQ4_XS, as llama.cpp does on the CPU), so results move by ~1e-2
 against a float matmul. Where the path in use has an interleaved kernel for the
-type (`TRAITS[t].r16_first`: AVX-512 for the 32-weight types, AVX2 for Q4_0 and
-Q8_0), the matmul weights placed on the CPU are also repacked at load into its
-16-row blocks (`Weight.packed`, the same size; llama.cpp repacks Q4_0 at load for
-its CPU kernels too), which the native matmuls read instead: process memory,
+type (`TRAITS[t].r16_first`: AVX2 and AVX-512 for the 32-weight types), the
+matmul weights placed on the CPU are also repacked at load into its 16-row blocks
+(`Weight.packed`, the same size; llama.cpp repacks Q4_0 at load for its CPU
+kernels too), which the native matmuls read instead: process memory,
 while the file's pages stay in the page cache. `HYPROF_KERNELS=torch` in the environment at import (`NATIVE`)
 selects the exact dequantise-then-matmul path instead; any other value (a SIMD
 path name, see `hybrid.cpu_kernels.available`) or none keeps the kernels.

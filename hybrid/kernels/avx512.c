@@ -219,12 +219,6 @@ repack_r16(int type, size_t bb, const uint8_t *w, size_t rb, int n_rows, int64_t
     else repack_r16_body(type, bb, w, rb, n_rows, nb, dst, next, 0);
 }
 
-/* How far ahead the R16 kernels prefetch: the hardware streamer alone left one-token Q4_0 at
- * ~66 % of the triad from DRAM (Q8_0 ~83 %); 2 KB ahead, ~81 % (Q8_0 ~93 %), 1 or 4 KB ahead less
- * (bench_expert_matmul.py, 2 threads, a Sapphire Rapids-class Xeon). Past a row block's end it
- * prefetches the next one's start, most often the next unit the same thread takes. */
-#define R16_PREFETCH 2048
-
 /* 64 bytes as two 32-byte loads: an R16 block of Q4_0 (288 bytes) or Q8_0 (544) puts every other
  * block's quads across cache lines, and a 64-byte load there is a split load. */
 static inline __attribute__((always_inline)) __m512i load_halves_512(const uint8_t *p) {

@@ -32,7 +32,8 @@ mixes (--type q4_k_m | q5_k_m | q6_k | iq4_xs): per tensor the type llama.cpp's
   as llama.cpp's do: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL
   (DeepSeek-V2-Lite's 1408-wide expert rows: its ffn_down_exps). Quantized by
   hyprof's own NumPy quantizers (one pass per block, no error search): deepseek-v2-
-  lite-mini at q4_k_m in ~35 s on one core of a Xeon (q4_0: ~20 s). `hyprof model info FILE --tensors` shows each type.
+  lite-mini at q4_k_m in ~35 s on one core of a Xeon (q4_0: ~20 s).
+  `hyprof model info FILE --tensors` shows each tensor's type.
 
 examples:
   hyprof model make --preset tiny -o tiny.gguf

@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType, quants
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType
 from gguf.constants import TokenType
 
 from hybrid import arch as arches
 from hybrid.config import ModelConfig
+from hybrid.quantize import quantize
 from profiler.errors import UserError
 from profiler.files import atomic_output, check_output_path
 
@@ -73,9 +74,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-30b-a3b": _QWEN3_30B_A3B,
 }
 
-QTYPES = {"q4_0": T.Q4_0, "q8_0": T.Q8_0, "f16": T.F16, "bf16": T.BF16, "f32": T.F32}
-_FILE_TYPES = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.Q4_0: LlamaFileType.MOSTLY_Q4_0,
-               T.Q8_0: LlamaFileType.MOSTLY_Q8_0, T.BF16: LlamaFileType.MOSTLY_BF16}
+# --type -> (general.file_type, the type most weights get). The last four are llama.cpp's mixes:
+# `mix_type` upgrades some tensors, as llama-quantize does for these file types.
+QTYPES: dict[str, tuple[LlamaFileType, GGMLQuantizationType]] = {
+    "q4_0": (LlamaFileType.MOSTLY_Q4_0, T.Q4_0), "q8_0": (LlamaFileType.MOSTLY_Q8_0, T.Q8_0),
+    "f16": (LlamaFileType.MOSTLY_F16, T.F16), "bf16": (LlamaFileType.MOSTLY_BF16, T.BF16),
+    "f32": (LlamaFileType.ALL_F32, T.F32),
+    "q4_k_m": (LlamaFileType.MOSTLY_Q4_K_M, T.Q4_K), "q5_k_m": (LlamaFileType.MOSTLY_Q5_K_M, T.Q5_K),
+    "q6_k": (LlamaFileType.MOSTLY_Q6_K, T.Q6_K), "iq4_xs": (LlamaFileType.MOSTLY_IQ4_XS, T.IQ4_XS),
+}
+MIXES = ("q4_k_m", "q5_k_m", "q6_k", "iq4_xs")
+# llama.cpp's tensor_type_fallback: the type a tensor takes when its rows are not whole blocks of
+# its chosen type (DeepSeek-V2-Lite's 1408-wide expert rows); F16 where even that does not fit.
+FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL}
+_ATTN_V = ("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight")   # llama.cpp's attn_v-like tensors
 _CHUNK_ELEMENTS = 1 << 22               # rows generated and quantized at a time (16 MiB of float32)
 _RESIDUAL_OUTPUTS = ("attn_output.weight", "ffn_down.weight", "ffn_down_exps.weight", "ffn_down_shexp.weight")
 
@@ -124,21 +136,61 @@ def _validate(c: ModelConfig, preset: str) -> None:
         raise UserError(f"preset {preset}: invalid model: " + "; ".join(problems))
 
 
-def tensor_type(name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType) -> GGMLQuantizationType:
-    """As llama.cpp quantizes: norms, biases and the router stay F32; rows that do not
-    fill whole quant blocks fall back to F16; everything else (token_embd too) takes `qtype`."""
+def tensor_type(name: str, shape: tuple[int, ...], qtype: str, config: ModelConfig) -> GGMLQuantizationType:
+    """As llama.cpp quantizes a file of --type `qtype`: norms, biases and the router stay F32;
+    a mix upgrades some tensors (`mix_type`); rows that do not fill whole blocks fall back
+    (FALLBACK, else F16); everything else (token_embd too) takes the file's type."""
     if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):
         return T.F32
-    if shape[-1] % GGML_QUANT_SIZES[qtype][0] != 0:
-        return T.F16
-    return qtype
+    ggml_type = QTYPES[qtype][1]
+    if qtype in MIXES:
+        ggml_type = mix_type(name, ggml_type, qtype, config)
+    for candidate in (ggml_type, FALLBACK.get(ggml_type, T.F16)):
+        if shape[-1] % GGML_QUANT_SIZES[candidate][0] == 0:
+            return candidate
+    return T.F16
 
 
-def tensor_plan(config: ModelConfig, qtype: GGMLQuantizationType) -> dict[str, tuple[tuple[int, ...], GGMLQuantizationType]]:
+def _use_more_bits(i_layer: int, n_layer: int) -> bool:
+    """llama.cpp's choice of the layers a _M mix gives more bits: the first and last eighth, and
+    every third layer between."""
+    return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
+
+
+def mix_type(name: str, ggml_type: GGMLQuantizationType, qtype: str, c: ModelConfig) -> GGMLQuantizationType:
+    """The type llama.cpp's llama_tensor_get_type gives a quantizable tensor in a Q4_K_M, Q5_K_M,
+    Q6_K or IQ4_XS file (src/llama-quant.cpp, without an importance matrix), before the fallback.
+
+    Its counter of attn_v-like tensors equals the layer index here (one per layer, in layer order).
+    Its rules for models of exactly 8 experts (Mixtral's) apply to the tiny presets too.
+    """
+    layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
+    more_bits = qtype in ("q4_k_m", "q5_k_m") and _use_more_bits(layer, c.n_layer)
+    if name == "output.weight":
+        return T.Q6_K
+    if name.endswith(_ATTN_V):
+        if c.n_expert == 8:
+            return T.Q8_0
+        if qtype == "iq4_xs" and c.n_head // c.n_head_kv >= 4:
+            return T.Q5_K
+        return T.Q6_K if more_bits else ggml_type
+    if name.endswith("attn_k.weight") and c.n_expert == 8:
+        return T.Q8_0
+    if "ffn_down" in name:
+        if more_bits:
+            return T.Q6_K
+        if qtype == "iq4_xs" and layer < c.n_layer // 8:
+            return T.Q5_K
+    if name.endswith("attn_output.weight") and c.n_expert == 8 and qtype in ("q4_k_m", "iq4_xs"):
+        return T.Q5_K
+    return ggml_type
+
+
+def tensor_plan(config: ModelConfig, qtype: str) -> dict[str, tuple[tuple[int, ...], GGMLQuantizationType]]:
     """Every tensor the file gets, in file order: name -> (shape, type)."""
     arch = arches.ARCHS[config.arch]
     shapes = arch.tensors(config, arch.makes_optional(config))
-    return {name: (shape, tensor_type(name, shape, qtype)) for name, shape in shapes.items()}
+    return {name: (shape, tensor_type(name, shape, qtype, config)) for name, shape in shapes.items()}
 
 
 def _n_bytes(shape: tuple[int, ...], ggml_type: GGMLQuantizationType) -> int:
@@ -199,7 +251,7 @@ def _encode(name: str, shape: tuple[int, ...], ggml_type: GGMLQuantizationType, 
     chunk into one buffer, so memory holds the stored tensor plus one float32 chunk."""
     out, i = None, 0
     for x in weight_chunks(name, shape, config, seed):
-        q = quants.quantize(x, ggml_type)
+        q = quantize(x, ggml_type)
         if out is None:
             out = np.empty((math.prod(shape[:-1]), q.shape[-1]), q.dtype)
         out[i:i + len(q)] = q
@@ -266,12 +318,12 @@ def make_model(path: str | Path, preset: str, qtype: str = "q4_0", n_layers: int
         raise UserError(f"--type {qtype}: unknown type (available: {', '.join(QTYPES)})")
     config = preset_config(preset, n_layers, overrides)
     out = check_output_path(path, force)
-    plan = tensor_plan(config, QTYPES[qtype])
+    plan = tensor_plan(config, qtype)
     total = sum(_n_bytes(shape, t) for shape, t in plan.values())
 
     with atomic_output(out, "wb", force=force) as tmp:
         writer = GGUFWriter(tmp.name, arch=config.arch)
-        _write_metadata(writer, config, preset, QTYPES[qtype], seed)
+        _write_metadata(writer, config, preset, QTYPES[qtype][0], seed)
         for name, (shape, ggml_type) in plan.items():
             writer.add_tensor_info(name, shape, np.dtype(np.float32), _n_bytes(shape, ggml_type), raw_dtype=ggml_type)
         writer.write_header_to_file()
@@ -289,10 +341,10 @@ def make_model(path: str | Path, preset: str, qtype: str = "q4_0", n_layers: int
     return config
 
 
-def _write_metadata(w: GGUFWriter, c: ModelConfig, preset: str, qtype: GGMLQuantizationType, seed: int) -> None:
+def _write_metadata(w: GGUFWriter, c: ModelConfig, preset: str, file_type: LlamaFileType, seed: int) -> None:
     w.add_type("model")
     w.add_name(f"hyprof {preset} (random weights, seed {seed})")
-    w.add_file_type(int(_FILE_TYPES[qtype]))
+    w.add_file_type(int(file_type))
     w.add_quantization_version(2)
     for key, value, vtype in arches.metadata(c):
         w.add_key_value(key, value, vtype)

@@ -1,11 +1,9 @@
 """Rewrite a made F32 GGUF with its weight matrices in another quant type, through gguf-py only.
 
 `hyprof model make` writes F32/F16/BF16/Q8_0/Q4_0; the engine also reads Q4_1,
-Q5_0, Q5_1, IQ4_NL and the K-quants. Q4_1, Q5_0 and Q5_1 are quantized from the
-weights by gguf-py, IQ4_NL by `quantize_iq4_nl` here (nearest level, the block's
-largest magnitude on the extreme level, as ggml starts its search); gguf-py cannot
-quantize the K-quants and IQ4_XS, so for Q4_K, Q5_K, Q6_K and IQ4_XS the blocks are random (uniform quants, 6-bit
-scales, mins that centre each group) with fp16 scales set so the weights keep
+Q5_0, Q5_1, IQ4_NL and the K-quants. Q4_1, Q5_0, Q5_1 and IQ4_NL are quantized
+from the weights (gguf-py, hybrid/quantize.py); for Q4_K, Q5_K, Q6_K and IQ4_XS the
+blocks are random (uniform quants, 6-bit scales, mins that centre each group) with fp16 scales set so the weights keep
 the original tensor's standard deviation. The reference dequantises whatever is
 stored, so random blocks test the engine's decoding as well as real ones.
 Norms, biases and the router stay F32 (as llama.cpp quantizes); rows that do
@@ -19,18 +17,11 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from gguf import quants as gq
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
+from hybrid.quantize import pack_k_scales, quantize
+
 
 def _fp16_bytes(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).reshape(-1, 1).view(np.uint8)
-
-
-def _k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """Pack 8 six-bit scales and mins per block into Q4_K/Q5_K's 12 bytes."""
-    out = np.empty((sc.shape[0], 12), dtype=np.uint8)
-    out[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
-    out[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
-    out[:, 8:12] = (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)
-    return out
 
 
 def random_k_blocks(qtype: T, n_blocks: int, std: float, rng: np.random.Generator) -> np.ndarray:
@@ -51,21 +42,8 @@ def random_k_blocks(qtype: T, n_blocks: int, std: float, rng: np.random.Generato
     d = std / (np.sqrt(np.mean(sc.astype(float) ** 2)) * levels / np.sqrt(12))
     raw[:, 0:2] = _fp16_bytes(np.full(n_blocks, d))
     raw[:, 2:4] = raw[:, 0:2]                                 # dmin = d
-    raw[:, 4:16] = _k_scales(sc, m)
+    raw[:, 4:16] = pack_k_scales(sc, m)
     return raw
-
-
-def quantize_iq4_nl(values: np.ndarray) -> np.ndarray:
-    """float32 [..., n] -> IQ4_NL blocks [..., n / 32 * 18]: d = x_max / -127 (x_max the value of largest
-    magnitude, so it lands on the level -127), each weight on the level nearest x / d."""
-    levels = np.array(gq.IQ4_NL.kvalues, dtype=np.float32)
-    x = values.reshape(-1, 32).astype(np.float32)
-    x_max = np.take_along_axis(x, np.abs(x).argmax(-1)[:, None], -1)
-    d = (x_max / -127.0).astype(np.float16)
-    inv = np.where(d != 0, 1 / np.where(d != 0, d.astype(np.float32), 1), 0)
-    q = np.abs(x[:, :, None] * inv[:, :, None] - levels).argmin(-1).astype(np.uint8)
-    blocks = np.concatenate([d.view(np.uint8), q[:, :16] | (q[:, 16:] << 4)], axis=-1)
-    return blocks.reshape(*values.shape[:-1], -1)
 
 
 def retype_gguf(src, dst, qtype: T, seed: int = 0):
@@ -89,10 +67,8 @@ def retype_gguf(src, dst, qtype: T, seed: int = 0):
             n_blocks = values.size // block_size
             blocks = random_k_blocks(qtype, n_blocks, float(values.std()), rng)
             data = blocks.reshape(*values.shape[:-1], -1)
-        elif qtype == T.IQ4_NL:
-            data = quantize_iq4_nl(values)
         else:
-            data = gq.quantize(values, qtype)
+            data = quantize(values, qtype)
         writer.add_tensor(t.name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -31,6 +31,7 @@ from profiler.errors import UserError
 from profiler.recorder import Recorder
 from gguf_retype import retype_gguf
 from reference_deepseek2 import Deepseek2Reference
+from reference_qwen3moe import Qwen3MoeReference
 
 EXPERTS_ON_CPU = r"\.ffn_.*_exps\.=CPU"
 PROMPT = [1, 17, 42, 99, 7]
@@ -149,6 +150,29 @@ def test_native_kernels_of_other_types_load_and_run(make_gguf, tmp_path_factory,
         assert experts.ggml_type == qtype and weights.native(experts)
         logits = engine.forward(PROMPT, "pp")[-1].numpy()
     exact = np.asarray(Deepseek2Reference(path).forward(PROMPT))[-1]
+    np.testing.assert_allclose(logits, exact, rtol=0, atol=0.25)
+    assert logits.argmax() == exact.argmax()
+
+
+# variants whose rows hold whole 256-value blocks, so that a mix has K-quants and IQ4_XS and,
+# through the 96-wide expert rows, llama.cpp's fallbacks (tests/test_quantize.py: the types)
+MIX_MODELS = {"tiny": dict(n_embd=256, n_ff=256, n_ff_exp=96), "qwen3-tiny": dict(n_embd=256, n_ff_exp=96)}
+
+
+@pytest.mark.parametrize("preset", MIX_MODELS)
+@pytest.mark.parametrize("qtype", ["q4_k_m", "q5_k_m", "q6_k", "iq4_xs"])
+def test_mixes_run_on_native_kernels(make_gguf, preset, qtype):
+    """A file `model make --type` writes as llama.cpp's mix runs every weight on native kernels,
+    within the activation rounding's own size of the float64 reference on the stored weights
+    (as test_native_kernels_of_other_types_load_and_run), with its greedy token."""
+    path = make_gguf(preset, qtype, **MIX_MODELS[preset])
+    with Engine(str(path), threads=2, fmoe=True, **PLACEMENTS["all-cpu"]) as engine:
+        quantized = [w for w in engine.model.weights.buffers.values()
+                     if isinstance(w, Weight) and w.ggml_type not in (T.F32, T.F16)]
+        assert len({w.ggml_type for w in quantized}) >= 2 and all(weights.native(w) for w in quantized)
+        logits = engine.forward(PROMPT, "pp")[-1].numpy()
+    reference = Deepseek2Reference if preset == "tiny" else Qwen3MoeReference
+    exact = np.asarray(reference(path).forward(PROMPT))[-1]
     np.testing.assert_allclose(logits, exact, rtol=0, atol=0.25)
     assert logits.argmax() == exact.argmax()
 

@@ -22,6 +22,7 @@ from gguf.constants import GGMLQuantizationType as T
 from gguf_retype import retype_gguf
 from hybrid.gguf_model import load_model
 from hybrid import ops, weights
+from hybrid.make_model import MIXES
 from hybrid.model import Model
 from hybrid.rope import rope_cos_sin
 from hybrid.program import compute
@@ -220,6 +221,15 @@ def test_parallel_tasks_equal_fn(tiny_gguf, rtr, fmoe):
             values[id(node)] = values[id(node)][0]
     pool.close()
     assert n_checked > 10
+
+
+@pytest.mark.parametrize("preset,overrides", [("tiny", dict(n_embd=256, n_ff=256, n_ff_exp=96)),
+                                              ("qwen3-tiny", dict(n_embd=256, n_ff_exp=96))], ids=["tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("qtype", MIXES)
+def test_mixes_match_reference(make_gguf, preset, overrides, qtype):
+    """llama.cpp's mixes as `model make` writes them (K-quants, IQ4_XS and their fallbacks in one
+    file: 256-wide variants with 96-wide expert rows), on the exact path."""
+    check_against_reference(make_gguf(preset, qtype, **overrides), TOL, fmoe=True)
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS],

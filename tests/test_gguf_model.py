@@ -31,7 +31,7 @@ def test_round_trip_values(make_gguf, qtype):
     model = load_model(path)
     config = preset_config("tiny")
     assert model.config == config
-    plan = tensor_plan(config, {"q4_0": T.Q4_0, "q8_0": T.Q8_0, "f16": T.F16, "bf16": T.BF16, "f32": T.F32}[qtype])
+    plan = tensor_plan(config, qtype)
     assert list(model.tensors) == list(plan)
     for name, t in model.tensors.items():
         shape, ggml_type = plan[name]
@@ -110,7 +110,7 @@ def test_presets_match_deepseek_v2_lite():
     tiny = preset_config("tiny")
     assert tiny.q_lora_rank > 0 and tiny.n_layer == 3 and tiny.n_expert == 8 and tiny.n_expert_used == 2
     assert {"tiny", "deepseek-v2-lite-mini", "deepseek-v2-lite"} <= set(PRESETS)
-    n_params = sum(int(np.prod(s)) for s, _ in tensor_plan(lite, T.Q4_0).values())
+    n_params = sum(int(np.prod(s)) for s, _ in tensor_plan(lite, "q4_0").values())
     assert 15.5e9 < n_params < 16.0e9                    # DeepSeek-V2-Lite: 15.7 B
 
 
@@ -121,7 +121,7 @@ def test_presets_match_qwen3_30b_a3b(make_gguf):
     assert (full.n_expert, full.n_ff_exp, full.n_expert_used, full.rope_freq_base, full.n_vocab) == \
         (128, 768, 8, 1e6, 151936)
     assert dataclasses.replace(preset_config("qwen3-30b-a3b-mini"), n_layer=48) == full
-    n_params = sum(int(np.prod(s)) for s, _ in tensor_plan(full, T.Q4_0).values())
+    n_params = sum(int(np.prod(s)) for s, _ in tensor_plan(full, "q4_0").values())
     assert 30.0e9 < n_params < 31.0e9                    # Qwen3-30B-A3B: 30.5 B
     made = load_model(make_gguf("qwen3-tiny", "q8_0")).config
     assert made == preset_config("qwen3-tiny")            # every key written and read back

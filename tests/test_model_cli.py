@@ -98,7 +98,8 @@ def test_make_refuses_existing_output_unless_forced(tmp_path, capsys):
     (["--preset", "tiny", "--layers", "27"], "--layers 27: llama.cpp reads"),
     (["--preset", "huge"], "--preset huge: unknown preset (available: tiny, deepseek-v2-lite-mini, deepseek-v2-lite, "
                            "qwen3-tiny, qwen3-30b-a3b-mini, qwen3-30b-a3b)"),
-    (["--preset", "tiny", "--type", "q4_k"], "--type q4_k: unknown type (available: q4_0, q8_0, f16, bf16, f32)"),
+    (["--preset", "tiny", "--type", "q4_k"], "--type q4_k: unknown type (available: q4_0, q8_0, f16, bf16, f32, "
+                                             "q4_k_m, q5_k_m, q6_k, iq4_xs)"),
 ])
 def test_make_bad_arguments(tmp_path, capsys, argv, message):
     path = tmp_path / "t.gguf"

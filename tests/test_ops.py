@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 from gguf.constants import GGMLQuantizationType as T
-from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
+from gguf.quants import dequantize as gguf_dequantize
 
-from gguf_retype import quantize_iq4_nl, random_k_blocks
+from gguf_retype import random_k_blocks
 from hybrid import _ops, ops
+from hybrid.quantize import quantize
 
 RTOL = 2e-6
 
@@ -404,10 +405,10 @@ def stored_rows(rng, qtype, n_rows=11, n_cols=256):
     """A token-embedding-like tensor as `hybrid.weights.Weight.data` holds it, and its values
     as gguf-py dequantises them (float64)."""
     values = rng.normal(size=(n_rows, n_cols)).astype(np.float32)
-    if qtype in (T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS):                   # (gguf-py has no quantizer for these)
+    if qtype in (T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS):                   # random bits: every field exercised
         stored = random_k_blocks(qtype, n_rows * n_cols // 256, 1.0, rng).reshape(n_rows, -1)
     else:
-        stored = quantize_iq4_nl(values) if qtype == T.IQ4_NL else gguf_quantize(values, qtype)
+        stored = quantize(values, qtype)
     data = torch.from_numpy(stored)
     if qtype == T.BF16:
         data = data.view(torch.bfloat16)

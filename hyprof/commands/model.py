@@ -24,9 +24,21 @@ presets:
 Weights are seeded noise scaled to keep activations finite and logits spread;
 norms and the router stay F32, as llama.cpp quantizes. llama.cpp loads the files.
 
+mixes (--type q4_k_m | q5_k_m | q6_k | iq4_xs): per tensor the type llama.cpp's
+  llama-quantize picks for that file type (without an importance matrix): the
+  output Q6_K; in Q4_K_M and Q5_K_M, attn_v / attn_kv_b and ffn_down of about half
+  the layers Q6_K; in IQ4_XS, ffn_down of the first eighth Q5_K; with exactly 8
+  experts, attn_v and attn_k Q8_0. Rows that are not whole 256-value blocks fall back
+  as llama.cpp's do: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL
+  (DeepSeek-V2-Lite's 1408-wide expert rows: its ffn_down_exps). Quantized by
+  hyprof's own NumPy quantizers (one pass per block, no error search): deepseek-v2-
+  lite-mini at q4_k_m in ~35 s on one core of a Xeon (q4_0: ~20 s).
+  `hyprof model info FILE --tensors` shows each tensor's type.
+
 examples:
   hyprof model make --preset tiny -o tiny.gguf
   hyprof model make --preset deepseek-v2-lite --layers 8 --type q8_0 -o lite8.gguf
+  hyprof model make --preset deepseek-v2-lite-mini --type q4_k_m -o mini-q4_k_m.gguf
   hyprof model make --preset deepseek-v2-lite-mini --q-lora-rank 1536 -o mini-qlora.gguf
       (V2-Lite shapes with DeepSeek-V2's q-LoRA attention: ik_llama.cpp takes a deepseek2
       file without q-LoRA for V2-Lite only at 26 or 27 layers, so compare with it on this one)
@@ -70,7 +82,8 @@ def register(subparsers) -> None:
                          "qwen3-30b-a3b-mini | qwen3-30b-a3b")
     mk.add_argument("--layers", type=int, metavar="N", help="layer count instead of the preset's")
     mk.add_argument("--type", default="q4_0", metavar="T", dest="qtype",
-                    help="q4_0 | q8_0 | f16 | bf16 | f32 (default: q4_0)")
+                    help="q4_0 | q8_0 | f16 | bf16 | f32, or one of llama.cpp's mixes q4_k_m | q5_k_m | q6_k | "
+                         "iq4_xs (default: q4_0; see below)")
     mk.add_argument("--q-lora-rank", type=int, metavar="R",
                     help="deepseek2 presets: q-LoRA attention of rank R (attn_q_a/attn_q_b, as DeepSeek-V2/V3: "
                          "1536) instead of the preset's (0: a plain attn_q, as V2-Lite)")
@@ -166,6 +179,7 @@ def info_result(model, placement, loads, n_gpu_layers: int, overrides: list[str]
     out = {
         "model": {"path": str(model.path), "arch": model.config.arch, "size_bytes": model.size_bytes,
                   "n_params": model.n_params, "ftype": model.ftype,
+                  "file_type": _file_type(model.metadata.get("general.file_type")),
                   "tensor_data_bytes": model.tensor_data_bytes, "type_bytes": model.type_bytes(),
                   "n_vocab_tokens": len(model.vocab) if model.vocab else 0},
         "config": dataclasses.asdict(model.config),
@@ -181,6 +195,17 @@ def info_result(model, placement, loads, n_gpu_layers: int, overrides: list[str]
                            "backend": placement.backend[t.name], "cause": placement.cause[t.name]}
                           for t in model.tensors.values()]
     return out
+
+
+def _file_type(value) -> str | None:
+    """The header's general.file_type as llama-quantize names it ("Q4_K_M"): which mix the file
+    claims to be, beside the type mix it holds."""
+    from gguf import LlamaFileType
+
+    try:
+        return LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return None if value is None else f"unknown ({value})"
 
 
 def _size(n: int) -> str:
@@ -209,7 +234,7 @@ def render_info(r: dict) -> None:
     head.add_row("parameters", _count(m["n_params"]))
     head.add_row("file size", f"{_size(m['size_bytes'])}  ({m['size_bytes']:,} bytes)")
     head.add_row("tensor data", f"{_size(m['tensor_data_bytes'])}  ({m['tensor_data_bytes']:,} bytes)")
-    head.add_row("type", m["ftype"])
+    head.add_row("type", m["ftype"] + (f"  (file type {m['file_type']})" if m["file_type"] else ""))
     head.add_row("type mix", ", ".join(f"{t} {_size(b)} ({100 * b / m['tensor_data_bytes']:.1f}%)"
                                        for t, b in m["type_bytes"].items()))
     head.add_row("vocabulary", f"{m['n_vocab_tokens']} tokens")

@@ -321,6 +321,7 @@ k_row_dot_256(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         kblock_t k;
+        for (size_t o = 0; o < bb; o += 64) _mm_prefetch((const char *)(w + b * bb + R16_PREFETCH + o), _MM_HINT_T0);
         unpack_kblock(type, w + b * bb, &k);
         __m256i q[8], sc[8];
         for (int c = 0; c < 8; c++) {

@@ -61,10 +61,11 @@
 #define TILE 4                /* tokens per row_dot call, at most */
 #define R16_TILE 8            /* tokens per r16_dot call, at most */
 #define R16_ROWS 16
-/* How far ahead the SIMD R16 kernels prefetch: the hardware streamer alone left one-token Q4_0 at
- * ~66 % of the triad from DRAM (Q8_0 ~83 %); 2 KB ahead, ~81 % (Q8_0 ~93 %), 1 or 4 KB ahead less
- * (bench_expert_matmul.py, AVX-512, 2 threads, a Sapphire Rapids-class Xeon). Past a row block's
- * end it prefetches the next one's start, most often the next unit the same thread takes. */
+/* How far ahead the SIMD kernels that stream weights (R16, and the K-quants' row kernels) prefetch:
+ * the hardware streamer alone left one-token Q4_0 at ~66 % of the triad from DRAM (Q8_0 ~83 %);
+ * 2 KB ahead, ~81 % (Q8_0 ~93 %), 1 or 4 KB ahead less (bench_expert_matmul.py, AVX-512, 2 threads,
+ * a Sapphire Rapids-class Xeon); Q4_K rows +25-50 %. Past a row block's (or row's) end it
+ * prefetches the next one's start, most often the next unit the same thread takes. */
 #define R16_PREFETCH 2048
 
 static inline size_t q8_row_bytes(int64_t n_in) {

@@ -183,7 +183,7 @@ r16_dot_256(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *co
     for (int t = 0; t < NT; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = r + b * sb;
-        for (size_t o = 0; o < sb; o += 64) _mm_prefetch((const char *)(p + R16_PREFETCH + o), _MM_HINT_T0);
+        prefetch_ahead(p, sb);
         const size_t xo = (size_t)(b / GROUP_BLOCKS) * GROUP_BYTES + (size_t)(b % GROUP_BLOCKS) * 16;
         for (int h = 0; h < 2; h++) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
@@ -321,7 +321,7 @@ k_row_dot_256(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         kblock_t k;
-        for (size_t o = 0; o < bb; o += 64) _mm_prefetch((const char *)(w + b * bb + R16_PREFETCH + o), _MM_HINT_T0);
+        prefetch_ahead(w + b * bb, bb);
         unpack_kblock(type, w + b * bb, &k);
         __m256i q[8], sc[8];
         for (int c = 0; c < 8; c++) {

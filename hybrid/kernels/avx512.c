@@ -242,7 +242,7 @@ r16_dot_512(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *co
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = r + b * sb;
-        for (size_t o = 0; o < sb; o += 64) _mm_prefetch((const char *)(p + R16_PREFETCH + o), _MM_HINT_T0);
+        prefetch_ahead(p, sb);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
         const __m512 dm = q5_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : _mm512_setzero_ps();
         __m512i q[8];
@@ -326,7 +326,7 @@ k_row_dot_512(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         kblock_t k;
-        for (size_t o = 0; o < bb; o += 64) _mm_prefetch((const char *)(w + b * bb + R16_PREFETCH + o), _MM_HINT_T0);
+        prefetch_ahead(w + b * bb, bb);
         unpack_kblock(type, w + b * bb, &k);
         __m512i q[4], sc[4];
         __mmask64 neg[4];

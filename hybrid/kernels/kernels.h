@@ -66,7 +66,12 @@
  * 2 KB ahead, ~81 % (Q8_0 ~93 %), 1 or 4 KB ahead less (bench_expert_matmul.py, AVX-512, 2 threads,
  * a Sapphire Rapids-class Xeon); Q4_K rows +25-50 %. Past a row block's (or row's) end it
  * prefetches the next one's start, most often the next unit the same thread takes. */
-#define R16_PREFETCH 2048
+#define STREAM_PREFETCH 2048
+
+/* Prefetch the n bytes that lie STREAM_PREFETCH past the block at p, which a kernel is about to read. */
+static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *p, size_t n) {
+    for (size_t o = 0; o < n; o += 64) __builtin_prefetch(p + STREAM_PREFETCH + o, 0, 3);
+}
 
 static inline size_t q8_row_bytes(int64_t n_in) {
     return (size_t)((n_in / QK + GROUP_BLOCKS - 1) / GROUP_BLOCKS) * GROUP_BYTES;

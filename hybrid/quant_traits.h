@@ -56,6 +56,9 @@ typedef void (*r16_dot_fn)(const uint8_t *r, int64_t nb, const uint8_t *const *x
  * `next`, if not NULL, is the next row block's first row, to prefetch. */
 typedef void (*repack_r16_fn)(const uint8_t *w, size_t rb, int n_rows, int64_t nb, uint8_t *dst,
                               const uint8_t *next);
+/* res[i] = dot(row i of R16 row block r, x), res[16 + i] = the same of row block r2: two row blocks
+ * in one pass, their blocks in turn, for one token (see matmul_rows). */
+typedef void (*r16_dot2_fn)(const uint8_t *r, const uint8_t *r2, int64_t nb, const uint8_t *x, float *res);
 typedef void (*dequantize_row_fn)(const uint8_t *src, int64_t n, float *out);
 typedef void (*quantize_row_fn)(const float *x, int64_t n_in, uint8_t *out);
 
@@ -66,6 +69,7 @@ typedef struct {
     repack_r16_fn repack_r16;       /* stored -> R16; set with r16_dot */
     int r16_first;                  /* R16 outruns the row kernel: weights are repacked at load and
                                        prompts repack as they go (else R16 serves explicit calls only) */
+    r16_dot2_fn r16_dot2;           /* NULL: r16_dot on each row block */
 } quant_kernels_t;
 
 typedef struct {

@@ -392,6 +392,24 @@ def test_repacked_weights_give_the_stored_weights_products(ggml_type, n_tok):
                 assert np.isnan(got[..., :r0]).all() and np.isnan(got[..., r1:]).all()
 
 
+@pytest.mark.parametrize("ggml_type", R16_TYPES)
+def test_one_token_reads_two_row_blocks_in_turn_with_the_same_products(ggml_type):
+    """One token takes the range's two halves in one pass (r16_dot2: two streams from DRAM); each
+    row's sum is the same instructions in the same order as when it is one of several tokens' rows,
+    so bit for bit, for even and odd numbers of row blocks and ranges that do not start at 0."""
+    rng = np.random.default_rng(24)
+    w = raw_weights(rng, (2, 112, 416), ggml_type)
+    for path in r16_paths(ggml_type):
+        packed = ck.repack(w, ggml_type, path=path)
+        x = activations(rng, 2, 416)
+        for r0, r1 in ((0, 112), (0, 64), (16, 112), (32, 48)):
+            one, two = np.full((1, 1, 112), np.nan, np.float32), np.full((2, 1, 112), np.nan, np.float32)
+            ck.mul_mat_id(packed, ggml_type | ck.R16, x[:1], np.array([[1]], np.int32), one, r0, r1, path=path)
+            ck.mul_mat_id(packed, ggml_type | ck.R16, x, np.array([[1], [1]], np.int32), two, r0, r1, path=path)
+            np.testing.assert_array_equal(one[0, 0, r0:r1], two[0, 0, r0:r1], err_msg=f"{path} rows {r0}:{r1}")
+            assert np.isnan(one[..., :r0]).all() and np.isnan(one[..., r1:]).all()
+
+
 def test_repacked_weights_refuse_what_they_cannot_do():
     rng = np.random.default_rng(21)
     w = raw_weights(rng, (32, 64), ck.Q4_0)

@@ -167,10 +167,12 @@ static inline __attribute__((always_inline)) __m256i fifth_bits_32(uint32_t m) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit), _mm256_set1_epi8(16));
 }
 
-/* nb R16 blocks at r x NT tokens (1..4) -> res[t * 16 + row], rows in natural order; the type and
- * NT constants after inlining. */
+/* nb R16 blocks at r x NT tokens (1..4) -> res[t * 16 + row], rows in natural order; with PAIR (2,
+ * NT 1) the blocks at r2 too, block by block in turn, -> res[16 + row]. The type, NT and PAIR
+ * constants after inlining. */
 static inline __attribute__((always_inline)) void
-r16_dot_256(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, const int NT, float *res) {
+r16_dot_256(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb, const uint8_t *const *x, const int NT,
+            float *res, const int PAIR) {
     const size_t sb = R16_ROWS * bb;
     const int q5 = type == GGML_Q5_0 || type == GGML_Q5_1, q5_1 = type == GGML_Q5_1, iq4 = type == GGML_IQ4_NL;
     const int nibbles = type != GGML_Q8_0, is_signed = !nibbles || iq4;
@@ -180,9 +182,10 @@ r16_dot_256(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *co
     const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
     const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)KVALUES_IQ4NL));
     __m256 acc[4][2];                                     /* [token][half: lanes 0-7, 8-15] */
-    for (int t = 0; t < NT; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *p = r + b * sb;
+    for (int t = 0; t < NT * PAIR; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++)
+    for (int i = 0; i < PAIR; i++) {
+        const uint8_t *p = (i ? r2 : r) + b * sb;
         prefetch_ahead(p, sb);
         const size_t xo = (size_t)(b / GROUP_BLOCKS) * GROUP_BYTES + (size_t)(b % GROUP_BLOCKS) * 16;
         for (int h = 0; h < 2; h++) {
@@ -230,13 +233,13 @@ r16_dot_256(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *co
                     if (q5 && !q5_1) s = _mm256_add_epi32(s, _mm256_slli_epi32(bcast_i32(g + 192), 1));
                 }
                 __m256 d = _mm256_mul_ps(dw, _mm256_broadcast_ss((const float *)(g + 128)));
-                acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[t][h]);
+                acc[i + t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[i + t][h]);
                 if (q5_1)                                 /* m * d_x * sum(x) */
-                    acc[t][h] = _mm256_fmadd_ps(dm, _mm256_broadcast_ss((const float *)(g + 200)), acc[t][h]);
+                    acc[i + t][h] = _mm256_fmadd_ps(dm, _mm256_broadcast_ss((const float *)(g + 200)), acc[i + t][h]);
             }
         }
     }
-    for (int t = 0; t < NT; t++) {
+    for (int t = 0; t < NT * PAIR; t++) {
         float lanes[16];
         _mm256_storeu_ps(lanes, acc[t][0]);
         _mm256_storeu_ps(lanes + 8, acc[t][1]);
@@ -253,12 +256,17 @@ static inline __attribute__((always_inline)) void
 r16_dot(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res) {
     for (int t = 0; t < nt; t += 4) {
         switch (nt - t) {
-        case 1: r16_dot_256(type, bb, r, nb, x + t, 1, res + 16 * t); break;
-        case 2: r16_dot_256(type, bb, r, nb, x + t, 2, res + 16 * t); break;
-        case 3: r16_dot_256(type, bb, r, nb, x + t, 3, res + 16 * t); break;
-        default: r16_dot_256(type, bb, r, nb, x + t, 4, res + 16 * t); break;
+        case 1: r16_dot_256(type, bb, r, NULL, nb, x + t, 1, res + 16 * t, 1); break;
+        case 2: r16_dot_256(type, bb, r, NULL, nb, x + t, 2, res + 16 * t, 1); break;
+        case 3: r16_dot_256(type, bb, r, NULL, nb, x + t, 3, res + 16 * t, 1); break;
+        default: r16_dot_256(type, bb, r, NULL, nb, x + t, 4, res + 16 * t, 1); break;
         }
     }
+}
+
+static inline __attribute__((always_inline)) void
+r16_dot2(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb, const uint8_t *x, float *res) {
+    r16_dot_256(type, bb, r, r2, nb, &x, 1, res, 2);
 }
 
 /* Rows [0, n_rows) of w (row stride rb) -> R16 blocks at dst, as the AVX-512 repack does it with
@@ -366,11 +374,11 @@ k_row_dot(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *cons
 
 /* ---- per type ---- */
 
-R16_KERNELS(AVX2, Q4_0, block_q4_0, row_dot, r16_dot, repack_r16, 1)
-R16_KERNELS(AVX2, Q8_0, block_q8_0, row_dot, r16_dot, repack_r16, 1)
-R16_KERNELS(AVX2, Q5_0, block_q5_0, row_dot, r16_dot, repack_r16, 1)
-R16_KERNELS(AVX2, Q5_1, block_q5_1, row_dot, r16_dot, repack_r16, 1)
-R16_KERNELS(AVX2, IQ4_NL, block_iq4_nl, row_dot, r16_dot, repack_r16, 1)
+R16_PAIR_KERNELS(AVX2, Q4_0, block_q4_0, row_dot, r16_dot, r16_dot2, repack_r16, 1)
+R16_PAIR_KERNELS(AVX2, Q8_0, block_q8_0, row_dot, r16_dot, r16_dot2, repack_r16, 1)
+R16_PAIR_KERNELS(AVX2, Q5_0, block_q5_0, row_dot, r16_dot, r16_dot2, repack_r16, 1)
+R16_PAIR_KERNELS(AVX2, Q5_1, block_q5_1, row_dot, r16_dot, r16_dot2, repack_r16, 1)
+R16_PAIR_KERNELS(AVX2, IQ4_NL, block_iq4_nl, row_dot, r16_dot, r16_dot2, repack_r16, 1)
 ROW_KERNELS(AVX2, Q4_K, block_q4_K, k_row_dot)
 ROW_KERNELS(AVX2, Q5_K, block_q5_K, k_row_dot)
 ROW_KERNELS(AVX2, Q6_K, block_q6_K, k_row_dot)

@@ -226,12 +226,13 @@ static inline __attribute__((always_inline)) __m512i load_halves_512(const uint8
                               _mm256_loadu_si256((const __m256i *)(p + 32)), 1);
 }
 
-/* nb R16 blocks at r x NT tokens -> res[t * 16 + row], rows in natural order. With Q4_OR_Q8 (a
- * constant) the type is Q4_0 or Q8_0 and may be a run-time value (see r16_dot_q4_or_q8): the other
- * types' steps are then compiled out; else the type is a constant after inlining. */
+/* nb R16 blocks at r x NT tokens -> res[t * 16 + row], rows in natural order; with PAIR (2, NT 1)
+ * the blocks at r2 too, block by block in turn, -> res[16 + row]. With Q4_OR_Q8 (a constant) the
+ * type is Q4_0 or Q8_0 and may be a run-time value (see r16_dot_q4_or_q8): the other types' steps
+ * are then compiled out; else the type is a constant after inlining. */
 static inline __attribute__((always_inline)) void
-r16_dot_512(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, const int NT, float *res,
-            const int Q4_OR_Q8) {
+r16_dot_512(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb, const uint8_t *const *x, const int NT,
+            float *res, const int Q4_OR_Q8, const int PAIR) {
     const size_t sb = R16_ROWS * bb;
     const int q5 = !Q4_OR_Q8 && (type == GGML_Q5_0 || type == GGML_Q5_1), q5_1 = !Q4_OR_Q8 && type == GGML_Q5_1;
     const int iq4 = !Q4_OR_Q8 && type == GGML_IQ4_NL;
@@ -239,9 +240,10 @@ r16_dot_512(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *co
     const size_t masks = r16_masks_at(form), quads = r16_quant_at(form, 0, 0);
     const __m512i m4 = _mm512_set1_epi8(15), sixteen = _mm512_set1_epi8(16), levels = iq4nl_levels_512();
     __m512 acc[R16_TILE];
-    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *p = r + b * sb;
+    for (int t = 0; t < NT * PAIR; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++)
+    for (int h = 0; h < PAIR; h++) {
+        const uint8_t *p = (h ? r2 : r) + b * sb;
         prefetch_ahead(p, sb);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
         const __m512 dm = q5_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : _mm512_setzero_ps();
@@ -274,26 +276,26 @@ r16_dot_512(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *co
             for (int k = 0; k < 4; k++) s = _mm512_dpbusd_epi32(s, q[k], _mm512_set1_epi32(load_i32(g + 4 * k)));
             for (int k = 0; k < 4; k++) s = _mm512_dpbusd_epi32(s, q[k + 4], _mm512_set1_epi32(load_i32(g + 64 + 4 * k)));
             __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(*(const float *)(g + 128)));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[t]);
-            if (q5_1) acc[t] = _mm512_fmadd_ps(dm, _mm512_set1_ps(*(const float *)(g + 200)), acc[t]);
+            acc[h + t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[h + t]);
+            if (q5_1) acc[h + t] = _mm512_fmadd_ps(dm, _mm512_set1_ps(*(const float *)(g + 200)), acc[h + t]);
         }
     }
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    for (int t = 0; t < NT; t++) _mm512_storeu_ps(res + 16 * t, _mm512_permutexvar_ps(order, acc[t]));
+    for (int t = 0; t < NT * PAIR; t++) _mm512_storeu_ps(res + 16 * t, _mm512_permutexvar_ps(order, acc[t]));
 }
 
 static inline __attribute__((always_inline)) void
 r16_dot_tiles(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res,
               const int Q4_OR_Q8) {
     switch (nt) {
-    case 1: r16_dot_512(type, bb, r, nb, x, 1, res, Q4_OR_Q8); break;
-    case 2: r16_dot_512(type, bb, r, nb, x, 2, res, Q4_OR_Q8); break;
-    case 3: r16_dot_512(type, bb, r, nb, x, 3, res, Q4_OR_Q8); break;
-    case 4: r16_dot_512(type, bb, r, nb, x, 4, res, Q4_OR_Q8); break;
-    case 5: r16_dot_512(type, bb, r, nb, x, 5, res, Q4_OR_Q8); break;
-    case 6: r16_dot_512(type, bb, r, nb, x, 6, res, Q4_OR_Q8); break;
-    case 7: r16_dot_512(type, bb, r, nb, x, 7, res, Q4_OR_Q8); break;
-    default: r16_dot_512(type, bb, r, nb, x, 8, res, Q4_OR_Q8); break;
+    case 1: r16_dot_512(type, bb, r, NULL, nb, x, 1, res, Q4_OR_Q8, 1); break;
+    case 2: r16_dot_512(type, bb, r, NULL, nb, x, 2, res, Q4_OR_Q8, 1); break;
+    case 3: r16_dot_512(type, bb, r, NULL, nb, x, 3, res, Q4_OR_Q8, 1); break;
+    case 4: r16_dot_512(type, bb, r, NULL, nb, x, 4, res, Q4_OR_Q8, 1); break;
+    case 5: r16_dot_512(type, bb, r, NULL, nb, x, 5, res, Q4_OR_Q8, 1); break;
+    case 6: r16_dot_512(type, bb, r, NULL, nb, x, 6, res, Q4_OR_Q8, 1); break;
+    case 7: r16_dot_512(type, bb, r, NULL, nb, x, 7, res, Q4_OR_Q8, 1); break;
+    default: r16_dot_512(type, bb, r, NULL, nb, x, 8, res, Q4_OR_Q8, 1); break;
     }
 }
 
@@ -306,10 +308,20 @@ r16_dot_q4_or_q8(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_
     r16_dot_tiles(type, bb, r, nb, x, nt, res, 1);
 }
 
+static KEEP_ARGS void
+r16_dot2_q4_or_q8(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb, const uint8_t *x, float *res) {
+    r16_dot_512(type, bb, r, r2, nb, &x, 1, res, 1, 2);
+}
+
 /* The later types' R16 kernels, each specialised for its type. */
 static inline __attribute__((always_inline)) void
 r16_dot_typed(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res) {
     r16_dot_tiles(type, bb, r, nb, x, nt, res, 0);
+}
+
+static inline __attribute__((always_inline)) void
+r16_dot2_typed(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb, const uint8_t *x, float *res) {
+    r16_dot_512(type, bb, r, r2, nb, &x, 1, res, 0, 2);
 }
 
 /* ---- the 256-value types: each block unpacked once (kernels.h), then against NT q8_K rows ----
@@ -375,11 +387,11 @@ k_row_dot(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *cons
 
 /* ---- per type ---- */
 
-R16_KERNELS(AVX512, Q4_0, block_q4_0, row_dot, r16_dot_q4_or_q8, repack_r16, 1)
-R16_KERNELS(AVX512, Q8_0, block_q8_0, row_dot, r16_dot_q4_or_q8, repack_r16, 1)
-R16_KERNELS(AVX512, Q5_0, block_q5_0, row_dot, r16_dot_typed, repack_r16, 1)
-R16_KERNELS(AVX512, Q5_1, block_q5_1, row_dot, r16_dot_typed, repack_r16, 1)
-R16_KERNELS(AVX512, IQ4_NL, block_iq4_nl, row_dot, r16_dot_typed, repack_r16, 1)
+R16_PAIR_KERNELS(AVX512, Q4_0, block_q4_0, row_dot, r16_dot_q4_or_q8, r16_dot2_q4_or_q8, repack_r16, 1)
+R16_PAIR_KERNELS(AVX512, Q8_0, block_q8_0, row_dot, r16_dot_q4_or_q8, r16_dot2_q4_or_q8, repack_r16, 1)
+R16_PAIR_KERNELS(AVX512, Q5_0, block_q5_0, row_dot, r16_dot_typed, r16_dot2_typed, repack_r16, 1)
+R16_PAIR_KERNELS(AVX512, Q5_1, block_q5_1, row_dot, r16_dot_typed, r16_dot2_typed, repack_r16, 1)
+R16_PAIR_KERNELS(AVX512, IQ4_NL, block_iq4_nl, row_dot, r16_dot_typed, r16_dot2_typed, repack_r16, 1)
 
 ROW_KERNELS(AVX512, Q4_K, block_q4_K, k_row_dot)
 ROW_KERNELS(AVX512, Q5_K, block_q5_K, k_row_dot)

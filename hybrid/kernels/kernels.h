@@ -407,6 +407,14 @@ static inline void k_row_dot_portable(int type, size_t bb, const uint8_t *w, int
     BIND_ROW_DOT(T, block, row_dot)                                         \
     BIND_R16(T, block, r16_dot, repack)                                     \
     const quant_kernels_t PATH##_##T = {row_dot_##T, r16_dot_##T, repack_r16_##T, r16_first};
+/* The same with a kernel of two row blocks in one pass (r16_dot2: see r16_dot2_fn). */
+#define R16_PAIR_KERNELS(PATH, T, block, row_dot, r16_dot, r16_dot2, repack, r16_first)                    \
+    BIND_ROW_DOT(T, block, row_dot)                                                                     \
+    BIND_R16(T, block, r16_dot, repack)                                                                 \
+    static void r16_dot2_##T(const uint8_t *r, const uint8_t *r2, int64_t nb, const uint8_t *x, float *res) { \
+        r16_dot2(GGML_##T, sizeof(block), r, r2, nb, x, res);                                           \
+    }                                                                                                   \
+    const quant_kernels_t PATH##_##T = {row_dot_##T, r16_dot_##T, repack_r16_##T, r16_first, r16_dot2_##T};
 /* A path's kernels of type T without R16 ones: PATH_T. */
 #define ROW_KERNELS(PATH, T, block, row_dot)    \
     BIND_ROW_DOT(T, block, row_dot)             \

@@ -1,7 +1,8 @@
 """CPU expert matmul bandwidth: the native GGUF kernels vs torch, beside STREAM triad, in one run.
 
 DeepSeek-V2-Lite expert shapes (n_embd 2048, n_ff_exp 1408, 64 experts, 6
-used per token), random GGUF blocks for several layers (>= 1 GB, far beyond
+used per token; `--arch qwen3moe`: Qwen3-30B-A3B's, 2048, 768, 128 experts, 8
+used), random GGUF blocks for several layers (>= 1 GB, far beyond
 the last-level cache); for the 256-value types (Q4_K, Q5_K, Q6_K, IQ4_XS) the
 1408-wide down rows are in the type llama.cpp's quantizer falls back to (Q5_0,
 Q5_1, Q8_0, IQ4_NL), as in those files. Each step runs one MoE layer's expert matmuls (fused
@@ -36,6 +37,7 @@ import argparse
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,13 +48,29 @@ from hybrid._kernels import Pool
 from hybrid.quants import dequantize
 from profiler.membw import measure_stream
 
-N_EMBD, N_FF, N_EXPERT, N_USED = 2048, 1408, 64, 6
+
+
+@dataclass(frozen=True)
+class Experts:
+    """One MoE layer's experts: what the benchmark's weights and routing take from a model."""
+    n_embd: int
+    n_ff: int
+    n_expert: int
+    n_used: int
+
+    @property
+    def shapes(self):
+        """Per tensor (n_out, n_in)."""
+        return dict(gate=(self.n_ff, self.n_embd), up=(self.n_ff, self.n_embd), down=(self.n_embd, self.n_ff))
+
+
+ARCHS = {"deepseek2": Experts(2048, 1408, 64, 6),     # DeepSeek-V2-Lite
+         "qwen3moe": Experts(2048, 768, 128, 8)}      # Qwen3-30B-A3B
 TYPES = {"q4_0": ck.Q4_0, "q5_0": ck.Q5_0, "q5_1": ck.Q5_1, "q8_0": ck.Q8_0, "iq4_nl": ck.IQ4_NL,
          "q4_k": ck.Q4_K, "q5_k": ck.Q5_K, "q6_k": ck.Q6_K, "iq4_xs": ck.IQ4_XS}
 # the type llama.cpp's quantizer stores a tensor in when its rows are not whole 256-value blocks:
 # DeepSeek-V2-Lite's 1408-wide down rows in its Q4_K, Q5_K, Q6_K and IQ4_XS files
 FALLBACK = {ck.Q4_K: ck.Q5_0, ck.Q5_K: ck.Q5_1, ck.Q6_K: ck.Q8_0, ck.IQ4_XS: ck.IQ4_NL}
-SHAPES = dict(gate=(N_FF, N_EMBD), up=(N_FF, N_EMBD), down=(N_EMBD, N_FF))
 FP16_SCALE = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
 FP16_AT = {ck.Q5_1: (0, 2), ck.Q4_K: (0, 2), ck.Q5_K: (0, 2), ck.Q6_K: (208,)}   # d (and m, dmin); others: d at 0
 
@@ -70,16 +88,17 @@ def random_blocks(rng, n_expert, n_out, n_in, ggml_type):
     return raw.reshape(n_expert, n_out, -1)
 
 
-def make_layers(rng, n_layers, ggml_type):
+def make_layers(ex, rng, n_layers, ggml_type):
     """Per layer {tensor: (blocks, its type)}: the type, or its fallback where rows are not whole blocks."""
-    return [{name: (random_blocks(rng, N_EXPERT, n_out, n_in, tensor_type(ggml_type, n_in)),
-                    tensor_type(ggml_type, n_in)) for name, (n_out, n_in) in SHAPES.items()} for _ in range(n_layers)]
+    return [{name: (random_blocks(rng, ex.n_expert, n_out, n_in, tensor_type(ggml_type, n_in)),
+                    tensor_type(ggml_type, n_in)) for name, (n_out, n_in) in ex.shapes.items()}
+            for _ in range(n_layers)]
 
 
-def bytes_per_expert(ggml_type):
+def bytes_per_expert(ex, ggml_type):
     """Bytes of one expert's gate, up and down as stored."""
     return sum(n_out * n_in // ck.TRAITS[t].block_values * ck.TRAITS[t].block_bytes
-               for n_out, n_in in SHAPES.values() for t in [tensor_type(ggml_type, n_in)])
+               for n_out, n_in in ex.shapes.values() for t in [tensor_type(ggml_type, n_in)])
 
 
 def repacked(layers, path):
@@ -90,9 +109,9 @@ def repacked(layers, path):
              for name, (w, t) in layer.items()} for layer in layers]
 
 
-def routing(rng, n_steps, n_tokens):
-    """Random distinct experts per token, int32 [n_steps, n_tokens, N_USED]."""
-    return np.argsort(rng.random((n_steps, n_tokens, N_EXPERT)), axis=-1)[..., :N_USED].astype(np.int32)
+def routing(ex, rng, n_steps, n_tokens):
+    """Random distinct experts per token, int32 [n_steps, n_tokens, n_used]."""
+    return np.argsort(rng.random((n_steps, n_tokens, ex.n_expert)), axis=-1)[..., :ex.n_used].astype(np.int32)
 
 
 def touched_bytes(expert_bytes, ids):
@@ -119,17 +138,17 @@ def run_workers(n_threads, work):
     return time.perf_counter() - t0, max(cpu)
 
 
-def native_steps(layers, ids, pool, path):
+def native_steps(ex, layers, ids, pool, path):
     """Seconds for all steps (wall, and on-CPU per thread): per step, fused gate+up then
     down, every call shared by the pool's threads as in the engine, on SIMD path `path`."""
     n_tokens = ids.shape[1]
     gate_type, down_type = layers[0]["gate"][1] & ~ck.R16, layers[0]["down"][1] & ~ck.R16
-    x = np.random.default_rng(0).standard_normal((n_tokens, N_EMBD)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((n_tokens, ex.n_embd)).astype(np.float32)
     xq = ck.quantize_activations(x, path=path, ggml_type=gate_type)
-    h_in = np.random.default_rng(1).standard_normal((n_tokens * N_USED, N_FF)).astype(np.float32)
+    h_in = np.random.default_rng(1).standard_normal((n_tokens * ex.n_used, ex.n_ff)).astype(np.float32)
     hq = ck.quantize_activations(h_in, path=path, ggml_type=down_type)
-    h = np.empty((n_tokens, N_USED, N_FF), np.float32)
-    y = np.empty((n_tokens, N_USED, N_EMBD), np.float32)
+    h = np.empty((n_tokens, ex.n_used, ex.n_ff), np.float32)
+    y = np.empty((n_tokens, ex.n_used, ex.n_embd), np.float32)
     t0, c0 = time.perf_counter(), time.process_time()
     for s, step_ids in enumerate(ids):
         (gate, gate_kind), (up, _), (down, down_kind) = (layers[s % len(layers)][k] for k in ("gate", "up", "down"))
@@ -165,11 +184,11 @@ class Triad:
         return self.n_bytes / wall / 1e9, self.n_bytes / cpu / 1e9
 
 
-def torch_steps(layers, ids, n_threads, matmul):
+def torch_steps(ex, layers, ids, n_threads, matmul):
     """Seconds for all steps of a torch path: matmul(layer, name, expert, x) per used expert,
     experts split across threads, torch at one thread each."""
     n_tokens = ids.shape[1]
-    x = torch.randn(n_tokens, N_EMBD)
+    x = torch.randn(n_tokens, ex.n_embd)
 
     def work(i):
         for s, step_ids in enumerate(ids):
@@ -190,9 +209,8 @@ def dequant_matmul(layer, name, e, x):
     return F.linear(x, dequantize(torch.from_numpy(blocks[e]), ggml_type))
 
 
-def bf16_layers(n_layers):
-    shapes = dict(gate=(N_FF, N_EMBD), up=(N_FF, N_EMBD), down=(N_EMBD, N_FF))
-    return [{k: torch.randn(N_EXPERT, *s, dtype=torch.bfloat16) * 0.02 for k, s in shapes.items()}
+def bf16_layers(ex, n_layers):
+    return [{k: torch.randn(ex.n_expert, *s, dtype=torch.bfloat16) * 0.02 for k, s in ex.shapes.items()}
             for _ in range(n_layers)]
 
 
@@ -200,13 +218,12 @@ def bf16_matmul(layer, name, e, x):
     return F.linear(x.to(torch.bfloat16), layer[name][e])
 
 
-def int4_layers(n_layers):
+def int4_layers(ex, n_layers):
     """torch's packed int4 (group 32, bf16 scale and zero per group) for every expert."""
     def pack(n_out, n_in):
         w = torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n_out, n_in), dtype=torch.int32), 2)
         return w, torch.rand(n_in // 32, n_out, 2, dtype=torch.bfloat16)
-    shapes = dict(gate=(N_FF, N_EMBD), up=(N_FF, N_EMBD), down=(N_EMBD, N_FF))
-    return [{k: [pack(*s) for _ in range(N_EXPERT)] for k, s in shapes.items()} for _ in range(n_layers)]
+    return [{k: [pack(*s) for _ in range(ex.n_expert)] for k, s in ex.shapes.items()} for _ in range(n_layers)]
 
 
 def int4_matmul(layer, name, e, x):
@@ -236,7 +253,7 @@ def test_name(n_tokens):
     return "tg" if n_tokens == 1 else f"pp{n_tokens}"
 
 
-def side_by_side(run, ids, expert_bytes, n_threads, triad):
+def side_by_side(ex, run, ids, expert_bytes, n_threads, triad):
     """Run `run(ids[r])` for each round r, each beside a STREAM triad (best of 2) taken just
     before. Figures of the best round (STREAM's convention: on a shared machine, the least
     disturbed), its ratio to the best triad of the same rounds, the median round, and the
@@ -254,7 +271,7 @@ def side_by_side(run, ids, expert_bytes, n_threads, triad):
         gbps.append(nbytes / wall / 1e9)
         cpu_gbps.append(nbytes / cpu / 1e9)
         ms.append(wall / len(ids_r) * 1e3)
-        gmacs.append(ids_r.size * 3 * N_FF * N_EMBD / wall / 1e9)
+        gmacs.append(ids_r.size * 3 * ex.n_ff * ex.n_embd / wall / 1e9)
     best = int(np.argmax(gbps))
     return (ms[best], gbps[best], float(np.median(gbps)), gbps[best] / max(triads),
             float(np.median(cpu_gbps)) / float(np.median(cpu_triads)), gmacs[best])
@@ -262,6 +279,8 @@ def side_by_side(run, ids, expert_bytes, n_threads, triad):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="deepseek2",
+                    help="whose expert shapes (default: deepseek2, DeepSeek-V2-Lite's; qwen3moe: Qwen3-30B-A3B's)")
     ap.add_argument("--gb", type=float, default=1.2, help="GB of expert weights per type (>= 1 to defeat the cache)")
     ap.add_argument("--tokens", default="1,64,512", help="batch sizes: 1 = tg, others pp")
     ap.add_argument("--threads", default="1,2")
@@ -272,6 +291,7 @@ def main():
     ap.add_argument("--no-torch", action="store_true", help="skip the torch paths (the previous path)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds")
     args = ap.parse_args()
+    ex = ARCHS[args.arch]
     tokens = [int(t) for t in args.tokens.split(",")]
     paths = args.paths.split(",")
     for path in paths:
@@ -280,6 +300,7 @@ def main():
     thread_counts = [int(t) for t in args.threads.split(",")]
     rng = np.random.default_rng(0)
     print(f"kernel path: {ck.available()} (of {', '.join(ck.paths())})")
+    print(f"experts: {args.arch}'s, n_embd {ex.n_embd}, n_ff {ex.n_ff}, {ex.n_used} used of {ex.n_expert}")
     stream = {n: measure_stream(n, array_bytes=256 << 20, runs=5).triad_samples_GBps for n in thread_counts}
     rows = [("STREAM triad (profiler.membw), 3 x 256 MiB", "torch", n, "-", "-", f"{max(stream[n]):.1f}",
              f"{np.median(stream[n]):.1f}", "100%", "100%", "-") for n in thread_counts]
@@ -288,49 +309,49 @@ def main():
     triad = Triad()
 
     def measure(kind, path, n, ids, expert_bytes, run):
-        ms, gbps, median, frac, cpu_frac, gmacs = side_by_side(run, ids, expert_bytes, n, triad)
+        ms, gbps, median, frac, cpu_frac, gmacs = side_by_side(ex, run, ids, expert_bytes, n, triad)
         rows.append((kind, path, n, test_name(ids.shape[2]), f"{ms:.2f}", f"{gbps:.1f}", f"{median:.1f}",
                      f"{frac:.0%}", f"{cpu_frac:.0%}", f"{gmacs:.0f}"))
         print("  " + " | ".join(map(str, rows[-1])), flush=True)
 
     for tname in args.types.split(","):
         ggml_type = TYPES[tname]
-        eb = bytes_per_expert(ggml_type)
-        n_layers = max(2, int(np.ceil(args.gb * 1e9 / (N_EXPERT * eb))))
-        layers = make_layers(rng, n_layers, ggml_type)
+        eb = bytes_per_expert(ex, ggml_type)
+        n_layers = max(2, int(np.ceil(args.gb * 1e9 / (ex.n_expert * eb))))
+        layers = make_layers(ex, rng, n_layers, ggml_type)
         forms = [(path, "stored", layers) for path in paths]
         forms += [(path, "repacked", r) for path in paths for r in [repacked(layers, path)] if r is not None]
         down = ck.TRAITS[layers[0]["down"][1]].name
-        print(f"{tname}: {n_layers} layers, {n_layers * N_EXPERT * eb / 1e9:.2f} GB of experts (down in {down})")
+        print(f"{tname}: {n_layers} layers, {n_layers * ex.n_expert * eb / 1e9:.2f} GB of experts (down in {down})")
         for n_tokens in tokens:
             steps, rounds = plan(n_tokens, args.quick)
-            ids = routing(rng, rounds * steps, n_tokens).reshape(rounds, steps, n_tokens, N_USED)
+            ids = routing(ex, rng, rounds * steps, n_tokens).reshape(rounds, steps, n_tokens, ex.n_used)
             for n in thread_counts:
                 pool = Pool(n, True)
                 for path, form, form_layers in forms:
-                    native_steps(form_layers, ids[0, :1], pool, path)                  # warm-up
+                    native_steps(ex, form_layers, ids[0, :1], pool, path)                  # warm-up
                     measure(tname, f"native {path}, {form}", n, ids, eb,
-                            lambda i: native_steps(form_layers, i, pool, path))
+                            lambda i: native_steps(ex, form_layers, i, pool, path))
                 pool.close()
                 if not args.no_torch and n_tokens <= 64:
                     measure(tname, "torch dequant + f32", n, ids[:2, :1], eb,
-                            lambda i: torch_steps(layers, i, n, dequant_matmul))
+                            lambda i: torch_steps(ex, layers, i, n, dequant_matmul))
         del layers, forms
 
     if not args.no_torch:
-        bf16_expert = 3 * N_FF * N_EMBD * 2
-        int4_expert = 3 * (N_FF * N_EMBD // 2 + N_EMBD // 32 * N_FF * 4)    # packed nibbles + bf16 scale/zero
+        bf16_expert = 3 * ex.n_ff * ex.n_embd * 2
+        int4_expert = 3 * (ex.n_ff * ex.n_embd // 2 + ex.n_embd // 32 * ex.n_ff * 4)    # packed nibbles + bf16 scale/zero
         for name, make, matmul, eb, gb in [("bf16", bf16_layers, bf16_matmul, bf16_expert, args.gb),
                                            ("int4", int4_layers, int4_matmul, int4_expert, args.gb / 2)]:
-            n_layers = max(1, int(np.ceil(gb * 1e9 / (N_EXPERT * eb))))
-            layers = make(n_layers)
-            print(f"torch {name}: {n_layers} layers, {n_layers * N_EXPERT * eb / 1e9:.2f} GB of experts")
+            n_layers = max(1, int(np.ceil(gb * 1e9 / (ex.n_expert * eb))))
+            layers = make(ex, n_layers)
+            print(f"torch {name}: {n_layers} layers, {n_layers * ex.n_expert * eb / 1e9:.2f} GB of experts")
             for n_tokens in [t for t in tokens if t <= 64]:
                 steps, rounds = plan(n_tokens, True)
-                ids = routing(rng, rounds * steps, n_tokens).reshape(rounds, steps, n_tokens, N_USED)
+                ids = routing(ex, rng, rounds * steps, n_tokens).reshape(rounds, steps, n_tokens, ex.n_used)
                 for n in thread_counts:
-                    torch_steps(layers, ids[0, :1], n, matmul)
-                    measure(name, f"torch {name} weights", n, ids, eb, lambda i: torch_steps(layers, i, n, matmul))
+                    torch_steps(ex, layers, ids[0, :1], n, matmul)
+                    measure(name, f"torch {name} weights", n, ids, eb, lambda i: torch_steps(ex, layers, i, n, matmul))
             del layers
 
     print("\n| weights | path | threads | test | ms per layer | GB/s (as stored), best round | median round | "

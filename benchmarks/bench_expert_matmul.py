@@ -24,7 +24,9 @@ GB/s count the bytes of their own weight format. Each figure is the best of
 several rounds, each round a STREAM triad then the measurement, as STREAM
 itself reports the best of its trials: on a shared machine that is the least
 disturbed run, and the ratio to the triad of the same rounds is the figure to
-read. Medians are printed beside.
+read. Medians are printed beside. A prompt's GMAC/s is also given as a share of the
+CPU's int8 multiply-add peak on the same path and threads (hybrid.cpu_kernels.int8_peak_gmacs:
+`vpdpbusd` on AVX-512 VNNI, `vpmaddubsw` on AVX2, on registers alone).
 
     .venv/bin/python benchmarks/bench_expert_matmul.py [--quick]
     .venv/bin/python benchmarks/bench_expert_matmul.py --types q4_0,q5_0,iq4_nl --paths avx2,avx512vnni \
@@ -303,15 +305,18 @@ def main():
     print(f"experts: {args.arch}'s, n_embd {ex.n_embd}, n_ff {ex.n_ff}, {ex.n_used} used of {ex.n_expert}")
     stream = {n: measure_stream(n, array_bytes=256 << 20, runs=5).triad_samples_GBps for n in thread_counts}
     rows = [("STREAM triad (profiler.membw), 3 x 256 MiB", "torch", n, "-", "-", f"{max(stream[n]):.1f}",
-             f"{np.median(stream[n]):.1f}", "100%", "100%", "-") for n in thread_counts]
-    rows += [(f"{dt} dense", "torch GEMM 2048^3", n, "-", "-", "-", "-", "-", "-", f"{gemm_gmacs(n, dt):.0f}")
+             f"{np.median(stream[n]):.1f}", "100%", "100%", "-", "-") for n in thread_counts]
+    rows += [(f"{dt} dense", "torch GEMM 2048^3", n, "-", "-", "-", "-", "-", "-", f"{gemm_gmacs(n, dt):.0f}", "-")
              for dt in ("f32", "bf16") for n in thread_counts]
+    int8_peak = {(path, n): ck.int8_peak_gmacs(path, n) for path in paths for n in thread_counts}
+    rows += [("int8 multiply-add peak (cpu_kernels.int8_peak_gmacs)", path, n, "-", "-", "-", "-", "-", "-",
+              f"{peak:.0f}", "100%") for (path, n), peak in int8_peak.items() if peak]
     triad = Triad()
 
-    def measure(kind, path, n, ids, expert_bytes, run):
+    def measure(kind, path, n, ids, expert_bytes, run, peak=None):
         ms, gbps, median, frac, cpu_frac, gmacs = side_by_side(ex, run, ids, expert_bytes, n, triad)
         rows.append((kind, path, n, test_name(ids.shape[2]), f"{ms:.2f}", f"{gbps:.1f}", f"{median:.1f}",
-                     f"{frac:.0%}", f"{cpu_frac:.0%}", f"{gmacs:.0f}"))
+                     f"{frac:.0%}", f"{cpu_frac:.0%}", f"{gmacs:.0f}", f"{gmacs / peak:.0%}" if peak else "-"))
         print("  " + " | ".join(map(str, rows[-1])), flush=True)
 
     for tname in args.types.split(","):
@@ -331,7 +336,7 @@ def main():
                 for path, form, form_layers in forms:
                     native_steps(ex, form_layers, ids[0, :1], pool, path)                  # warm-up
                     measure(tname, f"native {path}, {form}", n, ids, eb,
-                            lambda i: native_steps(ex, form_layers, i, pool, path))
+                            lambda i: native_steps(ex, form_layers, i, pool, path), int8_peak[path, n])
                 pool.close()
                 if not args.no_torch and n_tokens <= 64:
                     measure(tname, "torch dequant + f32", n, ids[:2, :1], eb,
@@ -355,8 +360,8 @@ def main():
             del layers
 
     print("\n| weights | path | threads | test | ms per layer | GB/s (as stored), best round | median round | "
-          "best / best triad of the same rounds | same, on-CPU time (medians) | GMAC/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "best / best triad of the same rounds | same, on-CPU time (medians) | GMAC/s | of the int8 peak |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print("| " + " | ".join(map(str, row)) + " |")
 

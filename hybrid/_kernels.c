@@ -574,6 +574,19 @@ done:
     return ret;
 }
 
+static PyObject *py_int8_macs(PyObject *self, PyObject *args) {
+    int path;
+    long long n;
+    if (!PyArg_ParseTuple(args, "iL", &path, &n) || (path = parse_path(path)) < 0) return NULL;
+    int64_t macs = 0;
+    if (SIMD_PATHS[path].int8_macs) {
+        Py_BEGIN_ALLOW_THREADS
+        macs = SIMD_PATHS[path].int8_macs(n);
+        Py_END_ALLOW_THREADS
+    }
+    return PyLong_FromLongLong(macs);
+}
+
 static PyObject *py_q8_row_bytes(PyObject *self, PyObject *args) {
     Py_ssize_t n_in;
     int type = GGML_Q4_0;
@@ -592,6 +605,9 @@ static PyMethodDef methods[] = {
     {"repack_r16", py_repack_r16, METH_VARARGS,
      "repack_r16(w, type, n_in, out, path=-1): stored rows (a multiple of 16) -> R16 blocks, the same size; "
      "a call on them passes type | R16"},
+    {"int8_macs", py_int8_macs, METH_VARARGS,
+     "int8_macs(path, n): n rounds of the path's int8 multiply-add at its throughput, the GIL released "
+     "-> multiply-adds done (0: the path has none)"},
     {"q8_row_bytes", py_q8_row_bytes, METH_VARARGS,
      "q8_row_bytes(n_in, type=Q4_0): bytes of one quantised activation row for the type's dot product"},
     {NULL, NULL, 0, NULL},

@@ -32,6 +32,9 @@ repacked (R16) form come from the quant traits table (hybrid/quant_traits.h), as
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 
 from hybrid import _kernels
@@ -113,6 +116,34 @@ def repack(w: np.ndarray, ggml_type: int, path: str | None = None) -> np.ndarray
     out = np.empty_like(w)
     _kernels.repack_r16(np.ascontiguousarray(w), ggml_type, n_in, out, _path(path))
     return out
+
+
+def int8_peak_gmacs(path: str | None = None, n_threads: int = 1, seconds: float = 0.3) -> float | None:
+    """The CPU's int8 multiply-add peak on a SIMD path, in GMAC/s over n_threads threads: its
+    multiply instruction (AVX-512 VNNI `vpdpbusd`, AVX2 `vpmaddubsw`) on independent registers,
+    nothing loaded. What a prompt's matmul could reach, to state its kernels' share of it
+    (benchmarks/bench_expert_matmul.py); None on the scalar path, which has no such instruction."""
+    p = _path(path)
+    rounds = 1 << 12
+    while True:                                    # rounds that take about `seconds` on one thread
+        t0 = time.perf_counter()
+        if not _kernels.int8_macs(p, rounds):
+            return None
+        if time.perf_counter() - t0 > seconds / 4:
+            break
+        rounds *= 4
+    macs = [0] * n_threads
+
+    def run(i):
+        macs[i] = _kernels.int8_macs(p, rounds * 4)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n_threads)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(macs) / (time.perf_counter() - t0) / 1e9
 
 
 def q8_row_bytes(n_in: int, ggml_type: int = Q4_0) -> int:

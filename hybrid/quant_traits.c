@@ -120,16 +120,16 @@ static int cpu_runs_avx512vnni(void) {
 #endif
 
 const simd_path_t SIMD_PATHS[N_PATHS] = {
-    [PATH_SCALAR] = {"scalar", cpu_runs_scalar, quantize_q8_32_scalar, quantize_q8_K},
+    [PATH_SCALAR] = {"scalar", cpu_runs_scalar, quantize_q8_32_scalar, quantize_q8_K, NULL},
 #if HYPROF_AVX2
-    [PATH_AVX2] = {"avx2", cpu_runs_avx2, quantize_q8_32_avx2, quantize_q8_K},
+    [PATH_AVX2] = {"avx2", cpu_runs_avx2, quantize_q8_32_avx2, quantize_q8_K, int8_macs_avx2},
 #else
-    [PATH_AVX2] = {"avx2", NULL, NULL, NULL},
+    [PATH_AVX2] = {"avx2", NULL, NULL, NULL, NULL},
 #endif
 #if HYPROF_AVX512
-    [PATH_AVX512VNNI] = {"avx512vnni", cpu_runs_avx512vnni, quantize_q8_32_avx512, quantize_q8_K},
+    [PATH_AVX512VNNI] = {"avx512vnni", cpu_runs_avx512vnni, quantize_q8_32_avx512, quantize_q8_K, int8_macs_avx512},
 #else
-    [PATH_AVX512VNNI] = {"avx512vnni", NULL, NULL, NULL},
+    [PATH_AVX512VNNI] = {"avx512vnni", NULL, NULL, NULL, NULL},
 #endif
 };
 

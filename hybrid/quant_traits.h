@@ -86,6 +86,8 @@ typedef struct {
     int (*cpu_runs)(void);          /* NULL: not built here */
     quantize_row_fn quantize_q8_32; /* float32 row -> q8_32 activation row */
     quantize_row_fn quantize_q8_K;  /* float32 row -> q8_K activation row */
+    int64_t (*int8_macs)(int64_t n);  /* n rounds of the path's int8 multiply-add at its throughput -> the
+                                         multiply-adds done: what a core's int8 peak is measured by (NULL: none) */
 } simd_path_t;
 
 extern const quant_traits_t QUANT_TRAITS[];

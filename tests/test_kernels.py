@@ -553,3 +553,13 @@ def test_deepseek_lite_expert_shapes(ggml_type):
             xv = xr[t if n_x == 5 else 6 * t + k][None]
             ref = (xv @ w[ids[t, k]].T)[0]
             assert np.all(np.abs(out[t, k] - ref) <= exact_tolerance(w[ids[t, k]], xv)[0])
+
+
+def test_int8_peak_counts_the_multiply_adds_of_each_path():
+    """The benchmark's int8 peak: each SIMD path counts what its loop issued (vpdpbusd: 64 per
+    instruction, vpmaddubsw: 32, 12 per round), scalar has none; the rate is a positive figure."""
+    per_round = {"scalar": 0, "avx2": 12 * 32, "avx512vnni": 12 * 64}
+    for path in ck.paths():
+        assert ck._kernels.int8_macs(ck._kernels.PATH_NAMES.index(path), 1000) == 1000 * per_round[path]
+        peak = ck.int8_peak_gmacs(path, 1, seconds=0.02)
+        assert (peak is None) if path == "scalar" else peak > 1.0

@@ -136,6 +136,21 @@ row_dot(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *const 
     }
 }
 
+/* The int8 peak: `vpmaddubsw` (32 multiply-adds) summed in int16 by `vpaddw`, as the kernels sum
+ * several quads before widening, on 12 independent accumulators. */
+int64_t int8_macs_avx2(int64_t n) {
+    __m256i acc[12], a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(-5);
+    for (int k = 0; k < 12; k++) acc[k] = _mm256_set1_epi16((short)k);
+    for (int64_t i = 0; i < n; i++) {
+        __asm__ volatile("" : "+x"(a), "+x"(b));             /* (no folding of the constant operands) */
+        for (int k = 0; k < 12; k++) acc[k] = _mm256_add_epi16(acc[k], _mm256_maddubs_epi16(a, b));
+    }
+    for (int k = 1; k < 12; k++) acc[0] = _mm256_add_epi16(acc[0], acc[k]);
+    volatile int sink = _mm256_extract_epi16(acc[0], 0);
+    (void)sink;
+    return n * 12 * 32;
+}
+
 /* ---- many tokens, and one: the R16 layout (hybrid/kernels/kernels.h) ----
  *
  * The row kernel above spends most of its instructions per weight byte on shuffling each

@@ -436,11 +436,13 @@ extern const quant_kernels_t SCALAR_Q4_0, SCALAR_Q5_0, SCALAR_Q5_1, SCALAR_Q8_0,
 extern const quant_kernels_t SCALAR_Q4_K, SCALAR_Q5_K, SCALAR_Q6_K, SCALAR_IQ4_XS;
 #if HYPROF_AVX2
 void quantize_q8_32_avx2(const float *x, int64_t n_in, uint8_t *out);
+int64_t int8_macs_avx2(int64_t n);
 extern const quant_kernels_t AVX2_Q4_0, AVX2_Q5_0, AVX2_Q5_1, AVX2_Q8_0, AVX2_IQ4_NL;
 extern const quant_kernels_t AVX2_Q4_K, AVX2_Q5_K, AVX2_Q6_K, AVX2_IQ4_XS;
 #endif
 #if HYPROF_AVX512
 void quantize_q8_32_avx512(const float *x, int64_t n_in, uint8_t *out);
+int64_t int8_macs_avx512(int64_t n);
 extern const quant_kernels_t AVX512_Q4_0, AVX512_Q5_0, AVX512_Q5_1, AVX512_Q8_0, AVX512_IQ4_NL;
 extern const quant_kernels_t AVX512_Q4_K, AVX512_Q5_K, AVX512_Q6_K, AVX512_IQ4_XS;
 #endif

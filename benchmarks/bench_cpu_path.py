@@ -1,7 +1,7 @@
 """Issue 8's scorecard: the CPU path of a hybrid run, against the memory bandwidth of the same seconds.
 
-For each weight type (the deepseek-v2-lite-mini model at Q4_0 and Q8_0, made once
-and cached) and each wait mode of the CPU workers (`--poll 50`: spinning,
+For each weight type (the deepseek-v2-lite-mini model, or `--preset`'s, e.g.
+qwen3-30b-a3b-mini, at Q4_0 and Q8_0, made once and cached) and each wait mode of the CPU workers (`--poll 50`: spinning,
 `--poll 0`: blocking), this runs what `hyprof run -p 0 -n N -r R -ngl 0 --accel none
 -t T --poll P -o FILE` runs (the same runner, engine and timings writer, in this
 process) and reads the answer off the same report as `hyprof report`.
@@ -56,12 +56,13 @@ from analysis.report import build_report
 from analysis.timings import load_timings
 from hybrid.backends.cpu import SPIN_NS_PER_POLL
 from hybrid.engine import make_engine
+from hybrid.make_model import PRESETS
 from hyprof.commands.run import cached_model
 from profiler.bench import plan_tests, run_bench, sweep
 from profiler.membw import StreamArrays
 from profiler.schema import OVERHEAD_CATEGORIES
 
-PRESET = "deepseek-v2-lite-mini"
+DEFAULT_PRESET = "deepseek-v2-lite-mini"
 EXPERTS = CAT["cpu_expert_matmul"]
 
 
@@ -101,9 +102,9 @@ def rep_experts_GBps(t, a) -> list[float]:
     return [float(b / ns) if ns else float("nan") for b, ns in zip(nbytes, busy)]
 
 
-def measure(qtype: str, threads: int, poll: int, n_gen: int, reps: int, stream: StreamArrays,
+def measure(preset: str, qtype: str, threads: int, poll: int, n_gen: int, reps: int, stream: StreamArrays,
             workdir: str) -> dict:
-    model = cached_model(PRESET, qtype, progress=True)
+    model = cached_model(preset, qtype, progress=True)
     timings = os.path.join(workdir, f"{qtype}-poll{poll}.jsonl")
     triads: list[float] = []
 
@@ -172,6 +173,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[1:]))
+    ap.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                    help=f"the model `hyprof model make` makes (default: {DEFAULT_PRESET})")
     ap.add_argument("--types", default="q4_0,q8_0", help="weight types (default: q4_0,q8_0)")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-n", "--n-gen", type=int, default=32)
@@ -194,7 +197,7 @@ def main() -> None:
             rounds.append([])
             for qtype, poll in configs:
                 print(f"round {i + 1}/{args.rounds}: {qtype} --poll {poll}", file=sys.stderr, flush=True)
-                rounds[-1].append(measure(qtype, args.threads, poll, args.n_gen, args.repetitions,
+                rounds[-1].append(measure(args.preset, qtype, args.threads, poll, args.n_gen, args.repetitions,
                                           stream, workdir))
         rows = [row([r[i] for r in rounds]) for i in range(len(configs))]
     load = ", ".join(f"{a:.2f} -> {b:.2f}" for a, b in zip(load_before, os.getloadavg()))
@@ -202,7 +205,7 @@ def main() -> None:
         print(json.dumps({"rows": rows, "loadavg": [load_before, os.getloadavg()]}, indent=1))
     else:
         print(render(rows))
-        print(f"\nmodel {PRESET}, all on the CPU, {args.threads} threads, {args.rounds} rounds x "
+        print(f"\nmodel {args.preset}, all on the CPU, {args.threads} threads, {args.rounds} rounds x "
               f"{args.repetitions} repetitions; load average {load} on {os.cpu_count()} cores")
 
 

@@ -29,7 +29,7 @@ from hybrid import cpu_kernels as ck
 
 TYPES = {ck.Q4_0: T.Q4_0, ck.Q5_0: T.Q5_0, ck.Q5_1: T.Q5_1, ck.Q8_0: T.Q8_0, ck.IQ4_NL: T.IQ4_NL,
          ck.Q4_K: T.Q4_K, ck.Q5_K: T.Q5_K, ck.Q6_K: T.Q6_K, ck.IQ4_XS: T.IQ4_XS}
-R16_TYPES = [t for t in TYPES if ck.TRAITS[t].r16]                  # all but Q6_K
+R16_TYPES = [t for t in TYPES if ck.TRAITS[t].r16]
 K_R16_TYPES = [t for t in R16_TYPES if ck.TRAITS[t].activation == "q8_K"]
 SCALES = np.array([0.01, -0.02, 0.5, 3e-6, -1e-7, 1.0], np.float16)  # incl. subnormal fp16
 FP16_AT = {ck.Q5_1: (0, 2), ck.Q4_K: (0, 2), ck.Q5_K: (0, 2), ck.Q6_K: (208,)}   # d (and m, dmin); others: d at 0
@@ -327,15 +327,15 @@ def r16_paths(ggml_type):
 def r16_layout(raw, ggml_type):
     """Stored blocks [n_out, row_bytes] -> R16 bytes, written from the layout's description
     (hybrid/kernels/kernels.h) in NumPy: per block of 16 rows and stored block, the 16 values of
-    each leading 16-bit field (row i in lane 4 (i % 4) + i // 4; the 256-value types: their first
-    two, IQ4_XS's scales_h the second), the 5-bit types' masks (mask k, bit 4p + i: the fifth bit
-    of value 4k + i of lane p), then quad k (the block's next 4 bytes) of every lane (Q8_0 values + 128)."""
-    fields = 2 if ggml_type in K_R16_TYPES else len(FP16_AT.get(ggml_type, (0,)))
-    bb, head = ck.TRAITS[ggml_type].block_bytes, 2 * fields
+    each 16-bit field (row i in lane 4 (i % 4) + i // 4; Q4_K, Q5_K, IQ4_XS: their first two,
+    IQ4_XS's scales_h the second; Q6_K: its d, stored last), the 5-bit types' masks (mask k, bit 4p + i: the fifth bit
+    of value 4k + i of lane p), then quad k (the block's other bytes, 4 at a time) of every lane (Q8_0 values + 128)."""
+    fields = (0, 2) if ggml_type in (ck.Q4_K, ck.Q5_K, ck.IQ4_XS) else FP16_AT.get(ggml_type, (0,))
+    bb = ck.TRAITS[ggml_type].block_bytes
     blocks = raw.reshape(-1, 16, raw.shape[-1] // bb, bb).transpose(0, 2, 1, 3)     # [row block, block, row, bytes]
     lanes = blocks[:, :, [4 * (p % 4) + p // 4 for p in range(16)]]                   # lane p: row 4 (p % 4) + p // 4
-    parts = [lanes[..., h:h + 2].reshape(*lanes.shape[:2], 32) for h in range(0, head, 2)]
-    quants = lanes[..., head:]
+    parts = [lanes[..., at:at + 2].reshape(*lanes.shape[:2], 32) for at in fields]
+    quants = np.delete(lanes, [at + i for at in fields for i in (0, 1)], axis=-1)     # the rest, in stored order
     if ggml_type in (ck.Q5_0, ck.Q5_1):
         bits = np.unpackbits(quants[..., :4], axis=-1, bitorder="little")           # [.., lane, value]
         masks = bits.reshape(*bits.shape[:3], 8, 4).transpose(0, 1, 3, 2, 4)        # [.., k, lane, i]
@@ -411,9 +411,10 @@ def test_repacked_weights_refuse_what_they_cannot_do():
 
 # The largest products of the 256-value types: Q4_K's and Q5_K's scale, min and quant bytes all
 # 0xff (6-bit scales and mins 63, quants 15 or 31); IQ4_XS's scales 0 (ls - 32 = -32) and nibbles 15
-# (level 113, the largest stored + 128): the int32 sums over a block stay exact only if the kernels'
-# order of scaling and summing does.
-K_EXTREME = {ck.Q4_K: ((4, 144, 0xff),), ck.Q5_K: ((4, 176, 0xff),), ck.IQ4_XS: ((2, 8, 0x00), (8, 136, 0xff))}
+# (level 113, the largest stored + 128); Q6_K's quants 63 and scales -128: the int32 sums over a
+# block stay exact only if the kernels' order of scaling and summing does.
+K_EXTREME = {ck.Q4_K: ((4, 144, 0xff),), ck.Q5_K: ((4, 176, 0xff),), ck.IQ4_XS: ((2, 8, 0x00), (8, 136, 0xff)),
+             ck.Q6_K: ((0, 192, 0xff), (192, 208, 0x80))}
 
 
 @pytest.mark.parametrize("ggml_type", K_R16_TYPES)
@@ -422,14 +423,15 @@ def test_r16_kernels_of_256_value_types_match_scalar_and_reference(ggml_type):
     and 8 blocks (2048: DeepSeek-Lite's n_embd): the products agree with the scalar row kernel
     (float32 summation order aside) and with gguf-py's float64 dequantisation within the
     activation's rounding, extreme blocks in the first rows. A width not a whole number of
-    256-value blocks (DeepSeek-Lite's 1408, which llama.cpp stores as Q5_0, Q5_1 or IQ4_NL) is refused."""
+    256-value blocks (DeepSeek-Lite's 1408, which llama.cpp stores as Q5_0, Q5_1, Q8_0 or IQ4_NL) is refused."""
     rng = np.random.default_rng(25)
     for n_in in (256, 512, 768, 2048):
         raw = raw_weights(rng, (32, n_in), ggml_type)
         blocks = raw[:3].reshape(3, -1, ck.TRAITS[ggml_type].block_bytes)
         for start, end, byte in K_EXTREME[ggml_type]:
             blocks[:, :, start:end] = byte
-        blocks[:, :, :2] = SCALES[-1:].view(np.uint8)
+        for at in FP16_AT.get(ggml_type, (0,)):
+            blocks[:, :, at:at + 2] = SCALES[-1:].view(np.uint8)
         w = dequant(raw, ggml_type)
         packed = {path: ck.repack(raw, ggml_type, path=path) for path in r16_paths(ggml_type)}
         for n_tok in range(1, 9):
@@ -448,19 +450,6 @@ def test_r16_kernels_of_256_value_types_match_scalar_and_reference(ggml_type):
                 assert np.all(np.abs(out - x.astype(np.float64) @ w.T) <= bound), (path, n_in, n_tok)
     with pytest.raises(ValueError, match="multiple of 256"):
         ck._kernels.repack_r16(np.zeros((16, 792), np.uint8), ggml_type, 1408, np.zeros((16, 792), np.uint8), -1)
-
-
-@pytest.mark.parametrize("ggml_type,path", [(t, path) for t in ck.MATMUL_TYPES for path in ck.paths()
-                                             if path not in ck.TRAITS[t].r16])
-def test_paths_without_r16_kernels_refuse_repacked_weights(ggml_type, path):
-    """(Q6_K has no R16 layout on any path: any bytes stand for one.)"""
-    rng = np.random.default_rng(24)
-    n_in = width(ggml_type, 64)
-    w = raw_weights(rng, (16, n_in), ggml_type)
-    assert ck.repack(w, ggml_type, path=path) is None
-    packed = ck.repack(w, ggml_type, path="scalar") if ggml_type in R16_TYPES else w
-    with pytest.raises(ValueError, match="R16 kernel"):
-        ck.mul_mat(packed, ggml_type | ck.R16, activations(rng, 1, n_in), np.zeros((1, 16), np.float32), path=path)
 
 
 def test_traits_agree_with_gguf():

@@ -86,5 +86,5 @@ R16_KERNELS(SCALAR, IQ4_NL, block_iq4_nl, row_dot, r16_dot, repack_r16, 0)
 
 R16_KERNELS(SCALAR, Q4_K, block_q4_K, k_row_dot_portable, r16_dot, repack_r16, 0)
 R16_KERNELS(SCALAR, Q5_K, block_q5_K, k_row_dot_portable, r16_dot, repack_r16, 0)
-ROW_KERNELS(SCALAR, Q6_K, block_q6_K, k_row_dot_portable)
+R16_KERNELS(SCALAR, Q6_K, block_q6_K, k_row_dot_portable, r16_dot, repack_r16, 0)
 R16_KERNELS(SCALAR, IQ4_XS, block_iq4_xs, k_row_dot_portable, r16_dot, repack_r16, 0)

@@ -339,17 +339,19 @@ k_r16_dot_256(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *
             }
             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
             const __m256 dmin = type == GGML_Q6_K ? d : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 32 + 16 * h)));
+            __m256i mins[8];                              /* the int16 pairs of sub-block s's mins, once for the tokens */
+            for (int s = 0; s < 8 && !iq4; s++) {
+                const __m256i m0 = k_r16_scale_256(type, p, h, per16 ? 2 * s : s, 1);
+                mins[s] = pair16(m0, per16 ? k_r16_scale_256(type, p, h, 2 * s + 1, 1) : m0);
+            }
             for (int t = 0; t < NT; t++) {
                 const uint8_t *xb = x[t] + b * Q8K_BLOCK_BYTES;
                 const __m256 dx = _mm256_broadcast_ss((const float *)(xb + Q8K_D));
                 acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(d, dx), acc[t][h]);
                 if (!iq4) {                               /* - dmin sum_g m_g sum(x of g) */
                     __m256i msum = _mm256_setzero_si256();
-                    for (int s = 0; s < 8; s++) {
-                        const __m256i m0 = k_r16_scale_256(type, p, h, per16 ? 2 * s : s, 1);
-                        const __m256i m1 = per16 ? k_r16_scale_256(type, p, h, 2 * s + 1, 1) : m0;
-                        msum = _mm256_add_epi32(msum, _mm256_madd_epi16(pair16(m0, m1), bcast_i32(xb + Q8K_SUMS + 4 * s)));
-                    }
+                    for (int s = 0; s < 8; s++)
+                        msum = _mm256_add_epi32(msum, _mm256_madd_epi16(mins[s], bcast_i32(xb + Q8K_SUMS + 4 * s)));
                     acc[t][h] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, dx), acc[t][h]);
                 }
             }

@@ -358,15 +358,17 @@ k_r16_dot_512(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *
         }
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
         const __m512 dmin = has_dmin ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : d;
+        __m512i mins[8];                                  /* the int16 pairs of sub-block s's mins, once for the tokens */
+        for (int s = 0; s < 8; s++) {
+            const __m512i m0 = k_r16_scale_512(type, p, per16 ? 2 * s : s, 1);
+            const __m512i m1 = per16 ? k_r16_scale_512(type, p, 2 * s + 1, 1) : m0;
+            mins[s] = _mm512_mask_blend_epi16(0xaaaaaaaa, m0, _mm512_slli_epi32(m1, 16));
+        }
         for (int t = 0; t < NT; t++) {
             const uint8_t *xb = x[t] + b * Q8K_BLOCK_BYTES;
-            __m512i msum = _mm512_setzero_si512();       /* sum_g m_g sum(x of g): the mins' int16 pair by the sums' */
-            for (int s = 0; s < 8; s++) {
-                const __m512i m0 = k_r16_scale_512(type, p, per16 ? 2 * s : s, 1);
-                const __m512i m1 = per16 ? k_r16_scale_512(type, p, 2 * s + 1, 1) : m0;
-                const __m512i pair = _mm512_mask_blend_epi16(0xaaaaaaaa, m0, _mm512_slli_epi32(m1, 16));
-                msum = _mm512_dpwssd_epi32(msum, pair, _mm512_set1_epi32(load_i32(xb + Q8K_SUMS + 4 * s)));
-            }
+            __m512i msum = _mm512_setzero_si512();       /* sum_g m_g sum(x of g): the mins' pair by the sums' */
+            for (int s = 0; s < 8; s++)
+                msum = _mm512_dpwssd_epi32(msum, mins[s], _mm512_set1_epi32(load_i32(xb + Q8K_SUMS + 4 * s)));
             const __m512 dx = _mm512_set1_ps(*(const float *)(xb + Q8K_D));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(d, dx), acc[t]);
             acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmin, dx), acc[t]);

@@ -543,8 +543,8 @@ done:
 /* repack_r16(w, type, n_in, out, path=-1): stored rows [n_rows, row_bytes] (n_rows a multiple
  * of 16, any leading dimensions) -> the same bytes in R16 form (hybrid/kernels/kernels.h),
  * which a path's R16 kernel reads in place for any number of tokens: AVX-512 then does 8
- * vpdpbusd per 16 rows and block and no horizontal sums, where its row kernel shuffles each
- * block into its lanes. Done once at load on the paths where that wins (r16_first), as
+ * vpdpbusd per 16 rows and 32 values and no horizontal sums, where its row kernels shuffle
+ * each block into its lanes (the 256-value types': unpack it through memory). Done once at load on the paths where that wins (r16_first), as
  * llama.cpp's CPU "repack" buffers and ik_llama.cpp's -rtr do. Every path's repack gives
  * the same bytes; `path` picks whose (-1: the default path's). */
 static PyObject *py_repack_r16(PyObject *self, PyObject *args) {

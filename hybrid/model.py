@@ -67,7 +67,7 @@ class Model:
     softmax and kqv as one FLASH_ATTN_EXT op (-fa 1); `fmoe`: fused
     gate+up expert op (-fmoe 1); `rtr`: 4-bit weights repacked at load into torch's
     int4 pack (-rtr 1); `on_cpu(name)`: whether a weight is read on the CPU, where
-    the native kernels' 32-value blocks (Q4_0, Q5_0, Q5_1, Q8_0, IQ4_NL) are repacked for them
+    the native kernels' types (all of them, on AVX2 and AVX-512) are repacked for them
     (`hybrid.cpu_kernels.repack`).
     """
 

@@ -20,7 +20,7 @@ take over every matmul on a stored weight of those types held in CPU memory:
 `native(w)`. They round each activation to 8 bits per block of 32 (256 for the
 K-quants and IQ4_XS, as llama.cpp does on the CPU), so results move by ~1e-2
 against a float matmul. Where the path in use has an interleaved kernel for the
-type (`TRAITS[t].r16_first`: AVX2 and AVX-512 for the 32-weight types), the
+type (`TRAITS[t].r16_first`: AVX2 and AVX-512, for every type with kernels), the
 matmul weights placed on the CPU are also repacked at load into its 16-row blocks
 (`Weight.packed`, the same size; llama.cpp repacks Q4_0 at load for its CPU
 kernels too), which the native matmuls read instead: process memory,

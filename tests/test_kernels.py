@@ -29,7 +29,8 @@ from hybrid import cpu_kernels as ck
 
 TYPES = {ck.Q4_0: T.Q4_0, ck.Q5_0: T.Q5_0, ck.Q5_1: T.Q5_1, ck.Q8_0: T.Q8_0, ck.IQ4_NL: T.IQ4_NL,
          ck.Q4_K: T.Q4_K, ck.Q5_K: T.Q5_K, ck.Q6_K: T.Q6_K, ck.IQ4_XS: T.IQ4_XS}
-R16_TYPES = [t for t in TYPES if ck.TRAITS[t].r16]                  # the 32-value types
+R16_TYPES = [t for t in TYPES if ck.TRAITS[t].r16]
+K_R16_TYPES = [t for t in R16_TYPES if ck.TRAITS[t].activation == "q8_K"]
 SCALES = np.array([0.01, -0.02, 0.5, 3e-6, -1e-7, 1.0], np.float16)  # incl. subnormal fp16
 FP16_AT = {ck.Q5_1: (0, 2), ck.Q4_K: (0, 2), ck.Q5_K: (0, 2), ck.Q6_K: (208,)}   # d (and m, dmin); others: d at 0
 # bytes [start, end) of each type's quants and the byte that makes its most negative weight (Q5_1's,
@@ -325,14 +326,16 @@ def r16_paths(ggml_type):
 
 def r16_layout(raw, ggml_type):
     """Stored blocks [n_out, row_bytes] -> R16 bytes, written from the layout's description
-    (hybrid/kernels/kernels.h) in NumPy: per block of 16 rows and 32-weight block, the 16 values of
-    each fp16 field (row i in lane 4 (i % 4) + i // 4), the 5-bit types' masks (mask k, bit 4p + i:
-    the fifth bit of value 4k + i of lane p), then quad k of every lane (Q8_0 values + 128)."""
-    bb, head = ck.TRAITS[ggml_type].block_bytes, 2 * len(FP16_AT.get(ggml_type, (0,)))
+    (hybrid/kernels/kernels.h) in NumPy: per block of 16 rows and stored block, the 16 values of
+    each 16-bit field (row i in lane 4 (i % 4) + i // 4; Q4_K, Q5_K, IQ4_XS: their first two,
+    IQ4_XS's scales_h the second; Q6_K: its d, stored last), the 5-bit types' masks (mask k, bit 4p + i: the fifth bit
+    of value 4k + i of lane p), then quad k (the block's other bytes, 4 at a time) of every lane (Q8_0 values + 128)."""
+    fields = (0, 2) if ggml_type in (ck.Q4_K, ck.Q5_K, ck.IQ4_XS) else FP16_AT.get(ggml_type, (0,))
+    bb = ck.TRAITS[ggml_type].block_bytes
     blocks = raw.reshape(-1, 16, raw.shape[-1] // bb, bb).transpose(0, 2, 1, 3)     # [row block, block, row, bytes]
     lanes = blocks[:, :, [4 * (p % 4) + p // 4 for p in range(16)]]                   # lane p: row 4 (p % 4) + p // 4
-    parts = [lanes[..., h:h + 2].reshape(*lanes.shape[:2], 32) for h in range(0, head, 2)]
-    quants = lanes[..., head:]
+    parts = [lanes[..., at:at + 2].reshape(*lanes.shape[:2], 32) for at in fields]
+    quants = np.delete(lanes, [at + i for at in fields for i in (0, 1)], axis=-1)     # the rest, in stored order
     if ggml_type in (ck.Q5_0, ck.Q5_1):
         bits = np.unpackbits(quants[..., :4], axis=-1, bitorder="little")           # [.., lane, value]
         masks = bits.reshape(*bits.shape[:3], 8, 4).transpose(0, 1, 3, 2, 4)        # [.., k, lane, i]
@@ -347,7 +350,7 @@ def r16_layout(raw, ggml_type):
 @pytest.mark.parametrize("ggml_type", R16_TYPES)
 def test_every_r16_path_repacks_to_the_described_layout(ggml_type):
     rng = np.random.default_rng(22)
-    w = raw_weights(rng, (48, 416), ggml_type)
+    w = raw_weights(rng, (48, width(ggml_type, 416)), ggml_type)
     for path in r16_paths(ggml_type):
         np.testing.assert_array_equal(ck.repack(w, ggml_type, path=path), r16_layout(w, ggml_type), err_msg=path)
 
@@ -356,10 +359,11 @@ def test_every_r16_path_repacks_to_the_described_layout(ggml_type):
 def test_scalar_r16_kernel_gives_the_scalar_row_kernels_products(ggml_type):
     """Bit for bit, for any token count: what the R16 tests check on the scalar path holds of its row kernel."""
     rng = np.random.default_rng(23)
-    w = raw_weights(rng, (2, 32, 416), ggml_type)
+    n_in = width(ggml_type, 416)
+    w = raw_weights(rng, (2, 32, n_in), ggml_type)
     packed = ck.repack(w, ggml_type, path="scalar")
     for n_tok in (1, 3, 9, 17):
-        x, ids = activations(rng, n_tok, 416), rng.integers(0, 2, size=(n_tok, 1)).astype(np.int32)
+        x, ids = activations(rng, n_tok, n_in), rng.integers(0, 2, size=(n_tok, 1)).astype(np.int32)
         want, got = (np.full((n_tok, 1, 32), np.nan, np.float32) for _ in range(2))
         ck.mul_mat_id(w, ggml_type, x, ids, want, path="scalar")
         ck.mul_mat_id(packed, ggml_type | ck.R16, x, ids, got, path="scalar")
@@ -372,10 +376,11 @@ def test_repacked_weights_give_the_stored_weights_products(ggml_type, n_tok):
     """R16 blocks read in place give the float64 reference's products, for generation and
     prompts, whole experts and 16-row ranges, plain and fused, on every path that reads them."""
     rng = np.random.default_rng(20 + n_tok)
-    gate, up = (raw_weights(rng, (4, 48, 416), ggml_type) for _ in range(2))
+    n_in = width(ggml_type, 416) if ggml_type not in K_R16_TYPES else 768
+    gate, up = (raw_weights(rng, (4, 48, n_in), ggml_type) for _ in range(2))
     ids = np.stack([rng.choice(4, 2, replace=False) for _ in range(n_tok)]).astype(np.int32)
-    x = activations(rng, n_tok, 416)
-    xr = decode_q8(ck.quantize_activations(x), 416)
+    x = activations(rng, n_tok, n_in)
+    xr = decode(quantize(x, ggml_type), n_in, ggml_type)
     for path in r16_paths(ggml_type):
         packed_gate, packed_up = ck.repack(gate, ggml_type, path=path), ck.repack(up, ggml_type, path=path)
         assert packed_gate.shape == gate.shape and not np.array_equal(packed_gate, gate)
@@ -398,10 +403,10 @@ def test_one_token_reads_two_row_blocks_in_turn_with_the_same_products(ggml_type
     row's sum is the same instructions in the same order as when it is one of several tokens' rows,
     so bit for bit, for even and odd numbers of row blocks and ranges that do not start at 0."""
     rng = np.random.default_rng(24)
-    w = raw_weights(rng, (2, 112, 416), ggml_type)
+    w = raw_weights(rng, (2, 112, 512), ggml_type)
     for path in r16_paths(ggml_type):
         packed = ck.repack(w, ggml_type, path=path)
-        x = activations(rng, 2, 416)
+        x = activations(rng, 2, 512)
         for r0, r1 in ((0, 112), (0, 64), (16, 112), (32, 48)):
             one, two = np.full((1, 1, 112), np.nan, np.float32), np.full((2, 1, 112), np.nan, np.float32)
             ck.mul_mat_id(packed, ggml_type | ck.R16, x[:1], np.array([[1]], np.int32), one, r0, r1, path=path)
@@ -422,17 +427,47 @@ def test_repacked_weights_refuse_what_they_cannot_do():
         ck._kernels.repack_r16(w[:24], ck.Q4_0, 64, np.empty_like(w[:24]), ck._kernels.PATH_NAMES.index("scalar"))
 
 
-@pytest.mark.parametrize("ggml_type,path", [(t, path) for t in ck.MATMUL_TYPES for path in ck.paths()
-                                             if path not in ck.TRAITS[t].r16])
-def test_paths_without_r16_kernels_refuse_repacked_weights(ggml_type, path):
-    """(The 256-value types have no R16 layout on any path: any bytes stand for one.)"""
-    rng = np.random.default_rng(24)
-    n_in = width(ggml_type, 64)
-    w = raw_weights(rng, (16, n_in), ggml_type)
-    assert ck.repack(w, ggml_type, path=path) is None
-    packed = ck.repack(w, ggml_type, path="scalar") if ggml_type in R16_TYPES else w
-    with pytest.raises(ValueError, match="R16 kernel"):
-        ck.mul_mat(packed, ggml_type | ck.R16, activations(rng, 1, n_in), np.zeros((1, 16), np.float32), path=path)
+# The largest products of the 256-value types: Q4_K's and Q5_K's scale, min and quant bytes all
+# 0xff (6-bit scales and mins 63, quants 15 or 31); IQ4_XS's scales 0 (ls - 32 = -32) and nibbles 15
+# (level 113, the largest stored + 128); Q6_K's quants 63 and scales -128: the int32 sums over a
+# block stay exact only if the kernels' order of scaling and summing does.
+K_EXTREME = {ck.Q4_K: ((4, 144, 0xff),), ck.Q5_K: ((4, 176, 0xff),), ck.IQ4_XS: ((2, 8, 0x00), (8, 136, 0xff)),
+             ck.Q6_K: ((0, 192, 0xff), (192, 208, 0x80))}
+
+
+@pytest.mark.parametrize("ggml_type", K_R16_TYPES)
+def test_r16_kernels_of_256_value_types_match_scalar_and_reference(ggml_type):
+    """On every path with R16 kernels, for every token count of a tile (1..8) and widths of 1, 2, 3
+    and 8 blocks (2048: DeepSeek-Lite's n_embd): the products agree with the scalar row kernel
+    (float32 summation order aside) and with gguf-py's float64 dequantisation within the
+    activation's rounding, extreme blocks in the first rows. A width not a whole number of
+    256-value blocks (DeepSeek-Lite's 1408, which llama.cpp stores as Q5_0, Q5_1, Q8_0 or IQ4_NL) is refused."""
+    rng = np.random.default_rng(25)
+    for n_in in (256, 512, 768, 2048):
+        raw = raw_weights(rng, (32, n_in), ggml_type)
+        blocks = raw[:3].reshape(3, -1, ck.TRAITS[ggml_type].block_bytes)
+        for start, end, byte in K_EXTREME[ggml_type]:
+            blocks[:, :, start:end] = byte
+        for at in FP16_AT.get(ggml_type, (0,)):
+            blocks[:, :, at:at + 2] = SCALES[-1:].view(np.uint8)
+        w = dequant(raw, ggml_type)
+        packed = {path: ck.repack(raw, ggml_type, path=path) for path in r16_paths(ggml_type)}
+        for n_tok in range(1, 9):
+            x = activations(rng, n_tok, n_in)
+            x[0] = np.abs(x[0]) + 1.0
+            xq = quantize(x, ggml_type)
+            xr = decode(xq, n_in, ggml_type)
+            ref = np.full((n_tok, 32), np.nan, np.float32)
+            ck.mul_mat(raw, ggml_type, xq, ref, path="scalar")
+            d = np.repeat(np.abs(x.reshape(n_tok, -1, 256)).max(-1) / 127, 256, axis=-1)
+            bound = (d / 2) @ np.abs(w).T * (1 + 1e-5) + exact_tolerance(w, x)
+            for path, r16 in packed.items():
+                out = np.full_like(ref, np.nan)
+                ck.mul_mat(r16, ggml_type | ck.R16, xq, out, path=path)
+                assert np.all(np.abs(out - ref) <= 2 * exact_tolerance(w, xr)), (path, n_in, n_tok)
+                assert np.all(np.abs(out - x.astype(np.float64) @ w.T) <= bound), (path, n_in, n_tok)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        ck._kernels.repack_r16(np.zeros((16, 792), np.uint8), ggml_type, 1408, np.zeros((16, 792), np.uint8), -1)
 
 
 def test_traits_agree_with_gguf():

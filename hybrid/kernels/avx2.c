@@ -41,6 +41,11 @@ void quantize_q8_32_avx2(const float *x, int64_t n_in, uint8_t *out) {
     }
 }
 
+/* IQ4_NL's levels (signed) in each 128-bit lane: a nibble's `vpshufb` index. */
+static inline __attribute__((always_inline)) __m256i iq4nl_levels_256(void) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)KVALUES_IQ4NL));
+}
+
 static inline __attribute__((always_inline)) __m256i dot_u8s8_256(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
@@ -68,7 +73,7 @@ static inline __attribute__((always_inline)) void
 row_dot_256(int type, size_t bb, const uint8_t *w, int64_t nb, const uint8_t *const *x, const int NT, float *res) {
     const int64_t nh = nb / GROUP_BLOCKS * 2;           /* pairs of blocks in whole groups */
     const __m256i m4 = _mm256_set1_epi8(15);
-    const __m256i kvalues = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)KVALUES_IQ4NL));
+    const __m256i kvalues = iq4nl_levels_256();
     const size_t qs = type == GGML_Q5_0 ? 6 : type == GGML_Q5_1 ? 8 : 2;     /* offset of the quants */
     __m256 acc[TILE];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
@@ -182,6 +187,16 @@ static inline __attribute__((always_inline)) __m256i fifth_bits_32(uint32_t m) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit), _mm256_set1_epi8(16));
 }
 
+/* NT tokens' accumulators of the two halves' lanes -> res[t * 16 + row], rows in natural order. */
+static inline __attribute__((always_inline)) void r16_store_lanes_256(__m256 acc[][2], const int NT, float *res) {
+    for (int t = 0; t < NT; t++) {
+        float lanes[16];
+        _mm256_storeu_ps(lanes, acc[t][0]);
+        _mm256_storeu_ps(lanes + 8, acc[t][1]);
+        for (int p = 0; p < 16; p++) res[16 * t + r16_lane(p)] = lanes[p];     /* the transpose is its own inverse */
+    }
+}
+
 /* nb R16 blocks at r x NT tokens (1..4) -> res[t * 16 + row], rows in natural order; with PAIR (2,
  * NT 1) the blocks at r2 too, block by block in turn, -> res[16 + row]. The type, NT and PAIR
  * constants after inlining. */
@@ -195,7 +210,7 @@ r16_dot_256(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb
     const size_t masks = r16_masks_at(form), quads = r16_quant_at(form, 0, 0);
     const int run = q5 ? 4 : 8;                          /* unsigned quads summed in int16 */
     const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
-    const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)KVALUES_IQ4NL));
+    const __m256i levels = iq4nl_levels_256();
     __m256 acc[4][2];                                     /* [token][half: lanes 0-7, 8-15] */
     for (int t = 0; t < NT * PAIR; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++)
@@ -254,12 +269,124 @@ r16_dot_256(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb
             }
         }
     }
-    for (int t = 0; t < NT * PAIR; t++) {
-        float lanes[16];
-        _mm256_storeu_ps(lanes, acc[t][0]);
-        _mm256_storeu_ps(lanes + 8, acc[t][1]);
-        for (int p = 0; p < 16; p++) res[16 * t + r16_lane(p)] = lanes[p];     /* the transpose is its own inverse */
+    r16_store_lanes_256(acc, NT * PAIR, res);
+}
+
+/* ---- the 256-value types on the R16 layout (kernels.h) ----
+ * Per half of 8 rows, token and sub-block: the quants' vpmaddubsw products with 8 broadcast
+ * activation quads, summed in int16 as far as they stay exact (Q4_K's nibbles: 8 quads, 8 x 2 x
+ * 15 x 127 = 30480; Q5_K's 5-bit values: 4; Q6_K's 6-bit: 2), then one vpmaddwd by the lane's scale as an int16
+ * pair, which both widens and scales. IQ4_XS's levels are signed (up to +-127): each quad's
+ * products by the sign trick, scaled on their own (no offset, so no mins). The mins as
+ * vpmaddwd of (m_s, m_s) by the activation's pair of sums of 16. */
+
+/* Sub-block s's scale (min: its min) in the lanes of half h of R16 block p, as int32 (as
+ * k_r16_scale_512 on the AVX-512 path, Q6_K's of group s; IQ4_XS: ls - 32, the levels being
+ * signed here). */
+static inline __attribute__((always_inline)) __m256i k_r16_scale_256(int type, const uint8_t *p, int h, int s, int min) {
+    const __m256i lo = _mm256_loadu_si256((const __m256i *)(p + (min ? 128 : 64) + 32 * h));
+    const __m256i hi = _mm256_loadu_si256((const __m256i *)(p + 192 + 32 * h));
+    const int r = 8 * (s % 4);
+    if (type == GGML_Q6_K) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(p + k_r16_q6_scales_at(s) + 32 * h));
+        const __m256i sc = _mm256_srai_epi32(_mm256_slli_epi32(v, 24 - r), 24);
+        return min ? _mm256_slli_epi32(sc, 5) : sc;
     }
+    if (type == GGML_IQ4_XS) {
+        const __m256i sh = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + 32 + 16 * h)));
+        __m256i ls = _mm256_and_si256(_mm256_srli_epi32(lo, 4 * s), _mm256_set1_epi32(15));
+        ls = _mm256_or_si256(ls, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(sh, 2 * s), _mm256_set1_epi32(3)), 4));
+        return _mm256_sub_epi32(ls, _mm256_set1_epi32(32));
+    }
+    if (s < 4) return _mm256_and_si256(_mm256_srli_epi32(lo, r), _mm256_set1_epi32(63));
+    return _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(hi, r + 4 * min), _mm256_set1_epi32(15)),
+                           _mm256_and_si256(_mm256_srli_epi32(lo, r + 2), _mm256_set1_epi32(0x30)));
+}
+
+/* Two int32 per lane -> the int16 pair (a, b): a vpmaddwd operand ((v, v) scales a pair's sum by v). */
+static inline __attribute__((always_inline)) __m256i pair16(__m256i a, __m256i b) {
+    return _mm256_blend_epi16(a, _mm256_slli_epi32(b, 16), 0xaa);
+}
+
+/* nb R16 blocks of a 256-value type at r x NT tokens (1..4) -> res[t * 16 + row], rows in natural order;
+ * with PAIR (2, NT 1) the blocks at r2 too, in turn, -> res[16 + row]. */
+static inline __attribute__((always_inline)) void
+k_r16_dot_256(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb, const uint8_t *const *x, const int NT,
+              float *res, const int PAIR) {
+    const size_t sb = R16_ROWS * bb, quants = k_r16_quants_at(type);
+    const int iq4 = type == GGML_IQ4_XS, run = type == GGML_Q6_K ? 2 : type == GGML_Q5_K ? 4 : 8;
+    const int high = type == GGML_Q5_K || type == GGML_Q6_K, per16 = type == GGML_Q6_K;   /* per16: scales per 16 */
+    const __m256i m4 = _mm256_set1_epi8(15), levels = iq4nl_levels_256();
+    const __m256i high_bits = _mm256_set1_epi8(type == GGML_Q6_K ? 0x30 : 0x10);
+    __m256 acc[4][2];                                     /* [token][half: lanes 0-7, 8-15] */
+    for (int t = 0; t < NT * PAIR; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++)
+    for (int i = 0; i < PAIR; i++) {
+        const uint8_t *p = (i ? r2 : r) + b * sb;
+        prefetch_ahead(p, sb);
+        for (int h = 0; h < 2; h++) {
+            __m256i isum[4];
+            for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
+            for (int s = 0; s < 8; s++) {
+                __m256i q[8];
+                for (int k = 0; k < 8; k++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(p + quants + 64 * k_r16_quad(type, s, k) + 32 * h));
+                    q[k] = _mm256_and_si256(k_r16_nibble(type, s, k) ? _mm256_srli_epi16(v, 4) : v, m4);
+                    if (high) {                           /* the high bits -> bits 4 (and 5) */
+                        const __m256i qh = _mm256_loadu_si256((const __m256i *)(p + k_r16_high_at(type, s, k) + 32 * h));
+                        const int up = 4 - k_r16_high_bit(type, s);
+                        q[k] = _mm256_or_si256(q[k], _mm256_and_si256(up >= 0 ? _mm256_slli_epi32(qh, up)
+                                                                              : _mm256_srli_epi32(qh, -up), high_bits));
+                    }
+                    if (iq4) q[k] = _mm256_shuffle_epi8(levels, q[k]);
+                }
+                __m256i sc[2];                            /* of values 0..15 and 16..31: Q6_K's two, else one twice */
+                for (int g = 0; g < 2; g++) {
+                    const __m256i v = k_r16_scale_256(type, p, h, per16 ? 2 * s + g : s, 0);
+                    sc[g] = pair16(v, v);
+                }
+                for (int t = 0; t < NT; t++) {
+                    const uint8_t *xs = x[t] + b * Q8K_BLOCK_BYTES + 32 * s;
+                    for (int k0 = 0; k0 < 8; k0 += iq4 ? 1 : run) {
+                        __m256i s16 = _mm256_setzero_si256();
+                        for (int k = k0; k < (iq4 ? k0 + 1 : k0 + run); k++) {
+                            const __m256i xq = bcast_i32(xs + 4 * k);
+                            s16 = _mm256_add_epi16(s16, iq4 ? _mm256_maddubs_epi16(_mm256_abs_epi8(q[k]), _mm256_sign_epi8(xq, q[k]))
+                                                            : _mm256_maddubs_epi16(q[k], xq));
+                        }
+                        isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(s16, sc[k0 / 4]));
+                    }
+                }
+            }
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
+            const __m256 dmin = type == GGML_Q6_K ? d : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 32 + 16 * h)));
+            __m256i mins[8];                              /* the int16 pairs of sub-block s's mins, once for the tokens */
+            for (int s = 0; s < 8 && !iq4; s++) {
+                const __m256i m0 = k_r16_scale_256(type, p, h, per16 ? 2 * s : s, 1);
+                mins[s] = pair16(m0, per16 ? k_r16_scale_256(type, p, h, 2 * s + 1, 1) : m0);
+            }
+            for (int t = 0; t < NT; t++) {
+                const uint8_t *xb = x[t] + b * Q8K_BLOCK_BYTES;
+                const __m256 dx = _mm256_broadcast_ss((const float *)(xb + Q8K_D));
+                acc[i + t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(d, dx), acc[i + t][h]);
+                if (!iq4) {                               /* - dmin sum_g m_g sum(x of g) */
+                    __m256i msum = _mm256_setzero_si256();
+                    for (int s = 0; s < 8; s++)
+                        msum = _mm256_add_epi32(msum, _mm256_madd_epi16(mins[s], bcast_i32(xb + Q8K_SUMS + 4 * s)));
+                    acc[i + t][h] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, dx), acc[i + t][h]);
+                }
+            }
+        }
+    }
+    r16_store_lanes_256(acc, NT * PAIR, res);
+}
+
+/* One tile of NT tokens on the R16 layout: the 256-value types' kernel or the 32-value types' one. */
+static inline __attribute__((always_inline)) void
+r16_dot_tile(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb, const uint8_t *const *x, const int NT,
+             float *res, const int PAIR) {
+    if (k_type(type)) k_r16_dot_256(type, bb, r, r2, nb, x, NT, res, PAIR);
+    else r16_dot_256(type, bb, r, r2, nb, x, NT, res, PAIR);
 }
 
 /* Tiles of 4 tokens: the unpacked weights of a half (spilled to the stack where they do not fit
@@ -271,17 +398,17 @@ static inline __attribute__((always_inline)) void
 r16_dot(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res) {
     for (int t = 0; t < nt; t += 4) {
         switch (nt - t) {
-        case 1: r16_dot_256(type, bb, r, NULL, nb, x + t, 1, res + 16 * t, 1); break;
-        case 2: r16_dot_256(type, bb, r, NULL, nb, x + t, 2, res + 16 * t, 1); break;
-        case 3: r16_dot_256(type, bb, r, NULL, nb, x + t, 3, res + 16 * t, 1); break;
-        default: r16_dot_256(type, bb, r, NULL, nb, x + t, 4, res + 16 * t, 1); break;
+        case 1: r16_dot_tile(type, bb, r, NULL, nb, x + t, 1, res + 16 * t, 1); break;
+        case 2: r16_dot_tile(type, bb, r, NULL, nb, x + t, 2, res + 16 * t, 1); break;
+        case 3: r16_dot_tile(type, bb, r, NULL, nb, x + t, 3, res + 16 * t, 1); break;
+        default: r16_dot_tile(type, bb, r, NULL, nb, x + t, 4, res + 16 * t, 1); break;
         }
     }
 }
 
 static inline __attribute__((always_inline)) void
 r16_dot2(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb, const uint8_t *x, float *res) {
-    r16_dot_256(type, bb, r, r2, nb, &x, 1, res, 2);
+    r16_dot_tile(type, bb, r, r2, nb, &x, 1, res, 2);
 }
 
 /* Rows [0, n_rows) of w (row stride rb) -> R16 blocks at dst, as the AVX-512 repack does it with
@@ -293,11 +420,12 @@ repack_r16(int type, size_t bb, const uint8_t *w, size_t rb, int n_rows, int64_t
            const uint8_t *next) {
     const size_t sb = R16_ROWS * bb;
     const r16_form_t form = r16_form(type);
-    const size_t qs = 2 * (size_t)form.halves + 4 * (size_t)form.masks;    /* where the stored quants start */
+    const size_t qs = r16_stored_quants(form);
     const size_t masks = r16_masks_at(form), quads = r16_quant_at(form, 0, 0);
     const int halves = (int)form.quants / 16;
-    size_t row[16];
+    size_t row[16], lane_row[16];
     for (int i = 0; i < 16; i++) row[i] = (size_t)(i < n_rows ? i : n_rows - 1) * rb;
+    for (int p = 0; p < 16; p++) lane_row[p] = row[r16_lane(p)];
     const __m256i flip = _mm256_set1_epi8((char)form.flip);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *s = w + b * bb;
@@ -306,10 +434,10 @@ repack_r16(int type, size_t bb, const uint8_t *w, size_t rb, int n_rows, int64_t
             for (size_t o = (size_t)b * 16 * bb; o < (size_t)(b + 1) * 16 * bb; o += 64)
                 _mm_prefetch((const char *)(next + o), _MM_HINT_T0);
         for (int f = 0; f < form.halves; f++)
-            for (int p = 0; p < 16; p++) memcpy(d + 32 * f + 2 * p, s + row[r16_lane(p)] + 2 * f, 2);
+            for (int p = 0; p < 16; p++) memcpy(d + 32 * f + 2 * p, s + lane_row[p] + form.fields_at + 2 * f, 2);
         if (form.masks) {
             uint32_t qh[16];
-            for (int p = 0; p < 16; p++) qh[p] = load_u32(s + row[r16_lane(p)] + qs - 4);
+            for (int p = 0; p < 16; p++) qh[p] = load_u32(s + lane_row[p] + qs - 4);
             for (int k = 0; k < 8; k++) {
                 uint64_t m = 0;
                 for (int p = 0; p < 16; p++) m |= (uint64_t)((qh[p] >> 4 * k) & 15) << 4 * p;
@@ -331,6 +459,7 @@ repack_r16(int type, size_t bb, const uint8_t *w, size_t rb, int n_rows, int64_t
                     _mm256_storeu_si256((__m256i *)(d + quads + 64 * (4 * h + k) + 32 * half), _mm256_xor_si256(c[k], flip));
             }
         }
+        r16_copy_quads(form, s, lane_row, 16 * (size_t)halves, d);
     }
 }
 
@@ -394,7 +523,7 @@ R16_PAIR_KERNELS(AVX2, Q8_0, block_q8_0, row_dot, r16_dot, r16_dot2, repack_r16,
 R16_PAIR_KERNELS(AVX2, Q5_0, block_q5_0, row_dot, r16_dot, r16_dot2, repack_r16, 1)
 R16_PAIR_KERNELS(AVX2, Q5_1, block_q5_1, row_dot, r16_dot, r16_dot2, repack_r16, 1)
 R16_PAIR_KERNELS(AVX2, IQ4_NL, block_iq4_nl, row_dot, r16_dot, r16_dot2, repack_r16, 1)
-ROW_KERNELS(AVX2, Q4_K, block_q4_K, k_row_dot)
-ROW_KERNELS(AVX2, Q5_K, block_q5_K, k_row_dot)
-ROW_KERNELS(AVX2, Q6_K, block_q6_K, k_row_dot)
-ROW_KERNELS(AVX2, IQ4_XS, block_iq4_xs, k_row_dot)
+R16_PAIR_KERNELS(AVX2, Q4_K, block_q4_K, k_row_dot, r16_dot, r16_dot2, repack_r16, 1)
+R16_PAIR_KERNELS(AVX2, Q5_K, block_q5_K, k_row_dot, r16_dot, r16_dot2, repack_r16, 1)
+R16_PAIR_KERNELS(AVX2, Q6_K, block_q6_K, k_row_dot, r16_dot, r16_dot2, repack_r16, 1)
+R16_PAIR_KERNELS(AVX2, IQ4_XS, block_iq4_xs, k_row_dot, r16_dot, r16_dot2, repack_r16, 1)

@@ -179,13 +179,12 @@ repack_r16_body(int type, size_t bb, const uint8_t *w, size_t rb, int n_rows, in
                 const uint8_t *next, const int full) {
     const size_t sb = R16_ROWS * bb;
     const r16_form_t form = r16_form(type);
-    const size_t qs = 2 * (size_t)form.halves + 4 * (size_t)form.masks;    /* where the stored quants start */
+    const size_t qs = r16_stored_quants(form);
     const size_t masks = r16_masks_at(form), quads = r16_quant_at(form, 0, 0);
     const int halves = (int)form.quants / 16;             /* 16-byte halves of the quants */
-    int32_t idx[16];                           /* lane p: row r16_lane(p) (the transpose is its own inverse) */
-    size_t row[16];
+    size_t row[16], idx[16];                   /* idx[p]: row r16_lane(p) (the transpose is its own inverse) */
     for (int i = 0; i < 16; i++) row[i] = (size_t)(full || i < n_rows ? i : n_rows - 1) * rb;
-    for (int p = 0; p < 16; p++) idx[p] = (int32_t)row[r16_lane(p)];
+    for (int p = 0; p < 16; p++) idx[p] = row[r16_lane(p)];
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *s = w + b * bb;
@@ -194,7 +193,7 @@ repack_r16_body(int type, size_t bb, const uint8_t *w, size_t rb, int n_rows, in
             for (size_t o = (size_t)b * 16 * bb; o < (size_t)(b + 1) * 16 * bb; o += 64)
                 _mm_prefetch((const char *)(next + o), _MM_HINT_T0);
         for (int f = 0; f < form.halves; f++)
-            for (int p = 0; p < 16; p++) memcpy(d + 32 * f + 2 * p, s + idx[p] + 2 * f, 2);   /* (faster than a gather) */
+            for (int p = 0; p < 16; p++) memcpy(d + 32 * f + 2 * p, s + idx[p] + form.fields_at + 2 * f, 2);   /* (faster than a gather) */
         if (form.masks) {
             uint32_t qh[16];
             for (int p = 0; p < 16; p++) qh[p] = load_u32(s + idx[p] + qs - 4);
@@ -224,6 +223,7 @@ repack_r16_body(int type, size_t bb, const uint8_t *w, size_t rb, int n_rows, in
             for (int k = 0; k < 4; k++)
                 _mm512_storeu_si512(d + quads + 64 * (4 * h + k), form.flip ? _mm512_xor_si512(c[k], flip) : c[k]);
         }
+        r16_copy_quads(form, s, idx, 16 * (size_t)halves, d);
     }
 }
 
@@ -299,18 +299,125 @@ r16_dot_512(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb
     for (int t = 0; t < NT * PAIR; t++) _mm512_storeu_ps(res + 16 * t, _mm512_permutexvar_ps(order, acc[t]));
 }
 
+/* ---- the 256-value types on the R16 layout (kernels.h) ----
+ *
+ * As for the 32-value types, with sub-blocks of 32 in place of blocks: per token and sub-block, 8
+ * vpdpbusd of the unsigned quants (Q4_K's nibbles, Q5_K's 5-bit values, Q6_K's 6-bit ones, IQ4_XS's
+ * levels + 128) by broadcast activation quads give 16 rows' integer dots, times the lane's scale
+ * (vpmulld; Q6_K: per 16 values), summed over the block in int32 (Q4_K at most 8 x 63 x 32 x 15 x
+ * 127, Q6_K 16 x 128 x 16 x 63 x 127, < 2^31); then the mins (IQ4_XS: its +128 offset, Q6_K: its
+ * -32) from the activation's sums of 16 by vpdpwssd, and the fp16 d, dmin
+ * of the 16 rows as one register each. Nothing is unpacked through memory, and a sub-block's
+ * unpacked quants serve a tile of R16_TILE tokens. */
+
+/* Sub-block s's scale (min: its min) in each lane of R16 block p, as int32: ggml's get_scale_min_k4
+ * on 16 rows at once from the quad registers of their 12 scale bytes; IQ4_XS: ls - 32 (min: 128
+ * times it, the levels' offset, since its weight is d (ls - 32) (level + 128 - 128)); Q6_K: group
+ * s's signed scale. */
+static inline __attribute__((always_inline)) __m512i k_r16_scale_512(int type, const uint8_t *p, int s, int min) {
+    const __m512i lo = loadu_512(p + (min ? 128 : 64)), hi = loadu_512(p + 192);
+    const int r = 8 * (s % 4);
+    if (type == GGML_Q6_K) {                          /* s: a group of 16; min: 32 times it, the quants' offset */
+        const __m512i sc = _mm512_srai_epi32(_mm512_slli_epi32(loadu_512(p + k_r16_q6_scales_at(s)), 24 - r), 24);
+        return min ? _mm512_slli_epi32(sc, 5) : sc;
+    }
+    if (type == GGML_IQ4_XS) {
+        const __m512i sh = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 32)));
+        __m512i ls = _mm512_and_si512(_mm512_srli_epi32(loadu_512(p + 64), 4 * s), _mm512_set1_epi32(15));
+        ls = _mm512_or_si512(ls, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(sh, 2 * s), _mm512_set1_epi32(3)), 4));
+        ls = _mm512_sub_epi32(ls, _mm512_set1_epi32(32));
+        return min ? _mm512_slli_epi32(ls, 7) : ls;
+    }
+    if (s < 4) return _mm512_and_si512(_mm512_srli_epi32(lo, r), _mm512_set1_epi32(63));
+    return _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(hi, r + 4 * min), _mm512_set1_epi32(15)),
+                           _mm512_and_si512(_mm512_srli_epi32(lo, r + 2), _mm512_set1_epi32(0x30)));
+}
+
+/* nb R16 blocks of a 256-value type at r x NT tokens -> res[t * 16 + row], rows in natural order; with
+ * PAIR (2, NT 1) the blocks at r2 too, in turn, -> res[16 + row]. */
+static inline __attribute__((always_inline)) void
+k_r16_dot_512(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb, const uint8_t *const *x, const int NT,
+              float *res, const int PAIR) {
+    const size_t sb = R16_ROWS * bb, quants = k_r16_quants_at(type);
+    const int high = type == GGML_Q5_K || type == GGML_Q6_K, per16 = type == GGML_Q6_K;   /* per16: scales per 16 */
+    const int has_dmin = type == GGML_Q4_K || type == GGML_Q5_K;          /* (else the offset's scale is d) */
+    const __m512i m4 = _mm512_set1_epi8(15), levels = iq4nl_levels_512();
+    const __m512i high_bits = _mm512_set1_epi8(type == GGML_Q6_K ? 0x30 : 0x10);
+    __m512 acc[R16_TILE];
+    for (int t = 0; t < NT * PAIR; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++)
+    for (int h = 0; h < PAIR; h++) {
+        const uint8_t *p = (h ? r2 : r) + b * sb;
+        prefetch_ahead(p, sb);
+        __m512i isum[R16_TILE];
+        for (int t = 0; t < NT; t++) isum[t] = _mm512_setzero_si512();
+        for (int s = 0; s < 8; s++) {
+            __m512i q[8];
+            for (int k = 0; k < 8; k++) {
+                const __m512i v = loadu_512(p + quants + 64 * k_r16_quad(type, s, k));
+                q[k] = _mm512_and_si512(k_r16_nibble(type, s, k) ? _mm512_srli_epi16(v, 4) : v, m4);
+                if (high) {                               /* the high bits -> bits 4 (and 5) (0xf8: a | b & c) */
+                    const __m512i h = loadu_512(p + k_r16_high_at(type, s, k));
+                    const int up = 4 - k_r16_high_bit(type, s);
+                    q[k] = _mm512_ternarylogic_epi32(q[k], up >= 0 ? _mm512_slli_epi32(h, up) : _mm512_srli_epi32(h, -up),
+                                                     high_bits, 0xf8);
+                }
+                if (type == GGML_IQ4_XS) q[k] = _mm512_shuffle_epi8(levels, q[k]);
+            }
+            __m512i sc[2];                                /* of values 0..15 and 16..31: Q6_K's two, else one twice */
+            for (int g = 0; g < 2; g++) sc[g] = k_r16_scale_512(type, p, per16 ? 2 * s + g : s, 0);
+            for (int t = 0; t < NT; t++) {
+                const uint8_t *xs = x[t] + b * Q8K_BLOCK_BYTES + 32 * s;
+                for (int g = 0; g < 1 + per16; g++) {
+                    __m512i dot = _mm512_setzero_si512();
+                    for (int k = g * 4; k < (per16 ? g * 4 + 4 : 8); k++)
+                        dot = _mm512_dpbusd_epi32(dot, q[k], _mm512_set1_epi32(load_i32(xs + 4 * k)));
+                    isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(dot, sc[g]));
+                }
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+        const __m512 dmin = has_dmin ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : d;
+        __m512i mins[8];                                  /* the int16 pairs of sub-block s's mins, once for the tokens */
+        for (int s = 0; s < 8; s++) {
+            const __m512i m0 = k_r16_scale_512(type, p, per16 ? 2 * s : s, 1);
+            const __m512i m1 = per16 ? k_r16_scale_512(type, p, 2 * s + 1, 1) : m0;
+            mins[s] = _mm512_mask_blend_epi16(0xaaaaaaaa, m0, _mm512_slli_epi32(m1, 16));
+        }
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *xb = x[t] + b * Q8K_BLOCK_BYTES;
+            __m512i msum = _mm512_setzero_si512();       /* sum_g m_g sum(x of g): the mins' pair by the sums' */
+            for (int s = 0; s < 8; s++)
+                msum = _mm512_dpwssd_epi32(msum, mins[s], _mm512_set1_epi32(load_i32(xb + Q8K_SUMS + 4 * s)));
+            const __m512 dx = _mm512_set1_ps(*(const float *)(xb + Q8K_D));
+            acc[h + t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(d, dx), acc[h + t]);
+            acc[h + t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmin, dx), acc[h + t]);
+        }
+    }
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (int t = 0; t < NT * PAIR; t++) _mm512_storeu_ps(res + 16 * t, _mm512_permutexvar_ps(order, acc[t]));
+}
+
+/* One tile of NT tokens on the R16 layout: the 256-value types' kernel or the 32-value types' one. */
+static inline __attribute__((always_inline)) void
+r16_dot_tile(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb, const uint8_t *const *x, const int NT,
+             float *res, const int Q4_OR_Q8, const int PAIR) {
+    if (!Q4_OR_Q8 && k_type(type)) k_r16_dot_512(type, bb, r, r2, nb, x, NT, res, PAIR);
+    else r16_dot_512(type, bb, r, r2, nb, x, NT, res, Q4_OR_Q8, PAIR);
+}
+
 static inline __attribute__((always_inline)) void
 r16_dot_tiles(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res,
               const int Q4_OR_Q8) {
     switch (nt) {
-    case 1: r16_dot_512(type, bb, r, NULL, nb, x, 1, res, Q4_OR_Q8, 1); break;
-    case 2: r16_dot_512(type, bb, r, NULL, nb, x, 2, res, Q4_OR_Q8, 1); break;
-    case 3: r16_dot_512(type, bb, r, NULL, nb, x, 3, res, Q4_OR_Q8, 1); break;
-    case 4: r16_dot_512(type, bb, r, NULL, nb, x, 4, res, Q4_OR_Q8, 1); break;
-    case 5: r16_dot_512(type, bb, r, NULL, nb, x, 5, res, Q4_OR_Q8, 1); break;
-    case 6: r16_dot_512(type, bb, r, NULL, nb, x, 6, res, Q4_OR_Q8, 1); break;
-    case 7: r16_dot_512(type, bb, r, NULL, nb, x, 7, res, Q4_OR_Q8, 1); break;
-    default: r16_dot_512(type, bb, r, NULL, nb, x, 8, res, Q4_OR_Q8, 1); break;
+    case 1: r16_dot_tile(type, bb, r, NULL, nb, x, 1, res, Q4_OR_Q8, 1); break;
+    case 2: r16_dot_tile(type, bb, r, NULL, nb, x, 2, res, Q4_OR_Q8, 1); break;
+    case 3: r16_dot_tile(type, bb, r, NULL, nb, x, 3, res, Q4_OR_Q8, 1); break;
+    case 4: r16_dot_tile(type, bb, r, NULL, nb, x, 4, res, Q4_OR_Q8, 1); break;
+    case 5: r16_dot_tile(type, bb, r, NULL, nb, x, 5, res, Q4_OR_Q8, 1); break;
+    case 6: r16_dot_tile(type, bb, r, NULL, nb, x, 6, res, Q4_OR_Q8, 1); break;
+    case 7: r16_dot_tile(type, bb, r, NULL, nb, x, 7, res, Q4_OR_Q8, 1); break;
+    default: r16_dot_tile(type, bb, r, NULL, nb, x, 8, res, Q4_OR_Q8, 1); break;
     }
 }
 
@@ -325,7 +432,7 @@ r16_dot_q4_or_q8(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_
 
 static KEEP_ARGS void
 r16_dot2_q4_or_q8(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb, const uint8_t *x, float *res) {
-    r16_dot_512(type, bb, r, r2, nb, &x, 1, res, 1, 2);
+    r16_dot_tile(type, bb, r, r2, nb, &x, 1, res, 1, 2);
 }
 
 /* The later types' R16 kernels, each specialised for its type. */
@@ -336,7 +443,7 @@ r16_dot_typed(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *
 
 static inline __attribute__((always_inline)) void
 r16_dot2_typed(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb, const uint8_t *x, float *res) {
-    r16_dot_512(type, bb, r, r2, nb, &x, 1, res, 0, 2);
+    r16_dot_tile(type, bb, r, r2, nb, &x, 1, res, 0, 2);
 }
 
 /* ---- the 256-value types: each block unpacked once (kernels.h), then against NT q8_K rows ----
@@ -408,7 +515,7 @@ R16_PAIR_KERNELS(AVX512, Q5_0, block_q5_0, row_dot, r16_dot_typed, r16_dot2_type
 R16_PAIR_KERNELS(AVX512, Q5_1, block_q5_1, row_dot, r16_dot_typed, r16_dot2_typed, repack_r16, 1)
 R16_PAIR_KERNELS(AVX512, IQ4_NL, block_iq4_nl, row_dot, r16_dot_typed, r16_dot2_typed, repack_r16, 1)
 
-ROW_KERNELS(AVX512, Q4_K, block_q4_K, k_row_dot)
-ROW_KERNELS(AVX512, Q5_K, block_q5_K, k_row_dot)
-ROW_KERNELS(AVX512, Q6_K, block_q6_K, k_row_dot)
-ROW_KERNELS(AVX512, IQ4_XS, block_iq4_xs, k_row_dot)
+R16_PAIR_KERNELS(AVX512, Q4_K, block_q4_K, k_row_dot, r16_dot_typed, r16_dot2_typed, repack_r16, 1)
+R16_PAIR_KERNELS(AVX512, Q5_K, block_q5_K, k_row_dot, r16_dot_typed, r16_dot2_typed, repack_r16, 1)
+R16_PAIR_KERNELS(AVX512, Q6_K, block_q6_K, k_row_dot, r16_dot_typed, r16_dot2_typed, repack_r16, 1)
+R16_PAIR_KERNELS(AVX512, IQ4_XS, block_iq4_xs, k_row_dot, r16_dot_typed, r16_dot2_typed, repack_r16, 1)

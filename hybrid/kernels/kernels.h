@@ -36,6 +36,21 @@
  * a 4x4 dword transpose gives), undone once per output. A short row block (fewer
  * than 16 rows) repeats its last row in the spare lanes.
  *
+ * The 256-value types take the same form per 256-weight block b of 16 rows (2304 bytes
+ * for Q4_K, 2816 Q5_K, 2176 IQ4_XS): their two leading 16-bit fields as fp16[16] each
+ * (Q4_K, Q5_K: d, dmin; IQ4_XS: d, then scales_h), then every further 4 bytes of the
+ * stored block as one quad, stored order kept: Q4_K's 12 scale bytes are quads 0..2
+ * (so a quad register of them gives 16 rows' 6-bit scales and mins with shifts and
+ * masks), its 128 quant bytes quads 3..34 (quad 3 + 8c + k: values 4k..4k+3 of
+ * sub-block 2c in the low nibbles, of 2c + 1 in the high ones); Q5_K's 32 qh bytes are
+ * quads 3..10 (bit s of a byte: the fifth bit of that value of sub-block s) before its
+ * quants; IQ4_XS's scales_l quad 0, then its quants as IQ4_NL's, 16 bytes per sub-block.
+ * Q6_K (3360 bytes), whose d is stored last: d, then its ql (quads 0..31), qh (32..47) and
+ * 16 signed scales (48..51), one per 16 values.
+ * No block is unpacked through memory: a kernel takes each sub-block's 32 values of 16
+ * rows as 8 quad registers, their 8-bit products with 8 broadcast activation quads
+ * summed per lane, times the lane's scale of that sub-block.
+ *
  * Activation layout of the 256-value types ("q8_K rows", as ggml's block_q8_K): per
  * 256 values, 320 bytes: [0..255] int8 values, [256..287] int16[16] the sum of each
  * 16 values, [288..291] float32 d = amax / 127, the rest 0. Their weight blocks are
@@ -143,16 +158,26 @@ static inline void q8_blocks_dot(int type, size_t bb, const uint8_t *w, int64_t 
 /* ---- the R16 layout, portably: the scalar path's repack, and the reference of the others' ---- */
 
 /* A type's R16 block: its fp16 fields, whether it has 5th-bit masks, its quant bytes (after the
- * fp16 fields and qh in the stored block), and what is xor-ed into them. */
-typedef struct { int halves, masks; size_t quants; uint8_t flip; } r16_form_t;
+ * fp16 fields and qh in the stored block), and what is xor-ed into them; where the fields are in
+ * the stored block (0: first; Q6_K's d is last, after its quant bytes). */
+typedef struct { int halves, masks; size_t quants; uint8_t flip; size_t fields_at; } r16_form_t;
 
 static inline r16_form_t r16_form(int type) {
     switch (type) {
     case GGML_Q8_0: return (r16_form_t){1, 0, 32, 0x80};
     case GGML_Q5_0: return (r16_form_t){1, 1, 16, 0};
     case GGML_Q5_1: return (r16_form_t){2, 1, 16, 0};
+    case GGML_Q4_K: return (r16_form_t){2, 0, 140, 0};            /* (the 256-value types: see above) */
+    case GGML_Q5_K: return (r16_form_t){2, 0, 172, 0};
+    case GGML_IQ4_XS: return (r16_form_t){2, 0, 132, 0};
+    case GGML_Q6_K: return (r16_form_t){1, 0, 208, 0, 208};
     default: return (r16_form_t){1, 0, 16, 0};                     /* Q4_0, IQ4_NL */
     }
+}
+
+/* Where the quant bytes start in a stored block. */
+static inline size_t r16_stored_quants(r16_form_t f) {
+    return f.fields_at ? 0 : 2 * (size_t)f.halves + 4 * (size_t)f.masks;
 }
 
 /* Offsets in an R16 block: of the masks, and of quant byte q of the row in lane p (in quad q / 4). */
@@ -164,8 +189,8 @@ static inline size_t r16_quant_at(r16_form_t f, int p, size_t q) {
 /* One stored block s <-> lane p of R16 block d (whose masks the caller zeroed before packing). */
 static inline void r16_pack_block(int type, const uint8_t *s, uint8_t *d, int p) {
     const r16_form_t f = r16_form(type);
-    for (int h = 0; h < f.halves; h++) memcpy(d + 32 * h + 2 * p, s + 2 * h, 2);
-    const uint8_t *qs = s + 2 * f.halves + 4 * f.masks;
+    for (int h = 0; h < f.halves; h++) memcpy(d + 32 * h + 2 * p, s + f.fields_at + 2 * h, 2);
+    const uint8_t *qs = s + r16_stored_quants(f);
     if (f.masks) {
         const uint32_t qh = load_u32(s + 2 * f.halves);
         for (int v = 0; v < QK; v++)                   /* value v = 4k + i: bit 4p + i of mask k */
@@ -176,8 +201,8 @@ static inline void r16_pack_block(int type, const uint8_t *s, uint8_t *d, int p)
 
 static inline void r16_unpack_block(int type, const uint8_t *d, int p, uint8_t *s) {
     const r16_form_t f = r16_form(type);
-    for (int h = 0; h < f.halves; h++) memcpy(s + 2 * h, d + 32 * h + 2 * p, 2);
-    uint8_t *qs = s + 2 * f.halves + 4 * f.masks;
+    for (int h = 0; h < f.halves; h++) memcpy(s + f.fields_at + 2 * h, d + 32 * h + 2 * p, 2);
+    uint8_t *qs = s + r16_stored_quants(f);
     if (f.masks) {
         uint32_t qh = 0;
         for (int v = 0; v < QK; v++)
@@ -185,6 +210,15 @@ static inline void r16_unpack_block(int type, const uint8_t *d, int p, uint8_t *
         memcpy(s + 2 * f.halves, &qh, 4);
     }
     for (size_t q = 0; q < f.quants; q++) qs[q] = d[r16_quant_at(f, p, q)] ^ f.flip;
+}
+
+/* Quant bytes [q0, quants) of stored block s (the row in lane p at s + lane_row[p]) into R16
+ * block d, a quad at a time: the SIMD repacks' tail past their whole 16-byte pieces (the
+ * 256-value types' last 12 or 4 bytes). */
+static inline void r16_copy_quads(r16_form_t f, const uint8_t *s, const size_t lane_row[16], size_t q0, uint8_t *d) {
+    const size_t qs = r16_stored_quants(f);
+    for (size_t q = q0; q < f.quants; q += 4)
+        for (int p = 0; p < R16_ROWS; p++) memcpy(d + r16_quant_at(f, p, q), s + lane_row[p] + qs + q, 4);
 }
 
 /* Rows [0, n_rows) (row stride rb, n_rows <= 16) of nb blocks of bb bytes -> R16 blocks at dst. */
@@ -207,6 +241,11 @@ static inline void r16_repack_rows(int type, size_t bb, const uint8_t *w, size_t
 #define Q8K_D 288
 
 static inline size_t q8k_row_bytes(int64_t n_in) { return (size_t)(n_in / QK_K) * Q8K_BLOCK_BYTES; }
+
+/* Whether ggml type `type` has 256-value blocks (and takes q8_K rows). */
+static inline int k_type(int type) {
+    return type == GGML_Q4_K || type == GGML_Q5_K || type == GGML_Q6_K || type == GGML_IQ4_XS;
+}
 
 /* The portable quantiser of every path (the same rounding as the q8_32 ones): the activation's
  * quantisation is a small part of an op on these types, whose dot products unpack weights. */
@@ -383,6 +422,30 @@ static inline float kblock_dot(const kblock_t *k, const uint8_t *xb) {
     }
     return dx * (k->d * (float)s1 - k->dmin * (float)s2);
 }
+
+/* The R16 form of a 256-value type (kernels' side; the layout is described at the top): the offset of
+ * its quant quads in a block of 16 rows, and which quant quad and nibble hold values 4k..4k+3
+ * (k < 8) of sub-block s, the values that meet activation bytes 32 s + 4 k; the quad that holds
+ * their high bits (Q5_K's fifth, Q6_K's fifth and sixth), and at which bit of each byte. */
+static inline size_t k_r16_quants_at(int type) {
+    return type == GGML_Q6_K ? 32 : 64 + 64 * (size_t)(type == GGML_Q4_K ? 3 : type == GGML_Q5_K ? 11 : 1);
+}
+static inline int k_r16_quad(int type, int s, int k) {
+    switch (type) {
+    case GGML_IQ4_XS: return 4 * s + k % 4;
+    case GGML_Q6_K: return 16 * (s / 4) + 8 * (s % 2) + k;         /* ql: 64 bytes per 128 values */
+    default: return 8 * (s / 2) + k;
+    }
+}
+static inline int k_r16_nibble(int type, int s, int k) {
+    return type == GGML_IQ4_XS ? k / 4 : type == GGML_Q6_K ? s % 4 / 2 : s % 2;
+}
+static inline size_t k_r16_high_at(int type, int s, int k) {
+    return type == GGML_Q6_K ? 32 + 64 * (size_t)(32 + 8 * (s / 4) + k) : 256 + 64 * (size_t)k;
+}
+static inline int k_r16_high_bit(int type, int s) { return type == GGML_Q6_K ? 2 * (s % 4) : s; }
+/* Q6_K's signed scale of 16-value group g: byte g % 4 of this quad. */
+static inline size_t k_r16_q6_scales_at(int g) { return 32 + 64 * (size_t)(48 + g / 4); }
 
 /* Blocks of a 256-value type (a constant where inlined), each unpacked once, against nt q8_K rows:
  * the scalar path's row kernel. */

@@ -45,6 +45,17 @@ static inline void row_dot(int type, size_t bb, const uint8_t *w, int64_t nb, co
 
 /* ---- R16 ---- */
 
+/* Stored block b of a row (of a type a constant where inlined) against activation row xt: the row
+ * kernels' block dot. */
+static inline float block_dot(int type, const uint8_t *block, const uint8_t *xt, int64_t b) {
+    if (k_type(type)) {
+        kblock_t k;
+        unpack_kblock(type, block, &k);
+        return kblock_dot(&k, xt + b * Q8K_BLOCK_BYTES);
+    }
+    return q8_block_dot(type, block, xt + (b / GROUP_BLOCKS) * GROUP_BYTES, (int)(b % GROUP_BLOCKS));
+}
+
 /* Each row's block taken back out of its lane, then the row kernel's block dot, in its order. */
 static inline void r16_dot(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt,
                            float *res) {
@@ -54,7 +65,7 @@ static inline void r16_dot(int type, size_t bb, const uint8_t *r, int64_t nb, co
             float acc = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
                 r16_unpack_block(type, r + b * R16_ROWS * bb, r16_lane(i), block);
-                acc += q8_block_dot(type, block, x[t] + (b / GROUP_BLOCKS) * GROUP_BYTES, (int)(b % GROUP_BLOCKS));
+                acc += block_dot(type, block, x[t], b);
             }
             res[R16_ROWS * t + i] = acc;
         }
@@ -73,7 +84,7 @@ R16_KERNELS(SCALAR, Q5_1, block_q5_1, row_dot, r16_dot, repack_r16, 0)
 R16_KERNELS(SCALAR, Q8_0, block_q8_0, row_dot, r16_dot, repack_r16, 0)
 R16_KERNELS(SCALAR, IQ4_NL, block_iq4_nl, row_dot, r16_dot, repack_r16, 0)
 
-ROW_KERNELS(SCALAR, Q4_K, block_q4_K, k_row_dot_portable)
-ROW_KERNELS(SCALAR, Q5_K, block_q5_K, k_row_dot_portable)
-ROW_KERNELS(SCALAR, Q6_K, block_q6_K, k_row_dot_portable)
-ROW_KERNELS(SCALAR, IQ4_XS, block_iq4_xs, k_row_dot_portable)
+R16_KERNELS(SCALAR, Q4_K, block_q4_K, k_row_dot_portable, r16_dot, repack_r16, 0)
+R16_KERNELS(SCALAR, Q5_K, block_q5_K, k_row_dot_portable, r16_dot, repack_r16, 0)
+R16_KERNELS(SCALAR, Q6_K, block_q6_K, k_row_dot_portable, r16_dot, repack_r16, 0)
+R16_KERNELS(SCALAR, IQ4_XS, block_iq4_xs, k_row_dot_portable, r16_dot, repack_r16, 0)

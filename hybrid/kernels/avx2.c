@@ -215,8 +215,7 @@ r16_dot_256(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb
     for (int t = 0; t < NT * PAIR; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++)
     for (int i = 0; i < PAIR; i++) {
-        const uint8_t *p = (i ? r2 : r) + b * sb;
-        prefetch_ahead(p, sb);
+        const uint8_t *p = r16_block_at(r, r2, i, b, sb);
         const size_t xo = (size_t)(b / GROUP_BLOCKS) * GROUP_BYTES + (size_t)(b % GROUP_BLOCKS) * 16;
         for (int h = 0; h < 2; h++) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
@@ -322,8 +321,7 @@ k_r16_dot_256(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t 
     for (int t = 0; t < NT * PAIR; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++)
     for (int i = 0; i < PAIR; i++) {
-        const uint8_t *p = (i ? r2 : r) + b * sb;
-        prefetch_ahead(p, sb);
+        const uint8_t *p = r16_block_at(r, r2, i, b, sb);
         for (int h = 0; h < 2; h++) {
             __m256i isum[4];
             for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();

@@ -88,6 +88,15 @@ static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *
     for (size_t o = 0; o < n; o += 64) __builtin_prefetch(p + STREAM_PREFETCH + o, 0, 3);
 }
 
+/* Block b (of sb bytes) of R16 row block r, or of r2 for the second of a pair (i = 1; r16_dot2_fn),
+ * its next bytes prefetched: where each R16 kernel's block loop starts. */
+static inline __attribute__((always_inline)) const uint8_t *r16_block_at(const uint8_t *r, const uint8_t *r2, int i,
+                                                                         int64_t b, size_t sb) {
+    const uint8_t *p = (i ? r2 : r) + b * sb;
+    prefetch_ahead(p, sb);
+    return p;
+}
+
 static inline size_t q8_row_bytes(int64_t n_in) {
     return (size_t)((n_in / QK + GROUP_BLOCKS - 1) / GROUP_BLOCKS) * GROUP_BYTES;
 }

@@ -256,10 +256,11 @@ def test_advise_calibrates_ranks_and_verifies(tiny_gguf, tmp_path, capsys):
     assert cands and all(c["vram_bytes"] <= 1.6 * (1 << 20) for c in cands)
     assert len(cands) < out["n_placements"]                 # the budget left some out
     assert [c["tg_tps"] for c in cands] == sorted((c["tg_tps"] for c in cands), reverse=True)
-    for c in cands[:2]:
+    verified = [c for c in cands if "measured_tg_tps" in c]         # the top 2, then ranked again from both
+    assert len(verified) == 2                                        # calibrations: anywhere in the list
+    for c in verified:
         assert c["measured_tg_tps"] > 0 and c["measured_pp_tps"] > 0
         assert c["tg_error"] == pytest.approx(c["tg_tps"] / c["measured_tg_tps"] - 1)
-    assert all("measured_tg_tps" not in c for c in cands[2:])
     assert {r["backend"] for r in out["rates"]} == {"CPU", "ACC0"}            # both measured by calibration
     assert all(r["source"] == "measured" for r in out["rates"])
     assert out["cpu_peak_GBps"] == 25.0

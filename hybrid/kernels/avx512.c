@@ -349,6 +349,7 @@ k_r16_dot_512(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t 
         const uint8_t *p = r16_block_at(r, r2, h, b, sb);
         __m512i isum[R16_TILE];
         for (int t = 0; t < NT; t++) isum[t] = _mm512_setzero_si512();
+        #pragma GCC unroll 8        /* s a constant: quads, nibbles and scale shifts as immediates (not on AVX2: no gain) */
         for (int s = 0; s < 8; s++) {
             __m512i q[8];
             for (int k = 0; k < 8; k++) {
@@ -377,6 +378,7 @@ k_r16_dot_512(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t 
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
         const __m512 dmin = has_dmin ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : d;
         __m512i mins[8];                                  /* the int16 pairs of sub-block s's mins, once for the tokens */
+        #pragma GCC unroll 8
         for (int s = 0; s < 8; s++) {
             const __m512i m0 = k_r16_scale_512(type, p, per16 ? 2 * s : s, 1);
             const __m512i m1 = per16 ? k_r16_scale_512(type, p, 2 * s + 1, 1) : m0;

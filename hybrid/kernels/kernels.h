@@ -469,7 +469,7 @@ static inline void k_row_dot_portable(int type, size_t bb, const uint8_t *w, int
 }
 
 /* An ISA file's kernels are written with the type as an argument (a constant after inlining); these
- * bind them to type T as the table's function types: row_dot_T, and r16_dot_T and repack_r16_T. */
+ * bind them to type T as the table's function types: row_dot_T, r16_dot_T and repack_r16_T, and r16_dot2_T. */
 #define BIND_ROW_DOT(T, block, row_dot)                                                                 \
     static void row_dot_##T(const uint8_t *w, int64_t nb, const uint8_t *const *x, int nt, float *res) { \
         row_dot(GGML_##T, sizeof(block), w, nb, x, nt, res);                                            \
@@ -487,10 +487,6 @@ static inline void k_row_dot_portable(int type, size_t bb, const uint8_t *w, int
         r16_dot2(GGML_##T, sizeof(block), r, r2, nb, x, res);                                           \
     }                                                                                                   \
     const quant_kernels_t PATH##_##T = {row_dot_##T, r16_dot_##T, repack_r16_##T, r16_first, r16_dot2_##T};
-/* A path's kernels of type T without R16 ones: PATH_T. */
-#define ROW_KERNELS(PATH, T, block, row_dot)    \
-    BIND_ROW_DOT(T, block, row_dot)             \
-    const quant_kernels_t PATH##_##T = {row_dot_##T, NULL, NULL, 0};
 #define BIND_R16(T, block, r16_dot, repack)                                                              \
     static void r16_dot_##T(const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res) { \
         r16_dot(GGML_##T, sizeof(block), r, nb, x, nt, res);                                            \

@@ -216,6 +216,7 @@ r16_dot_256(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb
     for (int64_t b = 0; b < nb; b++)
     for (int i = 0; i < PAIR; i++) {
         const uint8_t *p = r16_block_at(r, r2, i, b, sb);
+        prefetch_ahead(p, sb);
         const size_t xo = (size_t)(b / GROUP_BLOCKS) * GROUP_BYTES + (size_t)(b % GROUP_BLOCKS) * 16;
         for (int h = 0; h < 2; h++) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
@@ -326,6 +327,7 @@ k_r16_dot_256(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t 
             __m256i isum[4];
             for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
             for (int s = 0; s < 8; s++) {
+                prefetch_part(p, sb, 8 * h + s, 16);
                 __m256i q[8];
                 for (int k = 0; k < 8; k++) {
                     const __m256i v = _mm256_loadu_si256((const __m256i *)(p + quants + 64 * k_r16_quad(type, s, k) + 32 * h));

@@ -259,6 +259,7 @@ r16_dot_512(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb
     for (int64_t b = 0; b < nb; b++)
     for (int h = 0; h < PAIR; h++) {
         const uint8_t *p = r16_block_at(r, r2, h, b, sb);
+        prefetch_ahead(p, sb);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
         const __m512 dm = q5_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : _mm512_setzero_ps();
         __m512i q[8];
@@ -351,6 +352,7 @@ k_r16_dot_512(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t 
         for (int t = 0; t < NT; t++) isum[t] = _mm512_setzero_si512();
         #pragma GCC unroll 8        /* s a constant: quads, nibbles and scale shifts as immediates (not on AVX2: no gain) */
         for (int s = 0; s < 8; s++) {
+            prefetch_part(p, sb, s, 8);
             __m512i q[8];
             for (int k = 0; k < 8; k++) {
                 const __m512i v = loadu_512(p + quants + 64 * k_r16_quad(type, s, k));

@@ -308,29 +308,77 @@ r16_dot_512(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb
  * 127, Q6_K 16 x 128 x 16 x 63 x 127, < 2^31); then the mins (IQ4_XS: its +128 offset, Q6_K: its
  * -32) from the activation's sums of 16 by vpdpwssd, and the fp16 d, dmin
  * of the 16 rows as one register each. Nothing is unpacked through memory, and a sub-block's
- * unpacked quants serve a tile of R16_TILE tokens. */
+ * unpacked quants serve a tile of R16_TILE tokens.
+ *
+ * Port 0 bounds a one-token block (vpdpbusd, vpmulld's two uops and every shift issue there on
+ * Intel's 512-bit units; ands, adds and vpshufb also on port 5), so shifts are kept off the
+ * per-sub-block work: the 8 scales and 8 mins of the 16 rows are decoded once per block into byte
+ * registers (k_r16_scales_512), and each sub-block takes its own with one vpshufb; Q4_K's high
+ * nibbles are taken in place (v & 0xf0, 16 times the value), their sub-blocks summed apart and the
+ * low ones' sum scaled by 16 where the block ends (16 x 4 x 63 x 32 x 15 x 127 + 4 x 63 x 32 x 240
+ * x 127 < 2^31). */
 
-/* Sub-block s's scale (min: its min) in each lane of R16 block p, as int32: ggml's get_scale_min_k4
- * on 16 rows at once from the quad registers of their 12 scale bytes; IQ4_XS: ls - 32 (min: 128
- * times it, the levels' offset, since its weight is d (ls - 32) (level + 128 - 128)); Q6_K: group
- * s's signed scale. */
-static inline __attribute__((always_inline)) __m512i k_r16_scale_512(int type, const uint8_t *p, int s, int min) {
-    const __m512i lo = loadu_512(p + (min ? 128 : 64)), hi = loadu_512(p + 192);
-    const int r = 8 * (s % 4);
-    if (type == GGML_Q6_K) {                          /* s: a group of 16; min: 32 times it, the quants' offset */
-        const __m512i sc = _mm512_srai_epi32(_mm512_slli_epi32(loadu_512(p + k_r16_q6_scales_at(s)), 24 - r), 24);
-        return min ? _mm512_slli_epi32(sc, 5) : sc;
+/* A vpshufb pattern that takes, in each 32-bit lane, the lane's byte j where `pattern` (for lane 0)
+ * names byte j, and 0 where it has 0x80 (bit 7 stays set in every lane's copy). */
+static inline __attribute__((always_inline)) __m512i lane_bytes_512(uint32_t pattern) {
+    const uint32_t next = 0x04040404;
+    return _mm512_set4_epi32((int)(pattern + 3 * next), (int)(pattern + 2 * next), (int)(pattern + next), (int)pattern);
+}
+
+/* Sub-block s's scale and min bytes of 16 rows, byte s % 4 of each lane of sc[s / 4] and mn[s / 4];
+ * IQ4_XS's ls - 32 (signed) in sc[s % 2], byte s / 2 (its scales_l are nibbles), mn unused. */
+typedef struct {
+    __m512i sc[2], mn[2];
+} k_scales_512_t;
+
+static inline __attribute__((always_inline)) k_scales_512_t k_r16_scales_512(int type, const uint8_t *p) {
+    const __m512i m63 = _mm512_set1_epi8(63), m15 = _mm512_set1_epi8(15), m48 = _mm512_set1_epi8(0x30);
+    k_scales_512_t k;
+    if (type == GGML_IQ4_XS) {                        /* ls = scales_l nibble | 2 bits of scales_h << 4 */
+        const __m512i l = loadu_512(p + 64);
+        /* scales_h (u16 per row) -> bytes 0, 0, 1, 1 of each lane: sub-blocks 4i..4i+3's high bits */
+        const __m512i hb = _mm512_shuffle_epi8(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 32))),
+                                               lane_bytes_512(0x01010000));
+        const __mmask64 odd = 0xaaaaaaaaaaaaaaaa;     /* bytes 1 and 3: their bits 4, 5 (and 6, 7) */
+        const __m512i he = _mm512_mask_blend_epi8(odd, _mm512_slli_epi16(hb, 4), hb);
+        const __m512i ho = _mm512_mask_blend_epi8(odd, _mm512_slli_epi16(hb, 2), _mm512_srli_epi16(hb, 2));
+        const __m512i thirty_two = _mm512_set1_epi8(32);
+        k.sc[0] = _mm512_sub_epi8(_mm512_ternarylogic_epi32(_mm512_and_si512(l, m15), he, m48, 0xf8), thirty_two);
+        k.sc[1] = _mm512_sub_epi8(_mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(l, 4), m15), ho, m48, 0xf8),
+                                  thirty_two);
+        k.mn[0] = k.mn[1] = _mm512_setzero_si512();
+        return k;
     }
-    if (type == GGML_IQ4_XS) {
-        const __m512i sh = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 32)));
-        __m512i ls = _mm512_and_si512(_mm512_srli_epi32(loadu_512(p + 64), 4 * s), _mm512_set1_epi32(15));
-        ls = _mm512_or_si512(ls, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(sh, 2 * s), _mm512_set1_epi32(3)), 4));
-        ls = _mm512_sub_epi32(ls, _mm512_set1_epi32(32));
-        return min ? _mm512_slli_epi32(ls, 7) : ls;
-    }
-    if (s < 4) return _mm512_and_si512(_mm512_srli_epi32(lo, r), _mm512_set1_epi32(63));
-    return _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(hi, r + 4 * min), _mm512_set1_epi32(15)),
-                           _mm512_and_si512(_mm512_srli_epi32(lo, r + 2), _mm512_set1_epi32(0x30)));
+    /* Q4_K, Q5_K: ggml's get_scale_min_k4 on 16 rows: dword 0 of the 12 bytes holds sc0..3 (6 bits) and
+     * the top 2 bits of sc4..7, dword 1 likewise for the mins, dword 2 the low 4 bits of sc4..7 and mn4..7 */
+    const __m512i a = loadu_512(p + 64), b = loadu_512(p + 128), c = loadu_512(p + 192);
+    k.sc[0] = _mm512_and_si512(a, m63);
+    k.mn[0] = _mm512_and_si512(b, m63);
+    k.sc[1] = _mm512_ternarylogic_epi32(_mm512_and_si512(c, m15), _mm512_srli_epi16(a, 2), m48, 0xf8);
+    k.mn[1] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(c, 4), m15), _mm512_srli_epi16(b, 2), m48, 0xf8);
+    return k;
+}
+
+/* Sub-block s's scale in each lane, as int32 (IQ4_XS: sign-extended from the top byte). */
+static inline __attribute__((always_inline)) __m512i k_r16_scale_512(int type, const k_scales_512_t *k, int s) {
+    if (type == GGML_IQ4_XS)
+        return _mm512_srai_epi32(_mm512_shuffle_epi8(k->sc[s % 2], lane_bytes_512(0x80808080u ^ (0x80u ^ s / 2) << 24)), 24);
+    return _mm512_shuffle_epi8(k->sc[s / 4], lane_bytes_512(0x80808000u | s % 4));
+}
+
+/* Sub-block s's min as an int16 pair (m, m) in each lane, a vpdpwssd operand against the
+ * activation's pair of sums of 16; IQ4_XS's: 128 (ls - 32), its levels' +128 offset. */
+static inline __attribute__((always_inline)) __m512i k_r16_min_pair_512(int type, const k_scales_512_t *k, int s) {
+    if (type == GGML_IQ4_XS)                          /* (ls - 32) << 8, >> 1 */
+        return _mm512_srai_epi16(_mm512_shuffle_epi8(k->sc[s % 2], lane_bytes_512(0x00800080u | (uint32_t)(s / 2) * 0x01000100u)), 1);
+    return _mm512_shuffle_epi8(k->mn[s / 4], lane_bytes_512(0x80008000u | (uint32_t)(s % 4) * 0x00010001u));
+}
+
+/* Q6_K's signed scale of 16-value group g in each lane, as int32 (min: 32 times it, the quants' offset). */
+static inline __attribute__((always_inline)) __m512i q6_k_r16_scale_512(const uint8_t *p, int g, int min) {
+    const int r = 8 * (g % 4);
+    const __m512i sc = _mm512_srai_epi32(_mm512_slli_epi32(loadu_512(p + k_r16_q6_scales_at(g)), 24 - r), 24);
+    return min ? _mm512_slli_epi32(sc, 5) : sc;
 }
 
 /* nb R16 blocks of a 256-value type at r x NT tokens -> res[t * 16 + row], rows in natural order; with
@@ -341,6 +389,7 @@ k_r16_dot_512(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t 
     const size_t sb = R16_ROWS * bb, quants = k_r16_quants_at(type);
     const int high = type == GGML_Q5_K || type == GGML_Q6_K, per16 = type == GGML_Q6_K;   /* per16: scales per 16 */
     const int has_dmin = type == GGML_Q4_K || type == GGML_Q5_K;          /* (else the offset's scale is d) */
+    const int in_place = type == GGML_Q4_K;               /* high nibbles as v & 0xf0 (above) */
     const __m512i m4 = _mm512_set1_epi8(15), levels = iq4nl_levels_512();
     const __m512i high_bits = _mm512_set1_epi8(type == GGML_Q6_K ? 0x30 : 0x10);
     __m512 acc[R16_TILE];
@@ -348,15 +397,18 @@ k_r16_dot_512(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t 
     for (int64_t b = 0; b < nb; b++)
     for (int h = 0; h < PAIR; h++) {
         const uint8_t *p = r16_block_at(r, r2, h, b, sb);
-        __m512i isum[R16_TILE];
-        for (int t = 0; t < NT; t++) isum[t] = _mm512_setzero_si512();
-        #pragma GCC unroll 8        /* s a constant: quads, nibbles and scale shifts as immediates (not on AVX2: no gain) */
+        const k_scales_512_t ks = per16 ? (k_scales_512_t){0} : k_r16_scales_512(type, p);
+        __m512i isum[R16_TILE][2];                        /* [token][Q4_K: sub-block s % 2] */
+        for (int t = 0; t < NT; t++) isum[t][0] = isum[t][1] = _mm512_setzero_si512();
+        #pragma GCC unroll 8        /* s a constant: quads, nibbles and scale patterns as immediates */
         for (int s = 0; s < 8; s++) {
             prefetch_part(p, sb, s, 8);
+            const int upper = k_r16_nibble(type, s, 0) && in_place;
             __m512i q[8];
             for (int k = 0; k < 8; k++) {
                 const __m512i v = loadu_512(p + quants + 64 * k_r16_quad(type, s, k));
-                q[k] = _mm512_and_si512(k_r16_nibble(type, s, k) ? _mm512_srli_epi16(v, 4) : v, m4);
+                q[k] = upper ? _mm512_and_si512(v, _mm512_set1_epi8((char)0xf0))
+                             : _mm512_and_si512(k_r16_nibble(type, s, k) ? _mm512_srli_epi16(v, 4) : v, m4);
                 if (high) {                               /* the high bits -> bits 4 (and 5) (0xf8: a | b & c) */
                     const __m512i h = loadu_512(p + k_r16_high_at(type, s, k));
                     const int up = 4 - k_r16_high_bit(type, s);
@@ -366,33 +418,34 @@ k_r16_dot_512(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t 
                 if (type == GGML_IQ4_XS) q[k] = _mm512_shuffle_epi8(levels, q[k]);
             }
             __m512i sc[2];                                /* of values 0..15 and 16..31: Q6_K's two, else one twice */
-            for (int g = 0; g < 2; g++) sc[g] = k_r16_scale_512(type, p, per16 ? 2 * s + g : s, 0);
+            for (int g = 0; g < 2; g++) sc[g] = per16 ? q6_k_r16_scale_512(p, 2 * s + g, 0) : k_r16_scale_512(type, &ks, s);
             for (int t = 0; t < NT; t++) {
                 const uint8_t *xs = x[t] + b * Q8K_BLOCK_BYTES + 32 * s;
                 for (int g = 0; g < 1 + per16; g++) {
                     __m512i dot = _mm512_setzero_si512();
                     for (int k = g * 4; k < (per16 ? g * 4 + 4 : 8); k++)
                         dot = _mm512_dpbusd_epi32(dot, q[k], _mm512_set1_epi32(load_i32(xs + 4 * k)));
-                    isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(dot, sc[g]));
+                    isum[t][upper] = _mm512_add_epi32(isum[t][upper], _mm512_mullo_epi32(dot, sc[g]));
                 }
             }
         }
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
         const __m512 dmin = has_dmin ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : d;
+        const __m512 d_isum = in_place ? _mm512_mul_ps(d, _mm512_set1_ps(1.0f / 16)) : d;
         __m512i mins[8];                                  /* the int16 pairs of sub-block s's mins, once for the tokens */
         #pragma GCC unroll 8
-        for (int s = 0; s < 8; s++) {
-            const __m512i m0 = k_r16_scale_512(type, p, per16 ? 2 * s : s, 1);
-            const __m512i m1 = per16 ? k_r16_scale_512(type, p, 2 * s + 1, 1) : m0;
-            mins[s] = _mm512_mask_blend_epi16(0xaaaaaaaa, m0, _mm512_slli_epi32(m1, 16));
-        }
+        for (int s = 0; s < 8; s++)
+            mins[s] = per16 ? _mm512_mask_blend_epi16(0xaaaaaaaa, q6_k_r16_scale_512(p, 2 * s, 1),
+                                                      _mm512_slli_epi32(q6_k_r16_scale_512(p, 2 * s + 1, 1), 16))
+                            : k_r16_min_pair_512(type, &ks, s);
         for (int t = 0; t < NT; t++) {
             const uint8_t *xb = x[t] + b * Q8K_BLOCK_BYTES;
             __m512i msum = _mm512_setzero_si512();       /* sum_g m_g sum(x of g): the mins' pair by the sums' */
             for (int s = 0; s < 8; s++)
                 msum = _mm512_dpwssd_epi32(msum, mins[s], _mm512_set1_epi32(load_i32(xb + Q8K_SUMS + 4 * s)));
+            const __m512i total = in_place ? _mm512_add_epi32(_mm512_slli_epi32(isum[t][0], 4), isum[t][1]) : isum[t][0];
             const __m512 dx = _mm512_set1_ps(*(const float *)(xb + Q8K_D));
-            acc[h + t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(d, dx), acc[h + t]);
+            acc[h + t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(d_isum, dx), acc[h + t]);
             acc[h + t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmin, dx), acc[h + t]);
         }
     }

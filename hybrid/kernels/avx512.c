@@ -314,9 +314,8 @@ r16_dot_512(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb
  * Intel's 512-bit units; ands, adds and vpshufb also on port 5), so shifts are kept off the
  * per-sub-block work: the 8 scales and 8 mins of the 16 rows are decoded once per block into byte
  * registers (k_r16_scales_512), and each sub-block takes its own with one vpshufb; Q4_K's high
- * nibbles are taken in place (v & 0xf0, 16 times the value), their sub-blocks summed apart and the
- * low ones' sum scaled by 16 where the block ends (16 x 4 x 63 x 32 x 15 x 127 + 4 x 63 x 32 x 240
- * x 127 < 2^31). */
+ * nibbles are taken in place (v & 0xf0, 16 times the value) and the low nibbles' scales times 16
+ * to match (2 x 4 x 16 x 63 x 32 x 15 x 127 < 2^31), d over 16 at the block's end. */
 
 /* A vpshufb pattern that takes, in each 32-bit lane, the lane's byte j where `pattern` (for lane 0)
  * names byte j, and 0 where it has 0x80 (bit 7 stays set in every lane's copy). */
@@ -381,72 +380,87 @@ static inline __attribute__((always_inline)) __m512i q6_k_r16_scale_512(const ui
     return min ? _mm512_slli_epi32(sc, 5) : sc;
 }
 
+/* Quad register k of sub-block s of R16 block p: values 4k..4k+3 of the 16 rows as unsigned bytes
+ * (IQ4_XS: its levels + 128; Q4_K's high nibbles in place, 16 times the value). */
+static inline __attribute__((always_inline)) __m512i k_r16_quants_512(int type, const uint8_t *p, int s, int k) {
+    const __m512i v = loadu_512(p + k_r16_quants_at(type) + 64 * k_r16_quad(type, s, k));
+    const int upper = k_r16_nibble(type, s, k);
+    if (type == GGML_Q4_K) return _mm512_and_si512(v, _mm512_set1_epi8(upper ? (char)0xf0 : 15));
+    __m512i q = _mm512_and_si512(upper ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(15));
+    if (type == GGML_Q5_K || type == GGML_Q6_K) {     /* the high bits -> bits 4 (and 5) (0xf8: a | b & c) */
+        const __m512i h = loadu_512(p + k_r16_high_at(type, s, k));
+        const int up = 4 - k_r16_high_bit(type, s);
+        q = _mm512_ternarylogic_epi32(q, up >= 0 ? _mm512_slli_epi32(h, up) : _mm512_srli_epi32(h, -up),
+                                      _mm512_set1_epi8(type == GGML_Q6_K ? 0x30 : 0x10), 0xf8);
+    }
+    return type == GGML_IQ4_XS ? _mm512_shuffle_epi8(iq4nl_levels_512(), q) : q;
+}
+
 /* nb R16 blocks of a 256-value type at r x NT tokens -> res[t * 16 + row], rows in natural order; with
- * PAIR (2, NT 1) the blocks at r2 too, in turn, -> res[16 + row]. */
+ * PAIR (2, NT 1) the blocks at r2 too, in turn, -> res[16 + row]. The row blocks inside the quad
+ * loop: an activation quad is broadcast once for both (a load uop each: the loads, not the
+ * arithmetic, were the most of a one-token block's uops). */
 static inline __attribute__((always_inline)) void
 k_r16_dot_512(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb, const uint8_t *const *x, const int NT,
               float *res, const int PAIR) {
-    const size_t sb = R16_ROWS * bb, quants = k_r16_quants_at(type);
-    const int high = type == GGML_Q5_K || type == GGML_Q6_K, per16 = type == GGML_Q6_K;   /* per16: scales per 16 */
+    const size_t sb = R16_ROWS * bb;
+    const int per16 = type == GGML_Q6_K;                  /* scales per 16 values */
     const int has_dmin = type == GGML_Q4_K || type == GGML_Q5_K;          /* (else the offset's scale is d) */
-    const int in_place = type == GGML_Q4_K;               /* high nibbles as v & 0xf0 (above) */
-    const __m512i m4 = _mm512_set1_epi8(15), levels = iq4nl_levels_512();
-    const __m512i high_bits = _mm512_set1_epi8(type == GGML_Q6_K ? 0x30 : 0x10);
     __m512 acc[R16_TILE];
     for (int t = 0; t < NT * PAIR; t++) acc[t] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++)
-    for (int h = 0; h < PAIR; h++) {
-        const uint8_t *p = r16_block_at(r, r2, h, b, sb);
-        const k_scales_512_t ks = per16 ? (k_scales_512_t){0} : k_r16_scales_512(type, p);
-        __m512i isum[R16_TILE][2];                        /* [token][Q4_K: sub-block s % 2] */
-        for (int t = 0; t < NT; t++) isum[t][0] = isum[t][1] = _mm512_setzero_si512();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p[2];
+        k_scales_512_t ks[2];
+        for (int i = 0; i < PAIR; i++) {
+            p[i] = r16_block_at(r, r2, i, b, sb);
+            ks[i] = per16 ? (k_scales_512_t){0} : k_r16_scales_512(type, p[i]);
+        }
+        __m512i isum[R16_TILE];                           /* [i + t] */
+        for (int t = 0; t < NT * PAIR; t++) isum[t] = _mm512_setzero_si512();
         #pragma GCC unroll 8        /* s a constant: quads, nibbles and scale patterns as immediates */
         for (int s = 0; s < 8; s++) {
-            prefetch_part(p, sb, s, 8);
-            const int upper = k_r16_nibble(type, s, 0) && in_place;
-            __m512i q[8];
-            for (int k = 0; k < 8; k++) {
-                const __m512i v = loadu_512(p + quants + 64 * k_r16_quad(type, s, k));
-                q[k] = upper ? _mm512_and_si512(v, _mm512_set1_epi8((char)0xf0))
-                             : _mm512_and_si512(k_r16_nibble(type, s, k) ? _mm512_srli_epi16(v, 4) : v, m4);
-                if (high) {                               /* the high bits -> bits 4 (and 5) (0xf8: a | b & c) */
-                    const __m512i h = loadu_512(p + k_r16_high_at(type, s, k));
-                    const int up = 4 - k_r16_high_bit(type, s);
-                    q[k] = _mm512_ternarylogic_epi32(q[k], up >= 0 ? _mm512_slli_epi32(h, up) : _mm512_srli_epi32(h, -up),
-                                                     high_bits, 0xf8);
+            for (int i = 0; i < PAIR; i++) prefetch_part(p[i], sb, s, 8);
+            __m512i dot[R16_TILE];                        /* [i + t] */
+            for (int t = 0; t < NT * PAIR; t++) dot[t] = _mm512_setzero_si512();
+            #pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) {
+                const int k = type == GGML_IQ4_XS ? j % 2 * 4 + j / 2 : j;    /* (IQ4_XS: k, k + 4 from one load) */
+                __m512i q[2];
+                for (int i = 0; i < PAIR; i++) q[i] = k_r16_quants_512(type, p[i], s, k);
+                for (int t = 0; t < NT; t++) {
+                    const __m512i xq = _mm512_set1_epi32(load_i32(x[t] + b * Q8K_BLOCK_BYTES + 32 * s + 4 * k));
+                    for (int i = 0; i < PAIR; i++) dot[i + t] = _mm512_dpbusd_epi32(dot[i + t], q[i], xq);
                 }
-                if (type == GGML_IQ4_XS) q[k] = _mm512_shuffle_epi8(levels, q[k]);
-            }
-            __m512i sc[2];                                /* of values 0..15 and 16..31: Q6_K's two, else one twice */
-            for (int g = 0; g < 2; g++) sc[g] = per16 ? q6_k_r16_scale_512(p, 2 * s + g, 0) : k_r16_scale_512(type, &ks, s);
-            for (int t = 0; t < NT; t++) {
-                const uint8_t *xs = x[t] + b * Q8K_BLOCK_BYTES + 32 * s;
-                for (int g = 0; g < 1 + per16; g++) {
-                    __m512i dot = _mm512_setzero_si512();
-                    for (int k = g * 4; k < (per16 ? g * 4 + 4 : 8); k++)
-                        dot = _mm512_dpbusd_epi32(dot, q[k], _mm512_set1_epi32(load_i32(xs + 4 * k)));
-                    isum[t][upper] = _mm512_add_epi32(isum[t][upper], _mm512_mullo_epi32(dot, sc[g]));
+                if (j % 4 < 3 || (!per16 && j < 4)) continue;
+                for (int i = 0; i < PAIR; i++) {          /* the end of a scale's values: 32, Q6_K's 16 */
+                    __m512i sc = per16 ? q6_k_r16_scale_512(p[i], 2 * s + k / 4, 0) : k_r16_scale_512(type, &ks[i], s);
+                    if (type == GGML_Q4_K && s % 2 == 0) sc = _mm512_slli_epi32(sc, 4);   /* (against the high nibbles' 16) */
+                    for (int t = 0; t < NT; t++) {
+                        isum[i + t] = _mm512_add_epi32(isum[i + t], _mm512_mullo_epi32(dot[i + t], sc));
+                        dot[i + t] = _mm512_setzero_si512();
+                    }
                 }
             }
         }
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-        const __m512 dmin = has_dmin ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : d;
-        const __m512 d_isum = in_place ? _mm512_mul_ps(d, _mm512_set1_ps(1.0f / 16)) : d;
-        __m512i mins[8];                                  /* the int16 pairs of sub-block s's mins, once for the tokens */
-        #pragma GCC unroll 8
-        for (int s = 0; s < 8; s++)
-            mins[s] = per16 ? _mm512_mask_blend_epi16(0xaaaaaaaa, q6_k_r16_scale_512(p, 2 * s, 1),
-                                                      _mm512_slli_epi32(q6_k_r16_scale_512(p, 2 * s + 1, 1), 16))
-                            : k_r16_min_pair_512(type, &ks, s);
-        for (int t = 0; t < NT; t++) {
-            const uint8_t *xb = x[t] + b * Q8K_BLOCK_BYTES;
-            __m512i msum = _mm512_setzero_si512();       /* sum_g m_g sum(x of g): the mins' pair by the sums' */
-            for (int s = 0; s < 8; s++)
-                msum = _mm512_dpwssd_epi32(msum, mins[s], _mm512_set1_epi32(load_i32(xb + Q8K_SUMS + 4 * s)));
-            const __m512i total = in_place ? _mm512_add_epi32(_mm512_slli_epi32(isum[t][0], 4), isum[t][1]) : isum[t][0];
-            const __m512 dx = _mm512_set1_ps(*(const float *)(xb + Q8K_D));
-            acc[h + t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(d_isum, dx), acc[h + t]);
-            acc[h + t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmin, dx), acc[h + t]);
+        for (int i = 0; i < PAIR; i++) {
+            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p[i]));
+            const __m512 dmin = has_dmin ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p[i] + 32))) : d;
+            const __m512 d_isum = type == GGML_Q4_K ? _mm512_mul_ps(d, _mm512_set1_ps(1.0f / 16)) : d;
+            __m512i msum[R16_TILE];                       /* sum_g m_g sum(x of g): the mins' pair by the sums' */
+            for (int t = 0; t < NT; t++) msum[t] = _mm512_setzero_si512();
+            #pragma GCC unroll 8
+            for (int s = 0; s < 8; s++) {
+                const __m512i m = per16 ? _mm512_mask_blend_epi16(0xaaaaaaaa, q6_k_r16_scale_512(p[i], 2 * s, 1),
+                                                                   _mm512_slli_epi32(q6_k_r16_scale_512(p[i], 2 * s + 1, 1), 16))
+                                        : k_r16_min_pair_512(type, &ks[i], s);
+                for (int t = 0; t < NT; t++)
+                    msum[t] = _mm512_dpwssd_epi32(msum[t], m, _mm512_set1_epi32(load_i32(x[t] + b * Q8K_BLOCK_BYTES + Q8K_SUMS + 4 * s)));
+            }
+            for (int t = 0; t < NT; t++) {
+                const __m512 dx = _mm512_set1_ps(*(const float *)(x[t] + b * Q8K_BLOCK_BYTES + Q8K_D));
+                acc[i + t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i + t]), _mm512_mul_ps(d_isum, dx), acc[i + t]);
+                acc[i + t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[t]), _mm512_mul_ps(dmin, dx), acc[i + t]);
+            }
         }
     }
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);

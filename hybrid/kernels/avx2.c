@@ -273,39 +273,104 @@ r16_dot_256(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb
 }
 
 /* ---- the 256-value types on the R16 layout (kernels.h) ----
- * Per half of 8 rows, token and sub-block: the quants' vpmaddubsw products with 8 broadcast
- * activation quads, summed in int16 as far as they stay exact (Q4_K's nibbles: 8 quads, 8 x 2 x
- * 15 x 127 = 30480; Q5_K's 5-bit values: 4; Q6_K's 6-bit: 2), then one vpmaddwd by the lane's scale as an int16
- * pair, which both widens and scales. IQ4_XS's levels are signed (up to +-127): each quad's
- * products by the sign trick, scaled on their own (no offset, so no mins). The mins as
- * vpmaddwd of (m_s, m_s) by the activation's pair of sums of 16. */
+ * Per sub-block and half of 8 rows: the quants' vpmaddubsw products with 8 broadcast activation
+ * quads, summed in int16 as far as they stay exact (Q4_K's nibbles: 8 quads, 8 x 2 x 15 x 127 =
+ * 30480; Q5_K's 5-bit values: 4; Q6_K's 6-bit: 2), then one vpmaddwd by the lane's scale as an
+ * int16 pair, which both widens and scales. IQ4_XS's levels are signed (up to +-127): each quad's
+ * products by the sign trick, scaled on their own (no offset, so no mins). The mins as vpmaddwd
+ * of a lane's (m_2j, m_2j+1) pair by the activation's sums of sub-blocks 2j and 2j+1.
+ *
+ * What makes it keep up with memory: the two halves inside the quad loop, so that an activation
+ * quad is broadcast once for both (and IQ4_XS's |x| taken once); the scales and mins decoded
+ * once per half into bytes (a byte per sub-block in each lane), so that a sub-block's scale pair
+ * is one vpshufb, where decoding each sub-block's 6 bits from the packed fields cost 6-10. */
 
-/* Sub-block s's scale (min: its min) in the lanes of half h of R16 block p, as int32 (as
- * k_r16_scale_512 on the AVX-512 path, Q6_K's of group s; IQ4_XS: ls - 32, the levels being
- * signed here). */
-static inline __attribute__((always_inline)) __m256i k_r16_scale_256(int type, const uint8_t *p, int h, int s, int min) {
-    const __m256i lo = _mm256_loadu_si256((const __m256i *)(p + (min ? 128 : 64) + 32 * h));
-    const __m256i hi = _mm256_loadu_si256((const __m256i *)(p + 192 + 32 * h));
-    const int r = 8 * (s % 4);
-    if (type == GGML_Q6_K) {
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(p + k_r16_q6_scales_at(s) + 32 * h));
-        const __m256i sc = _mm256_srai_epi32(_mm256_slli_epi32(v, 24 - r), 24);
-        return min ? _mm256_slli_epi32(sc, 5) : sc;
-    }
-    if (type == GGML_IQ4_XS) {
-        const __m256i sh = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + 32 + 16 * h)));
-        __m256i ls = _mm256_and_si256(_mm256_srli_epi32(lo, 4 * s), _mm256_set1_epi32(15));
-        ls = _mm256_or_si256(ls, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(sh, 2 * s), _mm256_set1_epi32(3)), 4));
-        return _mm256_sub_epi32(ls, _mm256_set1_epi32(32));
-    }
-    if (s < 4) return _mm256_and_si256(_mm256_srli_epi32(lo, r), _mm256_set1_epi32(63));
-    return _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(hi, r + 4 * min), _mm256_set1_epi32(15)),
-                           _mm256_and_si256(_mm256_srli_epi32(lo, r + 2), _mm256_set1_epi32(0x30)));
+/* A vpshufb index that gives every dword lane bytes b0..b3 of its own dword (0x80: a zero byte). */
+static inline __attribute__((always_inline)) __m256i in_dword(int b0, int b1, int b2, int b3) {
+    return _mm256_setr_epi8(b0, b1, b2, b3, b0 + 4, b1 + 4, b2 + 4, b3 + 4, b0 + 8, b1 + 8, b2 + 8, b3 + 8,
+                            b0 + 12, b1 + 12, b2 + 12, b3 + 12, b0, b1, b2, b3, b0 + 4, b1 + 4, b2 + 4, b3 + 4,
+                            b0 + 8, b1 + 8, b2 + 8, b3 + 8, b0 + 12, b1 + 12, b2 + 12, b3 + 12);
 }
 
-/* Two int32 per lane -> the int16 pair (a, b): a vpmaddwd operand ((v, v) scales a pair's sum by v). */
-static inline __attribute__((always_inline)) __m256i pair16(__m256i a, __m256i b) {
-    return _mm256_blend_epi16(a, _mm256_slli_epi32(b, 16), 0xaa);
+/* The 8 sub-blocks' scales of half h of block p, a byte each in every lane: Q4_K, Q5_K: scales 0..3
+ * in `lo`, 4..7 in `hi` (get_scale_min_k4 on bytes); IQ4_XS: ls of sub-blocks 0, 2, 4, 6 in `lo`,
+ * 1, 3, 5, 7 in `hi` (its scales_l nibbles with the 2-bit fields of scales_h, spread to bytes by
+ * vpshufb: (a, a, b, b) per lane, a and b the two bytes of scales_h). Q6_K: none (its 16 signed
+ * scales are read per sub-block). */
+typedef struct { __m256i lo, hi; } k_scales_256_t;
+
+static inline __attribute__((always_inline)) k_scales_256_t k_r16_scales_256(int type, const uint8_t *p, int h) {
+    const __m256i d0 = _mm256_loadu_si256((const __m256i *)(p + 64 + 32 * h)), m4 = _mm256_set1_epi8(15);
+    const __m256i b45 = _mm256_set1_epi8(0x30);
+    if (type == GGML_IQ4_XS) {
+        const __m256i sh = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + 32 + 16 * h))),
+                                               _mm256_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7,
+                                                                8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15));
+        const __m256i even = _mm256_set1_epi16(0x30), odd = _mm256_set1_epi16(0x3000);   /* bytes 0, 2 / 1, 3 */
+        const __m256i e = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(sh, 4), even), _mm256_and_si256(sh, odd));
+        const __m256i o = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(sh, 2), even),
+                                          _mm256_and_si256(_mm256_srli_epi16(sh, 2), odd));
+        return (k_scales_256_t){_mm256_or_si256(_mm256_and_si256(d0, m4), e),
+                                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(d0, 4), m4), o)};
+    }
+    if (type == GGML_Q6_K) return (k_scales_256_t){_mm256_setzero_si256(), _mm256_setzero_si256()};
+    const __m256i d2 = _mm256_loadu_si256((const __m256i *)(p + 192 + 32 * h));
+    return (k_scales_256_t){_mm256_and_si256(d0, _mm256_set1_epi8(63)),
+                            _mm256_or_si256(_mm256_and_si256(d2, m4), _mm256_and_si256(_mm256_srli_epi16(d0, 2), b45))};
+}
+
+/* The int16 pair (sc, sc) in every lane of half h, sc the scale of sub-block s (Q6_K: of group s). */
+static inline __attribute__((always_inline)) __m256i k_r16_scale_pair(int type, const uint8_t *p, int h, k_scales_256_t sc,
+                                                                       int s) {
+    if (type == GGML_Q6_K) {                                      /* the signed byte as a high byte, shifted down */
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(p + k_r16_q6_scales_at(s) + 32 * h));
+        return _mm256_srai_epi16(_mm256_shuffle_epi8(v, in_dword(0x80, s % 4, 0x80, s % 4)), 8);
+    }
+    if (type == GGML_IQ4_XS)                                      /* ls - 32, the levels being signed here */
+        return _mm256_sub_epi16(_mm256_shuffle_epi8(s % 2 ? sc.hi : sc.lo, in_dword(s / 2, 0x80, s / 2, 0x80)),
+                                _mm256_set1_epi16(32));
+    return _mm256_shuffle_epi8(s < 4 ? sc.lo : sc.hi, in_dword(s % 4, 0x80, s % 4, 0x80));
+}
+
+/* Sum over the 8 sub-blocks of the lanes' mins times the activation's sums, half h of block p, as
+ * int32 (Q6_K: its offset 32 times the scale of each 16). xs2: the q8_K block's sums of 32 as
+ * int16 pairs (sub-blocks 2j, 2j+1 in dword j). */
+static inline __attribute__((always_inline)) __m256i k_r16_mins(int type, const uint8_t *p, int h, const uint8_t *xb,
+                                                                const int32_t *xs2) {
+    __m256i msum = _mm256_setzero_si256();
+    if (type == GGML_Q6_K) {
+        for (int s = 0; s < 8; s++) {                             /* (32 sc_2s, 32 sc_2s+1): high bytes >> 3 */
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(p + k_r16_q6_scales_at(2 * s) + 32 * h));
+            const __m256i m = _mm256_srai_epi16(_mm256_shuffle_epi8(v, in_dword(0x80, 2 * s % 4, 0x80, 2 * s % 4 + 1)), 3);
+            msum = _mm256_add_epi32(msum, _mm256_madd_epi16(m, bcast_i32(xb + Q8K_SUMS + 4 * s)));
+        }
+        return msum;
+    }
+    const __m256i d1 = _mm256_loadu_si256((const __m256i *)(p + 128 + 32 * h));
+    const __m256i d2 = _mm256_loadu_si256((const __m256i *)(p + 192 + 32 * h));
+    const __m256i m03 = _mm256_and_si256(d1, _mm256_set1_epi8(63));                 /* mins 0..3, 4..7 as bytes */
+    const __m256i m47 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(d2, 4), _mm256_set1_epi8(15)),
+                                        _mm256_and_si256(_mm256_srli_epi16(d1, 2), _mm256_set1_epi8(0x30)));
+    for (int j = 0; j < 4; j++) {
+        const __m256i m = _mm256_shuffle_epi8(j < 2 ? m03 : m47, in_dword(2 * (j % 2), 0x80, 2 * (j % 2) + 1, 0x80));
+        msum = _mm256_add_epi32(msum, _mm256_madd_epi16(m, _mm256_set1_epi32(xs2[j])));
+    }
+    return msum;
+}
+
+/* Quad register k of sub-block s, half h of block p: values 4k..4k+3 of its 8 lanes as bytes (IQ4_XS:
+ * its signed levels). */
+static inline __attribute__((always_inline)) __m256i k_r16_quants(int type, const uint8_t *p, int h, int s, int k) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(p + k_r16_quants_at(type) + 64 * k_r16_quad(type, s, k) + 32 * h));
+    __m256i q = _mm256_and_si256(k_r16_nibble(type, s, k) ? _mm256_srli_epi16(v, 4) : v, m4);
+    if (type == GGML_Q5_K || type == GGML_Q6_K) {                 /* the high bits -> bits 4 (and 5) */
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(p + k_r16_high_at(type, s, k) + 32 * h));
+        const int up = 4 - k_r16_high_bit(type, s);
+        q = _mm256_or_si256(q, _mm256_and_si256(up >= 0 ? _mm256_slli_epi32(qh, up) : _mm256_srli_epi32(qh, -up),
+                                                _mm256_set1_epi8(type == GGML_Q6_K ? 0x30 : 0x10)));
+    }
+    return type == GGML_IQ4_XS ? _mm256_shuffle_epi8(iq4nl_levels_256(), q) : q;
 }
 
 /* nb R16 blocks of a 256-value type at r x NT tokens (1..4) -> res[t * 16 + row], rows in natural order;
@@ -313,67 +378,67 @@ static inline __attribute__((always_inline)) __m256i pair16(__m256i a, __m256i b
 static inline __attribute__((always_inline)) void
 k_r16_dot_256(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb, const uint8_t *const *x, const int NT,
               float *res, const int PAIR) {
-    const size_t sb = R16_ROWS * bb, quants = k_r16_quants_at(type);
+    const size_t sb = R16_ROWS * bb;
     const int iq4 = type == GGML_IQ4_XS, run = type == GGML_Q6_K ? 2 : type == GGML_Q5_K ? 4 : 8;
-    const int high = type == GGML_Q5_K || type == GGML_Q6_K, per16 = type == GGML_Q6_K;   /* per16: scales per 16 */
-    const __m256i m4 = _mm256_set1_epi8(15), levels = iq4nl_levels_256();
-    const __m256i high_bits = _mm256_set1_epi8(type == GGML_Q6_K ? 0x30 : 0x10);
-    __m256 acc[4][2];                                     /* [token][half: lanes 0-7, 8-15] */
+    const int per16 = type == GGML_Q6_K;                          /* scales per 16 values */
+    __m256 acc[4][2];                                             /* [token][half: lanes 0-7, 8-15] */
     for (int t = 0; t < NT * PAIR; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++)
-    for (int i = 0; i < PAIR; i++) {
-        const uint8_t *p = r16_block_at(r, r2, i, b, sb);
-        for (int h = 0; h < 2; h++) {
-            __m256i isum[4];
-            for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
+    for (int64_t b = 0; b < nb; b++) {
+        int32_t xs2[4][4];                                        /* per token: the sums of 32 as int16 pairs */
+        for (int t = 0; t < NT && !iq4 && !per16; t++) {
+            const uint8_t *xb = x[t] + b * Q8K_BLOCK_BYTES;
+            _mm_storeu_si128((__m128i *)xs2[t], _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)(xb + Q8K_SUMS)),
+                                                               _mm_loadu_si128((const __m128i *)(xb + Q8K_SUMS + 16))));
+        }
+        for (int i = 0; i < PAIR; i++) {
+            const uint8_t *p = r16_block_at(r, r2, i, b, sb);
+            const k_scales_256_t scales[2] = {k_r16_scales_256(type, p, 0), k_r16_scales_256(type, p, 1)};
+            __m256i isum[4][2];
+            for (int t = 0; t < NT; t++) isum[t][0] = isum[t][1] = _mm256_setzero_si256();
+            #pragma GCC unroll 8        /* s a constant: quads, nibbles and the scales' vpshufb indices as immediates */
             for (int s = 0; s < 8; s++) {
-                prefetch_part(p, sb, 8 * h + s, 16);
-                __m256i q[8];
+                prefetch_part(p, sb, s, 8);
+                __m256i sc[2][2];                                 /* [half][values 0..15, 16..31]: Q6_K's two */
+                for (int h = 0; h < 2; h++) {
+                    sc[h][0] = k_r16_scale_pair(type, p, h, scales[h], per16 ? 2 * s : s);
+                    sc[h][1] = per16 ? k_r16_scale_pair(type, p, h, scales[h], 2 * s + 1) : sc[h][0];
+                }
+                __m256i s16[4][2];                                /* int16 sums of the current run of quads */
+                for (int t = 0; t < NT; t++) s16[t][0] = s16[t][1] = _mm256_setzero_si256();
                 for (int k = 0; k < 8; k++) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i *)(p + quants + 64 * k_r16_quad(type, s, k) + 32 * h));
-                    q[k] = _mm256_and_si256(k_r16_nibble(type, s, k) ? _mm256_srli_epi16(v, 4) : v, m4);
-                    if (high) {                           /* the high bits -> bits 4 (and 5) */
-                        const __m256i qh = _mm256_loadu_si256((const __m256i *)(p + k_r16_high_at(type, s, k) + 32 * h));
-                        const int up = 4 - k_r16_high_bit(type, s);
-                        q[k] = _mm256_or_si256(q[k], _mm256_and_si256(up >= 0 ? _mm256_slli_epi32(qh, up)
-                                                                              : _mm256_srli_epi32(qh, -up), high_bits));
+                    __m256i xq[4], xa[4];
+                    for (int t = 0; t < NT; t++) {
+                        xq[t] = bcast_i32(x[t] + b * Q8K_BLOCK_BYTES + 32 * s + 4 * k);
+                        if (iq4) xa[t] = _mm256_abs_epi8(xq[t]);
                     }
-                    if (iq4) q[k] = _mm256_shuffle_epi8(levels, q[k]);
-                }
-                __m256i sc[2];                            /* of values 0..15 and 16..31: Q6_K's two, else one twice */
-                for (int g = 0; g < 2; g++) {
-                    const __m256i v = k_r16_scale_256(type, p, h, per16 ? 2 * s + g : s, 0);
-                    sc[g] = pair16(v, v);
-                }
-                for (int t = 0; t < NT; t++) {
-                    const uint8_t *xs = x[t] + b * Q8K_BLOCK_BYTES + 32 * s;
-                    for (int k0 = 0; k0 < 8; k0 += iq4 ? 1 : run) {
-                        __m256i s16 = _mm256_setzero_si256();
-                        for (int k = k0; k < (iq4 ? k0 + 1 : k0 + run); k++) {
-                            const __m256i xq = bcast_i32(xs + 4 * k);
-                            s16 = _mm256_add_epi16(s16, iq4 ? _mm256_maddubs_epi16(_mm256_abs_epi8(q[k]), _mm256_sign_epi8(xq, q[k]))
-                                                            : _mm256_maddubs_epi16(q[k], xq));
+                    for (int h = 0; h < 2; h++) {
+                        const __m256i q = k_r16_quants(type, p, h, s, k);
+                        for (int t = 0; t < NT; t++) {
+                            if (iq4) {                            /* |x| times the level with x's sign */
+                                const __m256i p16 = _mm256_maddubs_epi16(xa[t], _mm256_sign_epi8(q, xq[t]));
+                                isum[t][h] = _mm256_add_epi32(isum[t][h], _mm256_madd_epi16(p16, sc[h][0]));
+                            } else {
+                                const __m256i p16 = _mm256_maddubs_epi16(q, xq[t]);
+                                s16[t][h] = _mm256_add_epi16(k % run ? s16[t][h] : _mm256_setzero_si256(), p16);
+                            }
                         }
-                        isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(s16, sc[k0 / 4]));
                     }
+                    if (!iq4 && k % run == run - 1)
+                        for (int t = 0; t < NT; t++)
+                            for (int h = 0; h < 2; h++)
+                                isum[t][h] = _mm256_add_epi32(isum[t][h], _mm256_madd_epi16(s16[t][h], sc[h][k / 4]));
                 }
             }
-            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
-            const __m256 dmin = type == GGML_Q6_K ? d : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 32 + 16 * h)));
-            __m256i mins[8];                              /* the int16 pairs of sub-block s's mins, once for the tokens */
-            for (int s = 0; s < 8 && !iq4; s++) {
-                const __m256i m0 = k_r16_scale_256(type, p, h, per16 ? 2 * s : s, 1);
-                mins[s] = pair16(m0, per16 ? k_r16_scale_256(type, p, h, 2 * s + 1, 1) : m0);
-            }
-            for (int t = 0; t < NT; t++) {
-                const uint8_t *xb = x[t] + b * Q8K_BLOCK_BYTES;
-                const __m256 dx = _mm256_broadcast_ss((const float *)(xb + Q8K_D));
-                acc[i + t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(d, dx), acc[i + t][h]);
-                if (!iq4) {                               /* - dmin sum_g m_g sum(x of g) */
-                    __m256i msum = _mm256_setzero_si256();
-                    for (int s = 0; s < 8; s++)
-                        msum = _mm256_add_epi32(msum, _mm256_madd_epi16(mins[s], bcast_i32(xb + Q8K_SUMS + 4 * s)));
-                    acc[i + t][h] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, dx), acc[i + t][h]);
+            for (int h = 0; h < 2; h++) {
+                const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
+                const __m256 dmin = per16 ? d : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 32 + 16 * h)));
+                for (int t = 0; t < NT; t++) {
+                    const uint8_t *xb = x[t] + b * Q8K_BLOCK_BYTES;
+                    const __m256 dx = _mm256_broadcast_ss((const float *)(xb + Q8K_D));
+                    acc[i + t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t][h]), _mm256_mul_ps(d, dx), acc[i + t][h]);
+                    if (!iq4)                                     /* - dmin sum_g m_g sum(x of g) */
+                        acc[i + t][h] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(k_r16_mins(type, p, h, xb, xs2[t])),
+                                                         _mm256_mul_ps(dmin, dx), acc[i + t][h]);
                 }
             }
         }

@@ -170,20 +170,29 @@ int64_t int8_macs_avx2(int64_t n) {
  * activation quantiser clamps to +-127), 8 * 3810 < 32767; 2 * 31 * 127 = 7874 for Q5, so
  * 4 quads (31496). Their offset enters as a multiple of sum(x) (kernels.h). Weights that
  * are signed bytes (Q8_0's, stored + 128 and flipped back once per block; IQ4_NL's levels,
- * up to +-127) would saturate as unsigned ones: they are kept in `ws` and multiplied by the
- * sign trick of the row kernel, each quad widened on its own. */
+ * up to +-127) would saturate as unsigned ones: they are multiplied by a sign trick, each
+ * quad widened on its own. */
 static inline __attribute__((always_inline)) __m256i bcast_i32(const uint8_t *p) {
     int32_t v;
     memcpy(&v, p, 4);
     return _mm256_set1_epi32(v);
 }
 
-/* 32 mask bits -> 32 bytes, byte j 16 where bit j is set, else 0 (the Q5 types' fifth bits). */
-static inline __attribute__((always_inline)) __m256i fifth_bits_32(uint32_t m) {
-    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+static inline __attribute__((always_inline)) __m256i bcast_i64(const uint8_t *p) {
+    long long v;
+    memcpy(&v, p, 8);
+    return _mm256_set1_epi64x(v);
+}
+
+/* R16 mask k (both halves' 64 bits, broadcast) -> half h's 32 bytes, byte j 16 where bit 32h + j is
+ * set, else 0 (the Q5 types' fifth bits). */
+static inline __attribute__((always_inline)) __m256i fifth_bits_half(__m256i mask, int h) {
+    const int b = 4 * h;
+    const __m256i spread = _mm256_setr_epi8(b, b, b, b, b, b, b, b, b + 1, b + 1, b + 1, b + 1, b + 1, b + 1, b + 1, b + 1,
+                                            b + 2, b + 2, b + 2, b + 2, b + 2, b + 2, b + 2, b + 2,
+                                            b + 3, b + 3, b + 3, b + 3, b + 3, b + 3, b + 3, b + 3);
     const __m256i bit = _mm256_set1_epi64x(0x8040201008040201);
-    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m), spread);
+    const __m256i v = _mm256_shuffle_epi8(mask, spread);
     return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit), _mm256_set1_epi8(16));
 }
 
@@ -197,20 +206,33 @@ static inline __attribute__((always_inline)) void r16_store_lanes_256(__m256 acc
     }
 }
 
+/* Quad register k of half h of R16 block p (a 32-value type): values 4k..4k+3 of its 8 lanes as
+ * bytes (Q8_0's and IQ4_NL's signed). mask: R16 mask k, broadcast (the 5-bit types). */
+static inline __attribute__((always_inline)) __m256i r16_quants(int type, const uint8_t *p, int h, int k, __m256i mask) {
+    const r16_form_t form = r16_form(type);
+    if (type == GGML_Q8_0)
+        return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + r16_quant_at(form, 0, 4 * k) + 32 * h)),
+                                _mm256_set1_epi8((char)0x80));
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(p + r16_quant_at(form, 0, 4 * (k % 4)) + 32 * h));
+    __m256i q = _mm256_and_si256(k < 4 ? v : _mm256_srli_epi16(v, 4), _mm256_set1_epi8(15));
+    if (form.masks) q = _mm256_or_si256(q, fifth_bits_half(mask, h));
+    return type == GGML_IQ4_NL ? _mm256_shuffle_epi8(iq4nl_levels_256(), q) : q;
+}
+
 /* nb R16 blocks at r x NT tokens (1..4) -> res[t * 16 + row], rows in natural order; with PAIR (2,
  * NT 1) the blocks at r2 too, block by block in turn, -> res[16 + row]. The type, NT and PAIR
- * constants after inlining. */
+ * constants after inlining. The two halves inside the quad loop: an activation quad is broadcast
+ * once for both (and IQ4_NL's |x| taken once: |x| times the level with x's sign, the level
+ * being at least -127; Q8_0's bytes can be -128, so |w| times x with w's sign), a mask once. */
 static inline __attribute__((always_inline)) void
 r16_dot_256(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb, const uint8_t *const *x, const int NT,
             float *res, const int PAIR) {
     const size_t sb = R16_ROWS * bb;
-    const int q5 = type == GGML_Q5_0 || type == GGML_Q5_1, q5_1 = type == GGML_Q5_1, iq4 = type == GGML_IQ4_NL;
-    const int nibbles = type != GGML_Q8_0, is_signed = !nibbles || iq4;
-    const r16_form_t form = r16_form(type);
-    const size_t masks = r16_masks_at(form), quads = r16_quant_at(form, 0, 0);
+    const int q5 = type == GGML_Q5_0 || type == GGML_Q5_1, q5_1 = type == GGML_Q5_1;
+    const int iq4 = type == GGML_IQ4_NL, q8 = type == GGML_Q8_0;
+    const size_t masks = r16_masks_at(r16_form(type));
     const int run = q5 ? 4 : 8;                          /* unsigned quads summed in int16 */
-    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
-    const __m256i levels = iq4nl_levels_256();
+    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4][2];                                     /* [token][half: lanes 0-7, 8-15] */
     for (int t = 0; t < NT * PAIR; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++)
@@ -218,51 +240,41 @@ r16_dot_256(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb
         const uint8_t *p = r16_block_at(r, r2, i, b, sb);
         prefetch_ahead(p, sb);
         const size_t xo = (size_t)(b / GROUP_BLOCKS) * GROUP_BYTES + (size_t)(b % GROUP_BLOCKS) * 16;
+        __m256i isum[4][2], s16[4][2];
+        for (int t = 0; t < NT; t++) isum[t][0] = isum[t][1] = s16[t][0] = s16[t][1] = _mm256_setzero_si256();
+        #pragma GCC unroll 8        /* k a constant: the nibble, the run's ends, the masks' offsets */
+        for (int k = 0; k < 8; k++) {
+            __m256i xq[4], xa[4];
+            for (int t = 0; t < NT; t++) {
+                xq[t] = bcast_i32(x[t] + xo + 64 * (k / 4) + 4 * (k % 4));
+                if (iq4) xa[t] = _mm256_abs_epi8(xq[t]);
+            }
+            const __m256i mask = q5 ? bcast_i64(p + masks + 8 * k) : _mm256_setzero_si256();
+            for (int h = 0; h < 2; h++) {
+                const __m256i q = r16_quants(type, p, h, k, mask);
+                for (int t = 0; t < NT; t++) {
+                    if (iq4 || q8) {
+                        const __m256i p16 = iq4 ? _mm256_maddubs_epi16(xa[t], _mm256_sign_epi8(q, xq[t]))
+                                                : _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(xq[t], q));
+                        isum[t][h] = _mm256_add_epi32(isum[t][h], _mm256_madd_epi16(p16, ones));
+                    } else {
+                        s16[t][h] = _mm256_add_epi16(k % run ? s16[t][h] : _mm256_setzero_si256(),
+                                                     _mm256_maddubs_epi16(q, xq[t]));
+                        if (k % run == run - 1) isum[t][h] = _mm256_add_epi32(isum[t][h], _mm256_madd_epi16(s16[t][h], ones));
+                    }
+                }
+            }
+        }
         for (int h = 0; h < 2; h++) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
             const __m256 dm = q5_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 32 + 16 * h)))
                                    : _mm256_setzero_ps();
-            __m256i q[8];
-            int8_t ws[8][32] __attribute__((aligned(32)));
-            if (nibbles) {
-                for (int k = 0; k < 4; k++) {
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(p + quads + 64 * k + 32 * h));
-                    q[k] = _mm256_and_si256(v, m4);
-                    q[k + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                }
-            } else {
-                for (int k = 0; k < 8; k++)
-                    q[k] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + quads + 64 * k + 32 * h)), flip);
-            }
-            if (q5)                                       /* mask k's bits 32h..32h+31: this half's bytes */
-                for (int k = 0; k < 8; k++) q[k] = _mm256_or_si256(q[k], fifth_bits_32(load_u32(p + masks + 8 * k + 4 * h)));
-            if (iq4)
-                for (int k = 0; k < 8; k++) q[k] = _mm256_shuffle_epi8(levels, q[k]);
-            if (is_signed)
-                for (int k = 0; k < 8; k++) {
-                    _mm256_store_si256((__m256i *)ws[k], q[k]);
-                    q[k] = _mm256_abs_epi8(q[k]);
-                }
             for (int t = 0; t < NT; t++) {
                 const uint8_t *g = x[t] + xo;
-                __m256i s = _mm256_setzero_si256();
-                if (is_signed) {
-                    for (int k = 0; k < 8; k++) {
-                        __m256i xs = _mm256_sign_epi8(bcast_i32(g + 64 * (k / 4) + 4 * (k % 4)),
-                                                      _mm256_load_si256((const __m256i *)ws[k]));
-                        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(q[k], xs), ones));
-                    }
-                } else {
-                    for (int k0 = 0; k0 < 8; k0 += run) {
-                        __m256i s16 = _mm256_maddubs_epi16(q[k0], bcast_i32(g + 64 * (k0 / 4)));
-                        for (int k = k0 + 1; k < k0 + run; k++)
-                            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(q[k], bcast_i32(g + 64 * (k / 4) + 4 * (k % 4))));
-                        s = _mm256_add_epi32(s, _mm256_madd_epi16(s16, ones));
-                    }
-                    if (type == GGML_Q4_0) s = _mm256_add_epi32(s, bcast_i32(g + 192));             /* -8 * sum(x) */
-                    if (q5 && !q5_1) s = _mm256_add_epi32(s, _mm256_slli_epi32(bcast_i32(g + 192), 1));
-                }
-                __m256 d = _mm256_mul_ps(dw, _mm256_broadcast_ss((const float *)(g + 128)));
+                __m256i s = isum[t][h];
+                if (type == GGML_Q4_0) s = _mm256_add_epi32(s, bcast_i32(g + 192));             /* -8 * sum(x) */
+                if (q5 && !q5_1) s = _mm256_add_epi32(s, _mm256_slli_epi32(bcast_i32(g + 192), 1));
+                const __m256 d = _mm256_mul_ps(dw, _mm256_broadcast_ss((const float *)(g + 128)));
                 acc[i + t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[i + t][h]);
                 if (q5_1)                                 /* m * d_x * sum(x) */
                     acc[i + t][h] = _mm256_fmadd_ps(dm, _mm256_broadcast_ss((const float *)(g + 200)), acc[i + t][h]);

@@ -173,9 +173,7 @@ int64_t int8_macs_avx2(int64_t n) {
  * up to +-127) would saturate as unsigned ones: they are multiplied by a sign trick, each
  * quad widened on its own. */
 static inline __attribute__((always_inline)) __m256i bcast_i32(const uint8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return _mm256_set1_epi32(v);
+    return _mm256_castps_si256(_mm256_broadcast_ss((const float *)p));   /* a load (set1 of an int: a GPR, vmovd, vpbroadcastd) */
 }
 
 static inline __attribute__((always_inline)) __m256i bcast_i64(const uint8_t *p) {
@@ -410,6 +408,7 @@ k_r16_dot_256(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t 
             #pragma GCC unroll 8        /* s a constant: quads, nibbles and the scales' vpshufb indices as immediates */
             for (int s = 0; s < 8; s++) {
                 prefetch_part(p, sb, s, 8);
+                __asm__ volatile("");     /* (a scheduling barrier: GCC would issue all parts at the block's start) */
                 __m256i sc[2][2];                                 /* [half][values 0..15, 16..31]: Q6_K's two */
                 for (int h = 0; h < 2; h++) {
                     sc[h][0] = k_r16_scale_pair(type, p, h, scales[h], per16 ? 2 * s : s);

@@ -400,59 +400,67 @@ k_r16_dot_256(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t 
             _mm_storeu_si128((__m128i *)xs2[t], _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)(xb + Q8K_SUMS)),
                                                                _mm_loadu_si128((const __m128i *)(xb + Q8K_SUMS + 16))));
         }
+        const uint8_t *pb[2];                                     /* the pair's blocks: their quads meet the same x */
+        k_scales_256_t scales[2][2];
+        __m256i isum[4][2];                                       /* [pair block + token][half] */
         for (int i = 0; i < PAIR; i++) {
-            const uint8_t *p = r16_block_at(r, r2, i, b, sb);
-            const k_scales_256_t scales[2] = {k_r16_scales_256(type, p, 0), k_r16_scales_256(type, p, 1)};
-            __m256i isum[4][2];
-            for (int t = 0; t < NT; t++) isum[t][0] = isum[t][1] = _mm256_setzero_si256();
-            #pragma GCC unroll 8        /* s a constant: quads, nibbles and the scales' vpshufb indices as immediates */
-            for (int s = 0; s < 8; s++) {
-                prefetch_part(p, sb, s, 8);
-                __asm__ volatile("");     /* (a scheduling barrier: GCC would issue all parts at the block's start) */
-                __m256i sc[2][2];                                 /* [half][values 0..15, 16..31]: Q6_K's two */
+            pb[i] = r16_block_at(r, r2, i, b, sb);
+            for (int h = 0; h < 2; h++) scales[i][h] = k_r16_scales_256(type, pb[i], h);
+        }
+        for (int u = 0; u < NT * PAIR; u++) isum[u][0] = isum[u][1] = _mm256_setzero_si256();
+        #pragma GCC unroll 8            /* s a constant: quads, nibbles and the scales' vpshufb indices as immediates */
+        for (int s = 0; s < 8; s++) {
+            for (int i = 0; i < PAIR; i++) prefetch_part(pb[i], sb, s, 8);
+            __asm__ volatile("");         /* (a scheduling barrier: GCC would issue all parts at the block's start) */
+            __m256i sc[2][2][2];                                  /* [block][half][values 0..15, 16..31]: Q6_K's two */
+            for (int i = 0; i < PAIR; i++)
                 for (int h = 0; h < 2; h++) {
-                    sc[h][0] = k_r16_scale_pair(type, p, h, scales[h], per16 ? 2 * s : s);
-                    sc[h][1] = per16 ? k_r16_scale_pair(type, p, h, scales[h], 2 * s + 1) : sc[h][0];
+                    sc[i][h][0] = k_r16_scale_pair(type, pb[i], h, scales[i][h], per16 ? 2 * s : s);
+                    sc[i][h][1] = per16 ? k_r16_scale_pair(type, pb[i], h, scales[i][h], 2 * s + 1) : sc[i][h][0];
                 }
-                __m256i s16[4][2];                                /* int16 sums of the current run of quads */
-                for (int t = 0; t < NT; t++) s16[t][0] = s16[t][1] = _mm256_setzero_si256();
-                for (int k = 0; k < 8; k++) {
-                    __m256i xq[4], xa[4];
-                    for (int t = 0; t < NT; t++) {
-                        xq[t] = bcast_i32(x[t] + b * Q8K_BLOCK_BYTES + 32 * s + 4 * k);
-                        if (iq4) xa[t] = _mm256_abs_epi8(xq[t]);
-                    }
+            __m256i s16[4][2];                                    /* int16 sums of the current run of quads */
+            for (int u = 0; u < NT * PAIR; u++) s16[u][0] = s16[u][1] = _mm256_setzero_si256();
+            for (int k = 0; k < 8; k++) {
+                __m256i xq[4], xa[4];
+                for (int t = 0; t < NT; t++) {
+                    xq[t] = bcast_i32(x[t] + b * Q8K_BLOCK_BYTES + 32 * s + 4 * k);
+                    if (iq4) xa[t] = _mm256_abs_epi8(xq[t]);
+                }
+                for (int i = 0; i < PAIR; i++)
                     for (int h = 0; h < 2; h++) {
-                        const __m256i q = k_r16_quants(type, p, h, s, k);
+                        const __m256i q = k_r16_quants(type, pb[i], h, s, k);
                         for (int t = 0; t < NT; t++) {
                             if (iq4) {                            /* |x| times the level with x's sign */
                                 const __m256i p16 = _mm256_maddubs_epi16(xa[t], _mm256_sign_epi8(q, xq[t]));
-                                isum[t][h] = _mm256_add_epi32(isum[t][h], _mm256_madd_epi16(p16, sc[h][0]));
+                                isum[i + t][h] = _mm256_add_epi32(isum[i + t][h], _mm256_madd_epi16(p16, sc[i][h][0]));
                             } else {
                                 const __m256i p16 = _mm256_maddubs_epi16(q, xq[t]);
-                                s16[t][h] = _mm256_add_epi16(k % run ? s16[t][h] : _mm256_setzero_si256(), p16);
+                                s16[i + t][h] = _mm256_add_epi16(k % run ? s16[i + t][h] : _mm256_setzero_si256(), p16);
                             }
                         }
                     }
-                    if (!iq4 && k % run == run - 1)
+                if (!iq4 && k % run == run - 1)
+                    for (int i = 0; i < PAIR; i++)
                         for (int t = 0; t < NT; t++)
                             for (int h = 0; h < 2; h++)
-                                isum[t][h] = _mm256_add_epi32(isum[t][h], _mm256_madd_epi16(s16[t][h], sc[h][k / 4]));
-                }
+                                isum[i + t][h] = _mm256_add_epi32(isum[i + t][h],
+                                                                  _mm256_madd_epi16(s16[i + t][h], sc[i][h][k / 4]));
             }
+        }
+        for (int i = 0; i < PAIR; i++)
             for (int h = 0; h < 2; h++) {
+                const uint8_t *p = pb[i];
                 const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
                 const __m256 dmin = per16 ? d : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 32 + 16 * h)));
                 for (int t = 0; t < NT; t++) {
                     const uint8_t *xb = x[t] + b * Q8K_BLOCK_BYTES;
                     const __m256 dx = _mm256_broadcast_ss((const float *)(xb + Q8K_D));
-                    acc[i + t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t][h]), _mm256_mul_ps(d, dx), acc[i + t][h]);
+                    acc[i + t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i + t][h]), _mm256_mul_ps(d, dx), acc[i + t][h]);
                     if (!iq4)                                     /* - dmin sum_g m_g sum(x of g) */
                         acc[i + t][h] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(k_r16_mins(type, p, h, xb, xs2[t])),
                                                          _mm256_mul_ps(dmin, dx), acc[i + t][h]);
                 }
             }
-        }
     }
     r16_store_lanes_256(acc, NT * PAIR, res);
 }

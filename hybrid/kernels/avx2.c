@@ -233,13 +233,15 @@ r16_dot_256(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4][2];                                     /* [token][half: lanes 0-7, 8-15] */
     for (int t = 0; t < NT * PAIR; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++)
-    for (int i = 0; i < PAIR; i++) {
-        const uint8_t *p = r16_block_at(r, r2, i, b, sb);
-        prefetch_ahead(p, sb);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *pb[2];                             /* the pair's blocks: their quads meet the same x */
+        for (int i = 0; i < PAIR; i++) {
+            pb[i] = r16_block_at(r, r2, i, b, sb);
+            prefetch_ahead(pb[i], sb);
+        }
         const size_t xo = (size_t)(b / GROUP_BLOCKS) * GROUP_BYTES + (size_t)(b % GROUP_BLOCKS) * 16;
-        __m256i isum[4][2], s16[4][2];
-        for (int t = 0; t < NT; t++) isum[t][0] = isum[t][1] = s16[t][0] = s16[t][1] = _mm256_setzero_si256();
+        __m256i isum[4][2], s16[4][2];                    /* [pair block + token][half] */
+        for (int u = 0; u < NT * PAIR; u++) isum[u][0] = isum[u][1] = s16[u][0] = s16[u][1] = _mm256_setzero_si256();
         #pragma GCC unroll 8        /* k a constant: the nibble, the run's ends, the masks' offsets */
         for (int k = 0; k < 8; k++) {
             __m256i xq[4], xa[4];
@@ -247,29 +249,33 @@ r16_dot_256(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb
                 xq[t] = bcast_i32(x[t] + xo + 64 * (k / 4) + 4 * (k % 4));
                 if (iq4) xa[t] = _mm256_abs_epi8(xq[t]);
             }
-            const __m256i mask = q5 ? bcast_i64(p + masks + 8 * k) : _mm256_setzero_si256();
-            for (int h = 0; h < 2; h++) {
-                const __m256i q = r16_quants(type, p, h, k, mask);
-                for (int t = 0; t < NT; t++) {
-                    if (iq4 || q8) {
-                        const __m256i p16 = iq4 ? _mm256_maddubs_epi16(xa[t], _mm256_sign_epi8(q, xq[t]))
-                                                : _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(xq[t], q));
-                        isum[t][h] = _mm256_add_epi32(isum[t][h], _mm256_madd_epi16(p16, ones));
-                    } else {
-                        s16[t][h] = _mm256_add_epi16(k % run ? s16[t][h] : _mm256_setzero_si256(),
-                                                     _mm256_maddubs_epi16(q, xq[t]));
-                        if (k % run == run - 1) isum[t][h] = _mm256_add_epi32(isum[t][h], _mm256_madd_epi16(s16[t][h], ones));
+            for (int i = 0; i < PAIR; i++) {
+                const __m256i mask = q5 ? bcast_i64(pb[i] + masks + 8 * k) : _mm256_setzero_si256();
+                for (int h = 0; h < 2; h++) {
+                    const __m256i q = r16_quants(type, pb[i], h, k, mask);
+                    for (int t = 0; t < NT; t++) {
+                        __m256i *is = &isum[i + t][h], *s = &s16[i + t][h];
+                        if (iq4 || q8) {
+                            const __m256i p16 = iq4 ? _mm256_maddubs_epi16(xa[t], _mm256_sign_epi8(q, xq[t]))
+                                                    : _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(xq[t], q));
+                            *is = _mm256_add_epi32(*is, _mm256_madd_epi16(p16, ones));
+                        } else {
+                            *s = _mm256_add_epi16(k % run ? *s : _mm256_setzero_si256(), _mm256_maddubs_epi16(q, xq[t]));
+                            if (k % run == run - 1) *is = _mm256_add_epi32(*is, _mm256_madd_epi16(*s, ones));
+                        }
                     }
                 }
             }
         }
+        for (int i = 0; i < PAIR; i++)
         for (int h = 0; h < 2; h++) {
+            const uint8_t *p = pb[i];
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
             const __m256 dm = q5_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 32 + 16 * h)))
                                    : _mm256_setzero_ps();
             for (int t = 0; t < NT; t++) {
                 const uint8_t *g = x[t] + xo;
-                __m256i s = isum[t][h];
+                __m256i s = isum[i + t][h];
                 if (type == GGML_Q4_0) s = _mm256_add_epi32(s, bcast_i32(g + 192));             /* -8 * sum(x) */
                 if (q5 && !q5_1) s = _mm256_add_epi32(s, _mm256_slli_epi32(bcast_i32(g + 192), 1));
                 const __m256 d = _mm256_mul_ps(dw, _mm256_broadcast_ss((const float *)(g + 128)));

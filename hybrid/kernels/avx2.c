@@ -479,11 +479,12 @@ r16_dot_tile(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t n
     else r16_dot_256(type, bb, r, r2, nb, x, NT, res, PAIR);
 }
 
-/* Tiles of 4 tokens: the unpacked weights of a half (spilled to the stack where they do not fit
- * in registers beside 8 accumulators) serve 4 tokens; each type's kernel specialised for it.
- * Against token pairs (and, for Q4_0 and Q8_0, their former shared kernel of a run-time type),
- * in cache, 1 thread, this Xeon: 4 and 8 tokens 20-28 % faster (IQ4_NL 10 %), 1 token Q8_0
- * 25 % faster, the others 2-5 % slower. */
+/* Tiles of 4 tokens: each quad register, once unpacked, serves 4 tokens; each type's kernel
+ * specialised for it. Against token pairs (and, for Q4_0 and Q8_0, their former shared kernel
+ * of a run-time type), in cache, 1 thread, this Xeon: 4 and 8 tokens 20-28 % faster (IQ4_NL
+ * 10 %), 1 token Q8_0 25 % faster, the others 2-5 % slower (measured when a tile unpacked a
+ * half's 8 quad registers before its tokens; with both halves inside the quad loop, 4 tokens'
+ * int16 sums of both halves outgrow the registers: Q4_0 4 tokens ~12 % slower than that). */
 static inline __attribute__((always_inline)) void
 r16_dot(int type, size_t bb, const uint8_t *r, int64_t nb, const uint8_t *const *x, int nt, float *res) {
     for (int t = 0; t < nt; t += 4) {

@@ -420,6 +420,7 @@ k_r16_dot_512(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t 
         #pragma GCC unroll 8        /* s a constant: quads, nibbles and scale patterns as immediates */
         for (int s = 0; s < 8; s++) {
             for (int i = 0; i < PAIR; i++) prefetch_part(p[i], sb, s, 8);
+            __asm__ volatile("");         /* (a scheduling barrier: GCC would gather the parts at a block's start) */
             __m512i dot[R16_TILE];                        /* [i + t] */
             for (int t = 0; t < NT * PAIR; t++) dot[t] = _mm512_setzero_si512();
             #pragma GCC unroll 8

@@ -171,9 +171,11 @@ def _notes(r: TestReport) -> tuple:
             notes.append("  above the peak: the peak was measured at another time, when the memory system gave "
                          "less, or given too low (see `peak bandwidth`); `hyprof membw --refresh` measures it again")
     lower = r.whatif_lower_bound
+    bound = ("no hardware bound (it needs the peak of the backends that read most bytes)" if w["bound"] is None
+             else f"{_at_least('bound' in lower, _f(w['bound'], 1))} t/s hardware bound")
     notes.append(f"what-if: {_f(w['no_overhead'], 1)} t/s with the overhead removed, "
                  f"{_at_least('cpu_expert_at_peak' in lower, _f(w['cpu_expert_at_peak'], 1))} t/s with the CPU "
-                 f"experts at peak bandwidth, {_at_least('bound' in lower, _f(w['bound'], 1))} t/s hardware bound")
+                 f"experts at peak bandwidth, {bound}")
     notes += _offload_notes(r)
     for c, under, ns in r.hidden:
         notes.append(f"hidden overlap: {c} {_f(ns / 1e9, 3)} s ran under {under}")

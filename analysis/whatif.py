@@ -14,7 +14,9 @@ same statistic and agree when nothing is projected away:
 - cpu_expert_at_peak: its CPU expert time replaced by its expert bytes read at the peak bandwidth.
 - bound: every backend reads its bytes of the repetition at its peak, one after the other (a
   token's CPU experts wait on the GPU's attention and back); backends without a known peak
-  count as free, so this is an upper limit.
+  count as free, so this is an upper limit. None where those read more of the repetition's
+  bytes than the backends with a peak (an emulated accelerator that op offload gave a prompt's
+  experts): a bound on a sliver of the work would bound nothing.
 Rates are None where a peak is unknown, or there are no tokens, or a repetition is projected
 to no time at all; cpu_expert_at_peak also where CPU experts ran without saying what they read
 (an imported log without its model file).
@@ -42,7 +44,9 @@ def whatif_tps(n_tokens: np.ndarray, categories_ns: dict, cpu_expert_bytes: np.n
     expert_ns = categories_ns["cpu_expert_matmul"]
     if cpu_peak_GBps and not ((expert_ns > 0) & (cpu_expert_bytes <= 0)).any():     # bytes / (GB/s) is ns
         at_peak = _rate(n_tokens, wall - expert_ns + cpu_expert_bytes / cpu_peak_GBps)
-    bound_ns = sum((backend_bytes[b] / backend_peak_GBps[b] for b in backend_bytes if backend_peak_GBps.get(b)),
-                   np.zeros(len(n_tokens)))
-    return {"no_overhead": _rate(n_tokens, compute), "cpu_expert_at_peak": at_peak,
-            "bound": _rate(n_tokens, bound_ns)}
+    zeros = np.zeros(len(n_tokens))
+    known = [b for b in backend_bytes if backend_peak_GBps.get(b)]
+    bound_ns = sum((backend_bytes[b] / backend_peak_GBps[b] for b in known), zeros)
+    unknown_bytes = sum((backend_bytes[b] for b in backend_bytes if b not in known), zeros)
+    bound = None if (unknown_bytes > sum((backend_bytes[b] for b in known), zeros)).any() else _rate(n_tokens, bound_ns)
+    return {"no_overhead": _rate(n_tokens, compute), "cpu_expert_at_peak": at_peak, "bound": bound}

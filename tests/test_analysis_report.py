@@ -160,6 +160,10 @@ def test_whatif_formulas():
     assert w["no_overhead"] == pytest.approx(100 / 8)
     assert w["cpu_expert_at_peak"] == pytest.approx(100 / (10 - 6 + 2))
     assert w["bound"] == pytest.approx(100 / (2 + 0.1))
+    offloaded = whatif_tps(np.array([100]), cats, cpu_expert_bytes=np.array([0]), cpu_peak_GBps=50.0,
+                           backend_bytes={"CPU": np.array([10**3]), "ACC0": np.array([10**11])},
+                           backend_peak_GBps={"CPU": 50.0})
+    assert offloaded["bound"] is None, "a bound on the CPU's 1 kB of 100 GB"
 
 
 def test_whatif_projects_each_repetition_then_takes_the_mean_rate():

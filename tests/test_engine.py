@@ -283,7 +283,8 @@ def test_ctrl_c_stops_workers_cleanly(tiny_gguf, poll):
     """SIGINT in the middle of a long hybrid run: the process exits promptly, its
     workers and device thread stopped."""
     script = textwrap.dedent(f"""
-        import sys
+        import signal, sys
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # (see python_sigint in test_pool.py)
         from hybrid.backends import cpu
         from hybrid.engine import Engine
         cpu.MIN_SPLIT_BYTES = cpu.MIN_SPLIT_FLOPS = 0      # as the conftest fixture: use the workers

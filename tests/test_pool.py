@@ -190,7 +190,17 @@ def test_close_joins_the_workers_whose_signals_are_blocked(spin):
         p.run_tasks([])
 
 
-def test_close_after_ctrl_c_in_a_task():
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt), whatever the run inherited: a test run that a
+    non-interactive shell started in the background inherits SIGINT ignored, and Python then
+    installs no handler, so Ctrl-C would raise nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_close_after_ctrl_c_in_a_task(python_sigint):
     """Ctrl-C lands in the main thread's own task: the others stop taking tasks, the
     KeyboardInterrupt comes out of run_tasks after the join, and close() still joins."""
     before = _threads()

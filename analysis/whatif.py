@@ -47,6 +47,7 @@ def whatif_tps(n_tokens: np.ndarray, categories_ns: dict, cpu_expert_bytes: np.n
     zeros = np.zeros(len(n_tokens))
     known = [b for b in backend_bytes if backend_peak_GBps.get(b)]
     bound_ns = sum((backend_bytes[b] / backend_peak_GBps[b] for b in known), zeros)
+    known_bytes = sum((backend_bytes[b] for b in known), zeros)
     unknown_bytes = sum((backend_bytes[b] for b in backend_bytes if b not in known), zeros)
-    bound = None if (unknown_bytes > sum((backend_bytes[b] for b in known), zeros)).any() else _rate(n_tokens, bound_ns)
+    bound = None if (unknown_bytes > known_bytes).any() else _rate(n_tokens, bound_ns)
     return {"no_overhead": _rate(n_tokens, compute), "cpu_expert_at_peak": at_peak, "bound": bound}

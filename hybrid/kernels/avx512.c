@@ -317,11 +317,11 @@ r16_dot_512(int type, size_t bb, const uint8_t *r, const uint8_t *r2, int64_t nb
  * nibbles are taken in place (v & 0xf0, 16 times the value) and the low nibbles' scales times 16
  * to match (2 x 4 x 16 x 63 x 32 x 15 x 127 < 2^31), d over 16 at the block's end. */
 
-/* A vpshufb pattern that takes, in each 32-bit lane, the lane's byte j where `pattern` (for lane 0)
- * names byte j, and 0 where it has 0x80 (bit 7 stays set in every lane's copy). */
-static inline __attribute__((always_inline)) __m512i lane_bytes_512(uint32_t pattern) {
-    const uint32_t next = 0x04040404;
-    return _mm512_set4_epi32((int)(pattern + 3 * next), (int)(pattern + 2 * next), (int)(pattern + next), (int)pattern);
+/* A vpshufb index that gives every dword lane bytes b0..b3 of its own dword (0x80: a zero byte), as
+ * in_dword on the AVX2 path. */
+static inline __attribute__((always_inline)) __m512i in_dword_512(int b0, int b1, int b2, int b3) {
+    const uint32_t d = (uint32_t)b0 | (uint32_t)b1 << 8 | (uint32_t)b2 << 16 | (uint32_t)b3 << 24, next = 0x04040404;
+    return _mm512_set4_epi32((int)(d + 3 * next), (int)(d + 2 * next), (int)(d + next), (int)d);   /* (no byte carries) */
 }
 
 /* Sub-block s's scale and min bytes of 16 rows, byte s % 4 of each lane of sc[s / 4] and mn[s / 4];
@@ -337,7 +337,7 @@ static inline __attribute__((always_inline)) k_scales_512_t k_r16_scales_512(int
         const __m512i l = loadu_512(p + 64);
         /* scales_h (u16 per row) -> bytes 0, 0, 1, 1 of each lane: sub-blocks 4i..4i+3's high bits */
         const __m512i hb = _mm512_shuffle_epi8(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 32))),
-                                               lane_bytes_512(0x01010000));
+                                               in_dword_512(0, 0, 1, 1));
         const __mmask64 odd = 0xaaaaaaaaaaaaaaaa;     /* bytes 1 and 3: their bits 4, 5 (and 6, 7) */
         const __m512i he = _mm512_mask_blend_epi8(odd, _mm512_slli_epi16(hb, 4), hb);
         const __m512i ho = _mm512_mask_blend_epi8(odd, _mm512_slli_epi16(hb, 2), _mm512_srli_epi16(hb, 2));
@@ -361,16 +361,16 @@ static inline __attribute__((always_inline)) k_scales_512_t k_r16_scales_512(int
 /* Sub-block s's scale in each lane, as int32 (IQ4_XS: sign-extended from the top byte). */
 static inline __attribute__((always_inline)) __m512i k_r16_scale_512(int type, const k_scales_512_t *k, int s) {
     if (type == GGML_IQ4_XS)
-        return _mm512_srai_epi32(_mm512_shuffle_epi8(k->sc[s % 2], lane_bytes_512(0x80808080u ^ (0x80u ^ s / 2) << 24)), 24);
-    return _mm512_shuffle_epi8(k->sc[s / 4], lane_bytes_512(0x80808000u | s % 4));
+        return _mm512_srai_epi32(_mm512_shuffle_epi8(k->sc[s % 2], in_dword_512(0x80, 0x80, 0x80, s / 2)), 24);
+    return _mm512_shuffle_epi8(k->sc[s / 4], in_dword_512(s % 4, 0x80, 0x80, 0x80));
 }
 
 /* Sub-block s's min as an int16 pair (m, m) in each lane, a vpdpwssd operand against the
  * activation's pair of sums of 16; IQ4_XS's: 128 (ls - 32), its levels' +128 offset. */
 static inline __attribute__((always_inline)) __m512i k_r16_min_pair_512(int type, const k_scales_512_t *k, int s) {
     if (type == GGML_IQ4_XS)                          /* (ls - 32) << 8, >> 1 */
-        return _mm512_srai_epi16(_mm512_shuffle_epi8(k->sc[s % 2], lane_bytes_512(0x00800080u | (uint32_t)(s / 2) * 0x01000100u)), 1);
-    return _mm512_shuffle_epi8(k->mn[s / 4], lane_bytes_512(0x80008000u | (uint32_t)(s % 4) * 0x00010001u));
+        return _mm512_srai_epi16(_mm512_shuffle_epi8(k->sc[s % 2], in_dword_512(0x80, s / 2, 0x80, s / 2)), 1);
+    return _mm512_shuffle_epi8(k->mn[s / 4], in_dword_512(s % 4, 0x80, s % 4, 0x80));
 }
 
 /* Q6_K's signed scale of 16-value group g in each lane, as int32 (min: 32 times it, the quants' offset). */

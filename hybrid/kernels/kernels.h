@@ -90,9 +90,9 @@ static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *
 
 /* Part `part` of `parts` of prefetch_ahead(p, n). A 256-value type's R16 block is 34-53 lines:
  * prefetched all at once where it starts, the requests queue for the line fill buffers ahead
- * of the block's own loads; spread over its sub-blocks, one-token Q4_K and IQ4_XS on AVX2 read
- * 9-14 % faster from DRAM (bench_expert_matmul.py, 2 threads, a Sapphire Rapids-class Xeon;
- * AVX-512 unchanged). */
+ * of the block's own loads; spread over its sub-blocks (with a scheduling barrier, or GCC gathers
+ * them again), one-token Q4_K and IQ4_XS read 9-14 % faster from DRAM on AVX2 and 3-5 % on AVX-512
+ * (bench_expert_matmul.py, 2 threads, a Sapphire Rapids-class Xeon). */
 static inline __attribute__((always_inline)) void prefetch_part(const uint8_t *p, size_t n, int part, int parts) {
     const size_t lines = (n + 63) / 64;
     for (size_t l = lines * part / parts; l < lines * (part + 1) / parts; l++)
